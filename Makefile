@@ -1,0 +1,41 @@
+# Everything runs in .venv, which the first target creates.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+CORE_SRC := $(wildcard realtime/_core/*.pyx realtime/_core/*.pxd realtime/_core/*.pxi)
+
+.PHONY: all build run test bench clean services
+
+all: build
+
+$(VENV)/.deps: requirements.txt requirements-dev.txt pyproject.toml
+	@$(PYTHON) -m venv --help >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq python3-venv python3-dev build-essential)
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -r requirements-dev.txt
+	$(PIP) install -q --no-build-isolation --no-deps -e .
+	@touch $@
+
+# The extension is rebuilt in place whenever a Cython source changes.
+$(VENV)/.core: $(VENV)/.deps $(CORE_SRC) setup.py
+	$(PY) setup.py -q build_ext --inplace
+	@touch $@
+
+build: $(VENV)/.core
+
+run: build
+	$(VENV)/bin/realtime serve
+
+services:
+	@scripts/services.sh
+
+test: build services
+	$(PY) -m pytest -q tests
+	./bench.sh --smoke
+
+bench: build
+	./bench.sh
+
+clean:
+	rm -rf build $(VENV) realtime/_core/*.so realtime/_core/*.c *.egg-info

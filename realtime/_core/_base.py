@@ -1,0 +1,560 @@
+"""The core's state and its pure-Python API, shared by both implementations.
+
+CoreBase owns every array (vehicle records, visibility bitsets, selections,
+client table) and the bookkeeping that runs per command or per changed rich
+field: id -> row, type and group interning, selection sets, alert detection.
+The per-tick work -- numeric apply, routing, encoding, frame assembly -- is
+done by a kernel: `realtime._core._core` (Cython) for `Core`, and
+`realtime._core._reference` (numpy and plain Python) for `ReferenceCore`, the
+test oracle. Both kernels read and write the same attributes, so the same tests
+run against both and they cannot drift.
+
+Lifetime: one CoreBase per worker process, owned by the hub. It does no I/O and
+knows nothing of sockets or time; a client is an integer row.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+
+from . import _schema as S
+
+CLIENT_DTYPE = np.dtype(
+    [
+        ("south", "<f8"),
+        ("west", "<f8"),
+        ("north", "<f8"),
+        ("east", "<f8"),
+        ("type_mask", "<u8"),
+        ("rights_sel", "<i4"),   # -1: may see every vehicle
+        ("sub_sel", "<i4"),      # -1: subscribed to every vehicle
+        ("zoom", "<f4"),
+        ("used", "u1"),
+        ("active", "u1"),        # has a subscription
+        ("fmt", "u1"),
+        ("show_alerts", "u1"),
+        ("contacts", "u1"),      # view_driver_contacts
+        ("has_bbox", "u1"),
+        ("status_mask", "u1"),
+        ("_pad", "u1"),
+    ],
+    align=True,
+)
+
+
+class TickPending(RuntimeError):
+    """A command ran while updates were applied but not yet routed."""
+
+
+def _words(n: int) -> int:
+    return max(1, (n + 63) // 64)
+
+
+class CoreBase:
+    def __init__(self, vehicle_capacity: int = 1024, client_capacity: int = 64):
+        vcap = _words(vehicle_capacity) * 64
+        ccap = _words(client_capacity) * 64
+        # vehicles
+        self.cur = np.zeros(vcap, S.VEHICLE_DTYPE)
+        self.sent = np.zeros(vcap, S.VEHICLE_DTYPE)
+        self.dirty = np.zeros(vcap, np.uint8)
+        self.n = 0
+        self.ids: list[str] = []
+        self.id_to_row: dict[str, int] = {}
+        self.ignored_stale = 0
+        self.new_alerts: list[tuple[int, str]] = []
+        # rich values per row, and their encodings as (json, msgpack) pairs
+        self.alerts: list[tuple] = []
+        self.driver: list = []
+        self.assignment: list = []
+        self.groups_of: list[tuple] = []
+        self.enc_id: list[tuple[bytes, bytes]] = []
+        self.enc_al: list[tuple[bytes, bytes]] = []
+        self.enc_dr: list = []
+        self.enc_drr: list = []
+        self.enc_as: list = []
+        # vehicle types
+        self.types: list[str] = ["unknown"]
+        self.type_code: dict[str, int] = {"unknown": 0}
+        self.enc_types = [S.enc_both("unknown")]
+        self.enc_statuses = [S.enc_both(s) for s in S.STATUSES]
+        # groups: one bitset row per group over vehicle rows
+        self.group_id: dict[str, int] = {}
+        self.group_bits = np.zeros((8, vcap // 64), np.uint64)
+        # selections: interned (vehicles, groups) sets, one bitset row each,
+        # shared by every client and token that names the same sets
+        self.sel_key: dict[tuple, int] = {}
+        self.sel_spec: list = []          # (frozenset ids, frozenset groups) or None when free
+        self.sel_refs: list[int] = []
+        self.sel_free: list[int] = []
+        self.sel_bits = np.zeros((8, vcap // 64), np.uint64)
+        self.sel_by_vid: dict[str, set] = defaultdict(set)
+        self.sel_by_group: dict[str, set] = defaultdict(set)
+        # clients
+        self.clients = np.zeros(ccap, CLIENT_DTYPE)
+        self.vis = np.zeros((vcap, ccap // 64), np.uint64)  # [vehicle row, client word]
+        self.client_types: dict[int, frozenset] = {}
+        self.client_free: list[int] = []
+        self.n_clients = 0       # high-water mark of client rows
+        self.events: list = []   # pending (row, pieces(json, mp), is_alert)
+        self.grid_dirty = True
+        self.kernel_state = None  # private to the kernel (the Cython grid)
+
+    # ------------------------------------------------------------------ vehicles
+    @property
+    def vcap(self) -> int:
+        return len(self.cur)
+
+    def vtype_code(self, name: str) -> int:
+        code = self.type_code.get(name)
+        if code is None:
+            if len(self.types) >= S.MAX_TYPES:
+                return S.MAX_TYPES - 1  # the last code stands for every further type
+            code = len(self.types)
+            self.types.append(name)
+            self.type_code[name] = code
+            self.enc_types.append(S.enc_both(name))
+            self._refresh_type_masks()
+        return code
+
+    def _grow_vehicles(self):
+        old = self.vcap
+        new = old * 2
+        for name in ("cur", "sent"):
+            arr = np.zeros(new, S.VEHICLE_DTYPE)
+            arr[:old] = getattr(self, name)
+            setattr(self, name, arr)
+        d = np.zeros(new, np.uint8)
+        d[:old] = self.dirty
+        self.dirty = d
+        vis = np.zeros((new, self.vis.shape[1]), np.uint64)
+        vis[:old] = self.vis
+        self.vis = vis
+        for name in ("group_bits", "sel_bits"):
+            a = getattr(self, name)
+            b = np.zeros((a.shape[0], new // 64), np.uint64)
+            b[:, : a.shape[1]] = a
+            setattr(self, name, b)
+
+    def _new_vehicle(self, vid: str) -> int:
+        if self.n == self.vcap:
+            self._grow_vehicles()
+        row = self.n
+        self.n += 1
+        self.ids.append(vid)
+        self.id_to_row[vid] = row
+        rec = self.cur[row]
+        rec["ts"] = np.iinfo(np.int64).min
+        rec["status"] = S.ST_UNKNOWN
+        self.sent[row] = self.cur[row]
+        self.alerts.append(())
+        self.driver.append(None)
+        self.assignment.append(None)
+        self.groups_of.append(())
+        self.enc_id.append(S.enc_both(vid))
+        self.enc_al.append(S.enc_both([]))
+        self.enc_dr.append(None)
+        self.enc_drr.append(None)
+        self.enc_as.append(None)
+        for sid in self.sel_by_vid.get(vid, ()):
+            self._set_bit(self.sel_bits, sid, row)
+        return row
+
+    @staticmethod
+    def _set_bit(bits, r, col):
+        bits[r, col >> 6] |= np.uint64(1) << np.uint64(col & 63)
+
+    @staticmethod
+    def _clear_bit(bits, r, col):
+        bits[r, col >> 6] &= ~(np.uint64(1) << np.uint64(col & 63))
+
+    def row_of(self, vid: str) -> int:
+        return self.id_to_row.get(vid, -1)
+
+    def apply(self, batch: S.UpdateBatch):
+        """Apply a columnar batch in order. Returns (rows, masks) of the updates
+        that changed something; older-than-stored updates are counted in
+        `ignored_stale`. New alerts land in `new_alerts` as (row, alert)."""
+        n = len(batch)
+        rows = np.empty(n, np.int32)
+        get = self.id_to_row.get
+        for i, vid in enumerate(batch.ids):
+            r = get(vid)
+            rows[i] = self._new_vehicle(vid) if r is None else r
+        accepted, masks = self._k_apply(rows, batch)
+        self.ignored_stale += int(n - accepted.sum())
+        self.new_alerts = []
+        for i in np.flatnonzero(accepted):
+            al, dr, asg, grp = batch.alerts[i], batch.driver[i], batch.assignment[i], batch.groups[i]
+            if al is None and dr is None and asg is None and grp is None:
+                continue
+            masks[i] |= self._apply_rich(int(rows[i]), al, dr, asg, grp)
+        changed = masks != 0
+        return rows[changed], masks[changed]
+
+    def _apply_rich(self, row, al, dr, asg, grp) -> int:
+        m = 0
+        rec = self.cur[row]
+        if al is not None and al != self.alerts[row]:
+            old = set(self.alerts[row])
+            self.new_alerts.extend((row, a) for a in al if a not in old)
+            self.alerts[row] = al
+            self.enc_al[row] = S.enc_both(list(al))
+            rec["al_ver"] += 1
+            rec["has_alerts"] = 1 if al else 0
+            m |= S.F_AL
+        if dr is not None and dr != self.driver[row]:
+            red_old = S.redact_driver(self.driver[row])
+            self.driver[row] = dr
+            self.enc_dr[row] = S.enc_both(dr)
+            rec["dr_ver"] += 1
+            m |= S.F_DR
+            red = S.redact_driver(dr)
+            if red != red_old:
+                self.enc_drr[row] = S.enc_both(red)
+                rec["drr_ver"] += 1
+                m |= S.F_DRR
+        if asg is not None and asg != self.assignment[row]:
+            self.assignment[row] = asg
+            self.enc_as[row] = S.enc_both(asg)
+            rec["as_ver"] += 1
+            m |= S.F_AS
+        if grp is not None and grp != self.groups_of[row]:
+            self._set_groups(row, grp)
+            m |= S.F_G
+        if m:
+            self.dirty[row] = 1
+        return m
+
+    # ------------------------------------------------------------------ groups
+    def _group(self, name: str) -> int:
+        gid = self.group_id.get(name)
+        if gid is None:
+            gid = len(self.group_id)
+            self.group_id[name] = gid
+            if gid >= self.group_bits.shape[0]:
+                b = np.zeros((self.group_bits.shape[0] * 2, self.group_bits.shape[1]), np.uint64)
+                b[: self.group_bits.shape[0]] = self.group_bits
+                self.group_bits = b
+        return gid
+
+    def _set_groups(self, row: int, groups: tuple):
+        old = set(self.groups_of[row])
+        new = set(groups)
+        touched = set()
+        for g in old - new:
+            self._clear_bit(self.group_bits, self._group(g), row)
+            touched |= self.sel_by_group.get(g, set())
+        for g in new - old:
+            self._set_bit(self.group_bits, self._group(g), row)
+            touched |= self.sel_by_group.get(g, set())
+        self.groups_of[row] = tuple(groups)
+        for sid in touched:
+            self._recompute_selection(sid)
+
+    def set_group_members(self, name: str, vehicle_ids):
+        """Group membership from the vehicle registry (Redis `group:{name}:vehicles`)."""
+        members = set(vehicle_ids)
+        for vid in members:
+            row = self.id_to_row.get(vid)
+            if row is None:
+                row = self._new_vehicle(vid)
+            if name not in self.groups_of[row]:
+                self._set_groups(row, self.groups_of[row] + (name,))
+                self.dirty[row] = 1
+
+    def group_members(self, name: str) -> list[str]:
+        gid = self.group_id.get(name)
+        if gid is None:
+            return []
+        rows = self._bits_to_rows(self.group_bits[gid])
+        return [self.ids[r] for r in rows]
+
+    def _bits_to_rows(self, words) -> np.ndarray:
+        bits = np.unpackbits(words.view(np.uint8), bitorder="little")
+        return np.flatnonzero(bits[: self.n])
+
+    # ------------------------------------------------------------------ selections
+    def _selection(self, vehicles, groups) -> int:
+        """Intern a (vehicles, groups) set; -1 when both are empty (= all)."""
+        key = (frozenset(vehicles), frozenset(groups))
+        if not key[0] and not key[1]:
+            return -1
+        sid = self.sel_key.get(key)
+        if sid is not None:
+            self.sel_refs[sid] += 1
+            return sid
+        if self.sel_free:
+            sid = self.sel_free.pop()
+            self.sel_spec[sid] = key
+            self.sel_refs[sid] = 1
+        else:
+            sid = len(self.sel_spec)
+            self.sel_spec.append(key)
+            self.sel_refs.append(1)
+            if sid >= self.sel_bits.shape[0]:
+                b = np.zeros((self.sel_bits.shape[0] * 2, self.sel_bits.shape[1]), np.uint64)
+                b[: self.sel_bits.shape[0]] = self.sel_bits
+                self.sel_bits = b
+        self.sel_key[key] = sid
+        for vid in key[0]:
+            self.sel_by_vid[vid].add(sid)
+        for g in key[1]:
+            self.sel_by_group[g].add(sid)
+            self._group(g)
+        self._recompute_selection(sid)
+        return sid
+
+    def _release_selection(self, sid: int):
+        if sid < 0:
+            return
+        self.sel_refs[sid] -= 1
+        if self.sel_refs[sid]:
+            return
+        key = self.sel_spec[sid]
+        del self.sel_key[key]
+        for vid in key[0]:
+            s = self.sel_by_vid.get(vid)
+            if s is not None:
+                s.discard(sid)
+                if not s:
+                    del self.sel_by_vid[vid]
+        for g in key[1]:
+            s = self.sel_by_group.get(g)
+            if s is not None:
+                s.discard(sid)
+                if not s:
+                    del self.sel_by_group[g]
+        self.sel_spec[sid] = None
+        self.sel_bits[sid] = 0
+        self.sel_free.append(sid)
+
+    def _recompute_selection(self, sid: int):
+        vids, groups = self.sel_spec[sid]
+        bits = np.zeros(self.sel_bits.shape[1], np.uint64)
+        for g in groups:
+            bits |= self.group_bits[self._group(g)]
+        self.sel_bits[sid] = bits
+        for vid in vids:
+            row = self.id_to_row.get(vid)
+            if row is not None:
+                self._set_bit(self.sel_bits, sid, row)
+
+    # ------------------------------------------------------------------ clients
+    def _grow_clients(self):
+        old = len(self.clients)
+        new = old * 2
+        c = np.zeros(new, CLIENT_DTYPE)
+        c[:old] = self.clients
+        self.clients = c
+        vis = np.zeros((self.vis.shape[0], new // 64), np.uint64)
+        vis[:, : self.vis.shape[1]] = self.vis
+        self.vis = vis
+
+    def add_client(self, fmt=S.FMT_JSON, view_all=True, vehicles=(), groups=(), contacts=False) -> int:
+        """A new connection: no subscription yet, so it sees nothing."""
+        if self.client_free:
+            c = self.client_free.pop()
+        else:
+            if self.n_clients == len(self.clients):
+                self._grow_clients()
+            c = self.n_clients
+            self.n_clients += 1
+        rec = self.clients[c]
+        rec["used"] = 1
+        rec["active"] = 0
+        rec["fmt"] = fmt
+        rec["show_alerts"] = 1
+        rec["contacts"] = 1 if contacts else 0
+        rec["has_bbox"] = 0
+        rec["status_mask"] = S.ALL_STATUS_MASK
+        rec["type_mask"] = np.uint64(S.ALL_TYPES_MASK)
+        rec["sub_sel"] = -1
+        rec["rights_sel"] = -1 if view_all else self._selection(vehicles, groups)
+        if not view_all and rec["rights_sel"] == -1:
+            # a restricted token that names nothing may see nothing
+            rec["rights_sel"] = self._empty_selection()
+        self.grid_dirty = True
+        return c
+
+    def _empty_selection(self) -> int:
+        return self._selection((), ("\x00nothing",))
+
+    def remove_client(self, c: int):
+        rec = self.clients[c]
+        self._release_selection(int(rec["rights_sel"]))
+        self._release_selection(int(rec["sub_sel"]))
+        self.clients[c] = np.zeros(1, CLIENT_DTYPE)[0]
+        w, b = c >> 6, np.uint64(1) << np.uint64(c & 63)
+        self.vis[:, w] &= ~b
+        self.client_types.pop(c, None)
+        self.client_free.append(c)
+        self.grid_dirty = True
+
+    def _check_idle(self):
+        if self.dirty[: self.n].any():
+            raise TickPending("call tick() before a client command")
+
+    def set_rights(self, c: int, view_all=True, vehicles=(), groups=(), contacts=False) -> bytes | None:
+        """New token rights (refresh, ACL change). Returns the diff batch body or None."""
+        self._check_idle()
+        rec = self.clients[c]
+        old = int(rec["rights_sel"])
+        new = -1 if view_all else self._selection(vehicles, groups)
+        if not view_all and new == -1:
+            new = self._empty_selection()
+        rec["rights_sel"] = new
+        self._release_selection(old)
+        contacts_changed = bool(rec["contacts"]) != bool(contacts)
+        rec["contacts"] = 1 if contacts else 0
+        self.grid_dirty = True
+        return self._k_client_diff(c, contacts_changed)
+
+    def subscribe(self, c: int, vehicles=(), groups=(), bounds=None, zoom=None,
+                  statuses=None, vehicle_types=None, show_alerts=True):
+        """Replace the client's subscription. Returns (visible, body or None).
+
+        bounds is (south, west, north, east) or None; statuses and
+        vehicle_types are iterables of names or None for no filter.
+        """
+        self._check_idle()
+        rec = self.clients[c]
+        old = int(rec["sub_sel"])
+        rec["sub_sel"] = self._selection(vehicles, groups)
+        self._release_selection(old)
+        rec["active"] = 1
+        self._set_bounds(rec, bounds, zoom)
+        mask = S.ALL_STATUS_MASK
+        if statuses:
+            mask = 0
+            for s in statuses:
+                mask |= 1 << S.STATUS_CODE[s]
+        rec["status_mask"] = mask
+        if vehicle_types:
+            self.client_types[c] = frozenset(vehicle_types)
+        else:
+            self.client_types.pop(c, None)
+        rec["type_mask"] = np.uint64(self._type_mask(self.client_types.get(c)))
+        old_alerts = bool(rec["show_alerts"])
+        rec["show_alerts"] = 1 if show_alerts else 0
+        self.grid_dirty = True
+        body = self._k_client_diff(c, old_alerts != bool(show_alerts))
+        return self.visible_count(c), body
+
+    def set_viewport(self, c: int, bounds, zoom=None) -> bytes | None:
+        self._check_idle()
+        rec = self.clients[c]
+        if not rec["active"]:
+            # a map that sends its viewport first subscribes to everything in it
+            return self.subscribe(c, bounds=bounds, zoom=zoom)[1]
+        self._set_bounds(rec, bounds, zoom)
+        self.grid_dirty = True
+        return self._k_client_diff(c, False)
+
+    def unsubscribe(self, c: int) -> bytes | None:
+        self._check_idle()
+        rec = self.clients[c]
+        rec["active"] = 0
+        self.grid_dirty = True
+        return self._k_client_diff(c, False)
+
+    @staticmethod
+    def _set_bounds(rec, bounds, zoom):
+        if bounds is None:
+            rec["has_bbox"] = 0
+        else:
+            s, w, n, e = bounds
+            rec["south"], rec["west"], rec["north"], rec["east"] = s, w, n, e
+            rec["has_bbox"] = 1
+        rec["zoom"] = -1.0 if zoom is None else zoom
+
+    def _type_mask(self, names) -> int:
+        if not names:
+            return S.ALL_TYPES_MASK
+        m = 0
+        for name in names:
+            code = self.type_code.get(name)
+            if code is not None:
+                m |= 1 << code
+        return m
+
+    def _refresh_type_masks(self):
+        for c, names in self.client_types.items():
+            self.clients[c]["type_mask"] = np.uint64(self._type_mask(names))
+
+    def visible_count(self, c: int) -> int:
+        w, b = c >> 6, np.uint64(1) << np.uint64(c & 63)
+        return int(np.count_nonzero(self.vis[: self.n, w] & b))
+
+    def visible_rows(self, c: int) -> np.ndarray:
+        w, b = c >> 6, np.uint64(1) << np.uint64(c & 63)
+        return np.flatnonzero(self.vis[: self.n, w] & b)
+
+    def may_see(self, c: int, row: int) -> bool:
+        """Token rights only (for `get` and the HTTP long form)."""
+        sid = int(self.clients[c]["rights_sel"])
+        if sid == -1:
+            return True
+        return bool((int(self.sel_bits[sid, row >> 6]) >> (row & 63)) & 1)
+
+    # ------------------------------------------------------------------ events
+    def add_event(self, vid: str, etype: str, body, eid: str, ts: int, is_alert=False) -> bool:
+        """Queue an instant event for the clients that see the vehicle at the
+        next tick. Returns False for a vehicle this core does not know."""
+        row = self.id_to_row.get(vid)
+        if row is None:
+            return False
+        j = S.enc_json(etype), S.enc_json(body), S.enc_json(eid)
+        m = S.enc_msgpack(etype), S.enc_msgpack(body), S.enc_msgpack(eid)
+        json_piece = b'{"t":"event","v":%s,"e":%s,"d":%s,"eid":%s,"ts":%d}' % (
+            self.enc_id[row][0], j[0], j[1], j[2], ts)
+        mp_piece = (b"\x86\xa1t\xa5event\xa1v" + self.enc_id[row][1] + b"\xa1e" + m[0]
+                    + b"\xa1d" + m[1] + b"\xa3eid" + m[2] + b"\xa2ts" + S.enc_msgpack(ts))
+        self.events.append((row, json_piece, mp_piece, bool(is_alert)))
+        return True
+
+    def tick(self):
+        """Route every change since the last tick. Returns [(body, client rows)]:
+        clients that get identical messages share one body."""
+        return self._k_tick()
+
+    # ------------------------------------------------------------------ frames
+    @staticmethod
+    def frame(fmt: int, batch_id: bytes, seq: int, body: bytes, req_id=None) -> bytes:
+        """Wrap a body in the per-connection `batch` envelope (PROTOCOL §3)."""
+        if fmt == S.FMT_JSON:
+            rid = b"" if req_id is None else b',"id":' + S.enc_json(req_id)
+            return b'{"type":"batch","batch_id":"%s","seq":%d%s,"messages":%s}' % (
+                batch_id, seq, rid, body)
+        head = b"\x84" if req_id is None else b"\x85"
+        rid = b"" if req_id is None else b"\xa2id" + S.enc_msgpack(req_id)
+        return (head + b"\xa4type\xa5batch\xa8batch_id" + S.enc_msgpack(batch_id.decode())
+                + b"\xa3seq" + S.enc_msgpack(seq) + rid + b"\xa8messages" + body)
+
+    @staticmethod
+    def empty_body(fmt: int) -> bytes:
+        return b"[]" if fmt == S.FMT_JSON else b"\x90"
+
+    # ------------------------------------------------------------------ long form
+    def long_form(self, vid: str, contacts: bool) -> dict | None:
+        """PROTOCOL §3.2, for `get` and GET /api/vehicles/{id}."""
+        row = self.id_to_row.get(vid)
+        if row is None or self.cur[row]["version"] == 0:
+            return None
+        rec = self.cur[row]
+        driver = self.driver[row] if contacts else S.redact_driver(self.driver[row])
+        return {
+            "type": "vehicle_update",
+            "vehicle_id": vid,
+            "position": {"lat": float(rec["lat"]), "lon": float(rec["lon"])},
+            "speed": float(S.fmt_num(rec["speed"], S.SPEED_DECIMALS)),
+            "course": float(S.fmt_num(rec["course"], S.COURSE_DECIMALS)),
+            "status": S.STATUSES[rec["status"]],
+            "vehicle_type": self.types[rec["vtype"]],
+            "groups": list(self.groups_of[row]),
+            "driver": driver,
+            "assignment": self.assignment[row],
+            "alerts": list(self.alerts[row]),
+            "timestamp": int(rec["ts"]),
+        }

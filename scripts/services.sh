@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Starts the local services the tests need when they are not already up:
+# Redis on 127.0.0.1:6379 and PostgreSQL on 127.0.0.1:5432 (database `test`).
+# The commands are those of the python-svc machine; on a fresh Debian/Ubuntu
+# machine the packages are installed first.
+set -uo pipefail
+
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+wait_port() { for _ in $(seq 1 50); do port_open "$1" && return 0; sleep 0.2; done; return 1; }
+apt_install() {
+  command -v apt-get >/dev/null || { echo "services: apt-get not found, install $* by hand" >&2; return 1; }
+  [ -n "${_APT_UPDATED:-}" ] || { apt-get update -qq >/dev/null; _APT_UPDATED=1; }
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
+
+if ! port_open 6379; then
+  command -v redis-server >/dev/null || apt_install redis-server
+  mkdir -p /var/lib/redis /var/log/redis
+  redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" --appendonly no \
+    --dir /var/lib/redis --logfile /var/log/redis/ci.log
+  wait_port 6379 && echo "services: started redis" || echo "services: redis did not start" >&2
+fi
+
+if ! port_open 5432; then
+  ls /etc/postgresql >/dev/null 2>&1 || apt_install postgresql
+  pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -n1)" main start
+  wait_port 5432 && echo "services: started postgresql" || echo "services: postgresql did not start" >&2
+fi
+if port_open 5432 && command -v psql >/dev/null; then
+  # The `test` database with trust auth is what the machine provides; make it if missing.
+  su postgres -c "psql -tAc \"SELECT 1 FROM pg_database WHERE datname='test'\"" 2>/dev/null | grep -q 1 \
+    || su postgres -c "createdb test" 2>/dev/null || true
+fi
+exit 0

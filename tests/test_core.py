@@ -1,0 +1,369 @@
+"""The compiled core against the numpy reference: same tests, same streams."""
+import json
+
+import msgpack
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from realtime._core import CLIENT_DTYPE, VEHICLE_DTYPE, Core, UpdateBatch, _kernel
+from realtime._core import _schema as S
+from realtime._core._reference import ReferenceCore
+
+IMPLS = [Core, ReferenceCore]
+NAN = float("nan")
+
+
+def decode(fmt, body):
+    return json.loads(body) if fmt == S.FMT_JSON else msgpack.unpackb(body, raw=False)
+
+
+def tick_by_client(core):
+    out = {}
+    for body, rows in core.tick():
+        for c in rows:
+            assert int(c) not in out, "a client got two bodies in one tick"
+            out[int(c)] = decode(int(core.clients[c]["fmt"]), body)
+    return out
+
+
+def upd(core, vid, lat, lon, ts, speed=NAN, course=NAN, status=None, vtype=None,
+        alerts=None, driver=None, assignment=None, groups=None):
+    b = UpdateBatch(
+        [vid], [lat], [lon], [speed], [course],
+        [S.STATUS_CODE[status] if status else S.KEEP],
+        [core.vtype_code(vtype) if vtype else S.KEEP], [ts],
+        [tuple(alerts) if alerts is not None else None], [driver], [assignment],
+        [tuple(groups) if groups is not None else None])
+    return core.apply(b)
+
+
+def test_layouts_agree():
+    (vsize, voff), (csize, coff) = _kernel.layout()
+    assert vsize == VEHICLE_DTYPE.itemsize
+    assert voff == {k: VEHICLE_DTYPE.fields[k][1] for k in VEHICLE_DTYPE.names}
+    assert csize == CLIENT_DTYPE.itemsize
+    assert coff == {k: CLIENT_DTYPE.fields[k][1] for k in CLIENT_DTYPE.names}
+
+
+@pytest.fixture(params=IMPLS, ids=lambda c: c.__name__)
+def core(request):
+    return request.param(vehicle_capacity=64, client_capacity=64)
+
+
+def test_apply_counts_older_updates_and_returns_masks(core):
+    rows, masks = upd(core, "a", 55.0, 37.0, 1000, speed=10, status="moving", vtype="truck")
+    assert list(rows) == [0]
+    assert masks[0] & S.F_P and masks[0] & S.F_S and masks[0] & S.F_ST and masks[0] & S.F_VT
+    rows, masks = upd(core, "a", 56.0, 37.0, 999)
+    assert len(rows) == 0 and core.ignored_stale == 1
+    assert core.cur[0]["lat"] == 55.0
+    rows, masks = upd(core, "a", 55.0, 37.0, 2000, speed=10)
+    assert list(masks) == [S.F_TS]  # newer timestamp alone
+    rows, masks = upd(core, "a", 55.0, 37.0, 2000)
+    assert len(rows) == 0  # nothing at all changed
+
+
+def test_subscribe_full_then_pos_delta_leave(core):
+    upd(core, "a", 55.75, 37.61, 1, speed=10, course=90, status="moving", vtype="truck",
+        driver={"name": "I", "phone": "+7"}, alerts=[])
+    upd(core, "b", 10.0, 10.0, 1, status="idle", vtype="van")
+    core.tick()
+    c = core.add_client(contacts=False)
+    visible, body = core.subscribe(c, bounds=(55, 37, 56, 38))
+    assert visible == 1
+    msgs = decode(0, body)
+    assert msgs == [{"t": "full", "v": "a", "p": [55.75, 37.61], "s": 10, "c": 90, "st": "moving",
+                     "vt": "truck", "ts": 1, "al": [], "dr": {"name": "I"}}]
+    # nothing changed -> nothing
+    upd(core, "a", 55.75, 37.61, 2)
+    assert tick_by_client(core) == {}
+    # position only -> pos
+    upd(core, "a", 55.76, 37.62, 3, speed=11)
+    assert tick_by_client(core) == {c: [{"t": "pos", "v": "a", "p": [55.76, 37.62], "s": 11, "c": 90, "ts": 3}]}
+    # status -> delta with only the changed keys
+    upd(core, "a", 55.76, 37.62, 4, status="stopped")
+    assert tick_by_client(core) == {c: [{"t": "delta", "v": "a", "ch": {"st": "stopped"}, "ts": 4}]}
+    # phone change is invisible without view_driver_contacts
+    upd(core, "a", 55.76, 37.62, 5, driver={"name": "I", "phone": "+8"})
+    assert tick_by_client(core) == {}
+    # leaves the viewport
+    upd(core, "a", 50.0, 37.62, 6)
+    assert tick_by_client(core) == {c: [{"t": "leave", "v": "a", "r": "viewport"}]}
+    # comes back -> full
+    upd(core, "a", 55.5, 37.5, 7)
+    out = tick_by_client(core)
+    assert out[c][0]["t"] == "full" and out[c][0]["p"] == [55.5, 37.5]
+
+
+def test_viewport_diff_and_unsubscribe(core):
+    for i, lon in enumerate([10.0, 20.0, 30.0]):
+        upd(core, f"v{i}", 0.0, lon, 1, status="moving")
+    core.tick()
+    c = core.add_client()
+    n, body = core.subscribe(c, bounds=(-1, 5, 1, 25))
+    assert n == 2 and [m["v"] for m in decode(0, body)] == ["v0", "v1"]
+    body = core.set_viewport(c, (-1, 15, 1, 35))
+    assert decode(0, body) == [
+        {"t": "full", "v": "v2", "p": [0, 30], "s": 0, "c": 0, "st": "moving", "vt": "unknown", "ts": 1, "al": []},
+        {"t": "leave", "v": "v0", "r": "viewport"},
+    ]
+    body = core.unsubscribe(c)
+    assert decode(0, body) == [{"t": "leave", "v": "v1", "r": "subscription"},
+                               {"t": "leave", "v": "v2", "r": "subscription"}]
+    assert core.visible_count(c) == 0
+
+
+def test_groups_filters_and_permissions(core):
+    upd(core, "a", 1, 1, 1, status="moving", vtype="truck", groups=["north"])
+    upd(core, "b", 1, 1, 1, status="idle", vtype="van", groups=["south"])
+    upd(core, "c", 1, 1, 1, status="moving", vtype="van", groups=["north"])
+    core.tick()
+    restricted = core.add_client(view_all=False, vehicles=["a"], groups=["south"])
+    n, _ = core.subscribe(restricted)
+    assert n == 2 and set(core.ids[r] for r in core.visible_rows(restricted)) == {"a", "b"}
+    g = core.add_client()
+    n, _ = core.subscribe(g, groups=["north"], statuses=["moving"], vehicle_types=["van"])
+    assert [core.ids[r] for r in core.visible_rows(g)] == ["c"]
+    # c stops -> filtered out
+    upd(core, "c", 1, 1, 2, status="stopped")
+    out = tick_by_client(core)
+    assert out[g] == [{"t": "leave", "v": "c", "r": "filter"}]
+    # a joins the north... a truck, not shown; b joins north as a van but idle
+    upd(core, "b", 1, 1, 3, status="moving", groups=["north"])
+    out = tick_by_client(core)
+    assert out[g][0]["t"] == "full" and out[g][0]["v"] == "b"
+    assert out[restricted] == [{"t": "leave", "v": "b", "r": "permission"}]
+    # rights widen to everything on refresh
+    body = core.set_rights(restricted, view_all=True)
+    assert [m["v"] for m in decode(0, body)] == ["b", "c"]  # only what came in
+
+
+def test_unknown_vehicle_type_filter_matches_later_types(core):
+    c = core.add_client()
+    core.subscribe(c, vehicle_types=["tractor"])
+    upd(core, "t", 1, 1, 1, vtype="tractor")
+    upd(core, "u", 1, 1, 1, vtype="bus")
+    assert [m["v"] for m in tick_by_client(core)[c]] == ["t"]
+
+
+def test_events_and_alerts_respect_visibility_and_show_alerts(core):
+    upd(core, "a", 1, 1, 1, status="moving")
+    upd(core, "b", 50, 50, 1, status="moving")
+    core.tick()
+    sees = core.add_client(fmt=S.FMT_MSGPACK)
+    core.subscribe(sees, bounds=(0, 0, 2, 2))
+    quiet = core.add_client()
+    core.subscribe(quiet, show_alerts=False)
+    assert core.add_event("a", "geofence_enter", {"zone": "dock"}, "1-0", 5)
+    assert not core.add_event("nope", "x", {}, "2-0", 5)
+    upd(core, "a", 1.5, 1, 6, alerts=["overspeed"])
+    assert core.new_alerts == [(0, "overspeed")]
+    core.add_event("a", "alert", {"alert": "overspeed"}, "3-0", 6, is_alert=True)
+    out = tick_by_client(core)
+    assert [m["t"] for m in out[sees]] == ["event", "event", "delta"]
+    assert out[sees][0] == {"t": "event", "v": "a", "e": "geofence_enter", "d": {"zone": "dock"},
+                            "eid": "1-0", "ts": 5}
+    assert out[sees][2]["ch"] == {"p": [1.5, 1], "al": ["overspeed"]}
+    # the client without alerts gets the instant event, a pos, no alert and no `al`
+    assert [m["t"] for m in out[quiet]] == ["event", "pos"]
+
+
+def test_priority_lanes_moving_before_idle(core):
+    upd(core, "idle1", 1, 1, 1, status="idle")
+    upd(core, "mov", 1, 1, 1, status="moving")
+    c = core.add_client()
+    core.tick()
+    core.subscribe(c)
+    upd(core, "idle1", 1.1, 1, 2)
+    upd(core, "mov", 1.1, 1, 2)
+    core.add_event("idle1", "door_open", {}, "9-0", 2)
+    assert [(m["t"], m["v"]) for m in tick_by_client(core)[c]] == [
+        ("event", "idle1"), ("pos", "mov"), ("pos", "idle1")]
+
+
+def test_identical_clients_share_one_body(core):
+    upd(core, "a", 1, 1, 1, status="moving")
+    core.tick()
+    cs = [core.add_client() for _ in range(5)]
+    for c in cs:
+        core.subscribe(c)
+    upd(core, "a", 1.2, 1, 2)
+    out = core.tick()
+    assert len(out) == 1 and sorted(out[0][1].tolist()) == cs
+
+
+def test_commands_require_a_tick_first(core):
+    from realtime._core import TickPending
+    c = core.add_client()
+    upd(core, "a", 1, 1, 1)
+    with pytest.raises(TickPending):
+        core.subscribe(c)
+
+
+def test_antimeridian_viewport(core):
+    upd(core, "east", 0, 179.5, 1)
+    upd(core, "west", 0, -179.5, 1)
+    upd(core, "mid", 0, 0, 1)
+    core.tick()
+    c = core.add_client()
+    n, _ = core.subscribe(c, bounds=(-1, 179, 1, -179))
+    assert n == 2
+
+
+def test_msgpack_and_json_agree(core):
+    j, m = core.add_client(fmt=S.FMT_JSON), core.add_client(fmt=S.FMT_MSGPACK)
+    upd(core, "a", 55.123456, 37.654321, 1705314600123, speed=65.2, course=180, status="moving",
+        vtype="truck", driver={"name": "Иванов", "phone": "+7"}, assignment={"client": "ООО"},
+        alerts=["overspeed:65/60 км/ч"])
+    core.tick()
+    _, bj = core.subscribe(j)
+    _, bm = core.subscribe(m)
+    assert decode(0, bj) == decode(1, bm)
+    upd(core, "a", 55.2, 37.7, 1705314600124, status="idle", assignment={"client": "X"})
+    out = tick_by_client(core)
+    assert out[j] == out[m]
+
+
+def test_growth_of_vehicles_and_clients(core):
+    cs = [core.add_client() for _ in range(130)]
+    for c in cs:
+        core.subscribe(c)
+    for i in range(200):
+        upd(core, f"v{i}", 1, 1, 1)
+    out = tick_by_client(core)
+    assert len(out) == 130 and all(len(v) == 200 for v in out.values())
+    core.remove_client(cs[3])
+    upd(core, "v0", 2, 2, 2)
+    assert len(tick_by_client(core)) == 129
+
+
+# ---------------------------------------------------------------- property test
+VIDS = [f"v{i}" for i in range(12)]
+GROUPS = ["g1", "g2", "g3"]
+TYPES = ["truck", "van", "car"]
+
+bounds_st = st.one_of(
+    st.none(),
+    st.tuples(st.floats(-10, 10), st.floats(-10, 10), st.floats(0, 15), st.floats(0, 15)).map(
+        lambda t: (t[0], t[1], t[0] + t[2], t[1] + t[3]))
+)
+update_st = st.fixed_dictionaries({
+    "vid": st.sampled_from(VIDS),
+    "lat": st.floats(-10, 10),
+    "lon": st.floats(-10, 10),
+    "dts": st.integers(-2, 3),
+    "speed": st.one_of(st.just(NAN), st.sampled_from([0.0, 10.0, 60.5])),
+    "status": st.one_of(st.none(), st.sampled_from(S.STATUSES[:4])),
+    "vtype": st.one_of(st.none(), st.sampled_from(TYPES)),
+    "alerts": st.one_of(st.none(), st.lists(st.sampled_from(["a1", "a2"]), max_size=2, unique=True)),
+    "driver": st.one_of(st.none(), st.sampled_from([{"name": "x"}, {"name": "x", "phone": "1"},
+                                                    {"name": "x", "phone": "2"}])),
+    "groups": st.one_of(st.none(), st.lists(st.sampled_from(GROUPS), max_size=2, unique=True)),
+})
+op_st = st.one_of(
+    st.tuples(st.just("updates"), st.lists(update_st, min_size=1, max_size=8)),
+    st.tuples(st.just("add"), st.integers(0, 1), st.booleans(),
+              st.lists(st.sampled_from(VIDS), max_size=3), st.lists(st.sampled_from(GROUPS), max_size=1),
+              st.booleans()),
+    st.tuples(st.just("subscribe"), st.integers(0, 7), st.lists(st.sampled_from(VIDS), max_size=3),
+              st.lists(st.sampled_from(GROUPS), max_size=2), bounds_st,
+              st.one_of(st.none(), st.lists(st.sampled_from(S.STATUSES[:4]), min_size=1, max_size=2)),
+              st.one_of(st.none(), st.lists(st.sampled_from(TYPES), min_size=1, max_size=2)),
+              st.booleans()),
+    st.tuples(st.just("viewport"), st.integers(0, 7), bounds_st),
+    st.tuples(st.just("unsubscribe"), st.integers(0, 7)),
+    st.tuples(st.just("remove"), st.integers(0, 7)),
+    st.tuples(st.just("event"), st.sampled_from(VIDS), st.booleans()),
+    st.tuples(st.just("rights"), st.integers(0, 7), st.booleans(), st.lists(st.sampled_from(VIDS), max_size=3),
+              st.booleans()),
+)
+
+
+def run_ops(core, ops):
+    stream = []
+    clients = []
+    ts = {v: 100 for v in VIDS}
+    eid = 0
+    for op in ops:
+        kind = op[0]
+        if kind == "updates":
+            rows = []
+            for u in op[1]:
+                ts[u["vid"]] += u["dts"]
+                rows.append(u)
+            b = UpdateBatch(
+                [u["vid"] for u in rows], [u["lat"] for u in rows], [u["lon"] for u in rows],
+                [u["speed"] for u in rows], [NAN] * len(rows),
+                [S.STATUS_CODE[u["status"]] if u["status"] else S.KEEP for u in rows],
+                [core.vtype_code(u["vtype"]) if u["vtype"] else S.KEEP for u in rows],
+                [ts[u["vid"]] for u in rows],
+                [tuple(u["alerts"]) if u["alerts"] is not None else None for u in rows],
+                [u["driver"] for u in rows], [None] * len(rows),
+                [tuple(u["groups"]) if u["groups"] is not None else None for u in rows])
+            r, m = core.apply(b)
+            stream.append(("apply", r.tolist(), m.tolist(), list(core.new_alerts), core.ignored_stale))
+            continue
+        stream.append(("tick", tick_by_client(core)))
+        if kind == "add":
+            _, fmt, view_all, vids, groups, contacts = op
+            clients.append(core.add_client(fmt, view_all, vids, groups, contacts))
+            continue
+        if kind == "event":
+            eid += 1
+            stream.append(core.add_event(op[1], "alert" if op[2] else "ping", {"n": eid}, f"{eid}-0",
+                                         eid, is_alert=op[2]))
+            continue
+        if not clients:
+            continue
+        c = clients[op[1] % len(clients)]
+        fmt = int(core.clients[c]["fmt"])
+        if kind == "subscribe":
+            _, _, vids, groups, bounds, statuses, types, show = op
+            n, body = core.subscribe(c, vids, groups, bounds, None, statuses, types, show)
+            stream.append((kind, c, n, decode(fmt, body)))
+        elif kind == "viewport":
+            stream.append((kind, c, decode(fmt, core.set_viewport(c, op[2]))))
+        elif kind == "unsubscribe":
+            stream.append((kind, c, decode(fmt, core.unsubscribe(c))))
+        elif kind == "rights":
+            _, _, view_all, vids, contacts = op
+            stream.append((kind, c, decode(fmt, core.set_rights(c, view_all, vids, (), contacts))))
+        elif kind == "remove":
+            core.remove_client(c)
+            clients.remove(c)
+    stream.append(("tick", tick_by_client(core)))
+    return stream
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(op_st, min_size=1, max_size=30))
+def test_compiled_core_matches_reference(ops):
+    a = run_ops(Core(vehicle_capacity=8, client_capacity=8), ops)
+    b = run_ops(ReferenceCore(vehicle_capacity=8, client_capacity=8), ops)
+    assert a == b
+
+
+def test_larger_random_fleet_matches_reference():
+    rng = np.random.default_rng(7)
+    cores = [Core(), ReferenceCore()]
+    streams = [[], []]
+    for core, stream in zip(cores, streams):
+        r = np.random.default_rng(7)
+        clients = [core.add_client(fmt=int(r.integers(0, 2)), contacts=bool(r.integers(0, 2))) for _ in range(150)]
+        for c in clients:
+            lat, lon = r.uniform(-5, 5), r.uniform(-5, 5)
+            core.subscribe(c, bounds=(lat, lon, lat + r.uniform(0.1, 4), lon + r.uniform(0.1, 4)),
+                           show_alerts=bool(r.integers(0, 2)))
+        for t in range(6):
+            n = 300
+            b = UpdateBatch([f"v{i}" for i in r.integers(0, 500, n)], r.uniform(-6, 6, n), r.uniform(-6, 6, n),
+                            r.choice([NAN, 5.0, 50.0], n), r.uniform(0, 360, n), r.integers(0, 4, n),
+                            [S.KEEP] * n, np.full(n, t), None, None, None, None)
+            core.apply(b)
+            out = tick_by_client(core)
+            stream.append(out)
+    assert rng is not None
+    assert streams[0] == streams[1]
+    assert sum(len(v) for o in streams[0] for v in o.values()) > 1000
