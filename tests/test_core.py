@@ -140,6 +140,15 @@ def test_groups_filters_and_permissions(core):
     assert [m["v"] for m in decode(0, body)] == ["b", "c"]  # only what came in
 
 
+def test_many_groups(core):
+    for i in range(40):
+        upd(core, f"v{i}", 1, 1, 1, groups=[f"g{i}", "all"])
+    core.tick()
+    c = core.add_client(view_all=False, groups=[f"g{i}" for i in range(0, 40, 2)])
+    n, _ = core.subscribe(c, groups=["all"])
+    assert n == 20
+
+
 def test_unknown_vehicle_type_filter_matches_later_types(core):
     c = core.add_client()
     core.subscribe(c, vehicle_types=["tractor"])

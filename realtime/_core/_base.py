@@ -243,11 +243,14 @@ class CoreBase:
         old = set(self.groups_of[row])
         new = set(groups)
         touched = set()
+        # intern first: _group() may grow (replace) group_bits
         for g in old - new:
-            self._clear_bit(self.group_bits, self._group(g), row)
+            gid = self._group(g)
+            self._clear_bit(self.group_bits, gid, row)
             touched |= self.sel_by_group.get(g, set())
         for g in new - old:
-            self._set_bit(self.group_bits, self._group(g), row)
+            gid = self._group(g)
+            self._set_bit(self.group_bits, gid, row)
             touched |= self.sel_by_group.get(g, set())
         self.groups_of[row] = tuple(groups)
         for sid in touched:
@@ -334,7 +337,8 @@ class CoreBase:
         vids, groups = self.sel_spec[sid]
         bits = np.zeros(self.sel_bits.shape[1], np.uint64)
         for g in groups:
-            bits |= self.group_bits[self._group(g)]
+            gid = self._group(g)
+            bits |= self.group_bits[gid]
         self.sel_bits[sid] = bits
         for vid in vids:
             row = self.id_to_row.get(vid)

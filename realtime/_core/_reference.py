@@ -91,17 +91,16 @@ class ReferenceCore(CoreBase):
         reason[~active] = S.K_LEAVE_SUBSCRIPTION
         return visible, reason
 
+    def _row_bits(self, r):
+        return np.unpackbits(self.vis[r].view(np.uint8), bitorder="little").astype(bool)
+
     def _set_vis(self, r, cs, values):
-        for c, val in zip(cs, values):
-            c = int(c)
-            w, b = c >> 6, _U1 << np.uint64(c & 63)
-            if val:
-                self.vis[r, w] |= b
-            else:
-                self.vis[r, w] &= ~b
+        bits = self._row_bits(r)
+        bits[np.asarray(cs, np.int64)] = values
+        self.vis[r] = np.packbits(bits, bitorder="little").view(np.uint64)
 
     def _old_vis(self, r, cs):
-        return np.array([(int(self.vis[r, int(c) >> 6]) >> (int(c) & 63)) & 1 for c in cs], bool)
+        return self._row_bits(r)[np.asarray(cs, np.int64)]
 
     # ------------------------------------------------------------------ messages
     def _lane(self, r, kind):
@@ -220,7 +219,8 @@ class ReferenceCore(CoreBase):
                 break
             vis, reason = self._predicate(cs, r)
             old = self._old_vis(r, cs)
-            for i, c in enumerate(cs):
+            for i in np.flatnonzero(vis | old):
+                c = int(cs[i])
                 if vis[i] and not old[i]:
                     per_client.setdefault(c, []).append(
                         (self._lane(r, S.K_FULL), r, self._msg(r, S.K_FULL, 0, c)))

@@ -1,0 +1,105 @@
+"""The aiohttp Application: routes, startup and cleanup."""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from pathlib import Path
+
+from aiohttp import web
+
+from .auth import VIEW_ALL, Authenticator, ephemeral_secret
+from .hub import Hub
+from .ingest import http as ingest_http
+from .ingest import simulator
+from .transports import websocket
+
+log = logging.getLogger("realtime.app")
+WEB = Path(__file__).parent / "web"
+
+
+def _security_logger():
+    last = {"t": 0.0, "suppressed": 0}
+
+    def security_log(request, kind: str, detail: str) -> None:
+        # rate-limited: a flood of bad tokens must not flood the log
+        now = time.monotonic()
+        if now - last["t"] < 0.2:
+            last["suppressed"] += 1
+            return
+        log.warning("security %s", json.dumps({"event": kind, "detail": detail, "peer": request.remote,
+                                               "path": request.path, "suppressed": last["suppressed"]}))
+        last["t"] = now
+        last["suppressed"] = 0
+
+    return security_log
+
+
+def make_app(settings) -> web.Application:
+    app = web.Application(client_max_size=ingest_http.MAX_BODY)
+    if settings.demo_token and not settings.jwt_secret:
+        settings.jwt_secret = ephemeral_secret()
+        log.warning("no --jwt-secret: development mode with an ephemeral secret; "
+                    "GET / hands out a read-only viewer token")
+    app["settings"] = settings
+    app["auth"] = Authenticator.from_settings(settings)
+    app["hub"] = hub = Hub(settings)
+    app["security_log"] = _security_logger()
+
+    async def sink(updates):
+        hub.apply_updates(updates)
+
+    app["ingest_sink"] = sink
+    app.router.add_get("/ws", websocket.handle)
+    app.router.add_post("/api/ingest", ingest_http.handle)
+    app.router.add_get("/api/vehicles/{vehicle_id}", vehicle)
+    app.router.add_get("/health/live", live)
+    app.router.add_get("/", index)
+    app.router.add_static("/static/", WEB, show_index=False)
+    app.on_startup.append(_start)
+    app.on_cleanup.append(_stop)
+    return app
+
+
+async def _start(app):
+    hub = app["hub"]
+    hub.start()
+    n = app["settings"].simulate_count
+    if n:
+        app["simulator"] = asyncio.get_running_loop().create_task(simulator.run_in_hub(hub, n))
+        log.info("simulating %d vehicles", n)
+
+
+async def _stop(app):
+    task = app.get("simulator")
+    if task:
+        task.cancel()
+    await app["hub"].stop()
+
+
+async def live(request):
+    return web.json_response({"status": "ok"})
+
+
+async def vehicle(request):
+    claims = ingest_http.authorize(request)
+    hub = request.app["hub"]
+    vid = request.match_info["vehicle_id"]
+    if not hub.may_see(claims, vid):
+        raise web.HTTPForbidden(text=json.dumps({"error": "forbidden", "message": "not allowed to see this vehicle"}),
+                                content_type="application/json")
+    d = hub.long_form(claims, vid)
+    if d is None:
+        raise web.HTTPNotFound(text=json.dumps({"error": "not_found", "message": "unknown vehicle"}),
+                               content_type="application/json")
+    return web.json_response(d, dumps=lambda o: json.dumps(o, ensure_ascii=False))
+
+
+async def index(request):
+    settings = request.app["settings"]
+    html = (WEB / "index.html").read_text()
+    token = ""
+    if settings.demo_token:
+        token = request.app["auth"].mint("map-viewer", role="viewer", permissions=[VIEW_ALL], ttl_s=12 * 3600)
+    return web.Response(text=html.replace("__DEMO_TOKEN__", token), content_type="text/html")

@@ -1,0 +1,152 @@
+"""JWT -> Claims, and the permission checks every message goes through.
+
+PROTOCOL §2. No aiohttp imports: transports call `Authenticator.decode` and
+map AuthError to their own status (WebSocket close 4001/4003, HTTP 401/403).
+"""
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass
+
+import jwt
+
+VIEW_ALL = "view_all_vehicles"
+CONTACTS = "view_driver_contacts"
+INGEST = "ingest"
+
+CLOSE_UNAUTHORIZED = 4001
+CLOSE_FORBIDDEN = 4003
+
+
+class AuthError(Exception):
+    """`forbidden` False: bad or expired token (401/4001); True: 403/4003."""
+
+    def __init__(self, message: str, forbidden: bool = False):
+        super().__init__(message)
+        self.forbidden = forbidden
+
+    @property
+    def close_code(self) -> int:
+        return CLOSE_FORBIDDEN if self.forbidden else CLOSE_UNAUTHORIZED
+
+    @property
+    def http_status(self) -> int:
+        return 403 if self.forbidden else 401
+
+
+def _names(value) -> tuple[str, ...]:
+    """A claim that lists names: a JSON list, or a comma-separated string."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return tuple(v for v in (s.strip() for s in value.split(",")) if v)
+    if isinstance(value, (list, tuple)):
+        return tuple(str(v) for v in value)
+    raise AuthError("claims vehicles/groups/permissions must be lists")
+
+
+@dataclass(frozen=True)
+class Claims:
+    sub: str
+    name: str
+    role: str
+    permissions: frozenset
+    vehicles: tuple
+    groups: tuple
+    exp: float
+
+    @property
+    def view_all(self) -> bool:
+        return VIEW_ALL in self.permissions
+
+    @property
+    def contacts(self) -> bool:
+        return CONTACTS in self.permissions
+
+    def may_view_anything(self) -> bool:
+        return self.view_all or bool(self.vehicles) or bool(self.groups)
+
+    def with_acl(self, acl: dict | None) -> "Claims":
+        """Live rights from Redis `acl:user:{id}` override the token's."""
+        if not acl:
+            return self
+        return Claims(
+            self.sub, self.name, self.role,
+            frozenset(acl["permissions"]) if "permissions" in acl else self.permissions,
+            tuple(acl["vehicles"]) if "vehicles" in acl else self.vehicles,
+            tuple(acl["groups"]) if "groups" in acl else self.groups,
+            self.exp,
+        )
+
+
+class Authenticator:
+    def __init__(self, secret: str | None = None, public_key: str | None = None,
+                 algorithms: str = "HS256", issuer: str | None = None,
+                 audience: str | None = None, leeway_s: float = 0.0):
+        self.algorithms = [a.strip() for a in algorithms.split(",") if a.strip()]
+        if public_key:
+            self.key = public_key
+            if self.algorithms == ["HS256"]:
+                self.algorithms = ["RS256", "ES256"]
+        else:
+            self.key = secret
+        self.secret = secret
+        self.issuer = issuer
+        self.audience = audience
+        self.leeway = leeway_s
+
+    @classmethod
+    def from_settings(cls, s) -> "Authenticator":
+        public_key = None
+        if s.jwt_public_key:
+            with open(s.jwt_public_key) as f:
+                public_key = f.read()
+        return cls(s.jwt_secret, public_key, s.jwt_algorithms, s.jwt_issuer,
+                   s.jwt_audience, s.jwt_leeway_s)
+
+    def decode(self, token: str | None) -> Claims:
+        if not token:
+            raise AuthError("missing token")
+        if self.key is None:
+            raise AuthError("server has no key to check tokens")
+        try:
+            payload = jwt.decode(
+                token, self.key, algorithms=self.algorithms, issuer=self.issuer,
+                audience=self.audience, leeway=self.leeway,
+                options={"require": ["exp", "sub"], "verify_aud": self.audience is not None},
+            )
+        except jwt.ExpiredSignatureError:
+            raise AuthError("token expired") from None
+        except jwt.InvalidTokenError as e:
+            raise AuthError(f"invalid token: {e}") from None
+        return Claims(
+            sub=str(payload["sub"]),
+            name=str(payload.get("name", payload["sub"])),
+            role=str(payload.get("role", "")),
+            permissions=frozenset(_names(payload.get("permissions"))),
+            vehicles=_names(payload.get("vehicles")),
+            groups=_names(payload.get("groups")),
+            exp=float(payload["exp"]),
+        )
+
+    def mint(self, sub: str, role: str = "", permissions=(), groups=(), vehicles=(),
+             ttl_s: float = 3600, name: str | None = None) -> str:
+        if not self.secret:
+            raise ValueError("minting needs --jwt-secret (REALTIME_JWT_SECRET)")
+        now = int(time.time())
+        payload = {"sub": sub, "name": name or sub, "role": role,
+                   "permissions": list(permissions), "iat": now, "exp": now + int(ttl_s)}
+        if groups:
+            payload["groups"] = list(groups)
+        if vehicles:
+            payload["vehicles"] = list(vehicles)
+        if self.issuer:
+            payload["iss"] = self.issuer
+        if self.audience:
+            payload["aud"] = self.audience
+        return jwt.encode(payload, self.secret, algorithm="HS256")
+
+
+def ephemeral_secret() -> str:
+    return secrets.token_urlsafe(32)

@@ -1,0 +1,193 @@
+"""This worker's sessions and the per-tick fan-out through the core.
+
+The hub owns the core. Ingest calls `apply` (one core call per batch); the
+tick task calls `flush` every --tick-ms: one core.tick() that returns
+[(body, client rows)], then one write per client. Client commands run
+`flush` first, so that the core's "no pending changes" precondition holds and
+a command's snapshot is never followed by a repeat of the same state.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import time
+
+from ._core import Core, UpdateBatch
+from ._core._schema import FMT_JSON
+from .auth import Claims
+from .ingest.decode import to_batch
+from .session import Session
+
+log = logging.getLogger("realtime.hub")
+
+
+class Stats:
+    """Counters that /metrics will export (issue 5 moves them to prometheus-client)."""
+
+    def __init__(self):
+        self.ingest_updates = 0
+        self.ingest_rejected: dict[str, int] = {}
+        self.messages_sent = 0
+        self.frames_sent = 0
+        self.bytes_sent = 0
+        self.ticks = 0
+        self.events = 0
+        self.events_unknown_vehicle = 0
+
+    def reject(self, reason: str, n: int = 1):
+        self.ingest_rejected[reason] = self.ingest_rejected.get(reason, 0) + n
+
+
+class Hub:
+    def __init__(self, settings, core: Core | None = None):
+        self.settings = settings
+        self.core = core or Core(vehicle_capacity=4096, client_capacity=256)
+        self.sessions: dict[int, Session] = {}
+        self.instance_id = os.environ.get("REALTIME_INSTANCE_ID") or f"{os.getpid():x}"
+        self.stats = Stats()
+        self._tick_no = 0
+        self._eid_seq = itertools.count()
+        self._task: asyncio.Task | None = None
+
+    # ------------------------------------------------------------ ingest
+    def apply_updates(self, updates: list[dict]) -> int:
+        """Validated updates (ingest.decode.validate) -> core. Returns how many were applied."""
+        if not updates:
+            return 0
+        return self.apply(to_batch(updates, self.core.vtype_code))
+
+    def apply(self, batch: UpdateBatch) -> int:
+        before = self.core.ignored_stale
+        self.core.apply(batch)
+        self.stats.ingest_updates += len(batch)
+        for row, alert in self.core.new_alerts:
+            ts = int(self.core.cur[row]["ts"])
+            self.publish_event(self.core.ids[row], "alert", {"alert": alert}, ts, is_alert=True)
+        return len(batch) - (self.core.ignored_stale - before)
+
+    def next_eid(self, ts_ms: int | None = None) -> str:
+        # the shape of a Redis stream id, which issue 3's event buffer will assign
+        return f"{int(time.time() * 1000) if ts_ms is None else ts_ms}-{next(self._eid_seq)}"
+
+    def publish_event(self, vehicle_id: str, etype: str, body, ts_ms: int | None = None,
+                      is_alert: bool = False, eid: str | None = None) -> bool:
+        ts_ms = int(time.time() * 1000) if ts_ms is None else ts_ms
+        ok = self.core.add_event(vehicle_id, etype, body, eid or self.next_eid(), ts_ms, is_alert)
+        if ok:
+            self.stats.events += 1
+        else:
+            self.stats.events_unknown_vehicle += 1
+        return ok
+
+    # ------------------------------------------------------------ ticks
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="hub-tick")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+
+    async def _run(self) -> None:
+        period = self.settings.tick_ms / 1000.0
+        loop = asyncio.get_running_loop()
+        deadline = loop.time()
+        while True:
+            deadline += period
+            delay = deadline - loop.time()
+            if delay < 0:  # fell behind: do not try to catch up with a burst
+                deadline = loop.time()
+                delay = 0
+            await asyncio.sleep(delay)
+            try:
+                self.flush()
+            except Exception:  # a bug in one tick must not stop delivery for good
+                log.exception("tick failed")
+
+    def flush(self) -> None:
+        out = self.core.tick()
+        self._tick_no += 1
+        self.stats.ticks += 1
+        if not out:
+            return
+        batch_id = f"{self.instance_id}-{self._tick_no}".encode()
+        frame = self.core.frame
+        sessions = self.sessions
+        for body, rows in out:
+            for row in rows.tolist():
+                s = sessions.get(row)
+                if s is not None:
+                    s.send_batch(frame, batch_id, body)
+                    self.stats.frames_sent += 1
+
+    def batch_id(self) -> bytes:
+        return f"{self.instance_id}-{self._tick_no}".encode()
+
+    # ------------------------------------------------------------ sessions
+    def attach(self, s: Session) -> None:
+        c = s.claims
+        s.row = self.core.add_client(s.fmt, c.view_all, c.vehicles, c.groups, c.contacts)
+        self.sessions[s.row] = s
+
+    def detach(self, s: Session) -> None:
+        if s.row >= 0 and self.sessions.get(s.row) is s:
+            del self.sessions[s.row]
+            self.core.remove_client(s.row)
+            s.row = -1
+
+    def subscribe(self, s: Session, msg) -> None:
+        self.flush()
+        sub, f = msg.subscriptions, msg.filters
+        geo = sub.geographic
+        bounds = geo.bounds.as_tuple() if geo and geo.bounds else None
+        zoom = geo.zoom if geo else None
+        visible, body = self.core.subscribe(s.row, sub.vehicles, sub.groups, bounds, zoom,
+                                            f.status, f.vehicle_types, f.show_alerts)
+        s.send({"type": "subscribed", **({"id": msg.id} if msg.id is not None else {}),
+                "visible": visible})
+        s.send_batch(self.core.frame, self.batch_id(), body)
+
+    def viewport(self, s: Session, msg) -> None:
+        self.flush()
+        body = self.core.set_viewport(s.row, msg.bounds.as_tuple(), msg.zoom)
+        s.send_batch(self.core.frame, self.batch_id(), body, msg.id)
+
+    def unsubscribe(self, s: Session, msg) -> None:
+        self.flush()
+        body = self.core.unsubscribe(s.row)
+        s.send({"type": "unsubscribed", **({"id": msg.id} if msg.id is not None else {})})
+        s.send_batch(self.core.frame, self.batch_id(), body)
+
+    def set_claims(self, s: Session, claims: Claims) -> None:
+        """New rights (token refresh, ACL update): diff what the client sees."""
+        self.flush()
+        s.claims = claims
+        body = self.core.set_rights(s.row, claims.view_all, claims.vehicles, claims.groups,
+                                    claims.contacts)
+        if body not in (b"[]", b"\x90"):
+            s.send_batch(self.core.frame, self.batch_id(), body)
+
+    # ------------------------------------------------------------ reads
+    def may_see(self, claims: Claims, vehicle_id: str) -> bool:
+        if claims.view_all or vehicle_id in claims.vehicles:
+            return True
+        row = self.core.row_of(vehicle_id)
+        if row < 0 or not claims.groups:
+            return False
+        return any(g in claims.groups for g in self.core.groups_of[row])
+
+    def long_form(self, claims: Claims, vehicle_id: str) -> dict | None:
+        from .ingest.decode import iso_ms
+        d = self.core.long_form(vehicle_id, claims.contacts)
+        if d is not None:
+            d["timestamp"] = iso_ms(d["timestamp"])
+        return d
+
+
+__all__ = ["Hub", "Stats", "FMT_JSON"]

@@ -1,0 +1,178 @@
+"""Validation of vehicle updates (PROTOCOL §1.1), shared by every input.
+
+Kafka records, HTTP ingest bodies and Redis reconcile snapshots all pass
+through `validate`, which returns a normalised dict or raises Rejected with a
+reason code from REASONS (the `reason` label of ingest_rejected_total) and a
+human-readable detail. `to_batch` turns accepted updates into the core's
+columnar UpdateBatch, once per poll or request.
+"""
+from __future__ import annotations
+
+import math
+from datetime import datetime, timezone
+from typing import Annotated, Any, Union
+
+import msgspec
+from msgspec import Meta, Struct
+
+from .._core._schema import KEEP, ST_UNKNOWN, STATUS_CODE, UpdateBatch
+
+REASONS = ("invalid_json", "invalid_msgpack", "not_object", "missing_field", "invalid_vehicle_id",
+           "invalid_timestamp", "invalid_position", "invalid_field")
+
+
+class Rejected(Exception):
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+Name = Annotated[str, Meta(min_length=1, max_length=128)]
+Finite = Annotated[float, Meta(ge=-1e12, le=1e12)]
+
+
+class Position(Struct):
+    lat: Annotated[float, Meta(ge=-90, le=90)]
+    lon: Annotated[float, Meta(ge=-180, le=180)]
+
+
+class UpdateIn(Struct, forbid_unknown_fields=False):
+    vehicle_id: Name
+    timestamp: Union[int, float, str]
+    position: Position
+    speed: Annotated[float, Meta(ge=0, le=10000)] | None = None
+    course: Finite | None = None
+    heading: Finite | None = None
+    status: Annotated[str, Meta(max_length=64)] | None = None
+    vehicle_type: Annotated[str, Meta(min_length=1, max_length=64)] | None = None
+    groups: Annotated[list[Name], Meta(max_length=256)] | None = None
+    driver: dict[str, Any] | None = None
+    assignment: dict[str, Any] | None = None
+    alerts: Annotated[list[Annotated[str, Meta(max_length=256)]], Meta(max_length=64)] | None = None
+
+
+def parse_timestamp(value) -> int:
+    """ISO 8601 text or epoch milliseconds -> epoch milliseconds."""
+    if isinstance(value, bool):
+        raise Rejected("invalid_timestamp", "timestamp must be ISO 8601 or epoch milliseconds")
+    if isinstance(value, (int, float)):
+        if not math.isfinite(value) or value < 0 or value > 1e14:
+            raise Rejected("invalid_timestamp", "epoch milliseconds out of range")
+        return int(value)
+    try:
+        dt = datetime.fromisoformat(value)
+    except ValueError:
+        raise Rejected("invalid_timestamp", f"not ISO 8601: {value[:40]!r}") from None
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=timezone.utc)
+    return int(round(dt.timestamp() * 1000))
+
+
+def iso_ms(ts_ms: int) -> str:
+    dt = datetime.fromtimestamp(ts_ms / 1000, tz=timezone.utc)
+    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ts_ms % 1000:03d}Z"
+
+
+def _reason_of(e: msgspec.ValidationError) -> str:
+    text = str(e)
+    if "missing required field" in text:
+        return "missing_field"
+    if "$.vehicle_id" in text:
+        return "invalid_vehicle_id"
+    if "$.timestamp" in text:
+        return "invalid_timestamp"
+    if "$.position" in text:
+        return "invalid_position"
+    return "invalid_field"
+
+
+def validate(obj) -> dict:
+    if not isinstance(obj, dict):
+        raise Rejected("not_object", "an update is a JSON object")
+    try:
+        u = msgspec.convert(obj, UpdateIn)
+    except msgspec.ValidationError as e:
+        raise Rejected(_reason_of(e), str(e)) from None
+    for name in ("speed", "course", "heading"):
+        v = getattr(u, name)
+        if v is not None and not math.isfinite(v):
+            raise Rejected("invalid_field", f"{name} must be a finite number")
+    course = u.course if u.course is not None else u.heading
+    return {
+        "vehicle_id": u.vehicle_id,
+        "ts": parse_timestamp(u.timestamp),
+        "lat": u.position.lat,
+        "lon": u.position.lon,
+        "speed": u.speed,
+        "course": None if course is None else course % 360.0,
+        "status": u.status,
+        "vehicle_type": u.vehicle_type,
+        "groups": u.groups,
+        "driver": u.driver,
+        "assignment": u.assignment,
+        "alerts": u.alerts,
+    }
+
+
+_json = msgspec.json.Decoder()
+_mp = msgspec.msgpack.Decoder()
+
+
+def decode_record(value: bytes, msgpack_value: bool = False) -> dict:
+    """One Kafka record value -> validated update."""
+    try:
+        obj = _mp.decode(value) if msgpack_value else _json.decode(value)
+    except (msgspec.DecodeError, UnicodeDecodeError):
+        raise Rejected("invalid_msgpack" if msgpack_value else "invalid_json",
+                       "value is not " + ("msgpack" if msgpack_value else "JSON")) from None
+    return validate(obj)
+
+
+def decode_http_body(body: bytes) -> tuple[list, list]:
+    """A JSON array or NDJSON of updates -> (accepted [(index, update)], rejected [(index, reason, detail)]).
+
+    A body that is neither raises Rejected for the whole request."""
+    text = body.lstrip()
+    items: list = []
+    if text.startswith(b"["):
+        try:
+            items = _json.decode(text)
+        except msgspec.DecodeError as e:
+            raise Rejected("invalid_json", f"body is not a JSON array: {e}") from None
+        parsed = [(i, obj, None) for i, obj in enumerate(items)]
+    else:
+        parsed = []
+        for i, line in enumerate(l for l in body.split(b"\n") if l.strip()):
+            try:
+                parsed.append((i, _json.decode(line), None))
+            except msgspec.DecodeError:
+                parsed.append((i, None, Rejected("invalid_json", "line is not JSON")))
+    accepted, rejected = [], []
+    for i, obj, err in parsed:
+        try:
+            if err is not None:
+                raise err
+            accepted.append((i, validate(obj)))
+        except Rejected as r:
+            rejected.append((i, r.reason, r.detail))
+    return accepted, rejected
+
+
+def to_batch(updates: list[dict], vtype_code) -> UpdateBatch:
+    nan = math.nan
+    return UpdateBatch(
+        ids=[u["vehicle_id"] for u in updates],
+        lat=[u["lat"] for u in updates],
+        lon=[u["lon"] for u in updates],
+        speed=[nan if u["speed"] is None else u["speed"] for u in updates],
+        course=[nan if u["course"] is None else u["course"] for u in updates],
+        status=[KEEP if u["status"] is None else STATUS_CODE.get(u["status"], ST_UNKNOWN)
+                for u in updates],
+        vtype=[KEEP if u["vehicle_type"] is None else vtype_code(u["vehicle_type"]) for u in updates],
+        ts=[u["ts"] for u in updates],
+        alerts=[None if u["alerts"] is None else tuple(u["alerts"]) for u in updates],
+        driver=[u["driver"] for u in updates],
+        assignment=[u["assignment"] for u in updates],
+        groups=[None if u["groups"] is None else tuple(u["groups"]) for u in updates],
+    )

@@ -1,0 +1,103 @@
+"""One client connection: claims, core row, output format, sequence numbers,
+rate limit and token-expiry timers.
+
+A Session lives from a successful authentication until its transport closes;
+the hub owns the mapping from core row to Session. The transport only knows
+how to write one message and how to close (transports/base.py).
+"""
+from __future__ import annotations
+
+import secrets
+import time
+
+from . import messages as M
+from .auth import Claims
+
+
+class RateLimiter:
+    """Token bucket: `rate` messages per second with a burst of `rate`.
+
+    `violations` counts refused messages in the current 10 s window so that the
+    caller can close a client that keeps going (PROTOCOL §3.3: close 1008 if it
+    persists)."""
+
+    __slots__ = ("rate", "tokens", "last", "violations", "window_start")
+
+    def __init__(self, rate: float):
+        self.rate = rate
+        self.tokens = rate
+        self.last = time.monotonic()
+        self.violations = 0
+        self.window_start = self.last
+
+    def allow(self) -> bool:
+        now = time.monotonic()
+        self.tokens = min(self.rate, self.tokens + (now - self.last) * self.rate)
+        self.last = now
+        if now - self.window_start > 10.0:
+            self.window_start = now
+            self.violations = 0
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        self.violations += 1
+        return False
+
+    @property
+    def persistent(self) -> bool:
+        return self.violations > 2 * self.rate
+
+
+def new_id(prefix: str) -> str:
+    return prefix + secrets.token_urlsafe(12)
+
+
+class Session:
+    __slots__ = ("transport", "claims", "fmt", "row", "client_id", "session_id", "seq",
+                 "limiter", "connected_at", "messages_sent", "bytes_sent", "timers", "kind",
+                 "peer", "closed")
+
+    def __init__(self, transport, claims: Claims, fmt: int, rate: float, kind: str = "websocket",
+                 peer: str = ""):
+        self.transport = transport
+        self.claims = claims
+        self.fmt = fmt
+        self.row = -1
+        self.client_id = new_id("c_")
+        self.session_id = new_id("s_")
+        self.seq = 0
+        self.limiter = RateLimiter(rate)
+        self.connected_at = time.time()
+        self.messages_sent = 0
+        self.bytes_sent = 0
+        self.timers: list = []
+        self.kind = kind
+        self.peer = peer
+        self.closed = False
+
+    def send(self, obj: dict) -> None:
+        self.write(M.encode(self.fmt, obj))
+
+    def write(self, payload: bytes) -> None:
+        if self.closed:
+            return
+        self.messages_sent += 1
+        self.bytes_sent += len(payload)
+        self.transport.write(payload)
+
+    def send_batch(self, frame_of, batch_id: bytes, body: bytes, req_id=None) -> None:
+        """frame_of is CoreBase.frame: wraps the shared body with this
+        connection's seq (and request id) in one buffer, written once."""
+        self.seq += 1
+        self.write(frame_of(self.fmt, batch_id, self.seq, body, req_id))
+
+    def cancel_timers(self) -> None:
+        for t in self.timers:
+            t.cancel()
+        self.timers.clear()
+
+    def close(self, code: int, reason: str) -> None:
+        if not self.closed:
+            self.closed = True
+            self.cancel_timers()
+            self.transport.close(code, reason)

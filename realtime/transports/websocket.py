@@ -1,0 +1,227 @@
+"""WebSocket transport: GET /ws (PROTOCOL §2, §3).
+
+The handshake and inbound frames go through aiohttp. Outbound batches are
+written synchronously by `RawWriter`, one `transport.write` per message, so
+the hub's tick can fan out to thousands of sockets without a task or an await
+per client. Control frames (ping, pong, close) stay with aiohttp; both sides
+write whole frames, so they never interleave.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from aiohttp import WSCloseCode, WSMsgType, web
+
+from .. import messages as M
+from .._core._schema import FMT_JSON, FMT_MSGPACK
+from ..auth import AuthError, Claims
+from ..session import Session
+
+log = logging.getLogger("realtime.ws")
+
+SUBPROTOCOLS = ("realtime.v1.json", "realtime.v1.msgpack")
+CLOSE_TRY_AGAIN = 1013  # events could not be kept for a slow client: resume
+
+
+def frame_header(opcode: int, n: int) -> bytes:
+    if n < 126:
+        return bytes((0x80 | opcode, n))
+    if n < 65536:
+        return bytes((0x80 | opcode, 126)) + n.to_bytes(2, "big")
+    return bytes((0x80 | opcode, 127)) + n.to_bytes(8, "big")
+
+
+class RawWriter:
+    """Writes unmasked, uncompressed server frames straight to the transport."""
+
+    __slots__ = ("ws", "transport", "opcode", "limit", "loop")
+
+    def __init__(self, ws: web.WebSocketResponse, transport, fmt: int, limit: int):
+        self.ws = ws
+        self.transport = transport
+        self.opcode = 0x2 if fmt == FMT_MSGPACK else 0x1
+        self.limit = limit
+        self.loop = asyncio.get_running_loop()
+
+    def write(self, payload: bytes) -> None:
+        t = self.transport
+        if t is None or t.is_closing() or self.ws.closed:
+            return
+        if t.get_write_buffer_size() > self.limit:
+            # The client stopped reading. Rather than drop messages silently
+            # or grow without bound, close with 1013 so that it resumes.
+            self.close(CLOSE_TRY_AGAIN, "slow client: write buffer over limit")
+            return
+        t.writelines((frame_header(self.opcode, len(payload)), payload))
+
+    def close(self, code: int, reason: str) -> None:
+        if not self.ws.closed:
+            self.loop.create_task(self.ws.close(code=code, message=reason.encode()[:120]))
+
+
+def _format_of(request: web.Request, ws_protocol: str | None) -> int | None:
+    if ws_protocol == "realtime.v1.msgpack":
+        return FMT_MSGPACK
+    if ws_protocol == "realtime.v1.json":
+        return FMT_JSON
+    f = request.query.get("format", "json")
+    return {"json": FMT_JSON, "msgpack": FMT_MSGPACK}.get(f)
+
+
+def _token_of(request: web.Request) -> str | None:
+    token = request.query.get("token")
+    if token:
+        return token
+    h = request.headers.get("Authorization", "")
+    if h.lower().startswith("bearer "):
+        return h[7:].strip()
+    return None
+
+
+async def _first_message_auth(ws: web.WebSocketResponse, timeout: float) -> str | None:
+    """PROTOCOL §2: {"type":"auth","token":…} as the first message within 10 s."""
+    try:
+        msg = await asyncio.wait_for(ws.receive(), timeout)
+    except asyncio.TimeoutError:
+        return None
+    if msg.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
+        return None
+    try:
+        m = M.parse(msg.data, msg.type == WSMsgType.BINARY)
+    except M.ProtocolError:
+        return None
+    return m.token if isinstance(m, M.Auth) else None
+
+
+async def handle(request: web.Request) -> web.StreamResponse:
+    app = request.app
+    hub = app["hub"]
+    settings = app["settings"]
+    authn = app["auth"]
+    ws = web.WebSocketResponse(
+        protocols=SUBPROTOCOLS,
+        max_msg_size=settings.max_message_bytes,
+        heartbeat=settings.heartbeat_s,
+        compress=False,
+        autoping=True,
+    )
+    await ws.prepare(request)
+    fmt = _format_of(request, ws.ws_protocol)
+    if fmt is None:
+        await ws.close(code=WSCloseCode.PROTOCOL_ERROR, message=b"format must be json or msgpack")
+        return ws
+    token = _token_of(request)
+    if token is None:
+        token = await _first_message_auth(ws, settings.auth_timeout_s)
+    try:
+        claims = authn.decode(token)
+        if not claims.may_view_anything():
+            raise AuthError("token grants no vehicles", forbidden=True)
+    except AuthError as e:
+        app["security_log"](request, "ws_auth_failed", str(e))
+        await ws.close(code=e.close_code, message=str(e).encode()[:120])
+        return ws
+
+    writer = RawWriter(ws, request.transport, fmt, settings.write_buffer_close_bytes)
+    s = Session(writer, claims, fmt, settings.max_messages_per_s, "websocket", request.remote or "")
+    hub.attach(s)
+    _schedule_expiry(s, settings.token_expiry_warning_s)
+    s.send({"type": "welcome", "client": s.client_id, "session": s.session_id, "resumed": False,
+            "heartbeat_s": int(settings.heartbeat_s)})
+    close_reason = "client closed"
+    try:
+        async for msg in ws:
+            if msg.type in (WSMsgType.TEXT, WSMsgType.BINARY):
+                if not s.limiter.allow():
+                    if s.limiter.persistent:
+                        close_reason = "rate limit"
+                        s.closed = True
+                        await ws.close(code=WSCloseCode.POLICY_VIOLATION, message=b"rate limit exceeded")
+                        break
+                    s.send(M.error("rate_limited", "more than %d messages/s" % settings.max_messages_per_s))
+                    continue
+                _dispatch(hub, authn, s, msg, settings)
+            elif msg.type == WSMsgType.ERROR:
+                close_reason = f"error: {ws.exception()}"
+                break
+    finally:
+        s.closed = True
+        s.cancel_timers()
+        hub.detach(s)
+        log.debug("disconnect %s user=%s reason=%s", s.client_id, claims.sub, close_reason)
+    return ws
+
+
+def _dispatch(hub, authn, s: Session, msg, settings) -> None:
+    try:
+        m = M.parse(msg.data, msg.type == WSMsgType.BINARY)
+    except M.ProtocolError as e:
+        s.send(M.error(e.code, e.message, e.req_id))
+        return
+    try:
+        match m:
+            case M.Subscribe():
+                n = len(m.subscriptions.vehicles) + len(m.subscriptions.groups)
+                if n > settings.max_subscription_size:
+                    s.send(M.error("bad_request", f"subscription names {n} vehicles and groups; "
+                                   f"at most {settings.max_subscription_size}", m.id))
+                    return
+                hub.subscribe(s, m)
+            case M.Viewport():
+                hub.viewport(s, m)
+            case M.Unsubscribe():
+                hub.unsubscribe(s, m)
+            case M.Get():
+                _get(hub, s, m)
+            case M.Ping():
+                s.send(M.reply("pong", m.id, ts=int(time.time() * 1000)))
+            case M.Refresh():
+                _refresh(hub, authn, s, m, settings)
+            case M.Auth():
+                s.send(M.error("bad_request", "already authenticated; use refresh", m.id))
+    except M.ProtocolError as e:
+        s.send(M.error(e.code, e.message, m.id))
+
+
+def _get(hub, s: Session, m) -> None:
+    if not hub.may_see(s.claims, m.vehicle):
+        s.send(M.error("forbidden", "not allowed to see this vehicle", m.id))
+        return
+    d = hub.long_form(s.claims, m.vehicle)
+    if d is None:
+        s.send(M.error("bad_request", "unknown vehicle", m.id))
+        return
+    if m.id is not None:
+        d["id"] = m.id
+    s.send(d)
+
+
+def _refresh(hub, authn, s: Session, m, settings) -> None:
+    try:
+        claims: Claims = authn.decode(m.token)
+    except AuthError as e:
+        s.send(M.error("unauthorized", str(e), m.id))
+        return
+    if claims.sub != s.claims.sub:
+        s.send(M.error("forbidden", "a refreshed token must be for the same user", m.id))
+        return
+    hub.set_claims(s, claims)
+    s.cancel_timers()
+    _schedule_expiry(s, settings.token_expiry_warning_s)
+    s.send(M.reply("refreshed", m.id, exp=int(claims.exp)))
+
+
+def _schedule_expiry(s: Session, warning_s: float) -> None:
+    """token_expiring ahead of exp, then close 4001 at exp (PROTOCOL §2)."""
+    loop = asyncio.get_running_loop()
+    left = s.claims.exp - time.time()
+    warn_in = left - warning_s
+    if warn_in > 0:
+        s.timers.append(loop.call_later(warn_in, lambda: s.send(
+            {"type": "token_expiring", "in_s": int(max(0, s.claims.exp - time.time()))})))
+    else:
+        s.timers.append(loop.call_soon(lambda: s.send(
+            {"type": "token_expiring", "in_s": int(max(0, left))})))
+    s.timers.append(loop.call_later(max(0.0, left), lambda: s.close(4001, "token expired")))

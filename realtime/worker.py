@@ -1,0 +1,49 @@
+"""One worker process: uvloop, the aiohttp site, signals.
+
+With --workers > 1 every worker binds the same port with SO_REUSEPORT and the
+kernel spreads connections between them.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import ssl
+
+import uvloop
+from aiohttp import web
+
+from .app import make_app
+
+log = logging.getLogger("realtime.worker")
+
+
+def tls_context(cert: str, key: str) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3  # PROTOCOL §7: TLS 1.3 only
+    ctx.load_cert_chain(cert, key)
+    return ctx
+
+
+async def serve(settings, ready: asyncio.Event | None = None) -> None:
+    app = make_app(settings)
+    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    await runner.setup()
+    ctx = tls_context(settings.tls_cert, settings.tls_key) if settings.tls_cert else None
+    site = web.TCPSite(runner, settings.host, settings.port, ssl_context=ctx,
+                       reuse_port=settings.workers > 1, backlog=4096)
+    await site.start()
+    log.info("listening on %s://%s:%d", "https" if ctx else "http", settings.host, settings.port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if ready:
+        ready.set()
+    await stop.wait()
+    log.info("shutting down")
+    await runner.cleanup()
+
+
+def run(settings) -> None:
+    uvloop.run(serve(settings))

@@ -1,0 +1,175 @@
+"""Fixtures: a real server process on a free loopback port, tokens, clients."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import jwt
+import msgpack
+import pytest
+import websockets
+
+ROOT = Path(__file__).resolve().parent.parent
+SECRET = "test-secret-" + uuid.uuid4().hex
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, *args: str, env: dict | None = None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.ws_url = f"ws://127.0.0.1:{self.port}/ws"
+        cmd = [sys.executable, "-m", "realtime", "serve", "--port", str(self.port),
+               "--jwt-secret", SECRET, *args]
+        self.log = open(f"/tmp/realtime-test-{self.port}.log", "w")
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, **(env or {})})
+        deadline = time.time() + 20
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}: {self.logs()}")
+            try:
+                urllib.request.urlopen(self.url + "/health/live", timeout=0.5).read()
+                return
+            except OSError:
+                time.sleep(0.1)
+        self.stop()
+        raise RuntimeError("server did not answer /health/live: " + self.logs())
+
+    def logs(self) -> str:
+        self.log.flush()
+        return Path(self.log.name).read_text()[-3000:]
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+def token(sub="user1", permissions=("view_all_vehicles",), ttl=3600, secret=SECRET, **claims) -> str:
+    now = int(time.time())
+    payload = {"sub": sub, "name": sub, "role": "dispatcher", "permissions": list(permissions),
+               "iat": now, "exp": now + ttl, **claims}
+    return jwt.encode(payload, secret, algorithm="HS256")
+
+
+INGEST_TOKEN = None
+
+
+def ingest(server: Server, updates, raw: bytes | None = None, tok: str | None = None):
+    """POST /api/ingest; returns (status, json)."""
+    body = raw if raw is not None else json.dumps(updates, ensure_ascii=False).encode()
+    req = urllib.request.Request(server.url + "/api/ingest", data=body, method="POST",
+                                 headers={"Authorization": f"Bearer {tok or token('feeder', ['ingest'])}",
+                                          "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+def update(vid, lat=55.75, lon=37.62, ts=None, **kw):
+    u = {"vehicle_id": vid, "timestamp": ts if ts is not None else int(time.time() * 1000),
+         "position": {"lat": lat, "lon": lon}}
+    u.update(kw)
+    return u
+
+
+class Client:
+    """A websockets connection that decodes frames (JSON text or msgpack binary)."""
+
+    def __init__(self, ws):
+        self.ws = ws
+
+    @classmethod
+    async def connect(cls, server: Server, tok: str | None = None, query: str = "", **kw):
+        url = server.ws_url + "?" + (f"token={tok}&" if tok else "") + query
+        ws = await websockets.connect(url, max_size=2**24, **kw)
+        return cls(ws)
+
+    async def send(self, obj, binary=False):
+        await self.ws.send(msgpack.packb(obj) if binary else json.dumps(obj))
+
+    async def recv(self, timeout=5.0):
+        data = await asyncio.wait_for(self.ws.recv(), timeout)
+        return msgpack.unpackb(data, raw=False) if isinstance(data, bytes) else json.loads(data)
+
+    async def recv_type(self, kind, timeout=5.0):
+        """Next message of a type, skipping batches and others on the way."""
+        deadline = time.monotonic() + timeout
+        while True:
+            m = await self.recv(max(0.01, deadline - time.monotonic()))
+            if m.get("type") == kind:
+                return m
+
+    async def messages(self, duration=0.3):
+        """Every batch message that arrives within `duration` seconds."""
+        out = []
+        deadline = time.monotonic() + duration
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return out
+            try:
+                m = await self.recv(left)
+            except asyncio.TimeoutError:
+                return out
+            if m.get("type") == "batch":
+                out.extend(m["messages"])
+
+    async def wait_messages(self, pred, timeout=5.0):
+        """Batch messages until one satisfies pred; returns all seen."""
+        seen = []
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                m = await self.recv(max(0.01, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                break
+            if m.get("type") == "batch":
+                seen.extend(m["messages"])
+                if any(pred(x) for x in m["messages"]):
+                    return seen
+        raise AssertionError(f"no matching message; saw {seen[:20]}")
+
+    async def subscribe(self, binary=False, **body):
+        await self.send({"type": "subscribe", **body}, binary)
+        sub = await self.recv_type("subscribed")
+        batch = await self.recv_type("batch")
+        return sub, batch["messages"]
+
+    async def close(self):
+        await self.ws.close()
+
+
+@pytest.fixture(scope="session")
+def server():
+    s = Server("--simulate", "0", "--tick-ms", "20", "--auth-timeout-s", "1",
+               "--max-messages-per-s", "100", "--max-subscription-size", "50")
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def uid():
+    """A prefix that keeps one test's vehicles apart from another's."""
+    return "t" + uuid.uuid4().hex[:8] + "_"

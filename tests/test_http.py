@@ -1,0 +1,112 @@
+"""Integration: POST /api/ingest, GET /api/vehicles/{id}, health, the map page."""
+import json
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from conftest import ROOT, SECRET, ingest, token, update
+
+pytestmark = pytest.mark.integration
+
+
+def get(server, path, tok=None):
+    req = urllib.request.Request(server.url + path,
+                                 headers={"Authorization": f"Bearer {tok}"} if tok else {})
+    try:
+        with urllib.request.urlopen(req, timeout=5) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def test_ingest_accepts_and_rejects_by_index(server, uid):
+    status, body = ingest(server, [
+        update(uid + "ok"),
+        {"vehicle_id": uid + "x", "timestamp": "2024-01-15T10:30:00.123Z"},       # no position
+        update(uid + "lat", 91.0, 0.0),                                            # lat out of range
+        update("", 1, 1),                                                          # empty id
+        update(uid + "ts", ts="yesterday"),                                        # bad timestamp
+        "not an object",
+        update(uid + "iso", ts="2024-01-15T10:30:00.123Z", heading=45),
+    ])
+    assert status == 200
+    assert body["accepted"] == 2
+    assert [(r["index"], r["reason"]) for r in body["rejected"]] == [
+        (1, "missing_field"), (2, "invalid_position"), (3, "invalid_vehicle_id"),
+        (4, "invalid_timestamp"), (5, "not_object")]
+    status, raw = get(server, f"/api/vehicles/{uid}iso", token())
+    d = json.loads(raw)
+    assert status == 200 and d["timestamp"] == "2024-01-15T10:30:00.123Z" and d["course"] == 45
+
+
+def test_ingest_ndjson(server, uid):
+    lines = b"\n".join(json.dumps(update(uid + str(i))).encode() for i in range(3)) + b"\n{broken\n"
+    status, body = ingest(server, None, raw=lines)
+    assert status == 200 and body["accepted"] == 3
+    assert body["rejected"][0]["index"] == 3 and body["rejected"][0]["reason"] == "invalid_json"
+
+
+def test_ingest_needs_the_ingest_permission(server):
+    assert ingest(server, [], tok="garbage")[0] == 401
+    assert ingest(server, [], tok=token(permissions=["view_all_vehicles"]))[0] == 403
+    assert ingest(server, None, raw=b"[1,2")[0] == 400
+
+
+def test_vehicle_long_form_and_rights(server, uid):
+    vid = uid + "lf"
+    ingest(server, [update(vid, 55.5, 37.5, 1705314600123, speed=65.2, course=180, status="moving",
+                           vehicle_type="truck", groups=["north_fleet"],
+                           driver={"name": "Иванов И.И.", "phone": "+79161234567"},
+                           assignment={"client": "ООО Ромашка", "eta": "11:15"}, alerts=["a"])])
+    status, raw = get(server, f"/api/vehicles/{vid}", token(permissions=["view_all_vehicles"]))
+    d = json.loads(raw)
+    assert status == 200
+    assert d == {"type": "vehicle_update", "vehicle_id": vid, "position": {"lat": 55.5, "lon": 37.5},
+                 "speed": 65.2, "course": 180.0, "status": "moving", "vehicle_type": "truck",
+                 "groups": ["north_fleet"], "driver": {"name": "Иванов И.И."},
+                 "assignment": {"client": "ООО Ромашка", "eta": "11:15"}, "alerts": ["a"],
+                 "timestamp": "2024-01-15T10:30:00.123Z"}
+    status, raw = get(server, f"/api/vehicles/{vid}",
+                      token(permissions=["view_all_vehicles", "view_driver_contacts"]))
+    assert json.loads(raw)["driver"]["phone"] == "+79161234567"
+    assert get(server, f"/api/vehicles/{vid}", token(permissions=[], vehicles=["x"]))[0] == 403
+    assert get(server, f"/api/vehicles/{vid}", token(permissions=[], groups=["north_fleet"]))[0] == 200
+    assert get(server, f"/api/vehicles/{uid}missing", token())[0] == 404
+    assert get(server, f"/api/vehicles/{vid}")[0] == 401
+
+
+def test_health_and_map_page(server):
+    status, raw = get(server, "/health/live")
+    assert status == 200 and json.loads(raw)["status"] == "ok"
+    status, raw = get(server, "/")
+    assert status == 200 and b"<canvas" in raw and b"/static/map.js" in raw
+    assert get(server, "/static/map.js")[0] == 200
+    assert get(server, "/static/realtime.js")[0] == 200
+
+
+def test_cli_token_is_accepted_by_the_server(server):
+    out = subprocess.run([sys.executable, "-m", "realtime", "token", "--sub", "cli-user",
+                          "--perm", "view_all_vehicles", "--ttl", "60", "--jwt-secret", SECRET],
+                         cwd=ROOT, capture_output=True, text=True, check=True)
+    tok = out.stdout.strip()
+    assert get(server, "/api/vehicles/none", tok)[0] == 404
+
+
+def test_workers_without_redis_refuse_to_start():
+    p = subprocess.run([sys.executable, "-m", "realtime", "serve", "--workers", "2", "--port", "1"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert p.returncode != 0 and "--redis" in p.stderr
+
+
+def test_env_options_are_read(tmp_path):
+    from realtime import cli, config
+    import argparse
+    ns = argparse.Namespace(**{k: None for k in config.Settings.__dataclass_fields__})
+    s = config.from_args(ns, env={"REALTIME_PORT": "9123", "REALTIME_TICK_MS": "25",
+                                  "REALTIME_JWT_SECRET": "x" * 32})
+    assert s.port == 9123 and s.tick_ms == 25 and s.simulate_count == 2000
+    assert cli is not None
+    assert time is not None
