@@ -19,6 +19,9 @@ if [ "$SMOKE" = 1 ]; then
 else
   echo "bench: core (20k vehicles x 5k clients, 1k changed per tick)" >&2
   core=$($PY benchmarks/bench_core.py --vehicles 20000 --clients 5000 --changed 1000 --ticks 30 --ref-ticks 2)
+  echo "bench: pytest-benchmark (compiled and reference, same fixtures)" >&2
+  $PY -m pytest -q benchmarks/bench_core.py --benchmark-only --benchmark-columns=min,median,max,rounds \
+    --benchmark-json="benchmarks/results/$stamp-pytest.json" >&2
 fi
 echo "$core" >&2
 printf '{"timestamp":"%s","smoke":%s,"core":%s}\n' "$stamp" "$SMOKE" "$core" > "$out"
@@ -29,6 +32,7 @@ r = json.load(open(sys.argv[1]))
 c = r["core"]
 print(json.dumps({"core_speedup_vs_reference": c["speedup_vs_reference"],
                   "core_us_per_delivery": c["us_per_delivery"],
+                  "core_route_encode_us_per_delivery": c["route_encode_us_per_delivery"],
                   "core_tick_ms": c["compiled_tick_ms_median"],
                   "deliveries_per_tick": c["deliveries_per_tick"]}))
 PYEOF

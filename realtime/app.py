@@ -28,8 +28,9 @@ def _security_logger():
         if now - last["t"] < 0.2:
             last["suppressed"] += 1
             return
-        log.warning("security %s", json.dumps({"event": kind, "detail": detail, "peer": request.remote,
-                                               "path": request.path, "suppressed": last["suppressed"]}))
+        log.warning("security violation", extra={"fields": {
+            "event": kind, "detail": detail, "peer": request.remote, "path": request.path,
+            "suppressed": last["suppressed"]}})
         last["t"] = now
         last["suppressed"] = 0
 

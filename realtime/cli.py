@@ -15,11 +15,8 @@ from . import config
 
 
 def _logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format='{"ts":"%(asctime)s","level":"%(levelname)s","logger":"%(name)s","msg":%(message)r}',
-        stream=sys.stderr,
-    )
+    from .logs import setup
+    setup(level)
 
 
 def cmd_serve(ns) -> int:

@@ -120,7 +120,7 @@ class Hub:
         frame = self.core.frame
         sessions = self.sessions
         for body, rows in out:
-            for row in rows.tolist():
+            for row in rows:
                 s = sessions.get(row)
                 if s is not None:
                     s.send_batch(frame, batch_id, body)

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Starts the local services the tests need when they are not already up:
+# Starts the local services the tests need when they are not already up
+# (and installs headless Chromium for the map test):
 # Redis on 127.0.0.1:6379 and PostgreSQL on 127.0.0.1:5432 (database `test`).
 # The commands are those of the python-svc machine; on a fresh Debian/Ubuntu
 # machine the packages are installed first.
@@ -30,5 +31,9 @@ if port_open 5432 && command -v psql >/dev/null; then
   # The `test` database with trust auth is what the machine provides; make it if missing.
   su postgres -c "psql -tAc \"SELECT 1 FROM pg_database WHERE datname='test'\"" 2>/dev/null | grep -q 1 \
     || su postgres -c "createdb test" 2>/dev/null || true
+fi
+# Headless Chromium for the map page test (Debian's package; nothing is downloaded by the test).
+if ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null; then
+  apt_install chromium && echo "services: installed chromium" || echo "services: chromium not installed" >&2
 fi
 exit 0

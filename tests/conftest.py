@@ -28,12 +28,13 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, *args: str, env: dict | None = None):
+    def __init__(self, *args: str, env: dict | None = None, secret: str | None = SECRET):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.ws_url = f"ws://127.0.0.1:{self.port}/ws"
-        cmd = [sys.executable, "-m", "realtime", "serve", "--port", str(self.port),
-               "--jwt-secret", SECRET, *args]
+        cmd = [sys.executable, "-m", "realtime", "serve", "--port", str(self.port), *args]
+        if secret:
+            cmd += ["--jwt-secret", secret]
         self.log = open(f"/tmp/realtime-test-{self.port}.log", "w")
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT,
                                      env={**os.environ, **(env or {})})
@@ -167,6 +168,15 @@ def server():
                "--max-messages-per-s", "100", "--max-subscription-size", "50")
     yield s
     s.stop()
+
+
+def require(what: str, available: bool):
+    """Integration prerequisites: a skip on a developer's machine, a failure under CI."""
+    if available:
+        return
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{what} is required under CI=true")
+    pytest.skip(f"{what} not available")
 
 
 @pytest.fixture

@@ -200,7 +200,7 @@ def test_identical_clients_share_one_body(core):
         core.subscribe(c)
     upd(core, "a", 1.2, 1, 2)
     out = core.tick()
-    assert len(out) == 1 and sorted(out[0][1].tolist()) == cs
+    assert len(out) == 1 and sorted(out[0][1]) == cs
 
 
 def test_commands_require_a_tick_first(core):

@@ -519,7 +519,7 @@ class CoreBase:
         return True
 
     def tick(self):
-        """Route every change since the last tick. Returns [(body, client rows)]:
+        """Route every change since the last tick. Returns [(body, [client rows])]:
         clients that get identical messages share one body."""
         return self._k_tick()
 

@@ -246,4 +246,4 @@ class ReferenceCore(CoreBase):
             items = sorted(per_client[c], key=lambda t: (t[0], t[1]))
             body = self._encode_raw(int(self.clients[c]["fmt"]), [m for _, _, m in items])
             groups.setdefault(body, []).append(c)
-        return [(body, np.array(cl, np.int32)) for body, cl in groups.items()]
+        return [(body, [int(c) for c in cl]) for body, cl in groups.items()]

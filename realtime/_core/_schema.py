@@ -134,8 +134,10 @@ class UpdateBatch:
         # once means neither core rounds and both see the same doubles.
         self.lat = np.round(np.ascontiguousarray(lat, dtype=np.float64), LAT_DECIMALS)
         self.lon = np.round(np.ascontiguousarray(lon, dtype=np.float64), LAT_DECIMALS)
-        self.speed = np.ascontiguousarray(speed, dtype=np.float64)
-        self.course = np.ascontiguousarray(course, dtype=np.float64)
+        # Speed and course too are stored as sent (2 and 1 decimals), so that
+        # the compiled encoder can format them as scaled integers, exactly.
+        self.speed = np.round(np.ascontiguousarray(speed, dtype=np.float64), SPEED_DECIMALS)
+        self.course = np.round(np.ascontiguousarray(course, dtype=np.float64), COURSE_DECIMALS)
         self.status = np.ascontiguousarray(status, dtype=np.uint8)
         self.vtype = np.ascontiguousarray(vtype, dtype=np.uint8)
         self.ts = np.ascontiguousarray(ts, dtype=np.int64)
@@ -152,24 +154,3 @@ class UpdateBatch:
 
     def __len__(self):
         return len(self.ids)
-
-    @classmethod
-    def from_rows(cls, rows, vtype_code):
-        """Build a batch from normalised dicts (see ingest.decode.Update)."""
-        nan = float("nan")
-        return cls(
-            ids=[r["vehicle_id"] for r in rows],
-            lat=[r["lat"] for r in rows],
-            lon=[r["lon"] for r in rows],
-            speed=[r.get("speed", nan) if r.get("speed") is not None else nan for r in rows],
-            course=[r.get("course", nan) if r.get("course") is not None else nan for r in rows],
-            status=[STATUS_CODE.get(r["status"], ST_UNKNOWN) if r.get("status") is not None else KEEP
-                    for r in rows],
-            vtype=[vtype_code(r["vehicle_type"]) if r.get("vehicle_type") is not None else KEEP
-                   for r in rows],
-            ts=[r["ts"] for r in rows],
-            alerts=[tuple(r["alerts"]) if r.get("alerts") is not None else None for r in rows],
-            driver=[r.get("driver") for r in rows],
-            assignment=[r.get("assignment") for r in rows],
-            groups=[tuple(r["groups"]) if r.get("groups") is not None else None for r in rows],
-        )

@@ -40,7 +40,7 @@ class Fleet:
         self.ids = [f"{prefix}_{i:05d}" for i in range(n)]
         self.vtype = r.choice(len(TYPES), n, p=[0.35, 0.35, 0.2, 0.1])
         self.limit = np.array([TYPE_LIMIT_KMH[TYPES[t]] for t in self.vtype], float)
-        self.cruise = self.limit * r.uniform(0.6, 1.05, n)
+        self.cruise = self.limit * r.uniform(0.6, 0.98, n)
         self.lat = np.empty(n)
         self.lon = np.empty(n)
         for i in range(n):
