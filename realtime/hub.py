@@ -21,6 +21,7 @@ from .ingest.decode import to_batch
 from .session import Session
 
 log = logging.getLogger("realtime.hub")
+CLUSTER_REFRESH_S = 1.0  # clustered clients get at most one `clusters` a second
 
 
 class Stats:
@@ -98,6 +99,7 @@ class Hub:
         period = self.settings.tick_ms / 1000.0
         loop = asyncio.get_running_loop()
         deadline = loop.time()
+        next_clusters = deadline + CLUSTER_REFRESH_S
         while True:
             deadline += period
             delay = deadline - loop.time()
@@ -107,6 +109,9 @@ class Hub:
             await asyncio.sleep(delay)
             try:
                 self.flush()
+                if loop.time() >= next_clusters:
+                    next_clusters = loop.time() + CLUSTER_REFRESH_S
+                    self.refresh_clusters()
             except Exception:  # a bug in one tick must not stop delivery for good
                 log.exception("tick failed")
 
@@ -149,20 +154,73 @@ class Hub:
         zoom = geo.zoom if geo else None
         visible, body = self.core.subscribe(s.row, sub.vehicles, sub.groups, bounds, zoom,
                                             f.status, f.vehicle_types, f.show_alerts)
+        s.view = (bounds, zoom)
+        body = self._cluster_or(s, visible, body)
         s.send({"type": "subscribed", **({"id": msg.id} if msg.id is not None else {}),
                 "visible": visible})
         s.send_batch(self.core.frame, self.batch_id(), body)
 
     def viewport(self, s: Session, msg) -> None:
         self.flush()
-        body = self.core.set_viewport(s.row, msg.bounds.as_tuple(), msg.zoom)
+        bounds = msg.bounds.as_tuple()
+        body = self.core.set_viewport(s.row, bounds, msg.zoom)
+        s.view = (bounds, msg.zoom)
+        body = self._cluster_or(s, self.core.visible_count(s.row), body)
         s.send_batch(self.core.frame, self.batch_id(), body, msg.id)
 
     def unsubscribe(self, s: Session, msg) -> None:
         self.flush()
         body = self.core.unsubscribe(s.row)
+        s.view = (None, None)
+        if s.cells is not None:
+            self.core.set_clustered(s.row, False)
+            s.cells = None
+            body = self._clusters_body(s, [])
         s.send({"type": "unsubscribed", **({"id": msg.id} if msg.id is not None else {})})
         s.send_batch(self.core.frame, self.batch_id(), body)
+
+    # ------------------------------------------------------------ clusters
+    def _cluster_or(self, s: Session, visible: int, body: bytes) -> bytes:
+        """PROTOCOL §3.1 `clusters`: below --cluster-below-zoom, or with more
+        than --max-visible vehicles, the client gets aggregated cells instead
+        of individual vehicles. Returns the body to send for the command."""
+        bounds, zoom = s.view
+        st = self.settings
+        want = (zoom is not None and zoom < st.cluster_below_zoom) or visible > st.max_visible
+        if want:
+            self.core.set_clustered(s.row, True)
+            s.cells = self.core.cluster_cells(s.row, self._cell_deg(s))
+            return self._clusters_body(s, s.cells)
+        if s.cells is not None:
+            s.cells = None
+            return self.core.set_clustered(s.row, False)
+        return body
+
+    def _cell_deg(self, s: Session) -> float:
+        bounds, zoom = s.view
+        if zoom is not None:
+            return 90.0 / (2.0 ** zoom)  # ~64 px at 256-px tiles
+        if bounds is not None:
+            south, west, north, east = bounds
+            width = east - west if east >= west else east + 360.0 - west
+            return max(north - south, width, 1e-6) / 16.0
+        return 360.0 / 64.0
+
+    def _clusters_body(self, s: Session, cells: list) -> bytes:
+        zoom = s.view[1]
+        msg = {"t": "clusters", "z": zoom, "cells": cells}
+        from .messages import encode
+        return encode(s.fmt, [msg])
+
+    def refresh_clusters(self) -> None:
+        """Resend the cells of clustered clients whose picture changed."""
+        for s in list(self.sessions.values()):
+            if s.cells is None:
+                continue
+            cells = self.core.cluster_cells(s.row, self._cell_deg(s))
+            if cells != s.cells:
+                s.cells = cells
+                s.send_batch(self.core.frame, self.batch_id(), self._clusters_body(s, cells))
 
     def set_claims(self, s: Session, claims: Claims) -> None:
         """New rights (token refresh, ACL update): diff what the client sees."""

@@ -55,7 +55,7 @@ def new_id(prefix: str) -> str:
 class Session:
     __slots__ = ("transport", "claims", "fmt", "row", "client_id", "session_id", "seq",
                  "limiter", "connected_at", "messages_sent", "bytes_sent", "timers", "kind",
-                 "peer", "closed")
+                 "peer", "closed", "view", "cells")
 
     def __init__(self, transport, claims: Claims, fmt: int, rate: float, kind: str = "websocket",
                  peer: str = ""):
@@ -74,6 +74,8 @@ class Session:
         self.kind = kind
         self.peer = peer
         self.closed = False
+        self.view = (None, None)  # (bounds, zoom) of the subscription
+        self.cells = None         # last `clusters` cells sent, None when not clustered
 
     def send(self, obj: dict) -> None:
         self.write(M.encode(self.fmt, obj))

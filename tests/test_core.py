@@ -203,6 +203,23 @@ def test_identical_clients_share_one_body(core):
     assert len(out) == 1 and sorted(out[0][1]) == cs
 
 
+def test_clustered_clients_get_no_vehicle_messages_but_keep_events(core):
+    for i in range(10):
+        upd(core, f"v{i}", 1 + i * 0.01, 1, 1, status="moving")
+    core.tick()
+    c = core.add_client()
+    core.subscribe(c)
+    assert core.set_clustered(c, True) is None
+    cells = core.cluster_cells(c, 1.0)
+    assert cells == [[1.045, 1.0, 10]]
+    upd(core, "v0", 1.5, 1, 2)
+    core.add_event("v1", "door", {}, "1-0", 2)
+    assert [m["t"] for m in tick_by_client(core)[c]] == ["event"]
+    body = core.set_clustered(c, False)
+    msgs = decode(0, body)
+    assert len(msgs) == 10 and {m["t"] for m in msgs} == {"full"}
+
+
 def test_commands_require_a_tick_first(core):
     from realtime._core import TickPending
     c = core.add_client()
@@ -283,6 +300,7 @@ op_st = st.one_of(
               st.booleans()),
     st.tuples(st.just("viewport"), st.integers(0, 7), bounds_st),
     st.tuples(st.just("unsubscribe"), st.integers(0, 7)),
+    st.tuples(st.just("cluster"), st.integers(0, 7), st.booleans()),
     st.tuples(st.just("remove"), st.integers(0, 7)),
     st.tuples(st.just("event"), st.sampled_from(VIDS), st.booleans()),
     st.tuples(st.just("rights"), st.integers(0, 7), st.booleans(), st.lists(st.sampled_from(VIDS), max_size=3),
@@ -336,6 +354,10 @@ def run_ops(core, ops):
             stream.append((kind, c, decode(fmt, core.set_viewport(c, op[2]))))
         elif kind == "unsubscribe":
             stream.append((kind, c, decode(fmt, core.unsubscribe(c))))
+        elif kind == "cluster":
+            body = core.set_clustered(c, op[2])
+            stream.append((kind, c, None if body is None else decode(fmt, body),
+                           core.cluster_cells(c, 1.0)))
         elif kind == "rights":
             _, _, view_all, vids, contacts = op
             stream.append((kind, c, decode(fmt, core.set_rights(c, view_all, vids, (), contacts))))

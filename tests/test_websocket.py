@@ -124,10 +124,10 @@ async def test_viewport_subscription_and_diff(server, uid):
                     update(uid + "e", -40.0, 102.0, status="moving")])
     c = await Client.connect(server, token())
     bounds = {"north": -39.5, "south": -40.5, "west": 99.5, "east": 101.5}
-    sub, msgs = await c.subscribe(subscriptions={"geographic": {"bounds": bounds, "zoom": 9}})
+    sub, msgs = await c.subscribe(subscriptions={"geographic": {"bounds": bounds, "zoom": 13}})
     assert sub["visible"] == 2 and sorted(m["v"] for m in msgs) == [uid + "m", uid + "w"]
     await c.send({"type": "viewport", "id": "vp", "bounds": {"north": -39.5, "south": -40.5,
-                                                             "west": 100.5, "east": 102.5}, "zoom": 9})
+                                                             "west": 100.5, "east": 102.5}, "zoom": 13})
     b = await c.recv_type("batch")
     assert b["id"] == "vp"
     assert sorted((m["t"], m["v"]) for m in b["messages"]) == [("full", uid + "e"), ("leave", uid + "w")]
@@ -136,6 +136,29 @@ async def test_viewport_subscription_and_diff(server, uid):
     ingest(server, [update(uid + "m", -40.0, 99.0)])
     got = await c.wait_messages(lambda m: m.get("v") == uid + "m")
     assert got[-1] == {"t": "leave", "v": uid + "m", "r": "viewport"}
+    await c.close()
+
+
+async def test_zoomed_out_viewport_gets_clusters_then_vehicles_again(server, uid):
+    ingest(server, [update(uid + str(i), -60.0 + i * 0.001, -120.0, status="moving") for i in range(5)]
+           + [update(uid + "far", -61.5, -121.5, status="moving")])
+    c = await Client.connect(server, token())
+    bounds = {"north": -59, "south": -62, "west": -122, "east": -119}
+    sub, msgs = await c.subscribe(subscriptions={"geographic": {"bounds": bounds, "zoom": 6}})
+    assert sub["visible"] == 6
+    assert len(msgs) == 1 and msgs[0]["t"] == "clusters" and msgs[0]["z"] == 6
+    cells = msgs[0]["cells"]
+    assert sorted(n for _, _, n in cells) == [1, 5]
+    big = next(cell for cell in cells if cell[2] == 5)
+    assert abs(big[0] - -59.998) < 1e-6 and big[1] == -120.0
+    # while clustered, individual updates are folded into the next clusters message
+    ingest(server, [update(uid + "far", -60.0, -120.0)])
+    got = await c.wait_messages(lambda m: m["t"] == "clusters", timeout=3)
+    assert {m["t"] for m in got} == {"clusters"} and [n for *_, n in got[-1]["cells"]] == [6]
+    # zooming in brings the vehicles back, one `full` each
+    await c.send({"type": "viewport", "bounds": bounds, "zoom": 14})
+    b = await c.recv_type("batch")
+    assert sorted(m["t"] for m in b["messages"]) == ["full"] * 6
     await c.close()
 
 

@@ -37,7 +37,7 @@ CLIENT_DTYPE = np.dtype(
         ("contacts", "u1"),      # view_driver_contacts
         ("has_bbox", "u1"),
         ("status_mask", "u1"),
-        ("_pad", "u1"),
+        ("clustered", "u1"),     # gets `clusters`, not per-vehicle messages
     ],
     align=True,
 )
@@ -486,6 +486,36 @@ class CoreBase:
     def _refresh_type_masks(self):
         for c, names in self.client_types.items():
             self.clients[c]["type_mask"] = np.uint64(self._type_mask(names))
+
+    def set_clustered(self, c: int, on: bool) -> bytes | None:
+        """Switch a client between individual vehicles and `clusters`.
+
+        While clustered, visibility is still tracked (events still flow), but
+        no full/pos/delta/leave is produced for it. Switching back returns the
+        body of `full` for every visible vehicle; switching on returns None."""
+        self._check_idle()
+        rec = self.clients[c]
+        if bool(rec["clustered"]) == bool(on):
+            return None
+        rec["clustered"] = 1 if on else 0
+        if on:
+            return None
+        return self._k_client_diff(c, True)
+
+    def cluster_cells(self, c: int, cell_deg: float) -> list:
+        """[[lat, lon, count], …] of the client's visible vehicles on a grid of
+        cell_deg degrees: the mean position of each occupied cell."""
+        rows = self.visible_rows(c)
+        if len(rows) == 0:
+            return []
+        lat = self.cur["lat"][rows]
+        lon = self.cur["lon"][rows]
+        key = (np.floor((lat + 90.0) / cell_deg).astype(np.int64) << 32) | \
+            np.floor((lon + 180.0) / cell_deg).astype(np.int64)
+        uniq, inv, counts = np.unique(key, return_inverse=True, return_counts=True)
+        mlat = np.bincount(inv, lat) / counts
+        mlon = np.bincount(inv, lon) / counts
+        return [[round(float(a), 6), round(float(b), 6), int(n)] for a, b, n in zip(mlat, mlon, counts)]
 
     def visible_count(self, c: int) -> int:
         w, b = c >> 6, np.uint64(1) << np.uint64(c & 63)

@@ -60,7 +60,7 @@ cdef struct ClientRec:
     uint8_t contacts
     uint8_t has_bbox
     uint8_t status_mask
-    uint8_t _pad
+    uint8_t clustered
 
 def layout():
     """(sizeof, {field: offset}) of both structs, for the layout test."""
@@ -82,7 +82,7 @@ def layout():
             "zoom": <size_t>&c.zoom - cb, "used": <size_t>&c.used - cb, "active": <size_t>&c.active - cb,
             "fmt": <size_t>&c.fmt - cb, "show_alerts": <size_t>&c.show_alerts - cb,
             "contacts": <size_t>&c.contacts - cb, "has_bbox": <size_t>&c.has_bbox - cb,
-            "status_mask": <size_t>&c.status_mask - cb, "_pad": <size_t>&c._pad - cb}),
+            "status_mask": <size_t>&c.status_mask - cb, "clustered": <size_t>&c.clustered - cb}),
     )
 
 # ---------------------------------------------------------------- constants
@@ -787,7 +787,9 @@ def k_client_diff(core, Py_ssize_t c, bint full_all):
         for r in range(n):
             new = visible(cl, &cur[r], r, sel, vwords, &reason)
             old = (vis[r * cwords + cw] & cbit) != 0
-            if new and (full_all or not old):
+            if cl.clustered:
+                pass  # bits only: a clustered client gets `clusters` from the hub
+            elif new and (full_all or not old):
                 recs_push(&rs, <int32_t>c, <int32_t>r, K_FULL, 0, lane_of(&cur[r], K_FULL), 0)
             elif old and not new:
                 recs_push(&rs, <int32_t>c, <int32_t>r, reason, 0, lane_of(&cur[r], reason), 0)
@@ -911,7 +913,10 @@ def k_tick(core):
                 cl = &cls[c]
                 new = visible(cl, v, r, sel, vwords, &reason)
                 old = (vis[r * cwords + (c >> 6)] >> (c & 63)) & 1
-                if new and not old:
+                if cl.clustered:
+                    if new != old:
+                        vis[r * cwords + (c >> 6)] ^= (<uint64_t>1) << (c & 63)
+                elif new and not old:
                     recs_push(&rs, c, <int32_t>di, K_FULL, 0, lane_of(v, K_FULL), slot_of(K_FULL, cl))
                     vis[r * cwords + (c >> 6)] |= (<uint64_t>1) << (c & 63)
                 elif old and not new:

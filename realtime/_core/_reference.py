@@ -198,7 +198,9 @@ class ReferenceCore(CoreBase):
         for r in range(self.n):
             vis, reason = self._predicate(np.array([c]), r)
             new, old = bool(vis[0]), bool(self._old_vis(r, [c])[0])
-            if new and (full_all or not old):
+            if self.clients[c]["clustered"]:
+                pass
+            elif new and (full_all or not old):
                 out.append((self._lane(r, S.K_FULL), r, self._msg(r, S.K_FULL, 0, c)))
             elif old and not new:
                 k = int(reason[0])
@@ -221,6 +223,8 @@ class ReferenceCore(CoreBase):
             old = self._old_vis(r, cs)
             for i in np.flatnonzero(vis | old):
                 c = int(cs[i])
+                if self.clients[c]["clustered"]:
+                    continue
                 if vis[i] and not old[i]:
                     per_client.setdefault(c, []).append(
                         (self._lane(r, S.K_FULL), r, self._msg(r, S.K_FULL, 0, c)))

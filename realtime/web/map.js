@@ -64,6 +64,20 @@
                        center0.lon + 24 * Math.cos(ang) / (111.32 * 0.5628));
       ctx.beginPath(); ctx.moveTo(a[0], a[1]); ctx.lineTo(b[0], b[1]); ctx.stroke();
     }
+    if (client.clusters) {
+      var total = 0;
+      ctx.textAlign = "center"; ctx.textBaseline = "middle"; ctx.font = "11px system-ui";
+      client.clusters.forEach(function (cell) {
+        var p = toScreen(cell[0], cell[1]);
+        var rad = 6 + 3 * Math.log2(1 + cell[2]);
+        total += cell[2];
+        ctx.fillStyle = "rgba(76,160,220,.55)";
+        ctx.beginPath(); ctx.arc(p[0], p[1], rad, 0, 2 * Math.PI); ctx.fill();
+        ctx.fillStyle = "#fff"; ctx.fillText(String(cell[2]), p[0], p[1]);
+      });
+      document.getElementById("count").textContent = total + " (clustered)";
+      return;
+    }
     var r = Math.max(2, Math.min(6, zoom - 8));
     client.vehicles.forEach(function (v) {
       var p = toScreen(v.p[0], v.p[1]);

@@ -11,6 +11,7 @@
     this.onevent = opts.onevent || function () {};
     this.onstatus = opts.onstatus || function () {};
     this.subscription = null;
+    this.clusters = null;  // [[lat, lon, count], …] while zoomed out
     this.backoff = 500;
     this.updates = 0;
     this.connect();
@@ -49,7 +50,8 @@
     for (var i = 0; i < msg.messages.length; i++) {
       var m = msg.messages[i];
       this.updates++;
-      if (m.t === "full") { vs.set(m.v, m); }
+      if (m.t === "clusters") { this.clusters = m.cells; vs.clear(); }
+      else if (m.t === "full") { this.clusters = null; vs.set(m.v, m); }
       else if (m.t === "pos") {
         var v = vs.get(m.v);
         if (v) { v.p = m.p; v.s = m.s; v.c = m.c; v.ts = m.ts; }
