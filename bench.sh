@@ -19,12 +19,15 @@ if [ "$SMOKE" = 1 ]; then
 else
   echo "bench: core (20k vehicles x 5k clients, 1k changed per tick)" >&2
   core=$($PY benchmarks/bench_core.py --vehicles 20000 --clients 5000 --changed 1000 --ticks 30 --ref-ticks 2)
+  echo "bench: core memory (50k vehicles x 10k clients)" >&2
+  mem=$($PY benchmarks/bench_memory.py --vehicles 50000 --clients 10000)
+  echo "$mem" >&2
   echo "bench: pytest-benchmark (compiled and reference, same fixtures)" >&2
   $PY -m pytest -q benchmarks/bench_core.py --benchmark-only --benchmark-columns=min,median,max,rounds \
     --benchmark-json="benchmarks/results/$stamp-pytest.json" >&2
 fi
 echo "$core" >&2
-printf '{"timestamp":"%s","smoke":%s,"core":%s}\n' "$stamp" "$SMOKE" "$core" > "$out"
+printf '{"timestamp":"%s","smoke":%s,"core":%s,"memory":%s}\n' "$stamp" "$SMOKE" "$core" "${mem:-null}" > "$out"
 echo "bench: wrote $out" >&2
 $PY - "$out" <<'PYEOF'
 import json, sys

@@ -83,7 +83,7 @@ class Claims:
 class Authenticator:
     def __init__(self, secret: str | None = None, public_key: str | None = None,
                  algorithms: str = "HS256", issuer: str | None = None,
-                 audience: str | None = None, leeway_s: float = 0.0):
+                 audience: str | None = None, leeway_s: float = 0.0, jwks: str | None = None):
         self.algorithms = [a.strip() for a in algorithms.split(",") if a.strip()]
         if public_key:
             self.key = public_key
@@ -92,27 +92,47 @@ class Authenticator:
         else:
             self.key = secret
         self.secret = secret
+        # a JWKS document: the token's `kid` picks the key
+        self.jwks = jwt.PyJWKSet.from_json(jwks) if jwks else None
+        if self.jwks is not None and self.algorithms == ["HS256"]:
+            self.algorithms = ["RS256", "ES256"]
         self.issuer = issuer
         self.audience = audience
         self.leeway = leeway_s
 
     @classmethod
     def from_settings(cls, s) -> "Authenticator":
-        public_key = None
+        public_key = jwks = None
         if s.jwt_public_key:
             with open(s.jwt_public_key) as f:
                 public_key = f.read()
+        if s.jwt_jwks:
+            with open(s.jwt_jwks) as f:
+                jwks = f.read()
         return cls(s.jwt_secret, public_key, s.jwt_algorithms, s.jwt_issuer,
-                   s.jwt_audience, s.jwt_leeway_s)
+                   s.jwt_audience, s.jwt_leeway_s, jwks)
+
+    def _key_for(self, token: str):
+        if self.jwks is None:
+            return self.key
+        try:
+            kid = jwt.get_unverified_header(token).get("kid")
+        except jwt.InvalidTokenError as e:
+            raise AuthError(f"invalid token: {e}") from None
+        for k in self.jwks.keys:
+            if kid is None or k.key_id == kid:
+                return k.key
+        raise AuthError("no key in the JWKS for this token's kid")
 
     def decode(self, token: str | None) -> Claims:
         if not token:
             raise AuthError("missing token")
-        if self.key is None:
+        key = self._key_for(token)
+        if key is None:
             raise AuthError("server has no key to check tokens")
         try:
             payload = jwt.decode(
-                token, self.key, algorithms=self.algorithms, issuer=self.issuer,
+                token, key, algorithms=self.algorithms, issuer=self.issuer,
                 audience=self.audience, leeway=self.leeway,
                 options={"require": ["exp", "sub"], "verify_aud": self.audience is not None},
             )

@@ -51,6 +51,8 @@ class Hub:
         self._tick_no = 0
         self._eid_seq = itertools.count()
         self._task: asyncio.Task | None = None
+        self._per_ip: dict[str, int] = {}
+        self._per_user: dict[str, int] = {}
 
     # ------------------------------------------------------------ ingest
     def apply_updates(self, updates: list[dict]) -> int:
@@ -135,16 +137,33 @@ class Hub:
         return f"{self.instance_id}-{self._tick_no}".encode()
 
     # ------------------------------------------------------------ sessions
+    def admit(self, s: Session) -> str | None:
+        """Why this connection may not open (per-IP and per-user limits), or None."""
+        st = self.settings
+        if self._per_ip.get(s.peer, 0) >= st.max_connections_per_ip:
+            return f"more than {st.max_connections_per_ip} connections from this address"
+        if self._per_user.get(s.claims.sub, 0) >= st.max_connections_per_user:
+            return f"more than {st.max_connections_per_user} connections for this user"
+        return None
+
     def attach(self, s: Session) -> None:
         c = s.claims
         s.row = self.core.add_client(s.fmt, c.view_all, c.vehicles, c.groups, c.contacts)
         self.sessions[s.row] = s
+        self._per_ip[s.peer] = self._per_ip.get(s.peer, 0) + 1
+        self._per_user[c.sub] = self._per_user.get(c.sub, 0) + 1
 
     def detach(self, s: Session) -> None:
         if s.row >= 0 and self.sessions.get(s.row) is s:
             del self.sessions[s.row]
             self.core.remove_client(s.row)
             s.row = -1
+            for counts, key in ((self._per_ip, s.peer), (self._per_user, s.claims.sub)):
+                n = counts.get(key, 1) - 1
+                if n:
+                    counts[key] = n
+                else:
+                    counts.pop(key, None)
 
     def subscribe(self, s: Session, msg) -> None:
         self.flush()

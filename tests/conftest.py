@@ -28,9 +28,10 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, *args: str, env: dict | None = None, secret: str | None = SECRET):
+    def __init__(self, *args: str, env: dict | None = None, secret: str | None = SECRET,
+                 scheme: str = "http"):
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{scheme}://127.0.0.1:{self.port}"
         self.ws_url = f"ws://127.0.0.1:{self.port}/ws"
         cmd = [sys.executable, "-m", "realtime", "serve", "--port", str(self.port), *args]
         if secret:
@@ -43,7 +44,9 @@ class Server:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}: {self.logs()}")
             try:
-                urllib.request.urlopen(self.url + "/health/live", timeout=0.5).read()
+                import ssl
+                ctx = ssl._create_unverified_context() if scheme == "https" else None
+                urllib.request.urlopen(self.url + "/health/live", timeout=0.5, context=ctx).read()
                 return
             except OSError:
                 time.sleep(0.1)

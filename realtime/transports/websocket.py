@@ -70,6 +70,17 @@ def _format_of(request: web.Request, ws_protocol: str | None) -> int | None:
     return {"json": FMT_JSON, "msgpack": FMT_MSGPACK}.get(f)
 
 
+def _origin_allowed(request: web.Request, allowed: str | None) -> bool:
+    """--allowed-origins: a comma-separated list; unset or `*` allows any.
+    Clients that send no Origin (not browsers) are not affected."""
+    if not allowed or allowed.strip() == "*":
+        return True
+    origin = request.headers.get("Origin")
+    if origin is None:
+        return True
+    return origin.rstrip("/") in {o.strip().rstrip("/") for o in allowed.split(",")}
+
+
 def _token_of(request: web.Request) -> str | None:
     token = request.query.get("token")
     if token:
@@ -108,6 +119,10 @@ async def handle(request: web.Request) -> web.StreamResponse:
         autoping=True,
     )
     await ws.prepare(request)
+    if not _origin_allowed(request, settings.allowed_origins):
+        app["security_log"](request, "ws_origin_refused", request.headers.get("Origin", ""))
+        await ws.close(code=4003, message=b"origin not allowed")
+        return ws
     fmt = _format_of(request, ws.ws_protocol)
     if fmt is None:
         await ws.close(code=WSCloseCode.PROTOCOL_ERROR, message=b"format must be json or msgpack")
@@ -126,6 +141,11 @@ async def handle(request: web.Request) -> web.StreamResponse:
 
     writer = RawWriter(ws, request.transport, fmt, settings.write_buffer_close_bytes)
     s = Session(writer, claims, fmt, settings.max_messages_per_s, "websocket", request.remote or "")
+    refused = hub.admit(s)
+    if refused:
+        app["security_log"](request, "ws_connection_limit", refused)
+        await ws.close(code=WSCloseCode.POLICY_VIOLATION, message=refused.encode())
+        return ws
     hub.attach(s)
     _schedule_expiry(s, settings.token_expiry_warning_s)
     s.send({"type": "welcome", "client": s.client_id, "session": s.session_id, "resumed": False,
