@@ -66,6 +66,11 @@ def make_app(settings) -> web.Application:
 async def _start(app):
     hub = app["hub"]
     hub.start()
+    settings = app["settings"]
+    if settings.kafka:
+        from .ingest.kafka import KafkaIngest
+        app["kafka"] = KafkaIngest(settings, app["ingest_sink"], hub.stats)
+        app["kafka"].start()
     n = app["settings"].simulate_count
     if n:
         app["simulator"] = asyncio.get_running_loop().create_task(simulator.run_in_hub(hub, n))
@@ -76,6 +81,8 @@ async def _stop(app):
     task = app.get("simulator")
     if task:
         task.cancel()
+    if app.get("kafka"):
+        await app["kafka"].stop()
     await app["hub"].stop()
 
 

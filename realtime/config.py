@@ -45,6 +45,7 @@ class Settings:
     max_visible: int = 2000
     log_level: str = "info"
     # not in PROTOCOL §7: operational knobs with safe defaults
+    kafka_from: str | None = None  # earliest | latest | time; default: latest with --redis, else time
     max_message_bytes: int = 64 * 1024
     max_messages_per_s: int = 100
     auth_timeout_s: float = 10.0
@@ -63,6 +64,8 @@ class Settings:
             raise ValueError("--workers > 1 needs --redis: workers share sessions and state through Redis")
         if self.tick_ms <= 0:
             raise ValueError("--tick-ms must be positive")
+        if self.kafka_from not in (None, "earliest", "latest", "time"):
+            raise ValueError("--kafka-from is earliest, latest or time")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("--tls-cert and --tls-key go together")
         if self.jwt_secret is None and self.jwt_public_key is None and self.jwt_jwks is None:

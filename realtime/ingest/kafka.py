@@ -1,0 +1,186 @@
+"""Kafka consumer for `vehicle.updates.enriched` (PROTOCOL §1.1).
+
+Every instance needs every vehicle, so each one assigns itself all partitions
+of the topic (no consumer group, no committed offsets): adding an instance
+adds a reader, not a rebalance, and a slow instance delays nobody else.
+Where to start: `--kafka-from latest` when a Redis snapshot covers the past
+(the default with --redis), `time` (the offsets of now - --stale-after-s)
+without Redis, or `earliest`.
+
+Records are decoded and validated in batches: one `getmany` poll, then one
+core apply for every valid record in it. A bad record is counted by reason,
+logged (rate-limited), copied to --dead-letter-topic when set, and skipped.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from .decode import Rejected, decode_record
+
+log = logging.getLogger("realtime.kafka")
+
+
+class RateLimitedLog:
+    """At most one line per `interval` seconds; says how many were dropped."""
+
+    def __init__(self, logger, interval: float = 1.0):
+        self.logger = logger
+        self.interval = interval
+        self.last = 0.0
+        self.dropped = 0
+
+    def warning(self, msg: str, **fields) -> None:
+        now = time.monotonic()
+        if now - self.last < self.interval:
+            self.dropped += 1
+            return
+        self.logger.warning(msg, extra={"fields": {**fields, "suppressed": self.dropped}})
+        self.last = now
+        self.dropped = 0
+
+
+def is_msgpack(headers) -> bool:
+    for k, v in headers or ():
+        if k.lower() == "content-type" and v in (b"application/msgpack", b"application/x-msgpack"):
+            return True
+    return False
+
+
+class KafkaIngest:
+    def __init__(self, settings, sink, stats):
+        self.settings = settings
+        self.sink = sink            # async callable(list[update]) -> None
+        self.stats = stats
+        self.consumer: AIOKafkaConsumer | None = None
+        self.producer: AIOKafkaProducer | None = None
+        self.partitions: list[TopicPartition] = []
+        self.connected = False
+        self.lag = 0
+        self.records = 0
+        self._task: asyncio.Task | None = None
+        self._bad_log = RateLimitedLog(log)
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="kafka-ingest")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        await self._close()
+
+    async def _close(self) -> None:
+        for c in (self.consumer, self.producer):
+            if c is not None:
+                try:
+                    await c.stop()
+                except Exception:
+                    pass
+        self.consumer = self.producer = None
+        self.connected = False
+
+    async def _run(self) -> None:
+        """Connect, consume; on any failure reconnect with jittered backoff."""
+        backoff = 0.5
+        while True:
+            try:
+                await self._connect()
+                backoff = 0.5
+                await self._consume()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                log.warning("kafka unavailable, retrying", extra={"fields": {"error": repr(e)[:300]}})
+            await self._close()
+            await asyncio.sleep(backoff * (0.5 + random.random()))
+            backoff = min(backoff * 2, 30.0)
+
+    async def _connect(self) -> None:
+        s = self.settings
+        self.consumer = AIOKafkaConsumer(
+            bootstrap_servers=s.kafka, enable_auto_commit=False, group_id=None,
+            auto_offset_reset="earliest", fetch_max_wait_ms=50, max_partition_fetch_bytes=4 << 20,
+        )
+        await self.consumer.start()
+        parts = None
+        for _ in range(50):
+            parts = self.consumer.partitions_for_topic(s.topic)
+            if parts:
+                break
+            await self.consumer.topics()  # refresh metadata; the topic may not exist yet
+            await asyncio.sleep(0.2)
+        if not parts:
+            raise RuntimeError(f"topic {s.topic!r} has no partitions")
+        self.partitions = [TopicPartition(s.topic, p) for p in sorted(parts)]
+        self.consumer.assign(self.partitions)
+        await self._seek_start()
+        if s.dead_letter_topic:
+            self.producer = AIOKafkaProducer(bootstrap_servers=s.kafka)
+            await self.producer.start()
+        self.connected = True
+        log.info("kafka consuming", extra={"fields": {"topic": s.topic, "partitions": len(parts)}})
+
+    async def _seek_start(self) -> None:
+        start = self.settings.kafka_from or ("latest" if self.settings.redis else "time")
+        c = self.consumer
+        if start == "earliest":
+            await c.seek_to_beginning(*self.partitions)
+        elif start == "latest":
+            await c.seek_to_end(*self.partitions)
+        else:
+            since = int((time.time() - self.settings.stale_after_s) * 1000)
+            offsets = await c.offsets_for_times({tp: since for tp in self.partitions})
+            for tp in self.partitions:
+                o = offsets.get(tp)
+                if o is None:
+                    await c.seek_to_end(tp)
+                else:
+                    c.seek(tp, o.offset)
+
+    async def _consume(self) -> None:
+        c = self.consumer
+        while True:
+            batches = await c.getmany(timeout_ms=100, max_records=10000)
+            updates = []
+            for tp, records in batches.items():
+                for r in records:
+                    self.records += 1
+                    try:
+                        updates.append(decode_record(r.value, is_msgpack(r.headers)))
+                    except Rejected as e:
+                        await self._reject(r, e)
+            if updates:
+                await self.sink(updates)
+            await self._update_lag()
+
+    async def _reject(self, record, e: Rejected) -> None:
+        self.stats.reject(e.reason)
+        self._bad_log.warning("rejected kafka record", reason=e.reason, detail=e.detail[:200],
+                              partition=record.partition, offset=record.offset)
+        if self.producer is not None:
+            headers = list(record.headers or ()) + [("x-reject-reason", e.reason.encode()),
+                                                    ("x-source-offset", str(record.offset).encode())]
+            try:
+                await self.producer.send(self.settings.dead_letter_topic, record.value, key=record.key,
+                                         headers=headers)
+            except Exception as err:  # the dead-letter copy must never stop consumption
+                self._bad_log.warning("dead-letter send failed", error=repr(err)[:200])
+
+    async def _update_lag(self) -> None:
+        """Records behind the end of every partition (the consumer-lag metric)."""
+        lag = 0
+        for tp in self.partitions:
+            hw = self.consumer.highwater(tp)  # Tansu: highwater(), not end_offsets()
+            if hw is None:
+                continue
+            pos = await self.consumer.position(tp)
+            lag += max(0, hw - pos)
+        self.lag = lag
