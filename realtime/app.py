@@ -49,13 +49,16 @@ def make_app(settings) -> web.Application:
     app["security_log"] = _security_logger()
 
     async def sink(updates):
+        """Kafka and reconcile input: applied here (every instance reads it all)."""
         hub.apply_updates(updates)
 
     app["ingest_sink"] = sink
+    app["http_sink"] = _http_sink(app)
     app.router.add_get("/ws", websocket.handle)
     app.router.add_post("/api/ingest", ingest_http.handle)
     app.router.add_get("/api/vehicles/{vehicle_id}", vehicle)
     app.router.add_get("/health/live", live)
+    app.router.add_get("/health/ready", ready)
     app.router.add_get("/", index)
     app.router.add_static("/static/", WEB, show_index=False)
     app.on_startup.append(_start)
@@ -63,14 +66,39 @@ def make_app(settings) -> web.Application:
     return app
 
 
+def _http_sink(app):
+    """PROTOCOL §1.4: HTTP-ingested updates reach every worker and instance --
+    through Kafka when configured (every instance consumes it), else applied
+    here and relayed through Redis."""
+    async def sink(updates):
+        hub = app["hub"]
+        producer = app.get("kafka_producer")
+        if producer is not None:
+            from .ingest.kafka import produce_updates
+            await produce_updates(producer, app["settings"].topic, updates)
+            return
+        hub.apply_updates(updates)
+        await hub.stores.relay_updates(updates)
+    return sink
+
+
 async def _start(app):
     hub = app["hub"]
-    hub.start()
     settings = app["settings"]
+    from .stores import make_stores
+    hub.stores = make_stores(settings)
+    await hub.stores.start(hub)
+    hub.start()
     if settings.kafka:
         from .ingest.kafka import KafkaIngest
         app["kafka"] = KafkaIngest(settings, app["ingest_sink"], hub.stats)
         app["kafka"].start()
+        from aiokafka import AIOKafkaProducer
+        app["kafka_producer"] = AIOKafkaProducer(bootstrap_servers=settings.kafka, linger_ms=5)
+        try:
+            await app["kafka_producer"].start()
+        except Exception as e:  # HTTP ingest answers 503 until Kafka is back
+            log.warning("kafka producer unavailable", extra={"fields": {"error": repr(e)[:200]}})
     n = app["settings"].simulate_count
     if n:
         app["simulator"] = asyncio.get_running_loop().create_task(simulator.run_in_hub(hub, n))
@@ -83,11 +111,31 @@ async def _stop(app):
         task.cancel()
     if app.get("kafka"):
         await app["kafka"].stop()
+    if app.get("kafka_producer"):
+        try:
+            await app["kafka_producer"].stop()
+        except Exception:
+            pass
+    await app["hub"].stores.stop()
     await app["hub"].stop()
 
 
 async def live(request):
     return web.json_response({"status": "ok"})
+
+
+async def ready(request):
+    """503 with reasons while Kafka or Redis (when configured) is unreachable."""
+    app = request.app
+    problems = []
+    if app["settings"].redis and not app["hub"].stores.healthy:
+        problems.append("redis unreachable")
+    kafka = app.get("kafka")
+    if kafka is not None and not kafka.connected:
+        problems.append("kafka unreachable")
+    body = {"status": "ok" if not problems else "unavailable", "problems": problems,
+            "connections": len(app["hub"].sessions)}
+    return web.json_response(body, status=200 if not problems else 503)
 
 
 async def vehicle(request):

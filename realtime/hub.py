@@ -9,16 +9,19 @@ a command's snapshot is never followed by a repeat of the same state.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import os
-import time
+
+import msgspec
 
 from ._core import Core, UpdateBatch
 from ._core._schema import FMT_JSON
 from .auth import Claims
 from .ingest.decode import to_batch
+from .messages import Subscribe
 from .session import Session
+from .stores.base import Event
+from .stores.memory import MemoryStores
 
 log = logging.getLogger("realtime.hub")
 CLUSTER_REFRESH_S = 1.0  # clustered clients get at most one `clusters` a second
@@ -49,8 +52,10 @@ class Hub:
         self.instance_id = os.environ.get("REALTIME_INSTANCE_ID") or f"{os.getpid():x}"
         self.stats = Stats()
         self._tick_no = 0
-        self._eid_seq = itertools.count()
         self._task: asyncio.Task | None = None
+        self.stores = MemoryStores()
+        self.last_eid: str | None = None   # the newest event handed to the core
+        self._bg: set[asyncio.Task] = set()
         self._per_ip: dict[str, int] = {}
         self._per_user: dict[str, int] = {}
 
@@ -63,26 +68,29 @@ class Hub:
 
     def apply(self, batch: UpdateBatch) -> int:
         before = self.core.ignored_stale
-        self.core.apply(batch)
+        rows, _ = self.core.apply(batch)
         self.stats.ingest_updates += len(batch)
+        self.stores.changed(rows)
         for row, alert in self.core.new_alerts:
+            # a new alert is an event: it goes through the event log for its eid
             ts = int(self.core.cur[row]["ts"])
-            self.publish_event(self.core.ids[row], "alert", {"alert": alert}, ts, is_alert=True)
+            self.spawn(self.stores.publish_event(self.core.ids[row], "alert", {"alert": alert}, ts, True))
         return len(batch) - (self.core.ignored_stale - before)
 
-    def next_eid(self, ts_ms: int | None = None) -> str:
-        # the shape of a Redis stream id, which issue 3's event buffer will assign
-        return f"{int(time.time() * 1000) if ts_ms is None else ts_ms}-{next(self._eid_seq)}"
+    def spawn(self, coro) -> None:
+        """Fire-and-forget work off the delivery path, kept referenced until done."""
+        t = asyncio.get_running_loop().create_task(coro)
+        self._bg.add(t)
+        t.add_done_callback(self._bg.discard)
 
-    def publish_event(self, vehicle_id: str, etype: str, body, ts_ms: int | None = None,
-                      is_alert: bool = False, eid: str | None = None) -> bool:
-        ts_ms = int(time.time() * 1000) if ts_ms is None else ts_ms
-        ok = self.core.add_event(vehicle_id, etype, body, eid or self.next_eid(), ts_ms, is_alert)
-        if ok:
+    def deliver_event(self, ev: Event) -> None:
+        """An event from the log's tail: to every client that sees the vehicle, next tick."""
+        if self.core.add_event(ev.vehicle_id, ev.etype, ev.body, ev.eid, ev.ts, ev.is_alert):
             self.stats.events += 1
         else:
             self.stats.events_unknown_vehicle += 1
-        return ok
+        if not ev.eid.endswith("-local"):
+            self.last_eid = ev.eid
 
     # ------------------------------------------------------------ ticks
     def start(self) -> None:
@@ -165,7 +173,7 @@ class Hub:
                 else:
                     counts.pop(key, None)
 
-    def subscribe(self, s: Session, msg) -> None:
+    def subscribe(self, s: Session, msg, reply: bool = True) -> None:
         self.flush()
         sub, f = msg.subscriptions, msg.filters
         geo = sub.geographic
@@ -175,9 +183,16 @@ class Hub:
                                             f.status, f.vehicle_types, f.show_alerts)
         s.view = (bounds, zoom)
         body = self._cluster_or(s, visible, body)
-        s.send({"type": "subscribed", **({"id": msg.id} if msg.id is not None else {}),
-                "visible": visible})
+        if reply:
+            s.send({"type": "subscribed", **({"id": msg.id} if msg.id is not None else {}),
+                    "visible": visible})
         s.send_batch(self.core.frame, self.batch_id(), body)
+        old_vehicles = s.subscription.get("subscriptions", {}).get("vehicles", []) if s.subscription else []
+        s.subscription = msgspec.to_builtins(msg)
+        s.subscription.pop("id", None)
+        s.subscription.pop("type", None)
+        self.spawn(self.stores.set_client_vehicles(s.client_id, old_vehicles, list(sub.vehicles)))
+        self.save_session(s)
 
     def viewport(self, s: Session, msg) -> None:
         self.flush()
@@ -186,6 +201,11 @@ class Hub:
         s.view = (bounds, msg.zoom)
         body = self._cluster_or(s, self.core.visible_count(s.row), body)
         s.send_batch(self.core.frame, self.batch_id(), body, msg.id)
+        if s.subscription is None:
+            s.subscription = {"subscriptions": {}, "filters": {}}
+        geo = {"bounds": dict(zip(("south", "west", "north", "east"), bounds)), "zoom": msg.zoom}
+        s.subscription.setdefault("subscriptions", {})["geographic"] = geo
+        self.save_session(s)
 
     def unsubscribe(self, s: Session, msg) -> None:
         self.flush()
@@ -197,6 +217,56 @@ class Hub:
             body = self._clusters_body(s, [])
         s.send({"type": "unsubscribed", **({"id": msg.id} if msg.id is not None else {})})
         s.send_batch(self.core.frame, self.batch_id(), body)
+        old_vehicles = s.subscription.get("subscriptions", {}).get("vehicles", []) if s.subscription else []
+        s.subscription = None
+        self.spawn(self.stores.set_client_vehicles(s.client_id, old_vehicles, []))
+        self.save_session(s)
+
+    # ------------------------------------------------------------ sessions in the store
+    def session_record(self, s: Session) -> dict:
+        """`session:{id}` (PROTOCOL §1.3): what another instance needs to resume."""
+        sub = s.subscription or {}
+        geo = (sub.get("subscriptions") or {}).get("geographic")
+        return {"user_id": s.claims.sub, "role": s.claims.role,
+                "permissions": sorted(s.claims.permissions), "client": s.client_id,
+                "subscription": sub.get("subscriptions"), "filters": sub.get("filters"),
+                "viewport": geo, "instance_id": self.instance_id,
+                "connected_at": int(s.connected_at * 1000), "last_ping": int(s.last_ping * 1000)}
+
+    def save_session(self, s: Session) -> None:
+        self.spawn(self.stores.save_session(s.session_id, self.session_record(s)))
+
+    def resume(self, s: Session, record: dict, events: list[Event]) -> None:
+        """Restore a stored subscription for a resuming client, then replay the
+        events it missed. Synchronous: nothing is delivered in between."""
+        self.flush()
+        if record.get("subscription") is not None:
+            msg = msgspec.convert({"type": "subscribe", "subscriptions": record["subscription"] or {},
+                                   "filters": record.get("filters") or {}}, Subscribe)
+            self.subscribe(s, msg, reply=False)
+        else:
+            s.send_batch(self.core.frame, self.batch_id(), self.core.empty_body(s.fmt))
+        pieces = []
+        for ev in events:
+            row = self.core.row_of(ev.vehicle_id)
+            if row < 0 or not self._sees(s, row) or (ev.is_alert and not s.show_alerts):
+                continue
+            pieces.append(self.core.event_pieces(row, ev.etype, ev.body, ev.eid, ev.ts)[s.fmt])
+        if pieces:
+            s.send_batch(self.core.frame, self.batch_id(), self.core.body_of(s.fmt, pieces))
+
+    def _sees(self, s: Session, row: int) -> bool:
+        return bool((int(self.core.vis[row, s.row >> 6]) >> (s.row & 63)) & 1)
+
+    async def acl_changed(self, user_id: str) -> None:
+        """PUBLISH acl:updates {user}: apply the live rights to that user's connections."""
+        targets = [s for s in self.sessions.values() if s.claims.sub == user_id]
+        if not targets:
+            return
+        acl = await self.stores.acl(user_id)
+        for s in targets:
+            if not s.closed and s.row >= 0:
+                self.set_claims(s, s.token_claims.with_acl(acl))
 
     # ------------------------------------------------------------ clusters
     def _cluster_or(self, s: Session, visible: int, body: bytes) -> bytes:

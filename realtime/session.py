@@ -55,7 +55,7 @@ def new_id(prefix: str) -> str:
 class Session:
     __slots__ = ("transport", "claims", "fmt", "row", "client_id", "session_id", "seq",
                  "limiter", "connected_at", "messages_sent", "bytes_sent", "timers", "kind",
-                 "peer", "closed", "view", "cells")
+                 "peer", "closed", "view", "cells", "token_claims", "subscription", "last_ping")
 
     def __init__(self, transport, claims: Claims, fmt: int, rate: float, kind: str = "websocket",
                  peer: str = ""):
@@ -74,8 +74,16 @@ class Session:
         self.kind = kind
         self.peer = peer
         self.closed = False
+        self.token_claims = claims    # the token's own rights; ACLs apply on top
+        self.subscription = None      # the last subscribe request as sent, for resume
+        self.last_ping = self.connected_at
         self.view = (None, None)  # (bounds, zoom) of the subscription
         self.cells = None         # last `clusters` cells sent, None when not clustered
+
+    @property
+    def show_alerts(self) -> bool:
+        f = (self.subscription or {}).get("filters") or {}
+        return f.get("show_alerts", True) is not False
 
     def send(self, obj: dict) -> None:
         self.write(M.encode(self.fmt, obj))

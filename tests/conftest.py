@@ -248,3 +248,32 @@ async def create_topic(bootstrap: str, name: str, partitions: int = 3):
         await admin.create_topics([NewTopic(name, partitions, 1)])
     finally:
         await admin.close()
+
+
+# ---------------------------------------------------------------- Redis
+REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
+
+
+def redis_up(port=REDIS_PORT) -> bool:
+    try:
+        with socket.create_connection((REDIS_HOST, port), timeout=1) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def redis_url():
+    """A database of the local Redis that this test run has to itself."""
+    require("redis on 127.0.0.1:6379", redis_up())
+    import redis
+    for db in range(15, 0, -1):
+        r = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=db)
+        if r.set("realtime-tests:lock", os.getpid(), nx=True, ex=3600):
+            r.flushdb()
+            r.set("realtime-tests:lock", os.getpid(), ex=3600)
+            yield f"redis://{REDIS_HOST}:{REDIS_PORT}/{db}"
+            r.flushdb()
+            return
+    pytest.fail("no free Redis database for the tests")

@@ -539,14 +539,28 @@ class CoreBase:
         row = self.id_to_row.get(vid)
         if row is None:
             return False
+        self.events.append((row, *self.event_pieces(row, etype, body, eid, ts), bool(is_alert)))
+        return True
+
+    def event_pieces(self, row: int, etype: str, body, eid: str, ts: int) -> tuple[bytes, bytes]:
+        """An `event` message as (json, msgpack) pieces; encoded once, sent to many."""
         j = S.enc_json(etype), S.enc_json(body), S.enc_json(eid)
         m = S.enc_msgpack(etype), S.enc_msgpack(body), S.enc_msgpack(eid)
         json_piece = b'{"t":"event","v":%s,"e":%s,"d":%s,"eid":%s,"ts":%d}' % (
             self.enc_id[row][0], j[0], j[1], j[2], ts)
         mp_piece = (b"\x86\xa1t\xa5event\xa1v" + self.enc_id[row][1] + b"\xa1e" + m[0]
                     + b"\xa1d" + m[1] + b"\xa3eid" + m[2] + b"\xa2ts" + S.enc_msgpack(ts))
-        self.events.append((row, json_piece, mp_piece, bool(is_alert)))
-        return True
+        return json_piece, mp_piece
+
+    @staticmethod
+    def body_of(fmt: int, pieces: list[bytes]) -> bytes:
+        """A batch body (the `messages` array) from encoded pieces."""
+        if fmt == S.FMT_JSON:
+            return b"[" + b",".join(pieces) + b"]"
+        n = len(pieces)
+        head = bytes([0x90 | n]) if n < 16 else (b"\xdc" + n.to_bytes(2, "big") if n < 65536
+                                                 else b"\xdd" + n.to_bytes(4, "big"))
+        return head + b"".join(pieces)
 
     def tick(self):
         """Route every change since the last tick. Returns [(body, [client rows])]:

@@ -56,7 +56,12 @@ async def handle(request: web.Request) -> web.Response:
     for _, reason, _ in rejected:
         hub.stats.reject(reason)
     updates = [u for _, u in accepted]
-    await request.app["ingest_sink"](updates)
+    try:
+        await request.app["http_sink"](updates)
+    except Exception as e:
+        # nothing was accepted: the caller may retry the whole request
+        return web.json_response({"error": "unavailable", "message": f"ingest path down: {e!r}"[:300]},
+                                 status=503)
     return web.json_response({
         "accepted": len(accepted),
         "rejected": [{"index": i, "reason": reason, "detail": detail} for i, reason, detail in rejected],

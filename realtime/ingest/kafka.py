@@ -51,6 +51,23 @@ def is_msgpack(headers) -> bool:
     return False
 
 
+async def produce_updates(producer, topic: str, updates: list[dict]) -> None:
+    """Validated updates back onto the topic (HTTP ingest with Kafka configured)."""
+    import json
+    from .decode import iso_ms
+    futs = []
+    for u in updates:
+        rec = {"vehicle_id": u["vehicle_id"], "timestamp": iso_ms(u["ts"]),
+               "position": {"lat": u["lat"], "lon": u["lon"]}}
+        for k in ("speed", "course", "status", "vehicle_type", "groups", "driver", "assignment", "alerts"):
+            if u.get(k) is not None:
+                rec[k] = u[k]
+        futs.append(await producer.send(topic, json.dumps(rec, ensure_ascii=False).encode(),
+                                        key=u["vehicle_id"].encode()))
+    for f in futs:
+        await f
+
+
 class KafkaIngest:
     def __init__(self, settings, sink, stats):
         self.settings = settings

@@ -146,10 +146,26 @@ async def handle(request: web.Request) -> web.StreamResponse:
         app["security_log"](request, "ws_connection_limit", refused)
         await ws.close(code=WSCloseCode.POLICY_VIOLATION, message=refused.encode())
         return ws
+    stores = hub.stores
+    record, events = None, []
+    try:
+        acl = await stores.acl(claims.sub)
+        s.claims = claims.with_acl(acl)
+        record, events = await _load_resume(request, hub, claims)
+        await stores.resolve_groups(list(s.claims.groups) + _groups_of(record))
+    except Exception as e:  # the stores are down: serve from memory, without resume
+        log.warning("stores unavailable at connect", extra={"fields": {"error": repr(e)[:200]}})
+    # from here on synchronous until the first message: nothing is delivered in between
+    if record is not None:
+        s.session_id = request.query["resume"]
     hub.attach(s)
     _schedule_expiry(s, settings.token_expiry_warning_s)
-    s.send({"type": "welcome", "client": s.client_id, "session": s.session_id, "resumed": False,
-            "heartbeat_s": int(settings.heartbeat_s)})
+    s.send({"type": "welcome", "client": s.client_id, "session": s.session_id,
+            "resumed": record is not None, "heartbeat_s": int(settings.heartbeat_s)})
+    if record is not None:
+        hub.resume(s, record, events)
+    hub.save_session(s)
+    hub.spawn(stores.client_opened(claims.sub, s.client_id))
     close_reason = "client closed"
     try:
         async for msg in ws:
@@ -162,7 +178,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
                         break
                     s.send(M.error("rate_limited", "more than %d messages/s" % settings.max_messages_per_s))
                     continue
-                _dispatch(hub, authn, s, msg, settings)
+                await _dispatch(hub, authn, s, msg, settings)
             elif msg.type == WSMsgType.ERROR:
                 close_reason = f"error: {ws.exception()}"
                 break
@@ -170,11 +186,44 @@ async def handle(request: web.Request) -> web.StreamResponse:
         s.closed = True
         s.cancel_timers()
         hub.detach(s)
+        vehicles = ((s.subscription or {}).get("subscriptions") or {}).get("vehicles") or []
+        hub.spawn(stores.client_closed(claims.sub, s.client_id, s.session_id, vehicles))
         log.debug("disconnect %s user=%s reason=%s", s.client_id, claims.sub, close_reason)
     return ws
 
 
-def _dispatch(hub, authn, s: Session, msg, settings) -> None:
+def _groups_of(record: dict | None) -> list[str]:
+    return list(((record or {}).get("subscription") or {}).get("groups") or [])
+
+
+async def _load_resume(request, hub, claims):
+    """PROTOCOL §3.4: the stored session and the events after `last_event`.
+
+    Reads the log up to the newest event the hub has handed to the core, and
+    again while that moved during the read, so that the replay ends exactly
+    where live delivery to this client begins."""
+    sid = request.query.get("resume")
+    if not sid:
+        return None, []
+    record = await hub.stores.load_session(sid)
+    if record is None:
+        return None, []
+    if record.get("user_id") != claims.sub:
+        request.app["security_log"](request, "ws_resume_other_user", sid)
+        return None, []
+    last = request.query.get("last_event")
+    events = []
+    if last and hub.last_eid:
+        upto = hub.last_eid
+        events = await hub.stores.events_after(last, upto)
+        while hub.last_eid != upto:
+            nxt = hub.last_eid
+            events += await hub.stores.events_after(upto, nxt)
+            upto = nxt
+    return record, events
+
+
+async def _dispatch(hub, authn, s: Session, msg, settings) -> None:
     try:
         m = M.parse(msg.data, msg.type == WSMsgType.BINARY)
     except M.ProtocolError as e:
@@ -188,6 +237,12 @@ def _dispatch(hub, authn, s: Session, msg, settings) -> None:
                     s.send(M.error("bad_request", f"subscription names {n} vehicles and groups; "
                                    f"at most {settings.max_subscription_size}", m.id))
                     return
+                try:
+                    await hub.stores.resolve_groups(m.subscriptions.groups)
+                except Exception:  # stores down: subscribe with the membership we know
+                    pass
+                if s.closed:
+                    return
                 hub.subscribe(s, m)
             case M.Viewport():
                 hub.viewport(s, m)
@@ -196,9 +251,11 @@ def _dispatch(hub, authn, s: Session, msg, settings) -> None:
             case M.Get():
                 _get(hub, s, m)
             case M.Ping():
+                s.last_ping = time.time()
                 s.send(M.reply("pong", m.id, ts=int(time.time() * 1000)))
+                hub.save_session(s)
             case M.Refresh():
-                _refresh(hub, authn, s, m, settings)
+                await _refresh(hub, authn, s, m, settings)
             case M.Auth():
                 s.send(M.error("bad_request", "already authenticated; use refresh", m.id))
     except M.ProtocolError as e:
@@ -218,7 +275,7 @@ def _get(hub, s: Session, m) -> None:
     s.send(d)
 
 
-def _refresh(hub, authn, s: Session, m, settings) -> None:
+async def _refresh(hub, authn, s: Session, m, settings) -> None:
     try:
         claims: Claims = authn.decode(m.token)
     except AuthError as e:
@@ -227,7 +284,14 @@ def _refresh(hub, authn, s: Session, m, settings) -> None:
     if claims.sub != s.claims.sub:
         s.send(M.error("forbidden", "a refreshed token must be for the same user", m.id))
         return
-    hub.set_claims(s, claims)
+    try:
+        acl = await hub.stores.acl(claims.sub)
+    except Exception:
+        acl = None
+    s.token_claims = claims
+    if s.closed:
+        return
+    hub.set_claims(s, claims.with_acl(acl))
     s.cancel_timers()
     _schedule_expiry(s, settings.token_expiry_warning_s)
     s.send(M.reply("refreshed", m.id, exp=int(claims.exp)))

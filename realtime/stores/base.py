@@ -1,0 +1,62 @@
+"""What the hub needs from shared storage, with an in-memory twin and Redis.
+
+One worker alone keeps everything in process (memory.py); several workers or
+instances share it through Redis (redis.py, PROTOCOL §1.3). Both have the
+same interface so that the hub, the transports and the tests do not care.
+
+- Event log: every instant event and new alert gets an id (`eid`) from the
+  log, is delivered to the hub from the log's tail, and stays at least 10
+  minutes for resume.
+- Sessions: `session:{id}` records that let a client resume on any instance.
+- Vehicle state: the snapshot other instances start from and reconcile with.
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Protocol
+
+EVENT_RETENTION_S = 600          # PROTOCOL §3.4: at least 10 minutes
+EVENT_LOG_MAX = 1_000_000        # and bounded: about 1,600 events/s for 10 minutes
+SESSION_TTL_S = 3600
+
+
+class Event(NamedTuple):
+    eid: str
+    vehicle_id: str
+    etype: str
+    body: Any
+    ts: int
+    is_alert: bool
+
+
+def eid_key(eid: str) -> tuple[int, int]:
+    """Stream ids order as (milliseconds, sequence)."""
+    try:
+        ms, _, seq = eid.partition("-")
+        return int(ms), int(seq or 0)
+    except ValueError:
+        return (0, 0)
+
+
+class Stores(Protocol):
+    healthy: bool
+
+    async def start(self, hub) -> None: ...
+    async def stop(self) -> None: ...
+
+    # events
+    async def publish_event(self, vehicle_id: str, etype: str, body, ts: int, is_alert: bool) -> None: ...
+    async def events_after(self, eid: str, upto: str) -> list[Event]: ...
+
+    # sessions
+    async def save_session(self, session_id: str, data: dict) -> None: ...
+    async def load_session(self, session_id: str) -> dict | None: ...
+    async def client_opened(self, user_id: str, client_id: str) -> None: ...
+    async def client_closed(self, user_id: str, client_id: str, session_id: str,
+                            vehicles: list[str]) -> None: ...
+    async def set_client_vehicles(self, client_id: str, old: list[str], new: list[str]) -> None: ...
+    async def acl(self, user_id: str) -> dict | None: ...
+    async def resolve_groups(self, names) -> None: ...
+
+    # vehicles
+    def changed(self, rows) -> None: ...
+    async def relay_updates(self, updates: list[dict]) -> None: ...

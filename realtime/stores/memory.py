@@ -1,0 +1,81 @@
+"""The in-process twin of the Redis stores: one worker, nothing shared."""
+from __future__ import annotations
+
+import time
+from collections import deque
+
+from .base import EVENT_LOG_MAX, EVENT_RETENTION_S, SESSION_TTL_S, Event, eid_key
+
+
+class MemoryStores:
+    healthy = True
+
+    def __init__(self, settings=None):
+        self.hub = None
+        self.log: deque[Event] = deque(maxlen=EVENT_LOG_MAX)
+        self.sessions: dict[str, tuple[dict, float]] = {}
+        self._last_ms = 0
+        self._seq = 0
+
+    async def start(self, hub) -> None:
+        self.hub = hub
+
+    async def stop(self) -> None:
+        pass
+
+    # ---------------------------------------------------------------- events
+    def _next_eid(self) -> str:
+        ms = int(time.time() * 1000)
+        if ms <= self._last_ms:
+            ms = self._last_ms
+            self._seq += 1
+        else:
+            self._seq = 0
+        self._last_ms = ms
+        return f"{ms}-{self._seq}"
+
+    async def publish_event(self, vehicle_id, etype, body, ts, is_alert) -> None:
+        ev = Event(self._next_eid(), vehicle_id, etype, body, ts, is_alert)
+        self.log.append(ev)
+        cutoff = time.time() * 1000 - EVENT_RETENTION_S * 1000 * 1.5
+        while self.log and eid_key(self.log[0].eid)[0] < cutoff:
+            self.log.popleft()
+        if self.hub is not None:
+            self.hub.deliver_event(ev)
+
+    async def events_after(self, eid: str, upto: str) -> list[Event]:
+        lo, hi = eid_key(eid), eid_key(upto)
+        return [e for e in self.log if lo < eid_key(e.eid) <= hi]
+
+    # ---------------------------------------------------------------- sessions
+    async def save_session(self, session_id: str, data: dict) -> None:
+        self.sessions[session_id] = (data, time.time() + SESSION_TTL_S)
+
+    async def load_session(self, session_id: str) -> dict | None:
+        item = self.sessions.get(session_id)
+        if item is None or item[1] < time.time():
+            self.sessions.pop(session_id, None)
+            return None
+        return item[0]
+
+    async def client_opened(self, user_id, client_id) -> None:
+        pass
+
+    async def client_closed(self, user_id, client_id, session_id, vehicles) -> None:
+        pass
+
+    async def set_client_vehicles(self, client_id, old, new) -> None:
+        pass
+
+    async def acl(self, user_id) -> dict | None:
+        return None
+
+    async def resolve_groups(self, names) -> None:
+        pass
+
+    # ---------------------------------------------------------------- vehicles
+    def changed(self, rows) -> None:
+        pass
+
+    async def relay_updates(self, updates) -> None:
+        pass

@@ -1,0 +1,458 @@
+"""The Redis stores (PROTOCOL §1.3), shared by every worker and instance.
+
+Keys written here and read here:
+- `vehicle:current:{id}` hash (EXPIRE 7200) and `vehicles:geoindex`: written
+  once per 100 ms, pipelined, by the one instance holding the `realtime:writer`
+  lease (all instances see the same Kafka stream; one writer is enough). The
+  hash also carries `groups`, `alerts`, `driver`, `assignment` as JSON so that
+  a snapshot restores a vehicle whole.
+- Every 5 s each instance reconciles: SCAN `vehicle:current:*`, compare the
+  `timestamp` field with memory, HGETALL and apply what is newer. At start
+  the same pass loads the snapshot, so a new instance shows the fleet at once.
+- `events:stream`: the event log. Each instance turns the Pub/Sub events it
+  receives, and the new alerts it detects, into one XADD through a script
+  that drops duplicates (every instance receives the same PUBLISH); every
+  instance then delivers from the stream's tail, so an event's `eid` is its
+  stream id everywhere, and resume reads the stream (XRANGE).
+- `session:{id}`, `user:connections:{user}`, `subscribers:vehicle:{id}`,
+  `subscriptions:client:{client}`, `group:{name}:vehicles`, `acl:user:{user}`
+  and the `acl:updates` channel, as the table in §1.3 says.
+- `realtime:updates`: HTTP-ingested updates relayed to the other workers.
+
+Every loop here survives Redis going away: it marks the store unhealthy, waits
+with jittered backoff and resynchronises; delivery from memory goes on.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import random
+import time
+
+import msgpack
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from ..ingest.decode import Rejected, validate
+from .base import EVENT_LOG_MAX, EVENT_RETENTION_S, SESSION_TTL_S, Event
+
+log = logging.getLogger("realtime.redis")
+
+STREAM = "events:stream"
+WRITER_LEASE = "realtime:writer"
+RELAY = "realtime:updates"
+VEHICLE_TTL_S = 7200
+WRITE_EVERY_S = 0.1
+RECONCILE_EVERY_S = 5.0
+DEDUPE_MS = 5000
+
+# SET NX + XADD in one step: of the instances that saw the same event, one adds it.
+ADD_ONCE = """
+if redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[1]) then
+  return redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', unpack(ARGV, 3))
+end
+return false
+"""
+# keep the lease only if it is still ours
+RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+
+
+def _s(v) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+class RedisStores:
+    def __init__(self, settings):
+        self.settings = settings
+        self.r = aioredis.Redis.from_url(settings.redis, socket_timeout=5, socket_connect_timeout=3,
+                                         health_check_interval=10)
+        self.hub = None
+        self.healthy = False
+        self.leader = False
+        self.ops = 0                     # commands sent (redis_operations_total)
+        self.reconciled = 0
+        self._changed: set[int] = set()
+        self._tasks: list[asyncio.Task] = []
+        self._add_once = self.r.register_script(ADD_ONCE)
+        self._renew = self.r.register_script(RENEW)
+        self._local_seq = 0
+        self.snapshot_loaded = asyncio.Event()
+
+    # ---------------------------------------------------------------- lifecycle
+    async def start(self, hub) -> None:
+        self.hub = hub
+        loop = asyncio.get_running_loop()
+        for name, fn in (("redis-tail", self._tail), ("redis-pubsub", self._pubsub),
+                         ("redis-writer", self._writer), ("redis-reconcile", self._reconcile)):
+            self._tasks.append(loop.create_task(self._forever(name, fn), name=name))
+
+    async def stop(self) -> None:
+        # a last write so that nothing applied here is missing from the snapshot
+        try:
+            if self.leader:
+                await asyncio.wait_for(self._write_changed(), 2)
+        except Exception:
+            pass
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            try:
+                await t
+            except (asyncio.CancelledError, Exception):
+                pass
+        try:
+            await self.r.aclose()
+        except Exception:
+            pass
+
+    async def _forever(self, name, fn) -> None:
+        backoff = 0.2
+        while True:
+            try:
+                await fn()
+                backoff = 0.2
+            except asyncio.CancelledError:
+                raise
+            except (RedisError, OSError, asyncio.TimeoutError) as e:
+                if self.healthy:
+                    log.warning("redis unavailable", extra={"fields": {"task": name, "error": repr(e)[:200]}})
+                self.healthy = False
+                self.leader = False
+            except Exception:
+                log.exception("redis task %s failed", name)
+            await asyncio.sleep(backoff * (0.5 + random.random()))
+            backoff = min(backoff * 2, 10.0)
+
+    # ---------------------------------------------------------------- events
+    async def publish_event(self, vehicle_id, etype, body, ts, is_alert, dedupe: bytes | None = None) -> None:
+        fields = ["v", vehicle_id, "e", etype, "d", json.dumps(body, ensure_ascii=False), "ts", str(ts),
+                  "a", "1" if is_alert else "0"]
+        key = "evdedupe:" + hashlib.sha1(dedupe or "|".join(fields).encode()).hexdigest()
+        try:
+            await self._add_once(keys=[key, STREAM], args=[DEDUPE_MS, EVENT_LOG_MAX, *fields])
+            self.ops += 1
+        except (RedisError, OSError, asyncio.TimeoutError):
+            # Redis is down: deliver here with a local id (not resumable)
+            # rather than lose the event for the clients of this instance.
+            self.healthy = False
+            self._local_seq += 1
+            eid = f"{int(time.time() * 1000)}-{self._local_seq}-local"
+            self.hub.deliver_event(Event(eid, vehicle_id, etype, body, ts, is_alert))
+
+    @staticmethod
+    def _event(eid, f) -> Event:
+        g = {_s(k): _s(v) for k, v in f.items()}
+        try:
+            body = json.loads(g.get("d", "null"))
+        except ValueError:
+            body = g.get("d")
+        return Event(_s(eid), g.get("v", ""), g.get("e", "event"), body, int(g.get("ts", 0) or 0),
+                     g.get("a") == "1")
+
+    async def _tail(self) -> None:
+        last = await self.r.xrevrange(STREAM, count=1)
+        last_id = _s(last[0][0]) if last else "0-0"
+        if self.hub.last_eid is None or not self.healthy:
+            # events before this point were delivered before we started (or
+            # while we were away: resume covers those clients)
+            self.hub.last_eid = last_id
+        self.healthy = True
+        trim_at = time.monotonic()
+        while True:
+            res = await self.r.xread({STREAM: last_id}, count=1000, block=1000)
+            self.ops += 1
+            for _, entries in res or ():
+                for eid, f in entries:
+                    last_id = _s(eid)
+                    self.hub.deliver_event(self._event(eid, f))
+            if time.monotonic() >= trim_at:
+                trim_at = time.monotonic() + 60
+                cutoff = int((time.time() - EVENT_RETENTION_S * 1.5) * 1000)
+                await self.r.xtrim(STREAM, minid=f"{cutoff}-0", approximate=True)
+
+    async def events_after(self, eid: str, upto: str) -> list[Event]:
+        if not eid or upto is None:
+            return []
+        entries = await self.r.xrange(STREAM, min="(" + eid, max=upto)
+        self.ops += 1
+        return [self._event(i, f) for i, f in entries]
+
+    async def _pubsub(self) -> None:
+        ps = self.r.pubsub(ignore_subscribe_messages=True)
+        try:
+            await ps.psubscribe("vehicle:events:*")
+            await ps.subscribe("acl:updates", RELAY)
+            self.healthy = True
+            async for m in ps.listen():
+                channel = _s(m.get("channel"))
+                data = m.get("data")
+                if channel == RELAY:
+                    self._relayed(data)
+                elif channel == "acl:updates":
+                    await self.hub.acl_changed(_s(data))
+                elif channel.startswith("vehicle:events:"):
+                    await self._instant_event(channel[len("vehicle:events:"):], data)
+        finally:
+            await ps.aclose()
+
+    async def _instant_event(self, vehicle_id: str, data) -> None:
+        try:
+            obj = json.loads(data)
+            if not isinstance(obj, dict):
+                raise ValueError
+        except ValueError:
+            self.hub.stats.reject("invalid_event")
+            return
+        etype = str(obj.pop("type", "event"))[:64]
+        ts = obj.pop("ts", None)
+        ts = int(ts) if isinstance(ts, (int, float)) else int(time.time() * 1000)
+        # every instance gets this PUBLISH: the raw bytes are the dedupe key
+        await self.publish_event(vehicle_id, etype, obj, ts, False,
+                                 dedupe=b"ev|" + vehicle_id.encode() + b"|" + bytes(data))
+
+    # ---------------------------------------------------------------- updates relay
+    async def relay_updates(self, updates) -> None:
+        try:
+            await self.r.publish(RELAY, msgpack.packb({"o": self.hub.instance_id, "u": updates}))
+            self.ops += 1
+        except (RedisError, OSError, asyncio.TimeoutError):
+            self.healthy = False
+
+    def _relayed(self, data) -> None:
+        try:
+            msg = msgpack.unpackb(data)
+        except Exception:
+            return
+        if msg.get("o") != self.hub.instance_id:
+            self.hub.apply_updates(msg.get("u") or [])
+
+    # ---------------------------------------------------------------- vehicle state
+    def changed(self, rows) -> None:
+        if self.leader:
+            self._changed.update(int(r) for r in rows)
+
+    async def _writer(self) -> None:
+        me = self.hub.instance_id
+        lease_ms = 10_000
+        while True:
+            if self.leader:
+                self.leader = bool(await self._renew(keys=[WRITER_LEASE], args=[me, lease_ms]))
+            else:
+                self.leader = bool(await self.r.set(WRITER_LEASE, me, nx=True, px=lease_ms))
+                if self.leader:
+                    # a new writer writes everything once: the old one may have died mid-way
+                    self._changed.update(range(self.hub.core.n))
+            self.ops += 1
+            self.healthy = True
+            for _ in range(int(3 / WRITE_EVERY_S)):
+                if self.leader:
+                    await self._write_changed()
+                else:
+                    self._changed.clear()
+                await asyncio.sleep(WRITE_EVERY_S)
+
+    async def _write_changed(self) -> None:
+        if not self._changed:
+            return
+        rows, self._changed = sorted(self._changed), set()
+        core = self.hub.core
+        pipe = self.r.pipeline(transaction=False)
+        geo = []
+        n = 0
+        for r in rows:
+            rec = core.cur[r]
+            if rec["version"] == 0:
+                continue
+            vid = core.ids[r]
+            key = f"vehicle:current:{vid}"
+            from .._core._schema import STATUSES
+            pipe.hset(key, mapping={
+                "lat": repr(float(rec["lat"])), "lon": repr(float(rec["lon"])),
+                "speed": repr(float(rec["speed"])), "course": repr(float(rec["course"])),
+                "status": STATUSES[rec["status"]], "vehicle_type": core.types[rec["vtype"]],
+                "timestamp": str(int(rec["ts"])),
+                "groups": json.dumps(list(core.groups_of[r]), ensure_ascii=False),
+                "alerts": json.dumps(list(core.alerts[r]), ensure_ascii=False),
+                "driver": json.dumps(core.driver[r], ensure_ascii=False),
+                "assignment": json.dumps(core.assignment[r], ensure_ascii=False),
+            })
+            pipe.expire(key, VEHICLE_TTL_S)
+            for g in core.groups_of[r]:
+                pipe.sadd(f"group:{g}:vehicles", vid)
+                n += 1
+            geo.extend((float(rec["lon"]), float(rec["lat"]), vid))
+            n += 2
+        if geo:
+            pipe.geoadd("vehicles:geoindex", geo)
+            n += 1
+        try:
+            await pipe.execute()
+            self.ops += n
+        except Exception:
+            self._changed.update(rows)  # written next time
+            raise
+
+    async def _reconcile(self) -> None:
+        while True:
+            await self.reconcile_once()
+            self.snapshot_loaded.set()
+            self.healthy = True
+            await asyncio.sleep(RECONCILE_EVERY_S)
+
+    async def reconcile_once(self) -> int:
+        """Apply every vehicle whose Redis state is newer than memory."""
+        core = self.hub.core
+        newer: list[bytes] = []
+        async for keys in self._scan_batches("vehicle:current:*"):
+            pipe = self.r.pipeline(transaction=False)
+            for k in keys:
+                pipe.hget(k, "timestamp")
+            stamps = await pipe.execute()
+            self.ops += len(keys) + 1
+            for k, ts in zip(keys, stamps):
+                if ts is None:
+                    continue
+                vid = _s(k)[len("vehicle:current:"):]
+                row = core.row_of(vid)
+                try:
+                    from ..ingest.decode import parse_timestamp
+                    t = parse_timestamp(int(ts) if ts.isdigit() else _s(ts))
+                except (Rejected, ValueError):
+                    continue
+                if row < 0 or core.cur[row]["version"] == 0 or core.cur[row]["ts"] < t:
+                    newer.append(k)
+        updates = []
+        for i in range(0, len(newer), 1000):
+            chunk = newer[i:i + 1000]
+            pipe = self.r.pipeline(transaction=False)
+            for k in chunk:
+                pipe.hgetall(k)
+            for k, h in zip(chunk, await pipe.execute()):
+                u = self._from_hash(_s(k)[len("vehicle:current:"):], h)
+                if u is not None:
+                    updates.append(u)
+            self.ops += len(chunk)
+        await self._refresh_groups()
+        if updates:
+            self.hub.apply_updates(updates)
+            self.reconciled += len(updates)
+        return len(updates)
+
+    async def _scan_batches(self, pattern: str):
+        cursor = 0
+        while True:
+            cursor, keys = await self.r.scan(cursor, match=pattern, count=1000)
+            self.ops += 1
+            if keys:
+                yield keys
+            if cursor == 0:
+                return
+
+    def _from_hash(self, vid: str, h: dict) -> dict | None:
+        g = {_s(k): _s(v) for k, v in h.items()}
+        ts = g.get("timestamp", "")
+        obj = {"vehicle_id": vid, "timestamp": int(ts) if ts.isdigit() else ts,
+               "position": {"lat": _num(g.get("lat")), "lon": _num(g.get("lon"))}}
+        for f in ("speed", "course"):
+            if g.get(f) not in (None, ""):
+                obj[f] = _num(g[f])
+        for f in ("status", "vehicle_type"):
+            if g.get(f):
+                obj[f] = g[f]
+        for f in ("groups", "alerts", "driver", "assignment"):
+            if g.get(f):
+                try:
+                    v = json.loads(g[f])
+                    if v is not None:
+                        obj[f] = v
+                except ValueError:
+                    pass
+        try:
+            return validate(obj)
+        except Rejected as e:
+            self.hub.stats.reject(e.reason)
+            return None
+
+    async def _refresh_groups(self) -> None:
+        """Group membership written by the vehicle registry, for groups in use."""
+        await self.resolve_groups(list(self.hub.core.sel_by_group.keys()))
+
+    async def resolve_groups(self, names) -> None:
+        """`group:{name}:vehicles` -> the core, before a subscription names them."""
+        core = self.hub.core
+        names = list(names)
+        if not names:
+            return
+        pipe = self.r.pipeline(transaction=False)
+        for g in names:
+            pipe.smembers(f"group:{g}:vehicles")
+        for g, members in zip(names, await pipe.execute()):
+            if members:
+                core.set_group_members(g, [_s(m) for m in members])
+        self.ops += len(names)
+
+    # ---------------------------------------------------------------- sessions
+    async def save_session(self, session_id: str, data: dict) -> None:
+        await self.r.set(f"session:{session_id}", json.dumps(data, ensure_ascii=False), ex=SESSION_TTL_S)
+        self.ops += 1
+
+    async def load_session(self, session_id: str) -> dict | None:
+        raw = await self.r.get(f"session:{session_id}")
+        self.ops += 1
+        return json.loads(raw) if raw else None
+
+    async def client_opened(self, user_id, client_id) -> None:
+        await self.r.sadd(f"user:connections:{user_id}", client_id)
+        self.ops += 1
+
+    async def client_closed(self, user_id, client_id, session_id, vehicles) -> None:
+        pipe = self.r.pipeline(transaction=False)
+        pipe.srem(f"user:connections:{user_id}", client_id)
+        pipe.delete(f"subscriptions:client:{client_id}")
+        for v in vehicles:
+            pipe.srem(f"subscribers:vehicle:{v}", client_id)
+        await pipe.execute()
+        self.ops += 2 + len(vehicles)
+
+    async def set_client_vehicles(self, client_id, old, new) -> None:
+        old, new = set(old), set(new)
+        if old == new:
+            return
+        pipe = self.r.pipeline(transaction=False)
+        for v in old - new:
+            pipe.srem(f"subscribers:vehicle:{v}", client_id)
+            pipe.srem(f"subscriptions:client:{client_id}", v)
+        for v in new - old:
+            pipe.sadd(f"subscribers:vehicle:{v}", client_id)
+            pipe.sadd(f"subscriptions:client:{client_id}", v)
+        await pipe.execute()
+        self.ops += 2 * len(old ^ new)
+
+    async def acl(self, user_id) -> dict | None:
+        h = await self.r.hgetall(f"acl:user:{user_id}")
+        self.ops += 1
+        if not h:
+            return None
+        out = {}
+        for k, v in h.items():
+            try:
+                val = json.loads(v)
+            except ValueError:
+                continue
+            if isinstance(val, list):
+                out[_s(k)] = [str(x) for x in val]
+        return out or None
+
+
+def _num(v):
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return v

@@ -1,0 +1,242 @@
+"""Integration: shared state, events, sessions and resume through a real Redis."""
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import time
+import urllib.request
+
+import pytest
+import redis.asyncio as aioredis
+
+from conftest import Client, Server, free_port, ingest, redis_up, token, update
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def rserver(redis_url):
+    s = Server("--simulate", "0", "--tick-ms", "20", "--redis", redis_url)
+    s.redis_url = redis_url
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+async def r(redis_url):
+    client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    yield client
+    await client.aclose()
+
+
+async def eventually(fn, timeout=8.0, every=0.1):
+    deadline = time.monotonic() + timeout
+    while True:
+        v = await fn()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            return v
+        await asyncio.sleep(every)
+
+
+async def test_state_is_written_to_redis(rserver, r, uid):
+    vid = uid + "w"
+    ingest(rserver, [update(vid, 55.5, 37.5, 1705314600123, speed=12.5, status="moving",
+                            vehicle_type="van", groups=[uid + "g"])])
+    h = await eventually(lambda: r.hgetall(f"vehicle:current:{vid}"))
+    assert float(h["lat"]) == 55.5 and float(h["lon"]) == 37.5 and float(h["speed"]) == 12.5
+    assert h["status"] == "moving" and h["vehicle_type"] == "van" and h["timestamp"] == "1705314600123"
+    assert 7000 < await r.ttl(f"vehicle:current:{vid}") <= 7200
+    pos = await r.geopos("vehicles:geoindex", vid)
+    assert abs(pos[0][1] - 55.5) < 1e-4
+    assert vid in await r.smembers(f"group:{uid}g:vehicles")
+
+
+async def test_redis_only_update_is_picked_up_by_reconcile(rserver, r, uid):
+    vid = uid + "ro"
+    c = await Client.connect(rserver, token())
+    await c.recv_type("welcome")
+    await c.subscribe(subscriptions={"vehicles": [vid]})
+    await r.hset(f"vehicle:current:{vid}", mapping={
+        "lat": "55.61", "lon": "37.41", "speed": "33", "course": "90", "status": "idle",
+        "vehicle_type": "truck", "timestamp": str(int(time.time() * 1000))})
+    got = await c.wait_messages(lambda m: m.get("v") == vid, timeout=8)
+    assert got[-1]["t"] == "full" and got[-1]["p"] == [55.61, 37.41] and got[-1]["st"] == "idle"
+    await c.close()
+
+
+async def test_publish_reaches_the_client_as_an_event(rserver, r, uid):
+    vid = uid + "ev"
+    ingest(rserver, [update(vid)])
+    c = await Client.connect(rserver, token())
+    await c.recv_type("welcome")
+    await c.subscribe(subscriptions={"vehicles": [vid]})
+    await r.publish(f"vehicle:events:{vid}", json.dumps({"type": "geofence_enter", "zone": "loading_dock"}))
+    got = await c.wait_messages(lambda m: m["t"] == "event", timeout=5)
+    ev = got[-1]
+    assert ev["v"] == vid and ev["e"] == "geofence_enter" and ev["d"] == {"zone": "loading_dock"}
+    # the eid is the event's id in the shared log, exactly once
+    entries = await r.xrange("events:stream", min=ev["eid"], max=ev["eid"])
+    assert len(entries) == 1 and entries[0][1]["v"] == vid
+    assert [m for m in await c.messages(0.5) if m["t"] == "event"] == []
+    await c.close()
+
+
+async def test_session_keys(rserver, r, uid):
+    vid = uid + "s"
+    ingest(rserver, [update(vid)])
+    c = await Client.connect(rserver, token(sub=uid + "user"))
+    w = await c.recv_type("welcome")
+    await c.subscribe(subscriptions={"vehicles": [vid]}, filters={"status": ["moving", "idle"]})
+
+    async def stored():
+        raw = await r.get(f"session:{w['session']}")
+        return raw and json.loads(raw).get("subscription")
+    assert await eventually(stored)
+    rec = json.loads(await r.get(f"session:{w['session']}"))
+    assert rec["user_id"] == uid + "user" and rec["subscription"]["vehicles"] == [vid]
+    assert rec["filters"]["status"] == ["moving", "idle"] and rec["instance_id"]
+    assert 3500 < await r.ttl(f"session:{w['session']}") <= 3600
+    assert w["client"] in await r.smembers(f"user:connections:{uid}user")
+    assert w["client"] in await r.smembers(f"subscribers:vehicle:{vid}")
+    assert vid in await r.smembers(f"subscriptions:client:{w['client']}")
+    await c.close()
+    assert await eventually(lambda: _not(r.smembers(f"user:connections:{uid}user")))
+
+
+async def _not(coro):
+    return not await coro
+
+
+async def test_groups_from_the_registry(rserver, r, uid):
+    vid = uid + "reg"
+    ingest(rserver, [update(vid)])
+    await r.sadd(f"group:{uid}fleet:vehicles", vid)
+    c = await Client.connect(rserver, token())
+    await c.recv_type("welcome")
+    sub, msgs = await c.subscribe(subscriptions={"groups": [uid + "fleet"]})
+    assert sub["visible"] == 1 and msgs[0]["v"] == vid
+    await c.close()
+
+
+async def test_acl_update_applies_to_open_connections(rserver, r, uid):
+    a, b = uid + "a", uid + "b"
+    ingest(rserver, [update(a), update(b)])
+    user = uid + "acl"
+    c = await Client.connect(rserver, token(sub=user))
+    await c.recv_type("welcome")
+    sub, _ = await c.subscribe(subscriptions={"vehicles": [a, b]})
+    assert sub["visible"] == 2
+    await r.hset(f"acl:user:{user}", mapping={"vehicles": json.dumps([a]), "permissions": json.dumps([])})
+    await r.publish("acl:updates", user)
+    got = await c.wait_messages(lambda m: m["t"] == "leave", timeout=5)
+    assert got[-1] == {"t": "leave", "v": b, "r": "permission"}
+    await c.close()
+
+
+async def test_resume_on_another_instance_replays_missed_events(redis_url, r, uid):
+    a = Server("--simulate", "0", "--tick-ms", "20", "--redis", redis_url)
+    b = Server("--simulate", "0", "--tick-ms", "20", "--redis", redis_url)
+    try:
+        vid, other = uid + "v", uid + "other"
+        ingest(a, [update(vid, status="moving"), update(other, 10, 10)])
+        c = await Client.connect(a, token(sub=uid + "u"))
+        w = await c.recv_type("welcome")
+        await c.subscribe(subscriptions={"vehicles": [vid]})
+        await r.publish(f"vehicle:events:{vid}", json.dumps({"type": "first"}))
+        first = (await c.wait_messages(lambda m: m["t"] == "event"))[-1]
+        # worker A dies with the client on it
+        a.proc.send_signal(signal.SIGKILL)
+        a.proc.wait()
+        await asyncio.sleep(0.3)
+        for name in ("missed1", "missed2"):
+            await r.publish(f"vehicle:events:{vid}", json.dumps({"type": name, "n": 1}))
+        await r.publish(f"vehicle:events:{other}", json.dumps({"type": "not_for_me"}))
+        await asyncio.sleep(0.5)
+        c2 = await Client.connect(b, token(sub=uid + "u"), f"resume={w['session']}&last_event={first['eid']}")
+        w2 = await c2.recv_type("welcome")
+        assert w2["resumed"] is True and w2["session"] == w["session"]
+        snap = await c2.recv_type("batch")
+        assert [(m["t"], m["v"]) for m in snap["messages"]] == [("full", vid)]
+        replay = await c2.recv_type("batch")
+        assert [m["e"] for m in replay["messages"]] == ["missed1", "missed2"]
+        assert all(m["v"] == vid for m in replay["messages"])
+        # exactly once: nothing more about those events afterwards
+        later = await c2.messages(0.6)
+        assert [m for m in later if m["t"] == "event"] == []
+        # someone else's session cannot be resumed
+        c3 = await Client.connect(b, token(sub="intruder"), f"resume={w['session']}")
+        assert (await c3.recv_type("welcome"))["resumed"] is False
+        await c2.close()
+        await c3.close()
+    finally:
+        a.stop()
+        b.stop()
+
+
+@pytest.fixture
+def throwaway_redis(tmp_path):
+    port = free_port()
+
+    def start():
+        return subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                                 "--appendonly", "no", "--dir", str(tmp_path)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = [start()]
+    deadline = time.time() + 10
+    while not redis_up(port):
+        assert time.time() < deadline
+        time.sleep(0.05)
+    yield port, proc, start
+    proc[0].terminate()
+    proc[0].wait()
+
+
+def ready_status(server):
+    try:
+        with urllib.request.urlopen(server.url + "/health/ready", timeout=3) as resp:
+            return resp.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+async def test_redis_restart_is_survived(throwaway_redis, uid):
+    port, proc, start = throwaway_redis
+    s = Server("--simulate", "0", "--tick-ms", "20", "--redis", f"redis://127.0.0.1:{port}/0")
+    try:
+        vid = uid + "x"
+        ingest(s, [update(vid)])
+        c = await Client.connect(s, token())
+        await c.recv_type("welcome")
+        await c.subscribe(subscriptions={"vehicles": [vid]})
+        assert await eventually(lambda: _async(ready_status(s) == 200))
+        proc[0].terminate()
+        proc[0].wait()
+        # delivery from memory continues
+        ingest(s, [update(vid, 55.9)])
+        got = await c.wait_messages(lambda m: m.get("v") == vid, timeout=5)
+        assert got[-1]["t"] == "pos" and got[-1]["p"][0] == 55.9
+        assert await eventually(lambda: _async(ready_status(s) == 503))
+        # Redis comes back (empty): the service reconnects and writes again
+        proc[0] = start()
+        assert await eventually(lambda: _async(ready_status(s) == 200), timeout=20)
+        ingest(s, [update(vid, 55.95)])
+        rr = aioredis.Redis(port=port, decode_responses=True)
+        try:
+            h = await eventually(lambda: rr.hgetall(f"vehicle:current:{vid}"), timeout=10)
+            assert float(h["lat"]) == 55.95
+            await rr.publish(f"vehicle:events:{vid}", json.dumps({"type": "back"}))
+            got = await c.wait_messages(lambda m: m["t"] == "event", timeout=10)
+            assert got[-1]["e"] == "back"
+        finally:
+            await rr.aclose()
+        await c.close()
+        assert s.proc.poll() is None, s.logs()
+    finally:
+        s.stop()
+
+
+async def _async(v):
+    return v
