@@ -59,6 +59,8 @@ def make_app(settings) -> web.Application:
     app.router.add_get("/api/vehicles/{vehicle_id}", vehicle)
     app.router.add_get("/health/live", live)
     app.router.add_get("/health/ready", ready)
+    from . import metrics
+    metrics.setup(app)
     app.router.add_get("/", index)
     app.router.add_static("/static/", WEB, show_index=False)
     app.on_startup.append(_start)
@@ -73,10 +75,15 @@ def _http_sink(app):
     async def sink(updates):
         hub = app["hub"]
         producer = app.get("kafka_producer")
-        if producer is not None:
+        kafka = app.get("kafka")
+        if producer is not None and kafka is not None and kafka.connected:
             from .ingest.kafka import produce_updates
-            await produce_updates(producer, app["settings"].topic, updates)
-            return
+            try:
+                await asyncio.wait_for(produce_updates(producer, app["settings"].topic, updates), 5.0)
+                return
+            except Exception as e:  # Kafka is down: take the Redis path rather than fail
+                log.warning("kafka produce failed; applying here and relaying through redis",
+                            extra={"fields": {"error": repr(e)[:200]}})
         hub.apply_updates(updates)
         await hub.stores.relay_updates(updates)
     return sink

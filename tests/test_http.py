@@ -110,3 +110,14 @@ def test_env_options_are_read(tmp_path):
     assert s.port == 9123 and s.tick_ms == 25 and s.simulate_count == 2000
     assert cli is not None
     assert time is not None
+
+
+def test_metrics_names(server, uid):
+    ingest(server, [update(uid + "m"), {"vehicle_id": uid + "bad", "timestamp": 1}])
+    status, raw = get(server, "/metrics")
+    text = raw.decode()
+    assert status == 200
+    for name in ("websocket_connections_active", "messages_sent_total", "subscriptions_per_user_avg",
+                 "redis_operations_total", "ingest_updates_total", "ingest_rejected_total"):
+        assert name in text, name
+    assert 'ingest_rejected_total{reason="missing_field"}' in text

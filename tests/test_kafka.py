@@ -103,3 +103,94 @@ async def test_msgpack_records(kafka_server, uid):
     got = await c.wait_messages(lambda m: m.get("v") == vid, timeout=10)
     assert got[-1]["st"] == "idle" and got[-1]["dr"] == {"name": "Петров"}
     await c.close()
+
+
+async def test_consumer_lag_is_a_metric(kafka_server):
+    import urllib.request
+    text = urllib.request.urlopen(kafka_server.url + "/metrics", timeout=5).read().decode()
+    assert "kafka_consumer_lag " in text and "kafka_records_total" in text
+
+
+async def test_http_ingest_goes_through_kafka_when_configured(kafka_server, uid):
+    from conftest import ingest
+    vid = uid + "viakafka"
+    c = await Client.connect(kafka_server, token())
+    await c.recv_type("welcome")
+    await c.subscribe(subscriptions={"vehicles": [vid]})
+    status, body = ingest(kafka_server, [update(vid, 50.5, 30.5)])
+    assert status == 200 and body["accepted"] == 1
+    got = await c.wait_messages(lambda m: m.get("v") == vid, timeout=10)
+    assert got[-1]["p"] == [50.5, 30.5]
+    # it is on the topic, for every instance
+    consumer = AIOKafkaConsumer(bootstrap_servers=kafka_server.bootstrap, group_id=None,
+                                auto_offset_reset="earliest", enable_auto_commit=False)
+    await consumer.start()
+    try:
+        tps = [TopicPartition(kafka_server.topic, p) for p in range(3)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        found = False
+        deadline = time.time() + 10
+        while not found and time.time() < deadline:
+            for records in (await consumer.getmany(timeout_ms=300)).values():
+                found = found or any(r.key == vid.encode() for r in records)
+    finally:
+        await consumer.stop()
+    assert found
+    await c.close()
+
+
+async def test_kafka_outage_is_survived(uid):
+    """Own broker: it goes away (and comes back empty, as in-memory Tansu does)."""
+    import urllib.error
+    import urllib.request
+
+    from conftest import Tansu, ingest
+
+    def ready():
+        try:
+            return urllib.request.urlopen(s.url + "/health/ready", timeout=3).status
+        except urllib.error.HTTPError as e:
+            return e.code
+
+    async def until(pred, timeout):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if pred():
+                return True
+            await asyncio.sleep(0.2)
+        return False
+
+    broker = Tansu()
+    topic = "updates." + uid
+    await create_topic(broker.bootstrap, topic, 1)
+    s = Server("--simulate", "0", "--tick-ms", "20", "--kafka", broker.bootstrap, "--topic", topic,
+               "--kafka-from", "earliest")
+    s.bootstrap, s.topic = broker.bootstrap, topic
+    try:
+        vid = uid + "o"
+        c = await Client.connect(s, token())
+        await c.recv_type("welcome")
+        await c.subscribe(subscriptions={"vehicles": [vid]})
+        await produce(s, [(vid, js(update(vid, 10.0, 10.0)), None)])
+        assert (await c.wait_messages(lambda m: m.get("v") == vid, timeout=10))[-1]["t"] == "full"
+        assert await until(lambda: ready() == 200, 10)
+        broker.stop()
+        assert await until(lambda: ready() == 503, 15), s.logs()
+        # delivery goes on: HTTP ingest falls back to the local path
+        status, _ = ingest(s, [update(vid, 11.0, 10.0)])
+        assert status == 200
+        got = await c.wait_messages(lambda m: m.get("v") == vid, timeout=10)
+        assert got[-1]["p"] == [11.0, 10.0]
+        # the broker returns (empty): the consumer reconnects and reads again
+        broker.start()
+        await create_topic(broker.bootstrap, topic, 1)
+        assert await until(lambda: ready() == 200, 30), s.logs()
+        await produce(s, [(vid, js(update(vid, 12.0, 10.0)), None)])
+        got = await c.wait_messages(lambda m: m.get("v") == vid and m.get("p") == [12.0, 10.0], timeout=30)
+        assert got[-1]["p"] == [12.0, 10.0]
+        assert s.proc.poll() is None
+        await c.close()
+    finally:
+        s.stop()
+        broker.stop()

@@ -81,6 +81,8 @@ class KafkaIngest:
         self.records = 0
         self._task: asyncio.Task | None = None
         self._bad_log = RateLimitedLog(log)
+        self.positions: dict[TopicPartition, int] = {}   # where to go on after a reconnect
+        self._reconnect = asyncio.Event()
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="kafka-ingest")
@@ -146,8 +148,21 @@ class KafkaIngest:
         log.info("kafka consuming", extra={"fields": {"topic": s.topic, "partitions": len(parts)}})
 
     async def _seek_start(self) -> None:
-        start = self.settings.kafka_from or ("latest" if self.settings.redis else "time")
         c = self.consumer
+        if self.positions:
+            # after an outage: go on where we were, unless the partition is now
+            # shorter than that (the broker lost its log): then from its start
+            ends = await c.end_offsets(self.partitions)
+            for tp in self.partitions:
+                pos = self.positions.get(tp)
+                if pos is not None and pos <= ends.get(tp, 0):
+                    c.seek(tp, pos)
+                else:
+                    log.warning("partition restarted; reading it from the beginning",
+                                extra={"fields": {"partition": tp.partition}})
+                    await c.seek_to_beginning(tp)
+            return
+        start = self.settings.kafka_from or ("latest" if self.settings.redis else "time")
         if start == "earliest":
             await c.seek_to_beginning(*self.partitions)
         elif start == "latest":
@@ -162,8 +177,46 @@ class KafkaIngest:
                 else:
                     c.seek(tp, o.offset)
 
+    async def _probe(self) -> None:
+        """aiokafka retries a lost broker quietly; ask for metadata every 2 s
+        so that /health/ready can say Kafka is gone."""
+        while True:
+            await asyncio.sleep(2.0)
+            try:
+                await asyncio.wait_for(self.consumer._client.fetch_all_metadata(), 3.0)  # noqa: SLF001
+                if not self.connected:
+                    log.info("kafka reachable again")
+                    self._reconnect.set()  # reconnect whole: metadata and offsets may have moved
+                self.connected = True
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                if self.connected:
+                    log.warning("kafka unreachable")
+                self.connected = False
+
     async def _consume(self) -> None:
         c = self.consumer
+        self._reconnect.clear()
+        loop = asyncio.get_running_loop()
+        probe = loop.create_task(self._probe())
+        consume = loop.create_task(self._consume_loop(c))
+        wait_reconnect = loop.create_task(self._reconnect.wait())
+        try:
+            done, _ = await asyncio.wait({consume, wait_reconnect}, return_when=asyncio.FIRST_COMPLETED)
+            if consume in done:
+                consume.result()  # raises what stopped it
+        finally:
+            for t in (probe, consume, wait_reconnect):
+                t.cancel()
+            for tp in self.partitions:
+                try:
+                    self.positions[tp] = await asyncio.wait_for(c.position(tp), 1.0)
+                except Exception:
+                    pass
+        raise ConnectionError("kafka came back: reconnecting")
+
+    async def _consume_loop(self, c) -> None:
         while True:
             batches = await c.getmany(timeout_ms=100, max_records=10000)
             updates = []
