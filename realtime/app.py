@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -41,8 +42,6 @@ def make_app(settings) -> web.Application:
     app = web.Application(client_max_size=ingest_http.MAX_BODY)
     if settings.demo_token and not settings.jwt_secret:
         settings.jwt_secret = ephemeral_secret()
-        log.warning("no --jwt-secret: development mode with an ephemeral secret; "
-                    "GET / hands out a read-only viewer token")
     app["settings"] = settings
     app["auth"] = Authenticator.from_settings(settings)
     app["hub"] = hub = Hub(settings)
@@ -106,25 +105,36 @@ async def _start(app):
             await app["kafka_producer"].start()
         except Exception as e:  # HTTP ingest answers 503 until Kafka is back
             log.warning("kafka producer unavailable", extra={"fields": {"error": repr(e)[:200]}})
-    n = app["settings"].simulate_count
-    if n:
-        app["simulator"] = asyncio.get_running_loop().create_task(simulator.run_in_hub(hub, n))
+    n = settings.simulate_count
+    worker = int(os.environ.get("REALTIME_WORKER_INDEX", "0"))
+    if n and worker == 0:  # one simulated fleet, whatever the number of workers
+        shared = settings.workers > 1 or settings.redis or settings.kafka
+        sink = app["http_sink"] if shared else None
+        app["simulator"] = asyncio.get_running_loop().create_task(simulator.run_in_hub(hub, n, sink=sink))
         log.info("simulating %d vehicles", n)
 
 
 async def _stop(app):
+    t0 = time.monotonic()
+
+    def step(name):
+        log.info("shutdown step", extra={"fields": {"step": name, "elapsed_s": round(time.monotonic() - t0, 3)}})
+
     task = app.get("simulator")
     if task:
         task.cancel()
     if app.get("kafka"):
         await app["kafka"].stop()
+        step("kafka consumer stopped")
     if app.get("kafka_producer"):
         try:
             await app["kafka_producer"].stop()
         except Exception:
             pass
     await app["hub"].stores.stop()
+    step("stores stopped")
     await app["hub"].stop()
+    step("hub stopped")
 
 
 async def live(request):

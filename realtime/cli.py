@@ -26,6 +26,12 @@ def cmd_serve(ns) -> int:
         print(f"realtime serve: {e}", file=sys.stderr)
         return 2
     _logging(settings.log_level)
+    if settings.demo_token and not settings.jwt_secret:
+        # one ephemeral secret for every worker, so a token works on all of them
+        from .auth import ephemeral_secret
+        settings.jwt_secret = ephemeral_secret()
+        logging.getLogger("realtime").warning(
+            "no --jwt-secret: development mode with an ephemeral secret; GET / hands out a viewer token")
     from . import worker
     if settings.workers <= 1:
         worker.run(settings)
@@ -35,6 +41,7 @@ def cmd_serve(ns) -> int:
 
 def _worker_main(settings, index: int) -> None:
     os.environ["REALTIME_INSTANCE_ID"] = f"{os.getpid():x}-{index}"
+    os.environ["REALTIME_WORKER_INDEX"] = str(index)
     _logging(settings.log_level)
     from . import worker
     worker.run(settings)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import ssl
 
@@ -42,7 +43,30 @@ async def serve(settings, ready: asyncio.Event | None = None) -> None:
         ready.set()
     await stop.wait()
     log.info("shutting down")
-    await runner.cleanup()
+    t0 = loop.time()
+    try:
+        await asyncio.wait_for(runner.cleanup(), settings.shutdown_grace)
+        log.info("stopped", extra={"fields": {"elapsed_s": round(loop.time() - t0, 3)}})
+    except asyncio.TimeoutError:
+        _log_tasks("task still running at shutdown")
+    # cancel what is left ourselves, with a bound: the loop's own final
+    # cancellation waits forever for a task that does not end
+    rest = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for t in rest:
+        t.cancel()
+    if rest:
+        _, pending = await asyncio.wait(rest, timeout=2.0)
+        if pending:
+            _log_tasks("task ignored cancellation at shutdown")
+            logging.shutdown()
+            os._exit(0)
+
+
+def _log_tasks(msg: str) -> None:
+    for t in asyncio.all_tasks():
+        if t is not asyncio.current_task():
+            frames = [f"{f.f_code.co_filename}:{f.f_lineno} {f.f_code.co_name}" for f in t.get_stack(limit=8)]
+            log.error(msg, extra={"fields": {"task": t.get_name(), "stack": frames}})
 
 
 def run(settings) -> None:

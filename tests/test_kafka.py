@@ -194,3 +194,26 @@ async def test_kafka_outage_is_survived(uid):
     finally:
         s.stop()
         broker.stop()
+
+
+async def test_default_start_replays_recent_records_without_redis(kafka_bootstrap, uid):
+    """No --redis, no --kafka-from: a new instance reads the last --stale-after-s of the topic."""
+    topic = "recent." + uid
+    await create_topic(kafka_bootstrap, topic, 2)
+    srv = type("S", (), {"bootstrap": kafka_bootstrap, "topic": topic})
+    vid = uid + "old"
+    await produce(srv, [(vid, js(update(vid, 1.0, 2.0)), None)])
+    t0 = time.monotonic()
+    s = Server("--simulate", "0", "--kafka", kafka_bootstrap, "--topic", topic)
+    try:
+        c = await Client.connect(s, token())
+        await c.recv_type("welcome")
+        visible = 0
+        while visible == 0 and time.monotonic() - t0 < 5:
+            sub, _ = await c.subscribe(subscriptions={"vehicles": [vid]})
+            visible = sub["visible"]
+            await asyncio.sleep(0.1)
+        assert visible == 1
+        await c.close()
+    finally:
+        s.stop()

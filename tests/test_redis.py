@@ -240,3 +240,36 @@ async def test_redis_restart_is_survived(throwaway_redis, uid):
 
 async def _async(v):
     return v
+
+
+async def test_a_fresh_instance_shows_the_fleet_from_the_snapshot(redis_url, uid):
+    a = Server("--simulate", "0", "--tick-ms", "20", "--redis", redis_url)
+    try:
+        g = uid + "fleet"
+        status, body = ingest(a, [update(f"{uid}{i}", 40 + i * 0.01, 20, groups=[g]) for i in range(50)])
+        assert body["accepted"] == 50
+        r = aioredis.Redis.from_url(redis_url)
+        try:
+            assert await eventually(lambda: _count(r, g, 50), timeout=5)
+        finally:
+            await r.aclose()
+    finally:
+        a.stop()
+    t0 = time.monotonic()
+    b = Server("--simulate", "0", "--tick-ms", "20", "--redis", redis_url)
+    try:
+        c = await Client.connect(b, token())
+        await c.recv_type("welcome")
+        seen = 0
+        while time.monotonic() - t0 < 5 and seen < 50:
+            sub, _ = await c.subscribe(subscriptions={"groups": [g]})
+            seen = sub["visible"]
+            await asyncio.sleep(0.2)
+        assert seen == 50 and time.monotonic() - t0 < 5
+        await c.close()
+    finally:
+        b.stop()
+
+
+async def _count(r, g, n):
+    return await r.scard(f"group:{g}:vehicles") >= n

@@ -169,7 +169,15 @@ class KafkaIngest:
             await c.seek_to_end(*self.partitions)
         else:
             since = int((time.time() - self.settings.stale_after_s) * 1000)
-            offsets = await c.offsets_for_times({tp: since for tp in self.partitions})
+            try:
+                offsets = await c.offsets_for_times({tp: since for tp in self.partitions})
+            except Exception as e:
+                # a broker without timestamp lookups: replay everything instead;
+                # updates older than what is stored are ignored, so this is safe
+                log.warning("offsets_for_times failed; reading from the beginning",
+                            extra={"fields": {"error": repr(e)[:200]}})
+                await c.seek_to_beginning(*self.partitions)
+                return
             for tp in self.partitions:
                 o = offsets.get(tp)
                 if o is None:

@@ -162,8 +162,12 @@ class Fleet:
         return out
 
 
-async def run_in_hub(hub, n: int, step_s: float = 0.1, seed: int = 1) -> None:
-    """Feed the hub in process until cancelled."""
+async def run_in_hub(hub, n: int, step_s: float = 0.1, seed: int = 1, sink=None) -> None:
+    """Feed the hub in process until cancelled.
+
+    With a `sink` (several workers or instances) the fleet goes the way HTTP
+    ingest goes, so that every worker sees the same vehicles; alone, the
+    columnar batch goes straight to the core."""
     fleet = Fleet(n, seed=seed)
     core = hub.core
     loop = asyncio.get_running_loop()
@@ -173,6 +177,9 @@ async def run_in_hub(hub, n: int, step_s: float = 0.1, seed: int = 1) -> None:
         await asyncio.sleep(max(0.0, next_t - loop.time()))
         res = fleet.step(step_s, int(time.time() * 1000))
         if res is None:
+            continue
+        if sink is not None:
+            await sink(fleet.as_updates(res))
             continue
         batch, types, first = res
         # vehicle types are sent with the first report only (they never change)

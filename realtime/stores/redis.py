@@ -44,7 +44,9 @@ STREAM = "events:stream"
 WRITER_LEASE = "realtime:writer"
 RELAY = "realtime:updates"
 VEHICLE_TTL_S = 7200
-WRITE_EVERY_S = 0.1
+# The TTL is refreshed at most once a minute per vehicle, not with every HSET:
+# a key then expires between 1:59 and 2:00 after its last update, for half the commands.
+EXPIRE_EVERY_S = 60.0
 RECONCILE_EVERY_S = 5.0
 DEDUPE_MS = 5000
 
@@ -79,11 +81,13 @@ class RedisStores:
         self.ops = 0                     # commands sent (redis_operations_total)
         self.reconciled = 0
         self._changed: set[int] = set()
+        self._expired_at: dict[int, float] = {}   # row -> when its TTL was last set
         self._tasks: list[asyncio.Task] = []
         self._add_once = self.r.register_script(ADD_ONCE)
         self._renew = self.r.register_script(RENEW)
         self._local_seq = 0
         self.snapshot_loaded = asyncio.Event()
+        self.write_every_s = max(settings.tick_ms / 1000.0, 0.02)  # one pipeline per tick
 
     # ---------------------------------------------------------------- lifecycle
     async def start(self, hub) -> None:
@@ -249,14 +253,15 @@ class RedisStores:
                 if self.leader:
                     # a new writer writes everything once: the old one may have died mid-way
                     self._changed.update(range(self.hub.core.n))
+                    self._expired_at.clear()
             self.ops += 1
             self.healthy = True
-            for _ in range(int(3 / WRITE_EVERY_S)):
+            for _ in range(int(3 / self.write_every_s)):
                 if self.leader:
                     await self._write_changed()
                 else:
                     self._changed.clear()
-                await asyncio.sleep(WRITE_EVERY_S)
+                await asyncio.sleep(self.write_every_s)
 
     async def _write_changed(self) -> None:
         if not self._changed:
@@ -266,13 +271,14 @@ class RedisStores:
         pipe = self.r.pipeline(transaction=False)
         geo = []
         n = 0
+        now = time.monotonic()
+        from .._core._schema import STATUSES
         for r in rows:
             rec = core.cur[r]
             if rec["version"] == 0:
                 continue
             vid = core.ids[r]
             key = f"vehicle:current:{vid}"
-            from .._core._schema import STATUSES
             pipe.hset(key, mapping={
                 "lat": repr(float(rec["lat"])), "lon": repr(float(rec["lon"])),
                 "speed": repr(float(rec["speed"])), "course": repr(float(rec["course"])),
@@ -283,12 +289,15 @@ class RedisStores:
                 "driver": json.dumps(core.driver[r], ensure_ascii=False),
                 "assignment": json.dumps(core.assignment[r], ensure_ascii=False),
             })
-            pipe.expire(key, VEHICLE_TTL_S)
-            for g in core.groups_of[r]:
-                pipe.sadd(f"group:{g}:vehicles", vid)
+            n += 1
+            if now - self._expired_at.get(r, -1e9) >= EXPIRE_EVERY_S:
+                pipe.expire(key, VEHICLE_TTL_S)
+                self._expired_at[r] = now
                 n += 1
+                for g in core.groups_of[r]:  # membership, refreshed as rarely
+                    pipe.sadd(f"group:{g}:vehicles", vid)
+                    n += 1
             geo.extend((float(rec["lon"]), float(rec["lat"]), vid))
-            n += 2
         if geo:
             pipe.geoadd("vehicles:geoindex", geo)
             n += 1
