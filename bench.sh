@@ -1,41 +1,58 @@
 #!/usr/bin/env bash
-# Builds the project, then runs every benchmark in benchmarks/.
-#   ./bench.sh          full sizes (issue 2: 20k vehicles x 5k clients)
-#   ./bench.sh --smoke  cut-down sizes, well under a minute; `make test` runs it so it cannot rot
-# Results go to benchmarks/results/<timestamp>.json; the last line printed is one JSON object.
+# Builds the project, then runs every benchmark in benchmarks/, with its baselines in the same run.
+#   ./bench.sh          full sizes (20k vehicles, 5k clients, 10k connections, 200k Kafka records)
+#   ./bench.sh --smoke  cut-down sizes in under a minute; `make test` runs it so that it cannot rot
+# Writes benchmarks/results/<timestamp>.json, .md (table) and .png (plot). The last line printed
+# is one JSON object: deliveries_ratio_vs_raw, p99_ms, tick_ms, socketio_ratio, rss_kb_per_conn, kafka_ratio.
 set -euo pipefail
 cd "$(dirname "$0")"
 SMOKE=0
 [ "${1:-}" = "--smoke" ] && SMOKE=1
+say() { echo "bench: $*" >&2; }
+say "building"
 make -s build >/dev/null
 PY=.venv/bin/python
 mkdir -p benchmarks/results
 stamp=$(date -u +%Y%m%dT%H%M%SZ)
 out="benchmarks/results/$stamp.json"
+t0=$(date +%s)
 
 if [ "$SMOKE" = 1 ]; then
-  echo "bench: core (smoke: 4k vehicles x 1k clients)" >&2
+  say "[1/3] core: compiled vs numpy reference (4k vehicles x 1k clients)"
   core=$($PY benchmarks/bench_core.py --vehicles 4000 --clients 1000 --changed 200 --ticks 5 --ref-ticks 1)
+  say "[2/3] end to end: scenarios a, b, c with the raw and python-socketio baselines"
+  e2e=$($PY benchmarks/bench_e2e.py --smoke --skip sweep)
+  say "[3/3] Kafka ingest vs a bare aiokafka loop (20k records)"
+  kafka=$($PY benchmarks/bench_kafka.py --records 20000)
+  mem=null
 else
-  echo "bench: core (20k vehicles x 5k clients, 1k changed per tick)" >&2
+  say "[1/5] core: compiled vs numpy reference (20k vehicles x 5k clients, 1k changed per tick)"
   core=$($PY benchmarks/bench_core.py --vehicles 20000 --clients 5000 --changed 1000 --ticks 30 --ref-ticks 2)
-  echo "bench: core memory (50k vehicles x 10k clients)" >&2
+  say "[2/5] core memory (50k vehicles x 10k clients)"
   mem=$($PY benchmarks/bench_memory.py --vehicles 50000 --clients 10000)
-  echo "$mem" >&2
-  echo "bench: pytest-benchmark (compiled and reference, same fixtures)" >&2
+  say "[3/5] pytest-benchmark (compiled and reference, same fixtures)"
   $PY -m pytest -q benchmarks/bench_core.py --benchmark-only --benchmark-columns=min,median,max,rounds \
     --benchmark-json="benchmarks/results/$stamp-pytest.json" >&2
+  say "[4/5] end to end: scenarios a (with a client sweep), b, c; raw and python-socketio baselines"
+  e2e=$($PY benchmarks/bench_e2e.py)
+  say "[5/5] Kafka ingest vs a bare aiokafka loop (200k records)"
+  kafka=$($PY benchmarks/bench_kafka.py --records 200000)
 fi
-echo "$core" >&2
-printf '{"timestamp":"%s","smoke":%s,"core":%s,"memory":%s}\n' "$stamp" "$SMOKE" "$core" "${mem:-null}" > "$out"
-echo "bench: wrote $out" >&2
+machine="$(uname -m), $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB, $(.venv/bin/python -V)"
+printf '{"timestamp":"%s","smoke":%s,"machine":"%s","core":%s,"memory":%s,"e2e":%s,"kafka":%s}\n' \
+  "$stamp" "$SMOKE" "$machine" "$core" "$mem" "$e2e" "$kafka" > "$out"
+$PY benchmarks/report.py "$out" >&2
+say "wrote $out (.md, .png) in $(( $(date +%s) - t0 )) s"
 $PY - "$out" <<'PYEOF'
 import json, sys
 r = json.load(open(sys.argv[1]))
-c = r["core"]
-print(json.dumps({"core_speedup_vs_reference": c["speedup_vs_reference"],
-                  "core_us_per_delivery": c["us_per_delivery"],
-                  "core_route_encode_us_per_delivery": c["route_encode_us_per_delivery"],
-                  "core_tick_ms": c["compiled_tick_ms_median"],
-                  "deliveries_per_tick": c["deliveries_per_tick"]}))
+e, k = r["e2e"], r["kafka"]
+print(json.dumps({
+    "deliveries_ratio_vs_raw": e.get("deliveries_ratio_vs_raw"),
+    "p99_ms": e["a_realtime"]["p99_ms"],
+    "tick_ms": e["a_realtime"]["tick_ms_avg"],
+    "socketio_ratio": e.get("socketio_ratio"),
+    "rss_kb_per_conn": e["c_realtime"]["rss_kb_per_conn"],
+    "kafka_ratio": k["kafka_ratio"],
+}))
 PYEOF

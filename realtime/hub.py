@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 
 import msgspec
 
@@ -37,6 +38,7 @@ class Stats:
         self.frames_sent = 0
         self.bytes_sent = 0
         self.ticks = 0
+        self.tick_seconds = 0.0   # route + encode + write, summed over ticks
         self.events = 0
         self.events_unknown_vehicle = 0
 
@@ -126,6 +128,13 @@ class Hub:
                 log.exception("tick failed")
 
     def flush(self) -> None:
+        t0 = time.perf_counter()
+        try:
+            self._flush()
+        finally:
+            self.stats.tick_seconds += time.perf_counter() - t0
+
+    def _flush(self) -> None:
         out = self.core.tick()
         self._tick_no += 1
         self.stats.ticks += 1

@@ -42,12 +42,19 @@ class HubCollector:
         yield CounterMetricFamily("events_delivered", "Events handed to the core", value=st.events)
         yield CounterMetricFamily("redis_operations", "Redis commands sent",
                                   value=getattr(hub.stores, "ops", 0))
+        yield CounterMetricFamily("hub_ticks", "Ticks run", value=st.ticks)
+        yield CounterMetricFamily("hub_tick_seconds", "Time in ticks (route, encode, write)",
+                                  value=st.tick_seconds)
         yield GaugeMetricFamily("vehicles_tracked", "Vehicles in memory", value=hub.core.n)
         kafka = app.get("kafka")
         if kafka is not None:
             yield GaugeMetricFamily("kafka_consumer_lag", "Records behind the end of the topic",
                                     value=kafka.lag)
             yield CounterMetricFamily("kafka_records", "Kafka records read", value=kafka.records)
+            yield GaugeMetricFamily("kafka_first_record_time_seconds", "When the first record was read",
+                                    value=kafka.first_record_at)
+            yield GaugeMetricFamily("kafka_last_record_time_seconds", "When the latest records were applied",
+                                    value=kafka.last_record_at)
 
 
 def setup(app: web.Application) -> None:

@@ -79,6 +79,8 @@ class KafkaIngest:
         self.connected = False
         self.lag = 0
         self.records = 0
+        self.first_record_at = 0.0   # wall clock of the first and the latest record read,
+        self.last_record_at = 0.0    # for the ingest benchmark
         self._task: asyncio.Task | None = None
         self._bad_log = RateLimitedLog(log)
         self.positions: dict[TopicPartition, int] = {}   # where to go on after a reconnect
@@ -227,6 +229,8 @@ class KafkaIngest:
     async def _consume_loop(self, c) -> None:
         while True:
             batches = await c.getmany(timeout_ms=100, max_records=10000)
+            if batches and not self.first_record_at:
+                self.first_record_at = time.time()
             updates = []
             for tp, records in batches.items():
                 for r in records:
@@ -237,6 +241,8 @@ class KafkaIngest:
                         await self._reject(r, e)
             if updates:
                 await self.sink(updates)
+            if batches:
+                self.last_record_at = time.time()
             await self._update_lag()
 
     async def _reject(self, record, e: Rejected) -> None:

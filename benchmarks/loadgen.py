@@ -1,0 +1,252 @@
+"""WebSocket load generator: many real connections from one process, no task per message.
+
+Each connection is a bare asyncio Protocol on uvloop that does the HTTP
+upgrade, sends one masked `subscribe` text frame, then parses server frames
+in `data_received`. Per frame it counts the messages with `bytes.count`
+(no JSON parsing); one frame in `--sample` is decoded to measure end-to-end
+latency from each message's `ts` (set when the update was made) to its
+receipt. Works against realtime, the raw baseline and anything that sends
+the same frames.
+
+Run alone: `python benchmarks/loadgen.py --port P --clients N --seconds S`
+prints one JSON object with frames, messages, bytes, latency percentiles.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import random
+import struct
+import sys
+import time
+
+import numpy as np
+import uvloop
+
+MARK = b'"t":"'
+
+
+def mask_frame(payload: bytes, opcode: int = 0x1) -> bytes:
+    key = os.urandom(4)
+    n = len(payload)
+    if n < 126:
+        head = bytes((0x80 | opcode, 0x80 | n))
+    elif n < 65536:
+        head = bytes((0x80 | opcode, 0x80 | 126)) + struct.pack(">H", n)
+    else:
+        head = bytes((0x80 | opcode, 0x80 | 127)) + struct.pack(">Q", n)
+    arr = np.frombuffer(payload, np.uint8) ^ np.resize(np.frombuffer(key, np.uint8), n)
+    return head + key + arr.tobytes()
+
+
+class Stats:
+    def __init__(self, sample: int):
+        self.sample = sample
+        self.frames = 0
+        self.messages = 0
+        self.bytes = 0
+        self.latencies: list[float] = []
+        self.connected = 0
+        self.failed = 0
+        self.closed = 0
+
+
+class WSClient(asyncio.Protocol):
+    __slots__ = ("host", "path", "subscribe", "stats", "buf", "upgraded", "transport", "ready")
+
+    def __init__(self, host, path, subscribe: bytes, stats: Stats, ready: asyncio.Future):
+        self.host = host
+        self.path = path
+        self.subscribe = subscribe
+        self.stats = stats
+        self.buf = bytearray()
+        self.upgraded = False
+        self.ready = ready
+
+    def connection_made(self, transport):
+        self.transport = transport
+        key = base64.b64encode(os.urandom(16)).decode()
+        transport.write((f"GET {self.path} HTTP/1.1\r\nHost: {self.host}\r\nUpgrade: websocket\r\n"
+                         f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                         f"Sec-WebSocket-Version: 13\r\n\r\n").encode())
+
+    def data_received(self, data):
+        buf = self.buf
+        buf += data
+        if not self.upgraded:
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            if not buf.startswith(b"HTTP/1.1 101"):
+                self.stats.failed += 1
+                self.transport.close()
+                return
+            del buf[: end + 4]
+            self.upgraded = True
+            self.stats.connected += 1
+            if self.subscribe.startswith(b"42"):      # socket.io: join the namespace first
+                self.transport.write(mask_frame(b"40"))
+            if self.subscribe:
+                self.transport.write(mask_frame(self.subscribe))
+            if not self.ready.done():
+                self.ready.set_result(True)
+        st = self.stats
+        now = time.time() * 1000
+        while len(buf) >= 2:
+            b1 = buf[1] & 0x7F
+            off = 2
+            if b1 == 126:
+                if len(buf) < 4:
+                    return
+                n = struct.unpack_from(">H", buf, 2)[0]
+                off = 4
+            elif b1 == 127:
+                if len(buf) < 10:
+                    return
+                n = struct.unpack_from(">Q", buf, 2)[0]
+                off = 10
+            else:
+                n = b1
+            if len(buf) < off + n:
+                return
+            opcode = buf[0] & 0x0F
+            payload = bytes(buf[off: off + n])
+            del buf[: off + n]
+            if opcode == 0x9:       # ping -> pong
+                self.transport.write(mask_frame(payload, 0xA))
+                continue
+            if opcode == 0x8:
+                self.transport.close()
+                return
+            if opcode not in (0x1, 0x2):
+                continue
+            if payload == b"2":                      # engine.io ping
+                self.transport.write(mask_frame(b"3"))
+                continue
+            st.frames += 1
+            st.bytes += n
+            if payload.startswith(b'{"type":"batch"'):
+                st.messages += payload.count(MARK)
+                if st.frames % st.sample == 0:
+                    try:
+                        for m in json.loads(payload)["messages"]:
+                            if "ts" in m and m.get("t") in ("pos", "delta", "full"):
+                                st.latencies.append(now - m["ts"])
+                    except ValueError:
+                        pass
+            elif payload.startswith(b"42["):          # socket.io event: one message each
+                st.messages += payload.count(MARK)
+                if st.frames % st.sample == 0:
+                    try:
+                        m = json.loads(payload[2:])[1]
+                        if "ts" in m:
+                            st.latencies.append(now - m["ts"])
+                    except (ValueError, IndexError, TypeError):
+                        pass
+
+    def connection_lost(self, exc):
+        self.stats.closed += 1
+
+
+async def run(host, port, clients, seconds, path_fmt, subscribe_fmt, sample, seed, warmup):
+    loop = asyncio.get_running_loop()
+    stats = Stats(sample)
+    rng = random.Random(seed)
+    transports = []
+    t_conn = time.monotonic()
+    gate = asyncio.Semaphore(64)  # handshakes in flight: enough to overlap, not a SYN flood
+
+    async def one(i):
+        async with gate:
+            ready = loop.create_future()
+            sub = subscribe_fmt(rng, i)
+            try:
+                t, _ = await loop.create_connection(
+                    lambda: WSClient(f"{host}:{port}", path_fmt(i), sub, stats, ready), host, port)
+                transports.append(t)
+                await asyncio.wait_for(ready, 30)
+            except (OSError, asyncio.TimeoutError):
+                stats.failed += 1
+    await asyncio.gather(*(one(i) for i in range(clients)))
+    deadline = time.monotonic() + 30
+    while stats.connected + stats.failed < clients and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    connect_s = time.monotonic() - t_conn
+    await asyncio.sleep(warmup)
+    print("window", flush=True, file=sys.stderr)  # the orchestrator samples server CPU from here
+    f0, m0, b0 = stats.frames, stats.messages, stats.bytes
+    stats.latencies.clear()
+    t0 = time.monotonic()
+    await asyncio.sleep(seconds)
+    dt = time.monotonic() - t0
+    lat = np.array(stats.latencies) if stats.latencies else np.zeros(1)
+    out = {
+        "clients": clients, "connected": stats.connected, "failed": stats.failed,
+        "closed_early": stats.closed, "connect_s": round(connect_s, 2), "seconds": round(dt, 2),
+        "frames_per_s": round((stats.frames - f0) / dt),
+        "deliveries_per_s": round((stats.messages - m0) / dt),
+        "bytes_per_s": round((stats.bytes - b0) / dt),
+        "latency_samples": int(len(stats.latencies)),
+        "p50_ms": round(float(np.percentile(lat, 50)), 2),
+        "p99_ms": round(float(np.percentile(lat, 99)), 2),
+    }
+    for t in transports:
+        t.close()
+    return out
+
+
+def viewport_subscribe(fleet_bbox, area_fraction):
+    """A random viewport covering `area_fraction` of the fleet's bounding box."""
+    s, w, n, e = fleet_bbox
+    side = area_fraction ** 0.5
+
+    def make(rng, i):
+        lat = s + rng.random() * (n - s) * (1 - side)
+        lon = w + rng.random() * (e - w) * (1 - side)
+        return json.dumps({"type": "subscribe", "subscriptions": {"geographic": {
+            "bounds": {"south": lat, "west": lon, "north": lat + (n - s) * side,
+                       "east": lon + (e - w) * side}, "zoom": 14}}}).encode()
+    return make
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--token", default="")
+    p.add_argument("--clients", type=int, default=100)
+    p.add_argument("--seconds", type=float, default=10)
+    p.add_argument("--warmup", type=float, default=2)
+    p.add_argument("--sample", type=int, default=20)
+    p.add_argument("--area", type=float, default=0.01)
+    p.add_argument("--bbox", default="55.55,37.35,55.95,37.9", help="south,west,north,east of the fleet")
+    p.add_argument("--subscribe", default="viewport", choices=["viewport", "all", "none", "socketio"])
+    p.add_argument("--seed", type=int, default=1)
+    a = p.parse_args()
+    bbox = tuple(float(x) for x in a.bbox.split(","))
+    if a.subscribe == "viewport":
+        sub = viewport_subscribe(bbox, a.area)
+    elif a.subscribe == "all":
+        def sub(rng, i):
+            return json.dumps({"type": "subscribe", "subscriptions": {}}).encode()
+    elif a.subscribe == "socketio":
+        vp = viewport_subscribe(bbox, a.area)
+
+        def sub(rng, i):
+            bounds = json.loads(vp(rng, i))["subscriptions"]["geographic"]["bounds"]
+            return b"42" + json.dumps(["subscribe", bounds]).encode()
+    else:
+        def sub(rng, i):
+            return b""
+    path = f"/ws?token={a.token}" if a.token else "/ws"
+    if a.subscribe == "socketio":
+        path = "/socket.io/?EIO=4&transport=websocket"
+    res = uvloop.run(run(a.host, a.port, a.clients, a.seconds, lambda i: path, sub, a.sample, a.seed, a.warmup))
+    print(json.dumps(res))
+
+
+if __name__ == "__main__":
+    main()

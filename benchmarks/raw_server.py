@@ -1,0 +1,87 @@
+"""Baseline (1), the raw limit: a bare uvloop server that writes pre-encoded
+batch frames, one `transport.write` per client per round, nothing else.
+
+Each round builds one JSON `batch` frame of `--messages` `pos` messages whose
+`ts` is now (so the load generator measures latency the same way), then
+writes it to every client. `--tick-ms 0` writes rounds back to back: the
+most deliveries per second the kernel and the load generator can move here.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import hashlib
+import json
+import resource
+import time
+
+import uvloop
+
+GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC11B30"
+
+
+def frame(payload: bytes) -> bytes:
+    n = len(payload)
+    if n < 126:
+        return bytes((0x81, n)) + payload
+    if n < 65536:
+        return bytes((0x81, 126)) + n.to_bytes(2, "big") + payload
+    return bytes((0x81, 127)) + n.to_bytes(8, "big") + payload
+
+
+class Conn(asyncio.Protocol):
+    clients: set = set()
+
+    def connection_made(self, transport):
+        self.t = transport
+        self.buf = b""
+        self.up = False
+
+    def data_received(self, data):
+        if self.up:
+            return  # client frames (subscribe, pongs) are ignored
+        self.buf += data
+        if b"\r\n\r\n" not in self.buf:
+            return
+        key = next(line.split(b":", 1)[1].strip() for line in self.buf.split(b"\r\n")
+                   if line.lower().startswith(b"sec-websocket-key"))
+        acc = base64.b64encode(hashlib.sha1(key + GUID).digest())
+        self.t.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                     b"Sec-WebSocket-Accept: " + acc + b"\r\n\r\n")
+        self.up = True
+        Conn.clients.add(self.t)
+
+    def connection_lost(self, exc):
+        Conn.clients.discard(self.t)
+
+
+async def main(port, messages, tick_ms):
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(Conn, "127.0.0.1", port, backlog=4096)
+    seq = 0
+    template = [{"t": "pos", "v": f"veh_{i:05d}", "p": [55.751234, 37.612345], "s": 42.5, "c": 180,
+                 "ts": 0} for i in range(messages)]
+    async with server:
+        while True:
+            seq += 1
+            now = int(time.time() * 1000)
+            for m in template:
+                m["ts"] = now
+            data = frame(json.dumps({"type": "batch", "batch_id": f"raw-{seq}", "seq": seq,
+                                     "messages": template}, separators=(",", ":")).encode())
+            for t in list(Conn.clients):
+                if t.get_write_buffer_size() < 1 << 20:
+                    t.write(data)
+            await asyncio.sleep(tick_ms / 1000.0)
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser()
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--messages", type=int, default=10)
+    p.add_argument("--tick-ms", type=float, default=0)
+    a = p.parse_args()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    uvloop.run(main(a.port, a.messages, a.tick_ms))
