@@ -146,7 +146,7 @@ def scenario_a(vehicles, clients, seconds):
 def raw_limit(clients, seconds, messages_per_frame):
     port = free_port()
     s = Proc([PY, str(HERE / "raw_server.py"), "--port", str(port), "--messages", str(messages_per_frame),
-              "--tick-ms", "0"])
+              "--tick-ms", "0", "--expect", str(clients)])
     try:
         wait_port(port)
         lg = loadgen(port, clients, seconds, subscribe="none", path_token=False)

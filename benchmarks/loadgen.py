@@ -73,6 +73,15 @@ class WSClient(asyncio.Protocol):
                          f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
                          f"Sec-WebSocket-Version: 13\r\n\r\n").encode())
 
+    def send_subscribe(self):
+        """After every client is connected, so that handshakes are not starved by traffic."""
+        if not self.upgraded or self.transport.is_closing():
+            return
+        if self.subscribe.startswith(b"42"):      # socket.io: join the namespace first
+            self.transport.write(mask_frame(b"40"))
+        if self.subscribe:
+            self.transport.write(mask_frame(self.subscribe))
+
     def data_received(self, data):
         buf = self.buf
         buf += data
@@ -87,10 +96,6 @@ class WSClient(asyncio.Protocol):
             del buf[: end + 4]
             self.upgraded = True
             self.stats.connected += 1
-            if self.subscribe.startswith(b"42"):      # socket.io: join the namespace first
-                self.transport.write(mask_frame(b"40"))
-            if self.subscribe:
-                self.transport.write(mask_frame(self.subscribe))
             if not self.ready.done():
                 self.ready.set_result(True)
         st = self.stats
@@ -156,6 +161,7 @@ async def run(host, port, clients, seconds, path_fmt, subscribe_fmt, sample, see
     stats = Stats(sample)
     rng = random.Random(seed)
     transports = []
+    protocols = []
     t_conn = time.monotonic()
     gate = asyncio.Semaphore(64)  # handshakes in flight: enough to overlap, not a SYN flood
 
@@ -164,9 +170,10 @@ async def run(host, port, clients, seconds, path_fmt, subscribe_fmt, sample, see
             ready = loop.create_future()
             sub = subscribe_fmt(rng, i)
             try:
-                t, _ = await loop.create_connection(
+                t, proto = await loop.create_connection(
                     lambda: WSClient(f"{host}:{port}", path_fmt(i), sub, stats, ready), host, port)
                 transports.append(t)
+                protocols.append(proto)
                 await asyncio.wait_for(ready, 30)
             except (OSError, asyncio.TimeoutError):
                 stats.failed += 1
@@ -175,6 +182,10 @@ async def run(host, port, clients, seconds, path_fmt, subscribe_fmt, sample, see
     while stats.connected + stats.failed < clients and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
     connect_s = time.monotonic() - t_conn
+    for i, proto in enumerate(protocols):
+        proto.send_subscribe()
+        if i % 100 == 99:
+            await asyncio.sleep(0)
     await asyncio.sleep(warmup)
     print("window", flush=True, file=sys.stderr)  # the orchestrator samples server CPU from here
     f0, m0, b0 = stats.frames, stats.messages, stats.bytes

@@ -56,9 +56,14 @@ class Conn(asyncio.Protocol):
         Conn.clients.discard(self.t)
 
 
-async def main(port, messages, tick_ms):
+async def main(port, messages, tick_ms, expect):
     loop = asyncio.get_running_loop()
     server = await loop.create_server(Conn, "127.0.0.1", port, backlog=4096)
+    # start writing once the expected clients are in (or after 60 s): writing
+    # back to back would otherwise starve the handshakes of the rest
+    deadline = time.monotonic() + 60
+    while len(Conn.clients) < expect and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
     seq = 0
     template = [{"t": "pos", "v": f"veh_{i:05d}", "p": [55.751234, 37.612345], "s": 42.5, "c": 180,
                  "ts": 0} for i in range(messages)]
@@ -81,7 +86,8 @@ if __name__ == "__main__":
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--messages", type=int, default=10)
     p.add_argument("--tick-ms", type=float, default=0)
+    p.add_argument("--expect", type=int, default=0, help="clients to wait for before writing")
     a = p.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    uvloop.run(main(a.port, a.messages, a.tick_ms))
+    uvloop.run(main(a.port, a.messages, a.tick_ms, a.expect))

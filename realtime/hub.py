@@ -120,22 +120,23 @@ class Hub:
                 delay = 0
             await asyncio.sleep(delay)
             try:
-                self.flush()
+                self.flush(rebuild=True)
                 if loop.time() >= next_clusters:
                     next_clusters = loop.time() + CLUSTER_REFRESH_S
                     self.refresh_clusters()
             except Exception:  # a bug in one tick must not stop delivery for good
                 log.exception("tick failed")
 
-    def flush(self) -> None:
+    def flush(self, rebuild: bool = False) -> None:
+        """Route and send now. Commands call it with rebuild=False (see Core.tick)."""
         t0 = time.perf_counter()
         try:
-            self._flush()
+            self._flush(rebuild)
         finally:
             self.stats.tick_seconds += time.perf_counter() - t0
 
-    def _flush(self) -> None:
-        out = self.core.tick()
+    def _flush(self, rebuild: bool) -> None:
+        out = self.core.tick(rebuild)
         self._tick_no += 1
         self.stats.ticks += 1
         if not out:

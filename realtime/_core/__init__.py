@@ -17,8 +17,8 @@ class Core(CoreBase):
     def _k_client_diff(self, c, full_all):
         return _kernel.k_client_diff(self, c, full_all)
 
-    def _k_tick(self):
-        return _kernel.k_tick(self)
+    def _k_tick(self, rebuild=True):
+        return _kernel.k_tick(self, rebuild)
 
 
 __all__ = ["Core", "CoreBase", "CLIENT_DTYPE", "TickPending", "UpdateBatch",

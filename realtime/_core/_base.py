@@ -99,6 +99,9 @@ class CoreBase:
         self.n_clients = 0       # high-water mark of client rows
         self.events: list = []   # pending (row, pieces(json, mp), is_alert)
         self.grid_dirty = True
+        # clients whose routing inputs changed since the grid was built; a
+        # command's tick routes them by brute force instead of rebuilding
+        self.grid_pending: set[int] = set()
         self.kernel_state = None  # private to the kernel (the Cython grid)
 
     # ------------------------------------------------------------------ vehicles
@@ -379,7 +382,7 @@ class CoreBase:
         if not view_all and rec["rights_sel"] == -1:
             # a restricted token that names nothing may see nothing
             rec["rights_sel"] = self._empty_selection()
-        self.grid_dirty = True
+        self._grid_changed(c)
         return c
 
     def _empty_selection(self) -> int:
@@ -394,7 +397,11 @@ class CoreBase:
         self.vis[:, w] &= ~b
         self.client_types.pop(c, None)
         self.client_free.append(c)
+        self._grid_changed(c)
+
+    def _grid_changed(self, c: int) -> None:
         self.grid_dirty = True
+        self.grid_pending.add(c)
 
     def _check_idle(self):
         if self.dirty[: self.n].any():
@@ -412,7 +419,7 @@ class CoreBase:
         self._release_selection(old)
         contacts_changed = bool(rec["contacts"]) != bool(contacts)
         rec["contacts"] = 1 if contacts else 0
-        self.grid_dirty = True
+        self._grid_changed(c)
         return self._k_client_diff(c, contacts_changed)
 
     def subscribe(self, c: int, vehicles=(), groups=(), bounds=None, zoom=None,
@@ -442,7 +449,7 @@ class CoreBase:
         rec["type_mask"] = np.uint64(self._type_mask(self.client_types.get(c)))
         old_alerts = bool(rec["show_alerts"])
         rec["show_alerts"] = 1 if show_alerts else 0
-        self.grid_dirty = True
+        self._grid_changed(c)
         body = self._k_client_diff(c, old_alerts != bool(show_alerts))
         return self.visible_count(c), body
 
@@ -453,14 +460,14 @@ class CoreBase:
             # a map that sends its viewport first subscribes to everything in it
             return self.subscribe(c, bounds=bounds, zoom=zoom)[1]
         self._set_bounds(rec, bounds, zoom)
-        self.grid_dirty = True
+        self._grid_changed(c)
         return self._k_client_diff(c, False)
 
     def unsubscribe(self, c: int) -> bytes | None:
         self._check_idle()
         rec = self.clients[c]
         rec["active"] = 0
-        self.grid_dirty = True
+        self._grid_changed(c)
         return self._k_client_diff(c, False)
 
     @staticmethod
@@ -562,10 +569,14 @@ class CoreBase:
                                                  else b"\xdd" + n.to_bytes(4, "big"))
         return head + b"".join(pieces)
 
-    def tick(self):
+    def tick(self, rebuild: bool = True):
         """Route every change since the last tick. Returns [(body, [client rows])]:
-        clients that get identical messages share one body."""
-        return self._k_tick()
+        clients that get identical messages share one body.
+
+        rebuild=False (a client command's flush) keeps the spatial index as it
+        is and checks the clients changed since it was built one by one, so a
+        burst of subscriptions does not rebuild it once per command."""
+        return self._k_tick(rebuild)
 
     # ------------------------------------------------------------------ frames
     @staticmethod

@@ -817,7 +817,7 @@ def k_client_diff(core, Py_ssize_t c, bint full_all):
         free(b.data)
 
 # ---------------------------------------------------------------- tick
-def k_tick(core):
+def k_tick(core, bint rebuild=True):
     """Route every dirty vehicle and pending event; return [(body, rows)]."""
     cdef Py_ssize_t n = core.n, nc = core.n_clients
     cdef Py_ssize_t vwords = core.sel_bits.shape[1], cwords = core.vis.shape[1]
@@ -828,9 +828,13 @@ def k_tick(core):
     cdef uint64_t* sel = words(core.sel_bits)
     cdef uint8_t[::1] dirty = core.dirty
 
-    if core.grid_dirty or core.kernel_state is None:
+    if core.kernel_state is None or (core.grid_dirty and rebuild):
         core.kernel_state = Grid(core)
         core.grid_dirty = False
+        core.grid_pending.clear()
+    # clients changed since the grid was built: candidates for every vehicle
+    pending_a = np.fromiter((c for c in core.grid_pending if c < nc), np.int32)
+    cdef int32_t[::1] pending = pending_a
     cdef Grid grid = core.kernel_state
     cdef int64_t[::1] gkeys = grid.keys
     cdef int32_t[::1] gclients = grid.clients
@@ -901,6 +905,13 @@ def k_tick(core):
                             stamp[c] = di + 1
                             cand[n_cand] = c
                             n_cand += 1
+            # e) clients changed since the grid was built
+            for j in range(pending.shape[0]):
+                c = pending[j]
+                if stamp[c] != di + 1:
+                    stamp[c] = di + 1
+                    cand[n_cand] = c
+                    n_cand += 1
             # d) clients that watch everything
             for j in range(gglobal.shape[0]):
                 c = gglobal[j]
