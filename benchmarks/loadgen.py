@@ -50,6 +50,7 @@ class Stats:
         self.bytes = 0
         self.latencies: list[float] = []
         self.connected = 0
+        self.subscribed = 0
         self.failed = 0
         self.closed = 0
 
@@ -133,7 +134,9 @@ class WSClient(asyncio.Protocol):
                 continue
             st.frames += 1
             st.bytes += n
-            if payload.startswith(b'{"type":"batch"'):
+            if payload.startswith(b'{"type":"subscribed"'):
+                st.subscribed += 1
+            elif payload.startswith(b'{"type":"batch"'):
                 st.messages += payload.count(MARK)
                 if st.frames % st.sample == 0:
                     try:
@@ -186,6 +189,11 @@ async def run(host, port, clients, seconds, path_fmt, subscribe_fmt, sample, see
         proto.send_subscribe()
         if i % 100 == 99:
             await asyncio.sleep(0)
+    # measure the steady state: after every subscription is answered
+    wait_subs = any(p.subscribe.startswith(b'{"type":"subscribe"') for p in protocols[:1])
+    deadline = time.monotonic() + 120
+    while wait_subs and stats.subscribed < stats.connected and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
     await asyncio.sleep(warmup)
     print("window", flush=True, file=sys.stderr)  # the orchestrator samples server CPU from here
     f0, m0, b0 = stats.frames, stats.messages, stats.bytes
