@@ -273,3 +273,16 @@ async def test_a_fresh_instance_shows_the_fleet_from_the_snapshot(redis_url, uid
 
 async def _count(r, g, n):
     return await r.scard(f"group:{g}:vehicles") >= n
+
+
+async def test_named_vehicles_unknown_here_are_read_from_redis_at_once(rserver, r, uid):
+    vid = uid + "fresh"
+    await r.hset(f"vehicle:current:{vid}", mapping={
+        "lat": "51.5", "lon": "0.1", "status": "moving", "timestamp": str(int(time.time() * 1000))})
+    c = await Client.connect(rserver, token())
+    await c.recv_type("welcome")
+    t0 = time.monotonic()
+    sub, msgs = await c.subscribe(subscriptions={"vehicles": [vid]})
+    assert sub["visible"] == 1 and msgs[0]["p"] == [51.5, 0.1]
+    assert time.monotonic() - t0 < 2  # not the 5 s reconcile
+    await c.close()

@@ -73,6 +73,9 @@ class MemoryStores:
     async def resolve_groups(self, names) -> None:
         pass
 
+    async def resolve_vehicles(self, ids) -> None:
+        pass
+
     # ---------------------------------------------------------------- vehicles
     def changed(self, rows) -> None:
         pass

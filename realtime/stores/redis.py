@@ -389,6 +389,28 @@ class RedisStores:
             self.hub.stats.reject(e.reason)
             return None
 
+    async def resolve_vehicles(self, ids) -> None:
+        """Named vehicles this instance has not seen yet, from `vehicle:current:{id}`
+        at once, rather than at the next reconcile (a client resuming here must
+        get its snapshot)."""
+        core = self.hub.core
+        missing = [v for v in dict.fromkeys(ids)
+                   if core.row_of(v) < 0 or core.cur[core.row_of(v)]["version"] == 0]
+        if not missing:
+            return
+        pipe = self.r.pipeline(transaction=False)
+        for v in missing:
+            pipe.hgetall(f"vehicle:current:{v}")
+        updates = []
+        for v, h in zip(missing, await pipe.execute()):
+            if h:
+                u = self._from_hash(v, h)
+                if u is not None:
+                    updates.append(u)
+        self.ops += len(missing)
+        if updates:
+            self.hub.apply_updates(updates)
+
     async def _refresh_groups(self) -> None:
         """Group membership written by the vehicle registry, for groups in use."""
         await self.resolve_groups(list(self.hub.core.sel_by_group.keys()))

@@ -153,6 +153,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
         s.claims = claims.with_acl(acl)
         record, events = await _load_resume(request, hub, claims)
         await stores.resolve_groups(list(s.claims.groups) + _groups_of(record))
+        await stores.resolve_vehicles(((record or {}).get("subscription") or {}).get("vehicles") or [])
     except Exception as e:  # the stores are down: serve from memory, without resume
         log.warning("stores unavailable at connect", extra={"fields": {"error": repr(e)[:200]}})
     # from here on synchronous until the first message: nothing is delivered in between
@@ -239,6 +240,7 @@ async def _dispatch(hub, authn, s: Session, msg, settings) -> None:
                     return
                 try:
                     await hub.stores.resolve_groups(m.subscriptions.groups)
+                    await hub.stores.resolve_vehicles(m.subscriptions.vehicles)
                 except Exception:  # stores down: subscribe with the membership we know
                     pass
                 if s.closed:
