@@ -330,6 +330,26 @@ class Hub:
         if body not in (b"[]", b"\x90"):
             s.send_batch(self.core.frame, self.batch_id(), body)
 
+    # ------------------------------------------------------------ shutdown
+    async def say_goodbye(self, grace_s: float) -> None:
+        """PROTOCOL §5: tell every client to reconnect elsewhere (after a jittered
+        delay, so that they do not all come back at once), let the outboxes drain,
+        then close with 1001."""
+        import random
+        sessions = list(self.sessions.values())
+        spread_ms = int(min(5000.0, max(500.0, grace_s * 300)))
+        for s in sessions:
+            s.send({"type": "reconnect", "reason": "shutdown", "after_ms": random.randint(100, spread_ms)})
+        deadline = asyncio.get_running_loop().time() + max(0.1, grace_s / 3)
+        while asyncio.get_running_loop().time() < deadline:
+            if all(s.transport.pending() == 0 for s in sessions if not s.closed):
+                break
+            await asyncio.sleep(0.02)
+        for s in sessions:
+            s.close(1001, "server shutting down")
+        # give the close frames a moment to leave
+        await asyncio.sleep(0.05)
+
     # ------------------------------------------------------------ reads
     def may_see(self, claims: Claims, vehicle_id: str) -> bool:
         if claims.view_all or vehicle_id in claims.vehicles:

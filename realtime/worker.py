@@ -44,6 +44,15 @@ async def serve(settings, ready: asyncio.Event | None = None) -> None:
     await stop.wait()
     log.info("shutting down")
     t0 = loop.time()
+    # stop accepting, then tell the clients (PROTOCOL §5)
+    for srv in [getattr(x, "_server", None) for x in runner.sites]:
+        if srv is not None:
+            srv.close()
+    try:
+        await asyncio.wait_for(app["hub"].say_goodbye(settings.shutdown_grace),
+                               settings.shutdown_grace / 2)
+    except Exception:
+        log.exception("goodbye to clients failed")
     try:
         await asyncio.wait_for(runner.cleanup(), settings.shutdown_grace)
         log.info("stopped", extra={"fields": {"elapsed_s": round(loop.time() - t0, 3)}})

@@ -342,3 +342,32 @@ async def test_subscription_size_limit(server):
     e = await c.recv_type("error")
     assert e["code"] == "bad_request" and "at most" in e["message"]
     await c.close()
+
+
+async def test_sigterm_sends_reconnect_then_closes_1001_and_exits_0(uid):
+    import signal as _signal
+
+    from conftest import Server
+    s = Server("--simulate", "0", "--shutdown-grace", "4")
+    try:
+        clients = []
+        for _ in range(3):
+            c = await Client.connect(s, token())
+            await c.recv_type("welcome")
+            clients.append(c)
+        t0 = time.monotonic()
+        s.proc.send_signal(_signal.SIGTERM)
+        delays = []
+        for c in clients:
+            m = await c.recv_type("reconnect", timeout=5)
+            assert m["reason"] == "shutdown" and m["after_ms"] > 0
+            delays.append(m["after_ms"])
+            assert await closed_with(c, 5) == 1001
+        assert len(set(delays)) > 1  # jittered, so that they do not all return at once
+        assert s.proc.wait(10) == 0
+        assert time.monotonic() - t0 < 4 + 1
+        # no new connections are accepted once shutdown began
+        with pytest.raises(OSError):
+            await websockets.connect(s.ws_url + "?token=" + token(), open_timeout=2)
+    finally:
+        s.stop()

@@ -56,6 +56,10 @@ class RawWriter:
             return
         t.writelines((frame_header(self.opcode, len(payload)), payload))
 
+    def pending(self) -> int:
+        t = self.transport
+        return 0 if t is None or t.is_closing() else t.get_write_buffer_size()
+
     def close(self, code: int, reason: str) -> None:
         if not self.ws.closed:
             self.loop.create_task(self.ws.close(code=code, message=reason.encode()[:120]))
