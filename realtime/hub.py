@@ -23,6 +23,7 @@ from .messages import Subscribe
 from .session import Session
 from .stores.base import Event
 from .stores.memory import MemoryStores
+from .tasks import cancel_and_wait
 
 log = logging.getLogger("realtime.hub")
 CLUSTER_REFRESH_S = 1.0  # clustered clients get at most one `clusters` a second
@@ -99,13 +100,8 @@ class Hub:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="hub-tick")
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     async def _run(self) -> None:
         period = self.settings.tick_ms / 1000.0

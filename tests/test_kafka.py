@@ -40,6 +40,25 @@ async def produce(server, records):
         await p.stop()
 
 
+async def read_topic(bootstrap, topic, partitions, until, timeout=10.0):
+    """Records of a topic from the beginning, until `until(records)` holds or time runs out."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None,
+                                auto_offset_reset="earliest", enable_auto_commit=False)
+    await consumer.start()
+    got = []
+    try:
+        tps = [TopicPartition(topic, p) for p in range(partitions)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        deadline = time.time() + timeout
+        while time.time() < deadline and not until(got):
+            for records in (await consumer.getmany(timeout_ms=300)).values():
+                got.extend(records)
+    finally:
+        await consumer.stop()
+    return got
+
+
 def js(u):
     return json.dumps(u, ensure_ascii=False).encode()
 
@@ -72,21 +91,10 @@ async def test_poison_records_do_not_block_and_go_to_the_dead_letter_topic(kafka
     got = await c.wait_messages(lambda m: m.get("v") == vid, timeout=10)
     assert got[-1]["t"] == "full"
     # the dead-letter topic holds copies of the three, with the reason
-    consumer = AIOKafkaConsumer(bootstrap_servers=kafka_server.bootstrap, group_id=None,
-                                auto_offset_reset="earliest", enable_auto_commit=False)
-    await consumer.start()
-    try:
-        tp = TopicPartition(kafka_server.dlq, 0)
-        consumer.assign([tp])
-        await consumer.seek_to_beginning(tp)
-        seen = {}
-        deadline = time.time() + 10
-        while time.time() < deadline and not {uid + "p1", uid + "p2", uid + "p3"} <= set(seen):
-            for records in (await consumer.getmany(timeout_ms=500)).values():
-                for r in records:
-                    seen[r.key.decode()] = dict(r.headers)["x-reject-reason"].decode()
-    finally:
-        await consumer.stop()
+    want = {uid + "p1", uid + "p2", uid + "p3"}
+    records = await read_topic(kafka_server.bootstrap, kafka_server.dlq, 1,
+                               lambda got: want <= {r.key.decode() for r in got})
+    seen = {r.key.decode(): dict(r.headers)["x-reject-reason"].decode() for r in records}
     assert seen[uid + "p1"] == "invalid_json"
     assert seen[uid + "p2"] == "missing_field"
     assert seen[uid + "p3"] == "invalid_msgpack"
@@ -122,21 +130,9 @@ async def test_http_ingest_goes_through_kafka_when_configured(kafka_server, uid)
     got = await c.wait_messages(lambda m: m.get("v") == vid, timeout=10)
     assert got[-1]["p"] == [50.5, 30.5]
     # it is on the topic, for every instance
-    consumer = AIOKafkaConsumer(bootstrap_servers=kafka_server.bootstrap, group_id=None,
-                                auto_offset_reset="earliest", enable_auto_commit=False)
-    await consumer.start()
-    try:
-        tps = [TopicPartition(kafka_server.topic, p) for p in range(3)]
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        found = False
-        deadline = time.time() + 10
-        while not found and time.time() < deadline:
-            for records in (await consumer.getmany(timeout_ms=300)).values():
-                found = found or any(r.key == vid.encode() for r in records)
-    finally:
-        await consumer.stop()
-    assert found
+    records = await read_topic(kafka_server.bootstrap, kafka_server.topic, 3,
+                               lambda got: any(r.key == vid.encode() for r in got))
+    assert any(r.key == vid.encode() for r in records)
     await c.close()
 
 

@@ -20,6 +20,7 @@ import time
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
+from ..tasks import cancel_and_wait
 from .decode import Rejected, decode_record
 
 log = logging.getLogger("realtime.kafka")
@@ -90,12 +91,7 @@ class KafkaIngest:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="kafka-ingest")
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(self._task)
         await self._close()
 
     async def _close(self) -> None:
