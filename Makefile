@@ -10,7 +10,8 @@ CORE_SRC := $(wildcard realtime/_core/*.pyx realtime/_core/*.pxd realtime/_core/
 all: build
 
 $(VENV)/.deps: requirements.txt requirements-dev.txt pyproject.toml
-	@$(PYTHON) -m venv --help >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq python3-venv python3-dev build-essential)
+	@# on Debian/Ubuntu `venv` imports without python3-venv; ensurepip is what is missing
+	@$(PYTHON) -c "import ensurepip, venv" >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq python3-venv python3-dev build-essential)
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -r requirements-dev.txt

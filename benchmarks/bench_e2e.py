@@ -143,40 +143,35 @@ def scenario_a(vehicles, clients, seconds):
         s.stop()
 
 
-def raw_limit(clients, seconds, messages_per_frame):
+def under_load(start, clients, seconds, subscribe, settle=True, path_token=True):
+    """Start a server (start(port) -> Proc), put the load generator on it, measure."""
     port = free_port()
-    s = Proc([PY, str(HERE / "raw_server.py"), "--port", str(port), "--messages", str(messages_per_frame),
-              "--tick-ms", "0", "--expect", str(clients)])
+    s = start(port)
     try:
         wait_port(port)
-        lg = loadgen(port, clients, seconds, subscribe="none", path_token=False)
+        if settle:
+            time.sleep(SETTLE)
+        lg = loadgen(port, clients, seconds, subscribe=subscribe, path_token=path_token)
         return measured(s, lg, clients, seconds)
     finally:
         s.stop()
+
+
+def raw_limit(clients, seconds, messages_per_frame):
+    return under_load(lambda port: Proc([PY, str(HERE / "raw_server.py"), "--port", str(port),
+                                         "--messages", str(messages_per_frame), "--tick-ms", "0",
+                                         "--expect", str(clients)]),
+                      clients, seconds, "none", settle=False, path_token=False)
 
 
 def socketio_peer(vehicles, clients, seconds):
-    port = free_port()
-    s = Proc([PY, str(HERE / "socketio_server.py"), "--port", str(port), "--vehicles", str(vehicles)])
-    try:
-        wait_port(port)
-        time.sleep(SETTLE)
-        lg = loadgen(port, clients, seconds, subscribe="socketio", path_token=False)
-        return measured(s, lg, clients, seconds)
-    finally:
-        s.stop()
+    return under_load(lambda port: Proc([PY, str(HERE / "socketio_server.py"), "--port", str(port),
+                                         "--vehicles", str(vehicles)]),
+                      clients, seconds, "socketio", path_token=False)
 
 
 def scenario_b(vehicles, clients, seconds):
-    port = free_port()
-    s = realtime(port, vehicles)
-    try:
-        wait_port(port)
-        time.sleep(SETTLE)
-        lg = loadgen(port, clients, seconds, subscribe="all")
-        return measured(s, lg, clients, seconds)
-    finally:
-        s.stop()
+    return under_load(lambda port: realtime(port, vehicles), clients, seconds, "all")
 
 
 def scenario_c(clients):

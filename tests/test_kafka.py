@@ -59,15 +59,21 @@ async def read_topic(bootstrap, topic, partitions, until, timeout=10.0):
     return got
 
 
+async def watching(server, *vids):
+    """A WebSocket client subscribed to these vehicles."""
+    c = await Client.connect(server, token())
+    await c.recv_type("welcome")
+    await c.subscribe(subscriptions={"vehicles": list(vids)})
+    return c
+
+
 def js(u):
     return json.dumps(u, ensure_ascii=False).encode()
 
 
 async def test_record_reaches_a_subscribed_client(kafka_server, uid):
     vid = uid + "k"
-    c = await Client.connect(kafka_server, token())
-    await c.recv_type("welcome")
-    await c.subscribe(subscriptions={"vehicles": [vid]})
+    c = await watching(kafka_server, vid)
     t0 = int(time.time() * 1000)
     await produce(kafka_server, [(vid, js(update(vid, 55.1, 37.2, t0, speed=40, status="moving",
                                                   vehicle_type="truck")), None)])
@@ -81,9 +87,7 @@ async def test_record_reaches_a_subscribed_client(kafka_server, uid):
 
 async def test_poison_records_do_not_block_and_go_to_the_dead_letter_topic(kafka_server, uid):
     vid = uid + "after"
-    c = await Client.connect(kafka_server, token())
-    await c.recv_type("welcome")
-    await c.subscribe(subscriptions={"vehicles": [vid]})
+    c = await watching(kafka_server, vid)
     poison = [(uid + "p1", b"{not json", None),
               (uid + "p2", js({"vehicle_id": uid + "p2", "timestamp": 1}), None),        # no position
               (uid + "p3", b"\xc1\xc1", [("content-type", b"application/msgpack")])]
@@ -103,9 +107,7 @@ async def test_poison_records_do_not_block_and_go_to_the_dead_letter_topic(kafka
 
 async def test_msgpack_records(kafka_server, uid):
     vid = uid + "mp"
-    c = await Client.connect(kafka_server, token())
-    await c.recv_type("welcome")
-    await c.subscribe(subscriptions={"vehicles": [vid]})
+    c = await watching(kafka_server, vid)
     u = update(vid, 56.0, 38.0, status="idle", driver={"name": "Петров", "phone": "+7"})
     await produce(kafka_server, [(vid, msgpack.packb(u), [("content-type", b"application/msgpack")])])
     got = await c.wait_messages(lambda m: m.get("v") == vid, timeout=10)
@@ -122,9 +124,7 @@ async def test_consumer_lag_is_a_metric(kafka_server):
 async def test_http_ingest_goes_through_kafka_when_configured(kafka_server, uid):
     from conftest import ingest
     vid = uid + "viakafka"
-    c = await Client.connect(kafka_server, token())
-    await c.recv_type("welcome")
-    await c.subscribe(subscriptions={"vehicles": [vid]})
+    c = await watching(kafka_server, vid)
     status, body = ingest(kafka_server, [update(vid, 50.5, 30.5)])
     assert status == 200 and body["accepted"] == 1
     got = await c.wait_messages(lambda m: m.get("v") == vid, timeout=10)
