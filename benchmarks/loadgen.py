@@ -56,7 +56,12 @@ class Stats:
 
 
 class WSClient(asyncio.Protocol):
-    __slots__ = ("host", "path", "subscribe", "stats", "buf", "upgraded", "transport", "ready")
+    __slots__ = ("host", "path", "subscribe", "stats", "buf", "upgraded", "transport", "ready",
+                 "extensions")
+
+    # set by --deflate: offered like a browser does; only idle runs use it, as
+    # the per-frame accounting below reads uncompressed payloads
+    EXTENSIONS = ""
 
     def __init__(self, host, path, subscribe: bytes, stats: Stats, ready: asyncio.Future):
         self.host = host
@@ -72,7 +77,7 @@ class WSClient(asyncio.Protocol):
         key = base64.b64encode(os.urandom(16)).decode()
         transport.write((f"GET {self.path} HTTP/1.1\r\nHost: {self.host}\r\nUpgrade: websocket\r\n"
                          f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-                         f"Sec-WebSocket-Version: 13\r\n\r\n").encode())
+                         f"Sec-WebSocket-Version: 13\r\n{self.EXTENSIONS}\r\n").encode())
 
     def send_subscribe(self):
         """After every client is connected, so that handshakes are not starved by traffic."""
@@ -159,7 +164,8 @@ class WSClient(asyncio.Protocol):
         self.stats.closed += 1
 
 
-async def run(host, port, clients, seconds, path_fmt, subscribe_fmt, sample, seed, warmup):
+async def run(host, port, clients, seconds, path_fmt, subscribe_fmt, sample, seed, warmup,
+              barrier=False, latencies_file=None):
     loop = asyncio.get_running_loop()
     stats = Stats(sample)
     rng = random.Random(seed)
@@ -194,6 +200,11 @@ async def run(host, port, clients, seconds, path_fmt, subscribe_fmt, sample, see
     deadline = time.monotonic() + 120
     while wait_subs and stats.subscribed < stats.connected and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
+    if barrier:
+        # several load-generator processes: the orchestrator says `go` once
+        # every one of them is connected and subscribed, so they measure together
+        print("ready", flush=True, file=sys.stderr)
+        await loop.run_in_executor(None, sys.stdin.readline)
     await asyncio.sleep(warmup)
     print("window", flush=True, file=sys.stderr)  # the orchestrator samples server CPU from here
     f0, m0, b0 = stats.frames, stats.messages, stats.bytes
@@ -212,6 +223,8 @@ async def run(host, port, clients, seconds, path_fmt, subscribe_fmt, sample, see
         "p50_ms": round(float(np.percentile(lat, 50)), 2),
         "p99_ms": round(float(np.percentile(lat, 99)), 2),
     }
+    if latencies_file:  # for percentiles merged across processes
+        np.save(latencies_file, np.asarray(stats.latencies, dtype=np.float32))
     for t in transports:
         t.close()
     return out
@@ -244,7 +257,13 @@ def main():
     p.add_argument("--bbox", default="55.55,37.35,55.95,37.9", help="south,west,north,east of the fleet")
     p.add_argument("--subscribe", default="viewport", choices=["viewport", "all", "none", "socketio"])
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--deflate", action="store_true", help="offer permessage-deflate (idle runs)")
+    p.add_argument("--barrier", action="store_true",
+                   help="print `ready` when subscribed, wait for a line on stdin, then measure")
+    p.add_argument("--latencies-file", help="save the window's latency samples (ms) here, .npy")
     a = p.parse_args()
+    if a.deflate:
+        WSClient.EXTENSIONS = "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n"
     bbox = tuple(float(x) for x in a.bbox.split(","))
     if a.subscribe == "viewport":
         sub = viewport_subscribe(bbox, a.area)
@@ -263,7 +282,8 @@ def main():
     path = f"/ws?token={a.token}" if a.token else "/ws"
     if a.subscribe == "socketio":
         path = "/socket.io/?EIO=4&transport=websocket"
-    res = uvloop.run(run(a.host, a.port, a.clients, a.seconds, lambda i: path, sub, a.sample, a.seed, a.warmup))
+    res = uvloop.run(run(a.host, a.port, a.clients, a.seconds, lambda i: path, sub, a.sample, a.seed, a.warmup,
+                         a.barrier, a.latencies_file))
     print(json.dumps(res))
 
 

@@ -142,7 +142,8 @@ async def live(request):
 
 
 async def ready(request):
-    """503 with reasons while Kafka or Redis (when configured) is unreachable."""
+    """503 with reasons while Kafka or Redis (when configured) is unreachable,
+    or the worker is overloaded: event-loop lag, CPU or memory over its threshold."""
     app = request.app
     problems = []
     if app["settings"].redis and not app["hub"].stores.healthy:
@@ -150,6 +151,8 @@ async def ready(request):
     kafka = app.get("kafka")
     if kafka is not None and not kafka.connected:
         problems.append("kafka unreachable")
+    st = app["settings"]
+    problems += app["hub"].load.problems(st.ready_max_loop_lag_ms, st.ready_max_cpu, st.ready_max_memory)
     body = {"status": "ok" if not problems else "unavailable", "problems": problems,
             "connections": len(app["hub"].sessions)}
     return web.json_response(body, status=200 if not problems else 503)

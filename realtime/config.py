@@ -51,6 +51,16 @@ class Settings:
     auth_timeout_s: float = 10.0
     token_expiry_warning_s: float = 60.0
     write_buffer_close_bytes: int = 16 * 1024 * 1024
+    pong_timeout_s: float = 60.0  # no pong (or any frame) for this long: close 1011
+    idle_jitter_s: float = 30.0   # a non-moving vehicle's jitter is sent at most this often
+    idle_jitter_m: float = 50.0   # position changes under this many metres are jitter
+    slow_client_buffer_bytes: int = 256 * 1024  # write buffer above this: conflate
+    slow_client_max_events: int = 1000  # events held while conflating; more: close 1013
+    ready_max_loop_lag_ms: float = 500.0
+    ready_max_cpu: float = 0.95         # share of one core over 10 s
+    ready_max_memory: float = 0.9       # share of the memory limit (cgroup, else RAM)
+    ws_deflate: str = "on"       # on: accept a permessage-deflate offer; off: never
+    deflate_min_bytes: int = 512  # smaller messages go out uncompressed
     demo_token: bool = field(default=False, metadata={"cli": False})
 
     @property
@@ -64,6 +74,8 @@ class Settings:
             raise ValueError("--workers > 1 needs --redis: workers share sessions and state through Redis")
         if self.tick_ms <= 0:
             raise ValueError("--tick-ms must be positive")
+        if self.ws_deflate not in ("on", "off"):
+            raise ValueError("--ws-deflate is on or off")
         if self.kafka_from not in (None, "earliest", "latest", "time"):
             raise ValueError("--kafka-from is earliest, latest or time")
         if bool(self.tls_cert) != bool(self.tls_key):

@@ -14,11 +14,14 @@ import os
 import time
 
 import msgspec
+import numpy as np
 
 from ._core import Core, UpdateBatch
 from ._core._schema import FMT_JSON
 from .auth import Claims
 from .ingest.decode import to_batch
+from .latency import Histogram
+from .loadmon import LoadMonitor
 from .messages import Subscribe
 from .session import Session
 from .stores.base import Event
@@ -42,6 +45,12 @@ class Stats:
         self.tick_seconds = 0.0   # route + encode + write, summed over ticks
         self.events = 0
         self.events_unknown_vehicle = 0
+        self.went_offline = 0        # vehicles silent past --offline-after-s
+        self.forgotten = 0           # vehicles silent past --stale-after-s, dropped
+        self.conflations = 0         # times a slow connection stopped getting positions
+        self.frames_conflated = 0    # batches not written to a conflating connection
+        self.slow_closed = 0         # closed 1013: its events could not be kept
+        self.pong_timeouts = 0
 
     def reject(self, reason: str, n: int = 1):
         self.ingest_rejected[reason] = self.ingest_rejected.get(reason, 0) + n
@@ -61,6 +70,12 @@ class Hub:
         self._bg: set[asyncio.Task] = set()
         self._per_ip: dict[str, int] = {}
         self._per_user: dict[str, int] = {}
+        self.core.jitter_s = settings.idle_jitter_s
+        self.core.jitter_m = settings.idle_jitter_m
+        self.latency = Histogram()
+        self._arrivals: list[tuple[float, int]] = []   # (monotonic time, updates) since the last tick
+        self.conflating: set[Session] = set()
+        self.load = LoadMonitor()
 
     # ------------------------------------------------------------ ingest
     def apply_updates(self, updates: list[dict]) -> int:
@@ -71,7 +86,9 @@ class Hub:
 
     def apply(self, batch: UpdateBatch) -> int:
         before = self.core.ignored_stale
-        rows, _ = self.core.apply(batch)
+        now = time.monotonic()
+        rows, _ = self.core.apply(batch, now)
+        self._arrivals.append((now, len(batch)))
         self.stats.ingest_updates += len(batch)
         self.stores.changed(rows)
         for row, alert in self.core.new_alerts:
@@ -98,16 +115,19 @@ class Hub:
     # ------------------------------------------------------------ ticks
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="hub-tick")
+        self.load.start()
 
     async def stop(self) -> None:
         await cancel_and_wait(self._task)
         self._task = None
+        await self.load.stop()
 
     async def _run(self) -> None:
         period = self.settings.tick_ms / 1000.0
         loop = asyncio.get_running_loop()
         deadline = loop.time()
         next_clusters = deadline + CLUSTER_REFRESH_S
+        next_second = deadline + 1.0
         while True:
             deadline += period
             delay = deadline - loop.time()
@@ -120,6 +140,10 @@ class Hub:
                 if loop.time() >= next_clusters:
                     next_clusters = loop.time() + CLUSTER_REFRESH_S
                     self.refresh_clusters()
+                if loop.time() >= next_second:
+                    next_second = loop.time() + 1.0
+                    self.check_vehicles(time.monotonic())
+                    self.check_connections(time.monotonic())
             except Exception:  # a bug in one tick must not stop delivery for good
                 log.exception("tick failed")
 
@@ -132,20 +156,81 @@ class Hub:
             self.stats.tick_seconds += time.perf_counter() - t0
 
     def _flush(self, rebuild: bool) -> None:
-        out = self.core.tick(rebuild)
+        # sessions conflating before this tick get its events held instead
+        already = list(self.conflating) if self.conflating else None
+        events = list(self.core.events) if already else None
+        out = self.core.tick(rebuild, time.monotonic())
         self._tick_no += 1
         self.stats.ticks += 1
-        if not out:
+        if out:
+            batch_id = f"{self.instance_id}-{self._tick_no}".encode()
+            envelope = self.core.envelope
+            sessions = self.sessions
+            st = self.stats
+            for body, rows in out:
+                for row in rows:
+                    s = sessions.get(row)
+                    if s is None:
+                        continue
+                    if s.known is not None:
+                        st.frames_conflated += 1
+                        continue
+                    s.send_batch(envelope, batch_id, body)
+                    st.frames_sent += 1
+                    if s.transport.congested:
+                        self._conflate(s)
+        if already:
+            self._conflating_tick(already, events)
+        if self._arrivals:
+            arrived = np.array(self._arrivals)
+            self._arrivals.clear()
+            self.latency.observe((time.monotonic() - arrived[:, 0]) * 1000.0, arrived[:, 1])
+
+    # ------------------------------------------------------------ slow clients
+    def _conflate(self, s: Session) -> None:
+        """PROTOCOL §3.3: the connection's write buffer passed its high-water
+        mark. Stop writing position batches to it and remember what it has;
+        events are held for it. It gets the latest state once it drains."""
+        s.known = self.core.visible_rows(s.row)
+        s.held = []
+        self.conflating.add(s)
+        self.stats.conflations += 1
+
+    def _conflating_tick(self, sessions, events) -> None:
+        limit = self.settings.slow_client_max_events
+        for s in sessions:
+            if s.closed or s.row < 0:
+                self.conflating.discard(s)
+                continue
+            for row, jp, mp, is_alert in events or ():
+                if self._sees(s, row) and (s.show_alerts or not is_alert):
+                    s.held.append(mp if s.fmt else jp)
+            if len(s.held) > limit:
+                # the one thing that is never dropped cannot be kept: the
+                # client resumes with last_event and gets them from the log
+                self.stats.slow_closed += 1
+                self.conflating.discard(s)
+                s.close(1013, f"slow client: more than {limit} events waiting")
+            elif not s.transport.congested_now():
+                self._catch_up(s)
+
+    def _catch_up(self, s: Session) -> None:
+        """Flowing again (or a command needs a consistent view): one batch with
+        the latest state of what it sees, `leave` for what it lost, then the
+        events it missed."""
+        if s.known is None:
             return
-        batch_id = f"{self.instance_id}-{self._tick_no}".encode()
-        frame = self.core.frame
-        sessions = self.sessions
-        for body, rows in out:
-            for row in rows:
-                s = sessions.get(row)
-                if s is not None:
-                    s.send_batch(frame, batch_id, body)
-                    self.stats.frames_sent += 1
+        known, held = s.known, s.held
+        s.known, s.held = None, []
+        self.conflating.discard(s)
+        body = self.core.resync(s.row, known)
+        if s.cells is not None:
+            s.cells = [None]  # resend the clusters at the next refresh
+        s.send_batch(self.core.envelope, self.batch_id(), body)
+        if held:
+            s.send_batch(self.core.envelope, self.batch_id(), self.core.body_of(s.fmt, held))
+        if s.transport.congested:
+            self._conflate(s)
 
     def batch_id(self) -> bytes:
         return f"{self.instance_id}-{self._tick_no}".encode()
@@ -168,6 +253,7 @@ class Hub:
         self._per_user[c.sub] = self._per_user.get(c.sub, 0) + 1
 
     def detach(self, s: Session) -> None:
+        self.conflating.discard(s)
         if s.row >= 0 and self.sessions.get(s.row) is s:
             del self.sessions[s.row]
             self.core.remove_client(s.row)
@@ -181,6 +267,7 @@ class Hub:
 
     def subscribe(self, s: Session, msg, reply: bool = True) -> None:
         self.flush()
+        self._catch_up(s)
         sub, f = msg.subscriptions, msg.filters
         geo = sub.geographic
         bounds = geo.bounds.as_tuple() if geo and geo.bounds else None
@@ -192,7 +279,7 @@ class Hub:
         if reply:
             s.send({"type": "subscribed", **({"id": msg.id} if msg.id is not None else {}),
                     "visible": visible})
-        s.send_batch(self.core.frame, self.batch_id(), body)
+        s.send_batch(self.core.envelope, self.batch_id(), body)
         old_vehicles = s.subscription.get("subscriptions", {}).get("vehicles", []) if s.subscription else []
         s.subscription = msgspec.to_builtins(msg)
         s.subscription.pop("id", None)
@@ -202,11 +289,12 @@ class Hub:
 
     def viewport(self, s: Session, msg) -> None:
         self.flush()
+        self._catch_up(s)
         bounds = msg.bounds.as_tuple()
         body = self.core.set_viewport(s.row, bounds, msg.zoom)
         s.view = (bounds, msg.zoom)
         body = self._cluster_or(s, self.core.visible_count(s.row), body)
-        s.send_batch(self.core.frame, self.batch_id(), body, msg.id)
+        s.send_batch(self.core.envelope, self.batch_id(), body, msg.id)
         if s.subscription is None:
             s.subscription = {"subscriptions": {}, "filters": {}}
         geo = {"bounds": dict(zip(("south", "west", "north", "east"), bounds)), "zoom": msg.zoom}
@@ -215,6 +303,7 @@ class Hub:
 
     def unsubscribe(self, s: Session, msg) -> None:
         self.flush()
+        self._catch_up(s)
         body = self.core.unsubscribe(s.row)
         s.view = (None, None)
         if s.cells is not None:
@@ -222,7 +311,7 @@ class Hub:
             s.cells = None
             body = self._clusters_body(s, [])
         s.send({"type": "unsubscribed", **({"id": msg.id} if msg.id is not None else {})})
-        s.send_batch(self.core.frame, self.batch_id(), body)
+        s.send_batch(self.core.envelope, self.batch_id(), body)
         old_vehicles = s.subscription.get("subscriptions", {}).get("vehicles", []) if s.subscription else []
         s.subscription = None
         self.spawn(self.stores.set_client_vehicles(s.client_id, old_vehicles, []))
@@ -251,7 +340,7 @@ class Hub:
                                    "filters": record.get("filters") or {}}, Subscribe)
             self.subscribe(s, msg, reply=False)
         else:
-            s.send_batch(self.core.frame, self.batch_id(), self.core.empty_body(s.fmt))
+            s.send_batch(self.core.envelope, self.batch_id(), self.core.empty_body(s.fmt))
         pieces = []
         for ev in events:
             row = self.core.row_of(ev.vehicle_id)
@@ -259,7 +348,7 @@ class Hub:
                 continue
             pieces.append(self.core.event_pieces(row, ev.etype, ev.body, ev.eid, ev.ts)[s.fmt])
         if pieces:
-            s.send_batch(self.core.frame, self.batch_id(), self.core.body_of(s.fmt, pieces))
+            s.send_batch(self.core.envelope, self.batch_id(), self.core.body_of(s.fmt, pieces))
 
     def _sees(self, s: Session, row: int) -> bool:
         return bool((int(self.core.vis[row, s.row >> 6]) >> (s.row & 63)) & 1)
@@ -310,21 +399,57 @@ class Hub:
     def refresh_clusters(self) -> None:
         """Resend the cells of clustered clients whose picture changed."""
         for s in list(self.sessions.values()):
-            if s.cells is None:
+            if s.cells is None or s.known is not None:
                 continue
             cells = self.core.cluster_cells(s.row, self._cell_deg(s))
             if cells != s.cells:
                 s.cells = cells
-                s.send_batch(self.core.frame, self.batch_id(), self._clusters_body(s, cells))
+                s.send_batch(self.core.envelope, self.batch_id(), self._clusters_body(s, cells))
+
+    # ------------------------------------------------------------ once a second
+    def check_vehicles(self, now: float) -> None:
+        """PROTOCOL §3.3: silent for --offline-after-s turns `offline` (sent by
+        the next tick as a delta); silent for --stale-after-s gets `leave` with
+        `r: stale` and is forgotten."""
+        st = self.settings
+        core = self.core
+        stale = core.silent_rows(now - st.stale_after_s)
+        if len(stale):
+            self.flush()
+            for s in list(self.conflating):   # forget() needs every view current
+                self._catch_up(s)
+            envelope, batch_id = core.envelope, self.batch_id()
+            for body, rows in core.forget(stale):
+                for row in rows:
+                    s = self.sessions.get(row)
+                    if s is not None:
+                        s.send_batch(envelope, batch_id, body)
+            self.stats.forgotten += len(stale)
+            log.info("vehicles forgotten", extra={"fields": {"count": int(len(stale)),
+                                                             "silent_s": st.stale_after_s}})
+        off = core.mark_offline(core.silent_rows(now - st.offline_after_s))
+        if len(off):
+            self.stores.changed(off)
+            self.stats.went_offline += len(off)
+
+    def check_connections(self, now: float) -> None:
+        """Heartbeat (PROTOCOL §3.3): pings, and closes what stopped answering."""
+        st = self.settings
+        timeout = st.pong_timeout_s
+        for s in list(self.sessions.values()):
+            if not s.closed and not s.transport.keepalive(now, st.heartbeat_s, timeout):
+                self.stats.pong_timeouts += 1
+                s.close(1011, f"no pong for {timeout:g} s")
 
     def set_claims(self, s: Session, claims: Claims) -> None:
         """New rights (token refresh, ACL update): diff what the client sees."""
         self.flush()
+        self._catch_up(s)
         s.claims = claims
         body = self.core.set_rights(s.row, claims.view_all, claims.vehicles, claims.groups,
                                     claims.contacts)
         if body not in (b"[]", b"\x90"):
-            s.send_batch(self.core.frame, self.batch_id(), body)
+            s.send_batch(self.core.envelope, self.batch_id(), body)
 
     # ------------------------------------------------------------ shutdown
     async def say_goodbye(self, grace_s: float) -> None:

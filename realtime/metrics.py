@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 
 class HubCollector:
@@ -23,38 +23,63 @@ class HubCollector:
         by_kind: dict[str, int] = {}
         for s in hub.sessions.values():
             by_kind[s.kind] = by_kind.get(s.kind, 0) + 1
-        for kind in ("websocket",):
+        for kind in ("websocket", "sse", "long_poll", "grpc"):
             g.add_metric([kind], by_kind.get(kind, 0))
         yield g
-        yield CounterMetricFamily("messages_sent", "Frames written to clients", value=st.frames_sent)
-        users = {s.claims.sub for s in hub.sessions.values()}
-        subs = sum(1 for s in hub.sessions.values() if s.subscription is not None)
-        yield GaugeMetricFamily("subscriptions_per_user_avg", "Active subscriptions per connected user",
-                                value=subs / len(users) if users else 0.0)
-        yield CounterMetricFamily("ingest_updates", "Vehicle updates applied or ignored as older",
-                                  value=st.ingest_updates)
+        h = hub.latency
+        yield HistogramMetricFamily(
+            "message_delivery_latency_ms", "Ingest (arrival in this process) to socket write, per update",
+            buckets=h.buckets(), sum_value=h.sum)
         rej = CounterMetricFamily("ingest_rejected", "Inputs rejected, by reason", labels=["reason"])
         for reason, n in sorted(st.ingest_rejected.items()):
             rej.add_metric([reason], n)
         yield rej
-        yield CounterMetricFamily("ingest_stale_ignored", "Updates older than the stored state",
-                                  value=hub.core.ignored_stale)
-        yield CounterMetricFamily("events_delivered", "Events handed to the core", value=st.events)
-        yield CounterMetricFamily("redis_operations", "Redis commands sent",
-                                  value=getattr(hub.stores, "ops", 0))
-        yield CounterMetricFamily("hub_ticks", "Ticks run", value=st.ticks)
-        yield CounterMetricFamily("hub_tick_seconds", "Time in ticks (route, encode, write)",
-                                  value=st.tick_seconds)
-        yield GaugeMetricFamily("vehicles_tracked", "Vehicles in memory", value=hub.core.n)
+        users = {s.claims.sub for s in hub.sessions.values()}
+        subs = sum(1 for s in hub.sessions.values() if s.subscription is not None)
+        load = hub.load
+        core = hub.core
+        C, G = CounterMetricFamily, GaugeMetricFamily
+        table = [
+            (C, "messages_sent", "Frames written to clients", st.frames_sent),
+            (G, "subscriptions_per_user_avg", "Active subscriptions per connected user",
+             subs / len(users) if users else 0.0),
+            (C, "ingest_updates", "Vehicle updates applied or ignored as older", st.ingest_updates),
+            (C, "ingest_stale_ignored", "Updates older than the stored state", core.ignored_stale),
+            (C, "events_delivered", "Events handed to the core", st.events),
+            (C, "redis_operations", "Redis commands sent", getattr(hub.stores, "ops", 0)),
+            (C, "hub_ticks", "Ticks run", st.ticks),
+            (C, "hub_tick_seconds", "Time in ticks (route, encode, write)", st.tick_seconds),
+            (G, "vehicles_tracked", "Vehicles in memory", core.n - len(core.row_free)),
+            (C, "vehicles_went_offline", "Vehicles turned offline by silence", st.went_offline),
+            (C, "vehicles_forgotten", "Vehicles dropped as stale", st.forgotten),
+            (C, "slow_client_conflations", "Times a slow connection stopped getting position "
+             "batches (it gets the latest state once it drains)", st.conflations),
+            (C, "slow_client_frames_conflated", "Batches not written to conflating connections",
+             st.frames_conflated),
+            (C, "slow_client_closed", "Connections closed 1013: their events could not be kept",
+             st.slow_closed),
+            (G, "slow_clients_conflating", "Connections conflating now", len(hub.conflating)),
+            (C, "heartbeat_timeouts", "Connections closed for no pong", st.pong_timeouts),
+            (G, "event_loop_lag_ms", "How late the event loop woke a 100 ms timer, latest", load.lag_ms),
+            (G, "event_loop_lag_max_ms", "The worst event-loop lag since the last scrape",
+             load.take_max_lag()),
+            (C, "slow_operations", "Event-loop blocks over 100 ms", load.slow_ops),
+            (G, "process_cpu_share", "CPU used, as a share of one core, over 10 s", load.cpu),
+        ]
         kafka = app.get("kafka")
         if kafka is not None:
-            yield GaugeMetricFamily("kafka_consumer_lag", "Records behind the end of the topic",
-                                    value=kafka.lag)
-            yield CounterMetricFamily("kafka_records", "Kafka records read", value=kafka.records)
-            yield GaugeMetricFamily("kafka_first_record_time_seconds", "When the first record was read",
-                                    value=kafka.first_record_at)
-            yield GaugeMetricFamily("kafka_last_record_time_seconds", "When the latest records were applied",
-                                    value=kafka.last_record_at)
+            table += [
+                (G, "kafka_consumer_lag", "Records behind the end of the topic", kafka.lag),
+                (G, "ingest_lag_seconds", "Now minus the newest Kafka record's time; 0 when caught up",
+                 kafka.ingest_lag_s()),
+                (C, "kafka_records", "Kafka records read", kafka.records),
+                (G, "kafka_first_record_time_seconds", "When the first record was read",
+                 kafka.first_record_at),
+                (G, "kafka_last_record_time_seconds", "When the latest records were applied",
+                 kafka.last_record_at),
+            ]
+        for family, name, help_text, value in table:
+            yield family(name, help_text, value=value)
 
 
 def setup(app: web.Application) -> None:

@@ -55,7 +55,8 @@ def new_id(prefix: str) -> str:
 class Session:
     __slots__ = ("transport", "claims", "fmt", "row", "client_id", "session_id", "seq",
                  "limiter", "connected_at", "messages_sent", "bytes_sent", "timers", "kind",
-                 "peer", "closed", "view", "cells", "token_claims", "subscription", "last_ping")
+                 "peer", "closed", "view", "cells", "token_claims", "subscription", "last_ping",
+                 "known", "held", "close_reason")
 
     def __init__(self, transport, claims: Claims, fmt: int, rate: float, kind: str = "websocket",
                  peer: str = ""):
@@ -79,6 +80,11 @@ class Session:
         self.last_ping = self.connected_at
         self.view = (None, None)  # (bounds, zoom) of the subscription
         self.cells = None         # last `clusters` cells sent, None when not clustered
+        # conflation (slow client): the vehicle rows it had when position
+        # updates stopped, and the events held for it since; None when flowing
+        self.known = None
+        self.held: list[bytes] = []
+        self.close_reason = ""
 
     @property
     def show_alerts(self) -> bool:
@@ -92,22 +98,30 @@ class Session:
         if self.closed:
             return
         self.messages_sent += 1
-        self.bytes_sent += len(payload)
-        self.transport.write(payload)
+        self.bytes_sent += self.transport.write(payload)
 
-    def send_batch(self, frame_of, batch_id: bytes, body: bytes, req_id=None) -> None:
-        """frame_of is CoreBase.frame: wraps the shared body with this
-        connection's seq (and request id) in one buffer, written once."""
+    def send_batch(self, envelope_of, batch_id: bytes, body: bytes, req_id=None) -> None:
+        """envelope_of is CoreBase.envelope: this connection's seq (and request
+        id) around the body shared with other connections, written at once."""
+        if self.closed:
+            return
         self.seq += 1
-        self.write(frame_of(self.fmt, batch_id, self.seq, body, req_id))
+        prefix, suffix = envelope_of(self.fmt, batch_id, self.seq, req_id)
+        self.messages_sent += 1
+        self.bytes_sent += self.transport.write_parts(prefix, body, suffix)
 
     def cancel_timers(self) -> None:
         for t in self.timers:
             t.cancel()
         self.timers.clear()
 
+    @property
+    def conflating(self) -> bool:
+        return self.known is not None
+
     def close(self, code: int, reason: str) -> None:
         if not self.closed:
+            self.close_reason = reason
             self.closed = True
             self.cancel_timers()
             self.transport.close(code, reason)

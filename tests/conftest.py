@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import socket
@@ -10,6 +11,7 @@ import sys
 import time
 import urllib.request
 import uuid
+import zlib
 from pathlib import Path
 
 import jwt
@@ -168,6 +170,76 @@ class Client:
 
     async def close(self):
         await self.ws.close()
+
+
+class Closed(Exception):
+    def __init__(self, code: int, reason: str):
+        super().__init__(code, reason)
+        self.code, self.reason = code, reason
+
+
+class RawClient:
+    """A WebSocket client on a bare socket: sees the handshake's headers, each
+    frame's RSV1 bit and opcode, and pings (which it does not answer)."""
+    def __init__(self, reader, writer, headers: str):
+        self.reader, self.writer, self.headers = reader, writer, headers
+
+    @classmethod
+    async def connect(cls, server: Server, extensions: str | None = None, rcvbuf: int | None = None):
+        """rcvbuf: a small kernel receive buffer, for a client that stops reading."""
+        sock = socket.socket()
+        if rcvbuf:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        sock.connect(("127.0.0.1", server.port))
+        r, w = await asyncio.open_connection(sock=sock)
+        key = base64.b64encode(os.urandom(16)).decode()
+        ext = f"Sec-WebSocket-Extensions: {extensions}\r\n" if extensions else ""
+        w.write((f"GET /ws?token={token()} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                 f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                 f"Sec-WebSocket-Version: 13\r\n{ext}\r\n").encode())
+        head = (await r.readuntil(b"\r\n\r\n")).decode()
+        assert head.startswith("HTTP/1.1 101"), head
+        return cls(r, w, head.lower())
+
+    async def frame(self, timeout=5.0):
+        """(rsv1, opcode, payload) of the next frame; server frames are unmasked."""
+        b0, b1 = await asyncio.wait_for(self.reader.readexactly(2), timeout)
+        n = b1 & 0x7F
+        if n == 126:
+            n = int.from_bytes(await self.reader.readexactly(2), "big")
+        elif n == 127:
+            n = int.from_bytes(await self.reader.readexactly(8), "big")
+        return bool(b0 & 0x40), b0 & 0x0F, await self.reader.readexactly(n)
+
+    async def message(self, timeout=5.0):
+        """(was it compressed, decoded JSON), skipping pings. A fresh inflater
+        per message is what server_no_context_takeover promises is enough."""
+        rsv1, opcode, payload = await self.frame(timeout)
+        while opcode == 0x9:
+            rsv1, opcode, payload = await self.frame(timeout)
+        if opcode == 0x8:
+            raise Closed(int.from_bytes(payload[:2], "big"), payload[2:].decode())
+        assert opcode == 0x1
+        if rsv1:
+            payload = zlib.decompressobj(-15).decompress(payload + b"\x00\x00\xff\xff")
+        return rsv1, json.loads(payload)
+
+    def send(self, obj):
+        data = json.dumps(obj).encode()
+        mask = os.urandom(4)
+        n = len(data)
+        head = bytes((0x81, 0x80 | n)) if n < 126 else bytes((0x81, 0xFE)) + n.to_bytes(2, "big")
+        self.writer.write(head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(data)))
+
+    async def until(self, kind):
+        while True:
+            rsv1, m = await self.message()
+            if m.get("type") == kind:
+                return rsv1, m
+
+    def close(self):
+        self.writer.close()
+
 
 
 @pytest.fixture(scope="session")

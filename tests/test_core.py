@@ -29,14 +29,14 @@ def tick_by_client(core, rebuild=True):
 
 
 def upd(core, vid, lat, lon, ts, speed=NAN, course=NAN, status=None, vtype=None,
-        alerts=None, driver=None, assignment=None, groups=None):
+        alerts=None, driver=None, assignment=None, groups=None, now=0.0):
     b = UpdateBatch(
         [vid], [lat], [lon], [speed], [course],
         [S.STATUS_CODE[status] if status else S.KEEP],
         [core.vtype_code(vtype) if vtype else S.KEEP], [ts],
         [tuple(alerts) if alerts is not None else None], [driver], [assignment],
         [tuple(groups) if groups is not None else None])
-    return core.apply(b)
+    return core.apply(b, now)
 
 
 def test_layouts_agree():
@@ -403,3 +403,114 @@ def test_larger_random_fleet_matches_reference():
     assert rng is not None
     assert streams[0] == streams[1]
     assert sum(len(v) for o in streams[0] if isinstance(o, dict) for v in o.values()) > 1000
+
+
+# ---------------------------------------------------------------- liveness (PROTOCOL §3.3)
+def test_idle_jitter_is_held_back_until_the_interval_then_sent_with_the_latest(core):
+    core.jitter_s, core.jitter_m = 30.0, 50.0
+    upd(core, "i", 55.0, 37.0, 1, status="idle", now=0.0)
+    upd(core, "m", 56.0, 38.0, 1, status="moving", now=0.0)
+    core.tick(True, 0.0)
+    c = core.add_client()
+    core.subscribe(c)
+    # ~11 m of jitter while idle: held; the same for a moving vehicle: sent
+    upd(core, "i", 55.0001, 37.0, 2, status="idle", now=5.0)
+    upd(core, "m", 56.0001, 38.0, 2, status="moving", now=5.0)
+    out = {int(c2): decode(0, b) for b, cs in core.tick(True, 5.0) for c2 in cs}
+    assert [m["v"] for m in out[c]] == ["m"]
+    # a status change is never held, a big move neither
+    upd(core, "i", 55.0002, 37.0, 3, status="idle", now=10.0)
+    assert core.tick(True, 10.0) == []
+    upd(core, "i", 55.01, 37.0, 4, status="idle", now=12.0)
+    out = {int(c2): decode(0, b) for b, cs in core.tick(True, 12.0) for c2 in cs}
+    assert out[c] == [{"t": "pos", "v": "i", "p": [55.01, 37.0], "s": 0, "c": 0, "ts": 4}]
+    # jitter again: held until 30 s after that send, then the latest goes out
+    upd(core, "i", 55.0101, 37.0, 5, status="idle", now=20.0)
+    assert core.tick(True, 20.0) == []
+    upd(core, "i", 55.0102, 37.0, 6, status="idle", now=43.0)
+    out = {int(c2): decode(0, b) for b, cs in core.tick(True, 43.0) for c2 in cs}
+    assert out[c] == [{"t": "pos", "v": "i", "p": [55.0102, 37.0], "s": 0, "c": 0, "ts": 6}]
+
+
+def test_jitter_and_a_real_change_in_one_batch_is_sent(core):
+    core.jitter_s, core.jitter_m = 30.0, 50.0
+    upd(core, "i", 55.0, 37.0, 1, status="idle", now=0.0)
+    core.tick(True, 0.0)
+    c = core.add_client()
+    core.subscribe(c)
+    b = UpdateBatch(["i", "i"], [55.0, 55.0001], [37.0, 37.0], [NAN, NAN], [NAN, NAN],
+                    [S.STATUS_CODE["stopped"], S.KEEP], [S.KEEP, S.KEEP], [2, 3],
+                    None, None, None, None)
+    core.apply(b, 1.0)
+    out = {int(c2): decode(0, x) for x, cs in core.tick(True, 1.0) for c2 in cs}
+    assert out[c] == [{"t": "delta", "v": "i", "ch": {"p": [55.0001, 37.0], "st": "stopped"}, "ts": 3}]
+
+
+def test_silent_vehicle_goes_offline_then_back_with_its_status(core):
+    upd(core, "a", 55.0, 37.0, 1000, status="moving", vtype="truck", now=0.0)
+    upd(core, "b", 55.1, 37.1, 1000, status="idle", now=250.0)
+    core.tick(True, 250.0)
+    c = core.add_client()
+    core.subscribe(c)
+    silent = core.silent_rows(301.0 - 300.0)
+    assert [core.ids[r] for r in silent] == ["a"]
+    assert list(core.mark_offline(silent)) == [core.row_of("a")]
+    assert len(core.mark_offline(silent)) == 0           # already offline
+    out = {int(c2): decode(0, x) for x, cs in core.tick(True, 301.0) for c2 in cs}
+    assert out[c] == [{"t": "delta", "v": "a", "ch": {"st": "offline"}, "ts": 1000}]
+    # the same state re-read (a reconcile) is not news: still silent
+    upd(core, "a", 55.0, 37.0, 1000, now=302.0)
+    assert core.row_of("a") in core.silent_rows(1.0)
+    # it reports again without a status: the one it had before silence
+    upd(core, "a", 55.0, 37.0, 2000, now=400.0)
+    out = {int(c2): decode(0, x) for x, cs in core.tick(True, 400.0) for c2 in cs}
+    assert out[c] == [{"t": "delta", "v": "a", "ch": {"st": "moving"}, "ts": 2000}]
+    assert core.row_of("a") not in core.silent_rows(399.0)
+
+
+def test_stale_vehicle_leaves_with_reason_stale_and_its_row_is_reused(core):
+    upd(core, "old", 55.0, 37.0, 1, status="idle", groups=["g"], now=0.0)
+    upd(core, "new", 55.0, 37.0, 1, status="idle", now=7000.0)
+    core.tick(True, 7000.0)
+    a = core.add_client()
+    core.subscribe(a)
+    b = core.add_client(fmt=S.FMT_MSGPACK, view_all=False, groups=["g"])
+    core.subscribe(b)
+    g = core.add_client(view_all=False, groups=["g"])
+    core.subscribe(g, bounds=(10, 10, 11, 11))    # sees neither
+    row = core.row_of("old")
+    stale = core.silent_rows(7201.0 - 7200.0)
+    assert list(stale) == [row]
+    out = {int(c): decode(int(core.clients[c]["fmt"]), x) for x, cs in core.forget(stale) for c in cs}
+    assert out == {a: [{"t": "leave", "v": "old", "r": "stale"}],
+                   b: [{"t": "leave", "v": "old", "r": "stale"}]}
+    assert core.row_of("old") == -1 and core.long_form("old", False) is None
+    assert core.group_members("g") == []
+    assert core.visible_count(a) == 1
+    # the row is reused, clean; the group client does not see a stranger
+    upd(core, "fresh", 55.0, 37.0, 5, status="moving", now=7300.0)
+    assert core.row_of("fresh") == row
+    out = {int(c): decode(int(core.clients[c]["fmt"]), x) for x, cs in core.tick(True, 7300.0) for c in cs}
+    assert list(out) == [a] and out[a][0]["t"] == "full" and out[a][0]["v"] == "fresh"
+    # and the forgotten one may come back as new
+    upd(core, "old", 55.0, 37.0, 9, status="idle", groups=["g"], now=7400.0)
+    out = {int(c): decode(int(core.clients[c]["fmt"]), x) for x, cs in core.tick(True, 7400.0) for c in cs}
+    assert out[b][0]["t"] == "full" and out[b][0]["v"] == "old"
+
+
+def test_resync_sends_latest_state_and_leaves_since_the_known_set(core):
+    for i, vid in enumerate("abc"):
+        upd(core, vid, 55.0 + i / 100, 37.0, 1, status="moving", now=0.0)
+    core.tick(True, 0.0)
+    c = core.add_client()
+    core.subscribe(c, bounds=(54, 36, 56, 38))
+    known = core.visible_rows(c)
+    # while the client is not written to: a moves, b leaves the box, d arrives
+    upd(core, "a", 55.5, 37.5, 2, now=1.0)
+    upd(core, "b", 10.0, 10.0, 2, now=1.0)
+    upd(core, "d", 55.2, 37.2, 2, status="idle", now=1.0)
+    core.tick(True, 1.0)
+    msgs = decode(0, core.resync(c, known))
+    assert {m["v"]: m["t"] for m in msgs} == {"a": "full", "c": "full", "d": "full", "b": "leave"}
+    assert [m for m in msgs if m["v"] == "a"][0]["p"] == [55.5, 37.5]
+    assert [m for m in msgs if m["v"] == "b"][0]["r"] == "viewport"

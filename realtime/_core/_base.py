@@ -10,7 +10,8 @@ test oracle. Both kernels read and write the same attributes, so the same tests
 run against both and they cannot drift.
 
 Lifetime: one CoreBase per worker process, owned by the hub. It does no I/O and
-knows nothing of sockets or time; a client is an integer row.
+knows nothing of sockets or clocks (the caller passes `now`, in seconds of any
+monotonic clock); a client is an integer row.
 """
 from __future__ import annotations
 
@@ -41,6 +42,9 @@ CLIENT_DTYPE = np.dtype(
     ],
     align=True,
 )
+
+
+NOT_SILENCED = 255  # `silenced`: the row is not offline by silence
 
 
 class TickPending(RuntimeError):
@@ -103,6 +107,16 @@ class CoreBase:
         # command's tick routes them by brute force instead of rebuilding
         self.grid_pending: set[int] = set()
         self.kernel_state = None  # private to the kernel (the Cython grid)
+        # liveness (PROTOCOL §3.3): when a row last brought news, when it was
+        # last routed, and its status before silence turned it offline
+        self.heard = np.zeros(vcap, np.float64)
+        self.sent_at = np.zeros(vcap, np.float64)
+        self.silenced = np.full(vcap, NOT_SILENCED, np.uint8)
+        self.row_free: list[int] = []   # rows of forgotten (stale) vehicles, for reuse
+        # idle jitter: a non-moving vehicle's position change under jitter_m
+        # metres is held back until jitter_s seconds after its last send (0: off)
+        self.jitter_s = 0.0
+        self.jitter_m = 0.0
 
     # ------------------------------------------------------------------ vehicles
     @property
@@ -128,9 +142,11 @@ class CoreBase:
             arr = np.zeros(new, S.VEHICLE_DTYPE)
             arr[:old] = getattr(self, name)
             setattr(self, name, arr)
-        d = np.zeros(new, np.uint8)
-        d[:old] = self.dirty
-        self.dirty = d
+        for name, fill in (("dirty", 0), ("heard", 0), ("sent_at", 0), ("silenced", NOT_SILENCED)):
+            a = getattr(self, name)
+            b = np.full(new, fill, a.dtype)
+            b[:old] = a
+            setattr(self, name, b)
         vis = np.zeros((new, self.vis.shape[1]), np.uint64)
         vis[:old] = self.vis
         self.vis = vis
@@ -140,29 +156,41 @@ class CoreBase:
             b[:, : a.shape[1]] = a
             setattr(self, name, b)
 
+    _ROW_LISTS = ("ids", "alerts", "driver", "assignment", "groups_of", "enc_id", "enc_al",
+                  "enc_dr", "enc_drr", "enc_as")
+
+    def _row_values(self, vid: str) -> tuple:
+        """A fresh row's entries in _ROW_LISTS, in that order."""
+        return (vid, (), None, None, (), S.enc_both(vid), S.enc_both([]), None, None, None)
+
     def _new_vehicle(self, vid: str) -> int:
-        if self.n == self.vcap:
-            self._grow_vehicles()
-        row = self.n
-        self.n += 1
-        self.ids.append(vid)
+        if self.row_free:
+            row = self.row_free.pop()
+            for name, value in zip(self._ROW_LISTS, self._row_values(vid)):
+                getattr(self, name)[row] = value
+        else:
+            if self.n == self.vcap:
+                self._grow_vehicles()
+            row = self.n
+            self.n += 1
+            for name, value in zip(self._ROW_LISTS, self._row_values(vid)):
+                getattr(self, name).append(value)
         self.id_to_row[vid] = row
-        rec = self.cur[row]
-        rec["ts"] = np.iinfo(np.int64).min
-        rec["status"] = S.ST_UNKNOWN
-        self.sent[row] = self.cur[row]
-        self.alerts.append(())
-        self.driver.append(None)
-        self.assignment.append(None)
-        self.groups_of.append(())
-        self.enc_id.append(S.enc_both(vid))
-        self.enc_al.append(S.enc_both([]))
-        self.enc_dr.append(None)
-        self.enc_drr.append(None)
-        self.enc_as.append(None)
+        self._blank(row)
         for sid in self.sel_by_vid.get(vid, ()):
             self._set_bit(self.sel_bits, sid, row)
         return row
+
+    def _blank(self, row: int) -> None:
+        rec = self.cur[row]
+        rec.fill(0)
+        rec["ts"] = np.iinfo(np.int64).min
+        rec["status"] = S.ST_UNKNOWN
+        self.sent[row] = self.cur[row]
+        self.dirty[row] = 0
+        self.heard[row] = 0.0
+        self.sent_at[row] = 0.0
+        self.silenced[row] = NOT_SILENCED
 
     @staticmethod
     def _set_bit(bits, r, col):
@@ -175,7 +203,7 @@ class CoreBase:
     def row_of(self, vid: str) -> int:
         return self.id_to_row.get(vid, -1)
 
-    def apply(self, batch: S.UpdateBatch):
+    def apply(self, batch: S.UpdateBatch, now: float = 0.0):
         """Apply a columnar batch in order. Returns (rows, masks) of the updates
         that changed something; older-than-stored updates are counted in
         `ignored_stale`. New alerts land in `new_alerts` as (row, alert)."""
@@ -185,7 +213,21 @@ class CoreBase:
         for i, vid in enumerate(batch.ids):
             r = get(vid)
             rows[i] = self._new_vehicle(vid) if r is None else r
+        prev_ts = self.cur["ts"][rows]
+        was_dirty = self.dirty[rows]
+        silenced = self.silenced[rows]
+        back = (silenced != NOT_SILENCED) & (batch.status == S.KEEP)
+        if back.any():
+            # offline by silence, now reporting without a status: what it was before
+            batch.status = batch.status.copy()
+            batch.status[back] = silenced[back]
         accepted, masks = self._k_apply(rows, batch)
+        # news: a newer timestamp (a reconcile re-reading the same state is not)
+        news = rows[accepted & (batch.ts > prev_ts)]
+        self.heard[news] = now
+        self.silenced[news] = NOT_SILENCED
+        if self.jitter_s > 0:
+            self._hold_jitter(rows, accepted, masks, was_dirty, now)
         self.ignored_stale += int(n - accepted.sum())
         self.new_alerts = []
         for i in np.flatnonzero(accepted):
@@ -539,6 +581,90 @@ class CoreBase:
             return True
         return bool((int(self.sel_bits[sid, row >> 6]) >> (row & 63)) & 1)
 
+    # ------------------------------------------------------------------ liveness
+    def _hold_jitter(self, rows, accepted, masks, was_dirty, now: float) -> None:
+        """PROTOCOL §3.3: an idle vehicle's position jitter is sent at most every
+        jitter_s. Such a row stays out of the next tick (not dirty); `sent`
+        keeps what clients have, so the change goes out with the next real one."""
+        small = accepted & (was_dirty == 0) & ((masks & ~(S.F_P | S.F_C | S.F_TS)) == 0)
+        if not small.any():
+            return
+        r = rows[small]
+        cur, sent = self.cur[r], self.sent[r]
+        dy = (cur["lat"] - sent["lat"]) * 111_320.0
+        dx = (cur["lon"] - sent["lon"]) * 111_320.0 * np.cos(np.radians(cur["lat"]))
+        hold = ((cur["status"] != S.ST_MOVING) & (sent["version"] > 0)
+                & (dx * dx + dy * dy < self.jitter_m ** 2) & (now - self.sent_at[r] < self.jitter_s))
+        held_at = np.flatnonzero(small)[hold]   # positions in the batch
+        sent_at = np.setdiff1d(np.flatnonzero(accepted), held_at)
+        # a row with another, real change in the same batch is sent
+        self.dirty[np.setdiff1d(rows[held_at], rows[sent_at])] = 0
+
+    def silent_rows(self, since: float) -> np.ndarray:
+        """Known vehicles that brought no news after `since`."""
+        n = self.n
+        live = self.cur["version"][:n] > 0
+        return np.flatnonzero(live & (self.heard[:n] < since)).astype(np.int32)
+
+    def mark_offline(self, rows) -> np.ndarray:
+        """PROTOCOL §3.3: silent vehicles turn `offline`, which the next tick
+        sends as a `delta` with `st`. Not news: `heard` stays. Returns the rows
+        that changed."""
+        rows = np.asarray(rows, np.int32)
+        rows = rows[(self.cur["status"][rows] != S.ST_OFFLINE) & (self.cur["version"][rows] > 0)]
+        if len(rows) == 0:
+            return rows
+        prev = self.cur["status"][rows]
+        cur = self.cur[rows]
+        n = len(rows)
+        nan = np.full(n, np.nan)
+        b = S.UpdateBatch([self.ids[r] for r in rows], cur["lat"], cur["lon"], nan, nan,
+                          np.full(n, S.ST_OFFLINE, np.uint8), np.full(n, S.KEEP, np.uint8),
+                          cur["ts"], None, None, None, None)
+        self._k_apply(rows, b)
+        self.silenced[rows] = prev
+        return rows
+
+    def forget(self, rows) -> list:
+        """PROTOCOL §3.3: vehicles silent past --stale-after-s get `leave` with
+        `r: stale` and are dropped from memory; their rows are reused. Needs no
+        pending tick. Returns [(body, [client rows])] like tick()."""
+        self._check_idle()
+        per_client: dict[int, list] = {}
+        for r in (int(x) for x in rows):
+            vid = self.ids[r]
+            if self.id_to_row.get(vid) != r:
+                continue
+            pieces = S.enc_both({"t": "leave", "v": vid, "r": "stale"})
+            for c in self._bits_to_clients(self.vis[r]):
+                per_client.setdefault(c, []).append(pieces[int(self.clients[c]["fmt"])])
+            self.vis[r] = 0
+            for bits in (self.group_bits, self.sel_bits):
+                bits[:, r >> 6] &= ~(np.uint64(1) << np.uint64(r & 63))
+            del self.id_to_row[vid]
+            for name, value in zip(self._ROW_LISTS, self._row_values("")):
+                getattr(self, name)[r] = value
+            self._blank(r)
+            self.row_free.append(r)
+        groups: dict[bytes, list] = {}
+        for c, pieces in per_client.items():
+            groups.setdefault(self.body_of(int(self.clients[c]["fmt"]), pieces), []).append(c)
+        return list(groups.items())
+
+    def resync(self, c: int, known_rows) -> bytes:
+        """A client that skipped ticks (a slow connection, conflated) last saw
+        `known_rows`: `full` for every vehicle it sees now, `leave` (with its
+        reason) for each known one it no longer sees. The latest state wins."""
+        self._check_idle()
+        w, bit = c >> 6, np.uint64(1) << np.uint64(c & 63)
+        self.vis[:, w] &= ~bit
+        self.vis[np.asarray(known_rows, np.int64), w] |= bit
+        return self._k_client_diff(c, True)
+
+    def _bits_to_clients(self, words) -> np.ndarray:
+        bits = np.unpackbits(words.view(np.uint8), bitorder="little")
+        return np.flatnonzero(bits[: self.n_clients])
+
     # ------------------------------------------------------------------ events
     def add_event(self, vid: str, etype: str, body, eid: str, ts: int, is_alert=False) -> bool:
         """Queue an instant event for the clients that see the vehicle at the
@@ -569,27 +695,30 @@ class CoreBase:
                                                  else b"\xdd" + n.to_bytes(4, "big"))
         return head + b"".join(pieces)
 
-    def tick(self, rebuild: bool = True):
+    def tick(self, rebuild: bool = True, now: float = 0.0):
         """Route every change since the last tick. Returns [(body, [client rows])]:
         clients that get identical messages share one body.
 
         rebuild=False (a client command's flush) keeps the spatial index as it
         is and checks the clients changed since it was built one by one, so a
         burst of subscriptions does not rebuild it once per command."""
+        if self.jitter_s > 0:
+            self.sent_at[np.flatnonzero(self.dirty[: self.n])] = now
         return self._k_tick(rebuild)
 
     # ------------------------------------------------------------------ frames
     @staticmethod
-    def frame(fmt: int, batch_id: bytes, seq: int, body: bytes, req_id=None) -> bytes:
-        """Wrap a body in the per-connection `batch` envelope (PROTOCOL §3)."""
+    def envelope(fmt: int, batch_id: bytes, seq: int, req_id=None) -> tuple[bytes, bytes]:
+        """The per-connection `batch` envelope (PROTOCOL §3) around a shared
+        body, as (prefix, suffix)."""
         if fmt == S.FMT_JSON:
             rid = b"" if req_id is None else b',"id":' + S.enc_json(req_id)
-            return b'{"type":"batch","batch_id":"%s","seq":%d%s,"messages":%s}' % (
-                batch_id, seq, rid, body)
+            return b'{"type":"batch","batch_id":"%s","seq":%d%s,"messages":' % (
+                batch_id, seq, rid), b"}"
         head = b"\x84" if req_id is None else b"\x85"
         rid = b"" if req_id is None else b"\xa2id" + S.enc_msgpack(req_id)
         return (head + b"\xa4type\xa5batch\xa8batch_id" + S.enc_msgpack(batch_id.decode())
-                + b"\xa3seq" + S.enc_msgpack(seq) + rid + b"\xa8messages" + body)
+                + b"\xa3seq" + S.enc_msgpack(seq) + rid + b"\xa8messages"), b""
 
     @staticmethod
     def empty_body(fmt: int) -> bytes:

@@ -82,6 +82,7 @@ class KafkaIngest:
         self.records = 0
         self.first_record_at = 0.0   # wall clock of the first and the latest record read,
         self.last_record_at = 0.0    # for the ingest benchmark
+        self.newest_record_ms = 0    # the newest record's Kafka timestamp read
         self._task: asyncio.Task | None = None
         self._bad_log = RateLimitedLog(log)
         self.positions: dict[TopicPartition, int] = {}   # where to go on after a reconnect
@@ -231,6 +232,8 @@ class KafkaIngest:
             for tp, records in batches.items():
                 for r in records:
                     self.records += 1
+                    if r.timestamp > self.newest_record_ms:
+                        self.newest_record_ms = r.timestamp
                     try:
                         updates.append(decode_record(r.value, is_msgpack(r.headers)))
                     except Rejected as e:
@@ -253,6 +256,13 @@ class KafkaIngest:
                                          headers=headers)
             except Exception as err:  # the dead-letter copy must never stop consumption
                 self._bad_log.warning("dead-letter send failed", error=repr(err)[:200])
+
+    def ingest_lag_s(self) -> float:
+        """How far behind the topic's newest record this consumer is, in time:
+        0 when caught up, else now minus the newest record read."""
+        if self.lag == 0 or not self.newest_record_ms:
+            return 0.0
+        return max(0.0, time.time() - self.newest_record_ms / 1000.0)
 
     async def _update_lag(self) -> None:
         """Records behind the end of every partition (the consumer-lag metric)."""

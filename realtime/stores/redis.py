@@ -1,7 +1,7 @@
 """The Redis stores (PROTOCOL §1.3), shared by every worker and instance.
 
 Keys written here and read here:
-- `vehicle:current:{id}` hash (EXPIRE 7200) and `vehicles:geoindex`: written
+- `vehicle:current:{id}` hash (EXPIRE --stale-after-s, 7200) and `vehicles:geoindex`: written
   once per 100 ms, pipelined, by the one instance holding the `realtime:writer`
   lease (all instances see the same Kafka stream; one writer is enough). The
   hash also carries `groups`, `alerts`, `driver`, `assignment` as JSON so that
@@ -43,7 +43,6 @@ log = logging.getLogger("realtime.redis")
 STREAM = "events:stream"
 WRITER_LEASE = "realtime:writer"
 RELAY = "realtime:updates"
-VEHICLE_TTL_S = 7200
 # The TTL is refreshed at most once a minute per vehicle, not with every HSET:
 # a key then expires between 1:59 and 2:00 after its last update, for half the commands.
 EXPIRE_EVERY_S = 60.0
@@ -291,7 +290,8 @@ class RedisStores:
             })
             n += 1
             if now - self._expired_at.get(r, -1e9) >= EXPIRE_EVERY_S:
-                pipe.expire(key, VEHICLE_TTL_S)
+                # a vehicle silent this long is forgotten in memory too (§3.3)
+                pipe.expire(key, int(self.settings.stale_after_s))
                 self._expired_at[r] = now
                 n += 1
                 for g in core.groups_of[r]:  # membership, refreshed as rarely
@@ -319,6 +319,7 @@ class RedisStores:
         """Apply every vehicle whose Redis state is newer than memory."""
         core = self.hub.core
         newer: list[bytes] = []
+        forget_before_ms = (time.time() - self.settings.stale_after_s) * 1000.0
         async for keys in self._scan_batches("vehicle:current:*"):
             pipe = self.r.pipeline(transaction=False)
             for k in keys:
@@ -335,7 +336,10 @@ class RedisStores:
                     t = parse_timestamp(int(ts) if ts.isdigit() else _s(ts))
                 except (Rejected, ValueError):
                     continue
-                if row < 0 or core.cur[row]["version"] == 0 or core.cur[row]["ts"] < t:
+                if row >= 0 and core.cur[row]["version"] > 0:
+                    if core.cur[row]["ts"] < t:
+                        newer.append(k)
+                elif t >= forget_before_ms:   # not one memory forgot as stale
                     newer.append(k)
         updates = []
         for i in range(0, len(newer), 1000):

@@ -12,8 +12,10 @@ import asyncio
 import logging
 import time
 
-from aiohttp import WSCloseCode, WSMsgType, web
+from aiohttp import WSCloseCode, WSMsgType, hdrs, web
+from aiohttp.http import ws_ext_gen
 
+from . import deflate
 from .. import messages as M
 from .._core._schema import FMT_JSON, FMT_MSGPACK
 from ..auth import AuthError, Claims
@@ -25,36 +27,112 @@ SUBPROTOCOLS = ("realtime.v1.json", "realtime.v1.msgpack")
 CLOSE_TRY_AGAIN = 1013  # events could not be kept for a slow client: resume
 
 
-def frame_header(opcode: int, n: int) -> bytes:
+RSV1 = 0x40  # "this message is compressed" under permessage-deflate
+
+
+def frame_header(first: int, n: int) -> bytes:
+    """`first` is FIN | RSV1 | opcode."""
     if n < 126:
-        return bytes((0x80 | opcode, n))
+        return bytes((first, n))
     if n < 65536:
-        return bytes((0x80 | opcode, 126)) + n.to_bytes(2, "big")
-    return bytes((0x80 | opcode, 127)) + n.to_bytes(8, "big")
+        return bytes((first, 126)) + n.to_bytes(2, "big")
+    return bytes((first, 127)) + n.to_bytes(8, "big")
+
+
+class DeflateResponse(web.WebSocketResponse):
+    """Accepts a permessage-deflate offer, always with server_no_context_takeover
+    (RFC 7692 §7.1.1.1 lets the server add it), so that no compressor is kept
+    per connection; see deflate.py."""
+
+    def _handshake(self, request):
+        headers, protocol, compress, notakeover = super()._handshake(request)
+        if compress:
+            headers[hdrs.SEC_WEBSOCKET_EXTENSIONS] = ws_ext_gen(
+                compress=compress, isserver=True, server_notakeover=True)
+        return headers, protocol, compress, True
 
 
 class RawWriter:
-    """Writes unmasked, uncompressed server frames straight to the transport."""
+    """Writes unmasked server frames straight to the transport, compressed when
+    permessage-deflate was negotiated and the message is big enough."""
 
-    __slots__ = ("ws", "transport", "opcode", "limit", "loop")
+    __slots__ = ("ws", "transport", "opcode", "limit", "loop", "deflate_from", "hwm", "congested",
+                 "last_seen", "last_ping")
 
-    def __init__(self, ws: web.WebSocketResponse, transport, fmt: int, limit: int):
+    def __init__(self, ws: web.WebSocketResponse, transport, fmt: int, limit: int,
+                 deflate_from: int | None = None, hwm: int = 256 * 1024):
         self.ws = ws
         self.transport = transport
-        self.opcode = 0x2 if fmt == FMT_MSGPACK else 0x1
-        self.limit = limit
+        self.opcode = 0x80 | (0x2 if fmt == FMT_MSGPACK else 0x1)
+        self.limit = limit      # hard limit: close 1013
+        self.hwm = hwm          # high-water mark: the hub conflates above it
+        self.congested = False  # as of the last write
+        self.last_seen = self.last_ping = time.monotonic()
         self.loop = asyncio.get_running_loop()
+        # None: not negotiated; else the smallest message worth compressing
+        self.deflate_from = deflate_from if ws.compress else None
 
-    def write(self, payload: bytes) -> None:
+    def _writable(self):
         t = self.transport
         if t is None or t.is_closing() or self.ws.closed:
-            return
-        if t.get_write_buffer_size() > self.limit:
-            # The client stopped reading. Rather than drop messages silently
-            # or grow without bound, close with 1013 so that it resumes.
+            return None
+        size = t.get_write_buffer_size()
+        if size > self.limit:
+            # Conflation keeps the buffer near the high-water mark; only
+            # replies and events can push it this far. Close so that it resumes.
             self.close(CLOSE_TRY_AGAIN, "slow client: write buffer over limit")
-            return
-        t.writelines((frame_header(self.opcode, len(payload)), payload))
+            return None
+        self.congested = size > self.hwm
+        return t
+
+    def control(self, opcode: int, payload: bytes) -> None:
+        """A pong (0xA) answering a ping; control payloads are at most 125 bytes."""
+        t = self.transport
+        if t is not None and not t.is_closing():
+            t.write(bytes((0x80 | opcode, len(payload))) + payload)
+
+    def congested_now(self) -> bool:
+        """Still above a quarter of the high-water mark (hysteresis)."""
+        t = self.transport
+        return t is not None and not t.is_closing() and t.get_write_buffer_size() > self.hwm // 4
+
+    def keepalive(self, now: float, every_s: float, timeout_s: float) -> bool:
+        """PROTOCOL §3.3: a ping every `every_s`; False when nothing (no pong,
+        no other frame) arrived for `timeout_s`, and the caller closes."""
+        if now - self.last_seen > timeout_s:
+            return False
+        if now - self.last_ping >= every_s:
+            self.last_ping = now
+            t = self.transport
+            if t is not None and not t.is_closing():
+                t.write(b"\x89\x00")  # ping, empty payload
+        return True
+
+    def write(self, payload: bytes) -> int:
+        """One message; returns the bytes put on the wire for its payload."""
+        t = self._writable()
+        if t is None:
+            return 0
+        if self.deflate_from is not None and len(payload) >= self.deflate_from:
+            payload = deflate.message(payload)
+            t.writelines((frame_header(self.opcode | RSV1, len(payload)), payload))
+        else:
+            t.writelines((frame_header(self.opcode, len(payload)), payload))
+        return len(payload)
+
+    def write_parts(self, prefix: bytes, body: bytes, suffix: bytes) -> int:
+        """A batch: this connection's envelope around a body shared with other
+        connections, which is compressed once for all of them."""
+        t = self._writable()
+        if t is None:
+            return 0
+        n = len(prefix) + len(body) + len(suffix)
+        if self.deflate_from is not None and n >= self.deflate_from:
+            payload = deflate.envelope_message(prefix, body, suffix)
+            t.writelines((frame_header(self.opcode | RSV1, len(payload)), payload))
+            return len(payload)
+        t.writelines((frame_header(self.opcode, n), prefix, body, suffix))
+        return n
 
     def pending(self) -> int:
         t = self.transport
@@ -62,6 +140,10 @@ class RawWriter:
 
     def close(self, code: int, reason: str) -> None:
         if not self.ws.closed:
+            if code != 1000 and code != 1001:
+                log.warning("connection closed by the server", extra={"fields": {
+                    "event": "send_error" if code == CLOSE_TRY_AGAIN else "close",
+                    "code": code, "reason": reason}})
             self.loop.create_task(self.ws.close(code=code, message=reason.encode()[:120]))
 
 
@@ -115,12 +197,12 @@ async def handle(request: web.Request) -> web.StreamResponse:
     hub = app["hub"]
     settings = app["settings"]
     authn = app["auth"]
-    ws = web.WebSocketResponse(
+    ws = DeflateResponse(
         protocols=SUBPROTOCOLS,
         max_msg_size=settings.max_message_bytes,
-        heartbeat=settings.heartbeat_s,
-        compress=False,
-        autoping=True,
+        heartbeat=None,   # the hub's once-a-second sweep pings (RawWriter.keepalive)
+        compress=settings.ws_deflate == "on",
+        autoping=False,   # pongs are seen here, as liveness
     )
     await ws.prepare(request)
     if not _origin_allowed(request, settings.allowed_origins):
@@ -143,7 +225,8 @@ async def handle(request: web.Request) -> web.StreamResponse:
         await ws.close(code=e.close_code, message=str(e).encode()[:120])
         return ws
 
-    writer = RawWriter(ws, request.transport, fmt, settings.write_buffer_close_bytes)
+    writer = RawWriter(ws, request.transport, fmt, settings.write_buffer_close_bytes,
+                       settings.deflate_min_bytes, settings.slow_client_buffer_bytes)
     s = Session(writer, claims, fmt, settings.max_messages_per_s, "websocket", request.remote or "")
     refused = hub.admit(s)
     if refused:
@@ -171,9 +254,19 @@ async def handle(request: web.Request) -> web.StreamResponse:
         hub.resume(s, record, events)
     hub.save_session(s)
     hub.spawn(stores.client_opened(claims.sub, s.client_id))
+    log.info("connect", extra={"fields": {
+        "event": "connect", "user": claims.sub, "client": s.client_id, "session": s.session_id,
+        "transport": "websocket", "format": "msgpack" if fmt == FMT_MSGPACK else "json",
+        "peer": s.peer, "resumed": record is not None, "deflate": writer.deflate_from is not None}})
     close_reason = "client closed"
     try:
         async for msg in ws:
+            writer.last_seen = time.monotonic()
+            if msg.type == WSMsgType.PING:
+                writer.control(0xA, msg.data)
+                continue
+            if msg.type == WSMsgType.PONG:
+                continue
             if msg.type in (WSMsgType.TEXT, WSMsgType.BINARY):
                 if not s.limiter.allow():
                     if s.limiter.persistent:
@@ -188,12 +281,19 @@ async def handle(request: web.Request) -> web.StreamResponse:
                 close_reason = f"error: {ws.exception()}"
                 break
     finally:
+        reason = s.close_reason or close_reason
+        if ws.close_code is not None and not s.close_reason:
+            reason = f"{close_reason} ({ws.close_code})"
         s.closed = True
         s.cancel_timers()
         hub.detach(s)
         vehicles = ((s.subscription or {}).get("subscriptions") or {}).get("vehicles") or []
         hub.spawn(stores.client_closed(claims.sub, s.client_id, s.session_id, vehicles))
-        log.debug("disconnect %s user=%s reason=%s", s.client_id, claims.sub, close_reason)
+        log.info("disconnect", extra={"fields": {
+            "event": "disconnect", "user": claims.sub, "client": s.client_id,
+            "transport": "websocket", "reason": reason,
+            "duration_s": round(time.time() - s.connected_at, 3),
+            "messages": s.messages_sent, "bytes": s.bytes_sent}})
     return ws
 
 

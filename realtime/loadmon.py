@@ -1,0 +1,107 @@
+"""Event-loop lag, CPU and memory of this worker, for /health/ready, /metrics
+and the slow-operation log (issue 5, PROTOCOL §5 "load").
+
+One task wakes every `interval` seconds; how late it wakes is the loop's lag.
+A lag over `slow_ms` means something held the loop (a slow callback, a big
+synchronous job) and is logged, at most once per `log_every_s`.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+
+log = logging.getLogger("realtime.load")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * PAGE
+
+
+def memory_limit_bytes() -> int:
+    """The cgroup's memory limit when there is one, else the machine's RAM."""
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            v = open(path).read().strip()
+            if v.isdigit() and int(v) < 1 << 60:
+                return int(v)
+        except OSError:
+            pass
+    return os.sysconf("SC_PHYS_PAGES") * PAGE
+
+
+class LoadMonitor:
+    def __init__(self, interval: float = 0.1, slow_ms: float = 100.0, log_every_s: float = 5.0,
+                 cpu_window_s: float = 10.0):
+        self.interval = interval
+        self.slow_ms = slow_ms
+        self.log_every_s = log_every_s
+        self.cpu_window_s = cpu_window_s
+        self.lag_ms = 0.0          # the latest wake-up delay
+        self.max_lag_ms = 0.0      # the worst since the last scrape of max_lag()
+        self.recent_lag_ms = 0.0   # the worst over the last cpu window, for readiness
+        self.slow_ops = 0
+        self.cpu = 0.0             # share of one core over the last window
+        self._suppressed = 0
+        self._last_log = 0.0
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="load-monitor")
+
+    async def stop(self) -> None:
+        from .tasks import cancel_and_wait
+        await cancel_and_wait(self._task)
+
+    def take_max_lag(self) -> float:
+        v, self.max_lag_ms = self.max_lag_ms, 0.0
+        return v
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        win_t, win_cpu = time.monotonic(), time.process_time()
+        win_lag = 0.0
+        while True:
+            t0 = loop.time()
+            await asyncio.sleep(self.interval)
+            lag = max(0.0, (loop.time() - t0 - self.interval) * 1000.0)
+            self.note_lag(lag)
+            win_lag = max(win_lag, lag)
+            now = time.monotonic()
+            if now - win_t >= self.cpu_window_s:
+                cpu = time.process_time()
+                self.cpu = (cpu - win_cpu) / (now - win_t)
+                self.recent_lag_ms = win_lag
+                win_t, win_cpu, win_lag = now, cpu, 0.0
+            else:
+                self.recent_lag_ms = max(self.recent_lag_ms, lag)
+
+    def note_lag(self, lag_ms: float) -> None:
+        self.lag_ms = lag_ms
+        self.max_lag_ms = max(self.max_lag_ms, lag_ms)
+        if lag_ms < self.slow_ms:
+            return
+        self.slow_ops += 1
+        now = time.monotonic()
+        if now - self._last_log < self.log_every_s:
+            self._suppressed += 1
+            return
+        log.warning("slow operation: the event loop was blocked", extra={"fields": {
+            "event": "slow_operation", "blocked_ms": round(lag_ms, 1),
+            "suppressed": self._suppressed}})
+        self._last_log = now
+        self._suppressed = 0
+
+    def problems(self, max_lag_ms: float, max_cpu: float, max_rss_fraction: float) -> list[str]:
+        out = []
+        if self.recent_lag_ms > max_lag_ms:
+            out.append(f"event loop lag {self.recent_lag_ms:.0f} ms > {max_lag_ms:.0f} ms")
+        if self.cpu > max_cpu:
+            out.append(f"cpu {self.cpu:.2f} of a core > {max_cpu:.2f}")
+        rss, limit = rss_bytes(), memory_limit_bytes()
+        if rss > max_rss_fraction * limit:
+            out.append(f"memory {rss >> 20} MiB > {max_rss_fraction:.0%} of {limit >> 20} MiB")
+        return out

@@ -1,0 +1,74 @@
+"""permessage-deflate on the wire (PROTOCOL §3: "permessage-deflate is offered").
+
+A raw socket client, so the test sees the negotiated extension and each
+frame's RSV1 bit; the payload is inflated exactly as RFC 7692 §7.2.2 says."""
+import json
+import time
+import zlib
+
+import pytest
+
+from conftest import RawClient, Server, ingest, update
+from realtime.transports import deflate
+
+pytestmark = pytest.mark.integration
+
+
+def fleet(uid, n=200):
+    t0 = int(time.time() * 1000)
+    return [update(f"{uid}-{i:03d}", 55.0 + i / 1000, 37.0 + i / 1000, t0, speed=30, course=90,
+                   status="moving", vehicle_type="truck", groups=[uid]) for i in range(n)]
+
+
+async def test_deflate_negotiated_without_context_takeover_and_big_batches_compressed(server, uid):
+    assert ingest(server, fleet(uid))[0] == 200
+    c = await RawClient.connect(server, "permessage-deflate; client_max_window_bits")
+    assert "permessage-deflate" in c.headers and "server_no_context_takeover" in c.headers
+    rsv1, welcome = await c.message()
+    assert welcome["type"] == "welcome" and rsv1 is False   # small: sent as is
+    c.send({"type": "subscribe", "id": "s", "subscriptions": {"groups": [uid]}})
+    _, sub = await c.until("subscribed")
+    assert sub["visible"] == 200
+    rsv1, snap = await c.until("batch")
+    assert rsv1 is True
+    assert sorted(m["v"] for m in snap["messages"]) == [f"{uid}-{i:03d}" for i in range(200)]
+    # a second, plain client gets the same content uncompressed
+    p = await RawClient.connect(server, None)
+    assert "sec-websocket-extensions" not in p.headers
+    await p.until("welcome")
+    p.send({"type": "subscribe", "id": "s", "subscriptions": {"groups": [uid]}})
+    await p.until("subscribed")
+    rsv1, plain = await p.until("batch")
+    assert rsv1 is False and plain["messages"] == snap["messages"]
+    # live: both receive the same tick's body; each has its own seq in the envelope
+    ingest(server, [dict(u, timestamp=u["timestamp"] + 1000, position={"lat": 56.0, "lon": 38.0})
+                    for u in fleet(uid)])
+    (rz, bz), (rp, bp) = await c.until("batch"), await p.until("batch")
+    assert rz is True and rp is False
+    assert bz["messages"] == bp["messages"] and len(bz["messages"]) == 200
+    assert bz["seq"] == snap["seq"] + 1 and bp["seq"] == plain["seq"] + 1
+    c.close()
+    p.close()
+
+
+async def test_deflate_off_is_never_negotiated(uid):
+    s = Server("--simulate", "0", "--ws-deflate", "off")
+    try:
+        c = await RawClient.connect(s, "permessage-deflate")
+        assert "sec-websocket-extensions" not in c.headers
+        rsv1, w = await c.message()
+        assert w["type"] == "welcome" and rsv1 is False
+        c.close()
+    finally:
+        s.stop()
+
+
+def test_envelope_around_a_shared_compressed_body_inflates_to_the_whole_message():
+    body = json.dumps([{"t": "pos", "v": f"v{i}", "p": [55.0, 37.0]} for i in range(100)]).encode()
+    for prefix, suffix in ((b'{"seq":1,"messages":', b"}"), (b"\x82\xa3seq\x01\xa8messages", b"")):
+        payload = deflate.envelope_message(prefix, body, suffix)
+        assert len(payload) < len(body) / 3
+        out = zlib.decompressobj(-15).decompress(payload + b"\x00\x00\xff\xff")
+        assert out == prefix + body + suffix
+    whole = deflate.message(b"x" * 1000)
+    assert zlib.decompressobj(-15).decompress(whole + b"\x00\x00\xff\xff") == b"x" * 1000

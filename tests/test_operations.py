@@ -1,0 +1,276 @@
+"""Operations and resilience (issue 5, PROTOCOL §3.3, §5): heartbeat, slow
+clients, staleness, metrics, health and logs, against real server processes."""
+import asyncio
+import json
+import os
+import re
+import signal
+import time
+import urllib.request
+
+import pytest
+
+from conftest import Client, Closed, RawClient, Server, ingest, token, update
+
+pytestmark = pytest.mark.integration
+
+
+def get(server, path):
+    try:
+        with urllib.request.urlopen(server.url + path, timeout=5) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def metric(server, name: str) -> float:
+    text = get(server, "/metrics")[1]
+    m = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
+    assert m, f"{name} not in /metrics"
+    return float(m.group(1))
+
+
+def log_lines(server) -> list[dict]:
+    server.log.flush()
+    out = []
+    for line in open(server.log.name):
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            pass
+    return out
+
+
+def rss_kb(pid) -> int:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+# ---------------------------------------------------------------- heartbeat
+async def test_pings_go_out_and_a_silent_client_is_closed_1011_and_logged():
+    s = Server("--simulate", "0", "--heartbeat-s", "1", "--pong-timeout-s", "3.5")
+    try:
+        mute = await RawClient.connect(s)            # reads, never answers a ping
+        await mute.until("welcome")
+        alive = await Client.connect(s, token())     # websockets answers pings
+        await alive.recv_type("welcome")
+        pings, opcode = 0, None
+        while opcode != 0x8:
+            _, opcode, payload = await mute.frame(timeout=10)
+            pings += opcode == 0x9
+        assert pings >= 2
+        assert int.from_bytes(payload[:2], "big") == 1011 and b"no pong" in payload
+        await alive.send({"type": "ping", "id": "p"})     # answered pings kept it open
+        assert (await alive.recv_type("pong"))["id"] == "p"
+        assert metric(s, "heartbeat_timeouts_total") == 1
+        deadline = time.time() + 5
+        while time.time() < deadline:
+            lines = [x for x in log_lines(s) if x.get("event") == "disconnect"]
+            if lines:
+                break
+            await asyncio.sleep(0.1)
+        assert any("no pong" in x["reason"] for x in lines), lines
+        await alive.close()
+    finally:
+        s.stop()
+
+
+# ---------------------------------------------------------------- staleness
+async def test_silent_vehicle_goes_offline_then_leaves_as_stale_and_is_forgotten(uid):
+    s = Server("--simulate", "0", "--tick-ms", "20", "--offline-after-s", "1", "--stale-after-s", "3")
+    try:
+        v, w = uid + "quiet", uid + "chatty"
+        ingest(s, [update(v, 55.0, 37.0, status="moving"), update(w, 55.0, 37.0, status="idle")])
+        c = await Client.connect(s, token())
+        await c.recv_type("welcome")
+        _, snap = await c.subscribe(subscriptions={"vehicles": [v, w]})
+        assert {m["v"] for m in snap} == {v, w}
+        t0 = time.monotonic()
+        seen = []
+        while time.monotonic() - t0 < 6:
+            ingest(s, [update(w, 55.0, 37.0, status="idle")])   # w keeps talking
+            seen += await c.messages(0.5)
+            if any(m["t"] == "leave" for m in seen):
+                break
+        mine = [m for m in seen if m["v"] == v]
+        assert mine[0]["t"] == "delta" and mine[0]["ch"] == {"st": "offline"}
+        assert mine[-1] == {"t": "leave", "v": v, "r": "stale"}
+        assert not [m for m in seen if m["v"] == w and m["t"] == "leave"]
+        status, _ = get(s, f"/api/vehicles/{v}?token={token()}")
+        assert metric(s, "vehicles_forgotten_total") == 1
+        assert metric(s, "vehicles_went_offline_total") >= 1
+        # back from the dead: a fresh vehicle again
+        ingest(s, [update(v, 55.0, 37.0, status="moving")])
+        back = await c.wait_messages(lambda m: m["v"] == v)
+        assert [m for m in back if m["v"] == v][-1]["t"] == "full"
+        await c.close()
+    finally:
+        s.stop()
+
+
+async def test_idle_jitter_is_not_sent_but_a_status_change_is(server, uid):
+    v = uid + "parked"
+    t = int(time.time() * 1000)
+    ingest(server, [update(v, 55.0, 37.0, t, status="idle")])
+    c = await Client.connect(server, token())
+    await c.recv_type("welcome")
+    await c.subscribe(subscriptions={"vehicles": [v]})
+    ingest(server, [update(v, 55.00005, 37.00005, t + 1000, status="idle")])    # ~7 m
+    assert await c.messages(0.5) == []
+    ingest(server, [update(v, 55.00006, 37.00005, t + 2000, status="moving", speed=12)])
+    got = await c.wait_messages(lambda m: m["v"] == v)
+    assert got[-1]["t"] == "delta" and got[-1]["ch"]["st"] == "moving"
+    assert got[-1]["ch"]["p"] == [55.00006, 37.00005]
+    await c.close()
+
+
+# ---------------------------------------------------------------- slow clients
+async def test_a_client_that_stops_reading_is_conflated_keeps_its_events_then_catches_up(uid):
+    s = Server("--simulate", "10000", "--tick-ms", "50", "--slow-client-buffer-bytes", "65536",
+               "--max-visible", "100000")
+    try:
+        marker = uid + "m"
+        ingest(s, [update(marker, 55.0, 37.0, status="idle")])
+        slow = await RawClient.connect(s, rcvbuf=4096)
+        await slow.until("welcome")
+        slow.send({"type": "subscribe", "id": "s", "subscriptions": {}})
+        _, sub = await slow.until("subscribed")
+        other = await Client.connect(s, token())
+        await other.recv_type("welcome")
+        await other.subscribe(subscriptions={"vehicles": [marker]})
+        # the slow client reads nothing from here on; the server keeps going
+        rss0 = rss_kb(s.proc.pid)
+        deadline = time.monotonic() + 20
+        while metric(s, "slow_client_conflations_total") < 1 and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        assert metric(s, "slow_client_conflations_total") >= 1
+        # an event while it is stalled: kept for it; the other client gets it at once
+        ingest(s, [update(marker, 55.0, 37.0, status="idle", alerts=["panic"])])
+        ev = await other.wait_messages(lambda m: m.get("t") == "event")
+        assert [m for m in ev if m["t"] == "event"][0]["v"] == marker
+        # positions keep flowing to the other client, second after second
+        for _ in range(3):
+            ingest(s, [update(marker, 55.0 + time.time() % 1 / 100, 37.0, status="moving")])
+            assert await other.wait_messages(lambda m: m["v"] == marker and m["t"] in ("pos", "delta"),
+                                              timeout=2)
+            await asyncio.sleep(0.7)
+        assert metric(s, "slow_client_frames_conflated_total") > 0
+        assert rss_kb(s.proc.pid) - rss0 < 64 * 1024, "server memory grew with a stalled client"
+        assert metric(s, "slow_client_closed_total") == 0
+        # it reads again: the backlog, then one catch-up with every vehicle's
+        # latest state, then the held event, then live batches
+        kinds, events = set(), []
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not events:
+            _, m = await slow.message(timeout=10)
+            if m.get("type") == "batch":
+                kinds |= {x["t"] for x in m["messages"]}
+                events += [x for x in m["messages"] if x["t"] == "event" and x["v"] == marker]
+                full = [x for x in m["messages"] if x["t"] == "full" and x["v"] == marker]
+                if full:
+                    assert full[0]["st"] in ("idle", "moving")
+        assert events and events[0]["e"] == "alert" and events[0]["d"] == {"alert": "panic"}
+        assert "full" in kinds
+        assert metric(s, "slow_clients_conflating") == 0
+        slow.close()
+        await other.close()
+    finally:
+        s.stop()
+
+
+async def test_events_that_cannot_be_kept_close_1013(uid):
+    s = Server("--simulate", "10000", "--tick-ms", "50", "--slow-client-buffer-bytes", "65536",
+               "--slow-client-max-events", "3", "--max-visible", "100000")
+    try:
+        v = uid + "e"
+        ingest(s, [update(v, 55.0, 37.0)])
+        slow = await RawClient.connect(s, rcvbuf=4096)
+        await slow.until("welcome")
+        slow.send({"type": "subscribe", "subscriptions": {}})
+        deadline = time.monotonic() + 20
+        while metric(s, "slow_client_conflations_total") < 1 and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        for i in range(5):
+            ingest(s, [update(v, 55.0, 37.0, alerts=[f"alert-{i}"])])
+            await asyncio.sleep(0.1)
+        with pytest.raises(Closed) as e:
+            while True:
+                await slow.message(timeout=10)
+        assert e.value.code == 1013
+        assert metric(s, "slow_client_closed_total") == 1
+    finally:
+        s.stop()
+
+
+# ---------------------------------------------------------------- metrics, health, logs
+async def test_metrics_have_the_latency_histogram_loop_lag_and_transports(server, uid):
+    c = await Client.connect(server, token())
+    await c.recv_type("welcome")
+    await c.subscribe(subscriptions={"vehicles": [uid + "h"]})
+    ingest(server, [update(uid + "h", 55.0, 37.0)])
+    await c.wait_messages(lambda m: m["v"] == uid + "h")
+    text = get(server, "/metrics")[1]
+    count = float(re.search(r"^message_delivery_latency_ms_count (\S+)$", text, re.M).group(1))
+    inf = float(re.search(r'^message_delivery_latency_ms_bucket\{le="\+Inf"\} (\S+)$', text, re.M).group(1))
+    assert count >= 1 and inf == count
+    assert re.search(r'^websocket_connections_active\{transport="websocket"\} [1-9]', text, re.M)
+    for name in ("event_loop_lag_ms", "event_loop_lag_max_ms", "slow_operations_total",
+                 "slow_client_conflations_total", "slow_client_closed_total", "process_cpu_share",
+                 'websocket_connections_active{transport="sse"}'):
+        assert name in text, name
+    await c.close()
+
+
+def test_ready_reports_load_problems_with_reasons():
+    s = Server("--simulate", "0", "--ready-max-memory", "0.000001")
+    try:
+        status, body = get(s, "/health/ready")
+        assert status == 503
+        assert any(p.startswith("memory") for p in json.loads(body)["problems"])
+        assert get(s, "/health/live")[0] == 200
+    finally:
+        s.stop()
+
+
+def test_ready_when_healthy(server):
+    status, body = get(server, "/health/ready")
+    assert status == 200 and json.loads(body)["problems"] == []
+
+
+def test_a_blocked_event_loop_is_logged_as_a_slow_operation():
+    s = Server("--simulate", "0")
+    try:
+        os.kill(s.proc.pid, signal.SIGSTOP)    # the loop cannot run for 0.4 s
+        time.sleep(0.4)
+        os.kill(s.proc.pid, signal.SIGCONT)
+        deadline = time.time() + 5
+        while time.time() < deadline:
+            slow = [x for x in log_lines(s) if x.get("event") == "slow_operation"]
+            if slow:
+                break
+            time.sleep(0.1)
+        assert slow and slow[0]["blocked_ms"] >= 300
+        assert metric(s, "slow_operations_total") >= 1
+    finally:
+        s.stop()
+
+
+async def test_connect_and_disconnect_are_logged_with_user_reason_duration_and_counts(server):
+    c = await Client.connect(server, token(sub="logged-user"))
+    await c.recv_type("welcome")
+    await c.send({"type": "ping"})
+    await c.recv_type("pong")
+    await c.close()
+    deadline = time.time() + 5
+    while time.time() < deadline:
+        lines = [x for x in log_lines(server) if x.get("user") == "logged-user"]
+        if any(x["event"] == "disconnect" for x in lines):
+            break
+        time.sleep(0.05)
+    conn = [x for x in lines if x["event"] == "connect"][0]
+    assert conn["transport"] == "websocket" and conn["client"] and conn["peer"] == "127.0.0.1"
+    disc = [x for x in lines if x["event"] == "disconnect"][0]
+    assert disc["client"] == conn["client"] and disc["reason"].startswith("client closed")
+    assert disc["messages"] == 2 and disc["bytes"] > 0 and disc["duration_s"] >= 0
