@@ -20,10 +20,12 @@ log = logging.getLogger("realtime.app")
 WEB = Path(__file__).parent / "web"
 
 
-def _security_logger():
+def _security_logger(hub):
     last = {"t": 0.0, "suppressed": 0}
 
     def security_log(request, kind: str, detail: str) -> None:
+        hub.records.event("security_violation", None, None, kind=kind, detail=detail[:200],
+                          peer=request.remote, path=request.path)
         # rate-limited: a flood of bad tokens must not flood the log
         now = time.monotonic()
         if now - last["t"] < 0.2:
@@ -45,7 +47,7 @@ def make_app(settings) -> web.Application:
     app["settings"] = settings
     app["auth"] = Authenticator.from_settings(settings)
     app["hub"] = hub = Hub(settings)
-    app["security_log"] = _security_logger()
+    app["security_log"] = _security_logger(hub)
 
     async def sink(updates):
         """Kafka and reconcile input: applied here (every instance reads it all)."""
@@ -94,6 +96,10 @@ async def _start(app):
     from .stores import make_stores
     hub.stores = make_stores(settings)
     await hub.stores.start(hub)
+    if settings.postgres:
+        from .stores.records import Records
+        hub.records = Records(settings.postgres, hub.instance_id)
+    hub.records.start()
     hub.start()
     if settings.kafka:
         from .ingest.kafka import KafkaIngest
@@ -133,6 +139,8 @@ async def _stop(app):
             pass
     await app["hub"].stores.stop()
     step("stores stopped")
+    await app["hub"].records.stop(max(1.0, app["settings"].shutdown_grace / 3))
+    step("records written")
     await app["hub"].stop()
     step("hub stopped")
 

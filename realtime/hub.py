@@ -26,6 +26,7 @@ from .messages import Subscribe
 from .session import Session
 from .stores.base import Event
 from .stores.memory import MemoryStores
+from .stores.records import NoRecords
 from .tasks import cancel_and_wait
 
 log = logging.getLogger("realtime.hub")
@@ -66,6 +67,7 @@ class Hub:
         self._tick_no = 0
         self._task: asyncio.Task | None = None
         self.stores = MemoryStores()
+        self.records = NoRecords()   # PostgreSQL (app.py sets it with --postgres)
         self.last_eid: str | None = None   # the newest event handed to the core
         self._bg: set[asyncio.Task] = set()
         self._per_ip: dict[str, int] = {}
@@ -209,6 +211,7 @@ class Hub:
                 # the one thing that is never dropped cannot be kept: the
                 # client resumes with last_event and gets them from the log
                 self.stats.slow_closed += 1
+                self.records.event("slow_client_closed", s.client_id, None, held_events=len(s.held))
                 self.conflating.discard(s)
                 s.close(1013, f"slow client: more than {limit} events waiting")
             elif not s.transport.congested_now():
@@ -286,6 +289,9 @@ class Hub:
         s.subscription.pop("type", None)
         self.spawn(self.stores.set_client_vehicles(s.client_id, old_vehicles, list(sub.vehicles)))
         self.save_session(s)
+        self.records.subscribed(s.claims.sub, sub.vehicles)
+        self.records.event("subscribe", s.client_id, None, vehicles=len(sub.vehicles),
+                           groups=list(sub.groups)[:50], geographic=geo is not None, visible=visible)
 
     def viewport(self, s: Session, msg) -> None:
         self.flush()
@@ -419,11 +425,14 @@ class Hub:
             for s in list(self.conflating):   # forget() needs every view current
                 self._catch_up(s)
             envelope, batch_id = core.envelope, self.batch_id()
+            forgotten_ids = {int(r): core.ids[r] for r in stale}
             for body, rows in core.forget(stale):
                 for row in rows:
                     s = self.sessions.get(row)
                     if s is not None:
                         s.send_batch(envelope, batch_id, body)
+            for r in stale:
+                self.records.event("vehicle_stale", None, forgotten_ids.get(int(r)))
             self.stats.forgotten += len(stale)
             log.info("vehicles forgotten", extra={"fields": {"count": int(len(stale)),
                                                              "silent_s": st.stale_after_s}})
@@ -431,6 +440,8 @@ class Hub:
         if len(off):
             self.stores.changed(off)
             self.stats.went_offline += len(off)
+            for r in off:
+                self.records.event("vehicle_offline", None, core.ids[r])
 
     def check_connections(self, now: float) -> None:
         """Heartbeat (PROTOCOL §3.3): pings, and closes what stopped answering."""
@@ -439,6 +450,7 @@ class Hub:
         for s in list(self.sessions.values()):
             if not s.closed and not s.transport.keepalive(now, st.heartbeat_s, timeout):
                 self.stats.pong_timeouts += 1
+                self.records.event("heartbeat_timeout", s.client_id, None, timeout_s=timeout)
                 s.close(1011, f"no pong for {timeout:g} s")
 
     def set_claims(self, s: Session, claims: Claims) -> None:

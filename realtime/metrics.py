@@ -65,6 +65,10 @@ class HubCollector:
              load.take_max_lag()),
             (C, "slow_operations", "Event-loop blocks over 100 ms", load.slow_ops),
             (G, "process_cpu_share", "CPU used, as a share of one core, over 10 s", load.cpu),
+            (G, "postgres_records_pending", "Records queued for PostgreSQL", hub.records.pending),
+            (C, "postgres_records_written", "Records written to PostgreSQL", hub.records.written),
+            (C, "postgres_records_dropped", "Records dropped: the queue was full during an outage",
+             hub.records.dropped),
         ]
         kafka = app.get("kafka")
         if kafka is not None:

@@ -50,7 +50,7 @@ def rss_kb(pid) -> int:
 
 # ---------------------------------------------------------------- heartbeat
 async def test_pings_go_out_and_a_silent_client_is_closed_1011_and_logged():
-    s = Server("--simulate", "0", "--heartbeat-s", "1", "--pong-timeout-s", "3.5")
+    s = Server("--simulate", "0", "--heartbeat-s", "1", "--pong-timeout-s", "4.5")
     try:
         mute = await RawClient.connect(s)            # reads, never answers a ping
         await mute.until("welcome")

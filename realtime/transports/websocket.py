@@ -101,7 +101,7 @@ class RawWriter:
         no other frame) arrived for `timeout_s`, and the caller closes."""
         if now - self.last_seen > timeout_s:
             return False
-        if now - self.last_ping >= every_s:
+        if now - self.last_ping >= every_s - 0.1:   # the caller's sweep runs ~once a second
             self.last_ping = now
             t = self.transport
             if t is not None and not t.is_closing():
@@ -254,6 +254,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
         hub.resume(s, record, events)
     hub.save_session(s)
     hub.spawn(stores.client_opened(claims.sub, s.client_id))
+    hub.records.connection_opened(claims.sub, s.client_id, s.connected_at)
     log.info("connect", extra={"fields": {
         "event": "connect", "user": claims.sub, "client": s.client_id, "session": s.session_id,
         "transport": "websocket", "format": "msgpack" if fmt == FMT_MSGPACK else "json",
@@ -289,6 +290,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
         hub.detach(s)
         vehicles = ((s.subscription or {}).get("subscriptions") or {}).get("vehicles") or []
         hub.spawn(stores.client_closed(claims.sub, s.client_id, s.session_id, vehicles))
+        hub.records.connection_closed(s.client_id, reason, s.messages_sent, s.bytes_sent)
         log.info("disconnect", extra={"fields": {
             "event": "disconnect", "user": claims.sub, "client": s.client_id,
             "transport": "websocket", "reason": reason,

@@ -1,0 +1,144 @@
+"""PostgreSQL records (PROTOCOL §6): written off the delivery path, kept
+through an outage, flushed at shutdown. Real PostgreSQL; the outage is a real
+TCP proxy in front of it that the test takes down and brings back."""
+import asyncio
+import signal
+import uuid
+
+import asyncpg
+import pytest
+
+from conftest import Client, Server, free_port, ingest, require, stop_process, token, update
+
+pytestmark = pytest.mark.integration
+
+DSN = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+async def _db():
+    try:
+        return await asyncpg.connect(DSN, timeout=3)
+    except (OSError, asyncpg.PostgresError, asyncio.TimeoutError):
+        return None
+
+
+@pytest.fixture
+async def db():
+    conn = await _db()
+    require("PostgreSQL at 127.0.0.1:5432 (database test)", conn is not None)
+    yield conn
+    await conn.close()
+
+
+async def rows_eventually(db, sql, *args, n=1, timeout=10.0):
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        try:
+            rows = await db.fetch(sql, *args)
+        except asyncpg.UndefinedTableError:
+            rows = []
+        if len(rows) >= n or loop.time() > deadline:
+            return rows
+        await asyncio.sleep(0.1)
+
+
+class Proxy:
+    """A TCP forwarder to PostgreSQL that can go down (closing every
+    connection through it) and come back on the same port."""
+
+    def __init__(self, port: int, target=("127.0.0.1", 5432)):
+        self.port, self.target = port, target
+        self.server = None
+        self.writers = set()
+
+    async def up(self):
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
+
+    async def down(self):
+        self.server.close()
+        for w in list(self.writers):
+            w.close()
+        await self.server.wait_closed()
+
+    async def _handle(self, r1, w1):
+        r2, w2 = await asyncio.open_connection(*self.target)
+        self.writers |= {w1, w2}
+
+        async def pipe(r, w):
+            try:
+                while data := await r.read(65536):
+                    w.write(data)
+                    await w.drain()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                w.close()
+        await asyncio.gather(pipe(r1, w2), pipe(r2, w1))
+
+
+async def test_connections_subscriptions_and_events_are_recorded(db, uid):
+    s = Server("--simulate", "0", "--postgres", DSN)
+    try:
+        user = "rec-" + uuid.uuid4().hex[:8]
+        c = await Client.connect(s, token(sub=user))
+        client = (await c.recv_type("welcome"))["client"]
+        await c.subscribe(subscriptions={"vehicles": [uid + "a", uid + "b"]})
+        rows = await rows_eventually(db, "SELECT * FROM client_connections WHERE client_id=$1", client)
+        assert rows and rows[0]["user_id"] == user and rows[0]["disconnected_at"] is None
+        await c.close()
+        rows = await rows_eventually(
+            db, "SELECT * FROM client_connections WHERE client_id=$1 AND disconnected_at IS NOT NULL", client)
+        assert rows[0]["reason"].startswith("client closed") and rows[0]["messages_sent"] >= 3
+        assert rows[0]["bytes_sent"] > 0 and rows[0]["connected_at"] < rows[0]["disconnected_at"]
+        subs = await rows_eventually(db, "SELECT vehicle_id FROM user_subscriptions WHERE user_id=$1",
+                                     user, n=2)
+        assert sorted(r["vehicle_id"] for r in subs) == [uid + "a", uid + "b"]
+        ev = await rows_eventually(db, "SELECT * FROM realtime_events WHERE client_id=$1 "
+                                       "AND event_type='subscribe'", client)
+        assert ev and '"vehicles": 2' in ev[0]["details"]
+    finally:
+        s.stop()
+
+
+async def test_an_outage_queues_records_and_delivery_goes_on(db, uid):
+    proxy = Proxy(free_port())           # down: nothing listens on its port yet
+    s = Server("--simulate", "0", "--postgres", f"postgresql://postgres@127.0.0.1:{proxy.port}/test")
+    try:
+        user = "out-" + uuid.uuid4().hex[:8]
+        c = await Client.connect(s, token(sub=user))
+        client = (await c.recv_type("welcome"))["client"]
+        await c.subscribe(subscriptions={"vehicles": [uid + "v"]})
+        ingest(s, [update(uid + "v", 55.0, 37.0)])
+        assert await c.wait_messages(lambda m: m["v"] == uid + "v")      # delivery is not held up
+        import urllib.request
+        text = urllib.request.urlopen(s.url + "/metrics", timeout=5).read().decode()
+        assert "postgres_records_pending 0.0" not in text
+        assert urllib.request.urlopen(s.url + "/health/ready", timeout=5).status == 200
+        await proxy.up()                  # the database comes back: the queue is written
+        rows = await rows_eventually(db, "SELECT * FROM client_connections WHERE client_id=$1",
+                                     client, timeout=20)
+        assert rows and rows[0]["user_id"] == user
+        subs = await rows_eventually(db, "SELECT * FROM user_subscriptions WHERE user_id=$1", user)
+        assert [r["vehicle_id"] for r in subs] == [uid + "v"]
+        await c.close()
+    finally:
+        s.stop()
+        if proxy.server:
+            await proxy.down()
+
+
+async def test_records_are_flushed_at_shutdown(db):
+    s = Server("--simulate", "0", "--postgres", DSN)
+    user = "bye-" + uuid.uuid4().hex[:8]
+    c = await Client.connect(s, token(sub=user))
+    client = (await c.recv_type("welcome"))["client"]
+    await asyncio.sleep(1.5)              # the open row is written
+    await c.close()
+    s.proc.send_signal(signal.SIGTERM)    # before the next once-a-second write
+    assert await asyncio.to_thread(s.proc.wait, 15) == 0
+    s.log.close()
+    rows = await db.fetch("SELECT * FROM client_connections WHERE client_id=$1 "
+                          "AND disconnected_at IS NOT NULL", client)
+    assert rows and rows[0]["user_id"] == user
+    stop_process(s.proc)
