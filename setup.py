@@ -1,4 +1,4 @@
-"""Builds the one Cython extension, realtime._core._core.
+"""Builds the Cython extensions realtime._core._core and realtime._core._fanout.
 
 REALTIME_ANNOTATE=1 writes Cython's HTML annotation next to the sources;
 REALTIME_DEBUG=1 builds with bounds checks and line tracing (a build mode,
@@ -23,17 +23,21 @@ macros = [("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")]
 if debug:
     macros.append(("CYTHON_TRACE_NOGIL", "1"))
 
-ext = Extension(
-    "realtime._core._core",
-    ["realtime/_core/_core.pyx"],
-    include_dirs=[numpy.get_include()],
-    define_macros=macros,
-    extra_compile_args=["-O3"] if not debug else ["-O0", "-g"],
-)
+exts = [
+    Extension(
+        f"realtime._core.{name}",
+        [f"realtime/_core/{name}.pyx"],
+        include_dirs=[numpy.get_include()],
+        define_macros=macros,
+        extra_compile_args=["-O3"] if not debug else ["-O0", "-g"],
+    )
+    # _core: the kernels (no I/O); _fanout: per-client envelopes and socket writes
+    for name in ("_core", "_fanout")
+]
 
 setup(
     ext_modules=cythonize(
-        [ext],
+        exts,
         compiler_directives=directives,
         annotate=os.environ.get("REALTIME_ANNOTATE") == "1",
     ),

@@ -34,6 +34,10 @@ class HubCollector:
         for reason, n in sorted(st.ingest_rejected.items()):
             rej.add_metric([reason], n)
         yield rej
+        cmd = CounterMetricFamily("client_messages", "Client messages handled, by type", labels=["type"])
+        for kind, n in sorted(st.commands.items()):
+            cmd.add_metric([kind], n)
+        yield cmd
         users = {s.claims.sub for s in hub.sessions.values()}
         subs = sum(1 for s in hub.sessions.values() if s.subscription is not None)
         load = hub.load

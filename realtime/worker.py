@@ -6,6 +6,7 @@ kernel spreads connections between them.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -79,4 +80,16 @@ def _log_tasks(msg: str) -> None:
 
 
 def run(settings) -> None:
+    tune_gc()
     uvloop.run(serve(settings))
+
+
+def tune_gc() -> None:
+    """The cyclic GC cost ~9% of a saturated worker (perf, 5k clients): every
+    700 container allocations a young collection, and every so often a full
+    one that walks each connection's objects. Nearly all garbage here is freed
+    by reference counting, so collect young objects 100x less often, and keep
+    what exists at start (modules, app) out of every collection."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(70_000, 20, 20)

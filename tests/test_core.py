@@ -514,3 +514,20 @@ def test_resync_sends_latest_state_and_leaves_since_the_known_set(core):
     assert {m["v"]: m["t"] for m in msgs} == {"a": "full", "c": "full", "d": "full", "b": "leave"}
     assert [m for m in msgs if m["v"] == "a"][0]["p"] == [55.5, 37.5]
     assert [m for m in msgs if m["v"] == "b"][0]["r"] == "viewport"
+
+
+# ---------------------------------------------------------------- fan-out frames
+@pytest.mark.parametrize("seq", [1, 127, 128, 255, 256, 65535, 65536, 2**32, 2**40])
+@pytest.mark.parametrize("batch_id", [b"a1-2", b"x" * 31, b"y" * 40])
+@pytest.mark.parametrize("body_len", [10, 200, 70000])
+def test_compiled_fanout_frame_equals_the_python_envelope(seq, batch_id, body_len):
+    from realtime._core._fanout import ws_frame
+    from realtime.transports.websocket import frame_header
+    for fmt, body in ((S.FMT_JSON, b"[" + b"1," * (body_len // 2) + b"1]"),
+                      (S.FMT_MSGPACK, b"\x91" + b"\xc4" + b"x" * body_len)):
+        prefix, suffix = Core.envelope(fmt, batch_id, seq)
+        payload = prefix + body + suffix
+        expected = frame_header(0x80 | (0x1 if fmt == S.FMT_JSON else 0x2), len(payload)) + payload
+        assert ws_frame(fmt, batch_id, seq, body) == expected
+        if fmt == S.FMT_MSGPACK and body_len == 10:
+            assert msgpack.unpackb(payload[:len(prefix)] + b"\x90", raw=False)["seq"] == seq

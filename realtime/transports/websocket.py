@@ -109,30 +109,34 @@ class RawWriter:
         return True
 
     def write(self, payload: bytes) -> int:
-        """One message; returns the bytes put on the wire for its payload."""
+        """One message; returns the bytes put on the wire. One buffer per
+        write: uvloop's fast path (a list of buffers costs a write context)."""
         t = self._writable()
         if t is None:
             return 0
         if self.deflate_from is not None and len(payload) >= self.deflate_from:
             payload = deflate.message(payload)
-            t.writelines((frame_header(self.opcode | RSV1, len(payload)), payload))
+            data = frame_header(self.opcode | RSV1, len(payload)) + payload
         else:
-            t.writelines((frame_header(self.opcode, len(payload)), payload))
-        return len(payload)
+            data = frame_header(self.opcode, len(payload)) + payload
+        t.write(data)
+        return len(data)
 
     def write_parts(self, prefix: bytes, body: bytes, suffix: bytes) -> int:
         """A batch: this connection's envelope around a body shared with other
-        connections, which is compressed once for all of them."""
+        connections, which is compressed once for all of them. The hub's tick
+        writes uncompressed batches in _core/_fanout.pyx, the same frames."""
         t = self._writable()
         if t is None:
             return 0
         n = len(prefix) + len(body) + len(suffix)
         if self.deflate_from is not None and n >= self.deflate_from:
             payload = deflate.envelope_message(prefix, body, suffix)
-            t.writelines((frame_header(self.opcode | RSV1, len(payload)), payload))
-            return len(payload)
-        t.writelines((frame_header(self.opcode, n), prefix, body, suffix))
-        return n
+            data = frame_header(self.opcode | RSV1, len(payload)) + payload
+        else:
+            data = b"".join((frame_header(self.opcode, n), prefix, body, suffix))
+        t.write(data)
+        return len(data)
 
     def pending(self) -> int:
         t = self.transport
@@ -336,6 +340,8 @@ async def _dispatch(hub, authn, s: Session, msg, settings) -> None:
     except M.ProtocolError as e:
         s.send(M.error(e.code, e.message, e.req_id))
         return
+    kind = type(m).__name__.lower()
+    hub.stats.commands[kind] = hub.stats.commands.get(kind, 0) + 1
     try:
         match m:
             case M.Subscribe():

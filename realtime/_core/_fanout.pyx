@@ -1,0 +1,188 @@
+# cython: language_level=3
+"""The per-tick fan-out: each client's `batch` envelope and its one socket write.
+
+The kernels (_core.pyx) hand back [(body, client rows)]; for every client this
+loop wraps the shared body in the client's own envelope (its `seq`), puts the
+WebSocket frame header in front and writes the whole frame with one
+`transport.write` of one buffer: uvloop then takes its single-buffer fast path
+(one `send`, no write context). Interpreted, this loop cost ~4 µs per frame;
+here it is the attribute reads and the write call.
+
+It works on the hub's Session and RawWriter objects (transports/websocket.py)
+and follows RawWriter.write_parts exactly; connections with permessage-deflate
+are handed to that Python method, since their frame is built differently.
+"""
+cimport cython
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from libc.stdint cimport int64_t, uint64_t
+from libc.string cimport memcpy
+
+DEF CLOSE_TRY_AGAIN = 1013
+
+cdef bytes J_HEAD = b'{"type":"batch","batch_id":"'
+cdef bytes J_SEQ = b'","seq":'
+cdef bytes J_MSGS = b',"messages":'
+cdef bytes M_HEAD = b"\x84\xa4type\xa5batch\xa8batch_id"
+cdef bytes M_SEQ = b"\xa3seq"
+cdef bytes M_MSGS = b"\xa8messages"
+
+
+cdef inline Py_ssize_t put(char* out, Py_ssize_t at, bytes b) noexcept:
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(b)
+    memcpy(out + at, PyBytes_AS_STRING(b), n)
+    return at + n
+
+
+cdef inline Py_ssize_t put_uint_text(char* out, Py_ssize_t at, uint64_t v) noexcept:
+    cdef char tmp[24]
+    cdef int n = 0
+    while True:
+        tmp[n] = <char>(48 + v % 10)
+        n += 1
+        v //= 10
+        if v == 0:
+            break
+    while n:
+        n -= 1
+        out[at] = tmp[n]
+        at += 1
+    return at
+
+
+cdef inline Py_ssize_t put_uint_mp(char* out, Py_ssize_t at, uint64_t v) noexcept:
+    """msgpack's smallest encoding of a non-negative int, as msgpack.packb does."""
+    cdef int n, i
+    if v < 128:
+        out[at] = <char>v
+        return at + 1
+    if v < 256:
+        out[at] = <char>0xcc
+        n = 1
+    elif v < 65536:
+        out[at] = <char>0xcd
+        n = 2
+    elif v < 4294967296:
+        out[at] = <char>0xce
+        n = 4
+    else:
+        out[at] = <char>0xcf
+        n = 8
+    for i in range(n):
+        out[at + 1 + i] = <char>((v >> (8 * (n - 1 - i))) & 0xff)
+    return at + 1 + n
+
+
+cdef inline Py_ssize_t put_frame_head(char* out, int first, Py_ssize_t n) noexcept:
+    out[0] = <char>first
+    if n < 126:
+        out[1] = <char>n
+        return 2
+    if n < 65536:
+        out[1] = <char>126
+        out[2] = <char>(n >> 8)
+        out[3] = <char>(n & 0xff)
+        return 4
+    out[1] = <char>127
+    cdef int i
+    for i in range(8):
+        out[2 + i] = <char>((<uint64_t>n >> (8 * (7 - i))) & 0xff)
+    return 10
+
+
+cdef bytes frame(int fmt, bytes batch_id, uint64_t seq, bytes body):
+    """The whole WebSocket frame of one client's batch: the same bytes as
+    frame_header() + CoreBase.envelope() + body, without req_id."""
+    cdef Py_ssize_t blen = PyBytes_GET_SIZE(body), idlen = PyBytes_GET_SIZE(batch_id)
+    cdef char env[128]
+    cdef Py_ssize_t e = 0
+    if idlen > 64:
+        raise ValueError("batch_id too long")
+    if fmt == 0:
+        e = put(env, e, J_HEAD)
+        e = put(env, e, batch_id)
+        e = put(env, e, J_SEQ)
+        e = put_uint_text(env, e, seq)
+        e = put(env, e, J_MSGS)
+    else:
+        e = put(env, e, M_HEAD)
+        if idlen < 32:
+            env[e] = <char>(0xa0 | idlen)
+            e += 1
+        else:
+            env[e] = <char>0xd9
+            env[e + 1] = <char>idlen
+            e += 2
+        e = put(env, e, batch_id)
+        e = put(env, e, M_SEQ)
+        e = put_uint_mp(env, e, seq)
+        e = put(env, e, M_MSGS)
+    cdef Py_ssize_t payload = e + blen + (1 if fmt == 0 else 0)
+    cdef char head[10]
+    cdef Py_ssize_t h = put_frame_head(head, 0x80 | (0x1 if fmt == 0 else 0x2), payload)
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, h + payload)
+    cdef char* p = PyBytes_AS_STRING(out)
+    memcpy(p, head, h)
+    memcpy(p + h, env, e)
+    memcpy(p + h + e, PyBytes_AS_STRING(body), blen)
+    if fmt == 0:
+        p[h + e + blen] = b'}'
+    return out
+
+
+def ws_frame(int fmt, bytes batch_id, uint64_t seq, bytes body):
+    """For tests: the frame fan_out writes."""
+    return frame(fmt, batch_id, seq, body)
+
+
+@cython.boundscheck(False)
+def fan_out(list out, dict sessions, bytes batch_id, envelope):
+    """Write each body of `out` ([(body, client rows)], from Core.tick) to its
+    clients. Returns (frames written, frames skipped for conflating clients,
+    sessions whose write buffer passed the high-water mark)."""
+    cdef Py_ssize_t frames = 0, skipped = 0, size, payload
+    cdef list congested = []
+    cdef bytes body, data
+    cdef list rows
+    cdef int fmt
+    cdef uint64_t seq
+    for item in out:
+        body = <bytes>item[0]
+        rows = <list>item[1]
+        for row in rows:
+            s = sessions.get(row)
+            if s is None:
+                continue
+            if s.known is not None:     # conflating: the hub holds its events
+                skipped += 1
+                continue
+            if s.closed:
+                continue
+            w = s.transport
+            if w.deflate_from is not None:
+                s.send_batch(envelope, batch_id, body)
+                frames += 1
+                if w.congested:
+                    congested.append(s)
+                continue
+            t = w.transport
+            if t is None or t.is_closing() or w.ws.closed:
+                continue
+            size = t.get_write_buffer_size()
+            if size > w.limit:
+                w.close(CLOSE_TRY_AGAIN, "slow client: write buffer over limit")
+                continue
+            seq = s.seq + 1
+            s.seq = seq
+            fmt = s.fmt
+            data = frame(fmt, batch_id, seq, body)
+            t.write(data)
+            payload = PyBytes_GET_SIZE(data)
+            s.messages_sent += 1
+            s.bytes_sent += payload
+            frames += 1
+            if size > w.hwm:
+                w.congested = True
+                congested.append(s)
+            else:
+                w.congested = False
+    return frames, skipped, congested
