@@ -436,11 +436,24 @@ class Hub:
                 self.records.event("vehicle_offline", None, core.ids[r])
 
     def check_connections(self, now: float) -> None:
-        """Heartbeat (PROTOCOL §3.3): pings, and closes what stopped answering."""
+        """Heartbeat (PROTOCOL §3.3): pings, and closes what stopped answering.
+        Token expiry (§2): `token_expiring` --token-expiry-warning-s ahead,
+        close 4001 at exp."""
         st = self.settings
         timeout = st.pong_timeout_s
+        wall = time.time()
+        warn_at = st.token_expiry_warning_s
         for s in list(self.sessions.values()):
-            if not s.closed and not s.transport.keepalive(now, st.heartbeat_s, timeout):
+            if s.closed:
+                continue
+            left = s.token_claims.exp - wall
+            if left <= 0:
+                s.close(4001, "token expired")
+                continue
+            if left <= warn_at and not s.expiry_warned:
+                s.expiry_warned = True
+                s.send({"type": "token_expiring", "in_s": int(left)})
+            if not s.transport.keepalive(now, st.heartbeat_s, timeout):
                 self.stats.pong_timeouts += 1
                 self.records.event("heartbeat_timeout", s.client_id, None, timeout_s=timeout)
                 s.close(1011, f"no pong for {timeout:g} s")

@@ -1,5 +1,5 @@
 """One client connection: claims, core row, output format, sequence numbers,
-rate limit and token-expiry timers.
+rate limit, and whether it was warned of its token's expiry.
 
 A Session lives from a successful authentication until its transport closes;
 the hub owns the mapping from core row to Session. The transport only knows
@@ -54,7 +54,7 @@ def new_id(prefix: str) -> str:
 
 class Session:
     __slots__ = ("transport", "claims", "fmt", "row", "client_id", "session_id", "seq",
-                 "limiter", "connected_at", "messages_sent", "bytes_sent", "timers", "kind",
+                 "limiter", "connected_at", "messages_sent", "bytes_sent", "expiry_warned", "kind",
                  "peer", "closed", "view", "cells", "token_claims", "subscription", "last_ping",
                  "known", "held", "close_reason")
 
@@ -71,7 +71,9 @@ class Session:
         self.connected_at = time.time()
         self.messages_sent = 0
         self.bytes_sent = 0
-        self.timers: list = []
+        # token_expiring sent for the current token (the hub's sweep sends it,
+        # and closes 4001 at exp: no timer per connection)
+        self.expiry_warned = False
         self.kind = kind
         self.peer = peer
         self.closed = False
@@ -110,11 +112,6 @@ class Session:
         self.messages_sent += 1
         self.bytes_sent += self.transport.write_parts(prefix, body, suffix)
 
-    def cancel_timers(self) -> None:
-        for t in self.timers:
-            t.cancel()
-        self.timers.clear()
-
     @property
     def conflating(self) -> bool:
         return self.known is not None
@@ -123,5 +120,4 @@ class Session:
         if not self.closed:
             self.close_reason = reason
             self.closed = True
-            self.cancel_timers()
             self.transport.close(code, reason)

@@ -251,7 +251,6 @@ async def handle(request: web.Request) -> web.StreamResponse:
     if record is not None:
         s.session_id = request.query["resume"]
     hub.attach(s)
-    _schedule_expiry(s, settings.token_expiry_warning_s)
     s.send({"type": "welcome", "client": s.client_id, "session": s.session_id,
             "resumed": record is not None, "heartbeat_s": int(settings.heartbeat_s)})
     if record is not None:
@@ -290,7 +289,6 @@ async def handle(request: web.Request) -> web.StreamResponse:
         if ws.close_code is not None and not s.close_reason:
             reason = f"{close_reason} ({ws.close_code})"
         s.closed = True
-        s.cancel_timers()
         hub.detach(s)
         vehicles = ((s.subscription or {}).get("subscriptions") or {}).get("vehicles") or []
         hub.spawn(stores.client_closed(claims.sub, s.client_id, s.session_id, vehicles))
@@ -406,20 +404,5 @@ async def _refresh(hub, authn, s: Session, m, settings) -> None:
     if s.closed:
         return
     hub.set_claims(s, claims.with_acl(acl))
-    s.cancel_timers()
-    _schedule_expiry(s, settings.token_expiry_warning_s)
+    s.expiry_warned = False
     s.send(M.reply("refreshed", m.id, exp=int(claims.exp)))
-
-
-def _schedule_expiry(s: Session, warning_s: float) -> None:
-    """token_expiring ahead of exp, then close 4001 at exp (PROTOCOL §2)."""
-    loop = asyncio.get_running_loop()
-    left = s.claims.exp - time.time()
-    warn_in = left - warning_s
-    if warn_in > 0:
-        s.timers.append(loop.call_later(warn_in, lambda: s.send(
-            {"type": "token_expiring", "in_s": int(max(0, s.claims.exp - time.time()))})))
-    else:
-        s.timers.append(loop.call_soon(lambda: s.send(
-            {"type": "token_expiring", "in_s": int(max(0, left))})))
-    s.timers.append(loop.call_later(max(0.0, left), lambda: s.close(4001, "token expired")))
