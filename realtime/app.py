@@ -14,6 +14,7 @@ from .auth import VIEW_ALL, Authenticator, ephemeral_secret
 from .hub import Hub
 from .ingest import http as ingest_http
 from .ingest import simulator
+from .ingest.decode import batch_of_records
 from .transports import websocket
 
 log = logging.getLogger("realtime.app")
@@ -49,9 +50,10 @@ def make_app(settings) -> web.Application:
     app["hub"] = hub = Hub(settings)
     app["security_log"] = _security_logger(hub)
 
-    async def sink(updates):
-        """Kafka and reconcile input: applied here (every instance reads it all)."""
-        hub.apply_updates(updates)
+    async def sink(records):
+        """Kafka input (decode_record's structs): applied here; every instance
+        reads every partition."""
+        hub.apply(batch_of_records(records, hub.core.vtype_code))
 
     app["ingest_sink"] = sink
     app["http_sink"] = _http_sink(app)

@@ -159,9 +159,11 @@ class CoreBase:
     _ROW_LISTS = ("ids", "alerts", "driver", "assignment", "groups_of", "enc_id", "enc_al",
                   "enc_dr", "enc_drr", "enc_as")
 
+    _NO_ALERTS = S.enc_both([])
+
     def _row_values(self, vid: str) -> tuple:
         """A fresh row's entries in _ROW_LISTS, in that order."""
-        return (vid, (), None, None, (), S.enc_both(vid), S.enc_both([]), None, None, None)
+        return (vid, (), None, None, (), S.enc_both(vid), self._NO_ALERTS, None, None, None)
 
     def _new_vehicle(self, vid: str) -> int:
         if self.row_free:
@@ -181,12 +183,13 @@ class CoreBase:
             self._set_bit(self.sel_bits, sid, row)
         return row
 
+    _BLANK = np.zeros((), S.VEHICLE_DTYPE)
+    _BLANK["ts"] = np.iinfo(np.int64).min
+    _BLANK["status"] = S.ST_UNKNOWN
+
     def _blank(self, row: int) -> None:
-        rec = self.cur[row]
-        rec.fill(0)
-        rec["ts"] = np.iinfo(np.int64).min
-        rec["status"] = S.ST_UNKNOWN
-        self.sent[row] = self.cur[row]
+        self.cur[row] = self._BLANK
+        self.sent[row] = self._BLANK
         self.dirty[row] = 0
         self.heard[row] = 0.0
         self.sent_at[row] = 0.0
@@ -208,11 +211,12 @@ class CoreBase:
         that changed something; older-than-stored updates are counted in
         `ignored_stale`. New alerts land in `new_alerts` as (row, alert)."""
         n = len(batch)
-        rows = np.empty(n, np.int32)
         get = self.id_to_row.get
-        for i, vid in enumerate(batch.ids):
-            r = get(vid)
-            rows[i] = self._new_vehicle(vid) if r is None else r
+        found = [get(vid) for vid in batch.ids]
+        if None in found:   # new vehicles (once each; a batch may name one twice)
+            found = [r if r is not None else (get(vid) if vid in self.id_to_row else self._new_vehicle(vid))
+                     for r, vid in zip(found, batch.ids)]
+        rows = np.array(found, np.int32)
         prev_ts = self.cur["ts"][rows]
         was_dirty = self.dirty[rows]
         silenced = self.silenced[rows]

@@ -1,10 +1,14 @@
 """Validation of vehicle updates (PROTOCOL §1.1), shared by every input.
 
-Kafka records, HTTP ingest bodies and Redis reconcile snapshots all pass
-through `validate`, which returns a normalised dict or raises Rejected with a
-reason code from REASONS (the `reason` label of ingest_rejected_total) and a
-human-readable detail. `to_batch` turns accepted updates into the core's
-columnar UpdateBatch, once per poll or request.
+Every input is checked against one schema, `UpdateIn`, and `_finish`; a bad
+one raises Rejected with a reason code from REASONS (the `reason` label of
+ingest_rejected_total) and a human-readable detail.
+- HTTP ingest bodies and Redis reconcile snapshots go through `validate`,
+  which returns a normalised dict (relayed and re-produced as such), and
+  `to_batch` builds the core's columnar UpdateBatch from those.
+- Kafka records, the bulk input, are decoded straight into UpdateIn by
+  msgspec (no intermediate dict: ~1 µs instead of ~5 µs per record) by
+  `decode_record`, and `batch_of_records` builds the batch from them.
 """
 from __future__ import annotations
 
@@ -87,25 +91,32 @@ def _reason_of(e: msgspec.ValidationError) -> str:
     return "invalid_field"
 
 
+def _finish(u: UpdateIn) -> UpdateIn:
+    """What msgspec's types cannot say. Afterwards `timestamp` is epoch
+    milliseconds and `course` (or `heading`) is in [0, 360). (NaN and
+    infinities fail the types' bounds already: NaN >= x is false.)"""
+    course = u.course if u.course is not None else u.heading
+    if course is not None:
+        u.course = course % 360.0
+    ts = u.timestamp
+    u.timestamp = ts if type(ts) is int and 0 <= ts <= 100_000_000_000_000 else parse_timestamp(ts)
+    return u
+
+
 def validate(obj) -> dict:
     if not isinstance(obj, dict):
         raise Rejected("not_object", "an update is a JSON object")
     try:
-        u = msgspec.convert(obj, UpdateIn)
+        u = _finish(msgspec.convert(obj, UpdateIn))
     except msgspec.ValidationError as e:
         raise Rejected(_reason_of(e), str(e)) from None
-    for name in ("speed", "course", "heading"):
-        v = getattr(u, name)
-        if v is not None and not math.isfinite(v):
-            raise Rejected("invalid_field", f"{name} must be a finite number")
-    course = u.course if u.course is not None else u.heading
     return {
         "vehicle_id": u.vehicle_id,
-        "ts": parse_timestamp(u.timestamp),
+        "ts": u.timestamp,
         "lat": u.position.lat,
         "lon": u.position.lon,
         "speed": u.speed,
-        "course": None if course is None else course % 360.0,
+        "course": u.course,
         "status": u.status,
         "vehicle_type": u.vehicle_type,
         "groups": u.groups,
@@ -116,17 +127,22 @@ def validate(obj) -> dict:
 
 
 _json = msgspec.json.Decoder()
-_mp = msgspec.msgpack.Decoder()
+_json_update = msgspec.json.Decoder(UpdateIn)
+_mp_update = msgspec.msgpack.Decoder(UpdateIn)
 
 
-def decode_record(value: bytes, msgpack_value: bool = False) -> dict:
-    """One Kafka record value -> validated update."""
+def decode_record(value: bytes, msgpack_value: bool = False) -> UpdateIn:
+    """One Kafka record value -> validated update, decoded in one pass."""
     try:
-        obj = _mp.decode(value) if msgpack_value else _json.decode(value)
+        return _finish((_mp_update if msgpack_value else _json_update).decode(value))
+    except msgspec.ValidationError as e:   # a DecodeError too: test it first
+        text = str(e)
+        if text.startswith("Expected `object`") and "- at `$" not in text:
+            raise Rejected("not_object", "an update is a JSON object") from None
+        raise Rejected(_reason_of(e), text) from None
     except (msgspec.DecodeError, UnicodeDecodeError):
         raise Rejected("invalid_msgpack" if msgpack_value else "invalid_json",
                        "value is not " + ("msgpack" if msgpack_value else "JSON")) from None
-    return validate(obj)
 
 
 def decode_http_body(body: bytes) -> tuple[list, list]:
@@ -175,4 +191,23 @@ def to_batch(updates: list[dict], vtype_code) -> UpdateBatch:
         driver=[u["driver"] for u in updates],
         assignment=[u["assignment"] for u in updates],
         groups=[None if u["groups"] is None else tuple(u["groups"]) for u in updates],
+    )
+
+
+def batch_of_records(updates: list[UpdateIn], vtype_code) -> UpdateBatch:
+    """to_batch for decode_record's structs (attributes instead of keys)."""
+    nan = math.nan
+    return UpdateBatch(
+        ids=[u.vehicle_id for u in updates],
+        lat=[u.position.lat for u in updates],
+        lon=[u.position.lon for u in updates],
+        speed=[nan if u.speed is None else u.speed for u in updates],
+        course=[nan if u.course is None else u.course for u in updates],
+        status=[KEEP if u.status is None else STATUS_CODE.get(u.status, ST_UNKNOWN) for u in updates],
+        vtype=[KEEP if u.vehicle_type is None else vtype_code(u.vehicle_type) for u in updates],
+        ts=[u.timestamp for u in updates],
+        alerts=[None if u.alerts is None else tuple(u.alerts) for u in updates],
+        driver=[u.driver for u in updates],
+        assignment=[u.assignment for u in updates],
+        groups=[None if u.groups is None else tuple(u.groups) for u in updates],
     )

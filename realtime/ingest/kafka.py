@@ -72,7 +72,7 @@ async def produce_updates(producer, topic: str, updates: list[dict]) -> None:
 class KafkaIngest:
     def __init__(self, settings, sink, stats):
         self.settings = settings
-        self.sink = sink            # async callable(list[update]) -> None
+        self.sink = sink            # async callable(list[decode.UpdateIn]) -> None
         self.stats = stats
         self.consumer: AIOKafkaConsumer | None = None
         self.producer: AIOKafkaProducer | None = None
@@ -230,12 +230,11 @@ class KafkaIngest:
                 self.first_record_at = time.time()
             updates = []
             for tp, records in batches.items():
+                self.records += len(records)
+                self.newest_record_ms = max(self.newest_record_ms, records[-1].timestamp)
                 for r in records:
-                    self.records += 1
-                    if r.timestamp > self.newest_record_ms:
-                        self.newest_record_ms = r.timestamp
                     try:
-                        updates.append(decode_record(r.value, is_msgpack(r.headers)))
+                        updates.append(decode_record(r.value, bool(r.headers) and is_msgpack(r.headers)))
                     except Rejected as e:
                         await self._reject(r, e)
             if updates:
