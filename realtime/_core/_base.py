@@ -234,40 +234,46 @@ class CoreBase:
             self._hold_jitter(rows, accepted, masks, was_dirty, now)
         self.ignored_stale += int(n - accepted.sum())
         self.new_alerts = []
-        for i in np.flatnonzero(accepted):
-            al, dr, asg, grp = batch.alerts[i], batch.driver[i], batch.assignment[i], batch.groups[i]
-            if al is None and dr is None and asg is None and grp is None:
+        # rich fields: most updates repeat what is stored (or carry none), so
+        # compare here before paying for a call
+        A, D, AS, G = self.alerts, self.driver, self.assignment, self.groups_of
+        alerts, drivers, asgs, grps = batch.alerts, batch.driver, batch.assignment, batch.groups
+        for i in np.flatnonzero(accepted).tolist():
+            r = found[i]
+            al, dr, asg, grp = alerts[i], drivers[i], asgs[i], grps[i]
+            if ((al is None or al == A[r]) and (dr is None or dr == D[r])
+                    and (asg is None or asg == AS[r]) and (grp is None or grp == G[r])):
                 continue
-            masks[i] |= self._apply_rich(int(rows[i]), al, dr, asg, grp)
+            masks[i] |= self._apply_rich(r, al, dr, asg, grp)
         changed = masks != 0
         return rows[changed], masks[changed]
 
     def _apply_rich(self, row, al, dr, asg, grp) -> int:
         m = 0
-        rec = self.cur[row]
+        cur = self.cur
         if al is not None and al != self.alerts[row]:
             old = set(self.alerts[row])
             self.new_alerts.extend((row, a) for a in al if a not in old)
             self.alerts[row] = al
             self.enc_al[row] = S.enc_both(list(al))
-            rec["al_ver"] += 1
-            rec["has_alerts"] = 1 if al else 0
+            cur[row]["al_ver"] += 1
+            cur[row]["has_alerts"] = 1 if al else 0
             m |= S.F_AL
         if dr is not None and dr != self.driver[row]:
             red_old = S.redact_driver(self.driver[row])
             self.driver[row] = dr
             self.enc_dr[row] = S.enc_both(dr)
-            rec["dr_ver"] += 1
+            cur[row]["dr_ver"] += 1
             m |= S.F_DR
             red = S.redact_driver(dr)
             if red != red_old:
                 self.enc_drr[row] = S.enc_both(red)
-                rec["drr_ver"] += 1
+                cur[row]["drr_ver"] += 1
                 m |= S.F_DRR
         if asg is not None and asg != self.assignment[row]:
             self.assignment[row] = asg
             self.enc_as[row] = S.enc_both(asg)
-            rec["as_ver"] += 1
+            cur[row]["as_ver"] += 1
             m |= S.F_AS
         if grp is not None and grp != self.groups_of[row]:
             self._set_groups(row, grp)
@@ -590,15 +596,18 @@ class CoreBase:
         """PROTOCOL §3.3: an idle vehicle's position jitter is sent at most every
         jitter_s. Such a row stays out of the next tick (not dirty); `sent`
         keeps what clients have, so the change goes out with the next real one."""
-        small = accepted & (was_dirty == 0) & ((masks & ~(S.F_P | S.F_C | S.F_TS)) == 0)
-        if not small.any():
+        small = (accepted & (was_dirty == 0) & ((masks & ~(S.F_P | S.F_C | S.F_TS)) == 0)
+                 & (self.cur["status"][rows] != S.ST_MOVING))
+        if not small.any():   # the common case: moving vehicles are always sent
             return
         r = rows[small]
         cur, sent = self.cur[r], self.sent[r]
         dy = (cur["lat"] - sent["lat"]) * 111_320.0
         dx = (cur["lon"] - sent["lon"]) * 111_320.0 * np.cos(np.radians(cur["lat"]))
-        hold = ((cur["status"] != S.ST_MOVING) & (sent["version"] > 0)
-                & (dx * dx + dy * dy < self.jitter_m ** 2) & (now - self.sent_at[r] < self.jitter_s))
+        hold = ((sent["version"] > 0) & (dx * dx + dy * dy < self.jitter_m ** 2)
+                & (now - self.sent_at[r] < self.jitter_s))
+        if not hold.any():
+            return
         held_at = np.flatnonzero(small)[hold]   # positions in the batch
         sent_at = np.setdiff1d(np.flatnonzero(accepted), held_at)
         # a row with another, real change in the same batch is sent

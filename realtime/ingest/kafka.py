@@ -232,11 +232,15 @@ class KafkaIngest:
             for tp, records in batches.items():
                 self.records += len(records)
                 self.newest_record_ms = max(self.newest_record_ms, records[-1].timestamp)
-                for r in records:
-                    try:
-                        updates.append(decode_record(r.value, bool(r.headers) and is_msgpack(r.headers)))
-                    except Rejected as e:
-                        await self._reject(r, e)
+                try:   # every record valid: the common case, in one comprehension
+                    updates += [decode_record(r.value, bool(r.headers) and is_msgpack(r.headers))
+                                for r in records]
+                except Rejected:   # decode this partition's batch again, one by one
+                    for r in records:
+                        try:
+                            updates.append(decode_record(r.value, bool(r.headers) and is_msgpack(r.headers)))
+                        except Rejected as e:
+                            await self._reject(r, e)
             if updates:
                 await self.sink(updates)
             if batches:
