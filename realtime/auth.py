@@ -35,6 +35,17 @@ class AuthError(Exception):
         return 403 if self.forbidden else 401
 
 
+_SHARED: dict = {}
+
+
+def _shared(value):
+    """One object for every token with the same rights: thousands of
+    connections carry a handful of distinct permission sets (~200 B each)."""
+    if len(_SHARED) > 10000:   # bounded: past that, no sharing
+        return value
+    return _SHARED.setdefault(value, value)
+
+
 def _names(value) -> tuple[str, ...]:
     """A claim that lists names: a JSON list, or a comma-separated string."""
     if value is None:
@@ -46,7 +57,7 @@ def _names(value) -> tuple[str, ...]:
     raise AuthError("claims vehicles/groups/permissions must be lists")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Claims:
     sub: str
     name: str
@@ -144,9 +155,9 @@ class Authenticator:
             sub=str(payload["sub"]),
             name=str(payload.get("name", payload["sub"])),
             role=str(payload.get("role", "")),
-            permissions=frozenset(_names(payload.get("permissions"))),
-            vehicles=_names(payload.get("vehicles")),
-            groups=_names(payload.get("groups")),
+            permissions=_shared(frozenset(_names(payload.get("permissions")))),
+            vehicles=_shared(_names(payload.get("vehicles"))),
+            groups=_shared(_names(payload.get("groups"))),
             exp=float(payload["exp"]),
         )
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 import time
 from collections import deque
 
+import msgpack
+
 from .base import EVENT_LOG_MAX, EVENT_RETENTION_S, SESSION_TTL_S, Event, eid_key
 
 
@@ -13,7 +15,11 @@ class MemoryStores:
     def __init__(self, settings=None):
         self.hub = None
         self.log: deque[Event] = deque(maxlen=EVENT_LOG_MAX)
-        self.sessions: dict[str, tuple[dict, float]] = {}
+        # session id -> (msgpack record, expiry): packed, ~300 B instead of a
+        # ~1 KB dict per connection. `_expiry` holds one (expiry, id) per
+        # session in first-save order, so saves drop expired records as they go
+        self.sessions: dict[str, tuple[bytes, float]] = {}
+        self._expiry: deque[tuple[float, str]] = deque()
         self._last_ms = 0
         self._seq = 0
 
@@ -49,14 +55,27 @@ class MemoryStores:
 
     # ---------------------------------------------------------------- sessions
     async def save_session(self, session_id: str, data: dict) -> None:
-        self.sessions[session_id] = (data, time.time() + SESSION_TTL_S)
+        now = time.time()
+        exp = now + SESSION_TTL_S
+        if session_id not in self.sessions:
+            self._expiry.append((exp, session_id))   # one entry per session
+        self.sessions[session_id] = (msgpack.packb(data), exp)
+        while self._expiry and self._expiry[0][0] < now:
+            _, sid = self._expiry.popleft()
+            item = self.sessions.get(sid)
+            if item is None:
+                continue
+            if item[1] < now:
+                del self.sessions[sid]
+            else:   # saved again since: look again at its new expiry
+                self._expiry.append((item[1], sid))
 
     async def load_session(self, session_id: str) -> dict | None:
         item = self.sessions.get(session_id)
         if item is None or item[1] < time.time():
             self.sessions.pop(session_id, None)
             return None
-        return item[0]
+        return msgpack.unpackb(item[0])
 
     async def client_opened(self, user_id, client_id) -> None:
         pass
