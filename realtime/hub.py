@@ -1,7 +1,8 @@
 """This worker's sessions and the per-tick fan-out through the core.
 
 The hub owns the core. Ingest calls `apply` (one core call per batch); the
-tick task calls `flush` every --tick-ms: one core.tick() that returns
+tick task calls `flush` at most once every --tick-ms, as soon as there is
+something to send: one core.tick() that returns
 [(body, client rows)], then one write per client. Client commands run
 `flush` first, so that the core's "no pending changes" precondition holds and
 a command's snapshot is never followed by a repeat of the same state.
@@ -80,6 +81,7 @@ class Hub:
         self._arrivals: list[tuple[float, int]] = []   # (monotonic time, updates) since the last tick
         self.conflating: set[Session] = set()
         self.load = LoadMonitor()
+        self._work = asyncio.Event()   # set by ingest and events: the tick has something to do
 
     # ------------------------------------------------------------ ingest
     def apply_updates(self, updates: list[dict]) -> int:
@@ -93,6 +95,7 @@ class Hub:
         now = time.monotonic()
         rows, _ = self.core.apply(batch, now)
         self._arrivals.append((now, len(batch)))
+        self._work.set()
         self.stats.ingest_updates += len(batch)
         self.stores.changed(rows)
         for row, alert in self.core.new_alerts:
@@ -111,6 +114,7 @@ class Hub:
         """An event from the log's tail: to every client that sees the vehicle, next tick."""
         if self.core.add_event(ev.vehicle_id, ev.etype, ev.body, ev.eid, ev.ts, ev.is_alert):
             self.stats.events += 1
+            self._work.set()
         else:
             self.stats.events_unknown_vehicle += 1
         if not ev.eid.endswith("-local"):
@@ -129,16 +133,24 @@ class Hub:
     async def _run(self) -> None:
         period = self.settings.tick_ms / 1000.0
         loop = asyncio.get_running_loop()
-        deadline = loop.time()
-        next_clusters = deadline + CLUSTER_REFRESH_S
-        next_second = deadline + 1.0
+        last = loop.time()
+        next_clusters = last + CLUSTER_REFRESH_S
+        next_second = last + 1.0
         while True:
-            deadline += period
-            delay = deadline - loop.time()
-            if delay < 0:  # fell behind: do not try to catch up with a burst
-                deadline = loop.time()
-                delay = 0
-            await asyncio.sleep(delay)
+            # At most one tick per period, and within that as soon as there is
+            # something to send: an update that arrives after a quiet spell goes
+            # out at once rather than waiting up to a period for the clock. A
+            # steady stream still gets exactly one tick per period.
+            wait = last + period - loop.time()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            if not self._work.is_set():
+                try:
+                    await asyncio.wait_for(self._work.wait(), period)
+                except asyncio.TimeoutError:
+                    pass
+            self._work.clear()
+            last = loop.time()
             try:
                 self.flush(rebuild=True)
                 if loop.time() >= next_clusters:
