@@ -65,6 +65,7 @@ class Hub:
         self.settings = settings
         self.core = core or Core(vehicle_capacity=4096, client_capacity=256)
         self.sessions: dict[int, Session] = {}
+        self.outlets: dict = {}   # core row -> the session's transport (an Outlet), for fan_out
         self.instance_id = os.environ.get("REALTIME_INSTANCE_ID") or f"{os.getpid():x}"
         self.stats = Stats()
         self._tick_no = 0
@@ -180,11 +181,11 @@ class Hub:
         self.stats.ticks += 1
         if out:
             # one write per client, in compiled code (_fanout.pyx)
-            frames, skipped, congested = fan_out(out, self.sessions, self.batch_id(), self.core.envelope)
+            frames, skipped, congested = fan_out(out, self.outlets, self.batch_id(), self.core.envelope)
             self.stats.frames_sent += frames
             self.stats.frames_conflated += skipped
-            for s in congested:
-                self._conflate(s)
+            for row in congested:
+                self._conflate(self.sessions[row])
         if already:
             self._conflating_tick(already, events)
         if self._arrivals:
@@ -256,6 +257,7 @@ class Hub:
         c = s.claims
         s.row = self.core.add_client(s.fmt, c.view_all, c.vehicles, c.groups, c.contacts)
         self.sessions[s.row] = s
+        self.outlets[s.row] = s.transport
         self._per_ip[s.peer] = self._per_ip.get(s.peer, 0) + 1
         self._per_user[c.sub] = self._per_user.get(c.sub, 0) + 1
 
@@ -263,6 +265,7 @@ class Hub:
         self.conflating.discard(s)
         if s.row >= 0 and self.sessions.get(s.row) is s:
             del self.sessions[s.row]
+            del self.outlets[s.row]
             self.core.remove_client(s.row)
             s.row = -1
             for counts, key in ((self._per_ip, s.peer), (self._per_user, s.claims.sub)):

@@ -53,10 +53,10 @@ def new_id(prefix: str) -> str:
 
 
 class Session:
-    __slots__ = ("transport", "claims", "fmt", "row", "client_id", "session_id", "seq",
-                 "limiter", "connected_at", "messages_sent", "bytes_sent", "expiry_warned", "kind",
-                 "peer", "closed", "view", "cells", "token_claims", "subscription", "last_ping",
-                 "known", "held", "close_reason")
+    __slots__ = ("transport", "claims", "fmt", "row", "client_id", "session_id",
+                 "limiter", "connected_at", "expiry_warned", "kind",
+                 "peer", "_closed", "view", "cells", "token_claims", "subscription", "last_ping",
+                 "_known", "held", "close_reason")
 
     def __init__(self, transport, claims: Claims, fmt: int, rate: float, kind: str = "websocket",
                  peer: str = ""):
@@ -66,17 +66,14 @@ class Session:
         self.row = -1
         self.client_id = new_id("c_")
         self.session_id = new_id("s_")
-        self.seq = 0
         self.limiter = RateLimiter(rate)
         self.connected_at = time.time()
-        self.messages_sent = 0
-        self.bytes_sent = 0
         # token_expiring sent for the current token (the hub's sweep sends it,
         # and closes 4001 at exp: no timer per connection)
         self.expiry_warned = False
         self.kind = kind
         self.peer = peer
-        self.closed = False
+        self._closed = False
         self.token_claims = claims    # the token's own rights; ACLs apply on top
         self.subscription = None      # the last subscribe request as sent, for resume
         self.last_ping = self.connected_at
@@ -84,7 +81,7 @@ class Session:
         self.cells = None         # last `clusters` cells sent, None when not clustered
         # conflation (slow client): the vehicle rows it had when position
         # updates stopped, and the events held for it since; None when flowing
-        self.known = None
+        self._known = None
         self.held: list[bytes] = []
         self.close_reason = ""
 
@@ -97,24 +94,55 @@ class Session:
         self.write(M.encode(self.fmt, obj))
 
     def write(self, payload: bytes) -> None:
-        if self.closed:
-            return
-        self.messages_sent += 1
-        self.bytes_sent += self.transport.write(payload)
+        if not self._closed:
+            self.transport.write(payload)
 
     def send_batch(self, envelope_of, batch_id: bytes, body: bytes, req_id=None) -> None:
         """envelope_of is CoreBase.envelope: this connection's seq (and request
         id) around the body shared with other connections, written at once."""
-        if self.closed:
+        if self._closed:
             return
-        self.seq += 1
-        prefix, suffix = envelope_of(self.fmt, batch_id, self.seq, req_id)
-        self.messages_sent += 1
-        self.bytes_sent += self.transport.write_parts(prefix, body, suffix)
+        t = self.transport
+        t.seq += 1
+        prefix, suffix = envelope_of(self.fmt, batch_id, t.seq, req_id)
+        t.write_parts(prefix, body, suffix)
+
+    # The transport (an Outlet) keeps the write state the compiled fan-out
+    # reads; these mirror it so that Python code reads one place.
+    @property
+    def seq(self) -> int:
+        return self.transport.seq
+
+    @property
+    def messages_sent(self) -> int:
+        return self.transport.messages
+
+    @property
+    def bytes_sent(self) -> int:
+        return self.transport.nbytes
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @closed.setter
+    def closed(self, value: bool) -> None:
+        self._closed = self.transport.closed = bool(value)
+
+    @property
+    def known(self):
+        """While conflating: the vehicle rows it had when position batches
+        stopped (see Hub._conflate); None when flowing."""
+        return self._known
+
+    @known.setter
+    def known(self, rows) -> None:
+        self._known = rows
+        self.transport.conflating = rows is not None
 
     @property
     def conflating(self) -> bool:
-        return self.known is not None
+        return self._known is not None
 
     def close(self, code: int, reason: str) -> None:
         if not self.closed:

@@ -17,6 +17,7 @@ from aiohttp.http import ws_ext_gen
 
 from . import deflate
 from .. import messages as M
+from .._core._fanout import Outlet
 from .._core._schema import FMT_JSON, FMT_MSGPACK
 from ..auth import AuthError, Claims
 from ..session import Session
@@ -52,25 +53,27 @@ class DeflateResponse(web.WebSocketResponse):
         return headers, protocol, compress, True
 
 
-class RawWriter:
+class RawWriter(Outlet):
     """Writes unmasked server frames straight to the transport, compressed when
-    permessage-deflate was negotiated and the message is big enough."""
+    permessage-deflate was negotiated and the message is big enough. Its write
+    state (seq, counters, limits, flags) is the compiled Outlet's, which the
+    tick's fan-out (_core/_fanout.pyx) uses without this Python side."""
 
-    __slots__ = ("ws", "transport", "opcode", "limit", "loop", "deflate_from", "hwm", "congested",
-                 "last_seen", "last_ping")
+    __slots__ = ("opcode", "loop", "deflate_from", "last_seen", "last_ping")
 
     def __init__(self, ws: web.WebSocketResponse, transport, fmt: int, limit: int,
                  deflate_from: int | None = None, hwm: int = 256 * 1024):
         self.ws = ws
         self.transport = transport
+        self.fmt = fmt
         self.opcode = 0x80 | (0x2 if fmt == FMT_MSGPACK else 0x1)
         self.limit = limit      # hard limit: close 1013
         self.hwm = hwm          # high-water mark: the hub conflates above it
-        self.congested = False  # as of the last write
         self.last_seen = self.last_ping = time.monotonic()
         self.loop = asyncio.get_running_loop()
         # None: not negotiated; else the smallest message worth compressing
         self.deflate_from = deflate_from if ws.compress else None
+        self.deflate = self.deflate_from is not None
 
     def _writable(self):
         t = self.transport
@@ -120,6 +123,8 @@ class RawWriter:
         else:
             data = frame_header(self.opcode, len(payload)) + payload
         t.write(data)
+        self.messages += 1
+        self.nbytes += len(data)
         return len(data)
 
     def write_parts(self, prefix: bytes, body: bytes, suffix: bytes) -> int:
@@ -136,6 +141,8 @@ class RawWriter:
         else:
             data = b"".join((frame_header(self.opcode, n), prefix, body, suffix))
         t.write(data)
+        self.messages += 1
+        self.nbytes += len(data)
         return len(data)
 
     def pending(self) -> int:
