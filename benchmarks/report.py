@@ -37,8 +37,9 @@ def table(r: dict) -> str:
         add("(a) p99 update→client ms (tick 50 ms), full load", a["p99_ms"], "-", "-")
         half = e2e.get("half_saturation")
         if half:
-            add(f"(a) p99 update→client ms at half the saturating load ({half['clients']} of "
-                f"{half['saturating_clients']} clients)", half["p99_ms"], "-", "-", "≤ 70")
+            how = "extrapolated" if half.get("extrapolated") else "measured"
+            add(f"(a) p99 update→client ms at half the saturating load ({half['clients']} clients; "
+                f"saturation {half['saturating_clients']}, {how})", half["p99_ms"], "-", "-", "≤ 70")
         add("(a) deliveries/s at offered load", a["deliveries_per_s"], raw.get("deliveries_per_s", "-"), "-")
     if e2e.get("b_realtime"):
         b = e2e["b_realtime"]
