@@ -438,6 +438,8 @@ class Hub:
                     s = self.sessions.get(row)
                     if s is not None:
                         s.send_batch(envelope, batch_id, body)
+            for s in self.conflating:   # re-conflated since: its rows may be reused
+                s.known = np.setdiff1d(s.known, stale)
             for r in stale:
                 self.records.event("vehicle_stale", None, forgotten_ids.get(int(r)))
             self.stats.forgotten += len(stale)
