@@ -459,21 +459,25 @@ class Hub:
         st = self.settings
         timeout = st.pong_timeout_s
         wall = time.time()
-        warn_at = st.token_expiry_warning_s
         for s in list(self.sessions.values()):
             if s.closed:
                 continue
-            left = s.token_claims.exp - wall
-            if left <= 0:
+            if s.token_claims.exp <= wall:
                 s.close(4001, "token expired")
                 continue
-            if left <= warn_at and not s.expiry_warned:
-                s.expiry_warned = True
-                s.send({"type": "token_expiring", "in_s": int(left)})
+            self.warn_expiry(s, wall)
             if not s.transport.keepalive(now, st.heartbeat_s, timeout):
                 self.stats.pong_timeouts += 1
                 self.records.event("heartbeat_timeout", s.client_id, None, timeout_s=timeout)
                 s.close(1011, f"no pong for {timeout:g} s")
+
+    def warn_expiry(self, s: Session, wall: float) -> None:
+        """`token_expiring` once per token, --token-expiry-warning-s ahead; at
+        once for a token that is already that close (at connect, at refresh)."""
+        left = s.token_claims.exp - wall
+        if left <= self.settings.token_expiry_warning_s and not s.expiry_warned:
+            s.expiry_warned = True
+            s.send({"type": "token_expiring", "in_s": int(max(0.0, left))})
 
     def set_claims(self, s: Session, claims: Claims) -> None:
         """New rights (token refresh, ACL update): diff what the client sees."""

@@ -270,6 +270,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
     hub.attach(s)
     s.send({"type": "welcome", "client": s.client_id, "session": s.session_id,
             "resumed": record is not None, "heartbeat_s": int(settings.heartbeat_s)})
+    hub.warn_expiry(s, time.time())
     if record is not None:
         hub.resume(s, record, events)
     hub.save_session(s)
@@ -423,3 +424,4 @@ async def _refresh(hub, authn, s: Session, m, settings) -> None:
     hub.set_claims(s, claims.with_acl(acl))
     s.expiry_warned = False
     s.send(M.reply("refreshed", m.id, exp=int(claims.exp)))
+    hub.warn_expiry(s, time.time())
