@@ -31,6 +31,12 @@ if port_open 5432 && command -v psql >/dev/null; then
   # The `test` database with trust auth is what the machine provides; make it if missing.
   su postgres -c "psql -tAc \"SELECT 1 FROM pg_database WHERE datname='test'\"" 2>/dev/null | grep -q 1 \
     || su postgres -c "createdb test" 2>/dev/null || true
+  # The tests connect over TCP as postgres with the password "postgres": trust
+  # auth (this machine kind) ignores it; Debian's default (scram-sha-256 on
+  # 127.0.0.1) needs it, so a fresh install gets that password.
+  PGPASSWORD=postgres psql -h 127.0.0.1 -U postgres -w -d test -tAc "SELECT 1" >/dev/null 2>&1 \
+    || su postgres -c "psql -q -c \"ALTER USER postgres PASSWORD 'postgres'\"" >/dev/null 2>&1 \
+    || echo "services: could not give postgres a password for TCP logins" >&2
 fi
 # Headless Chromium for the map page test (Debian's package; nothing is downloaded by the test).
 if ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null; then

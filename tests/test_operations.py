@@ -180,15 +180,24 @@ async def test_a_client_that_stops_reading_is_conflated_keeps_its_events_then_ca
         s.stop()
 
 
-async def test_events_that_cannot_be_kept_close_1013(uid):
+async def test_events_that_cannot_be_kept_close_1013_and_resume_loses_none(uid):
     s = Server("--simulate", "10000", "--tick-ms", "50", "--slow-client-buffer-bytes", "65536",
                "--slow-client-max-events", "3", "--max-visible", "100000")
     try:
         v = uid + "e"
         ingest(s, [update(v, 55.0, 37.0)])
         slow = await RawClient.connect(s, rcvbuf=4096)
-        await slow.until("welcome")
+        _, welcome = await slow.until("welcome")
         slow.send({"type": "subscribe", "subscriptions": {}})
+        # one event it does read: where its resume will start from
+        ingest(s, [update(v, 55.0, 37.0, alerts=["first"])])
+        last_eid = None
+        while last_eid is None:
+            _, m = await slow.message(timeout=10)
+            for x in m.get("messages", []) if m.get("type") == "batch" else []:
+                if x["t"] == "event" and x["v"] == v:
+                    last_eid = x["eid"]
+        # from here on it reads nothing
         deadline = time.monotonic() + 20
         while metric(s, "slow_client_conflations_total") < 1 and time.monotonic() < deadline:
             await asyncio.sleep(0.2)
@@ -200,6 +209,16 @@ async def test_events_that_cannot_be_kept_close_1013(uid):
                 await slow.message(timeout=10)
         assert e.value.code == 1013
         assert metric(s, "slow_client_closed_total") == 1
+        slow.close()
+        # PROTOCOL §3.4: it resumes from the last event it saw and gets every one after it
+        again = await Client.connect(s, token(), query=f"resume={welcome['session']}&last_event={last_eid}")
+        w = await again.recv_type("welcome")
+        assert w["resumed"] is True
+        got = await again.wait_messages(
+            lambda x: x["t"] == "event" and x["v"] == v and x["d"] == {"alert": "alert-4"}, timeout=10)
+        mine = [x["d"]["alert"] for x in got if x["t"] == "event" and x["v"] == v]
+        assert mine == [f"alert-{i}" for i in range(5)]
+        await again.close()
     finally:
         s.stop()
 

@@ -2,8 +2,10 @@
 through an outage, flushed at shutdown. Real PostgreSQL; the outage is a real
 TCP proxy in front of it that the test takes down and brings back."""
 import asyncio
+import os
 import signal
 import uuid
+from urllib.parse import urlsplit
 
 import asyncpg
 import pytest
@@ -12,7 +14,9 @@ from conftest import Client, Server, free_port, ingest, require, stop_process, t
 
 pytestmark = pytest.mark.integration
 
-DSN = "postgresql://postgres@127.0.0.1:5432/test"
+# scripts/services.sh makes this login work on a fresh Debian install too
+DSN = os.environ.get("REALTIME_TEST_POSTGRES", "postgresql://postgres:postgres@127.0.0.1:5432/test")
+PG_HOST, PG_PORT = urlsplit(DSN).hostname, urlsplit(DSN).port or 5432
 
 
 async def _db():
@@ -25,7 +29,7 @@ async def _db():
 @pytest.fixture
 async def db():
     conn = await _db()
-    require("PostgreSQL at 127.0.0.1:5432 (database test)", conn is not None)
+    require(f"PostgreSQL at {DSN}", conn is not None)
     yield conn
     await conn.close()
 
@@ -47,7 +51,7 @@ class Proxy:
     """A TCP forwarder to PostgreSQL that can go down (closing every
     connection through it) and come back on the same port."""
 
-    def __init__(self, port: int, target=("127.0.0.1", 5432)):
+    def __init__(self, port: int, target=(PG_HOST, PG_PORT)):
         self.port, self.target = port, target
         self.server = None
         self.writers = set()
@@ -103,7 +107,7 @@ async def test_connections_subscriptions_and_events_are_recorded(db, uid):
 
 async def test_an_outage_queues_records_and_delivery_goes_on(db, uid):
     proxy = Proxy(free_port())           # down: nothing listens on its port yet
-    s = Server("--simulate", "0", "--postgres", f"postgresql://postgres@127.0.0.1:{proxy.port}/test")
+    s = Server("--simulate", "0", "--postgres", DSN.replace(f"{PG_HOST}:{PG_PORT}", f"127.0.0.1:{proxy.port}"))
     try:
         user = "out-" + uuid.uuid4().hex[:8]
         c = await Client.connect(s, token(sub=user))
