@@ -41,9 +41,7 @@ class Stats:
     def __init__(self):
         self.ingest_updates = 0
         self.ingest_rejected: dict[str, int] = {}
-        self.messages_sent = 0
         self.frames_sent = 0
-        self.bytes_sent = 0
         self.ticks = 0
         self.tick_seconds = 0.0   # route + encode + write, summed over ticks
         self.events = 0

@@ -100,12 +100,8 @@ class Session:
     def send_batch(self, envelope_of, batch_id: bytes, body: bytes, req_id=None) -> None:
         """envelope_of is CoreBase.envelope: this connection's seq (and request
         id) around the body shared with other connections, written at once."""
-        if self._closed:
-            return
-        t = self.transport
-        t.seq += 1
-        prefix, suffix = envelope_of(self.fmt, batch_id, t.seq, req_id)
-        t.write_parts(prefix, body, suffix)
+        if not self._closed:
+            self.transport.write_batch(envelope_of, batch_id, body, req_id)
 
     # The transport (an Outlet) keeps the write state the compiled fan-out
     # reads; these mirror it so that Python code reads one place.

@@ -817,6 +817,17 @@ def k_client_diff(core, Py_ssize_t c, bint full_all):
         free(b.data)
 
 # ---------------------------------------------------------------- tick
+cdef inline Py_ssize_t add_candidate(int32_t* stamp, int32_t* cand, Py_ssize_t n, int32_t c,
+                                     int32_t mark) noexcept nogil:
+    """Client c joins the candidates of the vehicle being routed (marked
+    `mark`), once whichever way it was found."""
+    if stamp[c] != mark:
+        stamp[c] = mark
+        cand[n] = c
+        n += 1
+    return n
+
+
 def k_tick(core, bint rebuild=True):
     """Route every dirty vehicle and pending event; return [(body, rows)]."""
     cdef Py_ssize_t n = core.n, nc = core.n_clients
@@ -867,6 +878,9 @@ def k_tick(core, bint rebuild=True):
     cdef Py_ssize_t n_cand
     cand_a = np.empty(max(nc, 1), np.int32)
     cdef int32_t[::1] cand = cand_a
+    cdef int32_t* stamp_p = &stamp[0]
+    cdef int32_t* cand_p = &cand[0]
+    cdef int32_t mark
     events = core.events
     cdef Py_ssize_t ne = len(events)
     try:
@@ -875,50 +889,36 @@ def k_tick(core, bint rebuild=True):
             r = rows[di]
             v = &cur[r]
             n_cand = 0
+            mark = <int32_t>di + 1
             # a) clients that saw it
             for w in range(cwords):
                 word = vis[r * cwords + w]
                 while word:
                     c = <int32_t>(w * 64 + _ctz(word))
                     word &= word - 1
-                    if stamp[c] != di + 1:
-                        stamp[c] = di + 1
-                        cand[n_cand] = c
-                        n_cand += 1
+                    n_cand = add_candidate(stamp_p, cand_p, n_cand, c, mark)
             # b) viewports whose cell holds it
             for lv in range(glevels.shape[0]):
                 key = cell_key(glevels[lv], v.lat, v.lon)
                 j = lower_bound(kp, nkeys, key)
                 while j < nkeys and kp[j] == key:
                     c = gclients[j]
-                    if stamp[c] != di + 1:
-                        stamp[c] = di + 1
-                        cand[n_cand] = c
-                        n_cand += 1
+                    n_cand = add_candidate(stamp_p, cand_p, n_cand, c, mark)
                     j += 1
             # c) selection subscribers without a viewport
             for j in range(gsel.shape[0]):
                 if bit(sel, vwords, gsel[j], r):
                     for k in range(gsel_off[j], gsel_off[j + 1]):
                         c = gsel_cl[k]
-                        if stamp[c] != di + 1:
-                            stamp[c] = di + 1
-                            cand[n_cand] = c
-                            n_cand += 1
+                        n_cand = add_candidate(stamp_p, cand_p, n_cand, c, mark)
             # e) clients changed since the grid was built
             for j in range(pending.shape[0]):
                 c = pending[j]
-                if stamp[c] != di + 1:
-                    stamp[c] = di + 1
-                    cand[n_cand] = c
-                    n_cand += 1
+                n_cand = add_candidate(stamp_p, cand_p, n_cand, c, mark)
             # d) clients that watch everything
             for j in range(gglobal.shape[0]):
                 c = gglobal[j]
-                if stamp[c] != di + 1:
-                    stamp[c] = di + 1
-                    cand[n_cand] = c
-                    n_cand += 1
+                n_cand = add_candidate(stamp_p, cand_p, n_cand, c, mark)
             for j in range(n_cand):
                 c = cand[j]
                 cl = &cls[c]

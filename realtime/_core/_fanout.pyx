@@ -173,9 +173,7 @@ def fan_out(list out, dict outlets, bytes batch_id, envelope):
             if o.closed:
                 continue
             if o.deflate:
-                o.seq += 1
-                prefix, suffix = envelope(o.fmt, batch_id, o.seq, None)
-                w.write_parts(prefix, body, suffix)
+                w.write_batch(envelope, batch_id, body)
                 frames += 1
                 if o.congested:
                     congested.append(row)

@@ -52,6 +52,11 @@ def is_msgpack(headers) -> bool:
     return False
 
 
+def _decoded(record):
+    """A consumer record's value, JSON or (by its content-type header) msgpack."""
+    return decode_record(record.value, bool(record.headers) and is_msgpack(record.headers))
+
+
 async def produce_updates(producer, topic: str, updates: list[dict]) -> None:
     """Validated updates back onto the topic (HTTP ingest with Kafka configured)."""
     import json
@@ -233,12 +238,11 @@ class KafkaIngest:
                 self.records += len(records)
                 self.newest_record_ms = max(self.newest_record_ms, records[-1].timestamp)
                 try:   # every record valid: the common case, in one comprehension
-                    updates += [decode_record(r.value, bool(r.headers) and is_msgpack(r.headers))
-                                for r in records]
+                    updates += [_decoded(r) for r in records]
                 except Rejected:   # decode this partition's batch again, one by one
                     for r in records:
                         try:
-                            updates.append(decode_record(r.value, bool(r.headers) and is_msgpack(r.headers)))
+                            updates.append(_decoded(r))
                         except Rejected as e:
                             await self._reject(r, e)
             if updates:

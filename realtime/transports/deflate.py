@@ -68,5 +68,8 @@ _bodies = BodyCache()
 
 def envelope_message(prefix: bytes, body: bytes, suffix: bytes) -> bytes:
     """prefix + body + suffix as one compressed payload, the body compressed once.
-    The final block header byte is left for the receiver's appended tail."""
+    The final block header byte is left for the receiver's appended tail. A
+    message of its own (no envelope) shares nothing: compressed as a whole."""
+    if not prefix and not suffix:
+        return message(body)
     return stored(prefix) + _bodies.get(body) + (stored(suffix) if suffix else b"") + b"\x00"

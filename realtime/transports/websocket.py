@@ -112,25 +112,21 @@ class RawWriter(Outlet):
         return True
 
     def write(self, payload: bytes) -> int:
-        """One message; returns the bytes put on the wire. One buffer per
-        write: uvloop's fast path (a list of buffers costs a write context)."""
-        t = self._writable()
-        if t is None:
-            return 0
-        if self.deflate_from is not None and len(payload) >= self.deflate_from:
-            payload = deflate.message(payload)
-            data = frame_header(self.opcode | RSV1, len(payload)) + payload
-        else:
-            data = frame_header(self.opcode, len(payload)) + payload
-        t.write(data)
-        self.messages += 1
-        self.nbytes += len(data)
-        return len(data)
+        """One message; returns the bytes put on the wire."""
+        return self.write_parts(b"", payload, b"")
+
+    def write_batch(self, envelope_of, batch_id: bytes, body: bytes, req_id=None) -> int:
+        """The next `batch`: envelope_of (CoreBase.envelope) puts this
+        connection's seq (and request id) around the shared body. The hub's
+        tick writes uncompressed batches in _core/_fanout.pyx, the same frames."""
+        self.seq += 1
+        prefix, suffix = envelope_of(self.fmt, batch_id, self.seq, req_id)
+        return self.write_parts(prefix, body, suffix)
 
     def write_parts(self, prefix: bytes, body: bytes, suffix: bytes) -> int:
-        """A batch: this connection's envelope around a body shared with other
-        connections, which is compressed once for all of them. The hub's tick
-        writes uncompressed batches in _core/_fanout.pyx, the same frames."""
+        """prefix + body + suffix as one frame, in one buffer (uvloop's fast
+        path: a list of buffers costs a write context). Under permessage-deflate
+        a body shared by many connections is compressed once for all of them."""
         t = self._writable()
         if t is None:
             return 0
