@@ -15,6 +15,8 @@ $(VENV)/.deps: requirements.txt requirements-dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -r requirements-dev.txt
+	@# the distribution was called `realtime` before it became realtime-fleet
+	@$(PIP) uninstall -y -q realtime >/dev/null 2>&1 || true
 	$(PIP) install -q --no-build-isolation --no-deps -e .
 	@touch $@
 

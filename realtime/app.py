@@ -43,7 +43,7 @@ def _security_logger(hub):
 
 def make_app(settings) -> web.Application:
     app = web.Application(client_max_size=ingest_http.MAX_BODY)
-    if settings.demo_token and not settings.jwt_secret:
+    if settings.development and not settings.jwt_secret:
         settings.jwt_secret = ephemeral_secret()
     app["settings"] = settings
     app["auth"] = Authenticator.from_settings(settings)
@@ -186,6 +186,6 @@ async def index(request):
     settings = request.app["settings"]
     html = (WEB / "index.html").read_text()
     token = ""
-    if settings.demo_token:
+    if settings.development:
         token = request.app["auth"].mint("map-viewer", role="viewer", permissions=[VIEW_ALL], ttl_s=12 * 3600)
     return web.Response(text=html.replace("__DEMO_TOKEN__", token), content_type="text/html")

@@ -6,16 +6,19 @@ kernel spreads connections between them.
 from __future__ import annotations
 
 import asyncio
+import errno
 import gc
 import logging
 import os
 import signal
 import ssl
+import sys
 
 import uvloop
 from aiohttp import web
 
 from .app import make_app
+from .listen import EXIT_FAILED, EXIT_PORT_TAKEN, bind_error
 
 log = logging.getLogger("realtime.worker")
 
@@ -34,7 +37,11 @@ async def serve(settings, ready: asyncio.Event | None = None) -> None:
     ctx = tls_context(settings.tls_cert, settings.tls_key) if settings.tls_cert else None
     site = web.TCPSite(runner, settings.host, settings.port, ssl_context=ctx,
                        reuse_port=settings.workers > 1, backlog=4096)
-    await site.start()
+    try:
+        await site.start()
+    except OSError as e:  # the port was taken after cli's check, or the address went away
+        await runner.cleanup()
+        raise CannotListen(e) from None
     log.info("listening on %s://%s:%d", "https" if ctx else "http", settings.host, settings.port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -46,9 +53,7 @@ async def serve(settings, ready: asyncio.Event | None = None) -> None:
     log.info("shutting down")
     t0 = loop.time()
     # stop accepting, then tell the clients (PROTOCOL §5)
-    for srv in [getattr(x, "_server", None) for x in runner.sites]:
-        if srv is not None:
-            srv.close()
+    await site.stop()
     try:
         await asyncio.wait_for(app["hub"].say_goodbye(settings.shutdown_grace),
                                settings.shutdown_grace / 2)
@@ -79,9 +84,25 @@ def _log_tasks(msg: str) -> None:
             log.error(msg, extra={"fields": {"task": t.get_name(), "stack": frames}})
 
 
-def run(settings) -> None:
+class CannotListen(Exception):
+    def __init__(self, error: OSError):
+        super().__init__(error)
+        self.error = error
+
+
+def run(settings, supervised: bool = False) -> int:
+    """Serves until SIGTERM/SIGINT; returns the process's exit status. A port
+    that cannot be bound is one line on stderr (the supervisor prints it once
+    for all its workers)."""
     tune_gc()
-    uvloop.run(serve(settings))
+    try:
+        uvloop.run(serve(settings))
+    except CannotListen as e:
+        if supervised and e.error.errno == errno.EADDRINUSE:
+            return EXIT_PORT_TAKEN
+        print(f"realtime serve: {bind_error(settings.host, settings.port, e.error)}", file=sys.stderr)
+        return EXIT_FAILED
+    return 0
 
 
 def tune_gc() -> None:

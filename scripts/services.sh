@@ -28,15 +28,19 @@ if ! port_open 5432; then
   wait_port 5432 && echo "services: started postgresql" || echo "services: postgresql did not start" >&2
 fi
 if port_open 5432 && command -v psql >/dev/null; then
-  # The `test` database with trust auth is what the machine provides; make it if missing.
-  su postgres -c "psql -tAc \"SELECT 1 FROM pg_database WHERE datname='test'\"" 2>/dev/null | grep -q 1 \
-    || su postgres -c "createdb test" 2>/dev/null || true
-  # The tests connect over TCP as postgres with the password "postgres": trust
-  # auth (this machine kind) ignores it; Debian's default (scram-sha-256 on
-  # 127.0.0.1) needs it, so a fresh install gets that password.
-  PGPASSWORD=postgres psql -h 127.0.0.1 -U postgres -w -d test -tAc "SELECT 1" >/dev/null 2>&1 \
-    || su postgres -c "psql -q -c \"ALTER USER postgres PASSWORD 'postgres'\"" >/dev/null 2>&1 \
-    || echo "services: could not give postgres a password for TCP logins" >&2
+  # The tests use a role and a database of their own (realtime_test, password
+  # realtime_test), made here once through the local socket as the postgres
+  # superuser. Nothing else is changed: not the postgres role, not its password.
+  pg() { su postgres -c "psql -v ON_ERROR_STOP=1 -qtA -d postgres -c \"$1\"" 2>/dev/null; }
+  if ! PGPASSWORD=realtime_test psql -h 127.0.0.1 -U realtime_test -w -d realtime_test -tAc "SELECT 1" >/dev/null 2>&1; then
+    { pg "SELECT 1 FROM pg_roles WHERE rolname='realtime_test'" | grep -q 1 \
+        || pg "CREATE ROLE realtime_test LOGIN PASSWORD 'realtime_test'"; } \
+      && { pg "SELECT 1 FROM pg_database WHERE datname='realtime_test'" | grep -q 1 \
+        || pg "CREATE DATABASE realtime_test OWNER realtime_test"; } \
+      && echo "services: made the realtime_test role and database" \
+      || echo "services: could not make the realtime_test role and database; as a PostgreSQL superuser run:" \
+              "CREATE ROLE realtime_test LOGIN PASSWORD 'realtime_test'; CREATE DATABASE realtime_test OWNER realtime_test;" >&2
+  fi
 fi
 # Headless Chromium for the map page test (Debian's package; nothing is downloaded by the test).
 if ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null; then

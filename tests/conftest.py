@@ -353,17 +353,42 @@ def redis_up(port=REDIS_PORT) -> bool:
         return False
 
 
+LOCK = "realtime-tests:lock"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
 @pytest.fixture(scope="session")
 def redis_url():
-    """A database of the local Redis that this test run has to itself."""
+    """A database of the local Redis that this test run has to itself: one
+    that was empty when the run claimed it, so that flushing it at the end
+    removes only what the tests wrote. A database that holds anyone's keys is
+    never touched. REALTIME_TEST_REDIS_DB picks one."""
     require("redis on 127.0.0.1:6379", redis_up())
     import redis
-    for db in range(15, 0, -1):
-        r = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=db)
-        if r.set("realtime-tests:lock", os.getpid(), nx=True, ex=3600):
-            r.flushdb()
-            r.set("realtime-tests:lock", os.getpid(), ex=3600)
-            yield f"redis://{REDIS_HOST}:{REDIS_PORT}/{db}"
-            r.flushdb()
+    wanted = os.environ.get("REALTIME_TEST_REDIS_DB")
+    for db in ([int(wanted)] if wanted else range(15, 0, -1)):
+        try:
+            r = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=db)
+            owner = r.get(LOCK)
+            if owner is not None and not _alive(int(owner)):
+                r.flushdb()  # left by an earlier run of this suite that was killed
+            empty = r.dbsize() == 0
+        except redis.ResponseError:  # fewer databases configured
+            continue
+        # the claim is the first key; a run that finds another's claim moves on
+        if empty and r.set(LOCK, os.getpid(), nx=True, ex=3600) and r.dbsize() == 1:
+            try:
+                yield f"redis://{REDIS_HOST}:{REDIS_PORT}/{db}"
+            finally:
+                r.flushdb()
             return
-    pytest.fail("no free Redis database for the tests")
+    pytest.fail("no empty Redis database (1-15) for the tests: free one, or set REALTIME_TEST_REDIS_DB")

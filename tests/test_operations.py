@@ -99,6 +99,7 @@ async def test_silent_vehicle_goes_offline_then_leaves_as_stale_and_is_forgotten
         assert mine[-1] == {"t": "leave", "v": v, "r": "stale"}
         assert not [m for m in seen if m["v"] == w and m["t"] == "leave"]
         status, _ = get(s, f"/api/vehicles/{v}?token={token()}")
+        assert status == 404          # forgotten: as if it never reported
         assert metric(s, "vehicles_forgotten_total") == 1
         assert metric(s, "vehicles_went_offline_total") >= 1
         # back from the dead: a fresh vehicle again
@@ -154,7 +155,7 @@ async def test_a_client_that_stops_reading_is_conflated_keeps_its_events_then_ca
         for _ in range(3):
             ingest(s, [update(marker, 55.0 + time.time() % 1 / 100, 37.0, status="moving")])
             assert await other.wait_messages(lambda m: m["v"] == marker and m["t"] in ("pos", "delta"),
-                                              timeout=2)
+                                              timeout=10)
             await asyncio.sleep(0.7)
         assert metric(s, "slow_client_frames_conflated_total") > 0
         assert rss_kb(s.proc.pid) - rss0 < 64 * 1024, "server memory grew with a stalled client"
@@ -293,3 +294,35 @@ async def test_connect_and_disconnect_are_logged_with_user_reason_duration_and_c
     disc = [x for x in lines if x["event"] == "disconnect"][0]
     assert disc["client"] == conn["client"] and disc["reason"].startswith("client closed")
     assert disc["messages"] == 2 and disc["bytes"] > 0 and disc["duration_s"] >= 0
+
+
+# ---------------------------------------------------------------- shutdown
+async def test_sigterm_stops_accepting_at_once_while_clients_drain(uid):
+    """PROTOCOL §5: stop accepting first (site.stop()), then reconnect and
+    drain. A client that does not read keeps the drain going for a third of
+    the grace period; during it the port refuses new connections."""
+    s = Server("--simulate", "10000", "--tick-ms", "50", "--slow-client-buffer-bytes", "65536",
+               "--max-visible", "100000", "--shutdown-grace", "9")
+    try:
+        slow = await RawClient.connect(s, rcvbuf=4096)
+        await slow.until("welcome")
+        slow.send({"type": "subscribe", "subscriptions": {}})
+        deadline = time.monotonic() + 20
+        while metric(s, "slow_client_conflations_total") < 1 and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)   # its unsent bytes are piling up
+        assert metric(s, "slow_client_conflations_total") >= 1
+        s.proc.send_signal(signal.SIGTERM)
+        refused = False
+        deadline = time.monotonic() + 2
+        while not refused and time.monotonic() < deadline:
+            try:
+                _, w = await asyncio.open_connection("127.0.0.1", s.port)
+                w.close()
+                await asyncio.sleep(0.05)
+            except ConnectionRefusedError:
+                refused = True
+        assert refused and s.proc.poll() is None, "still accepting while it drains"
+        slow.close()
+        assert await asyncio.to_thread(s.proc.wait, 20) == 0
+    finally:
+        s.stop()

@@ -14,8 +14,10 @@ from conftest import Client, Server, free_port, ingest, require, stop_process, t
 
 pytestmark = pytest.mark.integration
 
-# scripts/services.sh makes this login work on a fresh Debian install too
-DSN = os.environ.get("REALTIME_TEST_POSTGRES", "postgresql://postgres:postgres@127.0.0.1:5432/test")
+# A role and database that belong to the suite: scripts/services.sh makes them
+# (password login, so Debian's default scram-sha-256 on 127.0.0.1 works too).
+DSN = os.environ.get("REALTIME_TEST_POSTGRES",
+                     "postgresql://realtime_test:realtime_test@127.0.0.1:5432/realtime_test")
 PG_HOST, PG_PORT = urlsplit(DSN).hostname, urlsplit(DSN).port or 5432
 
 
@@ -137,7 +139,8 @@ async def test_records_are_flushed_at_shutdown(db):
     user = "bye-" + uuid.uuid4().hex[:8]
     c = await Client.connect(s, token(sub=user))
     client = (await c.recv_type("welcome"))["client"]
-    await asyncio.sleep(1.5)              # the open row is written
+    assert await rows_eventually(db, "SELECT 1 FROM client_connections WHERE client_id=$1",
+                                 client, timeout=20)   # the open row is written
     await c.close()
     s.proc.send_signal(signal.SIGTERM)    # before the next once-a-second write
     assert await asyncio.to_thread(s.proc.wait, 15) == 0

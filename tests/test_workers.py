@@ -1,15 +1,36 @@
 """Integration: --workers N share one port (SO_REUSEPORT) and state through Redis."""
 import asyncio
+import json
 import os
 import signal
+import socket
 import subprocess
+import sys
 import time
+import urllib.error
+import urllib.request
 
 import pytest
 
-from conftest import Client, Server, ingest, token, update
+from conftest import ROOT, SECRET, Client, Server, ingest, token, update
 
 pytestmark = pytest.mark.integration
+
+
+def vehicle_status(s, vid) -> int:
+    req = urllib.request.Request(f"{s.url}/api/vehicles/{vid}", headers={"Authorization": f"Bearer {token()}"})
+    try:
+        with urllib.request.urlopen(req, timeout=5) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def running(pid: int) -> bool:
+    try:
+        return open(f"/proc/{pid}/stat").read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def children(pid: int) -> list[int]:
@@ -37,7 +58,13 @@ async def test_workers_share_the_port_restart_and_stop(redis_url, uid):
         assert len(workers) >= 2
         vid = uid + "w"
         ingest(s, [update(vid)])
-        await asyncio.sleep(0.5)  # the relay reaches the other worker
+        # the relay reaches the other worker: new connections land on either,
+        # so wait until many in a row know the vehicle
+        deadline, known = time.time() + 20, 0
+        while known < 10 and time.time() < deadline:
+            known = known + 1 if vehicle_status(s, vid) == 200 else 0
+            time.sleep(0.02)
+        assert known == 10
         clients, instances = [], set()
         for _ in range(16):
             c = await Client.connect(s, token())
@@ -66,5 +93,85 @@ async def test_workers_share_the_port_restart_and_stop(redis_url, uid):
         # SIGTERM to the parent reaches every worker; all exit
         s.proc.send_signal(signal.SIGTERM)
         assert s.proc.wait(20) == 0
+    finally:
+        s.stop()
+
+
+# ---------------------------------------------------------------- supervisor (issue 9)
+def serve(*args, env=None, timeout=60):
+    return subprocess.run([sys.executable, "-m", "realtime", "serve", "--jwt-secret", SECRET, *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_taken_port_is_one_clear_line_and_a_non_zero_exit(workers, redis_url):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        p = serve("--port", str(port), "--workers", str(workers), "--redis", redis_url, "--simulate", "0")
+    assert p.returncode == 1
+    lines = [x for x in p.stderr.splitlines() if x.strip()]
+    assert lines == [f"realtime serve: cannot listen on 127.0.0.1:{port}: the address is already in use "
+                     "(is another server running there?); stop it or pass another --port"]
+
+
+@pytest.mark.parametrize("supervised,status", [(False, 1), (True, 3)])
+def test_a_worker_that_cannot_bind_says_so_once(supervised, status):
+    """The race the check before start cannot close: the port is taken after
+    it. A lone worker prints the line; a supervised one exits with the status
+    that makes its supervisor give up instead of restarting it."""
+    code = ("import sys\nfrom realtime import config, worker\n"
+            f"s = config.Settings(port={{port}}, jwt_secret={SECRET!r}, simulate=0)\ns.validate()\n"
+            f"sys.exit(worker.run(s, supervised={supervised}))\n")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        p = subprocess.run([sys.executable, "-c", code.format(port=port)], cwd=ROOT,
+                           capture_output=True, text=True, timeout=60)
+    assert p.returncode == status, p.stderr
+    lines = [x for x in p.stderr.splitlines() if x.startswith("realtime serve:")]
+    assert lines == ([] if supervised else [f"realtime serve: cannot listen on 127.0.0.1:{port}: the address "
+                                            "is already in use (is another server running there?); "
+                                            "stop it or pass another --port"])
+
+
+def test_a_worker_that_keeps_dying_is_restarted_with_backoff_then_given_up(redis_url):
+    s = Server("--workers", "2", "--simulate", "0", "--redis", redis_url)
+    try:
+        deadline = time.time() + 30
+        while len(children(s.proc.pid)) < 2 and time.time() < deadline:
+            time.sleep(0.1)
+        first = children(s.proc.pid)
+        assert len(first) == 2
+        victim, survivor = first
+        for kill in range(1, 6):
+            os.kill(victim, signal.SIGKILL)
+            if kill == 5:
+                break
+            # the restarted worker is the child that is neither the survivor nor the dead one
+            deadline = time.time() + 60
+            while time.time() < deadline:
+                now = [p for p in children(s.proc.pid) if p not in (victim, survivor)]
+                if now:
+                    victim = now[0]
+                    break
+                time.sleep(0.05)
+            else:
+                raise AssertionError("not restarted: " + s.logs())
+            time.sleep(0.3)   # let it get past spawn, so that the kill hits the worker
+        assert s.proc.wait(60) == 1
+        out = open(s.log.name).read()
+        restarts = [json.loads(x) for x in out.splitlines() if '"worker exited; restarting"' in x]
+        assert [r["restart_in_s"] for r in restarts] == [0.5, 1.0, 2.0, 4.0]
+        assert [r["failures_in_a_row"] for r in restarts] == [1, 2, 3, 4]
+        assert len({r["worker"] for r in restarts}) == 1
+        assert "died 5 times in a row" in out and "giving up" in out
+        deadline = time.time() + 10
+        while running(survivor) and time.time() < deadline:   # the survivor was stopped too
+            time.sleep(0.1)
+        assert not running(survivor)
     finally:
         s.stop()

@@ -3,7 +3,23 @@
 `Core` runs the compiled kernels; `ReferenceCore` (in _reference) runs the
 numpy-only ones that the tests use as the oracle. Both share CoreBase.
 """
-from . import _core as _kernel
+try:
+    # both compiled modules: hub and the WebSocket transport import _fanout
+    from . import _core as _kernel
+    from . import _fanout  # noqa: F401
+except ImportError as e:  # a checkout whose extensions were never built
+    import importlib.machinery as _m
+    import os as _os
+    _here = _os.path.dirname(__file__)
+    _built = all(any(_os.path.exists(_os.path.join(_here, n + sfx)) for sfx in _m.EXTENSION_SUFFIXES)
+                 for n in ("_core", "_fanout"))
+    raise ImportError(
+        f"realtime's compiled core does not load ({e}): rebuild it with `make build`, "
+        "or reinstall with `pip install .`" if _built else
+        "realtime's compiled core (realtime/_core/_core and _fanout) is not built. In a checkout "
+        "run `make build` (or `python setup.py build_ext --inplace`); to install the server, run "
+        "`pip install .`") from None
+
 from ._base import CLIENT_DTYPE, CoreBase, TickPending
 from ._schema import FMT_JSON, FMT_MSGPACK, VEHICLE_DTYPE, UpdateBatch
 

@@ -195,7 +195,7 @@ class KafkaIngest:
         while True:
             await asyncio.sleep(2.0)
             try:
-                await asyncio.wait_for(self.consumer._client.fetch_all_metadata(), 3.0)  # noqa: SLF001
+                await asyncio.wait_for(self.consumer.topics(), 3.0)  # a metadata request
                 if not self.connected:
                     log.info("kafka reachable again")
                     self._reconnect.set()  # reconnect whole: metadata and offsets may have moved
