@@ -47,7 +47,8 @@ def main():
     p.add_argument("--db", type=int, default=14)
     a = p.parse_args()
     r = redis.Redis(db=a.db)
-    if r.dbsize():  # never flush what this benchmark did not write
+    # never flush what this benchmark did not write: claim an empty database
+    if r.dbsize() or not r.set("realtime-bench:lock", os.getpid(), nx=True) or r.dbsize() != 1:
         sys.exit(f"bench_redis_ops: Redis database {a.db} is not empty; pass --db with an empty one")
     port = free_port()
     url = f"http://127.0.0.1:{port}"

@@ -4,7 +4,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import time
 from pathlib import Path
 
@@ -114,7 +113,7 @@ async def _start(app):
         except Exception as e:  # HTTP ingest answers 503 until Kafka is back
             log.warning("kafka producer unavailable", extra={"fields": {"error": repr(e)[:200]}})
     n = settings.simulate_count
-    worker = int(os.environ.get("REALTIME_WORKER_INDEX", "0"))
+    worker = settings.worker_index
     if n and worker == 0:  # one simulated fleet, whatever the number of workers
         shared = settings.workers > 1 or settings.redis or settings.kafka
         sink = app["http_sink"] if shared else None

@@ -149,7 +149,7 @@ class Authenticator:
             )
         except jwt.ExpiredSignatureError:
             raise AuthError("token expired") from None
-        except jwt.InvalidTokenError as e:
+        except jwt.PyJWTError as e:  # InvalidKeyError too: a token made for another key type
             raise AuthError(f"invalid token: {e}") from None
         return Claims(
             sub=str(payload["sub"]),

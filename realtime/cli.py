@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import multiprocessing
@@ -23,9 +24,15 @@ def _logging(level: str) -> None:
 def cmd_serve(ns) -> int:
     try:
         settings = config.from_args(ns)
+        config.check_files(settings)
     except config.ConfigError as e:
         print(f"realtime serve: {e}", file=sys.stderr)
         return EXIT_USAGE
+    try:
+        from . import worker
+    except ImportError as e:  # an unbuilt checkout: the message says what to run
+        print(f"realtime serve: {e}", file=sys.stderr)
+        return EXIT_FAILED
     problem = port_problem(settings.host, settings.port)
     if problem:
         print(f"realtime serve: {problem}", file=sys.stderr)
@@ -39,61 +46,91 @@ def cmd_serve(ns) -> int:
             "development mode: no JWT key configured, so tokens are signed with an ephemeral secret, "
             "GET / hands out a viewer token and only loopback addresses are served",
             extra={"fields": {"simulate": settings.simulate_count}})
-    from . import worker
     if settings.workers <= 1:
         return worker.run(settings)
     return Supervisor(settings).run()
 
 
-def _worker_main(settings, index: int) -> None:
-    os.environ["REALTIME_INSTANCE_ID"] = f"{os.getpid():x}-{index}"
-    os.environ["REALTIME_WORKER_INDEX"] = str(index)
+def _worker_main(settings, index: int, parent: int) -> None:
+    _die_with(parent)
+    settings = dataclasses.replace(settings, worker_index=index, instance_id=f"{os.getpid():x}-{index}")
     _logging(settings.log_level)
     from . import worker
     sys.exit(worker.run(settings, supervised=True))
+
+
+def _die_with(parent: int) -> None:
+    """A worker whose supervisor is gone (SIGKILL, a crash) would go on
+    serving with nobody to stop it: ask Linux for a SIGTERM when the parent
+    dies, then check that it has not died already."""
+    try:
+        import ctypes
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):  # not Linux
+        pass
+    if os.getppid() != parent:
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 class Supervisor:
     """Runs N workers on one port, restarts one that dies with a growing
     delay, gives up on one that keeps dying, and forwards SIGTERM/SIGINT.
 
-    A worker that dies within STABLE_S of its start counts as a failure; the
-    delay before its restart doubles from BACKOFF_S up to BACKOFF_MAX_S, and
-    after GIVE_UP failures in a row the supervisor stops every worker and
-    exits non-zero: a worker that cannot stay up will not by restarting.
-    A worker that stayed up longer starts the count again."""
+    Deaths are counted per worker over the last WINDOW_S. The delay before a
+    restart doubles with each death in the window, from BACKOFF_S up to
+    BACKOFF_MAX_S; at GIVE_UP deaths in the window the supervisor stops every
+    worker and exits non-zero: a worker that cannot stay up will not by
+    restarting. A worker that dies now and then (less often than GIVE_UP per
+    WINDOW_S) is restarted for ever. On SIGTERM/SIGINT it waits
+    --shutdown-grace + KILL_AFTER_S for the workers, then kills what is left."""
 
     BACKOFF_S = 0.5
     BACKOFF_MAX_S = 30.0
-    STABLE_S = 30.0
+    WINDOW_S = 300.0
     GIVE_UP = 5
+    KILL_AFTER_S = 5.0
 
     def __init__(self, settings):
         self.settings = settings
         self.ctx = multiprocessing.get_context("spawn")
-        self.procs: dict[int, tuple] = {}      # index -> (process, started at)
-        self.failures: dict[int, int] = {}     # index -> deaths in a row
-        self.due: dict[int, float] = {}        # index -> when to restart it
-        self.stopping = False
+        self.procs: dict[int, multiprocessing.Process] = {}
+        self.deaths: dict[int, list[float]] = {}   # index -> death times within the window
+        self.due: dict[int, float] = {}            # index -> when to restart it
+        self.stopping: int | None = None           # the signal being forwarded
+        self.stop_deadline = 0.0
+        self.signalled: set[int] = set()           # pids that got the stop signal
+        self.failed = False                        # a worker died badly while stopping
         self.log = logging.getLogger("realtime.supervisor")
 
     def start(self, i: int) -> None:
-        p = self.ctx.Process(target=_worker_main, args=(self.settings, i), daemon=False)
+        if self.stopping is not None:
+            return
+        p = self.ctx.Process(target=_worker_main, args=(self.settings, i, os.getpid()), daemon=False)
         p.start()
-        self.procs[i] = (p, time.monotonic())
+        self.procs[i] = p
 
     def forward(self, signum, _frame) -> None:
-        self.stopping = True
-        for p, _ in self.procs.values():
-            if p.is_alive():
-                os.kill(p.pid, signum)
+        if self.stopping is None:
+            self.stopping = signum
+            self.stop_deadline = time.monotonic() + self.settings.shutdown_grace + self.KILL_AFTER_S
+        self._signal_all()
+
+    def _signal_all(self) -> None:
+        """Every live worker gets the signal once, also one whose start raced it."""
+        for p in self.procs.values():
+            if p.pid is not None and p.pid not in self.signalled and p.is_alive():
+                self.signalled.add(p.pid)
+                try:
+                    os.kill(p.pid, self.stopping)
+                except ProcessLookupError:
+                    pass
 
     def give_up(self, line: str) -> int:
         print(f"realtime serve: {line}", file=sys.stderr)
         self.forward(signal.SIGTERM, None)
-        deadline = time.monotonic() + self.settings.shutdown_grace + 5
-        for p, _ in self.procs.values():
-            p.join(max(0.1, deadline - time.monotonic()))
+        for p in self.procs.values():
+            p.join(max(0.1, self.stop_deadline - time.monotonic()))
             if p.is_alive():
                 p.kill()
         return EXIT_FAILED
@@ -101,38 +138,58 @@ class Supervisor:
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self.forward)
         signal.signal(signal.SIGINT, self.forward)
-        for i in range(self.settings.workers):
-            self.start(i)
-        while True:
-            time.sleep(0.2)
-            now = time.monotonic()
-            for i, (p, started) in list(self.procs.items()):
+        try:
+            for i in range(self.settings.workers):
+                self.start(i)
+            while True:
+                status = self._step()
+                if status is not None:
+                    return status
+                time.sleep(0.2)
+        finally:
+            for p in self.procs.values():   # whatever happened here, no worker outlives us
                 if p.is_alive():
-                    continue
-                self.procs.pop(i)
-                if self.stopping:
-                    continue
-                if p.exitcode == EXIT_PORT_TAKEN:
-                    return self.give_up(port_taken(self.settings.host, self.settings.port))
-                fails = self.failures.get(i, 0) + 1 if now - started < self.STABLE_S else 1
-                self.failures[i] = fails
-                if fails >= self.GIVE_UP:
-                    return self.give_up(f"worker {i} died {fails} times in a row, each within "
-                                        f"{self.STABLE_S:g} s of its start (last exit code {p.exitcode}); "
-                                        "giving up: see the worker's log above")
-                delay = min(self.BACKOFF_MAX_S, self.BACKOFF_S * 2 ** (fails - 1))
-                self.due[i] = now + delay
-                self.log.warning("worker exited; restarting", extra={"fields": {
-                    "worker": i, "exit_code": p.exitcode, "failures_in_a_row": fails,
-                    "restart_in_s": delay}})
-            for i, at in list(self.due.items()):
-                if self.stopping:
-                    self.due.pop(i)
-                elif now >= at:
-                    self.due.pop(i)
-                    self.start(i)
-            if self.stopping and not self.procs:
-                return 0
+                    p.kill()
+
+    def _step(self) -> int | None:
+        now = time.monotonic()
+        for i, p in list(self.procs.items()):
+            if p.is_alive():
+                continue
+            self.procs.pop(i)
+            if self.stopping is not None:
+                # killed by the signal it was sent (before it could handle it) is a clean stop too
+                self.failed |= p.exitcode not in (0, -self.stopping)
+                continue
+            if p.exitcode == EXIT_PORT_TAKEN:
+                return self.give_up(port_taken(self.settings.host, self.settings.port))
+            window = [t for t in self.deaths.get(i, []) if now - t < self.WINDOW_S] + [now]
+            self.deaths[i] = window
+            if len(window) >= self.GIVE_UP:
+                return self.give_up(f"worker {i} died {len(window)} times in {self.WINDOW_S:g} s "
+                                    f"(last exit code {p.exitcode}); giving up: see the worker's log above")
+            delay = min(self.BACKOFF_MAX_S, self.BACKOFF_S * 2 ** (len(window) - 1))
+            self.due[i] = now + delay
+            self.log.warning("worker exited; restarting", extra={"fields": {
+                "worker": i, "exit_code": p.exitcode, "deaths_in_window": len(window),
+                "restart_in_s": delay}})
+        for i, at in list(self.due.items()):
+            if self.stopping is not None or now >= at:
+                self.due.pop(i)
+                self.start(i)
+        if self.stopping is not None:
+            self._signal_all()
+            if not self.procs:
+                return EXIT_FAILED if self.failed else 0
+            if now > self.stop_deadline:
+                names = sorted(self.procs)
+                self.log.error("workers did not stop within the grace period; killing them",
+                               extra={"fields": {"workers": names}})
+                for p in self.procs.values():
+                    p.kill()
+                    p.join(5)
+                return EXIT_FAILED
+        return None
 
 
 def cmd_token(ns) -> int:
@@ -166,31 +223,25 @@ def _split(v):
 
 
 def cmd_simulate(ns) -> int:
-    if not ns.url:
-        print("realtime simulate: give --url (Kafka comes with --kafka in a later release)",
+    if bool(ns.url) == bool(ns.kafka):
+        print("realtime simulate: give --url (HTTP ingest) or --kafka (produce to the topic), one of them",
               file=sys.stderr)
-        return 2
-    return asyncio.run(_simulate_http(ns))
+        return EXIT_USAGE
+    return asyncio.run(_simulate(ns))
 
 
-async def _simulate_http(ns) -> int:
-    import aiohttp
-
-    from .auth import INGEST, Authenticator
+async def _simulate(ns) -> int:
+    """Steps the fleet every 100 ms and sends what is due: one POST per step
+    to /api/ingest, or one Kafka record per update (key = vehicle id)."""
     from .ingest.simulator import Fleet
-    token = ns.token
-    if not token:
-        secret = ns.jwt_secret or os.environ.get("REALTIME_JWT_SECRET")
-        if not secret:
-            print("realtime simulate: needs --token, --jwt-secret or REALTIME_JWT_SECRET", file=sys.stderr)
-            return 2
-        token = Authenticator(secret).mint("simulator", "ingest", [INGEST], ttl_s=86400)
+    send, close = await (_kafka_sender(ns) if ns.kafka else _http_sender(ns))
+    if send is None:
+        return EXIT_USAGE
     fleet = Fleet(ns.vehicles, seed=ns.seed, report_s=ns.vehicles / max(ns.rate, 1e-9))
     step = 0.1
     sent = 0
     deadline = time.monotonic() + ns.duration if ns.duration else None
-    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {token}"}) as http:
-        url = ns.url.rstrip("/") + "/api/ingest"
+    try:
         next_t = time.monotonic()
         while deadline is None or time.monotonic() < deadline:
             next_t += step
@@ -199,14 +250,54 @@ async def _simulate_http(ns) -> int:
             if res is None:
                 continue
             updates = fleet.as_updates(res)
-            async with http.post(url, data=json.dumps(updates, ensure_ascii=False).encode(),
-                                 headers={"Content-Type": "application/json"}) as r:
-                if r.status != 200:
-                    print(f"ingest answered {r.status}: {await r.text()}", file=sys.stderr)
-                    return 1
-                sent += len(updates)
+            problem = await send(updates)
+            if problem:
+                print(f"realtime simulate: {problem}", file=sys.stderr)
+                return EXIT_FAILED
+            sent += len(updates)
+    finally:
+        await close()
     print(json.dumps({"sent": sent}))
     return 0
+
+
+async def _http_sender(ns):
+    import aiohttp
+
+    from .auth import INGEST, Authenticator
+    token = ns.token
+    if not token:
+        secret = ns.jwt_secret or os.environ.get("REALTIME_JWT_SECRET")
+        if not secret:
+            print("realtime simulate: needs --token, --jwt-secret or REALTIME_JWT_SECRET", file=sys.stderr)
+            return None, None
+        token = Authenticator(secret).mint("simulator", "ingest", [INGEST], ttl_s=86400)
+    http = aiohttp.ClientSession(headers={"Authorization": f"Bearer {token}"})
+    url = ns.url.rstrip("/") + "/api/ingest"
+
+    async def send(updates):
+        async with http.post(url, data=json.dumps(updates, ensure_ascii=False).encode(),
+                             headers={"Content-Type": "application/json"}) as r:
+            if r.status != 200:
+                return f"ingest answered {r.status}: {(await r.text())[:500]}"
+        return None
+
+    return send, http.close
+
+
+async def _kafka_sender(ns):
+    from aiokafka import AIOKafkaProducer
+    producer = AIOKafkaProducer(bootstrap_servers=ns.kafka, linger_ms=5)
+    await producer.start()
+
+    async def send(updates):
+        batch = [await producer.send(ns.topic, json.dumps(u, ensure_ascii=False).encode(),
+                                     key=u["vehicle_id"].encode()) for u in updates]
+        for f in batch:
+            await f
+        return None
+
+    return send, producer.stop
 
 
 def main(argv=None) -> int:
@@ -235,9 +326,12 @@ def main(argv=None) -> int:
     t.add_argument("--jwt-secret", help="the server's secret (default: REALTIME_JWT_SECRET)")
     t.set_defaults(func=cmd_token)
     m = sub.add_parser("simulate", help="feed a simulated fleet to a server",
-                       description="Post a simulated fleet's updates to a server's /api/ingest.")
+                       description="Send a simulated fleet's updates to a server's /api/ingest (--url) "
+                                   "or to its Kafka topic (--kafka).")
     m.add_argument("--url", help="the server's base URL, e.g. http://127.0.0.1:8080")
-    m.add_argument("--kafka", help="not yet: Kafka bootstrap servers to produce to")
+    m.add_argument("--kafka", metavar="HOST:PORT", help="Kafka bootstrap servers: produce the updates to --topic")
+    m.add_argument("--topic", default="vehicle.updates.enriched",
+                   help="the topic for --kafka (default: vehicle.updates.enriched)")
     m.add_argument("--vehicles", type=_bounded(int, 1, 1_000_000), default=2000,
                    help="vehicles in the fleet (default: 2000)")
     m.add_argument("--rate", type=_bounded(float, 0.001, 10_000_000), default=2000.0,

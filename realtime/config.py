@@ -15,6 +15,7 @@ import dataclasses
 import ipaddress
 import os
 import re
+from urllib.parse import urlsplit
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
@@ -49,12 +50,14 @@ class Spec:
     kind: type = str
     lo: float | None = None
     hi: float | None = None
-    lo_open: bool = False          # lo itself is not allowed ("above 0")
     choices: tuple | None = None
     check: Callable[[Any], str | None] | None = None   # returns what is wrong, or None
     unit: str = ""
     default_text: str | None = None  # when the default is None and means something
     metavar: str | None = None
+    lo_open: bool = False   # lo itself is not allowed: "above lo"
+    strip: bool = True      # surrounding blanks are dropped (never from a secret)
+    secret: bool = False    # a key: an empty REALTIME_* variable is refused, not "unset"
 
 
 def opt(default, group: str, help: str, **kw):
@@ -76,17 +79,36 @@ def _topic(v: str) -> str | None:
     return None
 
 
+def _port_of(u) -> str | None:
+    try:
+        port = u.port
+    except ValueError:
+        return "has a port that is not from 1 to 65535"
+    if port is not None and not 1 <= port <= 65535:
+        return "has a port that is not from 1 to 65535"
+    return None
+
+
 def _redis_url(v: str) -> str | None:
-    scheme = v.split("://", 1)[0].lower() if "://" in v else ""
-    if scheme not in ("redis", "rediss", "unix"):
-        return "must be a redis://, rediss:// or unix:// URL"
+    u = urlsplit(v)
+    if u.scheme.lower() == "unix":
+        return None if u.path else "must name the socket: unix:///path/to/redis.sock"
+    if u.scheme.lower() not in ("redis", "rediss") or not u.hostname:
+        return "must be a redis://host[:port][/db], rediss:// or unix:// URL"
+    problem = _port_of(u)
+    if problem:
+        return problem
+    db = u.path.strip("/")
+    if db and not (db.isdigit() and int(db) < 100_000):
+        return "has a database that is not a number (redis://host:port/0)"
     return None
 
 
 def _postgres_dsn(v: str) -> str | None:
-    if not v.lower().startswith(("postgresql://", "postgres://")):
+    u = urlsplit(v)
+    if u.scheme.lower() not in ("postgresql", "postgres"):
         return "must be a postgresql:// URL"
-    return None
+    return _port_of(u)
 
 
 def _algorithms(v: str) -> str | None:
@@ -107,6 +129,8 @@ def _origins(v: str) -> str | None:
 
 
 def _host(v: str) -> str | None:
+    if v.startswith("[") or v.endswith("]"):
+        return "write an IPv6 address without brackets, e.g. ::1"
     if not v or any(c.isspace() for c in v) or "/" in v:
         return "must be an IP address or a host name"
     return None
@@ -138,9 +162,12 @@ class Settings:
                                  kind=int, lo=0, hi=16 * 1024 * 1024, unit="bytes")
     # auth
     jwt_secret: str | None = opt(None, "auth", "Shared secret of HS256 tokens.",
-                                 default_text="none: development mode when no other key is given", metavar="SECRET")
-    jwt_public_key: str | None = opt(None, "auth", "PEM public key file of RS256/ES256 tokens.", check=_readable_file, metavar="FILE")
-    jwt_jwks: str | None = opt(None, "auth", "JWKS file: the token's kid picks the key.", check=_readable_file, metavar="FILE")
+                                 default_text="none: development mode when no other key is given",
+                                 strip=False, secret=True, metavar="SECRET")
+    jwt_public_key: str | None = opt(None, "auth", "PEM public key file of RS256/ES256 tokens.", check=_readable_file,
+                                     secret=True, metavar="FILE")
+    jwt_jwks: str | None = opt(None, "auth", "JWKS file: the token's kid picks the key.", check=_readable_file,
+                               secret=True, metavar="FILE")
     jwt_algorithms: str = opt("HS256", "auth",
                               "Accepted signature algorithms, comma-separated (RS256,ES256 when the key is public).",
                               check=_algorithms, metavar="ALGS")
@@ -149,7 +176,7 @@ class Settings:
     jwt_leeway_s: float = opt(0.0, "auth", "Clock skew allowed when checking exp, nbf and iat.",
                               kind=float, lo=0, hi=600, unit="s")
     auth_timeout_s: float = opt(10.0, "auth", "Time a WebSocket client has to send its auth message.",
-                                kind=float, lo=0, lo_open=True, hi=300, unit="s")
+                                kind=float, lo=0.1, hi=300, unit="s")
     token_expiry_warning_s: float = opt(60.0, "auth", "Send token_expiring this long before a token's exp.",
                                         kind=float, lo=0, hi=86400, unit="s")
     # inputs
@@ -189,13 +216,13 @@ class Settings:
                                         kind=int, lo=8192, hi=1 << 32, unit="bytes")
     # liveness
     heartbeat_s: float = opt(30.0, "liveness", "Ping every connection this often.",
-                             kind=float, lo=0, lo_open=True, hi=3600, unit="s")
+                             kind=float, lo=0.1, hi=3600, unit="s")
     pong_timeout_s: float = opt(60.0, "liveness", "Close with 1011 after this long without any frame from the client.",
-                                kind=float, lo=0, lo_open=True, hi=7200, unit="s")
+                                kind=float, lo=0.5, hi=7200, unit="s")
     offline_after_s: float = opt(300.0, "liveness", "A vehicle silent this long turns offline.",
-                                 kind=float, lo=0, lo_open=True, hi=30 * 86400, unit="s")
+                                 kind=float, lo=0.1, hi=30 * 86400, unit="s")
     stale_after_s: float = opt(7200.0, "liveness", "A vehicle silent this long leaves with r: stale and is forgotten.",
-                               kind=float, lo=0, lo_open=True, hi=30 * 86400, unit="s")
+                               kind=float, lo=0.2, hi=30 * 86400, unit="s")
     idle_jitter_s: float = opt(30.0, "liveness", "A non-moving vehicle's small moves are sent at most this often.",
                                kind=float, lo=0, hi=86400, unit="s")
     idle_jitter_m: float = opt(50.0, "liveness", "Moves shorter than this are jitter for a non-moving vehicle.",
@@ -210,16 +237,19 @@ class Settings:
                                check=_postgres_dsn, default_text="none: no records", metavar="DSN")
     log_level: str = opt("info", "operations", "Least severe log level written.", choices=LOG_LEVELS)
     shutdown_grace: float = opt(10.0, "operations", "Time SIGTERM gives clients to drain before the exit.",
-                                kind=float, lo=0, lo_open=True, hi=3600, unit="s")
+                                kind=float, lo=0.1, hi=3600, unit="s")
     ready_max_loop_lag_ms: float = opt(500.0, "operations", "Readiness (/health/ready) fails above this event-loop lag.",
-                                       kind=float, lo=0, lo_open=True, hi=600_000, unit="ms")
+                                       kind=float, lo=1, hi=600_000, unit="ms")
     ready_max_cpu: float = opt(0.95, "operations", "Readiness (/health/ready) fails above this share of a core over 10 s.",
                                kind=float, lo=0, lo_open=True, hi=1)
     ready_max_memory: float = opt(0.9, "operations", "Readiness (/health/ready) fails above this share of the memory limit.",
                                   kind=float, lo=0, lo_open=True, hi=1)
 
-    # set by validate(): no JWT key of any kind (PROTOCOL §7)
-    development: bool = field(default=False, init=False)
+    # not options: set by validate() (no JWT key of any kind, PROTOCOL §7) and
+    # by the supervisor for each worker it starts
+    development: bool = False
+    worker_index: int = 0
+    instance_id: str | None = None
 
     @property
     def simulate_count(self) -> int:
@@ -268,9 +298,10 @@ class Settings:
         if public and hmac and algs != {"HS256"}:  # HS256 alone is the default: it means RS256,ES256 here
             raise ConfigError(f"{n['jwt_algorithms']} {self.jwt_algorithms}: {', '.join(sorted(hmac))} "
                               "needs --jwt-secret, not a public key")
+        if self.development and "HS256" not in algs:
+            raise ConfigError(f"{n['jwt_algorithms']} {self.jwt_algorithms}: development mode signs its "
+                              "map token with HS256, so the list must include HS256 (or give a key)")
         if self.jwt_secret is not None:
-            if not self.jwt_secret:
-                raise ConfigError(f"{n['jwt_secret']} is empty")
             if not hmac:
                 raise ConfigError(f"{n['jwt_algorithms']} {self.jwt_algorithms}: --jwt-secret signs only "
                                   "HS256, HS384 or HS512 tokens")
@@ -280,6 +311,32 @@ class Settings:
                 "development mode hands every visitor of / a viewer token and signs with a secret "
                 "that dies with the process. Give --jwt-secret (or REALTIME_JWT_SECRET), "
                 "--jwt-public-key or --jwt-jwks to serve other hosts, or listen on 127.0.0.1")
+
+
+def check_files(s: Settings) -> None:
+    """The key and certificate files parse, so that a bad one is refused at
+    start and not found by the first client (or by a worker's bind)."""
+    if s.jwt_jwks:
+        import jwt
+        try:
+            with open(s.jwt_jwks) as f:
+                jwt.PyJWKSet.from_json(f.read())
+        except (OSError, ValueError, jwt.PyJWTError) as e:
+            raise ConfigError(f"--jwt-jwks {s.jwt_jwks}: not a usable JWKS document ({e})") from None
+    if s.jwt_public_key:
+        from cryptography.hazmat.primitives.serialization import load_pem_public_key
+        try:
+            with open(s.jwt_public_key, "rb") as f:
+                load_pem_public_key(f.read())
+        except (OSError, ValueError, TypeError) as e:
+            raise ConfigError(f"--jwt-public-key {s.jwt_public_key}: not a PEM public key ({e})") from None
+    if s.tls_cert:
+        import ssl
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        try:
+            ctx.load_cert_chain(s.tls_cert, s.tls_key)
+        except (OSError, ssl.SSLError) as e:
+            raise ConfigError(f"--tls-cert {s.tls_cert} / --tls-key {s.tls_key}: cannot be loaded ({e})") from None
 
 
 def is_loopback(host: str) -> bool:
@@ -337,7 +394,9 @@ def parse_value(f: dataclasses.Field, raw: str, source: str):
                 (spec.hi is not None and v > spec.hi):
             raise ConfigError(f"{shown}: must be {_allowed(spec)}")
         return v
-    v = raw.strip()
+    v = raw.strip() if spec.strip else raw
+    if not v.strip():
+        raise ConfigError(f"{shown}: must not be empty")
     if spec.choices and v not in spec.choices:
         raise ConfigError(f"{shown}: must be {_allowed(spec)}")
     if spec.check:
@@ -375,13 +434,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def from_args(ns: argparse.Namespace, env: Mapping[str, str] | None = None) -> Settings:
     """Flags win over REALTIME_* variables, which win over defaults. An empty
-    variable counts as unset."""
+    variable counts as unset, except for the JWT keys."""
     env = os.environ if env is None else env
     values, names = {}, {}
     for f in _options():
         raw = getattr(ns, f.name, None)
         source = _opt_name(f)
-        if raw is None and env.get(_env_name(f), "") != "":
+        spec: Spec = f.metadata["spec"]
+        if raw is None and (env.get(_env_name(f), "") != "" or (spec.secret and _env_name(f) in env)):
+            # an empty variable is unset, except for a key: an empty one would
+            # quietly mean development mode
             raw, source = env[_env_name(f)], _env_name(f)
         if raw is None:
             continue

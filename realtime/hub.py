@@ -64,7 +64,7 @@ class Hub:
         self.core = core or Core(vehicle_capacity=4096, client_capacity=256)
         self.sessions: dict[int, Session] = {}
         self.outlets: dict = {}   # core row -> the session's transport (an Outlet), for fan_out
-        self.instance_id = os.environ.get("REALTIME_INSTANCE_ID") or f"{os.getpid():x}"
+        self.instance_id = settings.instance_id or f"{os.getpid():x}"
         self.stats = Stats()
         self._tick_no = 0
         self._task: asyncio.Task | None = None

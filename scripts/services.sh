@@ -32,14 +32,20 @@ if port_open 5432 && command -v psql >/dev/null; then
   # realtime_test), made here once through the local socket as the postgres
   # superuser. Nothing else is changed: not the postgres role, not its password.
   pg() { su postgres -c "psql -v ON_ERROR_STOP=1 -qtA -d postgres -c \"$1\"" 2>/dev/null; }
-  if ! PGPASSWORD=realtime_test psql -h 127.0.0.1 -U realtime_test -w -d realtime_test -tAc "SELECT 1" >/dev/null 2>&1; then
+  login() { PGPASSWORD=realtime_test psql -h 127.0.0.1 -U realtime_test -w -d realtime_test -tAc "SELECT 1" >/dev/null 2>&1; }
+  if ! login; then
     { pg "SELECT 1 FROM pg_roles WHERE rolname='realtime_test'" | grep -q 1 \
-        || pg "CREATE ROLE realtime_test LOGIN PASSWORD 'realtime_test'"; } \
-      && { pg "SELECT 1 FROM pg_database WHERE datname='realtime_test'" | grep -q 1 \
-        || pg "CREATE DATABASE realtime_test OWNER realtime_test"; } \
-      && echo "services: made the realtime_test role and database" \
-      || echo "services: could not make the realtime_test role and database; as a PostgreSQL superuser run:" \
-              "CREATE ROLE realtime_test LOGIN PASSWORD 'realtime_test'; CREATE DATABASE realtime_test OWNER realtime_test;" >&2
+        && pg "ALTER ROLE realtime_test LOGIN PASSWORD 'realtime_test'" \
+        || pg "CREATE ROLE realtime_test LOGIN PASSWORD 'realtime_test'"; }
+    pg "SELECT 1 FROM pg_database WHERE datname='realtime_test'" | grep -q 1 \
+      || pg "CREATE DATABASE realtime_test OWNER realtime_test"
+    if login; then
+      echo "services: made the realtime_test role and database"
+    else
+      echo "services: cannot log in as realtime_test on 127.0.0.1; as a PostgreSQL superuser run:" \
+           "CREATE ROLE realtime_test LOGIN PASSWORD 'realtime_test'; CREATE DATABASE realtime_test OWNER realtime_test;" \
+           "and allow password logins from 127.0.0.1 in pg_hba.conf" >&2
+    fi
   fi
 fi
 # Headless Chromium for the map page test (Debian's package; nothing is downloaded by the test).

@@ -354,16 +354,22 @@ def redis_up(port=REDIS_PORT) -> bool:
 
 
 LOCK = "realtime-tests:lock"
+ME = f"{socket.gethostname()}:{os.getpid()}"
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
+def _left_by_a_dead_run(owner: bytes | None) -> bool:
+    """The claim of an earlier run of this suite on this host whose process is
+    gone (killed before it could flush). Anything else is somebody's."""
+    host, _, pid = (owner or b"").decode(errors="replace").rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
         return False
-    except PermissionError:
+    try:
+        os.kill(int(pid), 0)
+        return False
+    except ProcessLookupError:
         return True
+    except PermissionError:
+        return False
 
 
 @pytest.fixture(scope="session")
@@ -378,14 +384,13 @@ def redis_url():
     for db in ([int(wanted)] if wanted else range(15, 0, -1)):
         try:
             r = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=db)
-            owner = r.get(LOCK)
-            if owner is not None and not _alive(int(owner)):
-                r.flushdb()  # left by an earlier run of this suite that was killed
+            if _left_by_a_dead_run(r.get(LOCK)):
+                r.flushdb()
             empty = r.dbsize() == 0
         except redis.ResponseError:  # fewer databases configured
             continue
         # the claim is the first key; a run that finds another's claim moves on
-        if empty and r.set(LOCK, os.getpid(), nx=True, ex=3600) and r.dbsize() == 1:
+        if empty and r.set(LOCK, ME, nx=True) and r.dbsize() == 1:
             try:
                 yield f"redis://{REDIS_HOST}:{REDIS_PORT}/{db}"
             finally:

@@ -3,6 +3,7 @@ option, range checks on flags and REALTIME_* variables, development mode."""
 import argparse
 import asyncio
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -10,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, SECRET, Client, Server, free_port, token
+from conftest import ROOT, SECRET, Client, Server, free_port, ingest, token, update
 from realtime import config
 
 pytestmark = pytest.mark.integration
@@ -23,6 +24,13 @@ def run(*args, env=None, timeout=30):
     base = {k: v for k, v in os.environ.items() if not k.startswith("REALTIME_")}
     return subprocess.run([sys.executable, "-m", "realtime", *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=timeout, env={**base, **(env or {})})
+
+
+def metric_value(server, name: str) -> float:
+    import re
+    import urllib.request
+    text = urllib.request.urlopen(server.url + "/metrics", timeout=10).read().decode()
+    return sum(float(v) for v in re.findall(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.M))
 
 
 def settings(*flags, env=None):
@@ -39,22 +47,38 @@ def refused(*flags, env=None) -> str:
 
 
 # ---------------------------------------------------------------- help
+def help_entries(text: str) -> tuple[list[str], dict[str, tuple[str, str]]]:
+    """(group headings in order, {flag: (its group, its help text)}) from
+    argparse's layout: a heading at column 0, entries indented by two, their
+    wrapped help indented further."""
+    groups, entries, group, flag = [], {}, None, None
+    for line in text.splitlines():
+        if line and not line[0].isspace() and line.endswith(":"):
+            group, flag = line[:-1], None
+            groups.append(group)
+        elif line.startswith("  --"):
+            flag, _, rest = line.strip().partition(" ")
+            entries[flag] = (group, rest)
+        elif flag and line.startswith("    "):
+            entries[flag] = (group, entries[flag][1] + " " + line.strip())
+    return groups, {f: (g, " ".join(h.split())) for f, (g, h) in entries.items()}
+
+
 def test_serve_help_explains_every_option_in_its_group():
     p = run("serve", "--help")
     assert p.returncode == 0, p.stderr
-    out = " ".join(p.stdout.split())           # argparse wraps lines
-    positions = [out.index(f"{g}: {about}") for g, about in config.GROUPS.items()]
-    assert positions == sorted(positions), "groups in the documented order"
+    groups, entries = help_entries(p.stdout)
+    assert [g for g in groups if g in config.GROUPS] == list(config.GROUPS), "groups in the documented order"
+    assert set(entries) == {"--" + f.name.replace("_", "-") for f in OPTIONS}
     for f in OPTIONS:
         flag, env = "--" + f.name.replace("_", "-"), "REALTIME_" + f.name.upper()
-        start = out.index(flag + " ", out.index("network: "))   # its entry, past the usage line
-        entry = out[start:out.index(f"Env: {env}.", start)]
-        sentence = entry.split(" ", 2)[-1]
-        assert sentence[0].isupper() and "." in sentence, (flag, entry)
-        assert "Default: " in entry, (flag, entry)
-        group = f.metadata["spec"].group
-        assert positions[list(config.GROUPS).index(group)] < start, (flag, group)
-    assert "Development mode" in out
+        group, text = entries[flag]
+        assert group == f.metadata["spec"].group, (flag, group)
+        metavar, _, text = text.partition(" ") if not text[0].isupper() else ("", "", text)
+        sentence, _, rest = text.partition(" Default: ")
+        assert sentence[0].isupper() and sentence.endswith("."), (flag, text)
+        assert rest and rest.endswith(f"Env: {env}."), (flag, text)
+    assert "Development mode" in " ".join(p.stdout.split())
 
 
 def test_options_that_do_nothing_yet_are_not_offered():
@@ -80,16 +104,26 @@ def test_python_dash_m_works_like_the_command():
     ("--workers", "0", "from 1 to 256"),
     ("--tick-ms", "0", "from 1 to 10000 ms"),
     ("--tick-ms", "2.5", "an integer"),
-    ("--heartbeat-s", "0", "above 0"),
+    ("--heartbeat-s", "0", "from 0.1 to 3600 s"),
+    ("--heartbeat-s", "1e-300", "from 0.1 to 3600 s"),
     ("--heartbeat-s", "nan", "a number"),
     ("--heartbeat-s", "inf", "a number"),
     ("--ready-max-cpu", "1.5", "above 0 and at most 1"),
+    ("--ready-max-cpu", "0", "above 0 and at most 1"),
     ("--max-message-bytes", "10", "from 1024"),
     ("--simulate", "-1", "from 0 to 1000000"),
     ("--log-level", "loud", "one of debug, info, warning, error, critical"),
     ("--ws-deflate", "yes", "one of on, off"),
     ("--kafka-from", "yesterday", "one of earliest, latest, time"),
     ("--redis", "http://127.0.0.1:6379", "redis://"),
+    ("--redis", "redis://", "redis://host"),
+    ("--redis", "redis://127.0.0.1:99999", "port that is not from 1 to 65535"),
+    ("--redis", "redis://127.0.0.1:6379/abc", "database that is not a number"),
+    ("--redis", "redis+cluster://127.0.0.1:7000", "redis://"),
+    ("--postgres", "postgresql://h:0/db", "port that is not from 1 to 65535"),
+    ("--jwt-issuer", "", "must not be empty"),
+    ("--jwt-issuer", "   ", "must not be empty"),
+    ("--host", "[::1]", "without brackets"),
     ("--postgres", "mysql://x", "postgresql://"),
     ("--kafka", "broker", "host:port"),
     ("--topic", "bad topic", "Kafka topic name"),
@@ -108,7 +142,34 @@ def test_a_bad_variable_is_refused_naming_the_variable():
     msg = refused(env={"REALTIME_PORT": "eighty", "REALTIME_JWT_SECRET": SECRET})
     assert msg == "REALTIME_PORT='eighty': must be an integer from 1 to 65535"
     msg = refused(env={"REALTIME_READY_MAX_MEMORY": "2", "REALTIME_JWT_SECRET": SECRET})
-    assert msg.startswith("REALTIME_READY_MAX_MEMORY='2': must be a number above 0 and at most 1")
+    assert msg == "REALTIME_READY_MAX_MEMORY='2': must be a number above 0 and at most 1"
+
+
+def test_an_empty_key_variable_is_refused_not_development_mode():
+    assert refused(env={"REALTIME_JWT_SECRET": ""}) == "REALTIME_JWT_SECRET='': must not be empty"
+    assert "must not be empty" in refused(env={"REALTIME_JWT_JWKS": ""})
+    assert settings(env={"REALTIME_KAFKA": ""}).kafka is None       # other empty variables are unset
+
+
+def test_a_secret_is_taken_as_it_is():
+    assert settings("--jwt-secret", " s3cret\n").jwt_secret == " s3cret\n"
+    assert settings("--topic", " t1 ", "--jwt-secret", SECRET).topic == "t1"
+
+
+def test_key_and_certificate_files_must_parse(tmp_path):
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not a key")
+    s = settings("--jwt-public-key", str(junk))
+    with pytest.raises(config.ConfigError, match="not a PEM public key"):
+        config.check_files(s)
+    s = settings("--jwt-jwks", str(junk))
+    with pytest.raises(config.ConfigError, match="not a usable JWKS document"):
+        config.check_files(s)
+    s = settings("--tls-cert", str(junk), "--tls-key", str(junk), "--jwt-secret", SECRET)
+    with pytest.raises(config.ConfigError, match="cannot be loaded"):
+        config.check_files(s)
+    p = run("serve", "--jwt-jwks", str(junk), "--port", str(free_port()))
+    assert p.returncode == 2 and p.stderr.startswith(f"realtime serve: --jwt-jwks {junk}: not a usable JWKS")
 
 
 def test_flags_win_over_variables_and_empty_variables_are_unset():
@@ -137,6 +198,11 @@ def test_options_that_depend_on_each_other_are_checked(args, env, words):
     msg = refused(*args, "--jwt-secret", SECRET, env=env)
     for w in words:
         assert w in msg, msg
+
+
+def test_development_mode_needs_hs256_for_its_map_token():
+    assert "must include HS256" in refused("--jwt-algorithms", "RS256")
+    assert settings("--jwt-algorithms", "HS256,RS256").development
 
 
 def test_a_public_key_refuses_hmac_algorithms():
@@ -212,17 +278,78 @@ async def test_development_server_simulates_2000_and_its_map_carries_a_working_t
         s.stop()
 
 
-async def test_with_a_key_nothing_is_simulated_unless_asked():
+async def test_with_a_key_nothing_is_simulated_unless_asked(uid):
     s = Server("--tick-ms", "50")   # conftest passes --jwt-secret
     try:
         import urllib.request
         html = urllib.request.urlopen(s.url + "/", timeout=10).read().decode()
         assert "eyJ" not in html     # no embedded token outside development mode
+        # one vehicle of our own arrives; by then a simulator, were it on,
+        # would have started (it starts with the server) and logged so
+        ingest(s, [update(uid + "only")])
         c = await Client.connect(s, token())
         await c.recv_type("welcome")
-        time.sleep(1.0)              # the simulator, were it on, steps every 100 ms
         await c.send({"type": "subscribe", "subscriptions": {}})
-        assert (await c.recv_type("subscribed"))["visible"] == 0
+        assert (await c.recv_type("subscribed"))["visible"] == 1
+        assert "simulating" not in s.logs()
+        assert metric_value(s, "ingest_updates_total") == 1
         await c.close()
+    finally:
+        s.stop()
+
+
+# ---------------------------------------------------------------- an unbuilt checkout
+def test_an_unbuilt_checkout_says_what_to_run(tmp_path):
+    import shutil
+    shutil.copytree(ROOT / "realtime", tmp_path / "realtime",
+                    ignore=shutil.ignore_patterns("*.so", "*.c", "__pycache__"))
+    base = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    imp = subprocess.run([sys.executable, "-c", "import realtime.hub"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=60, env=base)
+    assert imp.returncode != 0
+    assert "is not built" in imp.stderr and "make build" in imp.stderr and "pip install ." in imp.stderr
+    p = subprocess.run([sys.executable, "-m", "realtime", "serve", "--port", str(free_port())], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=60, env=base)
+    assert p.returncode == 1
+    assert p.stderr.count("\n") == 1 and "make build" in p.stderr, p.stderr
+
+
+# ---------------------------------------------------------------- realtime simulate
+def test_simulate_needs_one_destination():
+    for args in ([], ["--url", "http://127.0.0.1:1", "--kafka", "127.0.0.1:1"]):
+        p = run("simulate", *args)
+        assert p.returncode == 2 and "give --url" in p.stderr and "--kafka" in p.stderr
+
+
+async def visible_all(server, at_least: int) -> int:
+    c = await Client.connect(server, token())
+    await c.recv_type("welcome")
+    visible, deadline = 0, time.monotonic() + 20
+    while visible < at_least and time.monotonic() < deadline:
+        await asyncio.sleep(0.3)
+        await c.send({"type": "subscribe", "subscriptions": {}})
+        visible = (await c.recv_type("subscribed", timeout=10))["visible"]
+    await c.close()
+    return visible
+
+
+@pytest.mark.parametrize("through", ["kafka", "http"])
+async def test_simulate_feeds_a_server(through, kafka_bootstrap, uid):
+    if through == "kafka":
+        from conftest import create_topic
+        topic = "sim." + uid.strip("_")
+        await create_topic(kafka_bootstrap, topic, 1)
+        s = Server("--tick-ms", "50", "--kafka", kafka_bootstrap, "--topic", topic, "--kafka-from", "earliest")
+        dest = ["--kafka", kafka_bootstrap, "--topic", topic]
+    else:
+        s = Server("--tick-ms", "50")
+        dest = ["--url", s.url, "--jwt-secret", SECRET]
+    try:
+        p = await asyncio.to_thread(run, "simulate", *dest, "--vehicles", "50", "--rate", "500",
+                                    "--duration", "1.5", timeout=60)
+        assert p.returncode == 0, p.stderr
+        assert json.loads(p.stdout)["sent"] > 50
+        # veh_00000..veh_00049; a simulated tracker may be "offline" and silent
+        assert 45 <= await visible_all(s, 45) <= 50
     finally:
         s.stop()

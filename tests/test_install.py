@@ -8,6 +8,7 @@ a package, a web asset or a dependency that the wheel leaves out.
 import asyncio
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -21,7 +22,7 @@ from pathlib import Path
 import pytest
 import websockets
 
-from conftest import ROOT, SECRET, free_port, stop_process, token, update
+from conftest import ROOT, SECRET, free_port, require, stop_process, token, update
 
 pytestmark = pytest.mark.integration
 
@@ -44,8 +45,7 @@ def _sh(*cmd, cwd=None, timeout=600):
 def built(tmp_path_factory):
     """(sdist, wheel): `python -m build` makes the sdist, then the wheel from
     the sdist, each in an isolated environment, as pip does."""
-    if shutil.which("git") is None or not (ROOT / ".git").exists():
-        pytest.skip("not a git checkout: the files of a clone are not known")
+    require("a git checkout (the files a clone has)", shutil.which("git") is not None and (ROOT / ".git").exists())
     src = tmp_path_factory.mktemp("clone")
     for f in _source_files():
         (src / f).parent.mkdir(parents=True, exist_ok=True)
@@ -164,8 +164,19 @@ async def test_the_installed_server_in_development_mode_serves_the_map(venv, tmp
     try:
         s.wait_ready()
         status, html = s.get("/")
-        assert status == 200 and b"eyJ" in html          # the embedded viewer token
+        assert status == 200
+        [viewer] = re.findall(rb"eyJ[\w-]+\.[\w-]+\.[\w-]+", html)   # the embedded viewer token
         for asset in ("map.js", "realtime.js"):
             assert s.get(f"/static/{asset}")[0] == 200, asset
+        async with websockets.connect(f"ws://127.0.0.1:{s.port}/ws?token={viewer.decode()}") as ws:
+            assert json.loads(await asyncio.wait_for(ws.recv(), 10))["type"] == "welcome"
+            await ws.send(json.dumps({"type": "subscribe", "subscriptions": {}}))
+            got = None
+            deadline = time.monotonic() + 20
+            while got is None and time.monotonic() < deadline:   # the simulated fleet reaches it
+                m = json.loads(await asyncio.wait_for(ws.recv(), 10))
+                if m["type"] == "batch":
+                    got = next((x for x in m["messages"] if x["t"] == "full"), None)
+            assert got is not None and got["v"].startswith("veh_")
     finally:
         s.stop()

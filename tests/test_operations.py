@@ -89,7 +89,7 @@ async def test_silent_vehicle_goes_offline_then_leaves_as_stale_and_is_forgotten
         assert {m["v"] for m in snap} == {v, w}
         t0 = time.monotonic()
         seen = []
-        while time.monotonic() - t0 < 6:
+        while time.monotonic() - t0 < 30:
             ingest(s, [update(w, 55.0, 37.0, status="idle")])   # w keeps talking
             seen += await c.messages(0.5)
             if any(m["t"] == "leave" for m in seen):
@@ -302,7 +302,7 @@ async def test_sigterm_stops_accepting_at_once_while_clients_drain(uid):
     drain. A client that does not read keeps the drain going for a third of
     the grace period; during it the port refuses new connections."""
     s = Server("--simulate", "10000", "--tick-ms", "50", "--slow-client-buffer-bytes", "65536",
-               "--max-visible", "100000", "--shutdown-grace", "9")
+               "--max-visible", "100000", "--shutdown-grace", "30")
     try:
         slow = await RawClient.connect(s, rcvbuf=4096)
         await slow.until("welcome")
@@ -313,7 +313,7 @@ async def test_sigterm_stops_accepting_at_once_while_clients_drain(uid):
         assert metric(s, "slow_client_conflations_total") >= 1
         s.proc.send_signal(signal.SIGTERM)
         refused = False
-        deadline = time.monotonic() + 2
+        deadline = time.monotonic() + 8       # the drain holds the process for 10 s
         while not refused and time.monotonic() < deadline:
             try:
                 _, w = await asyncio.open_connection("127.0.0.1", s.port)

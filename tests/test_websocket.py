@@ -365,7 +365,7 @@ async def test_sigterm_sends_reconnect_then_closes_1001_and_exits_0(uid):
             assert await closed_with(c, 5) == 1001
         assert len(set(delays)) > 1  # jittered, so that they do not all return at once
         assert s.proc.wait(10) == 0
-        assert time.monotonic() - t0 < 4 + 1
+        assert time.monotonic() - t0 < 4 + 3   # the grace period, and room for a busy test machine
         # no new connections are accepted once shutdown began
         with pytest.raises(OSError):
             await websockets.connect(s.ws_url + "?token=" + token(), open_timeout=2)

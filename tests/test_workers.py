@@ -166,12 +166,50 @@ def test_a_worker_that_keeps_dying_is_restarted_with_backoff_then_given_up(redis
         out = open(s.log.name).read()
         restarts = [json.loads(x) for x in out.splitlines() if '"worker exited; restarting"' in x]
         assert [r["restart_in_s"] for r in restarts] == [0.5, 1.0, 2.0, 4.0]
-        assert [r["failures_in_a_row"] for r in restarts] == [1, 2, 3, 4]
+        assert [r["deaths_in_window"] for r in restarts] == [1, 2, 3, 4]
         assert len({r["worker"] for r in restarts}) == 1
-        assert "died 5 times in a row" in out and "giving up" in out
+        assert "died 5 times in 300 s" in out and "giving up" in out
         deadline = time.time() + 10
         while running(survivor) and time.time() < deadline:   # the survivor was stopped too
             time.sleep(0.1)
         assert not running(survivor)
+    finally:
+        s.stop()
+
+
+def test_the_supervisor_gives_up_at_once_when_its_workers_cannot_bind(redis_url):
+    """The port is taken after the check before start (here: the check is
+    skipped): each worker exits with status 3, and the supervisor prints one
+    line and stops instead of restarting them."""
+    code = ("import sys\nimport realtime.cli as cli\ncli.port_problem = lambda host, port: None\n"
+            "sys.exit(cli.main(sys.argv[1:]))\n")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        p = subprocess.run([sys.executable, "-c", code, "serve", "--port", str(port), "--workers", "2",
+                            "--redis", redis_url, "--simulate", "0", "--jwt-secret", SECRET],
+                           cwd=ROOT, capture_output=True, text=True, timeout=90)
+    assert p.returncode == 1, p.stderr[-2000:]
+    lines = [x for x in p.stderr.splitlines() if x.startswith("realtime serve:")]
+    assert lines == [f"realtime serve: cannot listen on 127.0.0.1:{port}: the address is already in use "
+                     "(is another server running there?); stop it or pass another --port"]
+    assert '"worker exited; restarting"' not in p.stderr
+
+
+def test_workers_go_when_their_supervisor_is_killed(redis_url):
+    s = Server("--workers", "2", "--simulate", "0", "--redis", redis_url)
+    try:
+        deadline = time.time() + 30
+        while len(children(s.proc.pid)) < 2 and time.time() < deadline:
+            time.sleep(0.1)
+        workers = children(s.proc.pid)
+        assert len(workers) == 2
+        s.proc.kill()
+        s.proc.wait()
+        deadline = time.time() + 20
+        while any(running(w) for w in workers) and time.time() < deadline:
+            time.sleep(0.1)
+        assert not any(running(w) for w in workers), "orphaned workers keep serving"
     finally:
         s.stop()

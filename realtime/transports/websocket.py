@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from urllib.parse import urlsplit
 
 from aiohttp import WSCloseCode, WSMsgType, hdrs, web
 from aiohttp.http import ws_ext_gen
@@ -180,7 +181,24 @@ def _origin_allowed(request: web.Request, allowed: str | None) -> bool:
     origin = request.headers.get("Origin")
     if origin is None:
         return True
-    return origin.rstrip("/") in {o.strip().rstrip("/") for o in allowed.split(",")}
+    return origin_key(origin) in {origin_key(o) for o in allowed.split(",")}
+
+
+def origin_key(origin: str) -> str:
+    """An origin as browsers send it: scheme and host in lower case, no
+    default port, no trailing slash, so that `https://Dispatch.example.com:443/`
+    in --allowed-origins matches `https://dispatch.example.com`."""
+    u = urlsplit(origin.strip().rstrip("/"))
+    try:
+        port = u.port
+    except ValueError:
+        return origin.strip()
+    scheme, host = u.scheme.lower(), (u.hostname or "")
+    if ":" in host:
+        host = f"[{host}]"
+    if port is None or (scheme, port) in (("http", 80), ("https", 443)):
+        return f"{scheme}://{host}"
+    return f"{scheme}://{host}:{port}"
 
 
 def _token_of(request: web.Request) -> str | None:
