@@ -26,6 +26,16 @@ def vehicle_status(s, vid) -> int:
         return e.code
 
 
+def both_workers(s) -> list[int]:
+    """The supervisor's two worker pids, once both have started."""
+    deadline = time.time() + 30
+    while len(children(s.proc.pid)) < 2 and time.time() < deadline:
+        time.sleep(0.1)
+    workers = children(s.proc.pid)
+    assert len(workers) == 2, s.logs()
+    return workers
+
+
 def running(pid: int) -> bool:
     try:
         return open(f"/proc/{pid}/stat").read().split(")")[-1].split()[0] != "Z"
@@ -51,11 +61,7 @@ def children(pid: int) -> list[int]:
 async def test_workers_share_the_port_restart_and_stop(redis_url, uid):
     s = Server("--workers", "2", "--simulate", "0", "--tick-ms", "20", "--redis", redis_url)
     try:
-        deadline = time.time() + 20
-        while len(children(s.proc.pid)) < 2 and time.time() < deadline:
-            time.sleep(0.1)
-        workers = children(s.proc.pid)
-        assert len(workers) >= 2
+        workers = both_workers(s)
         vid = uid + "w"
         ingest(s, [update(vid)])
         # the relay reaches the other worker: new connections land on either,
@@ -141,11 +147,7 @@ def test_a_worker_that_cannot_bind_says_so_once(supervised, status):
 def test_a_worker_that_keeps_dying_is_restarted_with_backoff_then_given_up(redis_url):
     s = Server("--workers", "2", "--simulate", "0", "--redis", redis_url)
     try:
-        deadline = time.time() + 30
-        while len(children(s.proc.pid)) < 2 and time.time() < deadline:
-            time.sleep(0.1)
-        first = children(s.proc.pid)
-        assert len(first) == 2
+        first = both_workers(s)
         victim, survivor = first
         for kill in range(1, 6):
             os.kill(victim, signal.SIGKILL)
@@ -200,11 +202,7 @@ def test_the_supervisor_gives_up_at_once_when_its_workers_cannot_bind(redis_url)
 def test_workers_go_when_their_supervisor_is_killed(redis_url):
     s = Server("--workers", "2", "--simulate", "0", "--redis", redis_url)
     try:
-        deadline = time.time() + 30
-        while len(children(s.proc.pid)) < 2 and time.time() < deadline:
-            time.sleep(0.1)
-        workers = children(s.proc.pid)
-        assert len(workers) == 2
+        workers = both_workers(s)
         s.proc.kill()
         s.proc.wait()
         deadline = time.time() + 20
