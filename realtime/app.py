@@ -95,7 +95,7 @@ async def _start(app):
     hub = app["hub"]
     settings = app["settings"]
     from .stores import make_stores
-    hub.stores = make_stores(settings)
+    hub.stores = make_stores(settings, hub.instance_id)
     await hub.stores.start(hub)
     if settings.postgres:
         from .stores.records import Records

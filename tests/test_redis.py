@@ -241,6 +241,10 @@ async def test_redis_restart_is_survived(throwaway_redis, uid):
         await c.recv_type("welcome")
         await c.subscribe(subscriptions={"vehicles": [vid]})
         assert await eventually(lambda: _async(ready_status(s) == 200))
+        rr = aioredis.Redis(port=port, decode_responses=True)
+        await rr.publish(f"vehicle:events:{vid}", json.dumps({"type": "before"}))
+        assert (await c.wait_messages(lambda m: m["t"] == "event", timeout=10))[-1]["e"] == "before"
+        await rr.aclose()
         proc[0].terminate()
         proc[0].wait()
         # delivery from memory continues
@@ -256,9 +260,11 @@ async def test_redis_restart_is_survived(throwaway_redis, uid):
         try:
             h = await eventually(lambda: rr.hgetall(f"vehicle:current:{vid}"), timeout=10)
             assert float(h["lat"]) == 55.95
+            # the new log starts below the last id delivered: it is read from its start
             await rr.publish(f"vehicle:events:{vid}", json.dumps({"type": "back"}))
             got = await c.wait_messages(lambda m: m["t"] == "event", timeout=10)
-            assert got[-1]["e"] == "back"
+            assert [m["e"] for m in got if m["t"] == "event"] == ["back"]
+            assert "the event log is older than what this instance delivered" in s.logs()
         finally:
             await rr.aclose()
         await c.close()
@@ -314,3 +320,66 @@ async def test_named_vehicles_unknown_here_are_read_from_redis_at_once(rserver, 
     sub, msgs = await c.subscribe(subscriptions={"vehicles": [vid]})
     assert sub["visible"] == 1 and msgs[0]["p"] == [51.5, 0.1]
     await c.close()
+
+
+async def kill_connections_of(r, instance: str) -> int:
+    """CLIENT KILL every connection an instance has to Redis (they are named)."""
+    killed = 0
+    for c in await r.client_list():
+        if c.get("name") == f"realtime:{instance}":
+            try:
+                killed += bool(await r.execute_command("CLIENT", "KILL", "ID", c["id"]))
+            except aioredis.ResponseError:
+                pass     # it went by itself
+    return killed
+
+
+async def test_events_published_while_the_link_is_broken_reach_connected_clients_once(redis_url, r, uid):
+    """PROTOCOL §3.4: a connection that stays open never misses an event
+    because its instance's link to Redis broke. A's connections are killed
+    again and again while events are published; B, untouched, logs them."""
+    a = Server("--simulate", "0", "--tick-ms", "20", "--redis", redis_url)
+    b = Server("--simulate", "0", "--tick-ms", "20", "--redis", redis_url)
+    try:
+        vid = uid + "k"
+        ingest(a, [update(vid)])
+        c = await Client.connect(a, token())
+        await c.recv_type("welcome")
+        await c.subscribe(subscriptions={"vehicles": [vid]})
+        ingest(a, [update(vid, 55.76)])
+        instance = (await c.recv_type("batch"))["batch_id"].rsplit("-", 1)[0]
+        n = 80
+
+        async def publish():
+            for i in range(n):
+                await r.publish(f"vehicle:events:{vid}", json.dumps({"type": "tick", "n": i}))
+                await asyncio.sleep(0.025)
+
+        async def kill():
+            total = 0
+            for _ in range(5):
+                await asyncio.sleep(0.3)
+                total += await kill_connections_of(r, instance)
+            return total
+
+        _, killed = await asyncio.gather(publish(), kill())
+        assert killed >= 5, "A's connections were not killed"
+        got = []
+        deadline = time.monotonic() + 40
+        while len(got) < n and time.monotonic() < deadline:
+            try:
+                for m in await c.messages(1.0):
+                    if m["t"] == "event" and m["v"] == vid:
+                        got.append(m)
+            except asyncio.TimeoutError:
+                pass
+        got += [m for m in await c.messages(1.0) if m["t"] == "event"]   # nothing more may come
+        ns = [m["d"]["n"] for m in got]
+        missing, twice = set(range(n)) - set(ns), {x for x in ns if ns.count(x) > 1}
+        assert not missing and not twice, (missing, twice, [(m["d"]["n"], m["eid"]) for m in got if m["d"]["n"] in missing | twice])
+        assert len({m["eid"] for m in got}) == n
+        assert "redis unavailable" in a.logs() or "redis task" in a.logs()
+        await c.close()
+    finally:
+        a.stop()
+        b.stop()

@@ -36,7 +36,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from ..ingest.decode import Rejected, validate
-from .base import EVENT_LOG_MAX, EVENT_RETENTION_S, SESSION_TTL_S, Event
+from .base import EVENT_LOG_MAX, EVENT_RETENTION_S, SESSION_TTL_S, Event, eid_key
 
 log = logging.getLogger("realtime.redis")
 
@@ -48,6 +48,8 @@ RELAY = "realtime:updates"
 EXPIRE_EVERY_S = 60.0
 RECONCILE_EVERY_S = 5.0
 DEDUPE_MS = 5000
+LOCAL_KEYS_MAX = 10_000   # events delivered locally during one outage that are remembered
+LOCAL_KEYS_S = 600.0      # and for how long
 
 # SET NX + XADD in one step: of the instances that saw the same event, one adds it.
 ADD_ONCE = """
@@ -65,15 +67,38 @@ return 0
 """
 
 
+class RecentKeys:
+    """Keys seen lately, at most `max_n` of them and none older than `max_age_s`:
+    what is older cannot come back (the dedupe window has passed)."""
+
+    def __init__(self, max_n: int, max_age_s: float):
+        self.max_n, self.max_age_s = max_n, max_age_s
+        self._at: dict[str, float] = {}
+
+    def add(self, key: str) -> None:
+        now = time.monotonic()
+        at = self._at
+        while at and (len(at) >= self.max_n or now - next(iter(at.values())) > self.max_age_s):
+            del at[next(iter(at))]
+        at[key] = now
+
+    def pop(self, key: str) -> bool:
+        return self._at.pop(key, None) is not None
+
+    def __len__(self) -> int:
+        return len(self._at)
+
+
 def _s(v) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
 
 
 class RedisStores:
-    def __init__(self, settings):
+    def __init__(self, settings, instance_id: str = ""):
         self.settings = settings
+        # named, so that an operator (and the tests) can tell an instance's connections apart
         self.r = aioredis.Redis.from_url(settings.redis, socket_timeout=5, socket_connect_timeout=3,
-                                         health_check_interval=10)
+                                         health_check_interval=10, client_name=f"realtime:{instance_id}")
         self.hub = None
         self.healthy = False
         self.leader = False
@@ -85,6 +110,12 @@ class RedisStores:
         self._add_once = self.r.register_script(ADD_ONCE)
         self._renew = self.r.register_script(RENEW)
         self._local_seq = 0
+        # Each event once, by its dedupe key, when an XADD fails mid-way (the
+        # link broke): one delivered here with a local id is skipped when
+        # another instance's copy comes through the log, and one that came
+        # through the log already is not delivered locally again.
+        self._local_keys = RecentKeys(LOCAL_KEYS_MAX, LOCAL_KEYS_S)
+        self._logged_keys = RecentKeys(LOCAL_KEYS_MAX, DEDUPE_MS / 1000 * 2)
         self.snapshot_loaded = asyncio.Event()
         self.write_every_s = max(settings.tick_ms / 1000.0, 0.02)  # one pipeline per tick
 
@@ -118,6 +149,7 @@ class RedisStores:
     async def _forever(self, name, fn) -> None:
         backoff = 0.2
         while True:
+            started = time.monotonic()
             try:
                 await fn()
                 backoff = 0.2
@@ -130,6 +162,8 @@ class RedisStores:
                 self.leader = False
             except Exception:
                 log.exception("redis task %s failed", name)
+            if time.monotonic() - started > 10.0:
+                backoff = 0.2   # it worked for a while: a new fault starts the backoff again
             await asyncio.sleep(backoff * (0.5 + random.random()))
             backoff = min(backoff * 2, 10.0)
 
@@ -137,16 +171,20 @@ class RedisStores:
     async def publish_event(self, vehicle_id, etype, body, ts, is_alert, dedupe: bytes | None = None) -> None:
         fields = ["v", vehicle_id, "e", etype, "d", json.dumps(body, ensure_ascii=False), "ts", str(ts),
                   "a", "1" if is_alert else "0"]
-        key = "evdedupe:" + hashlib.sha1(dedupe or "|".join(fields).encode()).hexdigest()
+        digest = hashlib.sha1(dedupe or "|".join(fields).encode()).hexdigest()
         try:
-            await self._add_once(keys=[key, STREAM], args=[DEDUPE_MS, EVENT_LOG_MAX, *fields])
+            await self._add_once(keys=["evdedupe:" + digest, STREAM],
+                                 args=[DEDUPE_MS, EVENT_LOG_MAX, *fields, "k", digest])
             self.ops += 1
         except (RedisError, OSError, asyncio.TimeoutError):
             # Redis is down: deliver here with a local id (not resumable)
             # rather than lose the event for the clients of this instance.
             self.healthy = False
+            if self._logged_keys.pop(digest):
+                return      # another instance logged it, and it was delivered from the log
             self._local_seq += 1
             eid = f"{int(time.time() * 1000)}-{self._local_seq}-local"
+            self._local_keys.add(digest)
             self.hub.deliver_event(Event(eid, vehicle_id, etype, body, ts, is_alert))
 
     @staticmethod
@@ -160,12 +198,22 @@ class RedisStores:
                      g.get("a") == "1")
 
     async def _tail(self) -> None:
+        """Delivers the event log in order, each event once (PROTOCOL §3.4).
+        The first start begins at the log's end: older events reach clients
+        through resume. After any reconnect it carries on after the last event
+        it delivered, so that clients that stayed connected miss nothing
+        while the link was down. A log whose newest id is older than that was
+        reset (a Redis restart without persistence, a failover to an empty
+        replica): it is read from its start."""
         last = await self.r.xrevrange(STREAM, count=1)
-        last_id = _s(last[0][0]) if last else "0-0"
-        if self.hub.last_eid is None or not self.healthy:
-            # events before this point were delivered before we started (or
-            # while we were away: resume covers those clients)
-            self.hub.last_eid = last_id
+        top = _s(last[0][0]) if last else "0-0"
+        if self.hub.last_eid is None:
+            self.hub.last_eid = top
+        elif eid_key(top) < eid_key(self.hub.last_eid):
+            log.warning("the event log is older than what this instance delivered: reading it from its start",
+                        extra={"fields": {"log_newest": top, "delivered": self.hub.last_eid}})
+            self.hub.last_eid = "0-0"
+        last_id = self.hub.last_eid
         self.healthy = True
         trim_at = time.monotonic()
         while True:
@@ -174,6 +222,12 @@ class RedisStores:
             for _, entries in res or ():
                 for eid, f in entries:
                     last_id = _s(eid)
+                    key = _s(f.get(b"k", b""))
+                    if key:
+                        if self._local_keys.pop(key):
+                            self.hub.last_eid = last_id   # delivered here already, with a local id
+                            continue
+                        self._logged_keys.add(key)
                     self.hub.deliver_event(self._event(eid, f))
             if time.monotonic() >= trim_at:
                 trim_at = time.monotonic() + 60
