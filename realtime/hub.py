@@ -217,14 +217,14 @@ class Hub:
                 self.records.event("slow_client_closed", s.client_id, None, held_events=len(s.held))
                 self.conflating.discard(s)
                 s.close(1013, f"slow client: more than {limit} events waiting")
-            elif not s.transport.congested_now():
+            elif not s.replaying and not s.transport.congested_now():
                 self._catch_up(s)
 
     def _catch_up(self, s: Session) -> None:
         """Flowing again (or a command needs a consistent view): one batch with
         the latest state of what it sees, `leave` for what it lost, then the
         events it missed."""
-        if s.known is None:
+        if s.known is None or s.replaying:
             return
         known, held = s.known, s.held
         s.known, s.held = None, []
@@ -342,9 +342,9 @@ class Hub:
     def save_session(self, s: Session) -> None:
         self.spawn(self.stores.save_session(s.session_id, self.session_record(s)))
 
-    def resume(self, s: Session, record: dict, events: list[Event]) -> None:
-        """Restore a stored subscription for a resuming client, then replay the
-        events it missed. Synchronous: nothing is delivered in between."""
+    def resume(self, s: Session, record: dict) -> None:
+        """Restore a stored subscription for a resuming client: its `full`
+        snapshot goes out now. Synchronous: nothing is delivered in between."""
         self.flush()
         if record.get("subscription") is not None:
             msg = msgspec.convert({"type": "subscribe", "subscriptions": record["subscription"] or {},
@@ -352,14 +352,31 @@ class Hub:
             self.subscribe(s, msg, reply=False)
         else:
             s.send_batch(self.core.envelope, self.batch_id(), self.core.empty_body(s.fmt))
-        pieces = []
+
+    # ------------------------------------------------------------ resume's replay (replay.py)
+    def hold_for_replay(self, s: Session) -> None:
+        """From the next tick on, hold this client's traffic as for a slow
+        client (events kept, positions caught up later) while its replay runs."""
+        s.replaying = True
+        s.known = self.core.visible_rows(s.row)
+        s.held = []
+        self.conflating.add(s)
+
+    def event_pieces_for(self, s: Session, events: list[Event]):
+        """The encoded `event` messages of the log entries this client may see."""
         for ev in events:
             row = self.core.row_of(ev.vehicle_id)
             if row < 0 or not self._sees(s, row) or (ev.is_alert and not s.show_alerts):
                 continue
-            pieces.append(self.core.event_pieces(row, ev.etype, ev.body, ev.eid, ev.ts)[s.fmt])
-        if pieces:
-            s.send_batch(self.core.envelope, self.batch_id(), self.core.body_of(s.fmt, pieces))
+            yield self.core.event_pieces(row, ev.etype, ev.body, ev.eid, ev.ts)[s.fmt]
+
+    def send_events(self, s: Session, pieces: list[bytes]) -> None:
+        s.send_batch(self.core.envelope, self.batch_id(), self.core.body_of(s.fmt, pieces))
+
+    def replay_done(self, s: Session) -> None:
+        """The next tick catches the client up: latest state, then what was held."""
+        s.replaying = False
+        self._work.set()
 
     def _sees(self, s: Session, row: int) -> bool:
         return bool((int(self.core.vis[row, s.row >> 6]) >> (s.row & 63)) & 1)

@@ -56,7 +56,7 @@ class Session:
     __slots__ = ("transport", "claims", "fmt", "row", "client_id", "session_id",
                  "limiter", "connected_at", "expiry_warned", "kind",
                  "peer", "_closed", "view", "cells", "token_claims", "subscription", "last_ping",
-                 "_known", "held", "close_reason")
+                 "_known", "held", "close_reason", "replaying")
 
     def __init__(self, transport, claims: Claims, fmt: int, rate: float, kind: str = "websocket",
                  peer: str = ""):
@@ -83,6 +83,9 @@ class Session:
         # updates stopped, and the events held for it since; None when flowing
         self._known = None
         self.held: list[bytes] = []
+        # resume's replay is running (replay.py): traffic is held as above,
+        # and the catch-up waits until the replay is done
+        self.replaying = False
         self.close_reason = ""
 
     @property

@@ -383,3 +383,80 @@ async def test_events_published_while_the_link_is_broken_reach_connected_clients
     finally:
         a.stop()
         b.stop()
+
+
+async def resumable(server, r, uid):
+    """A client that subscribed to one vehicle, saw one event and left:
+    (vehicle, session, the eid it saw)."""
+    vid = uid + "r"
+    ingest(server, [update(vid)])
+    c = await Client.connect(server, token(sub=uid + "u"))
+    w = await c.recv_type("welcome")
+    assert w["recovered"] is False            # no last_event: nothing to recover
+    await c.subscribe(subscriptions={"vehicles": [vid]})
+    await r.publish(f"vehicle:events:{vid}", json.dumps({"type": "seen"}))
+    seen = (await c.wait_messages(lambda m: m["t"] == "event"))[-1]
+    assert await eventually(lambda: _async_get(r, f"session:{w['session']}", vid), timeout=20)
+    await c.close()
+    return vid, w["session"], seen["eid"]
+
+
+async def test_a_long_replay_is_paged_and_the_client_is_served_meanwhile(rserver, r, uid):
+    """PROTOCOL §3.4: every missed event, in batches of at most 1,000 messages
+    and 1 MiB; the client's ping is answered while the replay runs; events
+    published during the replay follow it, each once."""
+    vid, session, seen = await resumable(rserver, r, uid)
+    n = 3000
+    pad = "x" * 700                              # ~1,500 per 1 MiB: the byte limit cuts too
+    pipe = r.pipeline(transaction=False)
+    for i in range(n):
+        pipe.publish(f"vehicle:events:{vid}", json.dumps({"type": "missed", "n": i, "pad": pad}))
+    await pipe.execute()
+    await in_event_log(r, vid, f'"n": {n - 1},')
+    c = await Client.connect(rserver, token(sub=uid + "u"), f"resume={session}&last_event={seen}")
+    w = await c.recv_type("welcome")
+    assert w["resumed"] is True and w["recovered"] is True
+    await c.send({"type": "ping", "id": "during"})
+    later = asyncio.create_task(r.publish(f"vehicle:events:{vid}", json.dumps({"type": "live", "n": n})))
+    events, batches, pong_after = [], [], None
+    deadline = time.monotonic() + 60
+    while len(events) < n + 1 and time.monotonic() < deadline:
+        raw = await asyncio.wait_for(c.ws.recv(), 20)
+        m = json.loads(raw)
+        if m["type"] == "pong":
+            pong_after = len(batches)
+        elif m["type"] == "batch":
+            mine = [x for x in m["messages"] if x["t"] == "event"]
+            if mine:
+                batches.append((len(m["messages"]), len(raw.encode())))
+                events += mine
+    await later
+    assert [e["d"]["n"] for e in events] == list(range(n + 1))            # all, in order, once
+    assert len(batches) >= 4                                               # paged...
+    assert all(k <= 1000 and size <= 1 << 20 for k, size in batches), batches   # ...within the limits
+    assert pong_after is not None and pong_after < len(batches) - 1, (pong_after, len(batches))
+    assert [m for m in await c.messages(1.0) if m["t"] == "event"] == []   # nothing twice
+    await c.close()
+
+
+@pytest.mark.parametrize("last_event,replayed", [
+    ("garbage", False),          # malformed: nothing to place a replay after
+    ("{ms}-999", False),         # well-formed, inside the log, never logged: unknown
+    ("1-0", True),               # older than the log: what is left is replayed
+    (None, False),               # none given
+])
+async def test_recovered_is_false_when_the_replay_cannot_be_complete(rserver, r, uid, last_event, replayed):
+    vid, session, seen = await resumable(rserver, r, uid)
+    await r.publish(f"vehicle:events:{vid}", json.dumps({"type": "missed"}))
+    await in_event_log(r, vid, "missed")
+    query = f"resume={session}"
+    if last_event:
+        query += "&last_event=" + last_event.format(ms=seen.split("-")[0])
+    c = await Client.connect(rserver, token(sub=uid + "u"), query)
+    w = await c.recv_type("welcome")
+    assert w["resumed"] is True and w["recovered"] is False
+    got = await c.messages(1.5)
+    assert [m["t"] for m in got if m["v"] == vid][0] == "full"             # the full state all the same
+    events = [m["e"] for m in got if m["t"] == "event"]
+    assert events == (["seen", "missed"] if replayed else [])
+    await c.close()

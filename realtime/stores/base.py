@@ -45,7 +45,11 @@ class Stores(Protocol):
 
     # events
     async def publish_event(self, vehicle_id: str, etype: str, body, ts: int, is_alert: bool) -> None: ...
-    async def events_after(self, eid: str, upto: str) -> list[Event]: ...
+    async def locate(self, eid: str) -> str:
+        """Where a stream id stands in the log: "found", "older" than its
+        oldest event (or the log is empty), or "unknown"."""
+    async def events_page(self, after: str, upto: str, limit: int) -> list[Event]:
+        """At most `limit` events with after < eid <= upto, oldest first."""
 
     # sessions
     async def save_session(self, session_id: str, data: dict) -> None: ...

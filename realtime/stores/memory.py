@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from bisect import bisect_left, bisect_right
 from collections import deque
 
 import msgpack
@@ -14,7 +15,10 @@ class MemoryStores:
 
     def __init__(self, settings=None):
         self.hub = None
-        self.log: deque[Event] = deque(maxlen=EVENT_LOG_MAX)
+        # the event log: a list trimmed from the front by moving `_head`
+        # (compacted now and then), so that ids can be found by bisection
+        self.log: list[Event] = []
+        self._head = 0
         # session id -> (msgpack record, expiry): packed, ~300 B instead of a
         # ~1 KB dict per connection. `_expiry` holds one (expiry, id) per
         # session in first-save order, so saves drop expired records as they go
@@ -42,16 +46,34 @@ class MemoryStores:
 
     async def publish_event(self, vehicle_id, etype, body, ts, is_alert) -> None:
         ev = Event(self._next_eid(), vehicle_id, etype, body, ts, is_alert)
-        self.log.append(ev)
+        log = self.log
+        log.append(ev)
         cutoff = time.time() * 1000 - EVENT_RETENTION_S * 1000 * 1.5
-        while self.log and eid_key(self.log[0].eid)[0] < cutoff:
-            self.log.popleft()
+        head = max(self._head, len(log) - EVENT_LOG_MAX)
+        while head < len(log) and eid_key(log[head].eid)[0] < cutoff:
+            head += 1
+        if head > 4096 and head * 2 > len(log):
+            del log[:head]
+            head = 0
+        self._head = head
         if self.hub is not None:
             self.hub.deliver_event(ev)
 
-    async def events_after(self, eid: str, upto: str) -> list[Event]:
-        lo, hi = eid_key(eid), eid_key(upto)
-        return [e for e in self.log if lo < eid_key(e.eid) <= hi]
+    def _index(self, eid: str, right: bool) -> int:
+        find = bisect_right if right else bisect_left
+        return find(self.log, eid_key(eid), lo=self._head, key=lambda e: eid_key(e.eid))
+
+    async def locate(self, eid: str) -> str:
+        i = self._index(eid, right=False)
+        if i < len(self.log) and self.log[i].eid == eid:
+            return "found"
+        if self._head == len(self.log) or eid_key(eid) < eid_key(self.log[self._head].eid):
+            return "older"
+        return "unknown"
+
+    async def events_page(self, after: str, upto: str, limit: int) -> list[Event]:
+        i, j = self._index(after, right=True), self._index(upto, right=True)
+        return self.log[i:min(j, i + limit)]
 
     # ---------------------------------------------------------------- sessions
     async def save_session(self, session_id: str, data: dict) -> None:

@@ -234,10 +234,18 @@ class RedisStores:
                 cutoff = int((time.time() - EVENT_RETENTION_S * 1.5) * 1000)
                 await self.r.xtrim(STREAM, minid=f"{cutoff}-0", approximate=True)
 
-    async def events_after(self, eid: str, upto: str) -> list[Event]:
-        if not eid or upto is None:
-            return []
-        entries = await self.r.xrange(STREAM, min="(" + eid, max=upto)
+    async def locate(self, eid: str) -> str:
+        self.ops += 1
+        if await self.r.xrange(STREAM, min=eid, max=eid, count=1):
+            return "found"
+        self.ops += 1
+        first = await self.r.xrange(STREAM, count=1)
+        if not first or eid_key(eid) < eid_key(_s(first[0][0])):
+            return "older"
+        return "unknown"
+
+    async def events_page(self, after: str, upto: str, limit: int) -> list[Event]:
+        entries = await self.r.xrange(STREAM, min="(" + after, max=upto, count=limit)
         self.ops += 1
         return [self._event(i, f) for i, f in entries]
 

@@ -18,6 +18,7 @@ from aiohttp.http import ws_ext_gen
 
 from . import deflate
 from .. import messages as M
+from .. import replay
 from .._core._fanout import Outlet
 from .._core._schema import FMT_JSON, FMT_MSGPACK
 from ..auth import AuthError, Claims
@@ -269,24 +270,32 @@ async def handle(request: web.Request) -> web.StreamResponse:
         await ws.close(code=WSCloseCode.POLICY_VIOLATION, message=refused.encode())
         return ws
     stores = hub.stores
-    record, events = None, []
+    record, recovered, after = None, False, None
     try:
         acl = await stores.acl(claims.sub)
         s.claims = claims.with_acl(acl)
-        record, events = await _load_resume(request, hub, claims)
+        record, recovered, after = await _load_resume(request, hub, claims)
         await stores.resolve_groups(list(s.claims.groups) + _groups_of(record))
         await stores.resolve_vehicles(((record or {}).get("subscription") or {}).get("vehicles") or [])
     except Exception as e:  # the stores are down: serve from memory, without resume
         log.warning("stores unavailable at connect", extra={"fields": {"error": repr(e)[:200]}})
-    # from here on synchronous until the first message: nothing is delivered in between
+    # from here on synchronous until the first message: nothing is delivered in
+    # between, so the replay ends at `upto` exactly where held live events begin
+    upto = hub.last_eid
     if record is not None:
         s.session_id = request.query["resume"]
+    else:
+        recovered = False
     hub.attach(s)
     s.send({"type": "welcome", "client": s.client_id, "session": s.session_id,
-            "resumed": record is not None, "heartbeat_s": int(settings.heartbeat_s)})
+            "resumed": record is not None, "recovered": recovered,
+            "heartbeat_s": int(settings.heartbeat_s)})
     hub.warn_expiry(s, time.time())
     if record is not None:
-        hub.resume(s, record, events)
+        hub.resume(s, record)
+        if after is not None and upto is not None and after != upto:
+            hub.hold_for_replay(s)
+            hub.spawn(replay.run(hub, s, after, upto))
     hub.save_session(s)
     hub.spawn(stores.client_opened(claims.sub, s.client_id))
     hub.records.connection_opened(claims.sub, s.client_id, s.connected_at)
@@ -338,30 +347,18 @@ def _groups_of(record: dict | None) -> list[str]:
 
 
 async def _load_resume(request, hub, claims):
-    """PROTOCOL §3.4: the stored session and the events after `last_event`.
-
-    Reads the log up to the newest event the hub has handed to the core, and
-    again while that moved during the read, so that the replay ends exactly
-    where live delivery to this client begins."""
+    """PROTOCOL §3.4: (the stored session, recovered, where the replay starts)."""
     sid = request.query.get("resume")
     if not sid:
-        return None, []
+        return None, False, None
     record = await hub.stores.load_session(sid)
     if record is None:
-        return None, []
+        return None, False, None
     if record.get("user_id") != claims.sub:
         request.app["security_log"](request, "ws_resume_other_user", sid)
-        return None, []
-    last = request.query.get("last_event")
-    events = []
-    if last and hub.last_eid:
-        upto = hub.last_eid
-        events = await hub.stores.events_after(last, upto)
-        while hub.last_eid != upto:
-            nxt = hub.last_eid
-            events += await hub.stores.events_after(upto, nxt)
-            upto = nxt
-    return record, events
+        return None, False, None
+    recovered, after = await replay.locate(hub.stores, request.query.get("last_event"))
+    return record, recovered, after
 
 
 async def _dispatch(hub, authn, s: Session, msg, settings) -> None:

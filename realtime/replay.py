@@ -1,0 +1,100 @@
+"""Resume's event replay (PROTOCOL §3.4), for every transport.
+
+A resuming client first gets the state of every vehicle it sees, then every
+event after its `last_event` that is still in the log, however many: read in
+pages, sent in batches of at most MAX_MESSAGES messages and MAX_BYTES bytes,
+with the event loop free between batches, so that other clients keep their
+ticks and this client's own commands (`ping`) are answered meanwhile.
+
+While the replay runs, the hub holds the client's live traffic as it does for
+a slow client (Hub.hold_for_replay): position batches are not written, new
+events are kept. When the replay ends, one catch-up batch brings every vehicle
+up to date and the held events follow, so the stream of events goes on with
+no gap and no repeat: the replay covers (last_event, upto], the held events
+come after `upto`, the newest event the hub had when the client attached.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+
+log = logging.getLogger("realtime.replay")
+
+MAX_MESSAGES = 1000
+MAX_BYTES = 1 << 20
+ENVELOPE_ROOM = 512        # batch_id, seq and the JSON or msgpack around the messages
+PAGE = 1000                # events read from the log at once
+RETRIES = (0.5, 1.0, 2.0)  # a failed read is retried after these pauses, then the client is closed
+EID = re.compile(r"\d{1,20}-\d{1,20}")
+
+
+async def locate(stores, last_event: str | None) -> tuple[bool, str | None]:
+    """(recovered, where the replay starts) for a resume's `last_event`:
+    - found in the log: every event after it can be replayed (True, it);
+    - older than the log's oldest event: some may be gone; what is left is
+      replayed (False, "0-0");
+    - missing, malformed, or none given: nothing to place a replay after
+      (False, None)."""
+    if not last_event or not EID.fullmatch(last_event):
+        return False, None
+    where = await stores.locate(last_event)
+    if where == "found":
+        return True, last_event
+    if where == "older":
+        return False, "0-0"
+    return False, None
+
+
+async def run(hub, s, after: str | None, upto: str | None) -> None:
+    """Sends the events in (after, upto] that `s` may see, then lets the hub
+    catch it up. On a store that keeps failing the client is closed with 1013
+    (try again): it resumes, and nothing is skipped silently."""
+    try:
+        if after is not None and upto is not None:
+            await _send_all(hub, s, after, upto)
+    except Exception as e:
+        log.warning("replay failed; closing so that the client resumes again",
+                    extra={"fields": {"client": s.client_id, "error": repr(e)[:200]}})
+        s.close(1013, "resume could not be completed: resume again")
+    finally:
+        hub.replay_done(s)
+
+
+async def _send_all(hub, s, after: str, upto: str) -> None:
+    cursor = after
+    pieces: list[bytes] = []
+    size = 0
+    while not s.closed:
+        page = await _read(hub.stores, cursor, upto)
+        if not page:
+            break
+        cursor = page[-1].eid
+        for piece in hub.event_pieces_for(s, page):
+            if pieces and (len(pieces) >= MAX_MESSAGES or size + len(piece) > MAX_BYTES - ENVELOPE_ROOM):
+                await _send(hub, s, pieces)
+                pieces, size = [], 0
+            pieces.append(piece)
+            size += len(piece) + 1
+        if cursor == upto:
+            break
+    if pieces and not s.closed:
+        await _send(hub, s, pieces)
+
+
+async def _read(stores, cursor: str, upto: str):
+    for pause in RETRIES + (None,):
+        try:
+            return await stores.events_page(cursor, upto, PAGE)
+        except Exception:
+            if pause is None:
+                raise
+            await asyncio.sleep(pause)
+
+
+async def _send(hub, s, pieces: list[bytes]) -> None:
+    hub.send_events(s, pieces)
+    # let the loop run (ticks, this client's ping), and do not outrun the client
+    await asyncio.sleep(0)
+    while not s.closed and s.transport.congested_now():
+        await asyncio.sleep(0.01)
