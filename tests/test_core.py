@@ -529,3 +529,41 @@ def test_compiled_fanout_frame_equals_the_python_envelope(seq, batch_id, body_le
         assert ws_frame(fmt, batch_id, seq, body) == expected
         if fmt == S.FMT_MSGPACK and body_len == 10:
             assert msgpack.unpackb(payload[:len(prefix)] + b"\x90", raw=False)["seq"] == seq
+
+
+# ---------------------------------------------------------------- groups (PROTOCOL §3.5)
+def test_group_names_nobody_carries_cost_no_group_row(core):
+    upd(core, "a", 1, 1, 1, groups=["north"])
+    core.tick()
+    c = core.add_client()
+    rows_before = core.group_bits.shape[0]
+    for i in range(200):
+        core.subscribe(c, groups=[f"invented-{i}-{j}" for j in range(10)])
+    assert set(core.group_id) == {"north"} and core.group_bits.shape[0] == rows_before
+    # a name becomes a group when a vehicle carries it, and a subscription that named it sees it
+    visible, _ = core.subscribe(c, groups=["later"])
+    assert visible == 0
+    upd(core, "b", 1, 1, 2, groups=["later"])
+    got = tick_by_client(core)
+    assert [m["v"] for m in got[c] if m["t"] == "full"] == ["b"]
+
+
+def test_group_rows_are_released_and_reused(core):
+    c = core.add_client()
+    core.subscribe(c, groups=["g1"])
+    upd(core, "a", 1, 1, 1, groups=["g1"])
+    core.tick()
+    gid = core.group_id["g1"]
+    upd(core, "a", 1, 1, 2, groups=["g2"])          # a left g1; the subscription keeps its row
+    core.tick()
+    assert "g1" in core.group_id
+    core.subscribe(c, groups=["g2"])               # nobody names g1 any more: released
+    assert "g1" not in core.group_id and gid in core.group_free
+    upd(core, "b", 1, 1, 3, groups=["g3"])
+    core.tick()
+    assert core.group_id["g3"] == gid             # the row is reused, cleared
+    assert core.group_members("g3") == ["b"]
+    core.subscribe(c, groups=["g3"])
+    assert "g2" in core.group_id                   # a still carries it
+    core.forget([core.row_of("a")])                 # a stale vehicle leaves its groups
+    assert "g2" not in core.group_id and set(core.group_id) == {"g3"}

@@ -326,3 +326,32 @@ async def test_sigterm_stops_accepting_at_once_while_clients_drain(uid):
         assert await asyncio.to_thread(s.proc.wait, 20) == 0
     finally:
         s.stop()
+
+
+# ---------------------------------------------------------------- bounded memory (PROTOCOL §3.5)
+async def test_invented_group_names_do_not_grow_the_worker(uid):
+    """Any viewer token may subscribe to names no vehicle carries, again and
+    again: 20,000 of them must cost the worker nothing that stays."""
+    s = Server("--simulate", "0", "--max-subscription-size", "1000")
+    try:
+        ingest(s, [update(uid + "v", groups=["real"])])
+        c = await Client.connect(s, token())
+        await c.recv_type("welcome")
+
+        async def subscribe_names(start, count, per=500):
+            for i in range(start, start + count, per):
+                await c.send({"type": "subscribe",
+                              "subscriptions": {"groups": [f"{uid}-{j}" for j in range(i, i + per)]}})
+                assert (await c.recv_type("subscribed", timeout=10))["visible"] == 0
+
+        await subscribe_names(0, 2_000)            # warm up: allocator, caches
+        rss0 = rss_kb(s.proc.pid)
+        await subscribe_names(2_000, 20_000)
+        grown_kb = rss_kb(s.proc.pid) - rss0
+        # measured: ~100 KB now, 11,400 KB when every name got a group row
+        assert grown_kb < 2 * 1024, f"{grown_kb} KB for 20,000 invented group names"
+        await c.send({"type": "subscribe", "subscriptions": {"groups": ["real"]}})
+        assert (await c.recv_type("subscribed", timeout=10))["visible"] == 1
+        await c.close()
+    finally:
+        s.stop()

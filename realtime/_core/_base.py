@@ -83,9 +83,14 @@ class CoreBase:
         self.type_code: dict[str, int] = {"unknown": 0}
         self.enc_types = [S.enc_both("unknown")]
         self.enc_statuses = [S.enc_both(s) for s in S.STATUSES]
-        # groups: one bitset row per group over vehicle rows
+        # groups: one bitset row per group that some vehicle carries, with the
+        # count of those vehicles; a row is freed (and reused) when no vehicle
+        # carries the group and no selection names it. A name that only a
+        # subscription uses costs no row (PROTOCOL §3.5).
         self.group_id: dict[str, int] = {}
         self.group_bits = np.zeros((8, vcap // 64), np.uint64)
+        self.group_size: list[int] = []
+        self.group_free: list[int] = []
         # selections: interned (vehicles, groups) sets, one bitset row each,
         # shared by every client and token that names the same sets
         self.sel_key: dict[tuple, int] = {}
@@ -284,29 +289,51 @@ class CoreBase:
 
     # ------------------------------------------------------------------ groups
     def _group(self, name: str) -> int:
+        """The row of a group a vehicle carries, made when the first one does."""
         gid = self.group_id.get(name)
         if gid is None:
-            gid = len(self.group_id)
+            if self.group_free:
+                gid = self.group_free.pop()
+                self.group_size[gid] = 0
+            else:
+                gid = len(self.group_size)
+                self.group_size.append(0)
+                if gid >= self.group_bits.shape[0]:
+                    b = np.zeros((self.group_bits.shape[0] * 2, self.group_bits.shape[1]), np.uint64)
+                    b[: self.group_bits.shape[0]] = self.group_bits
+                    self.group_bits = b
             self.group_id[name] = gid
-            if gid >= self.group_bits.shape[0]:
-                b = np.zeros((self.group_bits.shape[0] * 2, self.group_bits.shape[1]), np.uint64)
-                b[: self.group_bits.shape[0]] = self.group_bits
-                self.group_bits = b
         return gid
+
+    def _left_group(self, name: str) -> None:
+        """A vehicle no longer carries `name`: free its row when none does
+        and no selection names it."""
+        gid = self.group_id.get(name)
+        if gid is None:
+            return
+        self.group_size[gid] -= 1
+        self._release_group(name)
+
+    def _release_group(self, name: str) -> None:
+        gid = self.group_id.get(name)
+        if gid is not None and self.group_size[gid] <= 0 and not self.sel_by_group.get(name):
+            del self.group_id[name]
+            self.group_bits[gid] = 0
+            self.group_free.append(gid)
 
     def _set_groups(self, row: int, groups: tuple):
         old = set(self.groups_of[row])
         new = set(groups)
         touched = set()
-        # intern first: _group() may grow (replace) group_bits
-        for g in old - new:
-            gid = self._group(g)
-            self._clear_bit(self.group_bits, gid, row)
-            touched |= self.sel_by_group.get(g, set())
         for g in new - old:
-            gid = self._group(g)
+            gid = self._group(g)   # first: it may grow (replace) group_bits
             self._set_bit(self.group_bits, gid, row)
+            self.group_size[gid] += 1
             touched |= self.sel_by_group.get(g, set())
+        for g in old - new:
+            self._clear_bit(self.group_bits, self.group_id[g], row)
+            touched |= self.sel_by_group.get(g, set())
+            self._left_group(g)
         self.groups_of[row] = tuple(groups)
         for sid in touched:
             self._recompute_selection(sid)
@@ -359,8 +386,7 @@ class CoreBase:
         for vid in key[0]:
             self.sel_by_vid[vid].add(sid)
         for g in key[1]:
-            self.sel_by_group[g].add(sid)
-            self._group(g)
+            self.sel_by_group[g].add(sid)   # no group row: a name nobody carries costs none
         self._recompute_selection(sid)
         return sid
 
@@ -384,6 +410,7 @@ class CoreBase:
                 s.discard(sid)
                 if not s:
                     del self.sel_by_group[g]
+                    self._release_group(g)
         self.sel_spec[sid] = None
         self.sel_bits[sid] = 0
         self.sel_free.append(sid)
@@ -392,8 +419,9 @@ class CoreBase:
         vids, groups = self.sel_spec[sid]
         bits = np.zeros(self.sel_bits.shape[1], np.uint64)
         for g in groups:
-            gid = self._group(g)
-            bits |= self.group_bits[gid]
+            gid = self.group_id.get(g)
+            if gid is not None:
+                bits |= self.group_bits[gid]
         self.sel_bits[sid] = bits
         for vid in vids:
             row = self.id_to_row.get(vid)
@@ -654,6 +682,8 @@ class CoreBase:
             self.vis[r] = 0
             for bits in (self.group_bits, self.sel_bits):
                 bits[:, r >> 6] &= ~(np.uint64(1) << np.uint64(r & 63))
+            for g in self.groups_of[r]:
+                self._left_group(g)
             del self.id_to_row[vid]
             for name, value in zip(self._ROW_LISTS, self._row_values("")):
                 getattr(self, name)[r] = value
