@@ -346,9 +346,16 @@ class Hub:
         """Restore a stored subscription for a resuming client: its `full`
         snapshot goes out now. Synchronous: nothing is delivered in between."""
         self.flush()
+        msg = None
         if record.get("subscription") is not None:
-            msg = msgspec.convert({"type": "subscribe", "subscriptions": record["subscription"] or {},
-                                   "filters": record.get("filters") or {}}, Subscribe)
+            try:
+                msg = msgspec.convert({"type": "subscribe", "subscriptions": record["subscription"] or {},
+                                       "filters": record.get("filters") or {}}, Subscribe)
+            except (msgspec.ValidationError, TypeError, AttributeError) as e:
+                # written by another version, or by hand: resume without it
+                log.warning("stored subscription unreadable; resuming without it",
+                            extra={"fields": {"client": s.client_id, "error": str(e)[:200]}})
+        if msg is not None:
             self.subscribe(s, msg, reply=False)
         else:
             s.send_batch(self.core.envelope, self.batch_id(), self.core.empty_body(s.fmt))

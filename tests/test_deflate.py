@@ -72,3 +72,24 @@ def test_envelope_around_a_shared_compressed_body_inflates_to_the_whole_message(
         assert out == prefix + body + suffix
     whole = deflate.message(b"x" * 1000)
     assert zlib.decompressobj(-15).decompress(whole + b"\x00\x00\xff\xff") == b"x" * 1000
+
+
+@pytest.mark.parametrize("bits,accepted", [(9, False), (10, True), (12, True)])
+async def test_the_clients_server_max_window_bits_is_honoured_or_the_offer_declined(server, uid, bits, accepted):
+    """RFC 7692 §7.1.2.1: the server must not use a larger window than the
+    client allows. Bodies are compressed once for every client with a 1 KB
+    window (deflate.WBITS): a client that allows less is served uncompressed."""
+    assert ingest(server, fleet(uid))[0] == 200
+    c = await RawClient.connect(server, f"permessage-deflate; server_max_window_bits={bits}")
+    assert ("permessage-deflate" in c.headers) is accepted
+    if accepted:
+        assert f"server_max_window_bits={bits}" in c.headers
+    await c.until("welcome")
+    c.send({"type": "subscribe", "id": "s", "subscriptions": {"groups": [uid]}})
+    await c.until("subscribed")
+    rsv1, _, payload = await c.frame()
+    assert rsv1 is accepted
+    if accepted:   # inflates within the window the client allowed
+        data = zlib.decompressobj(-bits).decompress(payload + b"\x00\x00\xff\xff")
+        assert len(json.loads(data)["messages"]) == 200
+    c.close()

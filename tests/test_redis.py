@@ -460,3 +460,26 @@ async def test_recovered_is_false_when_the_replay_cannot_be_complete(rserver, r,
     events = [m["e"] for m in got if m["t"] == "event"]
     assert events == (["seen", "missed"] if replayed else [])
     await c.close()
+
+
+async def test_an_unreadable_stored_session_neither_breaks_nor_leaks_connections(redis_url, r, uid):
+    """A session record another version (or a person) wrote: the client is
+    served without that subscription, and nothing the connection took (core
+    row, per-user count) stays behind."""
+    s = Server("--simulate", "0", "--redis", redis_url, "--max-connections-per-user", "3")
+    try:
+        user = uid + "u"
+        sid = "s_" + uid + "bad"
+        await r.set(f"session:{sid}", json.dumps({"user_id": user, "subscription": {"vehicles": 5},
+                                                  "filters": "none"}))
+        for _ in range(8):   # more than the per-user limit: each one must give its slot back
+            c = await Client.connect(s, token(sub=user), f"resume={sid}")
+            w = await c.recv_type("welcome")
+            assert w["resumed"] is True and w["recovered"] is False
+            await c.send({"type": "ping", "id": "p"})
+            assert (await c.recv_type("pong"))["id"] == "p"
+            await c.close()
+            await asyncio.sleep(0.05)
+        assert "stored subscription unreadable" in open(s.log.name).read()
+    finally:
+        s.stop()

@@ -45,10 +45,15 @@ def frame_header(first: int, n: int) -> bytes:
 class DeflateResponse(web.WebSocketResponse):
     """Accepts a permessage-deflate offer, always with server_no_context_takeover
     (RFC 7692 §7.1.1.1 lets the server add it), so that no compressor is kept
-    per connection; see deflate.py."""
+    per connection; see deflate.py. Bodies are compressed once for every
+    client with a deflate.WBITS window: an offer whose server_max_window_bits
+    is smaller is declined (§7.1.2.1), and that client is served uncompressed."""
 
     def _handshake(self, request):
         headers, protocol, compress, notakeover = super()._handshake(request)
+        if compress and compress < deflate.WBITS:
+            headers.pop(hdrs.SEC_WEBSOCKET_EXTENSIONS, None)
+            return headers, protocol, 0, False
         if compress:
             headers[hdrs.SEC_WEBSOCKET_EXTENSIONS] = ws_ext_gen(
                 compress=compress, isserver=True, server_notakeover=True)
@@ -286,25 +291,27 @@ async def handle(request: web.Request) -> web.StreamResponse:
         s.session_id = request.query["resume"]
     else:
         recovered = False
-    hub.attach(s)
-    s.send({"type": "welcome", "client": s.client_id, "session": s.session_id,
-            "resumed": record is not None, "recovered": recovered,
-            "heartbeat_s": int(settings.heartbeat_s)})
-    hub.warn_expiry(s, time.time())
-    if record is not None:
-        hub.resume(s, record)
-        if after is not None and upto is not None and after != upto:
-            hub.hold_for_replay(s)
-            hub.spawn(replay.run(hub, s, after, upto))
-    hub.save_session(s)
-    hub.spawn(stores.client_opened(claims.sub, s.client_id))
-    hub.records.connection_opened(claims.sub, s.client_id, s.connected_at)
-    log.info("connect", extra={"fields": {
-        "event": "connect", "user": claims.sub, "client": s.client_id, "session": s.session_id,
-        "transport": "websocket", "format": "msgpack" if fmt == FMT_MSGPACK else "json",
-        "peer": s.peer, "resumed": record is not None, "deflate": writer.deflate_from is not None}})
+    # everything the connection takes from here on is released in `finally`,
+    # also when something on the way fails
     close_reason = "client closed"
     try:
+        hub.attach(s)
+        s.send({"type": "welcome", "client": s.client_id, "session": s.session_id,
+                "resumed": record is not None, "recovered": recovered,
+                "heartbeat_s": int(settings.heartbeat_s)})
+        hub.warn_expiry(s, time.time())
+        if record is not None:
+            hub.resume(s, record)
+            if after is not None and upto is not None and after != upto:
+                hub.hold_for_replay(s)
+                hub.spawn(replay.run(hub, s, after, upto))
+        hub.save_session(s)
+        hub.spawn(stores.client_opened(claims.sub, s.client_id))
+        hub.records.connection_opened(claims.sub, s.client_id, s.connected_at)
+        log.info("connect", extra={"fields": {
+            "event": "connect", "user": claims.sub, "client": s.client_id, "session": s.session_id,
+            "transport": "websocket", "format": "msgpack" if fmt == FMT_MSGPACK else "json",
+            "peer": s.peer, "resumed": record is not None, "deflate": writer.deflate_from is not None}})
         async for msg in ws:
             writer.last_seen = time.monotonic()
             if msg.type == WSMsgType.PING:
