@@ -1,0 +1,218 @@
+"""Hostile input (issue 10, part 8): Hypothesis drives every inbound decoder.
+
+Each input gets a documented error or a valid result, nothing else, and a
+valid result is one the core can apply. The last test throws the same kinds
+of input at a running server and checks that it stays up, answers only with
+documented messages, and does not grow.
+"""
+import asyncio
+import json
+import math
+import os
+import time
+import urllib.parse
+
+import msgpack
+import pytest
+import websockets
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import Server, token
+from realtime import messages as M
+from realtime import replay
+from realtime._core import Core
+from realtime.ingest.decode import (REASONS, Rejected, UpdateIn, batch_of_records, decode_http_body,
+                                    decode_record, to_batch)
+
+# make test runs a few hundred examples; REALTIME_FUZZ_EXAMPLES=100000 runs for hours
+EXAMPLES = int(os.environ.get("REALTIME_FUZZ_EXAMPLES", "200"))
+FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
+TYPES = sorted(M.TYPES)
+ERROR_CODES = {"bad_request", "unknown_type"}
+
+scalars = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70),
+                    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=40))
+json_values = st.recursive(scalars, lambda kids: st.one_of(
+    st.lists(kids, max_size=5), st.dictionaries(st.text(max_size=12), kids, max_size=6)), max_leaves=25)
+keys = st.sampled_from(["vehicle_id", "timestamp", "position", "lat", "lon", "speed", "course", "heading",
+                        "status", "vehicle_type", "groups", "driver", "assignment", "alerts", "type", "id",
+                        "subscriptions", "filters", "vehicles", "geographic", "bounds", "zoom", "north",
+                        "south", "east", "west", "status", "vehicle_types", "show_alerts", "vehicle", "token"])
+# objects with the field names the decoders look for, and random values under them
+near_miss = st.recursive(
+    st.dictionaries(keys, json_values, max_size=8),
+    lambda kids: st.dictionaries(keys, st.one_of(json_values, kids, st.lists(kids, max_size=3)), max_size=8),
+    max_leaves=20)
+commands = st.builds(lambda t, body: {**body, "type": t}, st.sampled_from(TYPES + ["teleport"]), near_miss)
+updates = st.builds(lambda body, vid, ts, lat, lon: {**body, "vehicle_id": vid, "timestamp": ts,
+                                                     "position": {"lat": lat, "lon": lon}},
+                    near_miss, st.one_of(st.text(max_size=140), st.integers()),
+                    st.one_of(st.integers(-2**63, 2**63), st.text(max_size=30)),
+                    st.one_of(st.floats(), st.integers()), st.one_of(st.floats(), st.integers()))
+
+
+def encodings(obj) -> list[tuple[bytes, bool]]:
+    out = []
+    try:
+        out.append((json.dumps(obj, allow_nan=True).encode(), False))
+    except (ValueError, TypeError):
+        pass
+    try:
+        out.append((msgpack.packb(obj), True))
+    except (ValueError, TypeError, OverflowError):
+        pass
+    return out
+
+
+# ---------------------------------------------------------------- WebSocket commands
+def check_command(data: bytes, binary: bool) -> None:
+    try:
+        m = M.parse(data, binary)
+    except M.ProtocolError as e:
+        assert e.code in ERROR_CODES and isinstance(e.message, str)
+        return
+    assert type(m) in M.TYPES.values()
+
+
+@FUZZ
+@given(st.binary(max_size=300), st.booleans())
+def test_any_bytes_as_a_command_get_a_documented_error_or_a_message(data, binary):
+    check_command(data, binary)
+
+
+@FUZZ
+@given(st.one_of(commands, json_values))
+def test_command_shaped_objects_get_a_documented_error_or_a_valid_message(obj):
+    for data, binary in encodings(obj):
+        check_command(data, binary)
+
+
+# ---------------------------------------------------------------- updates (Kafka, HTTP)
+CORE = Core(vehicle_capacity=64, client_capacity=64)
+
+
+def applies(batch) -> None:
+    """What a decoder accepts, the core takes."""
+    rows, _ = CORE.apply(batch, time.monotonic())
+    CORE.tick()
+    assert len(rows) <= len(batch.ids)
+
+
+@FUZZ
+@given(st.one_of(st.binary(max_size=300), updates.map(lambda u: json.dumps(u, allow_nan=True).encode())),
+       st.booleans())
+def test_kafka_values_are_an_update_or_a_counted_reason(value, as_msgpack):
+    if as_msgpack:
+        try:
+            value = msgpack.packb(json.loads(value))
+        except (ValueError, TypeError, OverflowError):
+            pass
+    try:
+        u = decode_record(value, as_msgpack)
+    except Rejected as r:
+        assert r.reason in REASONS
+        return
+    assert isinstance(u, UpdateIn) and 1 <= len(u.vehicle_id) <= 128
+    assert -90 <= u.position.lat <= 90 and -180 <= u.position.lon <= 180
+    applies(batch_of_records([u], CORE.vtype_code))
+
+
+@FUZZ
+@given(st.one_of(st.binary(max_size=400),
+                 st.lists(st.one_of(updates, json_values), max_size=6).map(
+                     lambda xs: json.dumps(xs, allow_nan=True).encode()),
+                 st.lists(st.one_of(updates, json_values), max_size=6).map(
+                     lambda xs: b"\n".join(json.dumps(x, allow_nan=True).encode() for x in xs))))
+def test_http_bodies_are_split_into_accepted_and_rejected_with_reasons(body):
+    try:
+        accepted, rejected = decode_http_body(body)
+    except Rejected as r:
+        assert r.reason in REASONS
+        return
+    assert all(reason in REASONS for _, reason, _ in rejected)
+    indexes = [i for i, _ in accepted] + [i for i, _, _ in rejected]
+    assert len(indexes) == len(set(indexes))
+    for _, u in accepted:
+        assert math.isfinite(u["lat"]) and math.isfinite(u["lon"])
+    if accepted:
+        applies(to_batch([u for _, u in accepted], CORE.vtype_code))
+
+
+@FUZZ
+@given(st.text(max_size=60))
+def test_last_event_is_a_stream_id_or_nothing(text):
+    ok = replay.EID.fullmatch(text) is not None
+    if ok:
+        ms, seq = text.split("-")
+        assert ms.isdigit() and seq.isdigit()
+
+
+# ---------------------------------------------------------------- a running server
+def rss_kb(pid) -> int:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+DOCUMENTED = {"welcome", "batch", "error", "subscribed", "unsubscribed", "pong", "refreshed",
+              "vehicle_update", "token_expiring", "reconnect"}
+
+queries = st.dictionaries(st.sampled_from(["format", "resume", "last_event", "token", "x", "token "]),
+                          st.text(max_size=30), max_size=4)
+frames = st.lists(st.one_of(commands.map(lambda c: ("obj", c)), st.binary(max_size=200).map(lambda b: ("raw", b))),
+                  min_size=1, max_size=5)
+
+
+async def _one(port: int, query: dict, send: list, binary: bool) -> None:
+    q = dict(query)
+    if "token" not in q or len(q) % 2:
+        q["token"] = token()
+    url = f"ws://127.0.0.1:{port}/ws?" + urllib.parse.urlencode(q)
+    try:
+        ws = await websockets.connect(url, open_timeout=10, max_size=2**24)
+    except (websockets.InvalidStatus, websockets.InvalidHandshake):
+        return  # refused at the handshake: an HTTP error status
+    async with ws:
+        try:
+            for kind, item in send:
+                if kind == "obj":
+                    enc = encodings(item)
+                    if not enc:
+                        continue
+                    data, as_msgpack = enc[-1] if binary else enc[0]
+                    await ws.send(data if as_msgpack else data.decode())
+                else:
+                    await ws.send(item)
+            while True:
+                raw = await asyncio.wait_for(ws.recv(), 0.3)
+                m = msgpack.unpackb(raw, raw=False) if isinstance(raw, bytes) else json.loads(raw)
+                assert m.get("type") in DOCUMENTED, m
+                if m["type"] == "error":
+                    assert m["code"] in {"bad_request", "unauthorized", "forbidden", "rate_limited",
+                                         "too_large", "unknown_type"}, m
+        except (asyncio.TimeoutError, websockets.ConnectionClosed):
+            pass
+
+
+def test_a_server_under_hostile_frames_stays_up_answers_as_documented_and_does_not_grow():
+    s = Server("--simulate", "200", "--tick-ms", "50", "--max-subscription-size", "500")
+    try:
+        @settings(max_examples=max(20, EXAMPLES // 5), deadline=None, suppress_health_check=list(HealthCheck))
+        @given(queries, frames, st.booleans())
+        def hostile(query, send, binary):
+            asyncio.run(_one(s.port, query, send, binary))
+            assert s.proc.poll() is None, s.logs()
+
+        hostile()                      # warm-up: allocator, caches, the simulated fleet
+        rss0 = rss_kb(s.proc.pid)
+        hostile()
+        rss1 = rss_kb(s.proc.pid)
+        print(f"hostile input: server RSS {rss0} KB before, {rss1} KB after")
+        assert rss1 - rss0 < 16 * 1024, (rss0, rss1)
+        assert s.proc.poll() is None
+        import urllib.request
+        assert urllib.request.urlopen(s.url + "/health/live", timeout=10).status == 200
+    finally:
+        s.stop()
