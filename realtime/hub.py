@@ -53,6 +53,7 @@ class Stats:
         self.slow_closed = 0         # closed 1013: its events could not be kept
         self.pong_timeouts = 0
         self.commands: dict[str, int] = {}   # client messages handled, by type
+        self.background_errors: dict[str, int] = {}   # failed background work, by kind
 
     def reject(self, reason: str, n: int = 1):
         self.ingest_rejected[reason] = self.ingest_rejected.get(reason, 0) + n
@@ -66,6 +67,7 @@ class Hub:
         self.outlets: dict = {}   # core row -> the session's transport (an Outlet), for fan_out
         self.instance_id = settings.instance_id or f"{os.getpid():x}"
         self.stats = Stats()
+        self._bg_logged: dict[str, tuple[float, int]] = {}   # kind -> (last logged, suppressed since)
         self._tick_no = 0
         self._task: asyncio.Task | None = None
         self.stores = MemoryStores()
@@ -104,10 +106,29 @@ class Hub:
         return len(batch) - (self.core.ignored_stale - before)
 
     def spawn(self, coro) -> None:
-        """Fire-and-forget work off the delivery path, kept referenced until done."""
+        """Fire-and-forget work off the delivery path, kept referenced until
+        done. A failure (Redis down, mostly) is counted by kind and logged at
+        most once a minute per kind, not one traceback per write."""
         t = asyncio.get_running_loop().create_task(coro)
         self._bg.add(t)
-        t.add_done_callback(self._bg.discard)
+        t.add_done_callback(self._bg_done)
+
+    def _bg_done(self, t: asyncio.Task) -> None:
+        self._bg.discard(t)
+        if t.cancelled() or t.exception() is None:
+            return
+        e = t.exception()
+        kind = getattr(t.get_coro(), "__qualname__", "task")
+        errors = self.stats.background_errors
+        errors[kind] = errors.get(kind, 0) + 1
+        now = time.monotonic()
+        last, suppressed = self._bg_logged.get(kind, (-1e9, 0))
+        if now - last < 60.0:
+            self._bg_logged[kind] = (last, suppressed + 1)
+            return
+        self._bg_logged[kind] = (now, 0)
+        log.warning("background work failed", extra={"fields": {
+            "kind": kind, "error": repr(e)[:200], "suppressed": suppressed, "total": errors[kind]}})
 
     def deliver_event(self, ev: Event) -> None:
         """An event from the log's tail: to every client that sees the vehicle, next tick."""
@@ -396,6 +417,7 @@ class Hub:
         acl = await self.stores.acl(user_id)
         for s in targets:
             if not s.closed and s.row >= 0:
+                s.acl = acl
                 self.set_claims(s, s.token_claims.with_acl(acl))
 
     # ------------------------------------------------------------ clusters

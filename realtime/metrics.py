@@ -38,6 +38,11 @@ class HubCollector:
         for kind, n in sorted(st.commands.items()):
             cmd.add_metric([kind], n)
         yield cmd
+        bg = CounterMetricFamily("background_errors", "Background work (store writes) that failed, by kind",
+                                 labels=["kind"])
+        for kind, n in sorted(st.background_errors.items()):
+            bg.add_metric([kind], n)
+        yield bg
         users = {s.claims.sub for s in hub.sessions.values()}
         subs = sum(1 for s in hub.sessions.values() if s.subscription is not None)
         load = hub.load

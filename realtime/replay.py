@@ -26,7 +26,8 @@ MAX_BYTES = 1 << 20
 ENVELOPE_ROOM = 512        # batch_id, seq and the JSON or msgpack around the messages
 PAGE = 1000                # events read from the log at once
 RETRIES = (0.5, 1.0, 2.0)  # a failed read is retried after these pauses, then the client is closed
-EID = re.compile(r"\d{1,20}-\d{1,20}")
+EID = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
+U64 = 2 ** 64
 
 
 async def locate(stores, last_event: str | None) -> tuple[bool, str | None]:
@@ -36,7 +37,8 @@ async def locate(stores, last_event: str | None) -> tuple[bool, str | None]:
       replayed (False, "0-0");
     - missing, malformed, or none given: nothing to place a replay after
       (False, None)."""
-    if not last_event or not EID.fullmatch(last_event):
+    if not last_event or not EID.fullmatch(last_event) or \
+            any(int(part) >= U64 for part in last_event.split("-")):
         return False, None
     where = await stores.locate(last_event)
     if where == "found":

@@ -56,7 +56,7 @@ class Session:
     __slots__ = ("transport", "claims", "fmt", "row", "client_id", "session_id",
                  "limiter", "connected_at", "expiry_warned", "kind",
                  "peer", "_closed", "view", "cells", "token_claims", "subscription", "last_ping",
-                 "_known", "held", "close_reason", "replaying")
+                 "_known", "held", "close_reason", "replaying", "acl")
 
     def __init__(self, transport, claims: Claims, fmt: int, rate: float, kind: str = "websocket",
                  peer: str = ""):
@@ -75,6 +75,7 @@ class Session:
         self.peer = peer
         self._closed = False
         self.token_claims = claims    # the token's own rights; ACLs apply on top
+        self.acl = None               # the live ACL (acl:user:{id}) in force, None: none
         self.subscription = None      # the last subscribe request as sent, for resume
         self.last_ping = self.connected_at
         self.view = (None, None)  # (bounds, zoom) of the subscription

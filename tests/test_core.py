@@ -567,3 +567,14 @@ def test_group_rows_are_released_and_reused(core):
     assert "g2" in core.group_id                   # a still carries it
     core.forget([core.row_of("a")])                 # a stale vehicle leaves its groups
     assert "g2" not in core.group_id and set(core.group_id) == {"g3"}
+
+
+def test_a_group_named_twice_by_an_update_is_counted_once(core):
+    upd(core, "a", 1, 1, 1, groups=["g", "g"])
+    upd(core, "b", 1, 1, 1, groups=["g"])
+    core.tick()
+    core.forget([core.row_of("a")])
+    assert core.group_members("g") == ["b"]         # b still carries it: not freed
+    upd(core, "b", 1, 1, 2, groups=["h"])
+    core.tick()
+    assert "g" not in core.group_id and core.group_members("h") == ["b"]

@@ -10,6 +10,7 @@ import urllib.request
 
 import pytest
 import redis.asyncio as aioredis
+import websockets
 
 from conftest import Client, Server, free_port, ingest, redis_up, token, update
 
@@ -258,19 +259,26 @@ async def test_redis_restart_is_survived(throwaway_redis, uid):
         ingest(s, [update(vid, 55.95)])
         rr = aioredis.Redis(port=port, decode_responses=True)
         try:
+            # both readers are back: the Pub/Sub pattern and the log's tail
+            assert await eventually(lambda: _numpat_and_log(rr, s), timeout=30), s.logs()
             h = await eventually(lambda: rr.hgetall(f"vehicle:current:{vid}"), timeout=10)
             assert float(h["lat"]) == 55.95
             # the new log starts below the last id delivered: it is read from its start
             await rr.publish(f"vehicle:events:{vid}", json.dumps({"type": "back"}))
             got = await c.wait_messages(lambda m: m["t"] == "event", timeout=10)
             assert [m["e"] for m in got if m["t"] == "event"] == ["back"]
-            assert "the event log is older than what this instance delivered" in s.logs()
+            assert "the event log is older than what this instance delivered" in open(s.log.name).read()
         finally:
             await rr.aclose()
         await c.close()
         assert s.proc.poll() is None, s.logs()
     finally:
         s.stop()
+
+
+async def _numpat_and_log(rr, s) -> bool:
+    return (await rr.execute_command("PUBSUB", "NUMPAT")) >= 1 and \
+        "the event log is older than what this instance delivered" in open(s.log.name).read()
 
 
 async def _async(v):
@@ -407,7 +415,7 @@ async def test_a_long_replay_is_paged_and_the_client_is_served_meanwhile(rserver
     published during the replay follow it, each once."""
     vid, session, seen = await resumable(rserver, r, uid)
     n = 3000
-    pad = "x" * 700                              # ~1,500 per 1 MiB: the byte limit cuts too
+    pad = "x" * 1500                             # ~1.6 KB each: the 1 MiB limit cuts before 1,000
     pipe = r.pipeline(transaction=False)
     for i in range(n):
         pipe.publish(f"vehicle:events:{vid}", json.dumps({"type": "missed", "n": i, "pad": pad}))
@@ -481,5 +489,56 @@ async def test_an_unreadable_stored_session_neither_breaks_nor_leaks_connections
             await c.close()
             await asyncio.sleep(0.05)
         assert "stored subscription unreadable" in open(s.log.name).read()
+    finally:
+        s.stop()
+
+
+async def test_while_redis_is_down_rights_never_widen_and_resumes_are_refused_clearly(throwaway_redis, uid):
+    """PROTOCOL §2: the last ACL an instance saw stays in force while Redis
+    cannot answer; a user it never read is refused with 1013 (try again), and
+    so is a resume, rather than served with wider rights or without its
+    events. Failed background writes are counted and logged once per kind."""
+    port, proc, start = throwaway_redis
+    s = Server("--simulate", "0", "--tick-ms", "20", "--redis", f"redis://127.0.0.1:{port}/0")
+    try:
+        a, b = uid + "a", uid + "b"
+        ingest(s, [update(a), update(b)])
+        rr = aioredis.Redis(port=port, decode_responses=True)
+        narrow = uid + "narrow"
+        await rr.hset(f"acl:user:{narrow}", mapping={"vehicles": json.dumps([a]), "permissions": json.dumps([])})
+        await rr.aclose()
+        c = await Client.connect(s, token(sub=narrow))          # its ACL is read now
+        w = await c.recv_type("welcome")
+        sub, _ = await c.subscribe(subscriptions={})
+        assert sub["visible"] == 1
+        await c.close()
+        proc[0].terminate()
+        proc[0].wait()
+        assert await eventually(lambda: _async(ready_status(s) == 503), timeout=20)
+        # the ACL it saw stays in force
+        c = await Client.connect(s, token(sub=narrow))
+        await c.recv_type("welcome")
+        await c.send({"type": "subscribe", "subscriptions": {}})
+        assert (await c.recv_type("subscribed"))["visible"] == 1
+        await c.send({"type": "refresh", "token": token(sub=narrow, ttl=600)})
+        await c.recv_type("refreshed")
+        await c.send({"type": "subscribe", "subscriptions": {}})
+        assert (await c.recv_type("subscribed"))["visible"] == 1     # a refresh did not widen it
+        for i in range(5):                                           # background writes fail
+            await c.send({"type": "subscribe", "subscriptions": {"vehicles": [a, f"{uid}x{i}"]}})
+            await c.recv_type("subscribed")
+        # a user whose rights were never read, and a resume: refused, not degraded
+        for who, query in ((uid + "stranger", ""), (narrow, f"resume={w['session']}")):
+            other = await Client.connect(s, token(sub=who), query)
+            with pytest.raises(websockets.ConnectionClosed) as e:
+                while True:
+                    await other.recv()
+            assert e.value.rcvd.code == 1013 and "try again" in e.value.rcvd.reason
+        log = open(s.log.name).read()
+        assert "Task exception was never retrieved" not in log
+        assert log.count('"background work failed"') <= 3                # once per kind, not per write
+        text = urllib.request.urlopen(s.url + "/metrics", timeout=10).read().decode()
+        assert 'background_errors_total{kind="RedisStores.set_client_vehicles"}' in text
+        await c.close()
     finally:
         s.stop()

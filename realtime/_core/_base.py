@@ -334,7 +334,7 @@ class CoreBase:
             self._clear_bit(self.group_bits, self.group_id[g], row)
             touched |= self.sel_by_group.get(g, set())
             self._left_group(g)
-        self.groups_of[row] = tuple(groups)
+        self.groups_of[row] = tuple(dict.fromkeys(groups))   # each name once: it is counted once
         for sid in touched:
             self._recompute_selection(sid)
 
@@ -682,7 +682,7 @@ class CoreBase:
             self.vis[r] = 0
             for bits in (self.group_bits, self.sel_bits):
                 bits[:, r >> 6] &= ~(np.uint64(1) << np.uint64(r & 63))
-            for g in self.groups_of[r]:
+            for g in set(self.groups_of[r]):
                 self._left_group(g)
             del self.id_to_row[vid]
             for name, value in zip(self._ROW_LISTS, self._row_values("")):

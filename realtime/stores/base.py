@@ -19,6 +19,10 @@ EVENT_LOG_MAX = 1_000_000        # and bounded: about 1,600 events/s for 10 minu
 SESSION_TTL_S = 3600
 
 
+class StoresUnavailable(Exception):
+    """A read that must not be skipped (rights, a resume) cannot be done now."""
+
+
 class Event(NamedTuple):
     eid: str
     vehicle_id: str

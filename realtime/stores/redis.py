@@ -33,10 +33,10 @@ import time
 
 import msgpack
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from ..ingest.decode import Rejected, validate
-from .base import EVENT_LOG_MAX, EVENT_RETENTION_S, SESSION_TTL_S, Event, eid_key
+from .base import EVENT_LOG_MAX, EVENT_RETENTION_S, SESSION_TTL_S, Event, StoresUnavailable, eid_key
 
 log = logging.getLogger("realtime.redis")
 
@@ -50,6 +50,8 @@ RECONCILE_EVERY_S = 5.0
 DEDUPE_MS = 5000
 LOCAL_KEYS_MAX = 10_000   # events delivered locally during one outage that are remembered
 LOCAL_KEYS_S = 600.0      # and for how long
+ACLS_KEPT = 100_000       # users whose last-read ACL is remembered (least recently read go first)
+_DOWN = (RedisError, OSError, asyncio.TimeoutError)
 
 # SET NX + XADD in one step: of the instances that saw the same event, one adds it.
 ADD_ONCE = """
@@ -78,12 +80,15 @@ class RecentKeys:
     def add(self, key: str) -> None:
         now = time.monotonic()
         at = self._at
+        at.pop(key, None)   # re-added: it moves to the end, so the oldest stays first
         while at and (len(at) >= self.max_n or now - next(iter(at.values())) > self.max_age_s):
             del at[next(iter(at))]
         at[key] = now
 
     def pop(self, key: str) -> bool:
-        return self._at.pop(key, None) is not None
+        """Whether `key` was added within the window; it is removed either way."""
+        t = self._at.pop(key, None)
+        return t is not None and time.monotonic() - t <= self.max_age_s
 
     def __len__(self) -> int:
         return len(self._at)
@@ -100,7 +105,9 @@ class RedisStores:
         self.r = aioredis.Redis.from_url(settings.redis, socket_timeout=5, socket_connect_timeout=3,
                                          health_check_interval=10, client_name=f"realtime:{instance_id}")
         self.hub = None
-        self.healthy = False
+        # None until a loop has reached Redis; False once it has failed: then
+        # connects do not wait for it (see acl, load_session, resolve_*)
+        self.healthy: bool | None = None
         self.leader = False
         self.ops = 0                     # commands sent (redis_operations_total)
         self.reconciled = 0
@@ -116,6 +123,10 @@ class RedisStores:
         # through the log already is not delivered locally again.
         self._local_keys = RecentKeys(LOCAL_KEYS_MAX, LOCAL_KEYS_S)
         self._logged_keys = RecentKeys(LOCAL_KEYS_MAX, DEDUPE_MS / 1000 * 2)
+        # user -> the ACL last read for them (None: none set). PROTOCOL §2: a
+        # Redis error never widens rights, so this stays in force while Redis
+        # cannot answer; a user never read then cannot be admitted.
+        self._acls: dict[str, dict | None] = {}
         self.snapshot_loaded = asyncio.Event()
         self.write_every_s = max(settings.tick_ms / 1000.0, 0.02)  # one pipeline per tick
 
@@ -203,16 +214,19 @@ class RedisStores:
         through resume. After any reconnect it carries on after the last event
         it delivered, so that clients that stayed connected miss nothing
         while the link was down. A log whose newest id is older than that was
-        reset (a Redis restart without persistence, a failover to an empty
-        replica): it is read from its start."""
+        reset (a Redis restart, a failover to a lagging replica): what it holds
+        was delivered here already, so it is read on from its newest entry."""
         last = await self.r.xrevrange(STREAM, count=1)
         top = _s(last[0][0]) if last else "0-0"
         if self.hub.last_eid is None:
             self.hub.last_eid = top
         elif eid_key(top) < eid_key(self.hub.last_eid):
-            log.warning("the event log is older than what this instance delivered: reading it from its start",
+            # Everything in it was delivered here already (an older snapshot
+            # restored, a lagging replica, or an empty log): new entries get
+            # ids from the clock, above both, so read on from its newest.
+            log.warning("the event log is older than what this instance delivered: reading on from its newest entry",
                         extra={"fields": {"log_newest": top, "delivered": self.hub.last_eid}})
-            self.hub.last_eid = "0-0"
+            self.hub.last_eid = top
         last_id = self.hub.last_eid
         self.healthy = True
         trim_at = time.monotonic()
@@ -236,8 +250,11 @@ class RedisStores:
 
     async def locate(self, eid: str) -> str:
         self.ops += 1
-        if await self.r.xrange(STREAM, min=eid, max=eid, count=1):
-            return "found"
+        try:
+            if await self.r.xrange(STREAM, min=eid, max=eid, count=1):
+                return "found"
+        except ResponseError:   # not an id Redis accepts
+            return "unknown"
         self.ops += 1
         first = await self.r.xrange(STREAM, count=1)
         if not first or eid_key(eid) < eid_key(_s(first[0][0])):
@@ -255,12 +272,20 @@ class RedisStores:
             await ps.psubscribe("vehicle:events:*")
             await ps.subscribe("acl:updates", RELAY)
             self.healthy = True
+            # ACL updates published while we were not listening are lost:
+            # forget what was read before, and read again the rights of every
+            # user connected here
+            connected = {s.claims.sub for s in self.hub.sessions.values()}
+            self._acls = {u: a for u, a in self._acls.items() if u in connected}
+            for user in connected:
+                await self.hub.acl_changed(user)
             async for m in ps.listen():
                 channel = _s(m.get("channel"))
                 data = m.get("data")
                 if channel == RELAY:
                     self._relayed(data)
                 elif channel == "acl:updates":
+                    self._acls.pop(_s(data), None)   # read again when next needed
                     await self.hub.acl_changed(_s(data))
                 elif channel.startswith("vehicle:events:"):
                     await self._instant_event(channel[len("vehicle:events:"):], data)
@@ -459,6 +484,8 @@ class RedisStores:
         """Named vehicles this instance has not seen yet, from `vehicle:current:{id}`
         at once, rather than at the next reconcile (a client resuming here must
         get its snapshot)."""
+        if self.healthy is False:
+            return   # known down: the reconcile fills them in when it is back
         core = self.hub.core
         missing = [v for v in dict.fromkeys(ids)
                    if core.row_of(v) < 0 or core.cur[core.row_of(v)]["version"] == 0]
@@ -485,7 +512,7 @@ class RedisStores:
         """`group:{name}:vehicles` -> the core, before a subscription names them."""
         core = self.hub.core
         names = list(names)
-        if not names:
+        if not names or self.healthy is False:
             return
         pipe = self.r.pipeline(transaction=False)
         for g in names:
@@ -501,6 +528,8 @@ class RedisStores:
         self.ops += 1
 
     async def load_session(self, session_id: str) -> dict | None:
+        if self.healthy is False:   # known down: no connect waits for it
+            raise StoresUnavailable("Redis is unreachable")
         raw = await self.r.get(f"session:{session_id}")
         self.ops += 1
         return json.loads(raw) if raw else None
@@ -533,18 +562,30 @@ class RedisStores:
         self.ops += 2 * len(old ^ new)
 
     async def acl(self, user_id) -> dict | None:
-        h = await self.r.hgetall(f"acl:user:{user_id}")
+        """The live rights of a user. While Redis cannot answer, the last ACL
+        read for them; StoresUnavailable for a user never read."""
+        try:
+            if self.healthy is False:
+                raise ConnectionError("Redis is unreachable")
+            h = await self.r.hgetall(f"acl:user:{user_id}")
+        except _DOWN as e:
+            if user_id in self._acls:
+                return self._acls[user_id]
+            raise StoresUnavailable(f"rights of {user_id!r} cannot be read: {e!r}"[:200]) from None
         self.ops += 1
-        if not h:
-            return None
         out = {}
-        for k, v in h.items():
+        for k, v in (h or {}).items():
             try:
                 val = json.loads(v)
             except ValueError:
                 continue
             if isinstance(val, list):
                 out[_s(k)] = [str(x) for x in val]
+        acls = self._acls
+        acls.pop(user_id, None)
+        if len(acls) >= ACLS_KEPT:
+            del acls[next(iter(acls))]
+        acls[user_id] = out or None
         return out or None
 
 

@@ -23,6 +23,7 @@ from .._core._fanout import Outlet
 from .._core._schema import FMT_JSON, FMT_MSGPACK
 from ..auth import AuthError, Claims
 from ..session import Session
+from ..stores.base import eid_key
 
 log = logging.getLogger("realtime.ws")
 
@@ -275,22 +276,33 @@ async def handle(request: web.Request) -> web.StreamResponse:
         await ws.close(code=WSCloseCode.POLICY_VIOLATION, message=refused.encode())
         return ws
     stores = hub.stores
-    record, recovered, after = None, False, None
+    # Rights and a resume are never skipped: without them the connection is
+    # refused with 1013 (try again), as a skipped ACL could widen rights and
+    # a skipped resume would lose events (PROTOCOL §2, §3.4).
     try:
         acl = await stores.acl(claims.sub)
-        s.claims = claims.with_acl(acl)
+    except Exception as e:
+        return await _try_again(ws, "rights cannot be checked now", e)
+    s.acl = acl
+    s.claims = claims.with_acl(acl)
+    try:
         record, recovered, after = await _load_resume(request, hub, claims)
+    except Exception as e:
+        return await _try_again(ws, "the session cannot be resumed now", e)
+    if after is not None:
+        await _tail_reaches(hub, after)
+    try:
         await stores.resolve_groups(list(s.claims.groups) + _groups_of(record))
         await stores.resolve_vehicles(((record or {}).get("subscription") or {}).get("vehicles") or [])
-    except Exception as e:  # the stores are down: serve from memory, without resume
+    except Exception as e:  # the next reconcile fills these in
         log.warning("stores unavailable at connect", extra={"fields": {"error": repr(e)[:200]}})
     # from here on synchronous until the first message: nothing is delivered in
     # between, so the replay ends at `upto` exactly where held live events begin
     upto = hub.last_eid
     if record is not None:
         s.session_id = request.query["resume"]
-    else:
-        recovered = False
+    if record is None or (after is not None and upto is None):
+        recovered = False   # no session, or no log read here yet to replay from
     # everything the connection takes from here on is released in `finally`,
     # also when something on the way fails
     close_reason = "client closed"
@@ -346,6 +358,21 @@ async def handle(request: web.Request) -> web.StreamResponse:
             "transport": "websocket", "reason": reason,
             "duration_s": round(time.time() - s.connected_at, 3),
             "messages": s.messages_sent, "bytes": s.bytes_sent}})
+    return ws
+
+
+async def _tail_reaches(hub, eid: str, timeout: float = 2.0) -> None:
+    """A client that left another instance may have seen events this one has
+    not delivered yet: wait a little for them, so that they are replayed
+    (and not sent again live after the replay)."""
+    deadline = time.monotonic() + timeout
+    while hub.last_eid is not None and eid_key(hub.last_eid) < eid_key(eid) and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+
+
+async def _try_again(ws, why: str, e: Exception):
+    log.warning("connection refused: stores unavailable", extra={"fields": {"why": why, "error": repr(e)[:200]}})
+    await ws.close(code=CLOSE_TRY_AGAIN, message=f"{why}: try again".encode()[:120])
     return ws
 
 
@@ -433,13 +460,14 @@ async def _refresh(hub, authn, s: Session, m, settings) -> None:
         s.send(M.error("forbidden", "a refreshed token must be for the same user", m.id))
         return
     try:
-        acl = await hub.stores.acl(claims.sub)
+        s.acl = await hub.stores.acl(claims.sub)
     except Exception:
-        acl = None
+        pass   # rights cannot be read now: the ACL in force stays, on the new token
+    effective = claims.with_acl(s.acl)
     s.token_claims = claims
     if s.closed:
         return
-    hub.set_claims(s, claims.with_acl(acl))
+    hub.set_claims(s, effective)
     s.expiry_warned = False
     s.send(M.reply("refreshed", m.id, exp=int(claims.exp)))
     hub.warn_expiry(s, time.time())
