@@ -190,6 +190,10 @@ class Settings:
                                         check=_topic, default_text="none", metavar="TOPIC")
     redis: str | None = opt(None, "inputs", "Redis URL for shared state, events and sessions.",
                             check=_redis_url, default_text="none: state kept in this process", metavar="URL")
+    redis_pool_size: int = opt(32, "inputs", "Connections to Redis at most per worker; more requests wait.",
+                               kind=int, lo=4, hi=1024)
+    redis_pool_timeout_s: float = opt(2.0, "inputs", "Longest wait for a free Redis connection before the request fails.",
+                                      kind=float, lo=0.05, hi=60, unit="s")
     simulate: int | None = opt(None, "inputs", "Built-in fleet of N moving vehicles; 0 for none.",
                                kind=int, lo=0, hi=1_000_000,
                                default_text="2000 in development mode, else 0")

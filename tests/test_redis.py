@@ -542,3 +542,44 @@ async def test_while_redis_is_down_rights_never_widen_and_resumes_are_refused_cl
         await c.close()
     finally:
         s.stop()
+
+
+async def test_a_burst_of_connects_uses_a_bounded_pool(redis_url, r, uid):
+    """Issue 10 part 4: the worker holds at most --redis-pool-size connections
+    to Redis; a burst of connects waits for them, or is refused with 1013."""
+    s = Server("--simulate", "0", "--redis", redis_url, "--redis-pool-size", "4",
+               "--redis-pool-timeout-s", "5", "--max-connections-per-ip", "1000")
+    try:
+        ingest(s, [update(uid + "v")])
+        first = await Client.connect(s, token(sub=uid + "0"))
+        await first.recv_type("welcome")
+        await first.send({"type": "subscribe", "subscriptions": {}})
+        batch = await first.recv_type("batch")
+        name = "realtime:" + batch["batch_id"].rsplit("-", 1)[0]
+        peak = 0
+
+        async def one(i):
+            try:
+                c = await Client.connect(s, token(sub=f"{uid}{i}"))
+                m = await c.recv_type("welcome", timeout=30)
+                await c.close()
+                return m["type"]
+            except websockets.ConnectionClosed as e:
+                return e.rcvd.code if e.rcvd else None
+
+        async def watch():
+            nonlocal peak
+            while True:
+                peak = max(peak, sum(c.get("name") == name for c in await r.client_list()))
+                await asyncio.sleep(0.01)
+
+        watcher = asyncio.create_task(watch())
+        results = await asyncio.gather(*(one(i) for i in range(1, 61)))
+        watcher.cancel()
+        assert set(results) <= {"welcome", 1013}, results
+        assert results.count("welcome") >= 1
+        assert 1 <= peak <= 4, peak
+        assert s.proc.poll() is None
+        await first.close()
+    finally:
+        s.stop()

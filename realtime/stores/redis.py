@@ -101,9 +101,15 @@ def _s(v) -> str:
 class RedisStores:
     def __init__(self, settings, instance_id: str = ""):
         self.settings = settings
-        # named, so that an operator (and the tests) can tell an instance's connections apart
-        self.r = aioredis.Redis.from_url(settings.redis, socket_timeout=5, socket_connect_timeout=3,
-                                         health_check_interval=10, client_name=f"realtime:{instance_id}")
+        # A bounded pool: a burst of connects waits at most --redis-pool-timeout-s
+        # for one of --redis-pool-size connections, then fails (and is refused
+        # with 1013) instead of opening connections without end. Named, so that
+        # an operator (and the tests) can tell an instance's connections apart.
+        pool = aioredis.BlockingConnectionPool.from_url(
+            settings.redis, max_connections=settings.redis_pool_size, timeout=settings.redis_pool_timeout_s,
+            socket_timeout=5, socket_connect_timeout=3, health_check_interval=10,
+            client_name=f"realtime:{instance_id}")
+        self.r = aioredis.Redis(connection_pool=pool)
         self.hub = None
         # None until a loop has reached Redis; False once it has failed: then
         # connects do not wait for it (see acl, load_session, resolve_*)
