@@ -98,6 +98,16 @@ def ingest(server: Server, updates, raw: bytes | None = None, tok: str | None = 
         return e.code, json.loads(e.read() or b"{}")
 
 
+def vehicle_status(server: Server, vid: str) -> int:
+    """GET /api/vehicles/{vid} with a viewer token: its HTTP status."""
+    req = urllib.request.Request(f"{server.url}/api/vehicles/{vid}", headers={"Authorization": f"Bearer {token()}"})
+    try:
+        with urllib.request.urlopen(req, timeout=5) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
 def update(vid, lat=55.75, lon=37.62, ts=None, **kw):
     u = {"vehicle_id": vid, "timestamp": ts if ts is not None else int(time.time() * 1000),
          "position": {"lat": lat, "lon": lon}}

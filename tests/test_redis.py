@@ -1,7 +1,6 @@
 """Integration: shared state, events, sessions and resume through a real Redis."""
 import asyncio
 import json
-import os
 import signal
 import subprocess
 import time
@@ -12,7 +11,7 @@ import pytest
 import redis.asyncio as aioredis
 import websockets
 
-from conftest import Client, Server, free_port, ingest, redis_up, token, update
+from conftest import Client, Server, free_port, ingest, redis_up, token, update, vehicle_status
 
 pytestmark = pytest.mark.integration
 
@@ -142,15 +141,6 @@ async def _async_get(r, key, needle) -> bool:
     return needle in (await r.get(key) or "")
 
 
-def known(server, vid) -> bool:
-    req = urllib.request.Request(f"{server.url}/api/vehicles/{vid}", headers={"Authorization": f"Bearer {token()}"})
-    try:
-        with urllib.request.urlopen(req, timeout=5) as resp:
-            return resp.status == 200
-    except urllib.error.HTTPError:
-        return False
-
-
 async def in_event_log(r, *needles, timeout=20.0):
     """Waits until one recent entry of the event log holds every needle."""
     deadline = time.monotonic() + timeout
@@ -170,7 +160,7 @@ async def test_resume_on_another_instance_replays_missed_events(redis_url, r, ui
         vid, other = uid + "v", uid + "other"
         ingest(a, [update(vid, status="moving"), update(other, 10, 10)])
         # B knows the vehicle (relay, or reconcile from A's snapshot) before A dies
-        assert await eventually(lambda: _async(known(b, vid)), timeout=20)
+        assert await eventually(lambda: _async(vehicle_status(b, vid) == 200), timeout=20)
         c = await Client.connect(a, token(sub=uid + "u"))
         w = await c.recv_type("welcome")
         await c.subscribe(subscriptions={"vehicles": [vid]})

@@ -1,5 +1,4 @@
 """Integration: --workers N share one port (SO_REUSEPORT) and state through Redis."""
-import asyncio
 import json
 import os
 import signal
@@ -7,23 +6,12 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 
 import pytest
 
-from conftest import ROOT, SECRET, Client, Server, ingest, token, update
+from conftest import ROOT, SECRET, Client, Server, ingest, token, update, vehicle_status
 
 pytestmark = pytest.mark.integration
-
-
-def vehicle_status(s, vid) -> int:
-    req = urllib.request.Request(f"{s.url}/api/vehicles/{vid}", headers={"Authorization": f"Bearer {token()}"})
-    try:
-        with urllib.request.urlopen(req, timeout=5) as r:
-            return r.status
-    except urllib.error.HTTPError as e:
-        return e.code
 
 
 def both_workers(s) -> list[int]:

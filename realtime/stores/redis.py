@@ -51,7 +51,7 @@ DEDUPE_MS = 5000
 LOCAL_KEYS_MAX = 10_000   # events delivered locally during one outage that are remembered
 LOCAL_KEYS_S = 600.0      # and for how long
 ACLS_KEPT = 100_000       # users whose last-read ACL is remembered (least recently read go first)
-_DOWN = (RedisError, OSError, asyncio.TimeoutError)
+_DOWN = (RedisError, OSError, asyncio.TimeoutError)   # Redis unreachable or failing
 
 # SET NX + XADD in one step: of the instances that saw the same event, one adds it.
 ADD_ONCE = """
@@ -172,7 +172,7 @@ class RedisStores:
                 backoff = 0.2
             except asyncio.CancelledError:
                 raise
-            except (RedisError, OSError, asyncio.TimeoutError) as e:
+            except _DOWN as e:
                 if self.healthy:
                     log.warning("redis unavailable", extra={"fields": {"task": name, "error": repr(e)[:200]}})
                 self.healthy = False
@@ -193,7 +193,7 @@ class RedisStores:
             await self._add_once(keys=["evdedupe:" + digest, STREAM],
                                  args=[DEDUPE_MS, EVENT_LOG_MAX, *fields, "k", digest])
             self.ops += 1
-        except (RedisError, OSError, asyncio.TimeoutError):
+        except _DOWN:
             # Redis is down: deliver here with a local id (not resumable)
             # rather than lose the event for the clients of this instance.
             self.healthy = False
@@ -318,7 +318,7 @@ class RedisStores:
         try:
             await self.r.publish(RELAY, msgpack.packb({"o": self.hub.instance_id, "u": updates}))
             self.ops += 1
-        except (RedisError, OSError, asyncio.TimeoutError):
+        except _DOWN:
             self.healthy = False
 
     def _relayed(self, data) -> None:
