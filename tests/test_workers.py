@@ -5,6 +5,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -177,9 +178,12 @@ def test_the_supervisor_gives_up_at_once_when_its_workers_cannot_bind(redis_url)
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        p = subprocess.run([sys.executable, "-c", code, "serve", "--port", str(port), "--workers", "2",
-                            "--redis", redis_url, "--simulate", "0", "--jwt-secret", SECRET],
-                           cwd=ROOT, capture_output=True, text=True, timeout=90)
+        with tempfile.TemporaryFile("w+") as err:   # a file: no pipe for a straggler to hold open
+            p = subprocess.run([sys.executable, "-c", code, "serve", "--port", str(port), "--workers", "2",
+                                "--redis", redis_url, "--simulate", "0", "--jwt-secret", SECRET],
+                               cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err, text=True, timeout=90)
+            err.seek(0)
+            p.stderr = err.read()
     assert p.returncode == 1, p.stderr[-2000:]
     lines = [x for x in p.stderr.splitlines() if x.startswith("realtime serve:")]
     assert lines == [f"realtime serve: cannot listen on 127.0.0.1:{port}: the address is already in use "
