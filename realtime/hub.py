@@ -200,11 +200,16 @@ class Hub:
         self.stats.ticks += 1
         if out:
             # one write per client, in compiled code (_fanout.pyx)
-            frames, skipped, congested = fan_out(out, self.outlets, self.batch_id(), self.core.envelope)
+            frames, skipped, congested, failed = fan_out(out, self.outlets, self.batch_id(),
+                                                         self.core.envelope)
             self.stats.frames_sent += frames
             self.stats.frames_conflated += skipped
+            for row, e in failed:   # the others have had their tick
+                self.sessions[row].write_failed(e)
             for row in congested:
-                self._conflate(self.sessions[row])
+                s = self.sessions[row]
+                if not s.closed:
+                    self._conflate(s)
         if already:
             self._conflating_tick(already, events)
         if self._arrivals:

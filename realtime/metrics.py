@@ -9,6 +9,8 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
+from .session import Session
+
 
 class HubCollector:
     def __init__(self, app):
@@ -68,6 +70,8 @@ class HubCollector:
             (C, "slow_client_closed", "Connections closed 1013: their events could not be kept",
              st.slow_closed),
             (G, "slow_clients_conflating", "Connections conflating now", len(hub.conflating)),
+            (C, "write_errors", "Connections closed 1011 because a write to them raised",
+             Session.write_errors),
             (C, "heartbeat_timeouts", "Connections closed for no pong", st.pong_timeouts),
             (G, "event_loop_lag_ms", "How late the event loop woke a 100 ms timer, latest", load.lag_ms),
             (G, "event_loop_lag_max_ms", "The worst event-loop lag since the last scrape",

@@ -7,11 +7,15 @@ how to write one message and how to close (transports/base.py).
 """
 from __future__ import annotations
 
+import logging
 import secrets
 import time
 
 from . import messages as M
 from .auth import Claims
+
+log = logging.getLogger("realtime.session")
+CLOSE_WRITE_FAILED = 1011
 
 
 class RateLimiter:
@@ -94,18 +98,44 @@ class Session:
         f = (self.subscription or {}).get("filters") or {}
         return f.get("show_alerts", True) is not False
 
+    # Connections closed because a write to them raised, in this process
+    # (GET /metrics: write_errors). A class counter: the hub's loops, the
+    # replay and the handlers all write through Session, and none of them
+    # should have to catch this.
+    write_errors = 0
+
     def send(self, obj: dict) -> None:
         self.write(M.encode(self.fmt, obj))
 
     def write(self, payload: bytes) -> None:
         if not self._closed:
-            self.transport.write(payload)
+            try:
+                self.transport.write(payload)
+            except Exception as e:
+                self.write_failed(e)
 
     def send_batch(self, envelope_of, batch_id: bytes, body: bytes, req_id=None) -> None:
         """envelope_of is CoreBase.envelope: this connection's seq (and request
         id) around the body shared with other connections, written at once."""
         if not self._closed:
-            self.transport.write_batch(envelope_of, batch_id, body, req_id)
+            try:
+                self.transport.write_batch(envelope_of, batch_id, body, req_id)
+            except Exception as e:
+                self.write_failed(e)
+
+    def write_failed(self, e: BaseException) -> None:
+        """A write to this connection raised: close this one (1011), and only
+        this one. Whoever was writing to many clients goes on with the rest;
+        this client resumes and gets a full snapshot and the events it missed,
+        so nothing it should have had is silently skipped."""
+        Session.write_errors += 1
+        log.warning("write failed; closing the connection", extra={"fields": {
+            "event": "write_error", "client": self.client_id, "transport": self.kind,
+            "error": repr(e)[:200]}})
+        try:
+            self.close(CLOSE_WRITE_FAILED, "write failed: resume")
+        except Exception:   # the transport is broken through and through
+            self.closed = True
 
     # The transport (an Outlet) keeps the write state the compiled fan-out
     # reads; these mirror it so that Python code reads one place.

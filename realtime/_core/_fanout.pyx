@@ -155,9 +155,15 @@ cdef class Outlet:
 def fan_out(list out, dict outlets, bytes batch_id, envelope):
     """Write each body of `out` ([(body, client rows)], from Core.tick) to its
     clients' outlets (row -> Outlet). Returns (frames written, frames skipped
-    for conflating clients, rows whose write buffer passed the high-water mark)."""
+    for conflating clients, rows whose write buffer passed the high-water mark,
+    [(row, exception)] for writes that raised).
+
+    A write that raises is one client's fault: it is noted and the loop goes
+    on, so every other client still gets this tick (the hub closes that one,
+    and it resumes to a full snapshot)."""
     cdef Py_ssize_t frames = 0, skipped = 0, size
     cdef list congested = []
+    cdef list failed = []
     cdef bytes body, data
     cdef Outlet o
     for item in out:
@@ -172,26 +178,29 @@ def fan_out(list out, dict outlets, bytes batch_id, envelope):
                 continue
             if o.closed:
                 continue
-            if o.deflate:
-                w.write_batch(envelope, batch_id, body)
+            try:
+                if o.deflate:
+                    w.write_batch(envelope, batch_id, body)
+                    frames += 1
+                    if o.congested:
+                        congested.append(row)
+                    continue
+                t = o.transport
+                if t is None or t.is_closing() or o.ws.closed:
+                    continue
+                size = t.get_write_buffer_size()
+                if size > o.limit:
+                    w.close(CLOSE_TRY_AGAIN, "slow client: write buffer over limit")
+                    continue
+                o.seq += 1
+                data = frame(o.fmt, batch_id, o.seq, body)
+                t.write(data)
+                o.messages += 1
+                o.nbytes += PyBytes_GET_SIZE(data)
                 frames += 1
+                o.congested = size > o.hwm
                 if o.congested:
                     congested.append(row)
-                continue
-            t = o.transport
-            if t is None or t.is_closing() or o.ws.closed:
-                continue
-            size = t.get_write_buffer_size()
-            if size > o.limit:
-                w.close(CLOSE_TRY_AGAIN, "slow client: write buffer over limit")
-                continue
-            o.seq += 1
-            data = frame(o.fmt, batch_id, o.seq, body)
-            t.write(data)
-            o.messages += 1
-            o.nbytes += PyBytes_GET_SIZE(data)
-            frames += 1
-            o.congested = size > o.hwm
-            if o.congested:
-                congested.append(row)
-    return frames, skipped, congested
+            except Exception as e:
+                failed.append((row, e))
+    return frames, skipped, congested, failed

@@ -1,0 +1,117 @@
+"""A fault in one client stays with that client (issue 10, part 5).
+
+The server runs in this process, on real sockets with real clients, so that
+one connection's transport can be made to fail: its `write` raises, as
+uvloop's does on a handle that is already closed. Every other client must
+still get that tick and the next ones, and the failing client is closed (it
+resumes to a full snapshot), not silently left without the tick's messages.
+"""
+import asyncio
+import json
+import types
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from conftest import SECRET, Client, free_port, token, update
+from realtime import config
+from realtime.app import make_app
+from realtime.session import Session
+
+
+class Broken:
+    """A transport whose writes raise; everything else is the real one's."""
+
+    def __init__(self, real):
+        self._real = real
+        self.calls = 0
+
+    def write(self, data):
+        self.calls += 1
+        raise RuntimeError("unable to perform operation on <TCPTransport closed=True>")
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+
+@pytest.fixture
+async def inproc():
+    s = config.Settings(jwt_secret=SECRET, simulate=0, tick_ms=20)
+    s.validate()
+    app = make_app(s)
+    runner = web.AppRunner(app, handle_signals=False)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    srv = types.SimpleNamespace(url=f"http://127.0.0.1:{port}", ws_url=f"ws://127.0.0.1:{port}/ws",
+                                hub=app["hub"])
+    async with aiohttp.ClientSession() as http:
+        async def post(updates):
+            async with http.post(srv.url + "/api/ingest", data=json.dumps(updates),
+                                 headers={"Authorization": f"Bearer {token('feeder', ['ingest'])}"}) as r:
+                assert r.status in (200, 202), await r.text()
+        srv.ingest = post
+        try:
+            yield srv
+        finally:
+            await runner.cleanup()
+
+
+def _session(hub, client_id) -> Session:
+    [s] = [s for s in hub.sessions.values() if s.client_id == client_id]
+    return s
+
+
+@pytest.mark.parametrize("deflate", [False, True], ids=["compiled-fan-out", "deflate-writer"])
+async def test_a_write_that_raises_closes_that_client_only(inproc, uid, deflate):
+    ext = {"compression": "deflate"} if deflate else {"compression": None}
+    victim = await Client.connect(inproc, token(), **ext)
+    others = [await Client.connect(inproc, token(), **ext) for _ in range(3)]
+    welcome = await victim.recv_type("welcome")
+    for c in [victim, *others]:
+        await c.subscribe(subscriptions={"vehicles": [], "groups": []})
+    s = _session(inproc.hub, welcome["client"])
+    assert s.transport.deflate is deflate
+    before = Session.write_errors
+    broken = Broken(s.transport.transport)
+    s.transport.transport = broken
+    await inproc.ingest([update(f"{uid}-{i}") for i in range(3)])
+    for c in others:
+        seen = await c.wait_messages(lambda m: m.get("v") == f"{uid}-2")
+        assert {m["v"] for m in seen if m.get("t") == "full"} >= {f"{uid}-{i}" for i in range(3)}
+    assert broken.calls == 1, "the failing client was written once, then closed"
+    assert s.closed and s.close_reason == "write failed: resume"
+    assert Session.write_errors == before + 1
+    # the tick goes on: later updates reach everybody else
+    await inproc.ingest([update(f"{uid}-late")])
+    for c in others:
+        await c.wait_messages(lambda m: m.get("v") == f"{uid}-late")
+    assert broken.calls == 1
+    # and the closed client's connection is gone from the hub
+    for _ in range(100):
+        if s.row < 0:
+            break
+        await asyncio.sleep(0.05)
+    assert s.row < 0 and all(x is not s for x in inproc.hub.sessions.values())
+    for c in [victim, *others]:
+        await c.close()
+
+
+async def test_a_reply_write_that_raises_closes_that_client_only(inproc, uid):
+    victim = await Client.connect(inproc, token())
+    other = await Client.connect(inproc, token())
+    welcome = await victim.recv_type("welcome")
+    await other.recv_type("welcome")
+    s = _session(inproc.hub, welcome["client"])
+    s.transport.transport = Broken(s.transport.transport)
+    await victim.send({"type": "ping", "id": "p1"})   # the pong's write raises
+    for _ in range(100):
+        if s.closed:
+            break
+        await asyncio.sleep(0.02)
+    assert s.closed and s.close_reason == "write failed: resume"
+    await other.send({"type": "ping", "id": "p2"})
+    assert (await other.recv_type("pong"))["id"] == "p2"
+    await other.close()
+    await victim.close()
