@@ -223,6 +223,9 @@ class Settings:
                              kind=float, lo=0.1, hi=3600, unit="s")
     pong_timeout_s: float = opt(60.0, "liveness", "Close with 1011 after this long without any frame from the client.",
                                 kind=float, lo=0.5, hi=7200, unit="s")
+    instance_timeout_s: float = opt(30.0, "liveness", "An instance silent in Redis this long is gone: the others "
+                                    "remove its connections from the shared sets.",
+                                    kind=float, lo=3, hi=3600, unit="s")
     offline_after_s: float = opt(300.0, "liveness", "A vehicle silent this long turns offline.",
                                  kind=float, lo=0.1, hi=30 * 86400, unit="s")
     stale_after_s: float = opt(7200.0, "liveness", "A vehicle silent this long leaves with r: stale and is forgotten.",

@@ -83,6 +83,14 @@ class HubCollector:
             (C, "postgres_records_dropped", "Records dropped: the queue was full during an outage",
              hub.records.dropped),
         ]
+        pool = getattr(getattr(hub.stores, "r", None), "connection_pool", None)
+        if pool is not None:
+            table += [
+                (C, "redis_pool_waits", "Redis requests that waited for a free pooled connection",
+                 getattr(pool, "waits", 0)),
+                (C, "redis_pool_timeouts", "Redis requests that found no free connection in time",
+                 getattr(pool, "timeouts", 0)),
+            ]
         kafka = app.get("kafka")
         if kafka is not None:
             table += [

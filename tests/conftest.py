@@ -108,6 +108,13 @@ def vehicle_status(server: Server, vid: str) -> int:
         return e.code
 
 
+def metric_value(server, name: str) -> float:
+    """A metric from GET /metrics, summed over its labels; 0 when absent."""
+    import re
+    text = urllib.request.urlopen(server.url + "/metrics", timeout=10).read().decode()
+    return sum(float(v) for v in re.findall(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.M))
+
+
 def update(vid, lat=55.75, lon=37.62, ts=None, **kw):
     u = {"vehicle_id": vid, "timestamp": ts if ts is not None else int(time.time() * 1000),
          "position": {"lat": lat, "lon": lon}}

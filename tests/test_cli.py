@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, SECRET, Client, Server, free_port, ingest, token, update
+from conftest import ROOT, SECRET, Client, Server, free_port, ingest, metric_value, token, update
 from realtime import config
 
 pytestmark = pytest.mark.integration
@@ -24,13 +24,6 @@ def run(*args, env=None, timeout=30):
     base = {k: v for k, v in os.environ.items() if not k.startswith("REALTIME_")}
     return subprocess.run([sys.executable, "-m", "realtime", *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=timeout, env={**base, **(env or {})})
-
-
-def metric_value(server, name: str) -> float:
-    import re
-    import urllib.request
-    text = urllib.request.urlopen(server.url + "/metrics", timeout=10).read().decode()
-    return sum(float(v) for v in re.findall(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.M))
 
 
 def settings(*flags, env=None):

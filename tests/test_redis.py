@@ -11,7 +11,7 @@ import pytest
 import redis.asyncio as aioredis
 import websockets
 
-from conftest import Client, Server, free_port, ingest, redis_up, token, update, vehicle_status
+from conftest import Client, Server, free_port, ingest, metric_value, redis_up, token, update, vehicle_status
 
 pytestmark = pytest.mark.integration
 
@@ -569,7 +569,97 @@ async def test_a_burst_of_connects_uses_a_bounded_pool(redis_url, r, uid):
         assert set(results) <= {"welcome", 1013}, results
         assert results.count("welcome") >= 1
         assert 1 <= peak <= 4, peak
+        # the waits are counted, and each refusal was a pool timeout
+        assert metric_value(s, "redis_pool_waits_total") >= 1
+        if 1013 in results:
+            assert metric_value(s, "redis_pool_timeouts_total") >= 1
         assert s.proc.poll() is None
         await first.close()
     finally:
         s.stop()
+
+
+async def _presence_of(r, server) -> str:
+    """The registry entry (stores/presence.py) of a one-worker server: its instance id is its pid in hex."""
+    async def find():
+        return [p for p in await r.zrange("realtime:instances", 0, -1)
+                if p.startswith(f"{server.proc.pid:x}.")]
+    found = await eventually(find)
+    assert len(found) == 1, found
+    return found[0]
+
+
+async def test_a_sigkilled_instance_leaves_no_connections_behind(redis_url, r, uid):
+    """Issue 10 part 3: `user:connections:*` and `subscribers:vehicle:*` do not
+    outlive an instance that was SIGKILLed: a survivor removes its entries."""
+    args = ("--simulate", "0", "--tick-ms", "20", "--redis", redis_url, "--instance-timeout-s", "3")
+    a, b = Server(*args), Server(*args)
+    try:
+        vids = [f"{uid}v{i}" for i in range(3)]
+        ingest(a, [update(v) for v in vids])
+        doomed = await Client.connect(a, token(sub=uid + "u"))
+        kept = await Client.connect(b, token(sub=uid + "u"))
+        dw, kw = await doomed.recv_type("welcome"), await kept.recv_type("welcome")
+        await doomed.subscribe(subscriptions={"vehicles": vids})
+        await kept.subscribe(subscriptions={"vehicles": vids[:1]})
+        users = f"user:connections:{uid}u"
+
+        async def registered():
+            return (await r.smembers(users) == {dw["client"], kw["client"]}
+                    and dw["client"] in await r.smembers(f"subscribers:vehicle:{vids[2]}"))
+        assert await eventually(registered)
+        pa, pb = await _presence_of(r, a), await _presence_of(r, b)
+        assert await r.hget(f"instance:clients:{pa}", dw["client"]) == uid + "u"
+
+        a.proc.kill()   # SIGKILL: no close runs on a
+        a.proc.wait()
+
+        async def swept():
+            return (await r.smembers(users) == {kw["client"]}
+                    and not await r.exists(f"subscriptions:client:{dw['client']}",
+                                           f"instance:clients:{pa}")
+                    and await r.zscore("realtime:instances", pa) is None)
+        assert await eventually(swept, timeout=15)
+        for v in vids:
+            assert dw["client"] not in await r.smembers(f"subscribers:vehicle:{v}")
+        # the survivor's own connection is untouched
+        assert kw["client"] in await r.smembers(f"subscribers:vehicle:{vids[0]}")
+        assert await r.zscore("realtime:instances", pb) is not None
+        await kept.close()
+        await doomed.close()   # its server is gone: this returns at once
+    finally:
+        a.stop()
+        b.stop()
+
+
+async def test_an_instance_keeps_its_shared_connection_sets_in_step(rserver, r, uid):
+    """A close whose removal never reached Redis (it was down), and an open
+    whose entry is missing, are both put right by the instance's presence loop."""
+    s2 = Server("--simulate", "0", "--redis", rserver.redis_url, "--instance-timeout-s", "3")
+    try:
+        c = await Client.connect(s2, token(sub=uid + "u"))
+        w = await c.recv_type("welcome")
+        users = f"user:connections:{uid}u"
+        assert await eventually(lambda: r.sismember(users, w["client"]))
+        p = await _presence_of(r, s2)
+        # as if a close had failed: an entry for a connection that is gone
+        await r.hset(f"instance:clients:{p}", "c_gone", uid + "u")
+        await r.sadd(users, "c_gone")
+        await r.sadd(f"subscriptions:client:c_gone", uid + "v")
+        await r.sadd(f"subscribers:vehicle:{uid}v", "c_gone")
+        # as if the open had failed: the live connection's entries are missing
+        await r.hdel(f"instance:clients:{p}", w["client"])
+        await r.srem(users, w["client"])
+
+        async def in_step():
+            return (await r.smembers(users) == {w["client"]}
+                    and not await r.exists(f"subscribers:vehicle:{uid}v", "subscriptions:client:c_gone")
+                    and await r.hgetall(f"instance:clients:{p}") == {w["client"]: uid + "u"})
+        assert await eventually(in_step, timeout=10)
+        await c.close()
+        # and a graceful stop takes the instance's entries with it
+        s2.stop()
+        assert not await r.exists(f"instance:clients:{p}") and await r.zscore("realtime:instances", p) is None
+        assert not await r.smembers(users)
+    finally:
+        s2.stop()

@@ -14,9 +14,10 @@ Keys written here and read here:
   that drops duplicates (every instance receives the same PUBLISH); every
   instance then delivers from the stream's tail, so an event's `eid` is its
   stream id everywhere, and resume reads the stream (XRANGE).
-- `session:{id}`, `user:connections:{user}`, `subscribers:vehicle:{id}`,
-  `subscriptions:client:{client}`, `group:{name}:vehicles`, `acl:user:{user}`
-  and the `acl:updates` channel, as the table in §1.3 says.
+- `session:{id}`, `group:{name}:vehicles`, `acl:user:{user}` and the
+  `acl:updates` channel, as the table in §1.3 says. `user:connections:{user}`,
+  `subscribers:vehicle:{id}` and `subscriptions:client:{client}` are kept by
+  presence.py, which also removes them after an instance that died.
 - `realtime:updates`: HTTP-ingested updates relayed to the other workers.
 
 Every loop here survives Redis going away: it marks the store unhealthy, waits
@@ -36,6 +37,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
 from ..ingest.decode import Rejected, validate
+from .presence import Presence
 from .base import EVENT_LOG_MAX, EVENT_RETENTION_S, SESSION_TTL_S, Event, StoresUnavailable, eid_key
 
 log = logging.getLogger("realtime.redis")
@@ -98,6 +100,25 @@ def _s(v) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
 
 
+class CountingPool(aioredis.BlockingConnectionPool):
+    """The bounded pool, counting the requests that had to wait for a free
+    connection and those that gave up (redis_pool_waits_total and
+    redis_pool_timeouts_total): how close the pool size is to too small."""
+
+    waits = 0
+    timeouts = 0
+
+    async def get_connection(self, *args, **kwargs):
+        if not self.can_get_connection():
+            self.waits += 1
+        try:
+            return await super().get_connection(*args, **kwargs)
+        except aioredis.ConnectionError as e:
+            if isinstance(e.__cause__, asyncio.TimeoutError):
+                self.timeouts += 1
+            raise
+
+
 class RedisStores:
     def __init__(self, settings, instance_id: str = ""):
         self.settings = settings
@@ -105,7 +126,7 @@ class RedisStores:
         # for one of --redis-pool-size connections, then fails (and is refused
         # with 1013) instead of opening connections without end. Named, so that
         # an operator (and the tests) can tell an instance's connections apart.
-        pool = aioredis.BlockingConnectionPool.from_url(
+        pool = CountingPool.from_url(
             settings.redis, max_connections=settings.redis_pool_size, timeout=settings.redis_pool_timeout_s,
             socket_timeout=5, socket_connect_timeout=3, health_check_interval=10,
             client_name=f"realtime:{instance_id}")
@@ -115,7 +136,8 @@ class RedisStores:
         # connects do not wait for it (see acl, load_session, resolve_*)
         self.healthy: bool | None = None
         self.leader = False
-        self.ops = 0                     # commands sent (redis_operations_total)
+        self._ops = 0                    # commands sent (redis_operations_total, with presence's)
+        self.presence = Presence(self.r, instance_id, settings.instance_timeout_s)
         self.reconciled = 0
         self._changed: set[int] = set()
         self._expired_at: dict[int, float] = {}   # row -> when its TTL was last set
@@ -141,14 +163,25 @@ class RedisStores:
         self.hub = hub
         loop = asyncio.get_running_loop()
         for name, fn in (("redis-tail", self._tail), ("redis-pubsub", self._pubsub),
-                         ("redis-writer", self._writer), ("redis-reconcile", self._reconcile)):
+                         ("redis-writer", self._writer), ("redis-reconcile", self._reconcile),
+                         ("redis-presence", self._presence)):
             self._tasks.append(loop.create_task(self._forever(name, fn), name=name))
+
+    @property
+    def ops(self) -> int:
+        return self._ops + self.presence.ops
 
     async def stop(self) -> None:
         # a last write so that nothing applied here is missing from the snapshot
         try:
             if self.leader:
                 await asyncio.wait_for(self._write_changed(), 2)
+        except Exception:
+            pass
+        # and this instance's connections leave the shared sets now, not when
+        # a survivor notices it is gone
+        try:
+            await asyncio.wait_for(self.presence.leave(self._live()), 2)
         except Exception:
             pass
         for t in self._tasks:
@@ -192,7 +225,7 @@ class RedisStores:
         try:
             await self._add_once(keys=["evdedupe:" + digest, STREAM],
                                  args=[DEDUPE_MS, EVENT_LOG_MAX, *fields, "k", digest])
-            self.ops += 1
+            self._ops += 1
         except _DOWN:
             # Redis is down: deliver here with a local id (not resumable)
             # rather than lose the event for the clients of this instance.
@@ -238,7 +271,7 @@ class RedisStores:
         trim_at = time.monotonic()
         while True:
             res = await self.r.xread({STREAM: last_id}, count=1000, block=1000)
-            self.ops += 1
+            self._ops += 1
             for _, entries in res or ():
                 for eid, f in entries:
                     last_id = _s(eid)
@@ -255,13 +288,13 @@ class RedisStores:
                 await self.r.xtrim(STREAM, minid=f"{cutoff}-0", approximate=True)
 
     async def locate(self, eid: str) -> str:
-        self.ops += 1
+        self._ops += 1
         try:
             if await self.r.xrange(STREAM, min=eid, max=eid, count=1):
                 return "found"
         except ResponseError:   # not an id Redis accepts
             return "unknown"
-        self.ops += 1
+        self._ops += 1
         first = await self.r.xrange(STREAM, count=1)
         if not first or eid_key(eid) < eid_key(_s(first[0][0])):
             return "older"
@@ -269,7 +302,7 @@ class RedisStores:
 
     async def events_page(self, after: str, upto: str, limit: int) -> list[Event]:
         entries = await self.r.xrange(STREAM, min="(" + after, max=upto, count=limit)
-        self.ops += 1
+        self._ops += 1
         return [self._event(i, f) for i, f in entries]
 
     async def _pubsub(self) -> None:
@@ -317,7 +350,7 @@ class RedisStores:
     async def relay_updates(self, updates) -> None:
         try:
             await self.r.publish(RELAY, msgpack.packb({"o": self.hub.instance_id, "u": updates}))
-            self.ops += 1
+            self._ops += 1
         except _DOWN:
             self.healthy = False
 
@@ -346,7 +379,7 @@ class RedisStores:
                     # a new writer writes everything once: the old one may have died mid-way
                     self._changed.update(range(self.hub.core.n))
                     self._expired_at.clear()
-            self.ops += 1
+            self._ops += 1
             self.healthy = True
             for _ in range(int(3 / self.write_every_s)):
                 if self.leader:
@@ -396,7 +429,7 @@ class RedisStores:
             n += 1
         try:
             await pipe.execute()
-            self.ops += n
+            self._ops += n
         except Exception:
             self._changed.update(rows)  # written next time
             raise
@@ -418,7 +451,7 @@ class RedisStores:
             for k in keys:
                 pipe.hget(k, "timestamp")
             stamps = await pipe.execute()
-            self.ops += len(keys) + 1
+            self._ops += len(keys) + 1
             for k, ts in zip(keys, stamps):
                 if ts is None:
                     continue
@@ -444,7 +477,7 @@ class RedisStores:
                 u = self._from_hash(_s(k)[len("vehicle:current:"):], h)
                 if u is not None:
                     updates.append(u)
-            self.ops += len(chunk)
+            self._ops += len(chunk)
         await self._refresh_groups()
         if updates:
             self.hub.apply_updates(updates)
@@ -455,7 +488,7 @@ class RedisStores:
         cursor = 0
         while True:
             cursor, keys = await self.r.scan(cursor, match=pattern, count=1000)
-            self.ops += 1
+            self._ops += 1
             if keys:
                 yield keys
             if cursor == 0:
@@ -506,7 +539,7 @@ class RedisStores:
                 u = self._from_hash(v, h)
                 if u is not None:
                     updates.append(u)
-        self.ops += len(missing)
+        self._ops += len(missing)
         if updates:
             self.hub.apply_updates(updates)
 
@@ -526,32 +559,40 @@ class RedisStores:
         for g, members in zip(names, await pipe.execute()):
             if members:
                 core.set_group_members(g, [_s(m) for m in members])
-        self.ops += len(names)
+        self._ops += len(names)
 
     # ---------------------------------------------------------------- sessions
     async def save_session(self, session_id: str, data: dict) -> None:
         await self.r.set(f"session:{session_id}", json.dumps(data, ensure_ascii=False), ex=SESSION_TTL_S)
-        self.ops += 1
+        self._ops += 1
 
     async def load_session(self, session_id: str) -> dict | None:
         if self.healthy is False:   # known down: no connect waits for it
             raise StoresUnavailable("Redis is unreachable")
         raw = await self.r.get(f"session:{session_id}")
-        self.ops += 1
+        self._ops += 1
         return json.loads(raw) if raw else None
 
     async def client_opened(self, user_id, client_id) -> None:
-        await self.r.sadd(f"user:connections:{user_id}", client_id)
-        self.ops += 1
+        await self.presence.opened(user_id, client_id)
 
     async def client_closed(self, user_id, client_id, session_id, vehicles) -> None:
-        pipe = self.r.pipeline(transaction=False)
-        pipe.srem(f"user:connections:{user_id}", client_id)
-        pipe.delete(f"subscriptions:client:{client_id}")
-        for v in vehicles:
-            pipe.srem(f"subscribers:vehicle:{v}", client_id)
-        await pipe.execute()
-        self.ops += 2 + len(vehicles)
+        # if this fails (Redis down), the presence loop removes it later
+        await self.presence.closed(user_id, client_id, vehicles)
+
+    def _live(self) -> dict[str, str]:
+        """client id -> user id of every connection open here."""
+        hub = self.hub
+        if hub is None:
+            return {}
+        return {s.client_id: s.claims.sub for s in hub.sessions.values() if not s.closed}
+
+    async def _presence(self) -> None:
+        """stores/presence.py: heartbeat, this instance's connections kept in
+        step, dead instances' connections removed."""
+        while True:
+            await self.presence.beat(self._live())
+            await asyncio.sleep(self.presence.every_s)
 
     async def set_client_vehicles(self, client_id, old, new) -> None:
         old, new = set(old), set(new)
@@ -565,7 +606,7 @@ class RedisStores:
             pipe.sadd(f"subscribers:vehicle:{v}", client_id)
             pipe.sadd(f"subscriptions:client:{client_id}", v)
         await pipe.execute()
-        self.ops += 2 * len(old ^ new)
+        self._ops += 2 * len(old ^ new)
 
     async def acl(self, user_id) -> dict | None:
         """The live rights of a user. While Redis cannot answer, the last ACL
@@ -578,7 +619,7 @@ class RedisStores:
             if user_id in self._acls:
                 return self._acls[user_id]
             raise StoresUnavailable(f"rights of {user_id!r} cannot be read: {e!r}"[:200]) from None
-        self.ops += 1
+        self._ops += 1
         out = {}
         for k, v in (h or {}).items():
             try:
