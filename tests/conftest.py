@@ -389,6 +389,25 @@ def _left_by_a_dead_run(owner: bytes | None) -> bool:
         return False
 
 
+@pytest.fixture
+def throwaway_redis(tmp_path):
+    """A Redis of its own, for tests that stop it or fill it: (port, [process], start)."""
+    port = free_port()
+
+    def start():
+        return subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                                 "--appendonly", "no", "--dir", str(tmp_path)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = [start()]
+    deadline = time.time() + 10
+    while not redis_up(port):
+        assert time.time() < deadline
+        time.sleep(0.05)
+    yield port, proc, start
+    proc[0].terminate()
+    proc[0].wait()
+
+
 @pytest.fixture(scope="session")
 def redis_url():
     """A database of the local Redis that this test run has to itself: one

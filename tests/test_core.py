@@ -466,6 +466,32 @@ def test_silent_vehicle_goes_offline_then_back_with_its_status(core):
     assert core.row_of("a") not in core.silent_rows(399.0)
 
 
+def test_many_stale_vehicles_leave_each_client_that_saw_them_once_in_order(core):
+    """forget() of many rows at once (vectorised): every client gets exactly
+    the `leave`s of the rows it saw, in row order, and clients that saw the
+    same rows in the same format share one body. 150 clients: three words of bits."""
+    for i in range(10):
+        upd(core, f"v{i}", 55.0, 37.0, 1, groups=[f"g{i % 3}"], now=0.0)
+    core.tick(True, 0.0)
+    clients = {}
+    for c in range(150):
+        g = f"g{c % 3}"
+        row = core.add_client(fmt=S.FMT_MSGPACK if c % 2 else S.FMT_JSON, view_all=False, groups=[g])
+        core.subscribe(row)
+        clients[row] = [f"v{i}" for i in range(10) if i % 3 == c % 3]
+    stale = core.silent_rows(1.0)
+    assert len(stale) == 10
+    out = core.forget(stale)
+    got: dict = {}
+    for body, cs in out:
+        for c in cs:
+            assert c not in got
+            got[int(c)] = [m["v"] for m in decode(int(core.clients[c]["fmt"]), body)]
+    assert got == clients
+    assert len(out) == 6          # three groups of rows x two formats
+    assert all(core.row_of(f"v{i}") == -1 for i in range(10))
+
+
 def test_stale_vehicle_leaves_with_reason_stale_and_its_row_is_reused(core):
     upd(core, "old", 55.0, 37.0, 1, status="idle", groups=["g"], now=0.0)
     upd(core, "new", 55.0, 37.0, 1, status="idle", now=7000.0)

@@ -2,7 +2,6 @@
 import asyncio
 import json
 import signal
-import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -11,7 +10,7 @@ import pytest
 import redis.asyncio as aioredis
 import websockets
 
-from conftest import Client, Server, free_port, ingest, metric_value, redis_up, token, update, vehicle_status
+from conftest import Client, Server, ingest, metric_value, token, update, vehicle_status
 
 pytestmark = pytest.mark.integration
 
@@ -194,24 +193,6 @@ async def test_resume_on_another_instance_replays_missed_events(redis_url, r, ui
     finally:
         a.stop()
         b.stop()
-
-
-@pytest.fixture
-def throwaway_redis(tmp_path):
-    port = free_port()
-
-    def start():
-        return subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                                 "--appendonly", "no", "--dir", str(tmp_path)],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    proc = [start()]
-    deadline = time.time() + 10
-    while not redis_up(port):
-        assert time.time() < deadline
-        time.sleep(0.05)
-    yield port, proc, start
-    proc[0].terminate()
-    proc[0].wait()
 
 
 def ready_status(server):

@@ -647,12 +647,14 @@ class CoreBase:
         live = self.cur["version"][:n] > 0
         return np.flatnonzero(live & (self.heard[:n] < since)).astype(np.int32)
 
-    def mark_offline(self, rows) -> np.ndarray:
+    def mark_offline(self, rows, limit: int | None = None) -> np.ndarray:
         """PROTOCOL §3.3: silent vehicles turn `offline`, which the next tick
         sends as a `delta` with `st`. Not news: `heard` stays. Returns the rows
-        that changed."""
+        that changed: at most `limit` of them (the rest stay for a later call)."""
         rows = np.asarray(rows, np.int32)
         rows = rows[(self.cur["status"][rows] != S.ST_OFFLINE) & (self.cur["version"][rows] > 0)]
+        if limit is not None:
+            rows = rows[:limit]
         if len(rows) == 0:
             return rows
         prev = self.cur["status"][rows]
@@ -671,14 +673,12 @@ class CoreBase:
         `r: stale` and are dropped from memory; their rows are reused. Needs no
         pending tick. Returns [(body, [client rows])] like tick()."""
         self._check_idle()
-        per_client: dict[int, list] = {}
-        for r in (int(x) for x in rows):
+        rows = [r for r in dict.fromkeys(int(x) for x in rows) if self.id_to_row.get(self.ids[r]) == r]
+        if not rows:
+            return []
+        out = self._leave_bodies(rows)
+        for r in rows:
             vid = self.ids[r]
-            if self.id_to_row.get(vid) != r:
-                continue
-            pieces = S.enc_both({"t": "leave", "v": vid, "r": "stale"})
-            for c in self._bits_to_clients(self.vis[r]):
-                per_client.setdefault(c, []).append(pieces[int(self.clients[c]["fmt"])])
             self.vis[r] = 0
             for bits in (self.group_bits, self.sel_bits):
                 bits[:, r >> 6] &= ~(np.uint64(1) << np.uint64(r & 63))
@@ -689,10 +689,31 @@ class CoreBase:
                 getattr(self, name)[r] = value
             self._blank(r)
             self.row_free.append(r)
-        groups: dict[bytes, list] = {}
-        for c, pieces in per_client.items():
-            groups.setdefault(self.body_of(int(self.clients[c]["fmt"]), pieces), []).append(c)
-        return list(groups.items())
+        return out
+
+    def _leave_bodies(self, rows: list[int]) -> list:
+        """[(body, [client rows])] of `leave` (r: stale) for `rows`: clients
+        that see the same of these rows, in the same format, share one body.
+        Vectorised: (rows x clients) bits, not a Python step per pair (20k
+        vehicles x 500 clients took 7 s that way)."""
+        nc = self.n_clients
+        seen = np.unpackbits(self.vis[np.asarray(rows, np.int64)].view(np.uint8), axis=1,
+                             bitorder="little")[:, :nc]
+        watchers = np.flatnonzero(seen.any(axis=0))
+        if not len(watchers):
+            return []
+        signature = np.packbits(seen[:, watchers], axis=0).T   # one row of bytes per watching client
+        fmts = self.clients["fmt"][watchers]
+        same: dict[tuple, list] = {}
+        for i, c in enumerate(watchers.tolist()):
+            same.setdefault((signature[i].tobytes(), int(fmts[i])), []).append(c)
+        pieces = [S.enc_both({"t": "leave", "v": self.ids[r], "r": "stale"}) for r in rows]
+        out: dict[bytes, list] = {}
+        for (_, fmt), clients in same.items():
+            mask = seen[:, clients[0]]
+            body = self.body_of(fmt, [pieces[i][fmt] for i in np.flatnonzero(mask).tolist()])
+            out.setdefault(body, []).extend(clients)
+        return list(out.items())
 
     def resync(self, c: int, known_rows) -> bytes:
         """A client that skipped ticks (a slow connection, conflated) last saw

@@ -3,9 +3,10 @@
 Every input is checked against one schema, `UpdateIn`, and `_finish`; a bad
 one raises Rejected with a reason code from REASONS (the `reason` label of
 ingest_rejected_total) and a human-readable detail.
-- HTTP ingest bodies and Redis reconcile snapshots go through `validate`,
-  which returns a normalised dict (relayed and re-produced as such), and
-  `to_batch` builds the core's columnar UpdateBatch from those.
+- Redis reconcile snapshots go through `validate`, which returns a
+  normalised dict (relayed and re-produced as such), and `to_batch` builds
+  the core's columnar UpdateBatch from those. HTTP ingest bodies are split
+  into items and each item decoded as a Kafka record is, then made that dict.
 - Kafka records, the bulk input, are decoded straight into UpdateIn by
   msgspec (no intermediate dict: ~1 µs instead of ~5 µs per record) by
   `decode_record`, and `batch_of_records` builds the batch from them.
@@ -112,6 +113,11 @@ def validate(obj) -> dict:
         u = _finish(msgspec.convert(obj, UpdateIn))
     except msgspec.ValidationError as e:
         raise Rejected(_reason_of(e), str(e)) from None
+    return as_dict(u)
+
+
+def as_dict(u: UpdateIn) -> dict:
+    """A finished UpdateIn as the normalised dict that is relayed and re-produced."""
     return {
         "vehicle_id": u.vehicle_id,
         "ts": u.timestamp,
@@ -147,34 +153,41 @@ def decode_record(value: bytes, msgpack_value: bool = False) -> UpdateIn:
                        "value is not " + ("msgpack" if msgpack_value else "JSON")) from None
 
 
-def decode_http_body(body: bytes) -> tuple[list, list]:
-    """A JSON array or NDJSON of updates -> (accepted [(index, update)], rejected [(index, reason, detail)]).
+_json_items = msgspec.json.Decoder(list[msgspec.Raw])
 
-    A body that is neither raises Rejected for the whole request."""
+
+def split_http_body(body: bytes) -> list:
+    """A JSON array or NDJSON of updates -> one undecoded item per update,
+    cheaply (a 16 MiB array splits in ~15 ms), so that the items can be
+    decoded and applied in slices (ingest/http.py). A body that is neither
+    raises Rejected for the whole request."""
     text = body.lstrip()
-    items: list = []
     if text.startswith(b"["):
         try:
-            items = _json.decode(text)
+            return _json_items.decode(text)
         except msgspec.DecodeError as e:
             raise Rejected("invalid_json", f"body is not a JSON array: {e}") from None
-        parsed = [(i, obj, None) for i, obj in enumerate(items)]
-    else:
-        parsed = []
-        for i, line in enumerate(l for l in body.split(b"\n") if l.strip()):
-            try:
-                parsed.append((i, _json.decode(line), None))
-            except msgspec.DecodeError:
-                parsed.append((i, None, Rejected("invalid_json", "line is not JSON")))
+    return [line for line in body.split(b"\n") if line.strip()]
+
+
+def decode_items(items: list, start: int = 0) -> tuple[list, list]:
+    """Items of split_http_body -> (accepted [(index, update dict)], rejected
+    [(index, reason, detail)]); `start` is the index of the first item."""
     accepted, rejected = [], []
-    for i, obj, err in parsed:
+    for i, raw in enumerate(items, start):
         try:
-            if err is not None:
-                raise err
-            accepted.append((i, validate(obj)))
+            accepted.append((i, as_dict(decode_record(raw))))
         except Rejected as r:
-            rejected.append((i, r.reason, r.detail))
+            if r.reason == "invalid_json":   # only an NDJSON line can be
+                rejected.append((i, r.reason, "line is not JSON"))
+            else:
+                rejected.append((i, r.reason, r.detail))
     return accepted, rejected
+
+
+def decode_http_body(body: bytes) -> tuple[list, list]:
+    """The whole body at once: split_http_body, then decode_items."""
+    return decode_items(split_http_body(body))
 
 
 def to_batch(updates: list[dict], vtype_code) -> UpdateBatch:

@@ -1,17 +1,24 @@
 """POST /api/ingest (PROTOCOL §1.4): a JSON array or NDJSON of updates.
 
-Accepted updates take the same path as Kafka records: validate, then one
-core apply for the whole request. Each rejected item is reported by index
-with a reason code and counted.
+Accepted updates take the same path as Kafka records. Each rejected item is
+reported by index with a reason code and counted.
+
+A body of up to 16 MiB (~80,000 updates) is split into items at once (~15
+ms), then decoded and applied SLICE items at a time with the event loop free
+in between: ticks go on while it is ingested (a whole 16 MiB body in one go
+held the loop for 1.6 s).
 """
 from __future__ import annotations
+
+import asyncio
 
 from aiohttp import web
 
 from ..auth import INGEST, AuthError
-from .decode import Rejected, decode_http_body
+from .decode import Rejected, decode_items, split_http_body
 
 MAX_BODY = 16 * 1024 * 1024
+SLICE = 1000   # ~15 ms of decoding and applying
 
 
 def bearer(request: web.Request) -> str | None:
@@ -48,21 +55,33 @@ async def handle(request: web.Request) -> web.Response:
     body = await request.read()
     hub = request.app["hub"]
     try:
-        accepted, rejected = decode_http_body(body)
+        items = split_http_body(body)
     except Rejected as r:
         hub.stats.reject(r.reason)
         return web.json_response({"error": "bad_request", "reason": r.reason, "message": r.detail},
                                  status=400)
-    for _, reason, _ in rejected:
-        hub.stats.reject(reason)
-    updates = [u for _, u in accepted]
-    try:
-        await request.app["http_sink"](updates)
-    except Exception as e:
-        # nothing was accepted: the caller may retry the whole request
-        return web.json_response({"error": "unavailable", "message": f"ingest path down: {e!r}"[:300]},
-                                 status=503)
+    del body
+    sink = request.app["http_sink"]
+    accepted = 0
+    rejected: list = []
+    for start in range(0, len(items), SLICE):
+        if start:
+            await asyncio.sleep(0)   # a tick, and other requests, between slices
+        ok, bad = decode_items(items[start:start + SLICE], start)
+        for _, reason, _ in bad:
+            hub.stats.reject(reason)
+        rejected += bad
+        if not ok:
+            continue
+        try:
+            await sink([u for _, u in ok])
+        except Exception as e:
+            # the items before this slice went in; sending the whole body again
+            # is safe (an update applies once per timestamp, alerts once)
+            return web.json_response({"error": "unavailable", "accepted": accepted,
+                                      "message": f"ingest path down: {e!r}"[:300]}, status=503)
+        accepted += len(ok)
     return web.json_response({
-        "accepted": len(accepted),
+        "accepted": accepted,
         "rejected": [{"index": i, "reason": reason, "detail": detail} for i, reason, detail in rejected],
     })

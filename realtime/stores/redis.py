@@ -49,6 +49,11 @@ RELAY = "realtime:updates"
 # a key then expires between 1:59 and 2:00 after its last update, for half the commands.
 EXPIRE_EVERY_S = 60.0
 RECONCILE_EVERY_S = 5.0
+# Large work in slices of ~10-20 ms each, with the event loop free in between
+# (issue 10 part 6): hashes written per pipeline, and hashes read and applied
+# per step of a reconcile.
+WRITE_SLICE = 1000
+RECONCILE_SLICE = 500
 DEDUPE_MS = 5000
 LOCAL_KEYS_MAX = 10_000   # events delivered locally during one outage that are remembered
 LOCAL_KEYS_S = 600.0      # and for how long
@@ -389,9 +394,20 @@ class RedisStores:
                 await asyncio.sleep(self.write_every_s)
 
     async def _write_changed(self) -> None:
+        """Every changed row to `vehicle:current:*`, WRITE_SLICE rows per
+        pipeline: a new writer rewrites the whole fleet, and the event loop
+        must not be held while ~100k hashes are encoded."""
         if not self._changed:
             return
         rows, self._changed = sorted(self._changed), set()
+        for i in range(0, len(rows), WRITE_SLICE):
+            try:
+                await self._write_rows(rows[i:i + WRITE_SLICE])
+            except BaseException:
+                self._changed.update(rows[i:])  # written next time
+                raise
+
+    async def _write_rows(self, rows) -> None:
         core = self.hub.core
         pipe = self.r.pipeline(transaction=False)
         geo = []
@@ -427,12 +443,9 @@ class RedisStores:
         if geo:
             pipe.geoadd("vehicles:geoindex", geo)
             n += 1
-        try:
+        if n:
             await pipe.execute()
-            self._ops += n
-        except Exception:
-            self._changed.update(rows)  # written next time
-            raise
+        self._ops += n
 
     async def _reconcile(self) -> None:
         while True:
@@ -467,22 +480,26 @@ class RedisStores:
                         newer.append(k)
                 elif t >= forget_before_ms:   # not one memory forgot as stale
                     newer.append(k)
-        updates = []
-        for i in range(0, len(newer), 1000):
-            chunk = newer[i:i + 1000]
+        # read and applied a slice at a time: the first reconcile of a new
+        # instance loads the whole fleet, and ticks must go on meanwhile
+        applied = 0
+        for i in range(0, len(newer), RECONCILE_SLICE):
+            chunk = newer[i:i + RECONCILE_SLICE]
             pipe = self.r.pipeline(transaction=False)
             for k in chunk:
                 pipe.hgetall(k)
+            updates = []
             for k, h in zip(chunk, await pipe.execute()):
                 u = self._from_hash(_s(k)[len("vehicle:current:"):], h)
                 if u is not None:
                     updates.append(u)
             self._ops += len(chunk)
+            if updates:
+                self.hub.apply_updates(updates)
+                applied += len(updates)
+        self.reconciled += applied
         await self._refresh_groups()
-        if updates:
-            self.hub.apply_updates(updates)
-            self.reconciled += len(updates)
-        return len(updates)
+        return applied
 
     async def _scan_batches(self, pattern: str):
         cursor = 0
