@@ -42,9 +42,49 @@ def mask_frame(payload: bytes, opcode: int = 0x1) -> bytes:
     return head + key + arr.tobytes()
 
 
+def take_upgrade(buf: bytearray):
+    """The handshake's answer at the front of `buf`: None until it is whole,
+    then True (101 Switching Protocols; removed from buf) or False."""
+    end = buf.find(b"\r\n\r\n")
+    if end < 0:
+        return None
+    if not buf.startswith(b"HTTP/1.1 101"):
+        return False
+    del buf[: end + 4]
+    return True
+
+
+def next_frame(buf: bytearray):
+    """The first whole unmasked server frame in `buf` as (opcode, payload),
+    removed from it; None until one has arrived whole."""
+    if len(buf) < 2:
+        return None
+    b1 = buf[1] & 0x7F
+    off = 2
+    if b1 == 126:
+        if len(buf) < 4:
+            return None
+        n = struct.unpack_from(">H", buf, 2)[0]
+        off = 4
+    elif b1 == 127:
+        if len(buf) < 10:
+            return None
+        n = struct.unpack_from(">Q", buf, 2)[0]
+        off = 10
+    else:
+        n = b1
+    if len(buf) < off + n:
+        return None
+    opcode = buf[0] & 0x0F
+    payload = bytes(buf[off: off + n])
+    del buf[: off + n]
+    return opcode, payload
+
+
 class Stats:
-    def __init__(self, sample: int):
+    def __init__(self, sample: int, stamped: bool = False):
         self.sample = sample
+        self.stamps: list[float] | None = [] if stamped else None   # receipt time (ms) of each latency
         self.frames = 0
         self.messages = 0
         self.bytes = 0
@@ -92,40 +132,25 @@ class WSClient(asyncio.Protocol):
         buf = self.buf
         buf += data
         if not self.upgraded:
-            end = buf.find(b"\r\n\r\n")
-            if end < 0:
+            answer = take_upgrade(buf)
+            if answer is None:
                 return
-            if not buf.startswith(b"HTTP/1.1 101"):
+            if not answer:
                 self.stats.failed += 1
                 self.transport.close()
                 return
-            del buf[: end + 4]
             self.upgraded = True
             self.stats.connected += 1
             if not self.ready.done():
                 self.ready.set_result(True)
         st = self.stats
         now = time.time() * 1000
-        while len(buf) >= 2:
-            b1 = buf[1] & 0x7F
-            off = 2
-            if b1 == 126:
-                if len(buf) < 4:
-                    return
-                n = struct.unpack_from(">H", buf, 2)[0]
-                off = 4
-            elif b1 == 127:
-                if len(buf) < 10:
-                    return
-                n = struct.unpack_from(">Q", buf, 2)[0]
-                off = 10
-            else:
-                n = b1
-            if len(buf) < off + n:
+        while True:
+            frame = next_frame(buf)
+            if frame is None:
                 return
-            opcode = buf[0] & 0x0F
-            payload = bytes(buf[off: off + n])
-            del buf[: off + n]
+            opcode, payload = frame
+            n = len(payload)
             if opcode == 0x9:       # ping -> pong
                 self.transport.write(mask_frame(payload, 0xA))
                 continue
@@ -148,6 +173,8 @@ class WSClient(asyncio.Protocol):
                         for m in json.loads(payload)["messages"]:
                             if "ts" in m and m.get("t") in ("pos", "delta", "full"):
                                 st.latencies.append(now - m["ts"])
+                                if st.stamps is not None:
+                                    st.stamps.append(now)
                     except ValueError:
                         pass
             elif payload.startswith(b"42["):          # socket.io event: one message each

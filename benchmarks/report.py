@@ -25,6 +25,7 @@ def table(r: dict) -> str:
     core = r.get("core") or {}
     kafka = r.get("kafka") or {}
     mem = r.get("memory") or {}
+    storm = r.get("storm") or {}
 
     def add(name, value, baseline, ratio, target=""):
         rows.append(f"| {name} | {fmt(value)} | {fmt(baseline)} | {fmt(ratio)} | {target} |")
@@ -54,6 +55,15 @@ def table(r: dict) -> str:
     if kafka:
         add("(d) Kafka records/s vs bare aiokafka", kafka["realtime_records_per_s"],
             kafka["bare_aiokafka_records_per_s"], kafka["kafka_ratio"], "≥ 0.8")
+    if storm:
+        add(f"(e) reconnect storm: s until {storm['clients']} clients resumed with full state",
+            storm["storm_s"], "-", "-")
+        add("(e) events lost in the storm (of those published)", storm["events_lost"],
+            storm["events_published"], "-", "0")
+        add("(e) observers' p99 ms during the storm vs before it", storm["observer_p99_storm_ms"],
+            storm["observer_p99_before_ms"], storm["p99_ratio"])
+        add("(e) Redis pool waits / timeouts during the storm", storm["redis_pool_waits"],
+            storm["redis_pool_timeouts"], "-")
     if core:
         add("(4) core apply+route+encode ms/tick vs numpy reference", core["compiled_tick_ms_median"],
             core["reference_tick_ms"], core["speedup_vs_reference"], "≥ 20×")

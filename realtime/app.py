@@ -138,6 +138,8 @@ async def _stop(app):
             await app["kafka_producer"].stop()
         except Exception:
             pass
+    await app["hub"].settle(max(1.0, app["settings"].shutdown_grace / 3))
+    step("background writes settled")
     await app["hub"].stores.stop()
     step("stores stopped")
     await app["hub"].records.stop(max(1.0, app["settings"].shutdown_grace / 3))

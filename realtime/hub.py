@@ -116,6 +116,13 @@ class Hub:
         self._bg.add(t)
         t.add_done_callback(self._bg_done)
 
+    async def settle(self, timeout: float) -> None:
+        """Let the background writes in flight (session records, connection
+        sets) finish before the stores close: at shutdown they carry what the
+        clients need to resume elsewhere."""
+        if self._bg:
+            await asyncio.wait(list(self._bg), timeout=timeout)
+
     def _bg_done(self, t: asyncio.Task) -> None:
         self._bg.discard(t)
         if t.cancelled() or t.exception() is None:

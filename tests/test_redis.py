@@ -644,3 +644,36 @@ async def test_an_instance_keeps_its_shared_connection_sets_in_step(rserver, r, 
         assert not await r.smembers(users)
     finally:
         s2.stop()
+
+
+async def test_session_records_land_in_the_order_they_were_made(rserver, r, uid):
+    """Found by the reconnect-storm benchmark: the record written at connect
+    (no subscription yet) could land after the `subscribe`'s, and the client
+    then resumed elsewhere without its subscription, missing its events."""
+    from realtime import config
+    from realtime.stores.redis import RedisStores
+    s = config.Settings(jwt_secret="x" * 32, redis=rserver.redis_url)
+    s.validate()
+    stores = RedisStores(s, uid)
+    try:
+        await asyncio.gather(*(stores.save_session(uid, {"n": i}) for i in range(50)))
+        assert json.loads(await r.get(f"session:{uid}")) == {"n": 49}
+        assert not stores._session_latest   # nothing is kept once written
+    finally:
+        await stores.r.aclose()
+    # through a server: clients that subscribe right after `welcome` are stored subscribed
+    async def one(i):
+        c = await Client.connect(rserver, token(sub=f"{uid}{i}"))
+        sid = (await c.recv_type("welcome"))["session"]
+        await c.send({"type": "subscribe", "subscriptions": {"vehicles": [uid + "v"]}})
+        await c.recv_type("subscribed")
+        return c, sid
+    clients, sessions = zip(*await asyncio.gather(*(one(i) for i in range(100))))
+
+    async def all_subscribed():
+        records = [json.loads(await r.get(f"session:{sid}") or "{}") for sid in sessions]
+        return all((rec.get("subscription") or {}).get("vehicles") == [uid + "v"] for rec in records)
+    await asyncio.sleep(0.3)
+    assert await eventually(all_subscribed, timeout=5)
+    for c in clients:
+        await c.close()

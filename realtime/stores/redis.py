@@ -160,6 +160,7 @@ class RedisStores:
         # Redis error never widens rights, so this stays in force while Redis
         # cannot answer; a user never read then cannot be admitted.
         self._acls: dict[str, dict | None] = {}
+        self._session_latest: dict[str, str] = {}   # session -> newest record, while one is being written
         self.snapshot_loaded = asyncio.Event()
         self.write_every_s = max(settings.tick_ms / 1000.0, 0.02)  # one pipeline per tick
 
@@ -580,8 +581,31 @@ class RedisStores:
 
     # ---------------------------------------------------------------- sessions
     async def save_session(self, session_id: str, data: dict) -> None:
-        await self.r.set(f"session:{session_id}", json.dumps(data, ensure_ascii=False), ex=SESSION_TTL_S)
-        self._ops += 1
+        """Writes of one session land in the order they were made, the newest
+        last. Concurrent SETs on different pooled connections could land in
+        any order: the record written at connect (no subscription yet) then
+        overwrote the one of the `subscribe` that followed it, and a client
+        resumed elsewhere without its subscription, missing its events
+        (found by benchmarks/bench_storm.py). One write per session is in
+        flight; a newer record waits for it, and intermediate ones are skipped."""
+        latest = self._session_latest
+        busy = session_id in latest
+        latest[session_id] = raw = json.dumps(data, ensure_ascii=False)
+        if busy:
+            return   # the write in flight for this session writes this one next
+        try:
+            while True:
+                await self.r.set(f"session:{session_id}", raw, ex=SESSION_TTL_S)
+                self._ops += 1
+                if latest[session_id] is raw:
+                    del latest[session_id]
+                    return
+                raw = latest[session_id]
+        except BaseException:
+            # bounded: nothing is kept for a session whose write failed; its
+            # next save (a ping, a subscribe) writes it whole
+            latest.pop(session_id, None)
+            raise
 
     async def load_session(self, session_id: str) -> dict | None:
         if self.healthy is False:   # known down: no connect waits for it
