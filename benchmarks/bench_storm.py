@@ -19,7 +19,8 @@ Reported, in the same run:
   costs the clients that were not part of it.
 
 Run: python benchmarks/bench_storm.py [--smoke] ; prints one JSON object, and
-exits 1 if any event was lost. STORM_DEBUG=1 logs each client that missed events.
+exits 1 if any event was lost. STORM_DEBUG=1 logs each client that missed events;
+STORM_PROFILE=file.json records where B spends the storm (py-spy, speedscope format).
 The observers run in their own process (`--observe`), so that the storm
 clients' work does not count against the observers' latency.
 """
@@ -42,8 +43,8 @@ import jwt
 import numpy as np
 import uvloop
 
-from bench_e2e import HERE, PY, ROOT, SECRET, Proc, free_port, log, metrics, realtime, token, wait_port
-from loadgen import Stats, WSClient, mask_frame, next_frame, take_upgrade
+from bench_e2e import HERE, PY, ROOT, SECRET, Proc, cpu_s, free_port, log, metrics, realtime, token, wait_port
+from loadgen import Stats, WSClient, mask_frame, next_frame, take_upgrade, viewport_subscribe
 
 EID = re.compile(rb'"eid":"([0-9]+-[0-9]+)"')
 
@@ -68,10 +69,11 @@ class StormClient(asyncio.Protocol):
         self.back_at = None        # when the first batch after the resume arrived
         self.recovered = None
         self.attempts = 0
-        self.closed_code = None
         self._new()
 
     def _new(self):
+        self.refused = None
+        self.closed_code = None
         self.buf = bytearray()
         self.upgraded = False
         self.transport = None
@@ -89,8 +91,8 @@ class StormClient(asyncio.Protocol):
                 path += f"&last_event={self.eids[-1].decode()}"
         try:
             await loop.create_connection(lambda: self, "127.0.0.1", self.port)
-        except OSError:
-            self.retry()
+        except OSError as e:
+            self.retry(type(e).__name__)
             return
         self.transport.write((f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{self.port}\r\nUpgrade: websocket\r\n"
                               f"Connection: Upgrade\r\nSec-WebSocket-Key: {os.urandom(16).hex()[:22]}==\r\n"
@@ -99,10 +101,10 @@ class StormClient(asyncio.Protocol):
     def connection_made(self, transport):
         self.transport = transport
 
-    def retry(self):
+    def retry(self, why: str):
         """Refused (1013 try again, or no answer): back off and try B again."""
         self.port = self.run.port_b
-        self.run.retries += 1
+        self.run.retries[why] = self.run.retries.get(why, 0) + 1
         asyncio.get_running_loop().call_later(random.uniform(0.5, 2.0),
                                               lambda: asyncio.ensure_future(self.connect()))
 
@@ -116,7 +118,8 @@ class StormClient(asyncio.Protocol):
             self.waiting_state = False
             asyncio.get_running_loop().call_later(delay, lambda: asyncio.ensure_future(self.connect()))
         elif self.back_at is None:
-            self.retry()
+            self.retry(f"closed {self.closed_code}" if self.upgraded else
+                       ("refused " + self.refused if self.refused else "dropped before the upgrade"))
 
     # ------------------------------------------------------------ frames
     def data_received(self, data):
@@ -127,6 +130,7 @@ class StormClient(asyncio.Protocol):
             if answer is None:
                 return
             if not answer:
+                self.refused = bytes(buf[:12]).decode(errors="replace")
                 self.transport.close()
                 return
             self.upgraded = True
@@ -174,8 +178,9 @@ class StormClient(asyncio.Protocol):
 
 
 class Storm:
-    def __init__(self, a, port_a, port_b, clients, event_vehicles, redis_url):
+    def __init__(self, a, port_a, port_b, clients, event_vehicles, redis_url, b_pid=None):
         self.a = a
+        self.b_pid = b_pid
         self.port_a, self.port_b = port_a, port_b
         self.clients_n = clients
         self.event_vehicles = event_vehicles
@@ -183,7 +188,7 @@ class Storm:
         self.tokens = [storm_token(f"storm{i}") for i in range(50)]
         self.subscribed = 0
         self.back = 0
-        self.retries = 0
+        self.retries: dict[str, int] = {}   # why -> times a client had to try B again
         self.finished = False
 
     async def run(self, events_per_s: float, observers: subprocess.Popen) -> dict:
@@ -219,12 +224,19 @@ class Storm:
         await _until(lambda: all(c.eids for c in clients), 60, "an event at every client")
         await asyncio.sleep(3.0)                  # the observers' baseline window runs meanwhile
         before = metrics(self.port_b)
+        pids = {"a": self.a.p.pid, "b": self.b_pid, "clients": os.getpid(), "observers": observers.pid}
+        cpu0 = {k: cpu_s(p) for k, p in pids.items()}
         t_storm = time.time()
         m0 = time.monotonic()
         self.a.p.send_signal(signal.SIGTERM)
+        if os.environ.get("STORM_PROFILE"):   # where B spends the storm (needs py-spy)
+            subprocess.Popen(["py-spy", "record", "--pid", str(self.b_pid), "--duration", "40",
+                              "--format", "speedscope", "-o", os.environ["STORM_PROFILE"]],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         await _until(lambda: self.back >= self.clients_n, 300, "every client back on B with its state")
         storm_s = time.monotonic() - m0
         t_back = time.time()
+        cpu = {k: round(_cpu_or(p, cpu0[k]) - cpu0[k], 1) for k, p in pids.items()}
         after = metrics(self.port_b)
         await asyncio.sleep(2.0)                  # events go on after the storm
         stop.set()
@@ -232,6 +244,9 @@ class Storm:
         await asyncio.sleep(2.0)                  # the last ones arrive
         self.finished = True
         # every event in the log, oldest first
+        # every event in the log for the clients' vehicles, oldest first (the
+        # simulated fleet's alerts are events too, for vehicles they do not see)
+        mine = {v.encode() for v in self.event_vehicles}
         log_eids, cursor = [], "-"
         while True:
             page = await r.xrange("events:stream", min=cursor, count=10_000)
@@ -239,7 +254,7 @@ class Storm:
                 page = page[1:]
             if not page:
                 break
-            log_eids += [e for e, _ in page]
+            log_eids += [e for e, f in page if f.get(b"v") in mine]
             cursor = page[-1][0].decode()
         await r.aclose()
         order = {e: i for i, e in enumerate(log_eids)}
@@ -261,13 +276,21 @@ class Storm:
             "events_published": published, "events_in_log": len(log_eids),
             "events_lost": lost, "events_repeated": repeated,
             "recovered_false": sum(1 for c in clients if c.recovered is False),
-            "retries": self.retries,
+            "retries": sum(self.retries.values()), "retry_reasons": self.retries,
             "redis_pool_waits": after.get("redis_pool_waits_total", 0) - before.get("redis_pool_waits_total", 0),
             "redis_pool_timeouts": after.get("redis_pool_timeouts_total", 0)
             - before.get("redis_pool_timeouts_total", 0),
             "a_exit_status": a_exit,
+            "cpu_s_during_storm": cpu,
             "window": (t_storm * 1000, t_back * 1000),
         }
+
+
+def _cpu_or(pid, default):
+    try:
+        return cpu_s(pid)
+    except OSError:   # A has exited
+        return default
 
 
 async def _until(cond, timeout, what):
@@ -280,14 +303,19 @@ async def _until(cond, timeout, what):
 
 # ---------------------------------------------------------------- observers
 async def observe(port: int, clients: int, out: str) -> None:
-    """--observe: `clients` watch the whole fleet on B until stdin closes;
+    """--observe: `clients` watch parts of the fleet on B until stdin closes;
     then every sampled latency and when it was seen go to `out` (.npy)."""
     loop = asyncio.get_running_loop()
-    stats = Stats(sample=1, stamped=True)
-    sub = json.dumps({"type": "subscribe", "subscriptions": {}}).encode()
+    # each watches a viewport of 5% of the fleet's area (~100 vehicles), and
+    # one frame in 10 is decoded for its latency: the observers' own process
+    # must stay far from saturation, or its delays are what gets measured
+    stats = Stats(sample=10, stamped=True)
+    viewport = viewport_subscribe((55.55, 37.35, 55.95, 37.9), 0.05)
+    rng = random.Random(1)
     protos = []
     for i in range(clients):
         ready = loop.create_future()
+        sub = viewport(rng, i)
         _, p = await loop.create_connection(
             lambda: WSClient(f"127.0.0.1:{port}", f"/ws?token={token()}", sub, stats, ready), "127.0.0.1", port)
         await asyncio.wait_for(ready, 30)
@@ -345,9 +373,9 @@ def main():
         if obs.stdout.readline().strip() != "ready":
             raise RuntimeError("the observers did not start")
         log(f"storm: {a.observers} observers on B, fleet of {a.fleet} at 1 Hz")
-        res = uvloop.run(Storm(a_srv, pa, pb, a.clients, evs, url).run(a.events_per_s, obs))
+        res = uvloop.run(Storm(a_srv, pa, pb, a.clients, evs, url, b_srv.p.pid).run(a.events_per_s, obs))
         obs.stdin.close()
-        obs.wait(60)
+        obs.wait(300)
         stamps, lat = np.load(npy)
         t0, t1 = res.pop("window")
         base = lat[(stamps >= t0 - 3000) & (stamps < t0)]

@@ -25,6 +25,7 @@ from .ingest.decode import to_batch
 from .latency import Histogram
 from .loadmon import LoadMonitor
 from .messages import Subscribe
+from .recent import Recent, RecentEvents
 from .session import Session
 from .stores.base import Event
 from .stores.memory import MemoryStores
@@ -36,6 +37,10 @@ CLUSTER_REFRESH_S = 1.0  # clustered clients get at most one `clusters` a second
 # Vehicles turned offline, or forgotten as stale, per tick at most: 20,000 at
 # once (a feed outage) held one tick for 0.5 s (offline) and 7 s (stale).
 VEHICLE_SLICE = 1000
+# Shutdown's `reconnect.after_ms` spreads the clients' return over at least
+# clients / RECONNECTS_PER_S seconds (at most MAX_SPREAD_MS).
+RECONNECTS_PER_S = 500
+MAX_SPREAD_MS = 30_000
 
 
 class Stats:
@@ -76,6 +81,7 @@ class Hub:
         self.stores = MemoryStores()
         self.records = NoRecords()   # PostgreSQL (app.py sets it with --postgres)
         self.last_eid: str | None = None   # the newest event handed to the core
+        self.recent = RecentEvents()       # the newest events read from the log, for replays
         self._bg: set[asyncio.Task] = set()
         self._per_ip: dict[str, int] = {}
         self._per_user: dict[str, int] = {}
@@ -142,13 +148,27 @@ class Hub:
 
     def deliver_event(self, ev: Event) -> None:
         """An event from the log's tail: to every client that sees the vehicle, next tick."""
+        pieces = None
         if self.core.add_event(ev.vehicle_id, ev.etype, ev.body, ev.eid, ev.ts, ev.is_alert):
             self.stats.events += 1
             self._work.set()
+            pieces = self.core.events[-1][1:3]
         else:
             self.stats.events_unknown_vehicle += 1
         if not ev.eid.endswith("-local"):
             self.last_eid = ev.eid
+            self.recent.add(Recent(ev, pieces))
+
+    def logged(self, ev: Event) -> None:
+        """A log entry that is not delivered (it was, with a local id, while
+        the log could not be written): kept for replays all the same."""
+        self.last_eid = ev.eid
+        self.recent.add(Recent(ev, None))
+
+    def log_reset(self) -> None:
+        """The log no longer continues what was read from it: replays go to
+        the stores until the kept events are complete again."""
+        self.recent.clear()
 
     # ------------------------------------------------------------ ticks
     def start(self) -> None:
@@ -410,13 +430,14 @@ class Hub:
         s.held = []
         self.conflating.add(s)
 
-    def event_pieces_for(self, s: Session, events: list[Event]):
-        """The encoded `event` messages of the log entries this client may see."""
-        for ev in events:
+    def event_pieces_for(self, s: Session, items: list[Recent]):
+        """The encoded `event` messages of the log entries this client may see;
+        each encoded once, for every client that replays it (recent.py)."""
+        for ev, pieces in items:
             row = self.core.row_of(ev.vehicle_id)
             if row < 0 or not self._sees(s, row) or (ev.is_alert and not s.show_alerts):
                 continue
-            yield self.core.event_pieces(row, ev.etype, ev.body, ev.eid, ev.ts)[s.fmt]
+            yield (pieces or self.core.event_pieces(row, ev.etype, ev.body, ev.eid, ev.ts))[s.fmt]
 
     def send_events(self, s: Session, pieces: list[bytes]) -> None:
         s.send_batch(self.core.envelope, self.batch_id(), self.core.body_of(s.fmt, pieces))
@@ -565,7 +586,12 @@ class Hub:
         then close with 1001."""
         import random
         sessions = list(self.sessions.values())
-        spread_ms = int(min(5000.0, max(500.0, grace_s * 300)))
+        # the more clients, the wider the spread: an instance that takes them
+        # over admits a few hundred a second (the reconnect storm benchmark:
+        # 10,000 clients back within 3 s overflowed its accept queue, and
+        # 12% of them had to try again)
+        spread_ms = int(max(min(5000.0, max(500.0, grace_s * 300)),
+                            min(MAX_SPREAD_MS, len(sessions) * 1000 / RECONNECTS_PER_S)))
         for s in sessions:
             s.send({"type": "reconnect", "reason": "shutdown", "after_ms": random.randint(100, spread_ms)})
         deadline = asyncio.get_running_loop().time() + max(0.1, grace_s / 3)

@@ -19,6 +19,8 @@ import asyncio
 import logging
 import re
 
+from .recent import Recent
+
 log = logging.getLogger("realtime.replay")
 
 MAX_MESSAGES = 1000
@@ -30,22 +32,32 @@ EID = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
 U64 = 2 ** 64
 
 
-async def locate(stores, last_event: str | None) -> tuple[bool, str | None]:
-    """(recovered, where the replay starts) for a resume's `last_event`:
+def well_formed(last_event: str | None) -> bool:
+    """A `last_event` that can name an event in the log."""
+    return bool(last_event) and EID.fullmatch(last_event) is not None and \
+        all(int(part) < U64 for part in last_event.split("-"))
+
+
+def place(where: str | None, last_event: str | None) -> tuple[bool, str | None]:
+    """(recovered, where the replay starts) from stores.locate's answer for a
+    resume's `last_event`:
     - found in the log: every event after it can be replayed (True, it);
     - older than the log's oldest event: some may be gone; what is left is
       replayed (False, "0-0");
     - missing, malformed, or none given: nothing to place a replay after
       (False, None)."""
-    if not last_event or not EID.fullmatch(last_event) or \
-            any(int(part) >= U64 for part in last_event.split("-")):
-        return False, None
-    where = await stores.locate(last_event)
     if where == "found":
         return True, last_event
     if where == "older":
         return False, "0-0"
     return False, None
+
+
+async def locate(stores, last_event: str | None) -> tuple[bool, str | None]:
+    """place() for a `last_event`, asking the stores where it stands."""
+    if not well_formed(last_event):
+        return False, None
+    return place(await stores.locate(last_event), last_event)
 
 
 async def run(hub, s, after: str | None, upto: str | None) -> None:
@@ -64,24 +76,39 @@ async def run(hub, s, after: str | None, upto: str | None) -> None:
 
 
 async def _send_all(hub, s, after: str, upto: str) -> None:
-    cursor = after
     pieces: list[bytes] = []
     size = 0
-    while not s.closed:
-        page = await _read(hub.stores, cursor, upto)
-        if not page:
-            break
-        cursor = page[-1].eid
+    async for page in _pages(hub, s, after, upto):
         for piece in hub.event_pieces_for(s, page):
             if pieces and (len(pieces) >= MAX_MESSAGES or size + len(piece) > MAX_BYTES - ENVELOPE_ROOM):
                 await _send(hub, s, pieces)
                 pieces, size = [], 0
             pieces.append(piece)
             size += len(piece) + 1
-        if cursor == upto:
-            break
     if pieces and not s.closed:
         await _send(hub, s, pieces)
+
+
+async def _pages(hub, s, after: str, upto: str):
+    """The log entries in (after, upto] as pages of Recent: from the events
+    this instance kept (recent.py) when they cover the range, else read from
+    the stores a page at a time."""
+    kept = hub.recent.between(after, upto)
+    if kept is not None:
+        for i in range(0, len(kept), PAGE):
+            if s.closed:
+                return
+            yield kept[i:i + PAGE]
+        return
+    cursor = after
+    while not s.closed:
+        page = await _read(hub.stores, cursor, upto)
+        if not page:
+            return
+        cursor = page[-1].eid
+        yield [Recent(ev, None) for ev in page]
+        if cursor == upto:
+            return
 
 
 async def _read(stores, cursor: str, upto: str):

@@ -190,6 +190,19 @@ async def test_resume_on_another_instance_replays_missed_events(redis_url, r, ui
         assert (await c3.recv_type("welcome"))["resumed"] is False
         await c2.close()
         await c3.close()
+        # an instance started after the events never read them from the log's
+        # tail (B replayed from the events it kept, recent.py): it reads the log
+        d = Server("--simulate", "0", "--tick-ms", "20", "--redis", redis_url)
+        try:
+            assert await eventually(lambda: _async(vehicle_status(d, vid) == 200), timeout=20)
+            c4 = await Client.connect(d, token(sub=uid + "u"), f"resume={w['session']}&last_event={first['eid']}")
+            assert (await c4.recv_type("welcome"))["recovered"] is True
+            await c4.recv_type("batch")
+            replay = await c4.recv_type("batch")
+            assert [m["e"] for m in replay["messages"]] == ["missed1", "missed2"]
+            await c4.close()
+        finally:
+            d.stop()
     finally:
         a.stop()
         b.stop()

@@ -38,3 +38,28 @@ async def test_memory_event_log_is_trimmed_by_age_and_compacted(monkeypatch):
         await st.publish_event("v", "e", {"n": i}, 0, False)
     assert len(st.log) - st._head <= 4097 and len(st.log) < 10_000   # trimmed and compacted
     assert await st.locate("1-0") == "older"
+
+
+def test_recent_events_serve_a_replay_only_when_they_cover_it():
+    """recent.py: a replay is served from memory only if every log event
+    after its `last_event` is kept; otherwise the caller reads the log."""
+    from realtime.recent import Recent, RecentEvents
+    from realtime.stores.base import Event
+
+    def ev(ms):
+        return Recent(Event(f"{ms}-0", "v", "e", {}, ms, False), (b"j", b"m"))
+    r = RecentEvents(max_events=3)
+    assert r.between("1-0", "9-0") is None            # nothing kept
+    for ms in (10, 20, 30):
+        r.add(ev(ms))
+    r.add(ev(20))                                      # not newer: ignored
+    assert [x.ev.eid for x in r.between("10-0", "30-0")] == ["20-0", "30-0"]
+    assert [x.ev.eid for x in r.between("10-0", "20-0")] == ["20-0"]
+    assert r.between("30-0", "30-0") == []
+    assert r.between("9-0", "30-0") is None            # 9..10 may hold events never seen here
+    for ms in (40, 50, 60, 70):                        # past 2 x max: the oldest go
+        r.add(ev(ms))
+    assert len(r) <= 6 and r.between("20-0", "70-0") is None
+    assert [x.ev.eid for x in r.between("50-0", "70-0")] == ["60-0", "70-0"]
+    r.clear()                                          # the log was reset
+    assert r.between("50-0", "70-0") is None

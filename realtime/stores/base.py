@@ -20,7 +20,12 @@ SESSION_TTL_S = 3600
 
 
 class StoresUnavailable(Exception):
-    """A read that must not be skipped (rights, a resume) cannot be done now."""
+    """A read that must not be skipped (rights, a resume) cannot be done now.
+    `why` is what the client is told (PROTOCOL §2, §3.4: close 1013)."""
+
+    def __init__(self, message: str, why: str = "rights cannot be checked now"):
+        super().__init__(message)
+        self.why = why
 
 
 class Event(NamedTuple):
@@ -63,6 +68,8 @@ class Stores(Protocol):
                             vehicles: list[str]) -> None: ...
     async def set_client_vehicles(self, client_id: str, old: list[str], new: list[str]) -> None: ...
     async def acl(self, user_id: str) -> dict | None: ...
+    async def connect_reads(self, user_id: str, session_id: str | None, eid: str | None):
+        """(acl, stored session or None, locate(eid) or None) at once."""
     async def resolve_groups(self, names) -> None: ...
     async def resolve_vehicles(self, ids) -> None: ...
 

@@ -111,6 +111,11 @@ class MemoryStores:
     async def acl(self, user_id) -> dict | None:
         return None
 
+    async def connect_reads(self, user_id, session_id, eid):
+        record = await self.load_session(session_id) if session_id else None
+        where = await self.locate(eid) if eid and record is not None else None
+        return None, record, where
+
     async def resolve_groups(self, names) -> None:
         pass
 

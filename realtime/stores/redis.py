@@ -272,6 +272,7 @@ class RedisStores:
             log.warning("the event log is older than what this instance delivered: reading on from its newest entry",
                         extra={"fields": {"log_newest": top, "delivered": self.hub.last_eid}})
             self.hub.last_eid = top
+            self.hub.log_reset()
         last_id = self.hub.last_eid
         self.healthy = True
         trim_at = time.monotonic()
@@ -284,7 +285,7 @@ class RedisStores:
                     key = _s(f.get(b"k", b""))
                     if key:
                         if self._local_keys.pop(key):
-                            self.hub.last_eid = last_id   # delivered here already, with a local id
+                            self.hub.logged(self._event(eid, f))   # delivered here already, with a local id
                             continue
                         self._logged_keys.add(key)
                     self.hub.deliver_event(self._event(eid, f))
@@ -294,17 +295,12 @@ class RedisStores:
                 await self.r.xtrim(STREAM, minid=f"{cutoff}-0", approximate=True)
 
     async def locate(self, eid: str) -> str:
-        self._ops += 1
-        try:
-            if await self.r.xrange(STREAM, min=eid, max=eid, count=1):
-                return "found"
-        except ResponseError:   # not an id Redis accepts
-            return "unknown"
-        self._ops += 1
-        first = await self.r.xrange(STREAM, count=1)
-        if not first or eid_key(eid) < eid_key(_s(first[0][0])):
-            return "older"
-        return "unknown"
+        pipe = self.r.pipeline(transaction=False)
+        pipe.xrange(STREAM, min=eid, max=eid, count=1)
+        pipe.xrange(STREAM, count=1)
+        found, first = await pipe.execute(raise_on_error=False)
+        self._ops += 2
+        return _where(eid, found, first)
 
     async def events_page(self, after: str, upto: str, limit: int) -> list[Event]:
         entries = await self.r.xrange(STREAM, min="(" + after, max=upto, count=limit)
@@ -640,14 +636,18 @@ class RedisStores:
         if old == new:
             return
         pipe = self.r.pipeline(transaction=False)
-        for v in old - new:
+        gone, added = old - new, new - old
+        for v in gone:
             pipe.srem(f"subscribers:vehicle:{v}", client_id)
-            pipe.srem(f"subscriptions:client:{client_id}", v)
-        for v in new - old:
+        for v in added:
             pipe.sadd(f"subscribers:vehicle:{v}", client_id)
-            pipe.sadd(f"subscriptions:client:{client_id}", v)
+        # this client's own set in one command each way, not one per vehicle
+        if gone:
+            pipe.srem(f"subscriptions:client:{client_id}", *gone)
+        if added:
+            pipe.sadd(f"subscriptions:client:{client_id}", *added)
         await pipe.execute()
-        self._ops += 2 * len(old ^ new)
+        self._ops += len(gone) + len(added) + bool(gone) + bool(added)
 
     async def acl(self, user_id) -> dict | None:
         """The live rights of a user. While Redis cannot answer, the last ACL
@@ -657,10 +657,54 @@ class RedisStores:
                 raise ConnectionError("Redis is unreachable")
             h = await self.r.hgetall(f"acl:user:{user_id}")
         except _DOWN as e:
-            if user_id in self._acls:
-                return self._acls[user_id]
-            raise StoresUnavailable(f"rights of {user_id!r} cannot be read: {e!r}"[:200]) from None
+            return self._acl_when_down(user_id, e)
         self._ops += 1
+        return self._acl_read(user_id, h)
+
+    async def connect_reads(self, user_id: str, session_id: str | None, eid: str | None):
+        """What a connection needs before it is admitted, in one round trip
+        (a reconnect storm of 10,000 clients made these reads, one at a time,
+        the pool's bottleneck): (acl as `acl` returns it, the stored session
+        of `session_id` or None, where `eid` stands in the log or None).
+        StoresUnavailable says which of them cannot be read now."""
+        try:
+            if self.healthy is False:
+                raise ConnectionError("Redis is unreachable")
+            pipe = self.r.pipeline(transaction=False)
+            pipe.hgetall(f"acl:user:{user_id}")
+            if session_id:
+                pipe.get(f"session:{session_id}")
+                if eid:
+                    pipe.xrange(STREAM, min=eid, max=eid, count=1)
+                    pipe.xrange(STREAM, count=1)
+            res = await pipe.execute(raise_on_error=False)
+            for r in res:
+                if isinstance(r, _DOWN):
+                    raise r
+        except _DOWN as e:
+            acl = self._acl_when_down(user_id, e)
+            if session_id:
+                raise StoresUnavailable(f"session {session_id!r} cannot be read: {e!r}"[:200],
+                                        why="the session cannot be resumed now") from None
+            return acl, None, None
+        self._ops += len(res)
+        if isinstance(res[0], Exception):
+            raise StoresUnavailable(f"rights of {user_id!r} cannot be read: {res[0]!r}"[:200])
+        acl = self._acl_read(user_id, res[0])
+        if not session_id:
+            return acl, None, None
+        raw = res[1]
+        if isinstance(raw, Exception):
+            raise StoresUnavailable(f"session cannot be read: {raw!r}"[:200], why="the session cannot be resumed now")
+        record = json.loads(raw) if raw else None
+        return acl, record, (_where(eid, res[2], res[3]) if eid and record is not None else None)
+
+    def _acl_when_down(self, user_id, e) -> dict | None:
+        if user_id in self._acls:
+            return self._acls[user_id]
+        raise StoresUnavailable(f"rights of {user_id!r} cannot be read: {e!r}"[:200]) from None
+
+    def _acl_read(self, user_id, h) -> dict | None:
         out = {}
         for k, v in (h or {}).items():
             try:
@@ -675,6 +719,20 @@ class RedisStores:
             del acls[next(iter(acls))]
         acls[user_id] = out or None
         return out or None
+
+
+def _where(eid: str, found, first) -> str:
+    """stores.locate's answer from XRANGE eid eid COUNT 1 and XRANGE - + COUNT 1."""
+    if isinstance(found, ResponseError):   # not an id Redis accepts
+        return "unknown"
+    for r in (found, first):
+        if isinstance(r, Exception):
+            raise r
+    if found:
+        return "found"
+    if not first or eid_key(eid) < eid_key(_s(first[0][0])):
+        return "older"
+    return "unknown"
 
 
 def _num(v):

@@ -23,7 +23,7 @@ from .._core._fanout import Outlet
 from .._core._schema import FMT_JSON, FMT_MSGPACK
 from ..auth import AuthError, Claims
 from ..session import Session
-from ..stores.base import eid_key
+from ..stores.base import StoresUnavailable, eid_key
 
 log = logging.getLogger("realtime.ws")
 
@@ -279,16 +279,22 @@ async def handle(request: web.Request) -> web.StreamResponse:
     # Rights and a resume are never skipped: without them the connection is
     # refused with 1013 (try again), as a skipped ACL could widen rights and
     # a skipped resume would lose events (PROTOCOL §2, §3.4).
+    # One round trip for all of it (stores.connect_reads).
+    sid = request.query.get("resume") or None
+    last_event = request.query.get("last_event")
     try:
-        acl = await stores.acl(claims.sub)
+        acl, record, where = await stores.connect_reads(
+            claims.sub, sid, last_event if sid and replay.well_formed(last_event) else None)
+    except StoresUnavailable as e:
+        return await _try_again(ws, e.why, e)
     except Exception as e:
-        return await _try_again(ws, "rights cannot be checked now", e)
+        return await _try_again(ws, "the session cannot be resumed now" if sid else "rights cannot be checked now", e)
     s.acl = acl
     s.claims = claims.with_acl(acl)
-    try:
-        record, recovered, after = await _load_resume(request, hub, claims)
-    except Exception as e:
-        return await _try_again(ws, "the session cannot be resumed now", e)
+    if record is not None and record.get("user_id") != claims.sub:
+        app["security_log"](request, "ws_resume_other_user", sid)
+        record = None
+    recovered, after = replay.place(where, last_event) if record is not None else (False, None)
     if after is not None:
         await _tail_reaches(hub, after)
     try:
@@ -378,21 +384,6 @@ async def _try_again(ws, why: str, e: Exception):
 
 def _groups_of(record: dict | None) -> list[str]:
     return list(((record or {}).get("subscription") or {}).get("groups") or [])
-
-
-async def _load_resume(request, hub, claims):
-    """PROTOCOL §3.4: (the stored session, recovered, where the replay starts)."""
-    sid = request.query.get("resume")
-    if not sid:
-        return None, False, None
-    record = await hub.stores.load_session(sid)
-    if record is None:
-        return None, False, None
-    if record.get("user_id") != claims.sub:
-        request.app["security_log"](request, "ws_resume_other_user", sid)
-        return None, False, None
-    recovered, after = await replay.locate(hub.stores, request.query.get("last_event"))
-    return record, recovered, after
 
 
 async def _dispatch(hub, authn, s: Session, msg, settings) -> None:
