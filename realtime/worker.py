@@ -9,7 +9,6 @@ import asyncio
 import errno
 import gc
 import logging
-import os
 import signal
 import ssl
 import sys
@@ -40,7 +39,9 @@ async def serve(settings, ready: asyncio.Event | None = None) -> None:
     try:
         await site.start()
     except OSError as e:  # the port was taken after cli's check, or the address went away
-        await runner.cleanup()
+        # what startup began (store loops, the tick) is stopped, within bounds:
+        # a worker that cannot listen must exit, or its supervisor waits for it
+        await _stop_all(runner, settings.shutdown_grace)
         raise CannotListen(e) from None
     log.info("listening on %s://%s:%d", "https" if ctx else "http", settings.host, settings.port)
     stop = asyncio.Event()
@@ -59,13 +60,21 @@ async def serve(settings, ready: asyncio.Event | None = None) -> None:
                                settings.shutdown_grace / 2)
     except Exception:
         log.exception("goodbye to clients failed")
-    try:
-        await asyncio.wait_for(runner.cleanup(), settings.shutdown_grace)
+    if await _stop_all(runner, settings.shutdown_grace):
         log.info("stopped", extra={"fields": {"elapsed_s": round(loop.time() - t0, 3)}})
+
+
+async def _stop_all(runner, grace_s: float) -> bool:
+    """The app's cleanup, then every task left, each step with a bound.
+    False when something had to be abandoned (it is logged)."""
+    clean = True
+    try:
+        await asyncio.wait_for(runner.cleanup(), grace_s)
     except asyncio.TimeoutError:
         _log_tasks("task still running at shutdown")
+        clean = False
     # cancel what is left ourselves, with a bound: the loop's own final
-    # cancellation waits forever for a task that does not end
+    # cancellation (asyncio.run's) waits forever for a task that does not end
     rest = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
     for t in rest:
         t.cancel()
@@ -73,8 +82,8 @@ async def serve(settings, ready: asyncio.Event | None = None) -> None:
         _, pending = await asyncio.wait(rest, timeout=2.0)
         if pending:
             _log_tasks("task ignored cancellation at shutdown")
-            logging.shutdown()
-            os._exit(0)
+            clean = False
+    return clean
 
 
 def _log_tasks(msg: str) -> None:
@@ -95,13 +104,21 @@ def run(settings, supervised: bool = False) -> int:
     that cannot be bound is one line on stderr (the supervisor prints it once
     for all its workers)."""
     tune_gc()
+    # Not uvloop.run: at its end it cancels the tasks left and waits for them
+    # without a bound, and serve() has already stopped everything it started
+    # within bounds; a task that ignored that must not keep the process alive.
+    loop = uvloop.new_event_loop()
+    asyncio.set_event_loop(loop)
     try:
-        uvloop.run(serve(settings))
+        loop.run_until_complete(serve(settings))
     except CannotListen as e:
         if supervised and e.error.errno == errno.EADDRINUSE:
             return EXIT_PORT_TAKEN
         print(f"realtime serve: {bind_error(settings.host, settings.port, e.error)}", file=sys.stderr)
         return EXIT_FAILED
+    finally:
+        asyncio.set_event_loop(None)
+        loop.close()
     return 0
 
 
