@@ -99,15 +99,7 @@ def applies(batch) -> None:
     assert len(rows) <= len(batch.ids)
 
 
-@FUZZ
-@given(st.one_of(st.binary(max_size=300), updates.map(lambda u: json.dumps(u, allow_nan=True).encode())),
-       st.booleans())
-def test_kafka_values_are_an_update_or_a_counted_reason(value, as_msgpack):
-    if as_msgpack:
-        try:
-            value = msgpack.packb(json.loads(value))
-        except (ValueError, TypeError, OverflowError):
-            pass
+def check_kafka_value(value: bytes, as_msgpack: bool) -> None:
     try:
         u = decode_record(value, as_msgpack)
     except Rejected as r:
@@ -118,13 +110,7 @@ def test_kafka_values_are_an_update_or_a_counted_reason(value, as_msgpack):
     applies(batch_of_records([u], CORE.vtype_code))
 
 
-@FUZZ
-@given(st.one_of(st.binary(max_size=400),
-                 st.lists(st.one_of(updates, json_values), max_size=6).map(
-                     lambda xs: json.dumps(xs, allow_nan=True).encode()),
-                 st.lists(st.one_of(updates, json_values), max_size=6).map(
-                     lambda xs: b"\n".join(json.dumps(x, allow_nan=True).encode() for x in xs))))
-def test_http_bodies_are_split_into_accepted_and_rejected_with_reasons(body):
+def check_http_body(body: bytes) -> None:
     try:
         accepted, rejected = decode_http_body(body)
     except Rejected as r:
@@ -139,13 +125,32 @@ def test_http_bodies_are_split_into_accepted_and_rejected_with_reasons(body):
         applies(to_batch([u for _, u in accepted], CORE.vtype_code))
 
 
-LOG = None
+@FUZZ
+@given(st.one_of(st.binary(max_size=300), updates.map(lambda u: json.dumps(u, allow_nan=True).encode())),
+       st.booleans())
+def test_kafka_values_are_an_update_or_a_counted_reason(value, as_msgpack):
+    if as_msgpack:
+        try:
+            value = msgpack.packb(json.loads(value))
+        except (ValueError, TypeError, OverflowError):
+            pass
+    check_kafka_value(value, as_msgpack)
 
 
 @FUZZ
-@given(st.one_of(st.text(max_size=60), st.from_regex(r"\A[0-9]{1,25}-[0-9]{1,25}\Z"),
-                 st.from_regex(r"\A[0-9\u0660-\u0669]{1,5}-[0-9]{1,3}\Z")))
-def test_any_last_event_is_placed_or_refused_as_unknown(text):
+@given(st.one_of(st.binary(max_size=400),
+                 st.lists(st.one_of(updates, json_values), max_size=6).map(
+                     lambda xs: json.dumps(xs, allow_nan=True).encode()),
+                 st.lists(st.one_of(updates, json_values), max_size=6).map(
+                     lambda xs: b"\n".join(json.dumps(x, allow_nan=True).encode() for x in xs))))
+def test_http_bodies_are_split_into_accepted_and_rejected_with_reasons(body):
+    check_http_body(body)
+
+
+LOG = None
+
+
+def check_last_event(text: str) -> None:
     """What a client puts in last_event reaches the log lookup only as an id it can hold."""
     global LOG
     if LOG is None:
@@ -158,6 +163,39 @@ def test_any_last_event_is_placed_or_refused_as_unknown(text):
         ms, seq = after.split("-")
         assert ms.isascii() and int(ms) < 2 ** 64 and int(seq) < 2 ** 64
     assert after in (None, text, "0-0") and (not recovered or after == text)
+
+
+@FUZZ
+@given(st.one_of(st.text(max_size=60), st.from_regex(r"\A[0-9]{1,25}-[0-9]{1,25}\Z"),
+                 st.from_regex(r"\A[0-9\u0660-\u0669]{1,5}-[0-9]{1,3}\Z")))
+def test_any_last_event_is_placed_or_refused_as_unknown(text):
+    check_last_event(text)
+
+
+def test_the_atheris_target_runs(tmp_path):
+    """fuzz_atheris.py, coverage-guided, over the same decoders and checks:
+    briefly here; docs/fuzzing.md says how to run it for hours."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    try:
+        import atheris  # noqa: F401
+    except ImportError:
+        if os.environ.get("CI") == "true":
+            raise
+        pytest.skip("atheris is not installed (requirements-dev.txt)")
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i, seed in enumerate([b'\x00{"type":"subscribe","subscriptions":{"vehicles":["a"]}}',
+                              b'\x02{"vehicle_id":"v","timestamp":1,"position":{"lat":1,"lon":2}}',
+                              b'\x03[{"vehicle_id":"v","timestamp":"2024-01-01T00:00:00Z","position":{"lat":1,"lon":2}}]',
+                              b"\x041700000000000-0"]):
+        (corpus / f"seed{i}").write_bytes(seed)
+    here = Path(__file__).parent
+    p = subprocess.run([sys.executable, str(here / "fuzz_atheris.py"), "-runs=4000", "-max_len=2048",
+                        str(corpus)], cwd=here.parent, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "Done 4000 runs" in p.stderr, p.stderr[-3000:]
 
 
 # ---------------------------------------------------------------- a running server
