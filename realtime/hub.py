@@ -25,6 +25,7 @@ from .ingest.decode import to_batch
 from .latency import Histogram
 from .loadmon import LoadMonitor
 from .messages import Subscribe
+from . import replay
 from .recent import Recent, RecentEvents
 from .session import Session
 from .stores.base import Event
@@ -82,6 +83,7 @@ class Hub:
         self.records = NoRecords()   # PostgreSQL (app.py sets it with --postgres)
         self.last_eid: str | None = None   # the newest event handed to the core
         self.recent = RecentEvents()       # the newest events read from the log, for replays
+        self.store_replays = asyncio.Semaphore(replay.STORE_REPLAYS)   # replays reading the stores
         self._bg: set[asyncio.Task] = set()
         self._per_ip: dict[str, int] = {}
         self._per_user: dict[str, int] = {}
@@ -294,8 +296,8 @@ class Hub:
         if s.cells is not None:
             s.cells = [None]  # resend the clusters at the next refresh
         s.send_batch(self.core.envelope, self.batch_id(), body)
-        if held:
-            s.send_batch(self.core.envelope, self.batch_id(), self.core.body_of(s.fmt, held))
+        for part in replay.batches(held):   # at most 1,000 messages and 1 MiB each (§3.4)
+            s.send_batch(self.core.envelope, self.batch_id(), self.core.body_of(s.fmt, part))
         if s.transport.congested:
             self._conflate(s)
 
@@ -304,21 +306,38 @@ class Hub:
 
     # ------------------------------------------------------------ sessions
     def admit(self, s: Session) -> str | None:
-        """Why this connection may not open (per-IP and per-user limits), or None."""
+        """Why this connection may not open (per-IP and per-user limits), or
+        None: then it counts against both limits at once, before the awaits
+        of the connect path (a burst could otherwise pass the check together),
+        until unadmit()."""
         st = self.settings
         if self._per_ip.get(s.peer, 0) >= st.max_connections_per_ip:
             return f"more than {st.max_connections_per_ip} connections from this address"
         if self._per_user.get(s.claims.sub, 0) >= st.max_connections_per_user:
             return f"more than {st.max_connections_per_user} connections for this user"
+        s.counted = (s.peer, s.claims.sub)
+        self._per_ip[s.peer] = self._per_ip.get(s.peer, 0) + 1
+        self._per_user[s.claims.sub] = self._per_user.get(s.claims.sub, 0) + 1
         return None
+
+    def unadmit(self, s: Session) -> None:
+        """Release what admit() counted; once, whatever the way out."""
+        if s.counted is None:
+            return
+        peer, user = s.counted
+        s.counted = None
+        for counts, key in ((self._per_ip, peer), (self._per_user, user)):
+            n = counts.get(key, 1) - 1
+            if n:
+                counts[key] = n
+            else:
+                counts.pop(key, None)
 
     def attach(self, s: Session) -> None:
         c = s.claims
         s.row = self.core.add_client(s.fmt, c.view_all, c.vehicles, c.groups, c.contacts)
         self.sessions[s.row] = s
         self.outlets[s.row] = s.transport
-        self._per_ip[s.peer] = self._per_ip.get(s.peer, 0) + 1
-        self._per_user[c.sub] = self._per_user.get(c.sub, 0) + 1
 
     def detach(self, s: Session) -> None:
         self.conflating.discard(s)
@@ -327,12 +346,7 @@ class Hub:
             del self.outlets[s.row]
             self.core.remove_client(s.row)
             s.row = -1
-            for counts, key in ((self._per_ip, s.peer), (self._per_user, s.claims.sub)):
-                n = counts.get(key, 1) - 1
-                if n:
-                    counts[key] = n
-                else:
-                    counts.pop(key, None)
+        self.unadmit(s)
 
     def subscribe(self, s: Session, msg, reply: bool = True) -> None:
         self.flush()
@@ -403,19 +417,24 @@ class Hub:
     def save_session(self, s: Session) -> None:
         self.spawn(self.stores.save_session(s.session_id, self.session_record(s)))
 
-    def resume(self, s: Session, record: dict) -> None:
-        """Restore a stored subscription for a resuming client: its `full`
-        snapshot goes out now. Synchronous: nothing is delivered in between."""
+    def stored_subscription(self, s: Session, record: dict):
+        """(the stored subscription as a Subscribe, or None; whether it could
+        be read). One written by another version, or by hand, cannot."""
+        if record.get("subscription") is None:
+            return None, True
+        try:
+            return msgspec.convert({"type": "subscribe", "subscriptions": record["subscription"] or {},
+                                    "filters": record.get("filters") or {}}, Subscribe), True
+        except (msgspec.ValidationError, TypeError, AttributeError) as e:
+            log.warning("stored subscription unreadable; resuming without it",
+                        extra={"fields": {"client": s.client_id, "error": str(e)[:200]}})
+            return None, False
+
+    def resume(self, s: Session, msg) -> None:
+        """Restore a stored subscription (stored_subscription's) for a resuming
+        client: its `full` snapshot goes out now. Synchronous: nothing is
+        delivered in between."""
         self.flush()
-        msg = None
-        if record.get("subscription") is not None:
-            try:
-                msg = msgspec.convert({"type": "subscribe", "subscriptions": record["subscription"] or {},
-                                       "filters": record.get("filters") or {}}, Subscribe)
-            except (msgspec.ValidationError, TypeError, AttributeError) as e:
-                # written by another version, or by hand: resume without it
-                log.warning("stored subscription unreadable; resuming without it",
-                            extra={"fields": {"client": s.client_id, "error": str(e)[:200]}})
         if msg is not None:
             self.subscribe(s, msg, reply=False)
         else:
@@ -552,14 +571,17 @@ class Hub:
         for s in list(self.sessions.values()):
             if s.closed:
                 continue
-            if s.token_claims.exp <= wall:
-                s.close(4001, "token expired")
-                continue
-            self.warn_expiry(s, wall)
-            if not s.transport.keepalive(now, st.heartbeat_s, timeout):
-                self.stats.pong_timeouts += 1
-                self.records.event("heartbeat_timeout", s.client_id, None, timeout_s=timeout)
-                s.close(1011, f"no pong for {timeout:g} s")
+            try:
+                if s.token_claims.exp <= wall:
+                    s.close(4001, "token expired")
+                    continue
+                self.warn_expiry(s, wall)
+                if not s.transport.keepalive(now, st.heartbeat_s, timeout):
+                    self.stats.pong_timeouts += 1
+                    self.records.event("heartbeat_timeout", s.client_id, None, timeout_s=timeout)
+                    s.close(1011, f"no pong for {timeout:g} s")
+            except Exception as e:   # its ping could not be written: this one only
+                s.write_failed(e)
 
     def warn_expiry(self, s: Session, wall: float) -> None:
         """`token_expiring` once per token, --token-expiry-warning-s ahead; at

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+from contextlib import aclosing
 
 from .recent import Recent
 
@@ -27,6 +28,7 @@ MAX_MESSAGES = 1000
 MAX_BYTES = 1 << 20
 ENVELOPE_ROOM = 512        # batch_id, seq and the JSON or msgpack around the messages
 PAGE = 1000                # events read from the log at once
+STORE_REPLAYS = 4         # replays reading the log from the stores at once, per worker (Hub.store_replays)
 RETRIES = (0.5, 1.0, 2.0)  # a failed read is retried after these pauses, then the client is closed
 EID = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
 U64 = 2 ** 64
@@ -75,16 +77,33 @@ async def run(hub, s, after: str | None, upto: str | None) -> None:
         hub.replay_done(s)
 
 
+def batches(pieces: list[bytes]):
+    """Encoded messages in runs of at most MAX_MESSAGES and MAX_BYTES (with
+    room for the envelope): the held events a catch-up sends after a replay
+    or a slow spell."""
+    part: list[bytes] = []
+    size = 0
+    for piece in pieces:
+        if part and (len(part) >= MAX_MESSAGES or size + len(piece) > MAX_BYTES - ENVELOPE_ROOM):
+            yield part
+            part, size = [], 0
+        part.append(piece)
+        size += len(piece) + 1
+    if part:
+        yield part
+
+
 async def _send_all(hub, s, after: str, upto: str) -> None:
     pieces: list[bytes] = []
     size = 0
-    async for page in _pages(hub, s, after, upto):
-        for piece in hub.event_pieces_for(s, page):
-            if pieces and (len(pieces) >= MAX_MESSAGES or size + len(piece) > MAX_BYTES - ENVELOPE_ROOM):
-                await _send(hub, s, pieces)
-                pieces, size = [], 0
-            pieces.append(piece)
-            size += len(piece) + 1
+    async with aclosing(_pages(hub, s, after, upto)) as pages:   # a store slot is released at once
+        async for page in pages:
+            for piece in hub.event_pieces_for(s, page):
+                if pieces and (len(pieces) >= MAX_MESSAGES or size + len(piece) > MAX_BYTES - ENVELOPE_ROOM):
+                    await _send(hub, s, pieces)
+                    pieces, size = [], 0
+                pieces.append(piece)
+                size += len(piece) + 1
     if pieces and not s.closed:
         await _send(hub, s, pieces)
 
@@ -100,15 +119,18 @@ async def _pages(hub, s, after: str, upto: str):
                 return
             yield kept[i:i + PAGE]
         return
-    cursor = after
-    while not s.closed:
-        page = await _read(hub.stores, cursor, upto)
-        if not page:
-            return
-        cursor = page[-1].eid
-        yield [Recent(ev, None) for ev in page]
-        if cursor == upto:
-            return
+    # Reading the log is the expensive kind (a `last_event` older than the
+    # log reads all of it): a few at a time per worker, the rest wait.
+    async with hub.store_replays:
+        cursor = after
+        while not s.closed:
+            page = await _read(hub.stores, cursor, upto)
+            if not page:
+                return
+            cursor = page[-1].eid
+            yield [Recent(ev, None) for ev in page]
+            if cursor == upto:
+                return
 
 
 async def _read(stores, cursor: str, upto: str):

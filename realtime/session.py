@@ -60,7 +60,7 @@ class Session:
     __slots__ = ("transport", "claims", "fmt", "row", "client_id", "session_id",
                  "limiter", "connected_at", "expiry_warned", "kind",
                  "peer", "_closed", "view", "cells", "token_claims", "subscription", "last_ping",
-                 "_known", "held", "close_reason", "replaying", "acl")
+                 "_known", "held", "close_reason", "replaying", "acl", "counted")
 
     def __init__(self, transport, claims: Claims, fmt: int, rate: float, kind: str = "websocket",
                  peer: str = ""):
@@ -92,6 +92,7 @@ class Session:
         # and the catch-up waits until the replay is done
         self.replaying = False
         self.close_reason = ""
+        self.counted = None       # (peer, user) while it counts against the limits (Hub.admit)
 
     @property
     def show_alerts(self) -> bool:

@@ -11,6 +11,7 @@ import json
 import types
 
 import aiohttp
+import websockets
 import pytest
 from aiohttp import web
 
@@ -115,3 +116,25 @@ async def test_a_reply_write_that_raises_closes_that_client_only(inproc, uid):
     assert (await other.recv_type("pong"))["id"] == "p2"
     await other.close()
     await victim.close()
+
+
+async def test_a_resume_past_what_this_instance_read_is_refused_not_repeated(inproc, uid):
+    """A client that got further in the log than this instance has read
+    (its tail is behind) is told to try again (1013): a replay would be empty
+    and the events in between would reach it a second time."""
+    hub = inproc.hub
+    c = await Client.connect(inproc, token())
+    w = await c.recv_type("welcome")
+    await inproc.ingest([update(uid)])
+    await c.subscribe(subscriptions={"vehicles": [uid]})
+    for n in range(2):
+        await hub.stores.publish_event(uid, "e", {"n": n}, 0, False)
+    got = await c.wait_messages(lambda m: m.get("t") == "event" and m["d"]["n"] == 1)
+    last = [m for m in got if m.get("t") == "event"][-1]["eid"]
+    await c.close()
+    behind = [m for m in got if m.get("t") == "event"][0]["eid"]
+    hub.last_eid = behind             # as if this instance's tail lagged
+    c2 = await Client.connect(inproc, token(), f"resume={w['session']}&last_event={last}")
+    with pytest.raises(websockets.ConnectionClosed) as e:
+        await c2.recv_type("welcome", timeout=10)
+    assert e.value.rcvd.code == 1013 and "behind the event log" in e.value.rcvd.reason

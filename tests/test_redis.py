@@ -315,10 +315,11 @@ async def test_named_vehicles_unknown_here_are_read_from_redis_at_once(rserver, 
 
 
 async def kill_connections_of(r, instance: str) -> int:
-    """CLIENT KILL every connection an instance has to Redis (they are named)."""
+    """CLIENT KILL every connection an instance has to Redis (they are named:
+    the shared pool's, and the listening ones of the log's tail and Pub/Sub)."""
     killed = 0
     for c in await r.client_list():
-        if c.get("name") == f"realtime:{instance}":
+        if c.get("name") in (f"realtime:{instance}", f"realtime:{instance}:listen"):
             try:
                 killed += bool(await r.execute_command("CLIENT", "KILL", "ID", c["id"]))
             except aioredis.ResponseError:
@@ -631,10 +632,13 @@ async def test_an_instance_keeps_its_shared_connection_sets_in_step(rserver, r, 
     whose entry is missing, are both put right by the instance's presence loop."""
     s2 = Server("--simulate", "0", "--redis", rserver.redis_url, "--instance-timeout-s", "3")
     try:
+        ingest(s2, [update(uid + "live")])
         c = await Client.connect(s2, token(sub=uid + "u"))
         w = await c.recv_type("welcome")
+        await c.subscribe(subscriptions={"vehicles": [uid + "live"]})
         users = f"user:connections:{uid}u"
         assert await eventually(lambda: r.sismember(users, w["client"]))
+        assert await eventually(lambda: r.sismember(f"subscribers:vehicle:{uid}live", w["client"]))
         p = await _presence_of(r, s2)
         # as if a close had failed: an entry for a connection that is gone
         await r.hset(f"instance:clients:{p}", "c_gone", uid + "u")
@@ -644,11 +648,14 @@ async def test_an_instance_keeps_its_shared_connection_sets_in_step(rserver, r, 
         # as if the open had failed: the live connection's entries are missing
         await r.hdel(f"instance:clients:{p}", w["client"])
         await r.srem(users, w["client"])
+        await r.delete(f"subscriptions:client:{w['client']}", f"subscribers:vehicle:{uid}live")
 
         async def in_step():
             return (await r.smembers(users) == {w["client"]}
                     and not await r.exists(f"subscribers:vehicle:{uid}v", "subscriptions:client:c_gone")
-                    and await r.hgetall(f"instance:clients:{p}") == {w["client"]: uid + "u"})
+                    and await r.hgetall(f"instance:clients:{p}") == {w["client"]: uid + "u"}
+                    and await r.smembers(f"subscriptions:client:{w['client']}") == {uid + "live"}
+                    and await r.smembers(f"subscribers:vehicle:{uid}live") == {w["client"]})
         assert await eventually(in_step, timeout=10)
         await c.close()
         # and a graceful stop takes the instance's entries with it
@@ -690,3 +697,34 @@ async def test_session_records_land_in_the_order_they_were_made(rserver, r, uid)
     assert await eventually(all_subscribed, timeout=5)
     for c in clients:
         await c.close()
+
+
+async def test_an_unreadable_log_entry_or_event_never_stops_the_log(rserver, r, uid):
+    """An entry nobody can deliver (written by hand, another version) is
+    skipped and counted, and an instant event that could not be delivered
+    (NaN, an integer msgpack cannot carry, too big) is refused at the door:
+    the events after them still arrive."""
+    vid = uid + "v"
+    ingest(rserver, [update(vid)])
+    c = await Client.connect(rserver, token())
+    await c.subscribe(subscriptions={"vehicles": [vid]})
+    before = metric_value(rserver, "ingest_rejected_total")
+    await r.xadd("events:stream", {"v": vid, "e": "broken", "d": "{}", "ts": "not a number", "a": "0"})
+    for body in ('{"type":"huge","n":100000000000000000000}', '{"type":"nan","x":NaN}',
+                 json.dumps({"type": "big", "pad": "x" * 20000}), '[1, 2]'):
+        await r.publish(f"vehicle:events:{vid}", body)
+    await r.publish(f"vehicle:events:{vid}", json.dumps({"type": "after"}))
+    seen = await c.wait_messages(lambda m: m.get("e") == "after", timeout=10)
+    assert [m["e"] for m in seen if m["t"] == "event"] == ["after"]
+    assert metric_value(rserver, "ingest_rejected_total") - before >= 5
+    await c.close()
+
+
+@pytest.mark.parametrize("stored", ["[1, 2]", "not json", '"a string"'])
+async def test_a_stored_session_nobody_can_read_is_an_unknown_session(rserver, r, uid, stored):
+    """Not "try again" for the hour the record lives, and never a crash."""
+    await r.set(f"session:{uid}", stored, ex=60)
+    c = await Client.connect(rserver, token(), f"resume={uid}&last_event=1-0")
+    w = await c.recv_type("welcome")
+    assert w["resumed"] is False and w["recovered"] is False and w["session"] != uid
+    await c.close()

@@ -94,12 +94,15 @@ class Presence:
         self.ops += n
 
     # ------------------------------------------------------------ every every_s
-    async def beat(self, live: dict[str, str]) -> None:
-        """Renew the heartbeat, bring this instance's hash in step with `live`
-        (client id -> user id, its open connections), and sweep dead instances."""
-        now_ms = int(time.time() * 1000)
+    async def beat(self, live) -> None:
+        """Renew the heartbeat, bring this instance's hash in step with
+        live() (client id -> (user id, subscribed vehicles) of its open
+        connections), and sweep dead instances. Times are Redis's own
+        (TIME), so that hosts whose clocks differ never sweep a live one."""
+        sec, usec = await self.r.time()
+        now_ms = sec * 1000 + usec // 1000
         await self.r.zadd(INSTANCES, {self.id: now_ms})
-        self.ops += 1
+        self.ops += 2
         await self._reconcile_own(live)
         dead = await self.r.zrangebyscore(INSTANCES, "-inf", now_ms - int(self.timeout_s * 1000))
         self.ops += 1
@@ -107,30 +110,37 @@ class Presence:
             if presence != self.id:
                 await self.sweep(presence)
 
-    async def _reconcile_own(self, live: dict[str, str]) -> None:
+    async def _reconcile_own(self, live) -> None:
         key = clients_key(self.id)
-        gone: list[tuple[str, str]] = []
-        held: set[str] = set()
+        held: dict[str, str] = {}
         async for client, user in self.r.hscan_iter(key, count=CHUNK):
-            client = _s(client)
-            held.add(client)
-            if client not in live:
-                gone.append((client, _s(user)))
+            held[_s(client)] = _s(user)
         self.ops += 1 + len(held) // CHUNK
-        # a connection opened or closed during the scan is caught next time;
-        # removing one twice, or adding one that just closed, is harmless
+        # which connections are open is asked now, after the scan: one that
+        # opened meanwhile is live (not gone), one that closed meanwhile has
+        # its own removal running; removing one twice is harmless
+        now = live()
+        gone = [(c, u) for c, u in held.items() if c not in now]
         for i in range(0, len(gone), CHUNK):
             await self.forget(self.id, gone[i:i + CHUNK])
         self.swept += len(gone)
-        missing = [(c, u) for c, u in live.items() if c not in held]
+        missing = [(c, uv) for c, uv in now.items() if c not in held]
         for i in range(0, len(missing), CHUNK):
+            # an open whose write failed: its entries, and its subscriptions
             pipe = self.r.pipeline(transaction=False)
             part = missing[i:i + CHUNK]
-            pipe.hset(clients_key(self.id), mapping=dict(part))
-            for client, user in part:
+            pipe.hset(key, mapping={c: u for c, (u, _) in part})
+            n = 1
+            for client, (user, vehicles) in part:
                 pipe.sadd(f"user:connections:{user}", client)
+                n += 1
+                if vehicles:
+                    pipe.sadd(f"subscriptions:client:{client}", *vehicles)
+                    for v in vehicles:
+                        pipe.sadd(f"subscribers:vehicle:{v}", client)
+                    n += 1 + len(vehicles)
             await pipe.execute()
-            self.ops += 1 + len(part)
+            self.ops += n
 
     async def sweep(self, presence: str) -> None:
         """Remove every connection of a dead instance. The lease keeps two
@@ -159,7 +169,7 @@ class Presence:
         log.info("connections of a dead instance removed", extra={"fields": {
             "instance": presence, "connections": n, "by": self.id}})
 
-    async def leave(self, live: dict[str, str]) -> None:
+    async def leave(self, live) -> None:
         """At a graceful stop: every connection of this instance is closed by
         now, so the hash is emptied as for a dead instance, and the entry goes."""
         await self._reconcile_own(live)

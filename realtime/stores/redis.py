@@ -55,6 +55,8 @@ RECONCILE_EVERY_S = 5.0
 WRITE_SLICE = 1000
 RECONCILE_SLICE = 500
 DEDUPE_MS = 5000
+SESSION_RETRIES = (0.5, 1.0, 2.0)   # a session write that fails is tried again after these pauses
+MAX_EVENT_BYTES = 16 * 1024   # an instant event's body, as published (PROTOCOL §1.2)
 LOCAL_KEYS_MAX = 10_000   # events delivered locally during one outage that are remembered
 LOCAL_KEYS_S = 600.0      # and for how long
 ACLS_KEPT = 100_000       # users whose last-read ACL is remembered (least recently read go first)
@@ -136,6 +138,13 @@ class RedisStores:
             socket_timeout=5, socket_connect_timeout=3, health_check_interval=10,
             client_name=f"realtime:{instance_id}")
         self.r = aioredis.Redis(connection_pool=pool)
+        # The log's tail and the Pub/Sub link hold a connection for as long
+        # as they listen: on their own small pool, so that a burst that
+        # exhausts the shared one never stalls them (nor marks Redis down)
+        self.r_listen = aioredis.Redis(connection_pool=aioredis.BlockingConnectionPool.from_url(
+            settings.redis, max_connections=4, timeout=settings.redis_pool_timeout_s,
+            socket_timeout=5, socket_connect_timeout=3, health_check_interval=10,
+            client_name=f"realtime:{instance_id}:listen"))
         self.hub = None
         # None until a loop has reached Redis; False once it has failed: then
         # connects do not wait for it (see acl, load_session, resolve_*)
@@ -187,7 +196,7 @@ class RedisStores:
         # and this instance's connections leave the shared sets now, not when
         # a survivor notices it is gone
         try:
-            await asyncio.wait_for(self.presence.leave(self._live()), 2)
+            await asyncio.wait_for(self.presence.leave(self._live), 2)
         except Exception:
             pass
         for t in self._tasks:
@@ -197,10 +206,11 @@ class RedisStores:
                 await t
             except (asyncio.CancelledError, Exception):
                 pass
-        try:
-            await self.r.aclose()
-        except Exception:
-            pass
+        for r in (self.r, self.r_listen):
+            try:
+                await r.aclose()
+            except Exception:
+                pass
 
     async def _forever(self, name, fn) -> None:
         backoff = 0.2
@@ -277,18 +287,28 @@ class RedisStores:
         self.healthy = True
         trim_at = time.monotonic()
         while True:
-            res = await self.r.xread({STREAM: last_id}, count=1000, block=1000)
+            res = await self.r_listen.xread({STREAM: last_id}, count=1000, block=1000)
             self._ops += 1
             for _, entries in res or ():
                 for eid, f in entries:
                     last_id = _s(eid)
-                    key = _s(f.get(b"k", b""))
-                    if key:
-                        if self._local_keys.pop(key):
-                            self.hub.logged(self._event(eid, f))   # delivered here already, with a local id
-                            continue
-                        self._logged_keys.add(key)
-                    self.hub.deliver_event(self._event(eid, f))
+                    try:
+                        ev = self._event(eid, f)
+                        key = _s(f.get(b"k", b""))
+                        if key:
+                            if self._local_keys.pop(key):
+                                self.hub.logged(ev)   # delivered here already, with a local id
+                                continue
+                            self._logged_keys.add(key)
+                        self.hub.deliver_event(ev)
+                    except Exception as e:
+                        # one entry that cannot be read (written by hand, or by
+                        # another version) must not stop the log for everyone:
+                        # the tail restarts from the last entry it delivered
+                        self.hub.last_eid = last_id
+                        self.hub.stats.reject("invalid_log_entry")
+                        log.warning("event log entry skipped: unreadable", extra={"fields": {
+                            "eid": last_id, "error": repr(e)[:200]}})
             if time.monotonic() >= trim_at:
                 trim_at = time.monotonic() + 60
                 cutoff = int((time.time() - EVENT_RETENTION_S * 1.5) * 1000)
@@ -308,7 +328,7 @@ class RedisStores:
         return [self._event(i, f) for i, f in entries]
 
     async def _pubsub(self) -> None:
-        ps = self.r.pubsub(ignore_subscribe_messages=True)
+        ps = self.r_listen.pubsub(ignore_subscribe_messages=True)
         try:
             await ps.psubscribe("vehicle:events:*")
             await ps.subscribe("acl:updates", RELAY)
@@ -334,11 +354,18 @@ class RedisStores:
             await ps.aclose()
 
     async def _instant_event(self, vehicle_id: str, data) -> None:
+        # what enters the log must be deliverable to every client: a JSON
+        # object of bounded size, no NaN or Infinity (not JSON for clients),
+        # no integer msgpack cannot carry
+        if len(data) > MAX_EVENT_BYTES:
+            self.hub.stats.reject("event_too_large")
+            return
         try:
-            obj = json.loads(data)
+            obj = json.loads(data, parse_constant=_no_constant)
             if not isinstance(obj, dict):
                 raise ValueError
-        except ValueError:
+            msgpack.packb(obj)
+        except (ValueError, TypeError, OverflowError, RecursionError):
             self.hub.stats.reject("invalid_event")
             return
         etype = str(obj.pop("type", "event"))[:64]
@@ -357,12 +384,15 @@ class RedisStores:
             self.healthy = False
 
     def _relayed(self, data) -> None:
+        """Another worker's HTTP-ingested updates (validated there). One that
+        cannot be applied is counted, never a reason to drop the Pub/Sub link."""
         try:
             msg = msgpack.unpackb(data)
-        except Exception:
-            return
-        if msg.get("o") != self.hub.instance_id:
-            self.hub.apply_updates(msg.get("u") or [])
+            if msg.get("o") != self.hub.instance_id:
+                self.hub.apply_updates(msg.get("u") or [])
+        except Exception as e:
+            self.hub.stats.reject("invalid_relay")
+            log.warning("relayed updates skipped: unreadable", extra={"fields": {"error": repr(e)[:200]}})
 
     # ---------------------------------------------------------------- vehicle state
     def changed(self, rows) -> None:
@@ -590,16 +620,25 @@ class RedisStores:
         if busy:
             return   # the write in flight for this session writes this one next
         try:
+            pauses = iter(SESSION_RETRIES)
             while True:
-                await self.r.set(f"session:{session_id}", raw, ex=SESSION_TTL_S)
+                try:
+                    await self.r.set(f"session:{session_id}", raw, ex=SESSION_TTL_S)
+                except _DOWN:
+                    pause = next(pauses, None)
+                    if pause is None:
+                        raise
+                    await asyncio.sleep(pause)   # the newest record is written on the retry
+                    raw = latest[session_id]
+                    continue
                 self._ops += 1
                 if latest[session_id] is raw:
                     del latest[session_id]
                     return
                 raw = latest[session_id]
         except BaseException:
-            # bounded: nothing is kept for a session whose write failed; its
-            # next save (a ping, a subscribe) writes it whole
+            # bounded: after the retries nothing is kept for the session; its
+            # next save (a ping, a subscribe), or the next connect, writes it whole
             latest.pop(session_id, None)
             raise
 
@@ -608,7 +647,7 @@ class RedisStores:
             raise StoresUnavailable("Redis is unreachable")
         raw = await self.r.get(f"session:{session_id}")
         self._ops += 1
-        return json.loads(raw) if raw else None
+        return _session_record(session_id, raw)
 
     async def client_opened(self, user_id, client_id) -> None:
         await self.presence.opened(user_id, client_id)
@@ -617,18 +656,19 @@ class RedisStores:
         # if this fails (Redis down), the presence loop removes it later
         await self.presence.closed(user_id, client_id, vehicles)
 
-    def _live(self) -> dict[str, str]:
-        """client id -> user id of every connection open here."""
+    def _live(self) -> dict[str, tuple[str, list]]:
+        """client id -> (user id, subscribed vehicles) of every connection open here."""
         hub = self.hub
         if hub is None:
             return {}
-        return {s.client_id: s.claims.sub for s in hub.sessions.values() if not s.closed}
+        return {s.client_id: (s.claims.sub, ((s.subscription or {}).get("subscriptions") or {}).get("vehicles") or [])
+                for s in hub.sessions.values() if not s.closed}
 
     async def _presence(self) -> None:
         """stores/presence.py: heartbeat, this instance's connections kept in
         step, dead instances' connections removed."""
         while True:
-            await self.presence.beat(self._live())
+            await self.presence.beat(self._live)
             await asyncio.sleep(self.presence.every_s)
 
     async def set_client_vehicles(self, client_id, old, new) -> None:
@@ -696,7 +736,7 @@ class RedisStores:
         raw = res[1]
         if isinstance(raw, Exception):
             raise StoresUnavailable(f"session cannot be read: {raw!r}"[:200], why="the session cannot be resumed now")
-        record = json.loads(raw) if raw else None
+        record = _session_record(session_id, raw)
         return acl, record, (_where(eid, res[2], res[3]) if eid and record is not None else None)
 
     def _acl_when_down(self, user_id, e) -> dict | None:
@@ -733,6 +773,25 @@ def _where(eid: str, found, first) -> str:
     if not first or eid_key(eid) < eid_key(_s(first[0][0])):
         return "older"
     return "unknown"
+
+
+def _session_record(session_id: str, raw) -> dict | None:
+    """A stored session, or None (an unknown session) for one nobody can read:
+    a client must not be told "try again" for an hour over a broken record."""
+    if not raw:
+        return None
+    try:
+        record = json.loads(raw)
+    except ValueError:
+        record = None
+    if not isinstance(record, dict):
+        log.warning("stored session unreadable; treated as unknown", extra={"fields": {"session": session_id}})
+        return None
+    return record
+
+
+def _no_constant(name):
+    raise ValueError(f"{name} is not JSON")
 
 
 def _num(v):
