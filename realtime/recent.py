@@ -20,7 +20,14 @@ from typing import NamedTuple
 
 from .stores.base import Event, eid_key
 
-MAX_EVENTS = 10_000    # ~6 MB: both encodings of 10,000 events
+MAX_EVENTS = 10_000    # ~6 MB: both encodings of 10,000 typical events
+MAX_BYTES = 64 << 20   # and never more than this, however big the events
+
+
+def _size(item: "Recent") -> int:
+    if item.pieces is not None:
+        return len(item.pieces[0]) + len(item.pieces[1]) + 200
+    return len(str(item.ev.body)) + 200
 
 
 class Recent(NamedTuple):
@@ -33,6 +40,8 @@ class RecentEvents:
         self.max = max_events
         self._keys: list[tuple[int, int]] = []
         self._items: list[Recent] = []
+        self._sizes: list[int] = []
+        self.nbytes = 0   # the kept events' encodings (or bodies), roughly
 
     def add(self, item: Recent) -> None:
         key = eid_key(item.ev.eid)
@@ -40,13 +49,25 @@ class RecentEvents:
             return   # not newer: the log is read once, in order; never out of order here
         self._keys.append(key)
         self._items.append(item)
-        if len(self._keys) > 2 * self.max:   # trimmed in steps: amortised O(1) per event
-            del self._keys[:-self.max]
-            del self._items[:-self.max]
+        self._sizes.append(_size(item))
+        self.nbytes += self._sizes[-1]
+        if len(self._keys) > 2 * self.max or self.nbytes > MAX_BYTES:
+            # trimmed in steps (amortised O(1) per event): to max events, and
+            # to half the byte bound (events may be up to 16 KiB each)
+            drop = max(len(self._keys) - self.max, 0)
+            while drop < len(self._keys) and self.nbytes - sum(self._sizes[:drop]) > MAX_BYTES // 2:
+                drop += max(1, len(self._keys) // 8)
+            drop = min(drop, len(self._keys))
+            self.nbytes -= sum(self._sizes[:drop])
+            del self._keys[:drop]
+            del self._items[:drop]
+            del self._sizes[:drop]
 
     def clear(self) -> None:
         self._keys.clear()
         self._items.clear()
+        self._sizes.clear()
+        self.nbytes = 0
 
     def __len__(self) -> int:
         return len(self._keys)

@@ -63,3 +63,17 @@ def test_recent_events_serve_a_replay_only_when_they_cover_it():
     assert [x.ev.eid for x in r.between("50-0", "70-0")] == ["60-0", "70-0"]
     r.clear()                                          # the log was reset
     assert r.between("50-0", "70-0") is None
+
+
+def test_recent_events_are_bounded_in_bytes_too():
+    from realtime import recent
+    from realtime.recent import Recent, RecentEvents
+    from realtime.stores.base import Event
+    r = RecentEvents(max_events=100_000)
+    big = b"x" * (16 * 1024)
+    for ms in range(1, 6000):
+        r.add(Recent(Event(f"{ms}-0", "v", "e", {}, ms, False), (big, big)))
+        assert r.nbytes <= recent.MAX_BYTES + 2 * len(big) + 200
+    assert 0 < len(r) < 6000
+    newest = r.between(f"{5999 - len(r) + 1}-0", "5999-0")
+    assert newest is not None and [x.ev.eid for x in newest][-1] == "5999-0"
