@@ -17,13 +17,12 @@ from aiohttp import WSCloseCode, WSMsgType, hdrs, web
 from aiohttp.http import ws_ext_gen
 
 from . import deflate
+from .. import client
 from .. import messages as M
-from .. import replay
 from .._core._fanout import Outlet
 from .._core._schema import FMT_JSON, FMT_MSGPACK
-from ..auth import AuthError, Claims
+from ..auth import AuthError
 from ..session import Session
-from ..stores.base import StoresUnavailable, eid_key
 
 log = logging.getLogger("realtime.ws")
 
@@ -276,201 +275,49 @@ async def handle(request: web.Request) -> web.StreamResponse:
         await ws.close(code=WSCloseCode.POLICY_VIOLATION, message=refused.encode())
         return ws
     # the per-IP and per-user counts are taken in admit(): released on every way out
+    close_reason = "client closed"
+    opened = False
     try:
-        stores = hub.stores
-        # Rights and a resume are never skipped: without them the connection is
-        # refused with 1013 (try again), as a skipped ACL could widen rights and
-        # a skipped resume would lose events (PROTOCOL §2, §3.4).
-        # One round trip for all of it (stores.connect_reads).
-        sid = request.query.get("resume") or None
-        last_event = request.query.get("last_event")
         try:
-            acl, record, where = await stores.connect_reads(
-                claims.sub, sid, last_event if sid and replay.well_formed(last_event) else None)
-        except StoresUnavailable as e:
-            return await _try_again(ws, e.why, e)
-        except Exception as e:
-            return await _try_again(ws, "the session cannot be resumed now" if sid else "rights cannot be checked now", e)
-        s.acl = acl
-        s.claims = claims.with_acl(acl)
-        if record is not None and record.get("user_id") != claims.sub:
-            app["security_log"](request, "ws_resume_other_user", sid)
-            record = None
-        recovered, after = replay.place(where, last_event) if record is not None else (False, None)
-        if after is not None:
-            await _tail_reaches(hub, after)
-            if hub.last_eid is not None and eid_key(hub.last_eid) < eid_key(after):
-                # this instance has not read the log as far as the client got:
-                # a replay would be empty and what lies between would come again
-                return await _try_again(ws, "this instance is behind the event log",
-                                        RuntimeError(f"read up to {hub.last_eid}, client has {after}"))
-        try:
-            await stores.resolve_groups(list(s.claims.groups) + _groups_of(record))
-            await stores.resolve_vehicles(((record or {}).get("subscription") or {}).get("vehicles") or [])
-        except Exception as e:  # the next reconcile fills these in
-            log.warning("stores unavailable at connect", extra={"fields": {"error": repr(e)[:200]}})
-        # from here on synchronous until the first message: nothing is delivered in
-        # between, so the replay ends at `upto` exactly where held live events begin
-        upto = hub.last_eid
-        if record is not None:
-            s.session_id = request.query["resume"]
-        stored, readable = hub.stored_subscription(s, record) if record is not None else (None, True)
-        if record is None or (after is not None and upto is None) or not readable:
-            # no session, no log read here yet to replay from, or a subscription
-            # that cannot be restored (the replay would filter out its events)
-            recovered = False
-        # everything the connection takes from here on is released in `finally`,
-        # also when something on the way fails
-        close_reason = "client closed"
-        try:
-            hub.attach(s)
-            s.send({"type": "welcome", "client": s.client_id, "session": s.session_id,
-                    "resumed": record is not None, "recovered": recovered,
-                    "heartbeat_s": int(settings.heartbeat_s)})
-            hub.warn_expiry(s, time.time())
-            if record is not None:
-                hub.resume(s, stored)
-                if after is not None and upto is not None and after != upto:
-                    hub.hold_for_replay(s)
-                    hub.spawn(replay.run(hub, s, after, upto))
-            hub.save_session(s)
-            hub.spawn(stores.client_opened(claims.sub, s.client_id))
-            hub.records.connection_opened(claims.sub, s.client_id, s.connected_at)
-            log.info("connect", extra={"fields": {
-                "event": "connect", "user": claims.sub, "client": s.client_id, "session": s.session_id,
-                "transport": "websocket", "format": "msgpack" if fmt == FMT_MSGPACK else "json",
-                "peer": s.peer, "resumed": record is not None, "deflate": writer.deflate_from is not None}})
-            async for msg in ws:
-                writer.last_seen = time.monotonic()
-                if msg.type == WSMsgType.PING:
-                    writer.control(0xA, msg.data)
-                    continue
-                if msg.type == WSMsgType.PONG:
-                    continue
-                if msg.type in (WSMsgType.TEXT, WSMsgType.BINARY):
-                    if not s.limiter.allow():
-                        if s.limiter.persistent:
-                            close_reason = "rate limit"
-                            s.closed = True
-                            await ws.close(code=WSCloseCode.POLICY_VIOLATION, message=b"rate limit exceeded")
-                            break
-                        s.send(M.error("rate_limited", "more than %d messages/s" % settings.max_messages_per_s))
-                        continue
-                    await _dispatch(hub, authn, s, msg, settings)
-                elif msg.type == WSMsgType.ERROR:
-                    close_reason = f"error: {ws.exception()}"
+            resumed = await client.start(hub, s, request.query.get("resume") or None,
+                                        request.query.get("last_event"),
+                                        lambda kind, detail: app["security_log"](request, "ws_" + kind, detail))
+        except client.Refused as r:
+            await ws.close(code=r.code, message=r.reason.encode()[:120])
+            return ws
+        opened = True
+        log.info("connect", extra={"fields": {
+            "event": "connect", "user": claims.sub, "client": s.client_id, "session": s.session_id,
+            "transport": "websocket", "format": "msgpack" if fmt == FMT_MSGPACK else "json",
+            "peer": s.peer, "resumed": resumed, "deflate": writer.deflate_from is not None}})
+        async for msg in ws:
+            writer.last_seen = time.monotonic()
+            if msg.type == WSMsgType.PING:
+                writer.control(0xA, msg.data)
+                continue
+            if msg.type == WSMsgType.PONG:
+                continue
+            if msg.type in (WSMsgType.TEXT, WSMsgType.BINARY):
+                try:
+                    await client.command(hub, authn, s, msg.data, msg.type == WSMsgType.BINARY)
+                except client.Refused as r:
+                    close_reason = "rate limit"
+                    s.closed = True
+                    await ws.close(code=r.code, message=r.reason.encode()[:120])
                     break
-        finally:
+            elif msg.type == WSMsgType.ERROR:
+                close_reason = f"error: {ws.exception()}"
+                break
+        return ws
+    finally:
+        if opened or s.row >= 0:
             reason = s.close_reason or close_reason
             if ws.close_code is not None and not s.close_reason:
                 reason = f"{close_reason} ({ws.close_code})"
-            s.closed = True
-            hub.detach(s)
-            vehicles = ((s.subscription or {}).get("subscriptions") or {}).get("vehicles") or []
-            hub.spawn(stores.client_closed(claims.sub, s.client_id, s.session_id, vehicles))
-            hub.records.connection_closed(s.client_id, reason, s.messages_sent, s.bytes_sent)
+            client.close(hub, s, reason)
             log.info("disconnect", extra={"fields": {
                 "event": "disconnect", "user": claims.sub, "client": s.client_id,
                 "transport": "websocket", "reason": reason,
                 "duration_s": round(time.time() - s.connected_at, 3),
                 "messages": s.messages_sent, "bytes": s.bytes_sent}})
-        return ws
-    finally:
         hub.unadmit(s)
-
-
-async def _tail_reaches(hub, eid: str, timeout: float = 2.0) -> None:
-    """A client that left another instance may have seen events this one has
-    not delivered yet: wait a little for them, so that they are replayed
-    (and not sent again live after the replay)."""
-    deadline = time.monotonic() + timeout
-    while hub.last_eid is not None and eid_key(hub.last_eid) < eid_key(eid) and time.monotonic() < deadline:
-        await asyncio.sleep(0.02)
-
-
-async def _try_again(ws, why: str, e: Exception):
-    log.warning("connection refused: stores unavailable", extra={"fields": {"why": why, "error": repr(e)[:200]}})
-    await ws.close(code=CLOSE_TRY_AGAIN, message=f"{why}: try again".encode()[:120])
-    return ws
-
-
-def _groups_of(record: dict | None) -> list[str]:
-    return list(((record or {}).get("subscription") or {}).get("groups") or [])
-
-
-async def _dispatch(hub, authn, s: Session, msg, settings) -> None:
-    try:
-        m = M.parse(msg.data, msg.type == WSMsgType.BINARY)
-    except M.ProtocolError as e:
-        s.send(M.error(e.code, e.message, e.req_id))
-        return
-    kind = type(m).__name__.lower()
-    hub.stats.commands[kind] = hub.stats.commands.get(kind, 0) + 1
-    try:
-        match m:
-            case M.Subscribe():
-                n = len(m.subscriptions.vehicles) + len(m.subscriptions.groups)
-                if n > settings.max_subscription_size:
-                    s.send(M.error("bad_request", f"subscription names {n} vehicles and groups; "
-                                   f"at most {settings.max_subscription_size}", m.id))
-                    return
-                try:
-                    await hub.stores.resolve_groups(m.subscriptions.groups)
-                    await hub.stores.resolve_vehicles(m.subscriptions.vehicles)
-                except Exception:  # stores down: subscribe with the membership we know
-                    pass
-                if s.closed:
-                    return
-                hub.subscribe(s, m)
-            case M.Viewport():
-                hub.viewport(s, m)
-            case M.Unsubscribe():
-                hub.unsubscribe(s, m)
-            case M.Get():
-                _get(hub, s, m)
-            case M.Ping():
-                s.last_ping = time.time()
-                s.send(M.reply("pong", m.id, ts=int(time.time() * 1000)))
-                hub.save_session(s)
-            case M.Refresh():
-                await _refresh(hub, authn, s, m, settings)
-            case M.Auth():
-                s.send(M.error("bad_request", "already authenticated; use refresh", m.id))
-    except M.ProtocolError as e:
-        s.send(M.error(e.code, e.message, m.id))
-
-
-def _get(hub, s: Session, m) -> None:
-    if not hub.may_see(s.claims, m.vehicle):
-        s.send(M.error("forbidden", "not allowed to see this vehicle", m.id))
-        return
-    d = hub.long_form(s.claims, m.vehicle)
-    if d is None:
-        s.send(M.error("bad_request", "unknown vehicle", m.id))
-        return
-    if m.id is not None:
-        d["id"] = m.id
-    s.send(d)
-
-
-async def _refresh(hub, authn, s: Session, m, settings) -> None:
-    try:
-        claims: Claims = authn.decode(m.token)
-    except AuthError as e:
-        s.send(M.error("unauthorized", str(e), m.id))
-        return
-    if claims.sub != s.claims.sub:
-        s.send(M.error("forbidden", "a refreshed token must be for the same user", m.id))
-        return
-    try:
-        s.acl = await hub.stores.acl(claims.sub)
-    except Exception:
-        pass   # rights cannot be read now: the ACL in force stays, on the new token
-    effective = claims.with_acl(s.acl)
-    s.token_claims = claims
-    if s.closed:
-        return
-    hub.set_claims(s, effective)
-    s.expiry_warned = False
-    s.send(M.reply("refreshed", m.id, exp=int(claims.exp)))
-    hub.warn_expiry(s, time.time())

@@ -1,0 +1,217 @@
+"""One client, whatever carries it (PROTOCOL §2, §3): how it opens (rights,
+resume, `welcome`, replay), each command it sends, and how it closes.
+
+The transports only move bytes: transports/websocket.py today, SSE, long
+polling and gRPC next (issue 11). Each authenticates, makes its Outlet
+(transports/base.py) and a Session, then calls `start`, `command` for every
+message, and `close`; so conflation, priorities, rights, filters, clusters,
+heartbeats, `token_expiring`, `reconnect` and `recovered` behave the same on
+every transport, as centrifuge's client.go sits apart from its transports.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from . import messages as M
+from . import replay
+from .auth import AuthError, Claims
+from .session import Session
+from .stores.base import StoresUnavailable, eid_key
+
+log = logging.getLogger("realtime.client")
+
+CLOSE_TRY_AGAIN = 1013      # rights or a resume cannot be read now: try again
+CLOSE_POLICY = 1008         # a persistent rate-limit violation
+
+
+class Refused(Exception):
+    """The connection cannot open (or must close): a close code and a reason."""
+
+    def __init__(self, code: int, reason: str):
+        super().__init__(code, reason)
+        self.code, self.reason = code, reason
+
+
+async def start(hub, s: Session, resume: str | None, last_event: str | None, security_log) -> bool:
+    """Opens an admitted session (Hub.admit): rights and the stored session in
+    one round trip, then `welcome`, the resumed subscription's snapshot and the
+    replay. Returns whether a session was resumed. Raises Refused before
+    anything is attached; after that the caller must call close().
+
+    Rights and a resume are never skipped: without them the connection is
+    refused with 1013 (try again), as a skipped ACL could widen rights and a
+    skipped resume would lose events (PROTOCOL §2, §3.4)."""
+    stores = hub.stores
+    claims = s.claims
+    try:
+        acl, record, where = await stores.connect_reads(
+            claims.sub, resume, last_event if resume and replay.well_formed(last_event) else None)
+    except StoresUnavailable as e:
+        raise _try_again(e.why, e) from None
+    except Exception as e:
+        raise _try_again("the session cannot be resumed now" if resume else "rights cannot be checked now",
+                         e) from None
+    s.acl = acl
+    s.claims = claims.with_acl(acl)
+    if record is not None and record.get("user_id") != claims.sub:
+        security_log("resume_other_user", resume)
+        record = None
+    recovered, after = replay.place(where, last_event) if record is not None else (False, None)
+    if after is not None:
+        await _tail_reaches(hub, after)
+        if hub.last_eid is not None and eid_key(hub.last_eid) < eid_key(after):
+            # this instance has not read the log as far as the client got:
+            # a replay would be empty and what lies between would come again
+            raise _try_again("this instance is behind the event log",
+                             RuntimeError(f"read up to {hub.last_eid}, client has {after}"))
+    try:
+        await stores.resolve_groups(list(s.claims.groups) + _groups_of(record))
+        await stores.resolve_vehicles(((record or {}).get("subscription") or {}).get("vehicles") or [])
+    except Exception as e:  # the next reconcile fills these in
+        log.warning("stores unavailable at connect", extra={"fields": {"error": repr(e)[:200]}})
+    if s.closed:
+        raise Refused(1000, "client closed")
+    # from here on synchronous: nothing is delivered in between, so the
+    # replay ends at `upto` exactly where held live events begin
+    upto = hub.last_eid
+    if record is not None:
+        s.session_id = resume
+    stored, readable = hub.stored_subscription(s, record) if record is not None else (None, True)
+    if record is None or (after is not None and upto is None) or not readable:
+        # no session, no log read here yet to replay from, or a subscription
+        # that cannot be restored (the replay would filter out its events)
+        recovered = False
+    hub.attach(s)
+    s.send({"type": "welcome", "client": s.client_id, "session": s.session_id,
+            "resumed": record is not None, "recovered": recovered,
+            "heartbeat_s": int(hub.settings.heartbeat_s)})
+    hub.warn_expiry(s, time.time())
+    if record is not None:
+        hub.resume(s, stored)
+        if after is not None and upto is not None and after != upto:
+            hub.hold_for_replay(s)
+            hub.spawn(replay.run(hub, s, after, upto))
+    hub.save_session(s)
+    hub.spawn(stores.client_opened(s.claims.sub, s.client_id))
+    hub.records.connection_opened(s.claims.sub, s.client_id, s.connected_at)
+    return record is not None
+
+
+async def command(hub, authn, s: Session, data: bytes, binary: bool) -> None:
+    """One message from the client: rate-limited, parsed, answered. Raises
+    Refused when the client must be closed (a rate limit it keeps breaking)."""
+    settings = hub.settings
+    if not s.limiter.allow():
+        if s.limiter.persistent:
+            raise Refused(CLOSE_POLICY, "rate limit exceeded")
+        s.send(M.error("rate_limited", "more than %d messages/s" % settings.max_messages_per_s))
+        return
+    await _dispatch(hub, authn, s, data, binary, settings)
+
+
+def close(hub, s: Session, reason: str) -> None:
+    """Releases everything the session took (core row, limits, shared sets)
+    and records why it closed. Safe after a failed start()."""
+    s.closed = True
+    hub.detach(s)
+    vehicles = ((s.subscription or {}).get("subscriptions") or {}).get("vehicles") or []
+    hub.spawn(hub.stores.client_closed(s.claims.sub, s.client_id, s.session_id, vehicles))
+    hub.records.connection_closed(s.client_id, reason, s.messages_sent, s.bytes_sent)
+
+
+def _try_again(why: str, e: Exception) -> Refused:
+    log.warning("connection refused: stores unavailable", extra={"fields": {"why": why, "error": repr(e)[:200]}})
+    return Refused(CLOSE_TRY_AGAIN, f"{why}: try again")
+
+
+async def _tail_reaches(hub, eid: str, timeout: float = 2.0) -> None:
+    """A client that left another instance may have seen events this one has
+    not delivered yet: wait a little for them, so that they are replayed
+    (and not sent again live after the replay)."""
+    deadline = time.monotonic() + timeout
+    while hub.last_eid is not None and eid_key(hub.last_eid) < eid_key(eid) and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+
+
+def _groups_of(record: dict | None) -> list[str]:
+    return list(((record or {}).get("subscription") or {}).get("groups") or [])
+
+
+async def _dispatch(hub, authn, s: Session, data: bytes, binary: bool, settings) -> None:
+    try:
+        m = M.parse(data, binary)
+    except M.ProtocolError as e:
+        s.send(M.error(e.code, e.message, e.req_id))
+        return
+    kind = type(m).__name__.lower()
+    hub.stats.commands[kind] = hub.stats.commands.get(kind, 0) + 1
+    try:
+        match m:
+            case M.Subscribe():
+                n = len(m.subscriptions.vehicles) + len(m.subscriptions.groups)
+                if n > settings.max_subscription_size:
+                    s.send(M.error("bad_request", f"subscription names {n} vehicles and groups; "
+                                   f"at most {settings.max_subscription_size}", m.id))
+                    return
+                try:
+                    await hub.stores.resolve_groups(m.subscriptions.groups)
+                    await hub.stores.resolve_vehicles(m.subscriptions.vehicles)
+                except Exception:  # stores down: subscribe with the membership we know
+                    pass
+                if s.closed:
+                    return
+                hub.subscribe(s, m)
+            case M.Viewport():
+                hub.viewport(s, m)
+            case M.Unsubscribe():
+                hub.unsubscribe(s, m)
+            case M.Get():
+                _get(hub, s, m)
+            case M.Ping():
+                s.last_ping = time.time()
+                s.send(M.reply("pong", m.id, ts=int(time.time() * 1000)))
+                hub.save_session(s)
+            case M.Refresh():
+                await _refresh(hub, authn, s, m, settings)
+            case M.Auth():
+                s.send(M.error("bad_request", "already authenticated; use refresh", m.id))
+    except M.ProtocolError as e:
+        s.send(M.error(e.code, e.message, m.id))
+
+
+def _get(hub, s: Session, m) -> None:
+    if not hub.may_see(s.claims, m.vehicle):
+        s.send(M.error("forbidden", "not allowed to see this vehicle", m.id))
+        return
+    d = hub.long_form(s.claims, m.vehicle)
+    if d is None:
+        s.send(M.error("bad_request", "unknown vehicle", m.id))
+        return
+    if m.id is not None:
+        d["id"] = m.id
+    s.send(d)
+
+
+async def _refresh(hub, authn, s: Session, m, settings) -> None:
+    try:
+        claims: Claims = authn.decode(m.token)
+    except AuthError as e:
+        s.send(M.error("unauthorized", str(e), m.id))
+        return
+    if claims.sub != s.claims.sub:
+        s.send(M.error("forbidden", "a refreshed token must be for the same user", m.id))
+        return
+    try:
+        s.acl = await hub.stores.acl(claims.sub)
+    except Exception:
+        pass   # rights cannot be read now: the ACL in force stays, on the new token
+    effective = claims.with_acl(s.acl)
+    s.token_claims = claims
+    if s.closed:
+        return
+    hub.set_claims(s, effective)
+    s.expiry_warned = False
+    s.send(M.reply("refreshed", m.id, exp=int(claims.exp)))
+    hub.warn_expiry(s, time.time())

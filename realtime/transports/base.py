@@ -1,0 +1,45 @@
+"""What every transport gives the client layer (realtime/client.py) and the hub.
+
+A transport carries one client's messages. It authenticates the client, makes
+an Outlet (the compiled write state in _core/_fanout.pyx: `seq`, counters,
+`limit`, `hwm`, `congested`, `closed`, `conflating`) and a Session around it,
+then hands every inbound message to client.command. Everything above the bytes
+(conflation, priorities, rights, filters, clusters, heartbeats, resume) is the
+client layer's and the hub's, the same for every transport.
+
+The hub's tick writes position batches to an Outlet in compiled code
+(_fanout.fan_out) when the transport's frames can be built there (WebSocket
+without deflate); any other Outlet sets `deflate` (the name is historical: "my
+frames are built in Python") and gets `write_batch` calls instead.
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+
+class Transport(Protocol):
+    def write(self, payload: bytes) -> int:
+        """One encoded message (JSON or msgpack, the session's format) to the
+        client, as one unit (a frame, an SSE event, a poll response entry).
+        Returns the bytes queued; 0 when the client is gone. May raise: the
+        Session closes that client alone (Session.write_failed)."""
+
+    def write_batch(self, envelope_of, batch_id: bytes, body: bytes, req_id=None) -> int:
+        """The next `batch`: seq += 1, envelope_of(fmt, batch_id, seq, req_id)
+        gives the bytes around `body`, which is shared with other clients and
+        must not be copied per client where the transport can avoid it."""
+
+    def close(self, code: int, reason: str) -> None:
+        """Close with a WebSocket-style code (PROTOCOL §3.3: 1013 resume, 1008
+        policy, 1011 error, 4001 token); other transports map it (§4)."""
+
+    def pending(self) -> int:
+        """Bytes accepted but not yet sent: the shutdown waits for 0."""
+
+    def congested_now(self) -> bool:
+        """Still over a quarter of the high-water mark: a conflating client
+        is caught up only when this is False (hysteresis)."""
+
+    def keepalive(self, now: float, every_s: float, timeout_s: float) -> bool:
+        """Heartbeat (PROTOCOL §3.3): send the transport's ping when due;
+        False when nothing came from the client for timeout_s."""
