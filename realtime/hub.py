@@ -107,13 +107,15 @@ class Hub:
         now = time.monotonic()
         rows, _ = self.core.apply(batch, now)
         self._arrivals.append((now, len(batch)))
-        self._work.set()
         self.stats.ingest_updates += len(batch)
         self.stores.changed(rows)
         for row, alert in self.core.new_alerts:
             # a new alert is an event: it goes through the event log for its eid
             ts = int(self.core.cur[row]["ts"])
             self.spawn(self.stores.publish_event(self.core.ids[row], "alert", {"alert": alert}, ts, True))
+        # woken after the alerts are on their way: with the in-memory log an
+        # alert is then in the same tick as its update, ahead of it (priority)
+        self._work.set()
         return len(batch) - (self.core.ignored_stale - before)
 
     def spawn(self, coro) -> None:
