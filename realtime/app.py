@@ -14,7 +14,7 @@ from .hub import Hub
 from .ingest import http as ingest_http
 from .ingest import simulator
 from .ingest.decode import batch_of_records
-from .transports import websocket
+from .transports import sse, websocket
 
 log = logging.getLogger("realtime.app")
 WEB = Path(__file__).parent / "web"
@@ -57,6 +57,7 @@ def make_app(settings) -> web.Application:
     app["ingest_sink"] = sink
     app["http_sink"] = _http_sink(app)
     app.router.add_get("/ws", websocket.handle)
+    app.router.add_get("/api/realtime/stream", sse.handle)
     app.router.add_post("/api/ingest", ingest_http.handle)
     app.router.add_get("/api/vehicles/{vehicle_id}", vehicle)
     app.router.add_get("/health/live", live)

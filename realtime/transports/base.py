@@ -16,6 +16,30 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from .._core._fanout import Outlet
+
+
+class StreamOutlet(Outlet):
+    """What every transport that writes to a socket of its own shares: the
+    write buffer is the measure of a slow client."""
+
+    __slots__ = ()
+
+    def pending(self) -> int:
+        t = self.transport
+        return 0 if t is None or t.is_closing() else t.get_write_buffer_size()
+
+    def congested_now(self) -> bool:
+        """Still above a quarter of the high-water mark (hysteresis)."""
+        t = self.transport
+        return t is not None and not t.is_closing() and t.get_write_buffer_size() > self.hwm // 4
+
+    def sent(self, t, data: bytes) -> int:
+        t.write(data)
+        self.messages += 1
+        self.nbytes += len(data)
+        return len(data)
+
 
 class Transport(Protocol):
     def write(self, payload: bytes) -> int:

@@ -19,10 +19,10 @@ from aiohttp.http import ws_ext_gen
 from . import deflate
 from .. import client
 from .. import messages as M
-from .._core._fanout import Outlet
 from .._core._schema import FMT_JSON, FMT_MSGPACK
 from ..auth import AuthError
 from ..session import Session
+from .base import StreamOutlet
 
 log = logging.getLogger("realtime.ws")
 
@@ -60,7 +60,7 @@ class DeflateResponse(web.WebSocketResponse):
         return headers, protocol, compress, True
 
 
-class RawWriter(Outlet):
+class RawWriter(StreamOutlet):
     """Writes unmasked server frames straight to the transport, compressed when
     permessage-deflate was negotiated and the message is big enough. Its write
     state (seq, counters, limits, flags) is the compiled Outlet's, which the
@@ -101,11 +101,6 @@ class RawWriter(Outlet):
         if t is not None and not t.is_closing():
             t.write(bytes((0x80 | opcode, len(payload))) + payload)
 
-    def congested_now(self) -> bool:
-        """Still above a quarter of the high-water mark (hysteresis)."""
-        t = self.transport
-        return t is not None and not t.is_closing() and t.get_write_buffer_size() > self.hwm // 4
-
     def keepalive(self, now: float, every_s: float, timeout_s: float) -> bool:
         """PROTOCOL §3.3: a ping every `every_s`; False when nothing (no pong,
         no other frame) arrived for `timeout_s`, and the caller closes."""
@@ -143,14 +138,7 @@ class RawWriter(Outlet):
             data = frame_header(self.opcode | RSV1, len(payload)) + payload
         else:
             data = b"".join((frame_header(self.opcode, n), prefix, body, suffix))
-        t.write(data)
-        self.messages += 1
-        self.nbytes += len(data)
-        return len(data)
-
-    def pending(self) -> int:
-        t = self.transport
-        return 0 if t is None or t.is_closing() else t.get_write_buffer_size()
+        return self.sent(t, data)
 
     def close(self, code: int, reason: str) -> None:
         if not self.ws.closed:
