@@ -75,3 +75,50 @@ async def test_sse_refuses_bad_tokens_with_json_errors(sserver):
         async with http.get(f"{sserver.url}/api/realtime/stream",
                             headers={"Authorization": f"Bearer {token(permissions=[])}"}) as resp:
             assert resp.status == 403 and (await resp.json())["code"] == "forbidden"
+
+
+def rss_kb(pid) -> int:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+async def test_a_slow_sse_reader_is_conflated_not_buffered_then_catches_up():
+    """PROTOCOL §4: a slow SSE reader is conflated like a slow WebSocket:
+    no position batches while it is behind, memory flat, then one catch-up
+    with every vehicle's latest state, and `id`s (its seq) without a gap."""
+    import re
+    import socket
+    s = Server("--simulate", "10000", "--tick-ms", "50", "--slow-client-buffer-bytes", "65536",
+               "--max-visible", "100000")
+    try:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", s.port))
+        reader, writer = await asyncio.open_connection(sock=sock, limit=1 << 22)
+        writer.write(f"GET /api/realtime/stream?token={token()} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        await writer.drain()
+        rss0 = rss_kb(s.proc.pid)
+        deadline = time.monotonic() + 30   # it reads nothing; the server keeps going
+        while metric_value(s, "slow_client_conflations_total") < 1 and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        assert metric_value(s, "slow_client_conflations_total") >= 1
+        await asyncio.sleep(2)
+        assert metric_value(s, "slow_client_frames_conflated_total") > 0
+        assert rss_kb(s.proc.pid) - rss0 < 64 * 1024, "server memory grew with a stalled reader"
+        assert metric_value(s, "slow_client_closed_total") == 0
+        # it reads again, quickly now: the backlog, then the catch-up of `full`s
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        def catch_ups(data):   # batches after the first that bring (nearly) the whole fleet
+            return [b for b in re.split(rb"event: batch\nid: ", data)[2:] if b.count(b'"t":"full"') > 5000]
+        data = b""
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not catch_ups(data):
+            data += await asyncio.wait_for(reader.read(1 << 20), 10)
+        assert catch_ups(data), "no catch-up with every vehicle's latest state"
+        ids = [int(x) for x in re.findall(rb"\nid: (\d+)\n", data)]
+        assert ids == list(range(1, len(ids) + 1)), "seq has a gap"
+        writer.close()
+    finally:
+        s.stop()
