@@ -108,6 +108,14 @@ def vehicle_status(server: Server, vid: str) -> int:
         return e.code
 
 
+def rss_kb(pid) -> int:
+    """A process's resident memory, KB."""
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
 def metric_value(server, name: str) -> float:
     """A metric from GET /metrics, summed over its labels; 0 when absent."""
     import re

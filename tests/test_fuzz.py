@@ -18,7 +18,7 @@ import websockets
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import Server, token
+from conftest import Server, rss_kb, token
 from realtime import messages as M
 from realtime import replay
 from realtime._core import Core
@@ -199,11 +199,6 @@ def test_the_atheris_target_runs(tmp_path):
 
 
 # ---------------------------------------------------------------- a running server
-def rss_kb(pid) -> int:
-    for line in open(f"/proc/{pid}/status"):
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
 
 
 DOCUMENTED = {"welcome", "batch", "error", "subscribed", "unsubscribed", "pong", "refreshed",

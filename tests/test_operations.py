@@ -10,7 +10,7 @@ import urllib.request
 
 import pytest
 
-from conftest import Client, Closed, RawClient, Server, ingest, token, update
+from conftest import Client, Closed, RawClient, Server, ingest, rss_kb, token, update
 
 pytestmark = pytest.mark.integration
 
@@ -39,13 +39,6 @@ def log_lines(server) -> list[dict]:
         except ValueError:
             pass
     return out
-
-
-def rss_kb(pid) -> int:
-    for line in open(f"/proc/{pid}/status"):
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
 
 
 # ---------------------------------------------------------------- heartbeat

@@ -7,7 +7,7 @@ import time
 import aiohttp
 import pytest
 
-from conftest import Server, ingest, metric_value, token, update
+from conftest import Server, ingest, metric_value, rss_kb, token, update
 
 pytestmark = pytest.mark.integration
 
@@ -75,13 +75,6 @@ async def test_sse_refuses_bad_tokens_with_json_errors(sserver):
         async with http.get(f"{sserver.url}/api/realtime/stream",
                             headers={"Authorization": f"Bearer {token(permissions=[])}"}) as resp:
             assert resp.status == 403 and (await resp.json())["code"] == "forbidden"
-
-
-def rss_kb(pid) -> int:
-    for line in open(f"/proc/{pid}/status"):
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
 
 
 async def test_a_slow_sse_reader_is_conflated_not_buffered_then_catches_up():
