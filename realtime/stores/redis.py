@@ -201,11 +201,11 @@ class RedisStores:
             pass
         for t in self._tasks:
             t.cancel()
-        for t in self._tasks:
-            try:
-                await t
-            except (asyncio.CancelledError, Exception):
-                pass
+        # waited for with a bound, and never by swallowing a CancelledError:
+        # that would also swallow the cancellation of this stop() itself (a
+        # shutdown's wait_for), which then waits for ever on a stuck loop
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=2.0)
         for r in (self.r, self.r_listen):
             try:
                 await r.aclose()
