@@ -14,7 +14,7 @@ from .hub import Hub
 from .ingest import http as ingest_http
 from .ingest import simulator
 from .ingest.decode import batch_of_records
-from .transports import sse, websocket
+from .transports import poll, sessions, sse, websocket
 
 log = logging.getLogger("realtime.app")
 WEB = Path(__file__).parent / "web"
@@ -58,6 +58,11 @@ def make_app(settings) -> web.Application:
     app["http_sink"] = _http_sink(app)
     app.router.add_get("/ws", websocket.handle)
     app.router.add_get("/api/realtime/stream", sse.handle)
+    app.router.add_get("/api/realtime/poll", poll.handle)
+    app.router.add_post("/api/realtime/session", sessions.post)
+    app.router.add_put("/api/realtime/session/{session_id}", sessions.put)
+    app.router.add_delete("/api/realtime/session/{session_id}", sessions.delete)
+    app["http_sessions"] = sessions.HttpSessions(app)
     app.router.add_post("/api/ingest", ingest_http.handle)
     app.router.add_get("/api/vehicles/{vehicle_id}", vehicle)
     app.router.add_get("/health/live", live)
@@ -103,6 +108,7 @@ async def _start(app):
         hub.records = Records(settings.postgres, hub.instance_id)
     hub.records.start()
     hub.start()
+    app["http_sessions"].start()
     if settings.kafka:
         from .ingest.kafka import KafkaIngest
         app["kafka"] = KafkaIngest(settings, app["ingest_sink"], hub.stats)
@@ -131,6 +137,7 @@ async def _stop(app):
     task = app.get("simulator")
     if task:
         task.cancel()
+    await app["http_sessions"].stop()
     if app.get("kafka"):
         await app["kafka"].stop()
         step("kafka consumer stopped")

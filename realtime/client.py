@@ -34,7 +34,8 @@ class Refused(Exception):
         self.code, self.reason = code, reason
 
 
-async def start(hub, s: Session, resume: str | None, last_event: str | None, security_log) -> bool:
+async def start(hub, s: Session, resume: str | None, last_event: str | None, security_log,
+                must_resume: bool = False) -> bool:
     """Opens an admitted session (Hub.admit): rights and the stored session in
     one round trip, then `welcome`, the resumed subscription's snapshot and the
     replay. Returns whether a session was resumed. Raises Refused before
@@ -42,7 +43,10 @@ async def start(hub, s: Session, resume: str | None, last_event: str | None, sec
 
     Rights and a resume are never skipped: without them the connection is
     refused with 1013 (try again), as a skipped ACL could widen rights and a
-    skipped resume would lose events (PROTOCOL §2, §3.4)."""
+    skipped resume would lose events (PROTOCOL §2, §3.4).
+
+    must_resume (the HTTP transports' `session=`): an unknown session is
+    refused with 4404 and another user's with 4403, instead of a fresh one."""
     stores = hub.stores
     claims = s.claims
     try:
@@ -57,7 +61,11 @@ async def start(hub, s: Session, resume: str | None, last_event: str | None, sec
     s.claims = claims.with_acl(acl)
     if record is not None and record.get("user_id") != claims.sub:
         security_log("resume_other_user", resume)
+        if must_resume:
+            raise Refused(4403, "this session belongs to another user")
         record = None
+    if record is None and must_resume:
+        raise Refused(4404, "unknown session")
     recovered, after = replay.place(where, last_event) if record is not None else (False, None)
     if after is not None:
         await _tail_reaches(hub, after)
@@ -95,7 +103,7 @@ async def start(hub, s: Session, resume: str | None, last_event: str | None, sec
             hub.spawn(replay.run(hub, s, after, upto))
     hub.save_session(s)
     hub.spawn(stores.client_opened(s.claims.sub, s.client_id))
-    hub.records.connection_opened(s.claims.sub, s.client_id, s.connected_at)
+    hub.records.connection_opened(s.claims.sub, s.client_id, s.connected_at, s.kind)
     return record is not None
 
 
@@ -155,14 +163,7 @@ async def _dispatch(hub, authn, s: Session, data: bytes, binary: bool, settings)
                     s.send(M.error("bad_request", f"subscription names {n} vehicles and groups; "
                                    f"at most {settings.max_subscription_size}", m.id))
                     return
-                try:
-                    await hub.stores.resolve_groups(m.subscriptions.groups)
-                    await hub.stores.resolve_vehicles(m.subscriptions.vehicles)
-                except Exception:  # stores down: subscribe with the membership we know
-                    pass
-                if s.closed:
-                    return
-                hub.subscribe(s, m)
+                await subscribe(hub, s, m)
             case M.Viewport():
                 hub.viewport(s, m)
             case M.Unsubscribe():
@@ -179,6 +180,40 @@ async def _dispatch(hub, authn, s: Session, data: bytes, binary: bool, settings)
                 s.send(M.error("bad_request", "already authenticated; use refresh", m.id))
     except M.ProtocolError as e:
         s.send(M.error(e.code, e.message, m.id))
+
+
+async def subscribe(hub, s: Session, m: M.Subscribe) -> None:
+    """A subscription (its size checked by the caller): the groups and
+    vehicles it names are read from the stores first, when they can be."""
+    try:
+        await hub.stores.resolve_groups(m.subscriptions.groups)
+        await hub.stores.resolve_vehicles(m.subscriptions.vehicles)
+    except Exception:  # stores down: subscribe with the membership we know
+        pass
+    if not s.closed:
+        hub.subscribe(s, m)
+
+
+def renew(hub, s: Session, claims: Claims) -> None:
+    """The HTTP transports send a token with every request: a later one for
+    the same user (checked by the caller) is taken as a `refresh` would be,
+    with the ACL in force on top, so a session outlives its first token."""
+    if claims.exp > s.token_claims.exp:
+        _take_token(hub, s, claims)
+
+
+def _take_token(hub, s: Session, claims: Claims) -> None:
+    effective = claims.with_acl(s.acl)
+    s.token_claims = claims
+    if s.closed:
+        return
+    old = s.claims
+    if (old.view_all, old.vehicles, old.groups, old.contacts) != \
+            (effective.view_all, effective.vehicles, effective.groups, effective.contacts):
+        hub.set_claims(s, effective)
+    else:
+        s.claims = effective
+    s.expiry_warned = False
 
 
 def _get(hub, s: Session, m) -> None:
@@ -207,11 +242,8 @@ async def _refresh(hub, authn, s: Session, m, settings) -> None:
         s.acl = await hub.stores.acl(claims.sub)
     except Exception:
         pass   # rights cannot be read now: the ACL in force stays, on the new token
-    effective = claims.with_acl(s.acl)
-    s.token_claims = claims
+    _take_token(hub, s, claims)
     if s.closed:
         return
-    hub.set_claims(s, effective)
-    s.expiry_warned = False
     s.send(M.reply("refreshed", m.id, exp=int(claims.exp)))
     hub.warn_expiry(s, time.time())

@@ -223,6 +223,9 @@ class Settings:
                              kind=float, lo=0.1, hi=3600, unit="s")
     pong_timeout_s: float = opt(60.0, "liveness", "Close with 1011 after this long without any frame from the client.",
                                 kind=float, lo=0.5, hi=7200, unit="s")
+    session_idle_s: float = opt(120.0, "liveness", "A long-polling or SSE session that nobody reads this long "
+                                "is ended and releases everything (PROTOCOL §4: 2 minutes).",
+                                kind=float, lo=1, hi=86400, unit="s")
     instance_timeout_s: float = opt(30.0, "liveness", "An instance silent in Redis this long is gone: the others "
                                     "remove its connections from the shared sets.",
                                     kind=float, lo=3, hi=3600, unit="s")

@@ -82,6 +82,9 @@ class Hub:
         self.stores = MemoryStores()
         self.records = NoRecords()   # PostgreSQL (app.py sets it with --postgres)
         self.last_eid: str | None = None   # the newest event handed to the core
+        # the newest event that every client has been written (or held for):
+        # last_eid as of the last tick (mailbox.py's marks)
+        self.flushed_eid: str | None = None
         self.recent = RecentEvents()       # the newest events read from the log, for replays
         self.store_replays = asyncio.Semaphore(replay.STORE_REPLAYS)   # replays reading the stores
         self._bg: set[asyncio.Task] = set()
@@ -234,6 +237,7 @@ class Hub:
         # sessions conflating before this tick get its events held instead
         already = list(self.conflating) if self.conflating else None
         events = list(self.core.events) if already else None
+        self.flushed_eid = self.last_eid
         out = self.core.tick(rebuild, time.monotonic())
         self._tick_no += 1
         self.stats.ticks += 1
@@ -302,6 +306,10 @@ class Hub:
             s.send_batch(self.core.envelope, self.batch_id(), self.core.body_of(s.fmt, part))
         if s.transport.congested:
             self._conflate(s)
+
+    @property
+    def tick_no(self) -> int:
+        return self._tick_no
 
     def batch_id(self) -> bytes:
         return f"{self.instance_id}-{self._tick_no}".encode()
@@ -414,7 +422,8 @@ class Hub:
                 "permissions": sorted(s.claims.permissions), "client": s.client_id,
                 "subscription": sub.get("subscriptions"), "filters": sub.get("filters"),
                 "viewport": geo, "instance_id": self.instance_id,
-                "connected_at": int(s.connected_at * 1000), "last_ping": int(s.last_ping * 1000)}
+                "connected_at": int(s.connected_at * 1000), "last_ping": int(s.last_ping * 1000),
+                "transport": s.kind, **(s.extra or {})}
 
     def save_session(self, s: Session) -> None:
         self.spawn(self.stores.save_session(s.session_id, self.session_record(s)))

@@ -60,7 +60,7 @@ class Session:
     __slots__ = ("transport", "claims", "fmt", "row", "client_id", "session_id",
                  "limiter", "connected_at", "expiry_warned", "kind",
                  "peer", "_closed", "view", "cells", "token_claims", "subscription", "last_ping",
-                 "_known", "held", "close_reason", "replaying", "acl", "counted")
+                 "_known", "held", "close_reason", "replaying", "acl", "counted", "extra")
 
     def __init__(self, transport, claims: Claims, fmt: int, rate: float, kind: str = "websocket",
                  peer: str = ""):
@@ -93,6 +93,9 @@ class Session:
         self.replaying = False
         self.close_reason = ""
         self.counted = None       # (peer, user) while it counts against the limits (Hub.admit)
+        # fields of its record that belong to its transport (the HTTP
+        # sessions' copy and acknowledged event, transports/sessions.py)
+        self.extra = None
 
     @property
     def show_alerts(self) -> bool:

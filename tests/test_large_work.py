@@ -92,7 +92,7 @@ def count(batches, pred) -> int:
 async def test_a_16_mib_ingest_and_a_fleet_going_silent_are_sliced(throwaway_redis, uid):
     port, _, _ = throwaway_redis
     url = f"redis://127.0.0.1:{port}/0"
-    flags = ("--simulate", "0", "--redis", url, "--offline-after-s", "4", "--stale-after-s", "25",
+    flags = ("--simulate", "0", "--redis", url, "--offline-after-s", "8", "--stale-after-s", "25",
              "--max-visible", str(2 * N))
     a = Server(*flags)
     b = None
@@ -132,7 +132,7 @@ async def test_a_16_mib_ingest_and_a_fleet_going_silent_are_sliced(throwaway_red
 
         # a new instance: its first reconcile loads the whole fleet, it becomes
         # the writer and rewrites everything, then the fleet goes offline (no
-        # news for 4 s) and is forgotten (25 s): 20k vehicles at once, each time
+        # news for 8 s) and is forgotten (25 s): 20k vehicles at once, each time
         b = Server(*flags)
         c = await Client.connect(b, token())
         for _ in range(200):
@@ -153,7 +153,10 @@ async def test_a_16_mib_ingest_and_a_fleet_going_silent_are_sliced(throwaway_red
         assert count(gone, lambda m: m["t"] == "leave" and m["r"] == "stale") == N
         assert len(gone) > 2, "all vehicles were forgotten in one tick"
         assert metric(b, "vehicles_tracked") == 0
-        assert metric(b, "vehicles_went_offline_total") == N
+        # those that had been silent too long when b loaded them came offline
+        # in its snapshot (on a slow machine, loading 20k took seconds): the
+        # counter counts the ones that turned offline while b served them
+        assert metric(b, "vehicles_went_offline_total") == offline(went)
         r = aioredis.Redis(port=port, decode_responses=True)
         try:   # b took over the writer's lease (and so rewrote the fleet) meanwhile
             assert await r.get("realtime:writer") == f"{b.proc.pid:x}"

@@ -115,3 +115,79 @@ async def test_a_slow_sse_reader_is_conflated_not_buffered_then_catches_up():
         writer.close()
     finally:
         s.stop()
+
+
+async def _post_session(http, server, body):
+    async with http.post(f"{server.url}/api/realtime/session", json=body,
+                         headers={"Authorization": f"Bearer {token()}"}) as r:
+        assert r.status == 201
+        return (await r.json())["session"]
+
+
+def _has_pos(uid):
+    return lambda ev: any(e == "batch" and any(m.get("v") == uid and m["t"] in ("pos", "full")
+                                                for m in d["messages"]) for e, _, d in ev)
+
+
+async def test_an_sse_stream_reads_a_session_and_resumes_by_last_event_id(sserver, uid):
+    """PROTOCOL §4: `session=` streams a session made by the session API;
+    a reconnect with Last-Event-ID gets every batch after that id, kept in
+    the session's buffer, with no reset and no repeat."""
+    ingest(sserver, [update(uid, 55.75, 37.62)])
+    async with aiohttp.ClientSession() as http:
+        sid = await _post_session(http, sserver, {"subscriptions": {"vehicles": [uid]}})
+        url = f"{sserver.url}/api/realtime/stream?token={token()}&session={sid}"
+        async with http.get(url) as resp:
+            assert resp.status == 200
+            got = await events(resp, _has_pos(uid))
+            kinds = [e for e, _, _ in got if e != "comment"]
+            assert kinds[:4] == ["retry", "welcome", "subscribed", "batch"]
+            assert got[1][2]["session"] == sid and got[1][2]["resumed"] is False
+            last_id = max(int(i) for e, i, _ in got if e == "batch")
+            assert metric_value(sserver, 'websocket_connections_active{transport="sse"}') >= 1
+        # while it is away: three moves
+        for k in range(3):
+            ingest(sserver, [update(uid, 55.80 + k / 100, 37.62)])
+            await asyncio.sleep(0.1)
+        async with http.get(url, headers={"Last-Event-ID": str(last_id)}) as resp:
+            got = await events(resp, lambda ev: any(e == "batch" and any(
+                m.get("v") == uid and m.get("p", [0])[0] == 55.82 for m in d["messages"]) for e, _, d in ev))
+            welcome = next(d for e, _, d in got if e == "welcome")
+            assert welcome["resumed"] is True and welcome["recovered"] is True
+            ids = [int(i) for e, i, _ in got if e == "batch"]
+            assert ids == list(range(last_id + 1, last_id + 1 + len(ids)))   # no gap, no repeat
+            lats = [m["p"][0] for e, _, d in got if e == "batch" for m in d["messages"] if m.get("v") == uid]
+            assert lats == [55.80, 55.81, 55.82]
+        # an id the buffer does not hold: a new copy, the full state
+        async with http.get(url, headers={"Last-Event-ID": "999999"}) as resp:
+            got = await events(resp, _has_pos(uid))
+            welcome = next(d for e, _, d in got if e == "welcome")
+            assert welcome["resumed"] is True and welcome["session"] == sid
+            full = [m for e, _, d in got if e == "batch" for m in d["messages"] if m["t"] == "full"]
+            assert [m["v"] for m in full] == [uid] and full[0]["p"][0] == 55.82
+
+
+async def test_a_put_reaches_the_sse_stream_of_its_session(sserver, uid):
+    a, b = uid + "a", uid + "b"
+    ingest(sserver, [update(a), update(b, 59.9, 30.3)])
+    async with aiohttp.ClientSession() as http:
+        sid = await _post_session(http, sserver, {"subscriptions": {"vehicles": [a]}})
+        async with http.get(f"{sserver.url}/api/realtime/stream?session={sid}",
+                            headers={"Authorization": f"Bearer {token()}"}) as resp:
+            await events(resp, _has_pos(a))
+            async with http.put(f"{sserver.url}/api/realtime/session/{sid}", json={"subscriptions": {"vehicles": [b]}},
+                                headers={"Authorization": f"Bearer {token()}"}) as r:
+                assert r.status == 200
+            got = await events(resp, _has_pos(b))
+            msgs = [m for e, _, d in got if e == "batch" for m in d["messages"]]
+            assert {(m["v"], m["t"]) for m in msgs} >= {(a, "leave"), (b, "full")}
+            assert any(e == "subscribed" for e, _, _ in got)
+            async with http.delete(f"{sserver.url}/api/realtime/session/{sid}",
+                                   headers={"Authorization": f"Bearer {token()}"}) as r:
+                assert r.status == 204
+            # the stream ends with an `error` event: the session is gone
+            got = await events(resp, lambda ev: any(e == "error" for e, _, _ in ev))
+            err = next(d for e, _, d in got if e == "error")
+            assert err["close_code"] == 4410
+        async with http.get(f"{sserver.url}/api/realtime/stream?session={sid}&token={token()}") as resp:
+            assert resp.status == 410

@@ -99,6 +99,14 @@ class MemoryStores:
             return None
         return msgpack.unpackb(item[0])
 
+    async def load_sessions(self, session_ids: list[str]) -> list[dict | None]:
+        return [await self.load_session(sid) for sid in session_ids]
+
+    async def delete_session(self, session_id: str, copy: str | None = None) -> None:
+        record = await self.load_session(session_id)
+        if record is not None and (copy is None or record.get("copy") == copy):
+            del self.sessions[session_id]
+
     async def client_opened(self, user_id, client_id) -> None:
         pass
 

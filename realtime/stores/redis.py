@@ -70,6 +70,18 @@ end
 return false
 """
 # keep the lease only if it is still ours
+# a session's record goes only while it names the copy that ends it (an idle
+# copy here must not delete a session another instance took over since)
+DELETE_SESSION = """
+local v = redis.call('GET', KEYS[1])
+if not v then return 0 end
+if ARGV[1] ~= '' then
+  local ok, rec = pcall(cjson.decode, v)
+  if not ok or type(rec) ~= 'table' or rec['copy'] ~= ARGV[1] then return 0 end
+end
+return redis.call('DEL', KEYS[1])
+"""
+
 RENEW = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('PEXPIRE', KEYS[1], ARGV[2])
@@ -158,6 +170,7 @@ class RedisStores:
         self._tasks: list[asyncio.Task] = []
         self._add_once = self.r.register_script(ADD_ONCE)
         self._renew = self.r.register_script(RENEW)
+        self._delete_session = self.r.register_script(DELETE_SESSION)
         self._local_seq = 0
         # Each event once, by its dedupe key, when an XADD fails mid-way (the
         # link broke): one delivered here with a local id is skipped when
@@ -623,7 +636,10 @@ class RedisStores:
             pauses = iter(SESSION_RETRIES)
             while True:
                 try:
-                    await self.r.set(f"session:{session_id}", raw, ex=SESSION_TTL_S)
+                    if isinstance(raw, tuple):   # delete_session came after this save
+                        await self._delete_session(keys=[f"session:{session_id}"], args=[raw[1] or ""])
+                    else:
+                        await self.r.set(f"session:{session_id}", raw, ex=SESSION_TTL_S)
                 except _DOWN:
                     pause = next(pauses, None)
                     if pause is None:
@@ -641,6 +657,26 @@ class RedisStores:
             # next save (a ping, a subscribe), or the next connect, writes it whole
             latest.pop(session_id, None)
             raise
+
+    async def delete_session(self, session_id: str, copy: str | None = None) -> None:
+        """The record goes (only while it names `copy`, when given), after any
+        save of it still in flight, which would otherwise bring it back."""
+        latest = self._session_latest
+        if session_id in latest:
+            latest[session_id] = ("delete", copy)   # the write in flight does it next
+            return
+        await self._delete_session(keys=[f"session:{session_id}"], args=[copy or ""])
+        self._ops += 1
+
+    async def load_sessions(self, session_ids: list[str]) -> list[dict | None]:
+        """Records of many sessions, in chunks of 500 (one MGET each)."""
+        out: list[dict | None] = []
+        for i in range(0, len(session_ids), 500):
+            chunk = session_ids[i:i + 500]
+            raws = await self.r.mget([f"session:{sid}" for sid in chunk])
+            self._ops += 1
+            out += [_session_record(sid, raw) for sid, raw in zip(chunk, raws)]
+        return out
 
     async def load_session(self, session_id: str) -> dict | None:
         if self.healthy is False:   # known down: no connect waits for it

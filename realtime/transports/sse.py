@@ -11,11 +11,14 @@ A slow reader is conflated like a slow WebSocket: the hub looks at this
 writer's transport buffer (`congested`), and over the hard limit it is
 closed, to resume.
 
-Not yet (issue 11, parts 2 and 3): the session API (`session=` naming a
-session made with POST /api/realtime/session) and `Last-Event-ID` resume inside
-a session's buffer. Without `session` the stream carries every vehicle the
-token allows, as PROTOCOL §4 says; `resume` and `last_event` resume as on
-WebSocket (§3.4).
+Two kinds of stream:
+- without `session`: a connection of its own (SSEWriter), carrying every
+  vehicle the token allows; `resume` and `last_event` resume as on
+  WebSocket (§3.4);
+- with `session=` (made by POST /api/realtime/session, transports/sessions.py):
+  the stream reads that session's Mailbox (SessionStream), from the batch
+  after `Last-Event-ID` (or `last_event_id=`) while it is kept, else from a
+  new copy of the session (`welcome`, full state, the events since).
 """
 from __future__ import annotations
 
@@ -29,10 +32,10 @@ from aiohttp import web
 from .. import client
 from .. import messages as M
 from .._core._schema import FMT_JSON
-from ..auth import AuthError
-from ..ingest.http import bearer
+from ..mailbox import KIND, PARTS, POS, SEQ
 from ..session import Session
 from .base import StreamOutlet
+from .sessions import CLOSE_TAKEN, HttpError, HttpSessions, authenticate
 
 log = logging.getLogger("realtime.sse")
 
@@ -45,6 +48,17 @@ def _chunk(data: bytes) -> bytes:
     aiohttp prepared the response as chunked and writes its last chunk when
     the handler returns; in between, nothing of it writes to this transport."""
     return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+def _event(kind: str, seq: int, parts) -> bytes:
+    """One SSE event, chunked: a batch carries `id: <seq>` (Last-Event-ID)."""
+    head = b"event: batch\nid: %d\ndata: " % seq if seq else b"event: %s\ndata: " % kind.encode()[:40]
+    return _chunk(b"".join((head, *parts, b"\n\n")))
+
+
+def _closed_event(code: int, reason: str) -> bytes:
+    return _event("error", 0, (json.dumps({"type": "error", "code": "closed", "close_code": code,
+                                           "message": reason}).encode(),))
 
 
 class SSEWriter(StreamOutlet):
@@ -79,18 +93,18 @@ class SSEWriter(StreamOutlet):
             kind = str(json.loads(payload).get("type", "message"))
         except (ValueError, AttributeError):
             kind = "message"
-        return self._put(b"event: %s\ndata: %s\n\n" % (kind.encode()[:40], payload))
+        return self._put(_event(kind, 0, (payload,)))
 
     def write_batch(self, envelope_of, batch_id: bytes, body: bytes, req_id=None) -> int:
         self.seq += 1
         prefix, suffix = envelope_of(FMT_JSON, batch_id, self.seq, req_id)
-        return self._put(b"".join((b"event: batch\nid: %d\ndata: " % self.seq, prefix, body, suffix, b"\n\n")))
+        return self._put(_event("batch", self.seq, (prefix, body, suffix)))
 
     def _put(self, data: bytes) -> int:
         t = self._writable()
         if t is None:
             return 0
-        return self.sent(t, _chunk(data))
+        return self.sent(t, data)
 
     def keepalive(self, now: float, every_s: float, timeout_s: float) -> bool:
         """A comment line for the proxies on the way. The reader cannot answer:
@@ -105,36 +119,106 @@ class SSEWriter(StreamOutlet):
     def close(self, code: int, reason: str) -> None:
         """An `error` event with the WebSocket-style code, then the end of the
         response (PROTOCOL §4: the same codes as §3.3)."""
-        if self.closed:
+        if self.done.is_set():   # (Session.close sets `closed` before it calls this)
             return
         t = self.transport
         if t is not None and not t.is_closing():
-            t.write(_chunk(b"event: error\ndata: %s\n\n" % json.dumps(
-                {"type": "error", "code": "closed", "close_code": code, "message": reason}).encode()))
+            t.write(_closed_event(code, reason))
         self.closed = True
         self.done.set()
 
 
+class SessionStream:
+    """The reader of a session's Mailbox that an SSE stream with `session=`
+    attaches: entries go to the socket as they are appended while it keeps
+    up; once its socket buffer passes the high-water mark they wait in the
+    Mailbox (unread: the hub conflates the session), and the stream's loop
+    (pump) sends them as the socket drains."""
+
+    __slots__ = ("transport", "cursor", "hwm", "last_comment", "done", "ended")
+
+    def __init__(self, transport, cursor: int, hwm: int):
+        self.transport = transport
+        self.cursor = cursor        # the last position written to the socket
+        self.hwm = hwm
+        self.last_comment = time.monotonic()
+        self.done = asyncio.Event()
+        self.ended = None           # (code, reason) when the session's copy ended it
+
+    def _open(self):
+        t = self.transport
+        if t is None or t.is_closing():
+            self.done.set()
+            return None
+        return t
+
+    def caught_up(self, box) -> bool:
+        t = self._open()
+        return t is not None and self.cursor == box.pos - 1 and t.get_write_buffer_size() <= self.hwm
+
+    def send(self, entry) -> None:
+        t = self._open()
+        if t is not None:
+            t.write(_event(entry[KIND], entry[SEQ], entry[PARTS]))
+        self.cursor = entry[POS]
+
+    def pump(self, box) -> None:
+        """What is waiting in the Mailbox, while the socket takes it."""
+        t = self._open()
+        while t is not None and t.get_write_buffer_size() <= self.hwm and self.cursor < box.pos:
+            entries = box.after(self.cursor, 256 * 1024)
+            if not entries:
+                break
+            for e in entries:
+                self.send(e)
+            box.handed(self.cursor)
+
+    def pending(self) -> int:
+        t = self.transport
+        return 0 if t is None or t.is_closing() else t.get_write_buffer_size()
+
+    def congested_now(self) -> bool:
+        return self.pending() > self.hwm // 4
+
+    def keepalive(self, now: float, every_s: float) -> None:
+        if now - self.last_comment >= min(every_s, COMMENT_EVERY_S) - 0.1:
+            self.last_comment = now
+            t = self._open()
+            if t is not None:
+                t.write(_chunk(b": keepalive\n\n"))
+
+    def end(self, code: int, reason: str) -> None:
+        """The session's copy closed (its error entry was the last one sent),
+        or another stream took the session: this stream ends."""
+        self.ended = (code, reason)
+        self.done.set()
+
+
+HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
 async def handle(request: web.Request) -> web.StreamResponse:
+    try:
+        claims = authenticate(request, "sse")
+        if request.query.get("session"):
+            return await _session_stream(request, claims)
+        return await _own_stream(request, claims)
+    except HttpError as e:
+        return e.response()
+
+
+async def _own_stream(request: web.Request, claims) -> web.StreamResponse:
+    """A stream that is a connection of its own (no `session=`)."""
     app = request.app
     hub = app["hub"]
     settings = app["settings"]
-    try:
-        claims = app["auth"].decode(bearer(request))
-        if not claims.may_view_anything():
-            raise AuthError("token grants no vehicles", forbidden=True)
-    except AuthError as e:
-        app["security_log"](request, "sse_auth_failed", str(e))
-        status = 403 if e.forbidden else 401
-        return web.json_response(M.error("forbidden" if e.forbidden else "unauthorized", str(e)), status=status)
     writer = SSEWriter(request.transport, settings.write_buffer_close_bytes, settings.slow_client_buffer_bytes)
     s = Session(writer, claims, FMT_JSON, settings.max_messages_per_s, "sse", request.remote or "")
     refused = hub.admit(s)
     if refused:
         app["security_log"](request, "sse_connection_limit", refused)
-        return web.json_response(M.error("rate_limited", refused), status=429)
-    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
-                                       "X-Accel-Buffering": "no"})
+        raise HttpError(429, "rate_limited", refused)
+    resp = web.StreamResponse(headers=HEADERS)
     reason = "client closed"
     opened = False
     try:
@@ -150,9 +234,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
         opened = True
         if not resumed:   # no session: every vehicle the token allows
             hub.subscribe(s, M.Subscribe(), reply=False)
-        log.info("connect", extra={"fields": {
-            "event": "connect", "user": claims.sub, "client": s.client_id, "session": s.session_id,
-            "transport": "sse", "peer": s.peer, "resumed": resumed}})
+        _log_connect(s, resumed)
         while not writer.done.is_set():
             t = writer.transport
             if t is None or t.is_closing():
@@ -166,8 +248,90 @@ async def handle(request: web.Request) -> web.StreamResponse:
         if opened or s.row >= 0:
             reason = s.close_reason or reason
             client.close(hub, s, reason)
-            log.info("disconnect", extra={"fields": {
-                "event": "disconnect", "user": claims.sub, "client": s.client_id, "transport": "sse",
-                "reason": reason, "duration_s": round(time.time() - s.connected_at, 3),
-                "messages": s.messages_sent, "bytes": s.bytes_sent}})
+            _log_disconnect(s, reason)
         hub.unadmit(s)
+
+
+def _last_event_id(request: web.Request) -> int | None:
+    raw = request.headers.get("Last-Event-ID") or request.query.get("last_event_id")
+    if not raw:
+        return None
+    try:
+        v = int(raw.strip())
+    except ValueError:
+        return None
+    return v if v >= 0 else None
+
+
+async def _session_stream(request: web.Request, claims) -> web.StreamResponse:
+    """A stream reading a session's Mailbox (`session=`)."""
+    app = request.app
+    registry: HttpSessions = app["http_sessions"]
+    settings = app["settings"]
+    last_event = request.query.get("last_event") or None
+    h, reset = await registry.find(request, claims, request.query["session"], last_event, "sse")
+    seq = _last_event_id(request)
+    start = None
+    if not reset and seq is not None:
+        start = h.box.index_of_seq(seq)
+        if start is None:   # not kept here (or another copy's): a new copy
+            h = await registry.restart(request, claims, h, last_event, "sse")
+            reset = True
+    box = h.box
+    if reset:
+        start = box.first - 1
+    elif start is None:
+        start = box.read    # what no reader has had yet
+    client.renew(registry.hub, h.s, claims)
+    resp = web.StreamResponse(headers=HEADERS)
+    await resp.prepare(request)
+    t = request.transport
+    t.write(_chunk(b"retry: %d\n\n" % RETRY_MS))
+    if start > box.origin and not reset:
+        # this stream's own welcome: the session goes on without a gap
+        t.write(_event("welcome", 0, (json.dumps({
+            "type": "welcome", "client": h.s.client_id, "session": h.s.session_id, "resumed": True,
+            "recovered": True, "heartbeat_s": int(settings.heartbeat_s)}).encode(),)))
+    stream = SessionStream(t, start, settings.slow_client_buffer_bytes)
+    if box.reader is not None:
+        box.reader.end(CLOSE_TAKEN, "another stream reads this session")
+    box.supersede()
+    box.reader = stream
+    h.s.kind = "sse"
+    _log_connect(h.s, not reset)
+    try:
+        while not stream.done.is_set():
+            if stream.pending() > stream.hwm:
+                await asyncio.sleep(0.05)
+                stream._open()
+                continue
+            stream.pump(box)
+            h.last_seen = time.monotonic()
+            if stream.cursor >= box.pos:
+                if stream.pending() == 0:   # the kernel has it all
+                    registry.acknowledged(h, stream.cursor)
+                await box.wait(stream.cursor, 1.0)
+                stream._open()
+        return resp
+    finally:
+        if box.closed and stream.ended is not None:   # the rest, up to its `error`
+            stream.hwm = 1 << 62
+            stream.pump(box)
+        if box.reader is stream:
+            box.reader = None
+            h.s.kind = "long_poll"
+        h.last_seen = time.monotonic()
+        _log_disconnect(h.s, "stream ended" if stream.ended is None else stream.ended[1])
+
+
+def _log_connect(s: Session, resumed: bool) -> None:
+    log.info("connect", extra={"fields": {
+        "event": "connect", "user": s.claims.sub, "client": s.client_id, "session": s.session_id,
+        "transport": "sse", "peer": s.peer, "resumed": resumed}})
+
+
+def _log_disconnect(s: Session, reason: str) -> None:
+    log.info("disconnect", extra={"fields": {
+        "event": "disconnect", "user": s.claims.sub, "client": s.client_id, "transport": "sse",
+        "reason": reason, "duration_s": round(time.time() - s.connected_at, 3),
+        "messages": s.messages_sent, "bytes": s.bytes_sent}})

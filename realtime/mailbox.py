@@ -1,0 +1,267 @@
+"""A session's message buffer for the HTTP transports (PROTOCOL §4): long
+polling reads it by `cursor`, an SSE stream with `session=` by `Last-Event-ID`.
+
+A Mailbox is the Outlet (transports/base.py) of a session that has no socket
+of its own. Everything the hub and the client layer write to the session
+(batches, replies, `welcome`, `reconnect`) is appended here as one entry with
+a position: polls answer with the entries after their cursor, and an SSE
+stream attached as the `reader` gets each entry as it is appended.
+
+What it keeps (PROTOCOL §4: at least the last 5 minutes or 10,000 messages):
+entries younger than KEEP_S, and the newest KEEP_MESSAGES entries, whichever
+is more; older ones go once a reader has them. Batch bodies are the hub's
+shared bytes (one object for every client with the same view), so a thousand
+mailboxes holding the same tick cost one body. Entries nobody has read yet are
+the measure of a slow reader: over the high-water mark the hub conflates, as
+for a slow WebSocket, and over the hard limit the session is closed (1013)
+and its next poll starts again from the event log (see `mark`).
+
+Positions start at the creation time in microseconds, so a cursor handed out
+by another copy of the session (another instance, or an earlier copy here) is
+never mistaken for one of this copy's: it falls outside [first, pos] and the
+poll gets `reset`.
+
+Marks: each entry carries the newest event id that every event up to it had
+been written by the time the entry was (hub.flushed_eid), or None while events
+are held back (a conflating or replaying session). A cursor that ends a
+tick's entries acknowledges that mark, and the session record keeps the
+newest acknowledged one: a copy that has to start again (another instance, a
+cursor older than the buffer, after a 1013) replays the event log from it, so
+no event is lost between copies (some may come twice: clients dedupe by eid).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections import deque
+
+from ._core._fanout import Outlet
+from ._core._schema import FMT_JSON
+
+KEEP_S = 300.0              # PROTOCOL §4: at least 5 minutes ...
+KEEP_MESSAGES = 10_000      # ... or 10,000 messages
+RESPONSE_BYTES = 4 << 20    # one poll answers with at most about this much (at least one entry)
+
+# entry fields (a tuple: thousands of them per session)
+POS, SEQ, TICK, MARK, KIND, AT, PARTS, SIZE = range(8)
+
+
+class Mailbox(Outlet):
+    __slots__ = ("hub", "entries", "pos", "origin", "first", "read", "unread_bytes", "kept_bytes", "_waiters",
+                 "reader", "ack", "on_close", "close_info", "session", "starting", "__weakref__")
+
+    def __init__(self, hub, limit: int, hwm: int, on_close=None):
+        self.hub = hub
+        self.transport = None
+        self.fmt = FMT_JSON          # the HTTP transports speak JSON (docs/protocol.md)
+        self.deflate = True          # entries are built in Python: the fan-out calls write_batch
+        self.limit = limit
+        self.hwm = hwm
+        self.entries: deque = deque()
+        self.pos = self.origin = int(time.time() * 1_000_000)   # see the module's docstring
+        self.first = self.pos + 1    # the oldest position still kept
+        self.read = self.pos         # everything up to here was handed to a reader
+        self.unread_bytes = 0
+        self.kept_bytes = 0
+        self._waiters: list[asyncio.Future] = []
+        self.reader = None           # an attached SSE stream (transports/sse.py), or None
+        self.ack = hub.flushed_eid   # the newest mark a reader acknowledged
+        self.on_close = on_close
+        self.close_info = None       # (code, reason) once closed
+        self.session = None          # the Session it is the Outlet of
+        # while a copy starts (welcome, snapshot, until its replay holds
+        # events): entries carry no mark, the replay is still to come
+        self.starting = False
+
+    # ------------------------------------------------------------ the Outlet side
+    def write(self, payload: bytes) -> int:
+        try:
+            kind = str(json.loads(payload).get("type", "message"))[:40]
+        except (ValueError, AttributeError):
+            kind = "message"
+        return self._append(0, kind, (payload,), len(payload))
+
+    def write_batch(self, envelope_of, batch_id: bytes, body: bytes, req_id=None) -> int:
+        self.seq += 1
+        prefix, suffix = envelope_of(FMT_JSON, batch_id, self.seq, req_id)
+        return self._append(self.seq, "batch", (prefix, body, suffix), len(prefix) + len(body) + len(suffix))
+
+    def _append(self, seq: int, kind: str, parts: tuple, size: int, check: bool = True) -> int:
+        if self.closed:
+            return 0
+        hub = self.hub
+        self.pos += 1
+        mark = None if self.conflating or self.starting else hub.flushed_eid
+        entry = (self.pos, seq, hub.tick_no, mark, kind, time.monotonic(), parts, size)
+        self.entries.append(entry)
+        self.kept_bytes += size
+        self.messages += 1
+        self.nbytes += size
+        r = self.reader
+        if r is not None and r.caught_up(self):
+            r.send(entry)             # straight to the stream's socket: nothing unread
+            self.read = self.pos
+        else:
+            self.unread_bytes += size
+            if check and self.unread_bytes > self.limit:
+                self.close(1013, "slow reader: unread messages over the limit")
+                return 0
+            self.congested = self.unread_bytes > self.hwm
+            for w in self._waiters:
+                if not w.done():
+                    w.set_result(True)
+            self._waiters.clear()
+        self._trim()
+        return size
+
+    def pending(self) -> int:
+        """What the shutdown waits for: an attached stream's socket buffer.
+        A poller's unread entries wait for its next poll, wherever it lands."""
+        r = self.reader
+        return r.pending() if r is not None else 0
+
+    def congested_now(self) -> bool:
+        return self.unread_bytes > self.hwm // 4 or (self.reader is not None and self.reader.congested_now())
+
+    def keepalive(self, now: float, every_s: float, timeout_s: float) -> bool:
+        """A poller shows it is alive by polling (the registry ends sessions
+        nobody polls); an attached stream sends its own comments."""
+        r = self.reader
+        if r is not None:
+            r.keepalive(now, every_s)
+        return True
+
+    def close(self, code: int, reason: str) -> None:
+        """The session's copy here ends (slow reader, token expiry, shutdown):
+        the reason is the last entry, waiting polls are answered, and the
+        registry releases it. Its record stays: the next poll or stream, here
+        or elsewhere, starts again from it."""
+        if self.close_info is not None:   # (Session.close sets `closed` before it calls this)
+            return
+        self.closed = False
+        payload = json.dumps({"type": "error", "code": "closed", "close_code": code,
+                              "message": reason}).encode()
+        self._append(0, "error", (payload,), len(payload), check=False)
+        self.closed = True
+        self.close_info = (code, reason)
+        self._wake()
+        if self.reader is not None:
+            self.reader.end(code, reason)
+        if self.on_close is not None:
+            self.on_close(self)
+
+    # ------------------------------------------------------------ the reader side
+    def holds(self, cursor: int) -> bool:
+        """Whether the entries after `cursor` are all here (a cursor of this
+        copy, not older than what is kept)."""
+        return self.first - 1 <= cursor <= self.pos
+
+    def after(self, cursor: int, max_bytes: int = RESPONSE_BYTES) -> list[tuple]:
+        """The entries after `cursor` (holds() must be true), at most about
+        max_bytes, at least one."""
+        out, n = [], 0
+        entries = self.entries
+        i = cursor - self.first + 1   # positions are consecutive
+        while i < len(entries):
+            e = entries[i]
+            if out and n + e[SIZE] > max_bytes:
+                break
+            out.append(e)
+            n += e[SIZE]
+            i += 1
+        return out
+
+    def index_of_seq(self, seq: int) -> int | None:
+        """The position of the batch with this seq, while kept (SSE Last-Event-ID)."""
+        entries = self.entries
+        lo, hi = 0, len(entries)
+        while lo < hi:   # seqs grow with positions; replies carry 0
+            mid = (lo + hi) // 2
+            s = self._seq_at_or_after(mid)
+            if s is None or s >= seq:
+                hi = mid
+            else:
+                lo = mid + 1
+        while lo < len(entries) and not entries[lo][SEQ]:   # replies before the batch
+            lo += 1
+        if lo < len(entries) and entries[lo][SEQ] == seq:
+            return entries[lo][POS]
+        return None
+
+    def _seq_at_or_after(self, i: int):
+        entries = self.entries
+        while i < len(entries):
+            if entries[i][SEQ]:
+                return entries[i][SEQ]
+            i += 1
+        return None
+
+    def handed(self, pos: int) -> None:
+        """The entries up to `pos` went to a reader: no longer unread."""
+        if pos <= self.read:
+            return
+        entries = self.entries
+        gone = 0
+        for i in range(max(0, self.read - self.first + 1), min(len(entries), pos - self.first + 1)):
+            gone += entries[i][SIZE]
+        self.unread_bytes = max(0, self.unread_bytes - gone)
+        self.read = pos
+        if not self.unread_bytes:
+            self.congested = False
+
+    def acknowledge(self, cursor: int) -> bool:
+        """The reader says it has everything up to `cursor`: the acknowledged
+        mark moves to that entry's, when it has one. True when it moved."""
+        i = cursor - self.first
+        if not (0 <= i < len(self.entries)):
+            return False
+        e = self.entries[i]
+        # a mark holds only at the end of its tick's entries (the catch-up of
+        # a slow session writes the latest state and then what it held)
+        if e[MARK] is None or (i + 1 < len(self.entries) and self.entries[i + 1][TICK] == e[TICK]):
+            return False
+        if e[MARK] != self.ack:
+            self.ack = e[MARK]
+            return True
+        return False
+
+    async def wait(self, cursor: int, timeout: float) -> None:
+        """Until there is something after `cursor`, the copy closes, or timeout."""
+        if self.pos > cursor or self.closed or timeout <= 0:
+            return
+        w = asyncio.get_running_loop().create_future()
+        self._waiters.append(w)
+        try:
+            await asyncio.wait_for(w, timeout)
+        except asyncio.TimeoutError:
+            pass
+        finally:
+            if w in self._waiters:
+                self._waiters.remove(w)
+
+    def supersede(self) -> None:
+        """A newer poll of the same session: the one waiting answers now."""
+        self._wake()
+
+    def _wake(self) -> None:
+        for w in self._waiters:
+            if not w.done():
+                w.set_result(False)
+        self._waiters.clear()
+
+    def waiting(self) -> bool:
+        return bool(self._waiters)
+
+    def _trim(self) -> None:
+        entries = self.entries
+        if len(entries) <= KEEP_MESSAGES:
+            return
+        horizon = time.monotonic() - KEEP_S
+        while len(entries) > KEEP_MESSAGES and entries[0][AT] < horizon and entries[0][POS] <= self.read:
+            self.kept_bytes -= entries.popleft()[SIZE]
+            self.first += 1
+
+
+def message_bytes(entry: tuple) -> bytes:
+    return b"".join(entry[PARTS])

@@ -1,0 +1,397 @@
+"""Sessions without a connection (PROTOCOL §4): the session API, and the copy
+of each HTTP session that this worker holds for long polling and SSE.
+
+- `POST /api/realtime/session` (Bearer, a `subscribe` body) makes a session:
+  a Session whose Outlet is a Mailbox (realtime/mailbox.py), attached to the
+  hub like any connection, so rights, filters, priorities, conflation,
+  clusters and `token_expiring` are the client layer's and the hub's, as on
+  WebSocket. `201 {"session": …}`.
+- `PUT /api/realtime/session/{id}` subscribes again: `subscribed` and its
+  batch (`full` for what came in, `leave` for what went out) go to the stream.
+- `DELETE` ends it: the record goes, later polls and streams get 410 here
+  and 404 elsewhere.
+
+Several instances (or workers) may be asked for the same session, since polls
+need no sticky sessions. The session's record in the stores (`session:{id}`)
+names the copy that serves it (`copy`) and the newest event its reader has
+acknowledged (`last_event`, see Mailbox). An instance asked for a session it
+does not hold, or whose record names another copy, takes it over: it starts
+a new copy from the record, as a WebSocket resume does, so the reader gets
+`reset`, the full state and every event since `last_event` (nothing lost;
+sticky sessions only save the snapshot). A copy that is no longer named is
+ended within SWEEP_S; one that nobody reads for --session-idle-s (2 minutes)
+is ended, with its record, and releases everything.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections import OrderedDict
+
+from aiohttp import web
+
+from .. import client
+from .. import messages as M
+from .._core._schema import FMT_JSON
+from ..auth import AuthError, Claims
+from ..ingest.http import bearer
+from ..mailbox import Mailbox
+from ..session import Session, new_id
+from ..tasks import cancel_and_wait
+
+log = logging.getLogger("realtime.sessions")
+
+SWEEP_S = 5.0           # idle sessions and copies taken over elsewhere are found this often
+ENDED_KEEP = 10_000     # ids of sessions ended here, remembered for a 410 (bounded)
+SAVE_ACK_EVERY_S = 1.0  # the acknowledged mark goes to the record at most this often
+CLOSE_TAKEN = 4009      # the session is served by another copy now (docs/protocol.md)
+
+
+class HttpError(Exception):
+    def __init__(self, status: int, code: str, message: str, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.code, self.message, self.headers = status, code, message, headers
+
+    def response(self) -> web.Response:
+        """PROTOCOL §4: the error body of §3 (`type`, `code`, `message`), with
+        `error` as well, as the other HTTP endpoints answer."""
+        return web.json_response({"type": "error", "code": self.code, "error": self.code,
+                                  "message": self.message}, status=self.status, headers=self.headers)
+
+
+# what a Refused close code means to an HTTP client (PROTOCOL §4)
+_REFUSED = {4404: (404, "not_found"), 4410: (410, "gone"), 4403: (403, "forbidden"),
+            1013: (503, "unavailable"), 1008: (429, "rate_limited")}
+
+
+def refused_error(r: client.Refused) -> HttpError:
+    status, code = _REFUSED.get(r.code, (503, "unavailable"))
+    return HttpError(status, code, r.reason, {"Retry-After": "1"} if status == 503 else None)
+
+
+def authenticate(request: web.Request, what: str) -> Claims:
+    """The request's token (Bearer or ?token=), or HttpError 401/403."""
+    app = request.app
+    try:
+        claims = app["auth"].decode(bearer(request))
+        if not claims.may_view_anything():
+            raise AuthError("token grants no vehicles", forbidden=True)
+    except AuthError as e:
+        app["security_log"](request, f"{what}_auth_failed", str(e))
+        if e.forbidden:
+            raise HttpError(403, "forbidden", str(e)) from None
+        raise HttpError(401, "unauthorized", str(e), {"WWW-Authenticate": "Bearer"}) from None
+    return claims
+
+
+class Held:
+    """This worker's copy of one HTTP session."""
+
+    __slots__ = ("s", "box", "copy", "last_seen", "ack_saved_at")
+
+    def __init__(self, s: Session, box: Mailbox, copy: str):
+        self.s, self.box, self.copy = s, box, copy
+        self.last_seen = time.monotonic()
+        self.ack_saved_at = 0.0
+
+    def busy(self) -> bool:
+        return self.box.reader is not None or self.box.waiting()
+
+
+class HttpSessions:
+    def __init__(self, app: web.Application):
+        self.app = app
+        self.hub = app["hub"]
+        self.held: dict[str, Held] = {}
+        self.ended: OrderedDict[str, None] = OrderedDict()
+        self._task: asyncio.Task | None = None
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    # ------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._sweep(), name="http-sessions")
+
+    async def stop(self) -> None:
+        await cancel_and_wait(self._task)
+        self._task = None
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(min(SWEEP_S, self.app["settings"].session_idle_s / 4))
+            try:
+                await self.sweep()
+            except Exception:
+                log.exception("session sweep failed")
+
+    async def sweep(self) -> None:
+        now = time.monotonic()
+        idle = self.app["settings"].session_idle_s
+        for sid, h in list(self.held.items()):
+            self._save_ack(h, now)
+            if not h.busy() and now - h.last_seen > idle:
+                log.info("session expired", extra={"fields": {"event": "session_expired", "session": sid,
+                                                               "user": h.s.claims.sub}})
+                self.hub.records.event("session_expired", h.s.client_id, None, session=sid)
+                await self.end(sid, h, "not read for %g s" % idle)
+        if self.hub.settings.redis and self.held:
+            await self._drop_moved()
+
+    async def _drop_moved(self) -> None:
+        """Copies whose record names another copy (taken over elsewhere) or
+        is gone (DELETE elsewhere, expired): ended here, so that an SSE stream
+        attached to one does not go on with an old subscription."""
+        sids = list(self.held)
+        try:
+            records = await self.hub.stores.load_sessions(sids)
+        except Exception:
+            return   # Redis down: keep serving what is here
+        for sid, record in zip(sids, records):
+            h = self.held.get(sid)
+            if h is None or h.box.closed:
+                continue
+            if record is None:
+                self._forget(sid, h, 4410, "the session was ended")
+            elif record.get("copy") != h.copy:
+                self._forget(sid, h, CLOSE_TAKEN, "the session is served elsewhere now: reconnect")
+
+    # ------------------------------------------------------------ making and finding
+    async def create(self, request: web.Request, claims: Claims, sub: M.Subscribe) -> Held:
+        hub = self.hub
+        h = self._new(request, claims, "long_poll")
+        h.s.extra.update(copy=h.copy, last_event=h.box.ack)
+        try:
+            await client.start(hub, h.s, None, None, self._security(request))
+        except client.Refused as r:
+            self._release(h.s, "refused")
+            raise refused_error(r) from None
+        self.held[h.s.session_id] = h
+        await self._subscribe(h, sub)
+        return h
+
+    async def find(self, request: web.Request, claims: Claims, sid: str,
+                   last_event: str | None = None, kind: str = "long_poll") -> tuple[Held, bool]:
+        """The copy that serves `sid` for this user, taken over when this worker
+        does not hold the current one. (copy, whether it is a new copy: its
+        reader starts from its first entry, with `reset`)."""
+        if not sid or len(sid) > 64:
+            raise HttpError(400, "bad_request", "session is required")
+        lock = self._locks.get(sid)
+        if lock is None:
+            lock = self._locks[sid] = asyncio.Lock()
+        try:
+            async with lock:   # two polls at once must not both take over
+                return await self._find(request, claims, sid, last_event, kind)
+        finally:
+            if not lock.locked() and not getattr(lock, "_waiters", None):
+                self._locks.pop(sid, None)
+
+    async def _find(self, request, claims, sid, last_event, kind):
+        hub = self.hub
+        h = self.held.get(sid)
+        if h is not None and h.s.claims.sub != claims.sub:
+            request.app["security_log"](request, "session_other_user", sid)
+            raise HttpError(403, "forbidden", "this session belongs to another user")
+        try:
+            record = await hub.stores.load_session(sid)
+        except Exception:
+            if h is not None and not h.box.closed:
+                return h, False   # the stores are down: serve what is here
+            raise HttpError(503, "unavailable", "the session cannot be read now: try again",
+                            {"Retry-After": "1"}) from None
+        if record is None:
+            if h is not None:
+                self._forget(sid, h, 4410, "the session was ended")
+            if sid in self.ended or h is not None:
+                raise HttpError(410, "gone", "the session was ended")
+            raise HttpError(404, "not_found", "unknown session")
+        if record.get("user_id") != claims.sub:
+            request.app["security_log"](request, "session_other_user", sid)
+            raise HttpError(403, "forbidden", "this session belongs to another user")
+        if h is not None and not h.box.closed and record.get("copy") == h.copy:
+            return h, False
+        if h is not None:
+            self._forget(sid, h, CLOSE_TAKEN, "the session is served by a new copy")
+        return await self._take_over(request, claims, sid, last_event or record.get("last_event"), kind), True
+
+    async def restart(self, request, claims: Claims, h: Held, last_event: str | None,
+                      kind: str = "long_poll") -> Held:
+        """A new copy here of a session held here (a cursor older than the
+        buffer): full state, then the events since what was acknowledged."""
+        sid = h.s.session_id
+        self._forget(sid, h, CLOSE_TAKEN, "the session is served by a new copy")
+        return await self._take_over(request, claims, sid, last_event or h.box.ack, kind)
+
+    async def _take_over(self, request, claims: Claims, sid: str, after: str | None, kind: str) -> Held:
+        h = self._new(request, claims, kind)
+        h.s.extra.update(copy=h.copy, last_event=after)   # the record written at start has both
+        h.box.ack = after
+        h.box.starting = True
+        try:
+            await client.start(self.hub, h.s, sid, after, self._security(request), must_resume=True)
+        except client.Refused as r:
+            self._release(h.s, "refused")
+            raise refused_error(r) from None
+        finally:
+            h.box.starting = False
+        self.held[sid] = h
+        log.info("session taken over", extra={"fields": {
+            "event": "session_taken_over", "session": sid, "user": claims.sub, "copy": h.copy,
+            "last_event": after}})
+        return h
+
+    def _new(self, request, claims: Claims, kind: str) -> Held:
+        settings = self.app["settings"]
+        h = Held.__new__(Held)
+        box = Mailbox(self.hub, settings.write_buffer_close_bytes, settings.slow_client_buffer_bytes,
+                      on_close=lambda b, h=h: self._closed(h))
+        s = Session(box, claims, FMT_JSON, settings.max_messages_per_s, kind, request.remote or "")
+        s.extra = {}
+        box.session = s
+        Held.__init__(h, s, box, new_id("k_"))
+        refused = self.hub.admit(s)
+        if refused:
+            request.app["security_log"](request, "session_connection_limit", refused)
+            raise HttpError(429, "rate_limited", refused)
+        return h
+
+    def _security(self, request):
+        return lambda kind, detail: request.app["security_log"](request, "session_" + kind, detail)
+
+    async def _subscribe(self, h: Held, sub: M.Subscribe) -> None:
+        settings = self.app["settings"]
+        n = len(sub.subscriptions.vehicles) + len(sub.subscriptions.groups)
+        if n > settings.max_subscription_size:
+            raise HttpError(400, "bad_request", f"subscription names {n} vehicles and groups; "
+                                                f"at most {settings.max_subscription_size}")
+        await client.subscribe(self.hub, h.s, sub)
+
+    # ------------------------------------------------------------ reading
+    def acknowledged(self, h: Held, cursor: int) -> None:
+        """The reader has everything up to `cursor`: its mark goes to the
+        record (at most once a second; the sweep writes one held back), for a
+        copy that has to start again."""
+        h.box.acknowledge(cursor)
+        self._save_ack(h, time.monotonic())
+
+    def _save_ack(self, h: Held, now: float) -> None:
+        ack = h.box.ack
+        if h.s.extra.get("last_event") != ack and now - h.ack_saved_at >= SAVE_ACK_EVERY_S \
+                and not h.box.closed:
+            h.ack_saved_at = now
+            h.s.extra["last_event"] = ack
+            self.hub.save_session(h.s)
+
+    # ------------------------------------------------------------ ending
+    async def end(self, sid: str, h: Held | None, reason: str, deleted: bool = False) -> None:
+        """DELETE, or nobody read it here for --session-idle-s: the record goes too
+        (after an idle spell only while it still names this copy: it may be
+        served elsewhere now)."""
+        copy = None if deleted or h is None else h.copy
+        if h is not None:
+            self._forget(sid, h, 4410, reason)
+        self._remember_ended(sid)
+        try:
+            await self.hub.stores.delete_session(sid, copy)
+        except Exception as e:
+            log.warning("session record not deleted", extra={"fields": {"session": sid, "error": repr(e)[:200]}})
+
+    def _forget(self, sid: str, h: Held, code: int, reason: str) -> None:
+        if self.held.get(sid) is h:
+            del self.held[sid]
+        if not h.box.closed:
+            h.s.close(code, reason)   # -> _closed
+        else:
+            self._release(h.s, reason)
+
+    def _closed(self, h: Held) -> None:
+        """The copy closed (slow reader, token expiry, shutdown, or ended
+        here): it leaves the hub now; a later read starts a new copy."""
+        self._release(h.s, h.s.close_reason or "closed")
+
+    def _release(self, s: Session, reason: str) -> None:
+        if s.row >= 0:
+            client.close(self.hub, s, reason)
+        self.hub.unadmit(s)
+
+    def _remember_ended(self, sid: str) -> None:
+        self.ended[sid] = None
+        while len(self.ended) > ENDED_KEEP:
+            self.ended.popitem(last=False)
+
+
+# ---------------------------------------------------------------- the API
+async def _subscribe_body(request: web.Request) -> M.Subscribe:
+    settings = request.app["settings"]
+    if request.content_length is not None and request.content_length > settings.max_message_bytes:
+        raise HttpError(413, "too_large", f"at most {settings.max_message_bytes} bytes")
+    data = await request.content.read(settings.max_message_bytes + 1)
+    if len(data) > settings.max_message_bytes:
+        raise HttpError(413, "too_large", f"at most {settings.max_message_bytes} bytes")
+    try:
+        obj = json.loads(data or b"{}")
+    except ValueError:
+        raise HttpError(400, "bad_request", "the body must be a JSON subscribe message") from None
+    if not isinstance(obj, dict):
+        raise HttpError(400, "bad_request", "the body must be a JSON object")
+    obj.setdefault("type", "subscribe")
+    try:
+        m = M.parse(json.dumps(obj).encode(), False)
+    except M.ProtocolError as e:
+        raise HttpError(400, e.code, e.message) from None
+    if not isinstance(m, M.Subscribe):
+        raise HttpError(400, "bad_request", "the body must be a subscribe message")
+    return m
+
+
+def _errors(handler):
+    async def wrapped(request: web.Request):
+        try:
+            return await handler(request)
+        except HttpError as e:
+            return e.response()
+    wrapped.__name__ = handler.__name__
+    return wrapped
+
+
+@_errors
+async def post(request: web.Request) -> web.Response:
+    claims = authenticate(request, "session")
+    sub = await _subscribe_body(request)
+    h = await request.app["http_sessions"].create(request, claims, sub)
+    return web.json_response({"session": h.s.session_id}, status=201)
+
+
+@_errors
+async def put(request: web.Request) -> web.Response:
+    claims = authenticate(request, "session")
+    sub = await _subscribe_body(request)
+    registry: HttpSessions = request.app["http_sessions"]
+    h, _ = await registry.find(request, claims, request.match_info["session_id"])
+    await registry._subscribe(h, sub)
+    return web.json_response({"session": h.s.session_id})
+
+
+@_errors
+async def delete(request: web.Request) -> web.Response:
+    claims = authenticate(request, "session")
+    registry: HttpSessions = request.app["http_sessions"]
+    sid = request.match_info["session_id"]
+    h = registry.held.get(sid)
+    if h is not None and h.s.claims.sub != claims.sub:
+        raise HttpError(403, "forbidden", "this session belongs to another user")
+    if h is None:
+        try:
+            record = await registry.hub.stores.load_session(sid)
+        except Exception:
+            raise HttpError(503, "unavailable", "the session cannot be read now: try again",
+                            {"Retry-After": "1"}) from None
+        if record is None:
+            if sid in registry.ended:
+                raise HttpError(410, "gone", "the session was ended")
+            raise HttpError(404, "not_found", "unknown session")
+        if record.get("user_id") != claims.sub:
+            raise HttpError(403, "forbidden", "this session belongs to another user")
+    await registry.end(sid, h, "deleted", deleted=True)
+    return web.Response(status=204)
