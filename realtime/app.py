@@ -109,6 +109,9 @@ async def _start(app):
     hub.records.start()
     hub.start()
     app["http_sessions"].start()
+    if settings.grpc_port:
+        from .transports import grpc_stream
+        app["grpc"] = await grpc_stream.start(app)
     if settings.kafka:
         from .ingest.kafka import KafkaIngest
         app["kafka"] = KafkaIngest(settings, app["ingest_sink"], hub.stats)
@@ -134,6 +137,9 @@ async def _stop(app):
     def step(name):
         log.info("shutdown step", extra={"fields": {"step": name, "elapsed_s": round(time.monotonic() - t0, 3)}})
 
+    if app.get("grpc") is not None:   # its calls were told to reconnect (say_goodbye)
+        await app["grpc"].stop(1.0)
+        step("grpc stopped")
     task = app.get("simulator")
     if task:
         task.cancel()

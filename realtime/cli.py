@@ -34,6 +34,9 @@ def cmd_serve(ns) -> int:
         print(f"realtime serve: {e}", file=sys.stderr)
         return EXIT_FAILED
     problem = port_problem(settings.host, settings.port)
+    if not problem and settings.grpc_port:
+        problem = port_problem(settings.host, settings.grpc_port)
+        problem = problem and problem.replace("--port", "--grpc-port")
     if problem:
         print(f"realtime serve: {problem}", file=sys.stderr)
         return EXIT_FAILED

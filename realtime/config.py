@@ -150,6 +150,8 @@ class Settings:
     host: str = opt("127.0.0.1", "network", "Address to listen on.", check=_host, metavar="ADDR")
     port: int = opt(8080, "network", "TCP port for HTTP, WebSocket, SSE and long polling.",
                     kind=int, lo=1, hi=65535)
+    grpc_port: int | None = opt(None, "network", "TCP port for gRPC streaming (PROTOCOL §4), TLS with --tls-cert.",
+                                kind=int, lo=1, hi=65535, default_text="none: no gRPC")
     workers: int = opt(1, "network", "Worker processes sharing the port (SO_REUSEPORT); more than one needs --redis.",
                        kind=int, lo=1, hi=256)
     tls_cert: str | None = opt(None, "network", "PEM certificate chain: serve https and wss, TLS 1.3 only; needs --tls-key.",

@@ -1,0 +1,242 @@
+"""gRPC streaming (PROTOCOL §4): `realtime.v1.Realtime/Stream` on
+--grpc-port, with grpcio's asyncio server on the worker's event loop (uvloop;
+checked: grpcio 1.85 runs there).
+
+The same client layer as every other transport (realtime/client.py): the
+call authenticates with `authorization: Bearer …` in its metadata, opens a
+Session (resume with `session` and `last_event`), subscribes to the request,
+then streams Batches. grpcio has no synchronous write, so the hub's writes go
+to this call's queue (GrpcOutlet) and the call's own task sends them; the
+queue's size is the measure of a slow reader, as a socket buffer is for the
+others: over the high-water mark the hub conflates, over the hard limit the
+call ends (UNAVAILABLE: resume).
+
+Batches are written in protobuf without a protobuf runtime (grpc_wire.py):
+the messages of a body shared by many clients are encoded once per tick.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+
+import grpc
+import msgpack
+import msgspec
+from grpc import aio
+
+from . import grpc_wire as wire
+from .. import client
+from .. import messages as M
+from .._core._fanout import Outlet
+from .._core._schema import FMT_MSGPACK
+from ..auth import AuthError
+from ..session import Session
+
+log = logging.getLogger("realtime.grpc")
+
+SERVICE = "realtime.v1.Realtime"
+
+# WebSocket close codes (§3.3) -> how a call ends
+_STATUS = {1001: grpc.StatusCode.UNAVAILABLE, 1013: grpc.StatusCode.UNAVAILABLE,
+           1011: grpc.StatusCode.UNAVAILABLE, 1008: grpc.StatusCode.RESOURCE_EXHAUSTED,
+           4001: grpc.StatusCode.UNAUTHENTICATED, 4403: grpc.StatusCode.PERMISSION_DENIED,
+           4404: grpc.StatusCode.NOT_FOUND}
+
+
+class BodyCache:
+    """Protobuf `messages` of each body written this tick: a body shared by
+    many clients is converted once (bounded: emptied at every new tick)."""
+
+    def __init__(self, hub):
+        self.hub = hub
+        self.tick = -1
+        self.bodies: dict[bytes, bytes] = {}
+
+    def get(self, body: bytes) -> bytes:
+        if self.hub.tick_no != self.tick or len(self.bodies) > 4096:
+            self.tick = self.hub.tick_no
+            self.bodies.clear()
+        pb = self.bodies.get(body)
+        if pb is None:
+            pb = self.bodies[body] = wire.batch_body(body)
+        return pb
+
+
+class GrpcOutlet(Outlet):
+    __slots__ = ("queue", "queued", "wake", "ended", "cache")
+
+    def __init__(self, cache: BodyCache, limit: int, hwm: int):
+        self.transport = None
+        self.fmt = FMT_MSGPACK       # the core's bodies, converted by grpc_wire
+        self.deflate = True          # frames built in Python: the fan-out calls write_batch
+        self.limit = limit
+        self.hwm = hwm
+        self.cache = cache
+        self.queue: deque[bytes] = deque()
+        self.queued = 0
+        self.wake = asyncio.Event()
+        self.ended = None            # (close code, reason) once closed
+
+    def write(self, payload: bytes) -> int:
+        data = wire.notice(msgpack.unpackb(payload))
+        return 0 if data is None else self._put(data)
+
+    def write_batch(self, envelope_of, batch_id: bytes, body: bytes, req_id=None) -> int:
+        self.seq += 1
+        return self._put(wire.batch_head(batch_id, self.seq) + self.cache.get(body))
+
+    def _put(self, data: bytes) -> int:
+        if self.ended is not None:
+            return 0
+        self.queue.append(data)
+        self.queued += len(data)
+        self.messages += 1
+        self.nbytes += len(data)
+        if self.queued > self.limit:
+            self.close(1013, "slow reader: queue over the limit; resume")
+            return 0
+        self.congested = self.queued > self.hwm
+        self.wake.set()
+        return len(data)
+
+    def taken(self, data: bytes) -> None:
+        self.queued -= len(data)
+
+    def pending(self) -> int:
+        return self.queued
+
+    def congested_now(self) -> bool:
+        return self.queued > self.hwm // 4
+
+    def keepalive(self, now: float, every_s: float, timeout_s: float) -> bool:
+        return True   # HTTP/2 keepalive pings (server options) find dead peers
+
+    def close(self, code: int, reason: str) -> None:
+        if self.ended is None:
+            self.ended = (code, reason)
+            self.wake.set()
+
+
+def _token(context) -> str | None:
+    for k, v in context.invocation_metadata() or ():
+        if k == "authorization" and isinstance(v, str) and v.lower().startswith("bearer "):
+            return v[7:].strip()
+    return None
+
+
+class RealtimeService:
+    def __init__(self, app):
+        self.app = app
+        self.hub = app["hub"]
+        self.cache = BodyCache(self.hub)
+
+    def _security(self, context, kind: str, detail: str) -> None:
+        self.hub.records.event("security_violation", None, None, kind="grpc_" + kind, detail=detail[:200],
+                               peer=context.peer())
+
+    async def stream(self, request: bytes, context) -> None:
+        app, hub = self.app, self.hub
+        settings = app["settings"]
+        try:
+            claims = app["auth"].decode(_token(context))
+            if not claims.may_view_anything():
+                raise AuthError("token grants no vehicles", forbidden=True)
+        except AuthError as e:
+            self._security(context, "auth_failed", str(e))
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED if e.forbidden
+                                else grpc.StatusCode.UNAUTHENTICATED, str(e))
+        try:
+            body, session_id, last_event = wire.stream_request(request)
+            sub = msgspec.convert(body, M.Subscribe)
+        except (wire.WireError, msgspec.ValidationError) as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad StreamRequest: {e}"[:300])
+        n = len(sub.subscriptions.vehicles) + len(sub.subscriptions.groups)
+        if n > settings.max_subscription_size:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"subscription names {n} vehicles and "
+                                f"groups; at most {settings.max_subscription_size}")
+        out = GrpcOutlet(self.cache, settings.write_buffer_close_bytes, settings.slow_client_buffer_bytes)
+        peer = _peer_address(context.peer())
+        s = Session(out, claims, FMT_MSGPACK, settings.max_messages_per_s, "grpc", peer)
+        refused = hub.admit(s)
+        if refused:
+            self._security(context, "connection_limit", refused)
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, refused)
+        opened = False
+        reason = "client closed"
+        try:
+            try:
+                resumed = await client.start(hub, s, session_id or None, last_event or None,
+                                             lambda kind, detail: self._security(context, kind, detail))
+            except client.Refused as r:
+                await context.abort(_STATUS.get(r.code, grpc.StatusCode.UNAVAILABLE), r.reason)
+            opened = True
+            if not resumed or n or sub.subscriptions.geographic or _has_filters(sub):
+                await client.subscribe(hub, s, sub)
+            _log("connect", s, resumed=resumed)
+            while True:
+                while out.queue:
+                    data = out.queue.popleft()
+                    out.taken(data)
+                    await context.write(data)
+                if out.ended is not None:
+                    break
+                out.wake.clear()
+                if not out.queue and out.ended is None:
+                    await out.wake.wait()
+            code, reason = out.ended
+            await context.abort(_STATUS.get(code, grpc.StatusCode.UNAVAILABLE), reason)
+        finally:
+            if opened or s.row >= 0:
+                reason = s.close_reason or reason
+                client.close(hub, s, reason)
+                _log("disconnect", s, reason=reason, duration_s=round(time.time() - s.connected_at, 3),
+                     messages=s.messages_sent, bytes=s.bytes_sent)
+            hub.unadmit(s)
+
+
+def _has_filters(sub) -> bool:
+    f = sub.filters
+    return bool(f.status or f.vehicle_types) or f.show_alerts is False
+
+
+def _peer_address(peer: str) -> str:
+    """`ipv4:127.0.0.1:5555` / `ipv6:[::1]:5555` -> the address (per-IP limits)."""
+    kind, _, rest = (peer or "").partition(":")
+    host = rest.rpartition(":")[0] if kind in ("ipv4", "ipv6") else rest
+    return host.strip("[]")
+
+
+def _log(event: str, s: Session, **fields) -> None:
+    log.info(event, extra={"fields": {"event": event, "user": s.claims.sub, "client": s.client_id,
+                                      "session": s.session_id, "transport": "grpc", "peer": s.peer, **fields}})
+
+
+async def start(app) -> aio.Server:
+    """The gRPC server on --grpc-port (TLS with --tls-cert), sharing the port
+    between workers (grpc sets SO_REUSEPORT)."""
+    settings = app["settings"]
+    service = RealtimeService(app)
+    handler = grpc.method_handlers_generic_handler(SERVICE, {
+        "Stream": grpc.unary_stream_rpc_method_handler(
+            service.stream, request_deserializer=None, response_serializer=None)})
+    server = aio.server(options=[
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.keepalive_time_ms", int(settings.heartbeat_s * 1000)),
+        ("grpc.keepalive_timeout_ms", int(settings.pong_timeout_s * 1000)),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.so_reuseport", 1),
+    ])
+    server.add_generic_rpc_handlers((handler,))
+    address = f"{settings.host}:{settings.grpc_port}"
+    if settings.tls_cert:
+        with open(settings.tls_key, "rb") as k, open(settings.tls_cert, "rb") as c:
+            creds = grpc.ssl_server_credentials([(k.read(), c.read())])
+        server.add_secure_port(address, creds)
+    else:
+        server.add_insecure_port(address)
+    await server.start()
+    log.info("gRPC listening on %s%s", address, " (TLS)" if settings.tls_cert else "")
+    return server
