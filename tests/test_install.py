@@ -76,12 +76,14 @@ def test_the_wheel_has_every_package_the_assets_and_the_compiled_core(built):
     web = {p.name for p in (ROOT / "realtime" / "web").iterdir() if p.suffix in (".html", ".js", ".css")}
     for asset in web:
         assert f"realtime/web/{asset}" in names, asset
+    assert "realtime/proto/realtime/v1/realtime.proto" in names   # PROTOCOL §4: the .proto ships
     for ext in ("_core", "_fanout"):
         assert any(n.startswith(f"realtime/_core/{ext}.") and n.endswith(".so") for n in names), ext
     meta = next(n for n in names if n.endswith(".dist-info/METADATA"))
     text = zipfile.ZipFile(wheel).read(meta).decode()
     assert "Name: realtime-fleet" in text and "License-Expression:" in text
     assert any(line.startswith("Requires-Dist: aiohttp") and "<4" in line for line in text.splitlines())
+    assert any(line.startswith("Requires-Dist: grpcio") for line in text.splitlines())
     members = {m.split("/", 1)[1] for m in tarfile.open(sdist).getnames() if "/" in m}
     for needed in ("setup.py", "pyproject.toml", "README.md", "LICENSE",
                    "realtime/_core/_core.pyx", "realtime/_core/_fanout.pyx", "tests/conftest.py"):
