@@ -52,4 +52,14 @@ fi
 if ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null; then
   apt_install chromium && echo "services: installed chromium" || echo "services: chromium not installed" >&2
 fi
+# nginx for the tests behind a real proxy (tests/test_proxy.py starts its own,
+# on a loopback port). The package must not start the stock server on port
+# 80: invoke-rc.d is told no (policy-rc.d) while it installs.
+if ! command -v nginx >/dev/null; then
+  policy=/usr/sbin/policy-rc.d
+  if [ ! -e "$policy" ]; then printf '#!/bin/sh\nexit 101\n' > "$policy"; chmod +x "$policy"; made_policy=1; fi
+  apt_install nginx-light || apt_install nginx
+  [ -n "${made_policy:-}" ] && rm -f "$policy"
+  command -v nginx >/dev/null && echo "services: installed nginx" || echo "services: nginx not installed" >&2
+fi
 exit 0
