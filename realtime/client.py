@@ -104,6 +104,8 @@ async def start(hub, s: Session, resume: str | None, last_event: str | None, sec
     hub.save_session(s)
     hub.spawn(stores.client_opened(s.claims.sub, s.client_id))
     hub.records.connection_opened(s.claims.sub, s.client_id, s.connected_at, s.kind)
+    opened = hub.stats.opened
+    opened[s.kind] = opened.get(s.kind, 0) + 1
     return record is not None
 
 
@@ -123,6 +125,10 @@ def close(hub, s: Session, reason: str) -> None:
     """Releases everything the session took (core row, limits, shared sets)
     and records why it closed. Safe after a failed start()."""
     s.closed = True
+    if s.row >= 0:   # counted once: the transport's totals (GET /metrics)
+        st = hub.stats
+        st.closed_messages[s.kind] = st.closed_messages.get(s.kind, 0) + s.messages_sent
+        st.closed_bytes[s.kind] = st.closed_bytes.get(s.kind, 0) + s.bytes_sent
     hub.detach(s)
     vehicles = ((s.subscription or {}).get("subscriptions") or {}).get("vehicles") or []
     hub.spawn(hub.stores.client_closed(s.claims.sub, s.client_id, s.session_id, vehicles))

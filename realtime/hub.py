@@ -63,6 +63,12 @@ class Stats:
         self.pong_timeouts = 0
         self.commands: dict[str, int] = {}   # client messages handled, by type
         self.background_errors: dict[str, int] = {}   # failed background work, by kind
+        # by transport (websocket, sse, long_poll, grpc): connections opened,
+        # and the messages and bytes of those that closed (metrics.py adds
+        # the open ones)
+        self.opened: dict[str, int] = {}
+        self.closed_messages: dict[str, int] = {}
+        self.closed_bytes: dict[str, int] = {}
 
     def reject(self, reason: str, n: int = 1):
         self.ingest_rejected[reason] = self.ingest_rejected.get(reason, 0) + n

@@ -11,6 +11,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 
 from .session import Session
 
+TRANSPORTS = ("websocket", "sse", "long_poll", "grpc")
+
 
 class HubCollector:
     def __init__(self, app):
@@ -20,14 +22,30 @@ class HubCollector:
         app = self.app
         hub = app["hub"]
         st = hub.stats
-        g = GaugeMetricFamily("websocket_connections_active", "Open WebSocket connections",
-                              labels=["transport"])
+        g = GaugeMetricFamily("websocket_connections_active", "Open client connections, by transport "
+                              "(long_poll: sessions held here that no SSE stream reads)", labels=["transport"])
         by_kind: dict[str, int] = {}
+        sent = dict(st.closed_messages)
+        nbytes = dict(st.closed_bytes)
         for s in hub.sessions.values():
             by_kind[s.kind] = by_kind.get(s.kind, 0) + 1
-        for kind in ("websocket", "sse", "long_poll", "grpc"):
+            sent[s.kind] = sent.get(s.kind, 0) + s.messages_sent
+            nbytes[s.kind] = nbytes.get(s.kind, 0) + s.bytes_sent
+        opened = CounterMetricFamily("transport_connections_opened", "Connections (and sessions) opened, "
+                                     "by transport", labels=["transport"])
+        msgs = CounterMetricFamily("transport_messages_sent", "Server messages written to clients, by transport",
+                                   labels=["transport"])
+        size = CounterMetricFamily("transport_bytes_sent", "Bytes written to clients, by transport",
+                                   labels=["transport"])
+        for kind in TRANSPORTS:
             g.add_metric([kind], by_kind.get(kind, 0))
+            opened.add_metric([kind], st.opened.get(kind, 0))
+            msgs.add_metric([kind], sent.get(kind, 0))
+            size.add_metric([kind], nbytes.get(kind, 0))
         yield g
+        yield opened
+        yield msgs
+        yield size
         h = hub.latency
         yield HistogramMetricFamily(
             "message_delivery_latency_ms", "Ingest (arrival in this process) to socket write, per update",

@@ -107,6 +107,43 @@ async def test_connections_subscriptions_and_events_are_recorded(db, uid):
         s.stop()
 
 
+async def test_connection_rows_and_metrics_name_the_transport(db, uid):
+    """Issue 11 part 7: client_connections.transport, and the per-transport
+    counters of /metrics, for WebSocket, SSE and a long-polling session."""
+    import aiohttp
+    from conftest import metric_value
+    s = Server("--simulate", "0", "--postgres", DSN)
+    try:
+        user = "tr-" + uuid.uuid4().hex[:8]
+        auth = {"Authorization": f"Bearer {token(sub=user)}"}
+        c = await Client.connect(s, token(sub=user))
+        ws_client = (await c.recv_type("welcome"))["client"]
+        async with aiohttp.ClientSession() as http:
+            async with http.post(f"{s.url}/api/realtime/session", json={}, headers=auth) as r:
+                sid = (await r.json())["session"]
+            async with http.get(f"{s.url}/api/realtime/poll", params={"session": sid, "timeout": "0"},
+                                headers=auth) as r:
+                poll_client = (await r.json())["messages"][0]["client"]
+            async with http.get(f"{s.url}/api/realtime/stream", headers=auth) as resp:
+                head = b""
+                while b"event: welcome" not in head or b"\n\n" not in head.split(b"event: welcome", 1)[1]:
+                    head += await resp.content.readany()
+                import json
+                line = head.split(b"event: welcome\ndata: ", 1)[1].split(b"\n", 1)[0]
+                sse_client = json.loads(line)["client"]
+                for kind in ("websocket", "sse", "long_poll"):
+                    assert metric_value(s, f'websocket_connections_active{{transport="{kind}"}}') == 1, kind
+                    assert metric_value(s, f'transport_connections_opened_total{{transport="{kind}"}}') == 1, kind
+                    assert metric_value(s, f'transport_messages_sent_total{{transport="{kind}"}}') >= 1, kind
+                    assert metric_value(s, f'transport_bytes_sent_total{{transport="{kind}"}}') > 0, kind
+        await c.close()
+        for client, kind in ((ws_client, "websocket"), (poll_client, "long_poll"), (sse_client, "sse")):
+            rows = await rows_eventually(db, "SELECT transport FROM client_connections WHERE client_id=$1", client)
+            assert [r["transport"] for r in rows] == [kind]
+    finally:
+        s.stop()
+
+
 async def test_an_outage_queues_records_and_delivery_goes_on(db, uid):
     proxy = Proxy(free_port())           # down: nothing listens on its port yet
     s = Server("--simulate", "0", "--postgres", DSN.replace(f"{PG_HOST}:{PG_PORT}", f"127.0.0.1:{proxy.port}"))
