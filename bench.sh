@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Builds the project, then runs every benchmark in benchmarks/, with its baselines in the same run.
 #   ./bench.sh          full sizes (20k vehicles, 5k clients, 10k connections, 200k Kafka records,
-#                       a 10k-client reconnect storm)
+#                       a 10k-client reconnect storm, SSE/long polling/gRPC against WebSocket)
 #   ./bench.sh --smoke  cut-down sizes in under a minute; `make test` runs it so that it cannot rot
 # Writes benchmarks/results/<timestamp>.json, .md (table) and .png (plot). The last line printed
 # is one JSON object: deliveries_ratio_vs_raw, p99_ms, tick_ms, socketio_ratio, rss_kb_per_conn, kafka_ratio,
-# storm_s, storm_events_lost, storm_p99_ratio.
+# storm_s, storm_events_lost, storm_p99_ratio, sse_ratio, poll_ratio, grpc_ratio.
 set -euo pipefail
 cd "$(dirname "$0")"
 SMOKE=0
@@ -20,39 +20,43 @@ out="benchmarks/results/$stamp.json"
 t0=$(date +%s)
 
 if [ "$SMOKE" = 1 ]; then
-  say "[1/4] core: compiled vs numpy reference (4k vehicles x 1k clients)"
+  say "[1/5] core: compiled vs numpy reference (4k vehicles x 1k clients)"
   core=$($PY benchmarks/bench_core.py --vehicles 4000 --clients 1000 --changed 200 --ticks 5 --ref-ticks 1)
-  say "[2/4] end to end: scenarios a, b, c with the raw and python-socketio baselines"
+  say "[2/5] end to end: scenarios a, b, c with the raw and python-socketio baselines"
   e2e=$($PY benchmarks/bench_e2e.py --smoke --skip sweep)
-  say "[3/4] Kafka ingest vs a bare aiokafka loop (20k records)"
+  say "[3/5] Kafka ingest vs a bare aiokafka loop (20k records)"
   kafka=$($PY benchmarks/bench_kafka.py --records 20000)
-  say "[4/4] reconnect storm (300 clients move to a second instance)"
+  say "[4/5] reconnect storm (300 clients move to a second instance)"
   storm=$($PY benchmarks/bench_storm.py --smoke)
+  say "[5/5] SSE, long polling and gRPC vs WebSocket (100 clients; 300 idle pollers)"
+  transports=$($PY benchmarks/bench_transports.py --smoke)
   mem=null
 else
-  say "[1/6] core: compiled vs numpy reference (20k vehicles x 5k clients, 1k changed per tick)"
+  say "[1/7] core: compiled vs numpy reference (20k vehicles x 5k clients, 1k changed per tick)"
   core=$($PY benchmarks/bench_core.py --vehicles 20000 --clients 5000 --changed 1000 --ticks 30 --ref-ticks 2)
-  say "[2/6] core memory (50k vehicles x 10k clients)"
+  say "[2/7] core memory (50k vehicles x 10k clients)"
   mem=$($PY benchmarks/bench_memory.py --vehicles 50000 --clients 10000)
-  say "[3/6] pytest-benchmark (compiled and reference, same fixtures)"
+  say "[3/7] pytest-benchmark (compiled and reference, same fixtures)"
   $PY -m pytest -q benchmarks/bench_core.py --benchmark-only --benchmark-columns=min,median,max,rounds \
     --benchmark-json="benchmarks/results/$stamp-pytest.json" >&2
-  say "[4/6] end to end: scenarios a (with a client sweep), b, c; raw and python-socketio baselines"
+  say "[4/7] end to end: scenarios a (with a client sweep), b, c; raw and python-socketio baselines"
   e2e=$($PY benchmarks/bench_e2e.py)
-  say "[5/6] Kafka ingest vs a bare aiokafka loop (200k records)"
+  say "[5/7] Kafka ingest vs a bare aiokafka loop (200k records)"
   kafka=$($PY benchmarks/bench_kafka.py --records 200000)
-  say "[6/6] reconnect storm (10k clients move to a second instance on SIGTERM)"
+  say "[6/7] reconnect storm (10k clients move to a second instance on SIGTERM)"
   storm=$($PY benchmarks/bench_storm.py --clients 10000)
+  say "[7/7] SSE, long polling and gRPC vs WebSocket (scenario a, 2k clients; 5k idle pollers)"
+  transports=$($PY benchmarks/bench_transports.py)
 fi
 machine="$(uname -m), $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB, $(.venv/bin/python -V)"
-printf '{"timestamp":"%s","smoke":%s,"machine":"%s","core":%s,"memory":%s,"e2e":%s,"kafka":%s,"storm":%s}\n' \
-  "$stamp" "$SMOKE" "$machine" "$core" "$mem" "$e2e" "$kafka" "$storm" > "$out"
+printf '{"timestamp":"%s","smoke":%s,"machine":"%s","core":%s,"memory":%s,"e2e":%s,"kafka":%s,"storm":%s,"transports":%s}\n' \
+  "$stamp" "$SMOKE" "$machine" "$core" "$mem" "$e2e" "$kafka" "$storm" "$transports" > "$out"
 $PY benchmarks/report.py "$out" >&2
 say "wrote $out (.md, .png) in $(( $(date +%s) - t0 )) s"
 $PY - "$out" <<'PYEOF'
 import json, sys
 r = json.load(open(sys.argv[1]))
-e, k, st = r["e2e"], r["kafka"], r["storm"]
+e, k, st, tr = r["e2e"], r["kafka"], r["storm"], r["transports"]
 print(json.dumps({
     "deliveries_ratio_vs_raw": e.get("deliveries_ratio_vs_raw"),
     "p99_ms": (e.get("half_saturation") or e["a_realtime"])["p99_ms"],
@@ -63,5 +67,8 @@ print(json.dumps({
     "storm_s": st["storm_s"],
     "storm_events_lost": st["events_lost"],
     "storm_p99_ratio": st["p99_ratio"],
+    "sse_ratio": tr["sse_ratio_vs_websocket"],
+    "poll_ratio": tr["poll_ratio_vs_websocket"],
+    "grpc_ratio": tr["grpc_ratio_vs_websocket"],
 }))
 PYEOF

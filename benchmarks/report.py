@@ -26,6 +26,7 @@ def table(r: dict) -> str:
     kafka = r.get("kafka") or {}
     mem = r.get("memory") or {}
     storm = r.get("storm") or {}
+    tr = r.get("transports") or {}
 
     def add(name, value, baseline, ratio, target=""):
         rows.append(f"| {name} | {fmt(value)} | {fmt(baseline)} | {fmt(ratio)} | {target} |")
@@ -64,6 +65,18 @@ def table(r: dict) -> str:
             storm["observer_p99_before_ms"], storm["p99_ratio"])
         add("(e) Redis pool waits / timeouts during the storm", storm["redis_pool_waits"],
             storm["redis_pool_timeouts"], "-")
+    if tr:
+        ws = tr["websocket"]
+        for mode, name, target in (("sse", "SSE", "≥ 0.5"), ("poll", "long polling", ""), ("grpc", "gRPC", "")):
+            add(f"(f) {name} deliveries per server CPU-s vs WebSocket ({tr['clients']} clients, (a) viewports)",
+                tr[mode]["deliveries_per_cpu_s"], ws["deliveries_per_cpu_s"], tr[f"{mode}_ratio_vs_websocket"],
+                target)
+        idle = tr["idle"]
+        add(f"(f) RSS KB per waiting long poller ({idle['poll']['clients']}) vs per idle WebSocket",
+            idle["poll"]["rss_kb_per_client"], idle["websocket"]["rss_kb_per_client"],
+            round(idle["poll"]["rss_kb_per_client"] / max(idle["websocket"]["rss_kb_per_client"], 1e-9), 2))
+        add("(f) server CPU-s per s with those pollers waiting vs the idle WebSockets",
+            idle["poll"]["idle_cpu_s_per_s"], idle["websocket"]["idle_cpu_s_per_s"], "-")
     if core:
         add("(4) core apply+route+encode ms/tick vs numpy reference", core["compiled_tick_ms_median"],
             core["reference_tick_ms"], core["speedup_vs_reference"], "≥ 20×")

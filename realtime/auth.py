@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import secrets
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import jwt
@@ -110,6 +111,7 @@ class Authenticator:
         self.issuer = issuer
         self.audience = audience
         self.leeway = leeway_s
+        self._verified: OrderedDict[str, Claims] = OrderedDict()   # see decode
 
     @classmethod
     def from_settings(cls, s) -> "Authenticator":
@@ -135,9 +137,32 @@ class Authenticator:
                 return k.key
         raise AuthError("no key in the JWKS for this token's kid")
 
+    # Tokens verified lately -> their claims. The HTTP transports send the
+    # token with every request: verifying it each time was a third of a long
+    # poll's server time (py-spy, benchmarks/bench_transports.py). A token is
+    # the same bytes until it expires, so its verified claims are too; only
+    # `exp` is checked again. Bounded (least recently used go first); a key
+    # reload must clear it.
+    CACHE_SIZE = 4096
+
     def decode(self, token: str | None) -> Claims:
         if not token:
             raise AuthError("missing token")
+        cache = self._verified
+        claims = cache.get(token)
+        if claims is not None:
+            if claims.exp + self.leeway < time.time():
+                del cache[token]
+                raise AuthError("token expired")
+            cache.move_to_end(token)
+            return claims
+        claims = self._verify(token)
+        cache[token] = claims
+        if len(cache) > self.CACHE_SIZE:
+            cache.popitem(last=False)
+        return claims
+
+    def _verify(self, token: str) -> Claims:
         key = self._key_for(token)
         if key is None:
             raise AuthError("server has no key to check tokens")

@@ -8,10 +8,17 @@ a position: polls answer with the entries after their cursor, and an SSE
 stream attached as the `reader` gets each entry as it is appended.
 
 What it keeps (PROTOCOL §4: at least the last 5 minutes or 10,000 messages):
-entries younger than KEEP_S, and the newest KEEP_MESSAGES entries, whichever
-is more; older ones go once a reader has them. Batch bodies are the hub's
-shared bytes (one object for every client with the same view), so a thousand
-mailboxes holding the same tick cost one body. Entries nobody has read yet are
+what a reader has had goes once it is older than KEEP_S, or beyond the newest
+KEEP_MESSAGES, or beyond --session-buffer-bytes, whichever comes first; what
+no reader has had yet stays (it is bounded by conflation, below). A first
+version kept the larger of 5 minutes and 10,000 messages: 2,000 SSE sessions
+with viewports then held 440 KB each after 20 s, and would have held 5
+minutes of their batches (benchmarks/bench_transports.py); at 256 KiB they
+held 632 MB in all, against 183 MB for the same clients over WebSocket. A cursor older
+than what is kept is not a loss: it gets `reset`, the full state and every
+event since the acknowledged one. Batch bodies are the hub's shared bytes
+(one object for every client with the same view), so mailboxes holding the
+same tick share one body; the byte bound counts it for each of them. Entries nobody has read yet are
 the measure of a slow reader: over the high-water mark the hub conflates, as
 for a slow WebSocket, and over the hard limit the session is closed (1013)
 and its next poll starts again from the event log (see `mark`).
@@ -49,15 +56,17 @@ POS, SEQ, TICK, MARK, KIND, AT, PARTS, SIZE = range(8)
 
 class Mailbox(Outlet):
     __slots__ = ("hub", "entries", "pos", "origin", "first", "read", "unread_bytes", "kept_bytes", "_waiters",
-                 "reader", "ack", "on_close", "close_info", "session", "starting", "__weakref__")
+                 "reader", "ack", "on_close", "close_info", "session", "starting", "keep_bytes",
+                 "__weakref__")
 
-    def __init__(self, hub, limit: int, hwm: int, on_close=None):
+    def __init__(self, hub, limit: int, hwm: int, on_close=None, keep_bytes: int = 64 * 1024):
         self.hub = hub
         self.transport = None
         self.fmt = FMT_JSON          # the HTTP transports speak JSON (docs/protocol.md)
         self.deflate = True          # entries are built in Python: the fan-out calls write_batch
         self.limit = limit
         self.hwm = hwm
+        self.keep_bytes = keep_bytes
         self.entries: deque = deque()
         self.pos = self.origin = int(time.time() * 1_000_000)   # see the module's docstring
         self.first = self.pos + 1    # the oldest position still kept
@@ -255,10 +264,9 @@ class Mailbox(Outlet):
 
     def _trim(self) -> None:
         entries = self.entries
-        if len(entries) <= KEEP_MESSAGES:
-            return
         horizon = time.monotonic() - KEEP_S
-        while len(entries) > KEEP_MESSAGES and entries[0][AT] < horizon and entries[0][POS] <= self.read:
+        while entries and entries[0][POS] <= self.read and (
+                len(entries) > KEEP_MESSAGES or self.kept_bytes > self.keep_bytes or entries[0][AT] < horizon):
             self.kept_bytes -= entries.popleft()[SIZE]
             self.first += 1
 

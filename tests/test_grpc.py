@@ -169,7 +169,9 @@ def test_the_wire_encoding_matches_the_proto(pb):
         {"t": "event", "v": "v5", "e": "geofence_enter", "d": {"zone": "dock"}, "eid": "17-0", "ts": 9},
         {"t": "clusters", "z": 5, "cells": [[10.5, 20.25, 300], [1, 2, 3, {"moving": 1}]]},
     ]
-    data = wire.batch_head(b"inst-7", 42) + wire.batch_body(msgpack.packb(msgs))
+    packed = msgpack.packb(msgs)
+    assert wire.batch_body(packed, {}) == wire.batch_body(packed)   # per-vehicle pieces: the same bytes
+    data = wire.batch_head(b"inst-7", 42) + wire.batch_body(packed)
     b = realtime_pb2.Batch.FromString(data)
     assert b.batch_id == "inst-7" and b.seq == 42 and len(b.messages) == 6
     full = b.messages[0].full

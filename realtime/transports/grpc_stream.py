@@ -47,20 +47,23 @@ _STATUS = {1001: grpc.StatusCode.UNAVAILABLE, 1013: grpc.StatusCode.UNAVAILABLE,
 
 class BodyCache:
     """Protobuf `messages` of each body written this tick: a body shared by
-    many clients is converted once (bounded: emptied at every new tick)."""
+    many clients is converted once, and so is each vehicle's message shared
+    by many bodies (bounded: emptied at every new tick)."""
 
     def __init__(self, hub):
         self.hub = hub
         self.tick = -1
         self.bodies: dict[bytes, bytes] = {}
+        self.pieces: dict[bytes, bytes] = {}   # one vehicle's message, for every body that has it
 
     def get(self, body: bytes) -> bytes:
-        if self.hub.tick_no != self.tick or len(self.bodies) > 4096:
+        if self.hub.tick_no != self.tick or len(self.bodies) > 4096 or len(self.pieces) > 200_000:
             self.tick = self.hub.tick_no
             self.bodies.clear()
+            self.pieces.clear()
         pb = self.bodies.get(body)
         if pb is None:
-            pb = self.bodies[body] = wire.batch_body(body)
+            pb = self.bodies[body] = wire.batch_body(body, self.pieces)
         return pb
 
 

@@ -157,10 +157,28 @@ def message(m: dict) -> bytes:
     return ld(field, enc(m))
 
 
-def batch_body(msgpack_body: bytes) -> bytes:
+def batch_body(msgpack_body: bytes, pieces: dict | None = None) -> bytes:
     """The `messages` of a Batch from the core's msgpack body (an array of
-    §3.1 maps): the part that clients with the same body share."""
-    return b"".join(ld(3, message(m)) for m in msgpack.unpackb(msgpack_body))
+    §3.1 maps): the part that clients with the same body share. With
+    `pieces` (raw msgpack of one message -> its protobuf), each vehicle's
+    message is converted once however many bodies carry it: clients with
+    their own viewports each have a body of their own, made of the same
+    per-vehicle pieces (the core encodes each once per tick)."""
+    if pieces is None:
+        return b"".join(ld(3, message(m)) for m in msgpack.unpackb(msgpack_body))
+    u = msgpack.Unpacker()
+    u.feed(msgpack_body)
+    out = []
+    start = None
+    for _ in range(u.read_array_header()):
+        start = u.tell()
+        u.skip()
+        raw = msgpack_body[start:u.tell()]
+        pb = pieces.get(raw)
+        if pb is None:
+            pb = pieces[raw] = ld(3, message(msgpack.unpackb(raw)))
+        out.append(pb)
+    return b"".join(out)
 
 
 def batch_head(batch_id: bytes, seq: int) -> bytes:

@@ -245,7 +245,7 @@ class HttpSessions:
         settings = self.app["settings"]
         h = Held.__new__(Held)
         box = Mailbox(self.hub, settings.write_buffer_close_bytes, settings.slow_client_buffer_bytes,
-                      on_close=lambda b, h=h: self._closed(h))
+                      on_close=lambda b, h=h: self._closed(h), keep_bytes=settings.session_buffer_bytes)
         s = Session(box, claims, FMT_JSON, settings.max_messages_per_s, kind, request.remote or "")
         s.extra = {}
         box.session = s
