@@ -138,7 +138,8 @@ async def _stop(app):
         log.info("shutdown step", extra={"fields": {"step": name, "elapsed_s": round(time.monotonic() - t0, 3)}})
 
     if app.get("grpc") is not None:   # its calls were told to reconnect (say_goodbye)
-        await app["grpc"].stop(1.0)
+        stopping = app.get("grpc_stopping") or asyncio.ensure_future(app["grpc"].stop(1.0))
+        await asyncio.wait([stopping], timeout=app["settings"].shutdown_grace / 2)
         step("grpc stopped")
     task = app.get("simulator")
     if task:

@@ -201,11 +201,14 @@ async def subscribe(hub, s: Session, m: M.Subscribe) -> None:
 
 
 def renew(hub, s: Session, claims: Claims) -> None:
-    """The HTTP transports send a token with every request: a later one for
-    the same user (checked by the caller) is taken as a `refresh` would be,
-    with the ACL in force on top, so a session outlives its first token."""
-    if claims.exp > s.token_claims.exp:
-        _take_token(hub, s, claims)
+    """The HTTP transports send a token with every request: one for the same
+    user (checked by the caller) that expires later, or grants other rights,
+    is taken as a `refresh` would be, with the ACL in force on top: a session
+    outlives its first token, and never reads with more than the request's."""
+    t = s.token_claims
+    if claims.exp > t.exp or (claims.view_all, claims.vehicles, claims.groups, claims.contacts,
+                              claims.permissions) != (t.view_all, t.vehicles, t.groups, t.contacts, t.permissions):
+        _take_token(hub, s, claims)   # other rights: this request's token is the one in force
 
 
 def _take_token(hub, s: Session, claims: Claims) -> None:

@@ -217,10 +217,11 @@ class Settings:
                                         kind=int, lo=4096, hi=1 << 30, unit="bytes")
     slow_client_max_events: int = opt(1000, "limits", "Events held for a conflated connection before it is closed with 1013.",
                                       kind=int, lo=1, hi=1_000_000)
-    session_buffer_bytes: int = opt(64 * 1024, "limits",
-                                    "Messages a long-polling or SSE session keeps after its reader had them "
-                                    "(for a repeated poll or Last-Event-ID); an older cursor gets a reset.",
-                                    kind=int, lo=16 * 1024, hi=1 << 30, unit="bytes")
+    session_buffer_bytes: int = opt(128 << 20, "limits",
+                                    "Bytes all long-polling and SSE sessions of a worker keep after their "
+                                    "readers had them (each keeps 5 minutes or 10,000 messages while this "
+                                    "allows; past it an older cursor gets a reset).",
+                                    kind=int, lo=1 << 20, hi=1 << 40, unit="bytes")
     write_buffer_close_bytes: int = opt(16 * 1024 * 1024, "limits",
                                         "Unsent bytes at which a connection is closed with 1013.",
                                         kind=int, lo=8192, hi=1 << 32, unit="bytes")

@@ -429,10 +429,15 @@ class Hub:
                 "subscription": sub.get("subscriptions"), "filters": sub.get("filters"),
                 "viewport": geo, "instance_id": self.instance_id,
                 "connected_at": int(s.connected_at * 1000), "last_ping": int(s.last_ping * 1000),
-                "transport": s.kind, **(s.extra or {})}
+                "transport": s.kind, **{k: v for k, v in (s.extra or {}).items() if k[0] != "_"}}
 
     def save_session(self, s: Session) -> None:
-        self.spawn(self.stores.save_session(s.session_id, self.session_record(s)))
+        """An HTTP session's copy (transports/sessions.py) writes its record
+        only while the record still names it: once another instance took the
+        session over (or it was deleted), an old copy's save must not undo that."""
+        extra = s.extra
+        only_if = extra["copy"] if extra and extra.get("_claimed") else None
+        self.spawn(self.stores.save_session(s.session_id, self.session_record(s), only_if))
 
     def stored_subscription(self, s: Session, record: dict):
         """(the stored subscription as a Subscribe, or None; whether it could

@@ -8,20 +8,17 @@ a position: polls answer with the entries after their cursor, and an SSE
 stream attached as the `reader` gets each entry as it is appended.
 
 What it keeps (PROTOCOL §4: at least the last 5 minutes or 10,000 messages):
-what a reader has had goes once it is older than KEEP_S, or beyond the newest
-KEEP_MESSAGES, or beyond --session-buffer-bytes, whichever comes first; what
-no reader has had yet stays (it is bounded by conflation, below). A first
-version kept the larger of 5 minutes and 10,000 messages: 2,000 SSE sessions
-with viewports then held 440 KB each after 20 s, and would have held 5
-minutes of their batches (benchmarks/bench_transports.py); at 256 KiB they
-held 632 MB in all, against 183 MB for the same clients over WebSocket. A cursor older
-than what is kept is not a loss: it gets `reset`, the full state and every
-event since the acknowledged one. Batch bodies are the hub's shared bytes
-(one object for every client with the same view), so mailboxes holding the
-same tick share one body; the byte bound counts it for each of them. Entries nobody has read yet are
-the measure of a slow reader: over the high-water mark the hub conflates, as
-for a slow WebSocket, and over the hard limit the session is closed (1013)
-and its next poll starts again from the event log (see `mark`).
+what a reader has had goes once it is both older than KEEP_S and beyond the
+newest KEEP_MESSAGES §3.1 messages; what no reader has had yet stays (it is
+bounded by conflation, below). All mailboxes of a worker share one budget,
+--session-buffer-bytes (Budget): past it, each trims what its reader has had
+as it writes. 5 minutes of a viewport's batches is megabytes per session
+(2,000 SSE sessions held 440 KB each after 20 s, benchmarks/bench_transports.py),
+so without the budget a worker's memory would grow with sessions x minutes.
+A cursor older than what is kept is not a loss: it gets `reset`, the full
+state and every event since the acknowledged one. Batch bodies are the hub's
+shared bytes (one object for every client with the same view); the budget
+counts a body once per mailbox that holds it.
 
 Positions start at the creation time in microseconds, so a cursor handed out
 by another copy of the session (another instance, or an earlier copy here) is
@@ -35,6 +32,11 @@ tick's entries acknowledges that mark, and the session record keeps the
 newest acknowledged one: a copy that has to start again (another instance, a
 cursor older than the buffer, after a 1013) replays the event log from it, so
 no event is lost between copies (some may come twice: clients dedupe by eid).
+Only what a reader says it has is acknowledged: a poll's cursor, or an SSE
+stream's `Last-Event-ID` when it reconnects (seq_marks keeps the mark of each
+tick's last batch for that, also after the entries are trimmed). Bytes
+written to a socket are not acknowledged: a link that dies loses what was
+in flight, and the reconnect asks for it.
 """
 from __future__ import annotations
 
@@ -50,32 +52,57 @@ KEEP_S = 300.0              # PROTOCOL §4: at least 5 minutes ...
 KEEP_MESSAGES = 10_000      # ... or 10,000 messages
 RESPONSE_BYTES = 4 << 20    # one poll answers with at most about this much (at least one entry)
 
+SEQ_MARKS = 4096            # (seq, mark) pairs kept per session for Last-Event-ID
+MARK_RE = b'{"t":"'         # how a §3.1 message starts in a JSON body: counted per batch
+
 # entry fields (a tuple: thousands of them per session)
-POS, SEQ, TICK, MARK, KIND, AT, PARTS, SIZE = range(8)
+POS, SEQ, TICK, MARK, KIND, AT, PARTS, SIZE, COUNT = range(9)
+
+
+class Budget:
+    """Bytes that a worker's mailboxes keep after their readers had them."""
+
+    __slots__ = ("limit", "kept")
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.kept = 0
+
+
+def newer(a: str | None, b: str | None) -> bool:
+    """Whether event id `a` is after `b` (None: before everything)."""
+    from .stores.base import eid_key
+    return a is not None and (b is None or eid_key(a) > eid_key(b))
 
 
 class Mailbox(Outlet):
     __slots__ = ("hub", "entries", "pos", "origin", "first", "read", "unread_bytes", "kept_bytes", "_waiters",
-                 "reader", "ack", "on_close", "close_info", "session", "starting", "keep_bytes",
-                 "__weakref__")
+                 "reader", "ack", "on_close", "close_info", "session", "starting", "budget",
+                 "kept_messages", "seq_marks", "__weakref__")
 
-    def __init__(self, hub, limit: int, hwm: int, on_close=None, keep_bytes: int = 64 * 1024):
+    def __init__(self, hub, limit: int, hwm: int, on_close=None, budget: Budget | None = None):
         self.hub = hub
         self.transport = None
         self.fmt = FMT_JSON          # the HTTP transports speak JSON (docs/protocol.md)
         self.deflate = True          # entries are built in Python: the fan-out calls write_batch
         self.limit = limit
         self.hwm = hwm
-        self.keep_bytes = keep_bytes
+        self.budget = budget or Budget(64 << 20)
         self.entries: deque = deque()
+        self.kept_messages = 0
         self.pos = self.origin = int(time.time() * 1_000_000)   # see the module's docstring
+        # batch seqs start there too: an SSE id of another copy is never one of this copy's
+        self.seq = self.origin
+        self.seq_marks: deque = deque()   # (seq, mark): the last batch of a tick, and its mark
         self.first = self.pos + 1    # the oldest position still kept
         self.read = self.pos         # everything up to here was handed to a reader
         self.unread_bytes = 0
         self.kept_bytes = 0
         self._waiters: list[asyncio.Future] = []
         self.reader = None           # an attached SSE stream (transports/sse.py), or None
-        self.ack = hub.flushed_eid   # the newest mark a reader acknowledged
+        # the newest mark a reader acknowledged ("0-0", the log's start, when
+        # no event was read yet: a copy made later replays from there)
+        self.ack = hub.flushed_eid or "0-0"
         self.on_close = on_close
         self.close_info = None       # (code, reason) once closed
         self.session = None          # the Session it is the Outlet of
@@ -89,22 +116,36 @@ class Mailbox(Outlet):
             kind = str(json.loads(payload).get("type", "message"))[:40]
         except (ValueError, AttributeError):
             kind = "message"
-        return self._append(0, kind, (payload,), len(payload))
+        return self._append(0, kind, (payload,), len(payload), 1)
 
     def write_batch(self, envelope_of, batch_id: bytes, body: bytes, req_id=None) -> int:
         self.seq += 1
         prefix, suffix = envelope_of(FMT_JSON, batch_id, self.seq, req_id)
-        return self._append(self.seq, "batch", (prefix, body, suffix), len(prefix) + len(body) + len(suffix))
+        return self._append(self.seq, "batch", (prefix, body, suffix), len(prefix) + len(body) + len(suffix),
+                            body.count(MARK_RE))
 
-    def _append(self, seq: int, kind: str, parts: tuple, size: int, check: bool = True) -> int:
+    def _append(self, seq: int, kind: str, parts: tuple, size: int, count: int, check: bool = True) -> int:
         if self.closed:
             return 0
         hub = self.hub
+        entries = self.entries
+        if entries:
+            last = entries[-1]
+            if last[TICK] != hub.tick_no and last[MARK] is not None:
+                # the last tick's entries are complete: a reader that has its
+                # last batch has every event up to its mark
+                upto = self.seq - 1 if seq else self.seq
+                if upto > self.origin and (not self.seq_marks or self.seq_marks[-1][0] < upto):
+                    self.seq_marks.append((upto, last[MARK]))
+                    if len(self.seq_marks) > SEQ_MARKS:
+                        self.seq_marks.popleft()
         self.pos += 1
         mark = None if self.conflating or self.starting else hub.flushed_eid
-        entry = (self.pos, seq, hub.tick_no, mark, kind, time.monotonic(), parts, size)
-        self.entries.append(entry)
+        entry = (self.pos, seq, hub.tick_no, mark, kind, time.monotonic(), parts, size, count)
+        entries.append(entry)
         self.kept_bytes += size
+        self.kept_messages += count
+        self.budget.kept += size
         self.messages += 1
         self.nbytes += size
         r = self.reader
@@ -151,7 +192,7 @@ class Mailbox(Outlet):
         self.closed = False
         payload = json.dumps({"type": "error", "code": "closed", "close_code": code,
                               "message": reason}).encode()
-        self._append(0, "error", (payload,), len(payload), check=False)
+        self._append(0, "error", (payload,), len(payload), 1, check=False)
         self.closed = True
         self.close_info = (code, reason)
         self._wake()
@@ -171,7 +212,7 @@ class Mailbox(Outlet):
         max_bytes, at least one."""
         out, n = [], 0
         entries = self.entries
-        i = cursor - self.first + 1   # positions are consecutive
+        i = max(0, cursor - self.first + 1)   # positions are consecutive
         while i < len(entries):
             e = entries[i]
             if out and n + e[SIZE] > max_bytes:
@@ -230,8 +271,24 @@ class Mailbox(Outlet):
         # a slow session writes the latest state and then what it held)
         if e[MARK] is None or (i + 1 < len(self.entries) and self.entries[i + 1][TICK] == e[TICK]):
             return False
-        if e[MARK] != self.ack:
-            self.ack = e[MARK]
+        return self._ack(e[MARK])
+
+    def acknowledge_seq(self, seq: int) -> bool:
+        """An SSE reader says (Last-Event-ID) it has every batch up to `seq`:
+        the mark of the newest complete tick at or before it."""
+        marks = self.seq_marks
+        lo, hi = 0, len(marks)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if marks[mid][0] <= seq:
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo > 0 and self._ack(marks[lo - 1][1])
+
+    def _ack(self, mark: str) -> bool:
+        if newer(mark, self.ack):
+            self.ack = mark
             return True
         return False
 
@@ -264,11 +321,25 @@ class Mailbox(Outlet):
 
     def _trim(self) -> None:
         entries = self.entries
+        budget = self.budget
         horizon = time.monotonic() - KEEP_S
         while entries and entries[0][POS] <= self.read and (
-                len(entries) > KEEP_MESSAGES or self.kept_bytes > self.keep_bytes or entries[0][AT] < horizon):
-            self.kept_bytes -= entries.popleft()[SIZE]
-            self.first += 1
+                budget.kept > budget.limit
+                or (entries[0][AT] < horizon and self.kept_messages - entries[0][COUNT] >= KEEP_MESSAGES)):
+            self._drop()
+
+    def _drop(self) -> None:
+        e = self.entries.popleft()
+        self.kept_bytes -= e[SIZE]
+        self.kept_messages -= e[COUNT]
+        self.budget.kept -= e[SIZE]
+        self.first += 1
+
+    def release(self) -> None:
+        """The copy is gone: what it keeps leaves the budget (a poll still
+        waiting on it may read its last entries)."""
+        self.budget.kept -= self.kept_bytes
+        self.kept_bytes = 0
 
 
 def message_bytes(entry: tuple) -> bytes:

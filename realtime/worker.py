@@ -55,6 +55,9 @@ async def serve(settings, ready: asyncio.Event | None = None) -> None:
     t0 = loop.time()
     # stop accepting, then tell the clients (PROTOCOL §5)
     await site.stop()
+    grpc_server = app.get("grpc")
+    if grpc_server is not None:   # no new gRPC calls either; the open ones get `reconnect`
+        app["grpc_stopping"] = asyncio.ensure_future(grpc_server.stop(settings.shutdown_grace / 2))
     try:
         await asyncio.wait_for(app["hub"].say_goodbye(settings.shutdown_grace),
                                settings.shutdown_grace / 2)

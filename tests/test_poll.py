@@ -99,10 +99,12 @@ async def test_a_session_is_made_polled_held_and_changed(pserver, uid):
         assert {m["v"] for m in msgs if m["t"] == "full"} == {b}
         assert {(m["v"], m["r"]) for m in msgs if m["t"] == "leave"} == {(a, "subscription")}
 
-        # batches keep one gapless seq across polls
+        # batches keep one gapless seq across polls (a copy's seqs start at
+        # its creation time in µs, so that no two copies of a session share one)
         status, whole = await poll(http, pserver, sid, 0, 0)
         seqs = [m["seq"] for m in whole["messages"] if m["type"] == "batch"]
-        assert seqs == list(range(1, len(seqs) + 1))
+        assert len(seqs) >= 3 and seqs == list(range(seqs[0], seqs[0] + len(seqs)))
+        assert abs(seqs[0] / 1e6 - time.time()) < 60
 
         async with http.delete(f"{pserver.url}/api/realtime/session/{sid}",
                                headers={"Authorization": f"Bearer {token()}"}) as r:
@@ -244,3 +246,103 @@ async def test_polls_move_between_instances_and_lose_nothing(pair, redis_url, ui
                                                lambda g: any(m.get("e") == "back_on_a" for m in batch_msgs(g)))
         assert resets == 1
     await r.aclose()
+
+
+async def test_an_old_copy_never_undoes_a_takeover(pair, uid):
+    """After b takes the session over, a's copy (still held there until it
+    notices) must not write its record back: b's next polls go on without a
+    reset, and a PUT done on b stays."""
+    a, b = pair
+    ingest(a, [update(uid), update(uid + "x", 50.0, 30.0)])
+    async with aiohttp.ClientSession() as http:
+        _, made = await post_session(http, a, {"subscriptions": {"vehicles": [uid]}})
+        sid = made["session"]
+        cursor, _, _ = await poll_until(http, a, sid, 0, lambda g: any(m.get("t") == "full" for m in batch_msgs(g)))
+        # two events acknowledged on a within a second: the second mark is
+        # held back (one record write a second) for a's sweep to write
+        for name in ("first", "second"):
+            ingest(a, [update(uid, alerts=[name])])
+            cursor, _, _ = await poll_until(http, a, sid, cursor, lambda g: any(
+                m.get("t") == "event" and m["d"]["alert"] == name for m in batch_msgs(g)))
+            ingest(a, [update(uid, alerts=[])])
+            await poll(http, a, sid, cursor, 0)
+        status, body = await poll(http, b, sid, cursor, 0)
+        assert body["reset"] is True
+        cursor = body["cursor"]
+        async with http.put(f"{b.url}/api/realtime/session/{sid}", json={"subscriptions": {"vehicles": [uid + "x"]}},
+                            headers={"Authorization": f"Bearer {token()}"}) as r:
+            assert r.status == 200
+        await asyncio.sleep(6)   # a's sweep (5 s) has run: it saves what it holds, or drops its copy
+        cursor, got, resets = await poll_until(http, b, sid, cursor,
+                                               lambda g: any(m.get("t") == "full" for m in batch_msgs(g)))
+        assert resets == 0
+        msgs = batch_msgs(got)
+        assert uid + "x" in {m["v"] for m in msgs if m["t"] == "full"}
+        assert (uid, "subscription") in {(m["v"], m.get("r")) for m in msgs if m["t"] == "leave"}
+        ingest(a, [update(uid + "x", 50.1, 30.0)])
+        _, got, resets = await poll_until(http, b, sid, cursor,
+                                          lambda g: any(m.get("t") == "pos" for m in batch_msgs(g)))
+        assert resets == 0
+
+
+async def test_bad_bounds_and_racing_polls_leave_no_session_behind(pserver, uid):
+    active = 'websocket_connections_active{transport="long_poll"}'
+    async with aiohttp.ClientSession() as http:
+        before = metric_value(pserver, active)
+        bad = {"subscriptions": {"geographic": {"bounds": {"north": 10, "south": 20, "east": 1, "west": 0},
+                                                "zoom": 5}}}
+        status, body = await post_session(http, pserver, bad)
+        assert status == 400 and body["code"] == "bad_request"
+        assert metric_value(pserver, active) == before
+        _, made = await post_session(http, pserver, {"subscriptions": {"vehicles": [uid]}})
+        sid = made["session"]
+        # three polls at once with cursors this copy does not hold: one new copy, not three
+        got = await asyncio.gather(*(poll(http, pserver, sid, 777 + i, 0) for i in range(3)))
+        assert all(status == 200 for status, _ in got)
+        assert metric_value(pserver, active) == before + 1
+        async with http.put(f"{pserver.url}/api/realtime/session/{sid}", json=bad,
+                            headers={"Authorization": f"Bearer {token()}"}) as r:
+            assert r.status == 400
+        assert metric_value(pserver, active) == before + 1
+
+
+async def test_a_body_that_arrives_in_pieces_is_read_whole(pserver, uid):
+    body = json.dumps({"subscriptions": {"vehicles": [f"{uid}{i:05d}" for i in range(400)]}}).encode()
+    reader, writer = await asyncio.open_connection("127.0.0.1", pserver.port)
+    writer.write(b"POST /api/realtime/session HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n"
+                 b"Content-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
+                 % (token().encode(), len(body)))
+    for i in range(0, len(body), 1000):
+        writer.write(body[i:i + 1000])
+        await writer.drain()
+        await asyncio.sleep(0.02)
+    answer = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 201"), answer[:300]
+
+
+async def test_an_sse_stream_moves_to_another_instance_without_losing_events(pair, uid):
+    from test_sse import events
+    a, b = pair
+    ingest(a, [update(uid)])
+    async with aiohttp.ClientSession() as http:
+        _, made = await post_session(http, a, {"subscriptions": {"vehicles": [uid]}})
+        sid = made["session"]
+        auth = {"Authorization": f"Bearer {token()}"}
+
+        def alert(name):
+            return lambda ev: any(e == "batch" and any(m.get("t") == "event" and m["d"].get("alert") == name
+                                                       for m in d["messages"]) for e, _, d in ev)
+        async with http.get(f"{a.url}/api/realtime/stream?session={sid}", headers=auth) as resp:
+            ingest(a, [update(uid, alerts=["before"])])
+            got = await events(resp, alert("before"))
+            last_id = max(int(i) for e, i, _ in got if e == "batch")
+        ingest(a, [update(uid, alerts=[])])
+        ingest(a, [update(uid, alerts=["while_away"])])
+        await asyncio.sleep(0.5)
+        async with http.get(f"{b.url}/api/realtime/stream?session={sid}",
+                            headers={**auth, "Last-Event-ID": str(last_id)}) as resp:
+            got = await events(resp, alert("while_away"))
+            welcome = next(d for e, _, d in got if e == "welcome")
+            assert welcome["resumed"] is True and welcome["session"] == sid
+            assert any(m["t"] == "full" and m["v"] == uid for e, _, d in got if e == "batch" for m in d["messages"])

@@ -61,7 +61,10 @@ class Stores(Protocol):
         """At most `limit` events with after < eid <= upto, oldest first."""
 
     # sessions
-    async def save_session(self, session_id: str, data: dict) -> None: ...
+    async def save_session(self, session_id: str, data: dict, only_if_copy: str | None = None) -> None:
+        """With only_if_copy: only while the record exists and names that copy."""
+    async def session_written(self, session_id: str) -> None:
+        """Until the saves of this session made so far are written (bounded)."""
     async def load_session(self, session_id: str) -> dict | None: ...
     async def load_sessions(self, session_ids: list[str]) -> list[dict | None]: ...
     async def delete_session(self, session_id: str, copy: str | None = None) -> None:

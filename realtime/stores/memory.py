@@ -1,6 +1,7 @@
 """The in-process twin of the Redis stores: one worker, nothing shared."""
 from __future__ import annotations
 
+import asyncio
 import time
 from bisect import bisect_left, bisect_right
 from collections import deque
@@ -76,7 +77,14 @@ class MemoryStores:
         return self.log[i:min(j, i + limit)]
 
     # ---------------------------------------------------------------- sessions
-    async def save_session(self, session_id: str, data: dict) -> None:
+    async def session_written(self, session_id: str) -> None:
+        await asyncio.sleep(0)   # the spawned save runs first
+
+    async def save_session(self, session_id: str, data: dict, only_if_copy: str | None = None) -> None:
+        if only_if_copy is not None:
+            record = await self.load_session(session_id)
+            if record is None or record.get("copy") != only_if_copy:
+                return
         now = time.time()
         exp = now + SESSION_TTL_S
         if session_id not in self.sessions:

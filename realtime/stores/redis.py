@@ -70,6 +70,16 @@ end
 return false
 """
 # keep the lease only if it is still ours
+# an HTTP session's copy saves its record only while the record names it
+SAVE_SESSION_IF = """
+local v = redis.call('GET', KEYS[1])
+if not v then return 0 end
+local ok, rec = pcall(cjson.decode, v)
+if not ok or type(rec) ~= 'table' or rec['copy'] ~= ARGV[2] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
+return 1
+"""
+
 # a session's record goes only while it names the copy that ends it (an idle
 # copy here must not delete a session another instance took over since)
 DELETE_SESSION = """
@@ -171,6 +181,7 @@ class RedisStores:
         self._add_once = self.r.register_script(ADD_ONCE)
         self._renew = self.r.register_script(RENEW)
         self._delete_session = self.r.register_script(DELETE_SESSION)
+        self._save_session_if = self.r.register_script(SAVE_SESSION_IF)
         self._local_seq = 0
         # Each event once, by its dedupe key, when an XADD fails mid-way (the
         # link broke): one delivered here with a local id is skipped when
@@ -619,7 +630,12 @@ class RedisStores:
         self._ops += len(names)
 
     # ---------------------------------------------------------------- sessions
-    async def save_session(self, session_id: str, data: dict) -> None:
+    async def session_written(self, session_id: str, timeout: float = 2.0) -> None:
+        deadline = time.monotonic() + timeout
+        while session_id in self._session_latest and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+
+    async def save_session(self, session_id: str, data: dict, only_if_copy: str | None = None) -> None:
         """Writes of one session land in the order they were made, the newest
         last. Concurrent SETs on different pooled connections could land in
         any order: the record written at connect (no subscription yet) then
@@ -629,17 +645,25 @@ class RedisStores:
         flight; a newer record waits for it, and intermediate ones are skipped."""
         latest = self._session_latest
         busy = session_id in latest
-        latest[session_id] = raw = json.dumps(data, ensure_ascii=False)
+        pending = latest.get(session_id)
+        if isinstance(pending, tuple) and pending[0] == "delete":
+            return   # deleted after all: no save brings it back
+        if isinstance(pending, tuple) and pending[2] is None:
+            only_if_copy = None   # a claim not yet written stays a claim
+        latest[session_id] = raw = ("set", json.dumps(data, ensure_ascii=False), only_if_copy)
         if busy:
             return   # the write in flight for this session writes this one next
         try:
             pauses = iter(SESSION_RETRIES)
             while True:
                 try:
-                    if isinstance(raw, tuple):   # delete_session came after this save
-                        await self._delete_session(keys=[f"session:{session_id}"], args=[raw[1] or ""])
+                    key = f"session:{session_id}"
+                    if raw[0] == "delete":   # delete_session came after this save
+                        await self._delete_session(keys=[key], args=[raw[1] or ""])
+                    elif raw[2] is not None:
+                        await self._save_session_if(keys=[key], args=[raw[1], raw[2], SESSION_TTL_S])
                     else:
-                        await self.r.set(f"session:{session_id}", raw, ex=SESSION_TTL_S)
+                        await self.r.set(key, raw[1], ex=SESSION_TTL_S)
                 except _DOWN:
                     pause = next(pauses, None)
                     if pause is None:
@@ -663,7 +687,7 @@ class RedisStores:
         save of it still in flight, which would otherwise bring it back."""
         latest = self._session_latest
         if session_id in latest:
-            latest[session_id] = ("delete", copy)   # the write in flight does it next
+            latest[session_id] = ("delete", copy, None)   # the write in flight does it next
             return
         await self._delete_session(keys=[f"session:{session_id}"], args=[copy or ""])
         self._ops += 1

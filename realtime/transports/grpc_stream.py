@@ -119,6 +119,12 @@ class GrpcOutlet(Outlet):
     def close(self, code: int, reason: str) -> None:
         if self.ended is None:
             self.ended = (code, reason)
+            if code != 1001:
+                # a shutdown's `reconnect` is sent first; otherwise what is
+                # queued (up to the limit, for a slow reader) is dropped: the
+                # client resumes and gets it from the event log
+                self.queue.clear()
+                self.queued = 0
             self.wake.set()
 
 
@@ -176,7 +182,10 @@ class RealtimeService:
                 await context.abort(_STATUS.get(r.code, grpc.StatusCode.UNAVAILABLE), r.reason)
             opened = True
             if not resumed or n or sub.subscriptions.geographic or _has_filters(sub):
-                await client.subscribe(hub, s, sub)
+                try:
+                    await client.subscribe(hub, s, sub)
+                except M.ProtocolError as e:   # bounds the hub refuses (south above north, …)
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, e.message)
             _log("connect", s, resumed=resumed)
             while True:
                 while out.queue:

@@ -48,17 +48,19 @@ async def handle(request: web.Request) -> web.Response:
     timeout = _query_number(request, "timeout", DEFAULT_TIMEOUT_S, float, 0.0, MAX_TIMEOUT_S)
     registry: HttpSessions = request.app["http_sessions"]
     last_event = request.query.get("last_event") or None
-    h, reset = await registry.find(request, claims, request.query.get("session", ""), last_event)
+
+    def serves(box) -> bool:
+        # this copy holds what comes after the cursor (cursor 0: from its
+        # first message, while that is still kept)
+        return box.holds(cursor) if cursor else box.first == box.origin + 1
+    h, reset = await registry.find(request, claims, request.query.get("session", ""), last_event,
+                                   serves=serves)
     box = h.box
-    if not reset and cursor and not box.holds(cursor):
-        h = await registry.restart(request, claims, h, last_event)
-        box, reset = h.box, True
     if reset or not cursor:
-        if not reset and box.first != box.origin + 1:
-            # the session's first messages are gone: a snapshot instead
-            h = await registry.restart(request, claims, h, last_event)
-            box, reset = h.box, True
         cursor = box.first - 1
+    if not h.s.limiter.allow():
+        raise HttpError(429, "rate_limited", "more than %d requests/s for this session"
+                        % request.app["settings"].max_messages_per_s)
     client.renew(registry.hub, h.s, claims)
     box.supersede()          # an older poll of this session answers now
     h.last_seen = time.monotonic()

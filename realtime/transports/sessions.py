@@ -37,8 +37,9 @@ from .. import messages as M
 from .._core._schema import FMT_JSON
 from ..auth import AuthError, Claims
 from ..ingest.http import bearer
-from ..mailbox import Mailbox
+from ..mailbox import Budget, Mailbox
 from ..session import Session, new_id
+from ..stores.base import SESSION_TTL_S
 from ..tasks import cancel_and_wait
 
 log = logging.getLogger("realtime.sessions")
@@ -89,11 +90,11 @@ def authenticate(request: web.Request, what: str) -> Claims:
 class Held:
     """This worker's copy of one HTTP session."""
 
-    __slots__ = ("s", "box", "copy", "last_seen", "ack_saved_at")
+    __slots__ = ("s", "box", "copy", "last_seen", "ack_saved_at", "saved_at")
 
     def __init__(self, s: Session, box: Mailbox, copy: str):
         self.s, self.box, self.copy = s, box, copy
-        self.last_seen = time.monotonic()
+        self.last_seen = self.saved_at = time.monotonic()
         self.ack_saved_at = 0.0
 
     def busy(self) -> bool:
@@ -108,6 +109,7 @@ class HttpSessions:
         self.ended: OrderedDict[str, None] = OrderedDict()
         self._task: asyncio.Task | None = None
         self._locks: dict[str, asyncio.Lock] = {}
+        self.budget = Budget(app["settings"].session_buffer_bytes)
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -130,6 +132,9 @@ class HttpSessions:
         idle = self.app["settings"].session_idle_s
         for sid, h in list(self.held.items()):
             self._save_ack(h, now)
+            if now - h.saved_at > SESSION_TTL_S / 3 and not h.box.closed:
+                h.saved_at = now   # a quiet session's record must outlive its TTL while it is read
+                self.hub.save_session(h.s)
             if not h.busy() and now - h.last_seen > idle:
                 log.info("session expired", extra={"fields": {"event": "session_expired", "session": sid,
                                                                "user": h.s.claims.sub}})
@@ -159,30 +164,42 @@ class HttpSessions:
     # ------------------------------------------------------------ making and finding
     async def create(self, request: web.Request, claims: Claims, sub: M.Subscribe) -> Held:
         hub = self.hub
+        self._check_size(sub)
         h = self._new(request, claims, "long_poll")
         h.s.extra.update(copy=h.copy, last_event=h.box.ack)
         try:
             await client.start(hub, h.s, None, None, self._security(request))
         except client.Refused as r:
-            self._release(h.s, "refused")
+            self._release(h)
             raise refused_error(r) from None
+        h.s.extra["_claimed"] = True   # later saves only while the record names this copy
         self.held[h.s.session_id] = h
-        await self._subscribe(h, sub)
+        try:
+            await self._subscribe(h, sub)
+        except HttpError:
+            self._forget(h.s.session_id, h, 1000, "refused")
+            raise
+        await hub.stores.session_written(h.s.session_id)   # a poll elsewhere finds it
         return h
 
-    async def find(self, request: web.Request, claims: Claims, sid: str,
-                   last_event: str | None = None, kind: str = "long_poll") -> tuple[Held, bool]:
-        """The copy that serves `sid` for this user, taken over when this worker
-        does not hold the current one. (copy, whether it is a new copy: its
-        reader starts from its first entry, with `reset`)."""
+    async def find(self, request: web.Request, claims: Claims, sid: str, last_event: str | None = None,
+                   kind: str = "long_poll", serves=None) -> tuple[Held, bool]:
+        """The copy that serves `sid` for this user: the one held here when
+        the record names it and serves(box) (it holds what the reader asks
+        for), else a new copy taken over from the record. (copy, whether it
+        is new: its reader starts from its first entry, with `reset`)."""
         if not sid or len(sid) > 64:
             raise HttpError(400, "bad_request", "session is required")
         lock = self._locks.get(sid)
         if lock is None:
             lock = self._locks[sid] = asyncio.Lock()
         try:
-            async with lock:   # two polls at once must not both take over
-                return await self._find(request, claims, sid, last_event, kind)
+            async with lock:   # two readers at once must not both make a copy
+                h, new = await self._find(request, claims, sid, last_event, kind)
+                if not new and serves is not None and not serves(h.box):
+                    self._forget(sid, h, CLOSE_TAKEN, "the session is served by a new copy")
+                    h, new = await self._take_over(request, claims, sid, last_event or h.box.ack, kind), True
+                return h, new
         finally:
             if not lock.locked() and not getattr(lock, "_waiters", None):
                 self._locks.pop(sid, None)
@@ -215,15 +232,11 @@ class HttpSessions:
             self._forget(sid, h, CLOSE_TAKEN, "the session is served by a new copy")
         return await self._take_over(request, claims, sid, last_event or record.get("last_event"), kind), True
 
-    async def restart(self, request, claims: Claims, h: Held, last_event: str | None,
-                      kind: str = "long_poll") -> Held:
-        """A new copy here of a session held here (a cursor older than the
-        buffer): full state, then the events since what was acknowledged."""
-        sid = h.s.session_id
-        self._forget(sid, h, CLOSE_TAKEN, "the session is served by a new copy")
-        return await self._take_over(request, claims, sid, last_event or h.box.ack, kind)
-
     async def _take_over(self, request, claims: Claims, sid: str, after: str | None, kind: str) -> Held:
+        old = self.held.get(sid)
+        if old is not None:
+            self._forget(sid, old, CLOSE_TAKEN, "the session is served by a new copy")
+        after = after or "0-0"   # no acknowledged event: the log's start
         h = self._new(request, claims, kind)
         h.s.extra.update(copy=h.copy, last_event=after)   # the record written at start has both
         h.box.ack = after
@@ -231,10 +244,11 @@ class HttpSessions:
         try:
             await client.start(self.hub, h.s, sid, after, self._security(request), must_resume=True)
         except client.Refused as r:
-            self._release(h.s, "refused")
+            self._release(h)
             raise refused_error(r) from None
         finally:
             h.box.starting = False
+        h.s.extra["_claimed"] = True
         self.held[sid] = h
         log.info("session taken over", extra={"fields": {
             "event": "session_taken_over", "session": sid, "user": claims.sub, "copy": h.copy,
@@ -245,7 +259,7 @@ class HttpSessions:
         settings = self.app["settings"]
         h = Held.__new__(Held)
         box = Mailbox(self.hub, settings.write_buffer_close_bytes, settings.slow_client_buffer_bytes,
-                      on_close=lambda b, h=h: self._closed(h), keep_bytes=settings.session_buffer_bytes)
+                      on_close=lambda b, h=h: self._closed(h), budget=self.budget)
         s = Session(box, claims, FMT_JSON, settings.max_messages_per_s, kind, request.remote or "")
         s.extra = {}
         box.session = s
@@ -259,20 +273,27 @@ class HttpSessions:
     def _security(self, request):
         return lambda kind, detail: request.app["security_log"](request, "session_" + kind, detail)
 
-    async def _subscribe(self, h: Held, sub: M.Subscribe) -> None:
+    def _check_size(self, sub: M.Subscribe) -> None:
         settings = self.app["settings"]
         n = len(sub.subscriptions.vehicles) + len(sub.subscriptions.groups)
         if n > settings.max_subscription_size:
             raise HttpError(400, "bad_request", f"subscription names {n} vehicles and groups; "
                                                 f"at most {settings.max_subscription_size}")
-        await client.subscribe(self.hub, h.s, sub)
+
+    async def _subscribe(self, h: Held, sub: M.Subscribe) -> None:
+        self._check_size(sub)
+        try:
+            await client.subscribe(self.hub, h.s, sub)
+        except M.ProtocolError as e:   # bounds the hub refuses (south above north, …)
+            raise HttpError(400, e.code, e.message) from None
 
     # ------------------------------------------------------------ reading
-    def acknowledged(self, h: Held, cursor: int) -> None:
-        """The reader has everything up to `cursor`: its mark goes to the
-        record (at most once a second; the sweep writes one held back), for a
-        copy that has to start again."""
-        h.box.acknowledge(cursor)
+    def acknowledged(self, h: Held, cursor: int | None) -> None:
+        """The reader has everything up to `cursor` (None: the box's mark was
+        moved already): the mark goes to the record (at most once a second;
+        the sweep writes one held back), for a copy that has to start again."""
+        if cursor is not None:
+            h.box.acknowledge(cursor)
         self._save_ack(h, time.monotonic())
 
     def _save_ack(self, h: Held, now: float) -> None:
@@ -298,22 +319,26 @@ class HttpSessions:
             log.warning("session record not deleted", extra={"fields": {"session": sid, "error": repr(e)[:200]}})
 
     def _forget(self, sid: str, h: Held, code: int, reason: str) -> None:
-        if self.held.get(sid) is h:
-            del self.held[sid]
         if not h.box.closed:
             h.s.close(code, reason)   # -> _closed
         else:
-            self._release(h.s, reason)
+            self._release(h)
 
     def _closed(self, h: Held) -> None:
         """The copy closed (slow reader, token expiry, shutdown, or ended
-        here): it leaves the hub now; a later read starts a new copy."""
-        self._release(h.s, h.s.close_reason or "closed")
+        here): it leaves the hub and this registry now; a later read starts
+        a new copy from the record."""
+        self._release(h)
 
-    def _release(self, s: Session, reason: str) -> None:
+    def _release(self, h: Held) -> None:
+        s = h.s
+        sid = s.session_id
+        if self.held.get(sid) is h:
+            del self.held[sid]
         if s.row >= 0:
-            client.close(self.hub, s, reason)
+            client.close(self.hub, s, s.close_reason or "closed")
         self.hub.unadmit(s)
+        h.box.release()
 
     def _remember_ended(self, sid: str) -> None:
         self.ended[sid] = None
@@ -326,7 +351,12 @@ async def _subscribe_body(request: web.Request) -> M.Subscribe:
     settings = request.app["settings"]
     if request.content_length is not None and request.content_length > settings.max_message_bytes:
         raise HttpError(413, "too_large", f"at most {settings.max_message_bytes} bytes")
-    data = await request.content.read(settings.max_message_bytes + 1)
+    data = b""
+    while len(data) <= settings.max_message_bytes:   # read() gives what has arrived so far
+        chunk = await request.content.read(settings.max_message_bytes + 1 - len(data))
+        if not chunk:
+            break
+        data += chunk
     if len(data) > settings.max_message_bytes:
         raise HttpError(413, "too_large", f"at most {settings.max_message_bytes} bytes")
     try:
@@ -369,7 +399,12 @@ async def put(request: web.Request) -> web.Response:
     sub = await _subscribe_body(request)
     registry: HttpSessions = request.app["http_sessions"]
     h, _ = await registry.find(request, claims, request.match_info["session_id"])
+    if not h.s.limiter.allow():
+        raise HttpError(429, "rate_limited", "more than %d requests/s for this session"
+                        % request.app["settings"].max_messages_per_s)
+    client.renew(registry.hub, h.s, claims)
     await registry._subscribe(h, sub)
+    await registry.hub.stores.session_written(h.s.session_id)   # a poll elsewhere sees it
     return web.json_response({"session": h.s.session_id})
 
 

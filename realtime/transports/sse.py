@@ -187,9 +187,14 @@ class SessionStream:
             if t is not None:
                 t.write(_chunk(b": keepalive\n\n"))
 
-    def end(self, code: int, reason: str) -> None:
-        """The session's copy closed (its error entry was the last one sent),
-        or another stream took the session: this stream ends."""
+    def end(self, code: int, reason: str, say: bool = False) -> None:
+        """The session's copy closed (its error entry is the last one to
+        send), or (say=True: the `error` event is written here) another
+        stream took the session or this one cannot go on without a gap."""
+        if say and self.ended is None:
+            t = self._open()
+            if t is not None:
+                t.write(_closed_event(code, reason))
         self.ended = (code, reason)
         self.done.set()
 
@@ -269,18 +274,19 @@ async def _session_stream(request: web.Request, claims) -> web.StreamResponse:
     registry: HttpSessions = app["http_sessions"]
     settings = app["settings"]
     last_event = request.query.get("last_event") or None
-    h, reset = await registry.find(request, claims, request.query["session"], last_event, "sse")
     seq = _last_event_id(request)
-    start = None
-    if not reset and seq is not None:
-        start = h.box.index_of_seq(seq)
-        if start is None:   # not kept here (or another copy's): a new copy
-            h = await registry.restart(request, claims, h, last_event, "sse")
-            reset = True
+
+    def serves(box) -> bool:   # the batch it names is kept here (an id of another copy never is)
+        return seq is None or box.index_of_seq(seq) is not None
+    h, reset = await registry.find(request, claims, request.query["session"], last_event, "sse", serves)
     box = h.box
     if reset:
         start = box.first - 1
-    elif start is None:
+    elif seq is not None:
+        start = box.index_of_seq(seq)
+        if box.acknowledge_seq(seq):   # what the reader says it has
+            registry.acknowledged(h, None)
+    else:
         start = box.read    # what no reader has had yet
     client.renew(registry.hub, h.s, claims)
     resp = web.StreamResponse(headers=HEADERS)
@@ -294,27 +300,32 @@ async def _session_stream(request: web.Request, claims) -> web.StreamResponse:
             "recovered": True, "heartbeat_s": int(settings.heartbeat_s)}).encode(),)))
     stream = SessionStream(t, start, settings.slow_client_buffer_bytes)
     if box.reader is not None:
-        box.reader.end(CLOSE_TAKEN, "another stream reads this session")
+        box.reader.end(CLOSE_TAKEN, "another stream reads this session", say=True)
     box.supersede()
     box.reader = stream
     h.s.kind = "sse"
     _log_connect(h.s, not reset)
     try:
-        while not stream.done.is_set():
+        # bytes written are not acknowledged (a dying link loses them): only
+        # a reconnect's Last-Event-ID says what this reader has (mailbox.py)
+        while not stream.done.is_set() and not box.closed:
             if stream.pending() > stream.hwm:
                 await asyncio.sleep(0.05)
                 stream._open()
                 continue
+            if not box.holds(stream.cursor):
+                # a poll of the same session had these entries, and they are
+                # gone: this stream cannot go on without a gap
+                stream.end(CLOSE_TAKEN, "the session was read elsewhere: reconnect", say=True)
+                break
             stream.pump(box)
             h.last_seen = time.monotonic()
             if stream.cursor >= box.pos:
-                if stream.pending() == 0:   # the kernel has it all
-                    registry.acknowledged(h, stream.cursor)
                 await box.wait(stream.cursor, 1.0)
                 stream._open()
         return resp
     finally:
-        if box.closed and stream.ended is not None:   # the rest, up to its `error`
+        if box.closed and box.holds(stream.cursor):   # the rest, up to its `error`
             stream.hwm = 1 << 62
             stream.pump(box)
         if box.reader is stream:
