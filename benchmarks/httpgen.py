@@ -209,13 +209,14 @@ async def run(a) -> dict:
         ready = loop.create_future()
         body = make(rng, i)
         if a.mode == "grpc":
-            asyncio.ensure_future(grpc_client(f"{a.host}:{a.grpc_port}", a.token, _stream_request(json.loads(body)),
-                                              stats, started, ready, calls))
-            started.set()
-            try:
-                await asyncio.wait_for(ready, 60)
-            except asyncio.TimeoutError:
-                stats.failed += 1
+            async with gate:   # streams open 64 at a time, as the HTTP clients connect
+                asyncio.ensure_future(grpc_client(f"{a.host}:{a.grpc_port}", a.token,
+                                                  _stream_request(json.loads(body)), stats, started, ready, calls))
+                started.set()
+                try:
+                    await asyncio.wait_for(ready, 60)
+                except asyncio.TimeoutError:
+                    stats.failed += 1
             return
         async with gate:
             try:
