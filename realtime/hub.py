@@ -436,7 +436,9 @@ class Hub:
         only while the record still names it: once another instance took the
         session over (or it was deleted), an old copy's save must not undo that."""
         extra = s.extra
-        only_if = extra["copy"] if extra and extra.get("_claimed") else None
+        only_if = None
+        if extra:   # "" for a record without a copy (a WebSocket session's)
+            only_if = extra["copy"] if extra.get("_claimed") else extra.get("_claim_from")
         self.spawn(self.stores.save_session(s.session_id, self.session_record(s), only_if))
 
     def stored_subscription(self, s: Session, record: dict):

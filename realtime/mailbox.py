@@ -276,6 +276,13 @@ class Mailbox(Outlet):
     def acknowledge_seq(self, seq: int) -> bool:
         """An SSE reader says (Last-Event-ID) it has every batch up to `seq`:
         the mark of the newest complete tick at or before it."""
+        return self._ack(self.mark_of_seq(seq))
+
+    def mark_of_seq(self, seq: int | None) -> str | None:
+        """The mark a reader that has batch `seq` of this copy acknowledges
+        (None: unknown, or an id this copy never handed out)."""
+        if seq is None or not (self.origin < seq <= self.seq):
+            return None
         marks = self.seq_marks
         lo, hi = 0, len(marks)
         while lo < hi:
@@ -284,9 +291,9 @@ class Mailbox(Outlet):
                 lo = mid + 1
             else:
                 hi = mid
-        return lo > 0 and self._ack(marks[lo - 1][1])
+        return marks[lo - 1][1] if lo > 0 else None
 
-    def _ack(self, mark: str) -> bool:
+    def _ack(self, mark: str | None) -> bool:
         if newer(mark, self.ack):
             self.ack = mark
             return True

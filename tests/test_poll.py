@@ -34,6 +34,12 @@ async def poll(http, server, sid, cursor=0, timeout=5, tok=None, **extra):
         return r.status, await r.json()
 
 
+def alert(name):
+    """An SSE `events()` condition: a batch with the alert event `name`."""
+    return lambda ev: any(e == "batch" and any(m.get("t") == "event" and m["d"].get("alert") == name
+                                               for m in d["messages"]) for e, _, d in ev)
+
+
 def batch_msgs(messages):
     return [m for b in messages if b.get("type") == "batch" for m in b["messages"]]
 
@@ -329,10 +335,6 @@ async def test_an_sse_stream_moves_to_another_instance_without_losing_events(pai
         _, made = await post_session(http, a, {"subscriptions": {"vehicles": [uid]}})
         sid = made["session"]
         auth = {"Authorization": f"Bearer {token()}"}
-
-        def alert(name):
-            return lambda ev: any(e == "batch" and any(m.get("t") == "event" and m["d"].get("alert") == name
-                                                       for m in d["messages"]) for e, _, d in ev)
         async with http.get(f"{a.url}/api/realtime/stream?session={sid}", headers=auth) as resp:
             ingest(a, [update(uid, alerts=["before"])])
             got = await events(resp, alert("before"))
@@ -345,4 +347,58 @@ async def test_an_sse_stream_moves_to_another_instance_without_losing_events(pai
             got = await events(resp, alert("while_away"))
             welcome = next(d for e, _, d in got if e == "welcome")
             assert welcome["resumed"] is True and welcome["session"] == sid
+            assert any(m["t"] == "full" and m["v"] == uid for e, _, d in got if e == "batch" for m in d["messages"])
+
+
+async def test_a_session_made_on_one_instance_is_polled_at_once_on_another(pair, uid):
+    a, b = pair
+    async with aiohttp.ClientSession() as http:
+        for _ in range(5):
+            status, made = await post_session(http, a, {})
+            assert status == 201
+            status, body = await poll(http, b, made["session"], 0, 0)   # the record is there already
+            assert status == 200, body
+
+
+async def test_an_sse_reader_resumes_elsewhere_from_the_batch_it_names(pair, uid):
+    """The copy on a saves the marks of its newest batches when it closes (here:
+    a shuts down); the stream comes back on b with Last-Event-ID and gets what
+    came after that batch, not everything since the session was made."""
+    from test_sse import events
+    a, b = pair
+    ingest(b, [update(uid)])
+    async with aiohttp.ClientSession() as http:
+        _, made = await post_session(http, a, {"subscriptions": {"vehicles": [uid]}})
+        sid = made["session"]
+        auth = {"Authorization": f"Bearer {token()}"}
+        async with http.get(f"{a.url}/api/realtime/stream?session={sid}", headers=auth) as resp:
+            ingest(b, [update(uid, alerts=["before"])])
+            got = await events(resp, alert("before"))
+            ingest(b, [update(uid, alerts=[])])
+            await asyncio.sleep(0.5)   # a tick or two after it: that batch's mark is settled
+            last_id = max(int(i) for e, i, _ in got if e == "batch")
+            a.proc.terminate()         # its copy closes (1001) and saves its marks
+            a.proc.wait(15)
+        ingest(b, [update(uid, alerts=["after"])])
+        await asyncio.sleep(0.3)
+        async with http.get(f"{b.url}/api/realtime/stream?session={sid}",
+                            headers={**auth, "Last-Event-ID": str(last_id)}) as resp:
+            got = await events(resp, alert("after"))
+            welcome = next(d for e, _, d in got if e == "welcome")
+            assert welcome["resumed"] is True and welcome["recovered"] is True
+            names = [m["d"]["alert"] for e, _, d in got if e == "batch" for m in d["messages"] if m.get("t") == "event"]
+            assert names == ["after"], names   # "before" was acknowledged by the id: not sent again
+
+
+async def test_a_stream_without_an_id_on_a_session_read_before_gets_a_new_copy(pserver, uid):
+    from test_sse import events
+    ingest(pserver, [update(uid)])
+    async with aiohttp.ClientSession() as http:
+        _, made = await post_session(http, pserver, {"subscriptions": {"vehicles": [uid]}})
+        sid = made["session"]
+        await poll(http, pserver, sid, 0, 0)
+        async with http.get(f"{pserver.url}/api/realtime/stream?session={sid}&token={token()}") as resp:
+            got = await events(resp, lambda ev: any(e == "batch" for e, _, _ in ev))
+            welcome = next(d for e, _, d in got if e == "welcome")
+            assert welcome["resumed"] is True and welcome["session"] == sid   # a new copy: the full state
             assert any(m["t"] == "full" and m["v"] == uid for e, _, d in got if e == "batch" for m in d["messages"])

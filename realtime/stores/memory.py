@@ -83,7 +83,8 @@ class MemoryStores:
     async def save_session(self, session_id: str, data: dict, only_if_copy: str | None = None) -> None:
         if only_if_copy is not None:
             record = await self.load_session(session_id)
-            if record is None or record.get("copy") != only_if_copy:
+            copy = record.get("copy") if record is not None else None
+            if record is None or (copy if isinstance(copy, str) else "") != only_if_copy:
                 return
         now = time.time()
         exp = now + SESSION_TTL_S

@@ -75,7 +75,10 @@ SAVE_SESSION_IF = """
 local v = redis.call('GET', KEYS[1])
 if not v then return 0 end
 local ok, rec = pcall(cjson.decode, v)
-if not ok or type(rec) ~= 'table' or rec['copy'] ~= ARGV[2] then return 0 end
+if not ok or type(rec) ~= 'table' then return 0 end
+local copy = rec['copy']
+if type(copy) ~= 'string' then copy = '' end
+if copy ~= ARGV[2] then return 0 end
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
 return 1
 """
@@ -631,6 +634,7 @@ class RedisStores:
 
     # ---------------------------------------------------------------- sessions
     async def session_written(self, session_id: str, timeout: float = 2.0) -> None:
+        await asyncio.sleep(0)   # the spawned save starts first (and enters _session_latest)
         deadline = time.monotonic() + timeout
         while session_id in self._session_latest and time.monotonic() < deadline:
             await asyncio.sleep(0.005)

@@ -56,21 +56,27 @@ class BodyCache:
     a worker opening 500 streams. Bounded: emptied when either grows past
     its size."""
 
-    BODIES = 4096
-    PIECES = 200_000
+    BYTES = 32 << 20         # keys and values of both, about
+    BODY_MAX = 64 * 1024     # bigger bodies (a large snapshot) are not kept whole: their pieces are
 
     def __init__(self):
         self.bodies: dict[bytes, bytes] = {}
         self.pieces: dict[bytes, bytes] = {}   # one vehicle's message, for every body that has it
+        self.size = 0
 
     def get(self, body: bytes) -> bytes:
         pb = self.bodies.get(body)
         if pb is None:
-            if len(self.bodies) >= self.BODIES:
+            if self.size > self.BYTES:
                 self.bodies.clear()
-            if len(self.pieces) >= self.PIECES:
                 self.pieces.clear()
-            pb = self.bodies[body] = wire.batch_body(body, self.pieces)
+                self.size = 0
+            n = len(self.pieces)
+            pb = wire.batch_body(body, self.pieces)
+            self.size += (len(self.pieces) - n) * 200   # a piece and its protobuf, roughly
+            if len(body) <= self.BODY_MAX:
+                self.bodies[body] = pb
+                self.size += len(body) + len(pb)
         return pb
 
 

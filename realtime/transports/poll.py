@@ -58,9 +58,6 @@ async def handle(request: web.Request) -> web.Response:
     box = h.box
     if reset or not cursor:
         cursor = box.first - 1
-    if not h.s.limiter.allow():
-        raise HttpError(429, "rate_limited", "more than %d requests/s for this session"
-                        % request.app["settings"].max_messages_per_s)
     client.renew(registry.hub, h.s, claims)
     box.supersede()          # an older poll of this session answers now
     h.last_seen = time.monotonic()

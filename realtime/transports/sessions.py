@@ -37,7 +37,7 @@ from .. import messages as M
 from .._core._schema import FMT_JSON
 from ..auth import AuthError, Claims
 from ..ingest.http import bearer
-from ..mailbox import Budget, Mailbox
+from ..mailbox import Budget, Mailbox, newer
 from ..session import Session, new_id
 from ..stores.base import SESSION_TTL_S
 from ..tasks import cancel_and_wait
@@ -48,6 +48,29 @@ SWEEP_S = 5.0           # idle sessions and copies taken over elsewhere are foun
 ENDED_KEEP = 10_000     # ids of sessions ended here, remembered for a 410 (bounded)
 SAVE_ACK_EVERY_S = 1.0  # the acknowledged mark goes to the record at most this often
 CLOSE_TAKEN = 4009      # the session is served by another copy now (docs/protocol.md)
+RECORD_MARKS = 32       # (seq, event) marks of the newest batches in a session's record
+MARKS_EVERY_S = 30.0    # a streamed session's record gets its new marks this often
+
+
+def latest(*marks: str | None) -> str | None:
+    """The newest of some event ids (None: none)."""
+    out = None
+    for m in marks:
+        if newer(m, out):
+            out = m
+    return out
+
+
+def _mark_in_record(record: dict, seq: int | None) -> str | None:
+    """The event acknowledged by Last-Event-ID `seq`, from the marks the
+    copy that numbered it left in the record (none: another copy's id)."""
+    best = None
+    if seq is None:
+        return None
+    for pair in record.get("seq_marks") or ():
+        if isinstance(pair, list) and len(pair) == 2 and isinstance(pair[0], int) and pair[0] <= seq:
+            best = pair[1] if isinstance(pair[1], str) else best
+    return best
 
 
 class HttpError(Exception):
@@ -132,9 +155,11 @@ class HttpSessions:
         idle = self.app["settings"].session_idle_s
         for sid, h in list(self.held.items()):
             self._save_ack(h, now)
-            if now - h.saved_at > SESSION_TTL_S / 3 and not h.box.closed:
-                h.saved_at = now   # a quiet session's record must outlive its TTL while it is read
-                self.hub.save_session(h.s)
+            stale_marks = h.box.seq_marks and h.s.extra.get("seq_marks", [[0]])[-1][0] != h.box.seq_marks[-1][0]
+            if not h.box.closed and (now - h.saved_at > SESSION_TTL_S / 3
+                                     or (stale_marks and now - h.saved_at > MARKS_EVERY_S)):
+                h.saved_at = now   # a quiet record must outlive its TTL; a stream's marks move on
+                self._save(h)
             if not h.busy() and now - h.last_seen > idle:
                 log.info("session expired", extra={"fields": {"event": "session_expired", "session": sid,
                                                                "user": h.s.claims.sub}})
@@ -177,13 +202,13 @@ class HttpSessions:
         try:
             await self._subscribe(h, sub)
         except HttpError:
-            self._forget(h.s.session_id, h, 1000, "refused")
+            await self.end(h.s.session_id, h, "refused", deleted=True)
             raise
         await hub.stores.session_written(h.s.session_id)   # a poll elsewhere finds it
         return h
 
     async def find(self, request: web.Request, claims: Claims, sid: str, last_event: str | None = None,
-                   kind: str = "long_poll", serves=None) -> tuple[Held, bool]:
+                   kind: str = "long_poll", serves=None, seq: int | None = None) -> tuple[Held, bool]:
         """The copy that serves `sid` for this user: the one held here when
         the record names it and serves(box) (it holds what the reader asks
         for), else a new copy taken over from the record. (copy, whether it
@@ -193,18 +218,24 @@ class HttpSessions:
         lock = self._locks.get(sid)
         if lock is None:
             lock = self._locks[sid] = asyncio.Lock()
+        held = self.held.get(sid)
+        if held is not None and held.s.claims.sub == claims.sub and not held.s.limiter.allow():
+            # before anything is made: a reset (a new copy) is the costly case
+            raise HttpError(429, "rate_limited", "more than %d requests/s for this session"
+                            % self.app["settings"].max_messages_per_s)
         try:
             async with lock:   # two readers at once must not both make a copy
-                h, new = await self._find(request, claims, sid, last_event, kind)
+                h, new = await self._find(request, claims, sid, last_event, kind, seq)
                 if not new and serves is not None and not serves(h.box):
                     self._forget(sid, h, CLOSE_TAKEN, "the session is served by a new copy")
-                    h, new = await self._take_over(request, claims, sid, last_event or h.box.ack, kind), True
+                    after = latest(last_event, h.box.ack, h.box.mark_of_seq(seq))
+                    h, new = await self._take_over(request, claims, sid, after, kind, h.copy), True
                 return h, new
         finally:
             if not lock.locked() and not getattr(lock, "_waiters", None):
                 self._locks.pop(sid, None)
 
-    async def _find(self, request, claims, sid, last_event, kind):
+    async def _find(self, request, claims, sid, last_event, kind, seq):
         hub = self.hub
         h = self.held.get(sid)
         if h is not None and h.s.claims.sub != claims.sub:
@@ -230,15 +261,23 @@ class HttpSessions:
             return h, False
         if h is not None:
             self._forget(sid, h, CLOSE_TAKEN, "the session is served by a new copy")
-        return await self._take_over(request, claims, sid, last_event or record.get("last_event"), kind), True
+        after = latest(last_event, record.get("last_event"), _mark_in_record(record, seq))
+        return await self._take_over(request, claims, sid, after, kind, record.get("copy") or ""), True
 
-    async def _take_over(self, request, claims: Claims, sid: str, after: str | None, kind: str) -> Held:
+    async def _take_over(self, request, claims: Claims, sid: str, after: str | None, kind: str,
+                         claim_from: str) -> Held:
+        """A new copy of `sid` here, from its record; its first save claims
+        the record only while the record still names `claim_from` (the copy
+        it was taken from: a DELETE in between is not undone)."""
         old = self.held.get(sid)
+        limiter = old.s.limiter if old is not None else None
         if old is not None:
             self._forget(sid, old, CLOSE_TAKEN, "the session is served by a new copy")
         after = after or "0-0"   # no acknowledged event: the log's start
         h = self._new(request, claims, kind)
-        h.s.extra.update(copy=h.copy, last_event=after)   # the record written at start has both
+        if limiter is not None:
+            h.s.limiter = limiter   # a reset does not start a fresh rate limit
+        h.s.extra.update(copy=h.copy, last_event=after, _claim_from=claim_from)   # the record written at start
         h.box.ack = after
         h.box.starting = True
         try:
@@ -302,7 +341,13 @@ class HttpSessions:
                 and not h.box.closed:
             h.ack_saved_at = now
             h.s.extra["last_event"] = ack
-            self.hub.save_session(h.s)
+            self._save(h)
+
+    def _save(self, h: Held) -> None:
+        """The record, with the marks of the newest batches: an SSE reader that
+        comes back on another instance with Last-Event-ID replays from there."""
+        h.s.extra["seq_marks"] = [list(p) for p in list(h.box.seq_marks)[-RECORD_MARKS:]]
+        self.hub.save_session(h.s)
 
     # ------------------------------------------------------------ ending
     async def end(self, sid: str, h: Held | None, reason: str, deleted: bool = False) -> None:
@@ -327,7 +372,9 @@ class HttpSessions:
     def _closed(self, h: Held) -> None:
         """The copy closed (slow reader, token expiry, shutdown, or ended
         here): it leaves the hub and this registry now; a later read starts
-        a new copy from the record."""
+        a new copy from the record, which gets this copy's latest marks."""
+        if h.s.extra.get("_claimed") and self.held.get(h.s.session_id) is h:
+            self._save(h)
         self._release(h)
 
     def _release(self, h: Held) -> None:
@@ -399,9 +446,6 @@ async def put(request: web.Request) -> web.Response:
     sub = await _subscribe_body(request)
     registry: HttpSessions = request.app["http_sessions"]
     h, _ = await registry.find(request, claims, request.match_info["session_id"])
-    if not h.s.limiter.allow():
-        raise HttpError(429, "rate_limited", "more than %d requests/s for this session"
-                        % request.app["settings"].max_messages_per_s)
     client.renew(registry.hub, h.s, claims)
     await registry._subscribe(h, sub)
     await registry.hub.stores.session_written(h.s.session_id)   # a poll elsewhere sees it

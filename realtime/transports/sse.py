@@ -276,9 +276,13 @@ async def _session_stream(request: web.Request, claims) -> web.StreamResponse:
     last_event = request.query.get("last_event") or None
     seq = _last_event_id(request)
 
-    def serves(box) -> bool:   # the batch it names is kept here (an id of another copy never is)
-        return seq is None or box.index_of_seq(seq) is not None
-    h, reset = await registry.find(request, claims, request.query["session"], last_event, "sse", serves)
+    def serves(box) -> bool:
+        if seq is None:
+            # a stream that names no batch: this copy only while no reader has
+            # had anything from it (what was written to a dead link may be lost)
+            return box.read == box.origin
+        return box.index_of_seq(seq) is not None   # kept here (an id of another copy never is)
+    h, reset = await registry.find(request, claims, request.query["session"], last_event, "sse", serves, seq)
     box = h.box
     if reset:
         start = box.first - 1
