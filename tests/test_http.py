@@ -87,6 +87,23 @@ def test_health_and_map_page(server):
     assert get(server, "/static/realtime.js")[0] == 200
 
 
+def test_vendored_browser_libraries_are_served_with_their_licenses(server):
+    """Leaflet and the msgpack decoder, vendored from npm (realtime/web/vendor/README.md):
+    served from the package, an ES module as JavaScript, each with its license."""
+    import urllib.request
+    for path, kind in (("/static/vendor/msgpack/index.mjs", "javascript"),
+                       ("/static/vendor/msgpack/utils/utf8.mjs", "javascript"),
+                       ("/static/vendor/leaflet/leaflet.js", "javascript"),
+                       ("/static/vendor/leaflet/leaflet.css", "text/css"),
+                       ("/static/vendor/leaflet/images/marker-icon.png", "image/png")):
+        with urllib.request.urlopen(server.url + path, timeout=5) as r:
+            assert r.status == 200 and kind in r.headers["Content-Type"], (path, r.headers["Content-Type"])
+            assert r.read()
+    for lib in ("leaflet", "msgpack"):
+        assert get(server, f"/static/vendor/{lib}/LICENSE")[0] == 200
+    assert b"export" in get(server, "/static/vendor/msgpack/index.mjs")[1]
+
+
 def test_cli_token_is_accepted_by_the_server(server):
     out = subprocess.run([sys.executable, "-m", "realtime", "token", "--sub", "cli-user",
                           "--perm", "view_all_vehicles", "--ttl", "60", "--jwt-secret", SECRET],

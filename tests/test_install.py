@@ -77,6 +77,10 @@ def test_the_wheel_has_every_package_the_assets_and_the_compiled_core(built):
     for asset in web:
         assert f"realtime/web/{asset}" in names, asset
     assert "realtime/proto/realtime/v1/realtime.proto" in names   # PROTOCOL §4: the .proto ships
+    vendor = ROOT / "realtime" / "web" / "vendor"
+    for f in vendor.rglob("*"):   # the vendored browser libraries, with their licenses
+        if f.is_file():
+            assert str(f.relative_to(ROOT)) in names, f"{f} is not in the wheel"
     for ext in ("_core", "_fanout"):
         assert any(n.startswith(f"realtime/_core/{ext}.") and n.endswith(".so") for n in names), ext
     meta = next(n for n in names if n.endswith(".dist-info/METADATA"))
