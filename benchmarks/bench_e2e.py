@@ -160,15 +160,16 @@ def merged(lgs: list) -> dict:
     return res
 
 
-def measured(server: Proc, lgs: list, clients, seconds):
-    """Server CPU over the load generators' measuring window."""
+def measured(server: Proc, lgs: list, clients, seconds, merge=None):
+    """Server CPU over the load generators' measuring window. `merge` reads
+    the load generators' results (merged(), or bench_transports' for httpgen)."""
     window(lgs)
     c0, t0 = cpu_s(server.p.pid), time.monotonic()
     l0 = sum(cpu_s(lg.pid) for lg in lgs)
     time.sleep(max(0.0, seconds - 0.5))   # the load generators' CPU, read before they exit
     l1 = sum(cpu_s(lg.pid) for lg in lgs)
     t_l = time.monotonic() - t0
-    res = merged(lgs)
+    res = (merge or merged)(lgs)
     c1, t1 = cpu_s(server.p.pid), time.monotonic()
     res["server_cpu_s_per_s"] = round((c1 - c0) / (t1 - t0), 3)
     res["loadgen_cpu_s_per_s"] = round((l1 - l0) / t_l, 3)   # all of them: 2 cores in all

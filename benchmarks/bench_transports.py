@@ -56,18 +56,6 @@ def merged(lgs) -> dict:
     return res
 
 
-def measured(server, lgs, seconds) -> dict:
-    e2e.window(lgs)
-    c0, t0 = cpu_s(server.p.pid), time.monotonic()
-    time.sleep(max(0.0, seconds - 0.5))
-    res = merged(lgs)
-    c1, t1 = cpu_s(server.p.pid), time.monotonic()
-    res["server_cpu_s_per_s"] = round((c1 - c0) / (t1 - t0), 3)
-    res["server_rss_mb"] = round(rss_kb(server.p.pid) / 1024, 1)
-    res["deliveries_per_cpu_s"] = round(res["deliveries_per_s"] / max(res["server_cpu_s_per_s"], 1e-6))
-    return res
-
-
 def transport(mode, vehicles, clients, seconds) -> dict:
     port, gport = free_port(), free_port()
     s = realtime(port, vehicles, ("--grpc-port", str(gport)))
@@ -79,7 +67,7 @@ def transport(mode, vehicles, clients, seconds) -> dict:
             res = e2e.measured(s, lgs, clients, seconds)
         else:
             lgs = httpgen(port, gport if mode == "grpc" else None, mode, clients, seconds)
-            res = measured(s, lgs, seconds)
+            res = e2e.measured(s, lgs, clients, seconds, merge=merged)
         res["mode"] = mode
         return res
     finally:

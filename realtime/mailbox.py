@@ -47,6 +47,7 @@ from collections import deque
 
 from ._core._fanout import Outlet
 from ._core._schema import FMT_JSON
+from .stores.base import eid_key
 
 KEEP_S = 300.0              # PROTOCOL §4: at least 5 minutes ...
 KEEP_MESSAGES = 10_000      # ... or 10,000 messages
@@ -71,7 +72,6 @@ class Budget:
 
 def newer(a: str | None, b: str | None) -> bool:
     """Whether event id `a` is after `b` (None: before everything)."""
-    from .stores.base import eid_key
     return a is not None and (b is None or eid_key(a) > eid_key(b))
 
 
