@@ -70,6 +70,7 @@ def make_app(settings) -> web.Application:
     from . import metrics
     metrics.setup(app)
     app.router.add_get("/", index)
+    app.router.add_get("/dev/token", dev_token)
     app.router.add_static("/static/", WEB, show_index=False)
     app.on_startup.append(_start)
     app.on_cleanup.append(_stop)
@@ -198,10 +199,25 @@ async def vehicle(request):
     return web.json_response(d, dumps=lambda o: json.dumps(o, ensure_ascii=False))
 
 
+def _viewer_token(request) -> str:
+    """Development mode's map token: a viewer of every vehicle."""
+    return request.app["auth"].mint("map-viewer", role="viewer", permissions=[VIEW_ALL], ttl_s=12 * 3600)
+
+
 async def index(request):
     settings = request.app["settings"]
     html = (WEB / "index.html").read_text()
-    token = ""
-    if settings.development:
-        token = request.app["auth"].mint("map-viewer", role="viewer", permissions=[VIEW_ALL], ttl_s=12 * 3600)
-    return web.Response(text=html.replace("__DEMO_TOKEN__", token), content_type="text/html")
+    config = {"tiles": settings.tile_url, "tiles_attribution": settings.tile_attribution,
+              "dev": settings.development, "token": _viewer_token(request) if settings.development else ""}
+    # inside a <script>: "</" must not end it
+    blob = json.dumps(config).replace("</", "<\\/")
+    return web.Response(text=html.replace("__REALTIME_CONFIG__", blob), content_type="text/html",
+                        headers={"Cache-Control": "no-store"})
+
+
+async def dev_token(request):
+    """Development mode only (loopback, PROTOCOL §7): a fresh map token, for
+    the page's token function when the one it carries runs out."""
+    if not request.app["settings"].development:
+        raise web.HTTPNotFound()
+    return web.json_response({"token": _viewer_token(request)}, headers={"Cache-Control": "no-store"})

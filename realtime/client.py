@@ -92,9 +92,15 @@ async def start(hub, s: Session, resume: str | None, last_event: str | None, sec
         # that cannot be restored (the replay would filter out its events)
         recovered = False
     hub.attach(s)
-    s.send({"type": "welcome", "client": s.client_id, "session": s.session_id,
-            "resumed": record is not None, "recovered": recovered,
-            "heartbeat_s": int(hub.settings.heartbeat_s)})
+    welcome = {"type": "welcome", "client": s.client_id, "session": s.session_id,
+               "resumed": record is not None, "recovered": recovered,
+               "heartbeat_s": int(hub.settings.heartbeat_s)}
+    if upto is not None:
+        # every event after this one reaches this connection (live or by the
+        # replay): a client that gets no event before it reconnects resumes
+        # from here and still misses nothing (docs/protocol.md, Resume)
+        welcome["last_event"] = upto
+    s.send(welcome)
     hub.warn_expiry(s, time.time())
     if record is not None:
         hub.resume(s, stored)

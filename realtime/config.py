@@ -73,6 +73,12 @@ def _kafka_servers(v: str) -> str | None:
     return None
 
 
+def _tile_url(v: str) -> str | None:
+    if v and not (v.startswith(("https://", "http://", "/")) and "{z}" in v and "{x}" in v and "{y}" in v):
+        return "must be empty or an http(s) or /path URL template with {z}, {x} and {y}"
+    return None
+
+
 def _topic(v: str) -> str | None:
     if not _TOPIC.fullmatch(v) or v in (".", ".."):
         return "must be a Kafka topic name: 1 to 249 of A-Z a-z 0-9 . _ -"
@@ -249,6 +255,12 @@ class Settings:
                                     kind=float, lo=0, hi=30)
     max_visible: int = opt(2000, "clusters", "A viewport with more vehicles than this gets clusters.",
                            kind=int, lo=1, hi=10_000_000)
+    tile_url: str = opt("https://tile.openstreetmap.org/{z}/{x}/{y}.png", "operations",
+                        "Map tiles of the page at / ({z}/{x}/{y} template); empty for none "
+                        "(a plain background with a scale and a graticule).",
+                        check=_tile_url, metavar="URL")
+    tile_attribution: str = opt("&copy; OpenStreetMap contributors", "operations",
+                                "Attribution shown with the tiles (HTML).", metavar="HTML")
     # operations
     postgres: str | None = opt(None, "operations", "PostgreSQL DSN for long-term records (PROTOCOL §6).",
                                check=_postgres_dsn, default_text="none: no records", metavar="DSN")

@@ -42,8 +42,8 @@ def free_port() -> int:
 
 class Server:
     def __init__(self, *args: str, env: dict | None = None, secret: str | None = SECRET,
-                 scheme: str = "http"):
-        self.port = free_port()
+                 scheme: str = "http", port: int | None = None):
+        self.port = port or free_port()   # a port of its own, or a restarted server's
         self.url = f"{scheme}://127.0.0.1:{self.port}"
         self.ws_url = f"ws://127.0.0.1:{self.port}/ws"
         cmd = [sys.executable, "-m", "realtime", "serve", "--port", str(self.port), *args]

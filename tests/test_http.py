@@ -82,9 +82,11 @@ def test_health_and_map_page(server):
     status, raw = get(server, "/health/live")
     assert status == 200 and json.loads(raw)["status"] == "ok"
     status, raw = get(server, "/")
-    assert status == 200 and b"<canvas" in raw and b"/static/map.js" in raw
-    assert get(server, "/static/map.js")[0] == 200
-    assert get(server, "/static/realtime.js")[0] == 200
+    assert status == 200 and b"/static/map.js" in raw and b"/static/vendor/leaflet/leaflet.js" in raw
+    for asset in ("map.js", "map.css", "realtime-client.js"):
+        assert get(server, "/static/" + asset)[0] == 200, asset
+    # the page's settings are JSON in a script: the tile template is there, no placeholder left
+    assert b"__REALTIME_CONFIG__" not in raw and b"tile.openstreetmap.org" in raw
 
 
 def test_vendored_browser_libraries_are_served_with_their_licenses(server):

@@ -172,7 +172,8 @@ async def test_the_installed_server_in_development_mode_serves_the_map(venv, tmp
         status, html = s.get("/")
         assert status == 200
         [viewer] = re.findall(rb"eyJ[\w-]+\.[\w-]+\.[\w-]+", html)   # the embedded viewer token
-        for asset in ("map.js", "realtime.js"):
+        for asset in ("map.js", "map.css", "realtime-client.js", "vendor/msgpack/index.mjs",
+                      "vendor/leaflet/leaflet.js"):
             assert s.get(f"/static/{asset}")[0] == 200, asset
         async with websockets.connect(f"ws://127.0.0.1:{s.port}/ws?token={viewer.decode()}") as ws:
             assert json.loads(await asyncio.wait_for(ws.recv(), 10))["type"] == "welcome"

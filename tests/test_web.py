@@ -1,104 +1,392 @@
-"""The live map in headless Chromium, driven over the DevTools protocol.
+"""The browser client library (PROTOCOL §8) and the dispatcher map, in a real
+browser: Playwright for Python driving Debian's `chromium` (executable_path;
+Playwright's own browser download is not used), against real server
+processes. Screenshots are left in test-artifacts/ (REALTIME_TEST_ARTIFACTS).
 
-`make run` must show moving vehicles at http://127.0.0.1:8080: this starts the
-server the way `make run` does (development mode, simulated fleet), opens the
-page and checks that vehicles appear and move. A screenshot is left in
-/tmp/realtime-map.png for a person to look at.
+The library is loaded with a dynamic import() into a page of the server's
+origin, as any page would; transports are taken away with an init script
+(`delete window.WebSocket`, then `EventSource`), as in an old browser.
 """
-import asyncio
-import base64
 import json
+import os
 import shutil
-import subprocess
-import tempfile
+import signal
 import time
-import urllib.request
+from pathlib import Path
 
 import pytest
-import websockets
 
-from conftest import Server, free_port, require
+from conftest import ROOT, Server, ingest, require, token, update
 
 pytestmark = pytest.mark.integration
 
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--window-size=1200,800"]
+ARTIFACTS = Path(os.environ.get("REALTIME_TEST_ARTIFACTS") or ROOT / "test-artifacts")
+TRANSPORTS = {"websocket": [], "sse": ["WebSocket"], "poll": ["WebSocket", "EventSource"]}
 
 
-class CDP:
-    def __init__(self, ws):
-        self.ws = ws
-        self.n = 0
-
-    async def call(self, method, **params):
-        self.n += 1
-        my = self.n
-        await self.ws.send(json.dumps({"id": my, "method": method, "params": params}))
-        while True:
-            m = json.loads(await asyncio.wait_for(self.ws.recv(), 20))
-            if m.get("id") == my:
-                if "error" in m:
-                    raise RuntimeError(m["error"])
-                return m["result"]
-
-    async def eval(self, expr):
-        r = await self.call("Runtime.evaluate", expression=expr, returnByValue=True)
-        return r["result"].get("value")
+@pytest.fixture(scope="module")
+def browser():
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    require("chromium", exe is not None)
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        require("playwright (requirements-dev.txt)", False)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=exe, args=["--no-sandbox", "--disable-gpu", "--disable-quic"])
+        yield b
+        b.close()
 
 
 @pytest.fixture
-def chromium():
-    exe = shutil.which("chromium") or shutil.which("chromium-browser")
-    require("chromium", exe is not None)
-    port = free_port()
-    profile = tempfile.mkdtemp(prefix="rt-chromium-")
-    p = subprocess.Popen([exe, *CHROMIUM_FLAGS, f"--remote-debugging-port={port}",
-                          f"--user-data-dir={profile}", "about:blank"],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 20
-    while True:
-        try:
-            targets = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=1).read())
-            page = next(t for t in targets if t["type"] == "page")
-            break
-        except (OSError, StopIteration):
-            if time.time() > deadline:
-                p.kill()
-                raise
-            time.sleep(0.2)
-    yield page["webSocketDebuggerUrl"]
-    p.terminate()
-    p.wait(10)
-    shutil.rmtree(profile, ignore_errors=True)
+def page(browser):
+    ctx = browser.new_context(viewport={"width": 1280, "height": 800})
+    pg = ctx.new_page()
+    pg.console = []
+    pg.on("console", lambda m: pg.console.append(f"{m.type}: {m.text}"))
+    pg.on("pageerror", lambda e: pg.console.append(f"pageerror: {e}"))
+    yield pg
+    ctx.close()
 
 
-async def test_map_page_shows_moving_vehicles(chromium):
-    server = Server("--simulate", "300", secret=None)  # development mode, as `make run`
+def without(page, *names):
+    """An old browser: these constructors do not exist in the page."""
+    if names:
+        page.add_init_script("".join(f"delete window.{n}; window.{n} = undefined;" for n in names))
+
+
+# The harness: a RealtimeClient in the page, everything it reports logged.
+START = """async ([url, token, opts, sub]) => {
+  const { RealtimeClient } = await import("/static/realtime-client.js");
+  const log = window.log = { states: [], events: [], errors: [], kinds: {}, leaves: [], welcomes: [] };
+  if (token === "function") {
+    token = async () => { log.tokenCalls = (log.tokenCalls || 0) + 1; return await window.mintToken(log.tokenCalls); };
+  }
+  const c = window.c = new RealtimeClient({ url, token, ...opts });
+  c.on("state", (s) => log.states.push(s));
+  c.on("event", (m) => log.events.push(m));
+  c.on("error", (e) => log.errors.push([e.code, e.message, e.fatal]));
+  c.on("vehicle", (v, kind) => { log.kinds[kind] = (log.kinds[kind] || 0) + 1; });
+  c.on("leave", (id, r) => log.leaves.push([id, r]));
+  c.on("welcome", (w) => log.welcomes.push(w));
+  log.messages = [];   // what came, for a failure's message
+  c.on("message", (m) => log.messages.push(m.type + (m.type === "batch" ? ":" + m.messages.map((x) => x.t) : "")));
+  try {
+    await c.connect();
+  } catch (e) {
+    return { error: [e.code, e.message] };
+  }
+  if (sub) await c.subscribe(sub);
+  return { transport: c.transport, session: c.session };
+}"""
+
+
+def start(page, server_url, tok, sub=None, **opts):
+    page.goto(server_url + "/health/live")   # a page of the server's origin
+    return page.evaluate(START, [server_url, tok, opts, sub])
+
+
+def wait(page, expr, timeout=15.0, what=None):
     try:
-        async with websockets.connect(chromium, max_size=2**26) as ws:
-            cdp = CDP(ws)
-            await cdp.call("Page.enable")
-            await cdp.call("Page.navigate", url=server.url + "/")
-            count = 0
-            for _ in range(100):
-                await asyncio.sleep(0.1)
-                count = await cdp.eval("window.realtimeClient ? window.realtimeClient.vehicles.size : 0") or 0
-                if count > 20:
-                    break
-            assert count > 20, server.logs()
-            snap = "JSON.stringify(Array.from(window.realtimeClient.vehicles.values()).map(v => [v.v, v.p]))"
-            before = dict(json.loads(await cdp.eval(snap)))
-            moved = []
-            deadline = time.monotonic() + 20
-            while len(moved) <= 5 and time.monotonic() < deadline:
-                await asyncio.sleep(0.5)
-                after = dict(json.loads(await cdp.eval(snap)))
-                moved = [v for v in before if v in after and before[v] != after[v]]
-            assert len(moved) > 5
-            assert int(await cdp.eval("document.getElementById('count').textContent")) > 20
-            shot = await cdp.call("Page.captureScreenshot", format="png")
-            with open("/tmp/realtime-map.png", "wb") as f:
-                f.write(base64.b64decode(shot["data"]))
+        page.wait_for_function(expr, timeout=timeout * 1000, polling=100)
+    except Exception:
+        state = page.evaluate("window.realtimeClient && (window.c = window.realtimeClient),"
+                              " window.c ? {state: c.state, transport: c.transport, log: window.log,"
+                              " vehicles: [...c.vehicles.values()]} : null")
+        raise AssertionError(f"{what or expr}: not within {timeout} s; client: {json.dumps(state)[:3000]};"
+                             f" console: {page.console[-20:]}") from None
+
+
+def vehicle(page, vid):
+    return page.evaluate("(id) => { const v = c.vehicles.get(id); return v ? {...v} : null; }", vid)
+
+
+def shot(page, name):
+    page.screenshot(path=str(ARTIFACTS / name))
+
+
+@pytest.mark.parametrize("transport,fmt", [("websocket", "json"), ("websocket", "msgpack"),
+                                           ("sse", "json"), ("poll", "json")])
+def test_the_library_over_each_transport(page, server, uid, transport, fmt):
+    """Updates arrive as full, pos and delta; an alert comes once as an event;
+    c.transport says which transport carries them, and it is remembered."""
+    vid = uid + "v"
+    assert ingest(server, [update(vid, status="moving", speed=30, course=90)])[0] == 200
+    without(page, *TRANSPORTS[transport])
+    r = start(page, server.url, token(), {"vehicles": [vid]}, format=fmt)
+    assert r.get("transport") == transport, (r, page.console)
+    wait(page, f"c.vehicles.has({json.dumps(vid)})", what="the vehicle's full")
+    v = vehicle(page, vid)
+    assert v["id"] == vid and v["status"] == "moving" and v["lat"] == pytest.approx(55.75)
+    assert set(v) == {"id", "lat", "lon", "speed", "course", "status", "vehicle_type", "ts", "alerts",
+                      "driver", "assignment"}, v
+    assert v["speed"] == 30 and v["course"] == 90 and v["alerts"] == []
+
+    ingest(server, [update(vid, lat=55.76, status="moving", speed=31, course=95)])
+    wait(page, f"c.vehicles.get({json.dumps(vid)}).lat > 55.755", what="a pos")
+    ingest(server, [update(vid, lat=55.76, status="stopped", speed=0, course=95)])
+    wait(page, f"c.vehicles.get({json.dumps(vid)}).status === 'stopped'", what="a delta")
+    ingest(server, [update(vid, lat=55.76, status="stopped", speed=0, course=95, alerts=["panic_button"])])
+    wait(page, "log.events.length >= 1", what="the alert as an event")
+    time.sleep(0.5)
+    log = page.evaluate("log")
+    assert [e["v"] for e in log["events"]] == [vid], log["events"]
+    assert log["kinds"].get("full") == 1 and log["kinds"].get("pos", 0) >= 1 and log["kinds"].get("delta", 0) >= 1, log
+    assert vehicle(page, vid)["alerts"] == ["panic_button"]
+    assert log["states"][:2] == ["connecting", "connected"] and log["errors"] == [], log
+    assert page.evaluate("c.transport") == transport
+    remembered = page.evaluate("JSON.parse(localStorage.getItem('realtime.transport:' + c.url))")
+    assert remembered["transport"] == transport and remembered["expires"] > time.time() * 1000 + 25 * 60 * 1000
+    # leave: the subscription no longer names it
+    page.evaluate("c.subscribe({vehicles: ['nothing-here']})")
+    wait(page, f"!c.vehicles.has({json.dumps(vid)})", what="the leave")
+    assert page.evaluate("log.leaves") == [[vid, "subscription"]]
+    page.evaluate("c.close()")
+    assert page.evaluate("c.state") == "closed"
+    shot(page, f"library-{transport}-{fmt}.png")
+
+
+def test_a_missing_transport_is_skipped_and_the_remembered_one_goes_first(page, server, uid):
+    """WebSocket missing: SSE. A transport that worked is tried first on the next
+    page load (localStorage), and a refused token rejects connect() at once."""
+    without(page, "WebSocket")
+    r = start(page, server.url, token(), {"vehicles": [uid + "v"]}, transports=["websocket", "poll", "sse"])
+    assert r["transport"] == "poll", r
+    page.evaluate("c.close()")
+    # a page load later: the remembered one first, although SSE comes first in the list
+    page.goto("about:blank")
+    r = start(page, server.url, token(), None, transports=["sse", "poll", "websocket"])
+    assert r["transport"] == "poll", r
+    page.evaluate("c.close()")
+    t0 = time.monotonic()
+    r = start(page, server.url, token(secret="wrong"), None)
+    assert r["error"][0] == 4001 and time.monotonic() - t0 < 5, r
+    assert page.evaluate("c.state") == "closed"
+
+
+def _in_event_log(r, needle, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(needle in repr(f) for _, f in r.xrevrange("events:stream", count=200)):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{needle} not in the event log")
+
+
+@pytest.mark.parametrize("transport", ["websocket", "sse", "poll"])
+def test_resume_over_a_server_restart_delivers_a_missed_event_once(page, redis_url, uid, transport):
+    """The server the client is on restarts while an event is published (another
+    instance logs it). The client reconnects by itself, resumes with its session
+    and last event, gets the missed event once, and says `recovered`."""
+    import redis
+    r = redis.Redis.from_url(redis_url)
+    args = ("--simulate", "0", "--tick-ms", "20", "--redis", redis_url)
+    a, b = Server(*args), Server(*args)
+    a2 = None
+    try:
+        vid = uid + "v"
+        assert ingest(a, [update(vid, status="moving")])[0] == 200
+        without(page, *TRANSPORTS[transport])
+        res = start(page, a.url, token(sub=uid + "u"), {"vehicles": [vid]})
+        assert res["transport"] == transport, res
+        wait(page, f"c.vehicles.has({json.dumps(vid)})")
+        r.publish(f"vehicle:events:{vid}", json.dumps({"type": "before"}))
+        wait(page, "log.events.length === 1", what="the first event")
+        time.sleep(1.2)   # the session's record (and an HTTP reader's acknowledgement) reach Redis
+        # the vehicle's state is in Redis (the writer lease may still be held by
+        # an instance an earlier test killed: it runs out within 10 s)
+        deadline = time.monotonic() + 15
+        while not r.exists(f"vehicle:current:{vid}") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        a.proc.send_signal(signal.SIGTERM)   # a deploy: `reconnect`, then 1001
+        a.proc.wait(30)
+        a.log.close()
+        wait(page, "c.state === 'reconnecting'", what="reconnecting")
+        r.publish(f"vehicle:events:{vid}", json.dumps({"type": "while_away"}))
+        _in_event_log(r, "while_away")
+        a2 = Server(*args, port=a.port)
+        wait(page, "log.events.some(e => e.e === 'while_away') && c.state === 'connected'", timeout=40,
+             what="the missed event after the restart")
+        r.publish(f"vehicle:events:{vid}", json.dumps({"type": "after"}))
+        wait(page, "log.events.some(e => e.e === 'after')", what="a live event after the resume")
+        time.sleep(0.5)
+        log = page.evaluate("log")
+        assert [e["e"] for e in log["events"]] == ["before", "while_away", "after"], log["events"]
+        assert len({e["eid"] for e in log["events"]}) == 3
+        assert page.evaluate("c.recovered") is True
+        assert page.evaluate("c.transport") == transport
+        assert log["welcomes"][-1]["resumed"] is True and log["welcomes"][-1]["recovered"] is True
+        assert page.evaluate("c.session") == res["session"]
+        assert vehicle(page, vid) is not None   # the state came back with the resume
+        page.evaluate("c.close()")
     finally:
-        server.stop()
+        for s in (a2, b):
+            if s is not None:
+                s.stop()
+
+
+@pytest.mark.parametrize("transport", ["websocket", "sse", "poll"])
+def test_token_refresh_through_the_token_function(page, uid, transport):
+    """token_expiring is answered with a token from the function; the
+    connection outlives the first token without a reconnect."""
+    s = Server("--simulate", "0", "--tick-ms", "20", "--token-expiry-warning-s", "60")
+    try:
+        vid = uid + "v"
+        ingest(s, [update(vid)])
+        page.expose_function("mintToken", lambda n: token(sub=uid + "u", ttl=4 if n == 1 else 3600))
+        without(page, *TRANSPORTS[transport])
+        res = start(page, s.url, "function", {"vehicles": [vid]})
+        assert res["transport"] == transport, res
+        wait(page, "log.tokenCalls >= 2", what="the refresh asked the token function")
+        time.sleep(5)   # past the first token's exp
+        ingest(s, [update(vid, lat=55.8)])
+        wait(page, f"c.vehicles.get({json.dumps(vid)}).lat > 55.79", what="an update after the first exp")
+        log = page.evaluate("log")
+        assert log["states"] == ["connecting", "connected"], log
+        assert len(log["welcomes"]) == 1 and log["errors"] == [], log
+        page.evaluate("c.close()")
+    finally:
+        s.stop()
+
+
+@pytest.mark.parametrize("transport", ["websocket", "sse", "poll"])
+def test_a_4001_fetches_a_new_token_before_reconnecting(page, uid, transport):
+    """A token that runs out unrefreshed closes with 4001: with a function the
+    client asks it for a new one and resumes; without one it stops with an error."""
+    s = Server("--simulate", "0", "--tick-ms", "20", "--token-expiry-warning-s", "60")
+    try:
+        vid = uid + "v"
+        ingest(s, [update(vid)])
+        # the token function gives the same 3 s token twice (at connect, then for
+        # the token_expiring): nothing to refresh with, so the server closes with 4001
+        short = token(sub=uid + "u", ttl=3)
+        page.expose_function("mintToken", lambda n: short if n <= 2 else token(sub=uid + "u", ttl=3600))
+        without(page, *TRANSPORTS[transport])
+        start(page, s.url, "function", {"vehicles": [vid]})
+        wait(page, "log.welcomes.length >= 2 && c.state === 'connected'", timeout=20,
+             what="a reconnect with a fresh token after the 4001")
+        log = page.evaluate("log")
+        assert log["tokenCalls"] >= 3, log
+        assert log["welcomes"][-1]["resumed"] is True, log
+        assert "closed" not in log["states"], log
+        ingest(s, [update(vid, lat=55.8)])
+        wait(page, f"c.vehicles.get({json.dumps(vid)}).lat > 55.79")
+        page.evaluate("c.close()")
+        # without a function: the 4001 ends the client, with an `error`
+        res = start(page, s.url, token(sub=uid + "u", ttl=2), {"vehicles": [vid]})
+        assert res["transport"] == transport
+        wait(page, "c.state === 'closed'", timeout=15, what="closed at exp")
+        errors = page.evaluate("log.errors")
+        assert errors and errors[-1][0] == 4001 and errors[-1][2] is True, errors
+    finally:
+        s.stop()
+
+
+def test_the_dispatcher_map(page):
+    """`make run`'s page: development mode, a simulated fleet, no tiles
+    reachable. Markers appear and move; the badge shows the transport;
+    panning changes the subscription; zooming out shows clusters; a click
+    shows the vehicle's long form."""
+    s = Server("--simulate", "300", secret=None)
+    try:
+        page.goto(s.url + "/")
+        wait(page, "window.dispatcher && window.dispatcher.markers.size > 100", timeout=20, what="markers")
+        assert page.evaluate("realtimeClient.vehicles.size") > 100
+        snap = "JSON.stringify([...dispatcher.markers].map(([id, m]) => [id, [m.getLatLng().lat, m.getLatLng().lng]]))"
+        before = dict(json.loads(page.evaluate(snap)))
+        time.sleep(3)
+        after = dict(json.loads(page.evaluate(snap)))
+        moved = [v for v in before if v in after and before[v] != after[v]]
+        assert len(moved) > 5, (len(before), len(after))
+        badge = page.locator("#badge")
+        assert badge.get_attribute("data-transport") == "websocket"
+        assert badge.get_attribute("data-state") == "connected"
+        assert "websocket" in badge.inner_text() and "connected" in badge.inner_text()
+        wait(page, "document.getElementById('badge-text').textContent.includes(' ms')", what="a round-trip time")
+        shot(page, "map.png")
+
+        # a click on a vehicle that stands still shows its long form
+        target = page.evaluate("""() => {
+          const size = dispatcher.map.getSize();
+          for (const [id, m] of dispatcher.markers) {
+            const v = realtimeClient.vehicles.get(id);
+            const p = dispatcher.map.latLngToContainerPoint(m.getLatLng());
+            if (v && v.status !== 'moving' && p.x > 320 && p.x < size.x - 320 && p.y > 60 && p.y < size.y - 60)
+              return {id, x: p.x, y: p.y};
+          }
+          return null;
+        }""")
+        assert target, "no standing vehicle in view"
+        page.mouse.click(target["x"], target["y"])
+        popup = page.locator(f".vehicle-popup[data-vehicle='{target['id']}']")
+        popup.wait_for(timeout=10000)
+        time.sleep(0.4)   # the popup's fade-in, for the screenshot
+        text = popup.inner_text()
+        assert "driver" in text and "status" in text, text
+        assert "phone" not in text   # the viewer token has no view_driver_contacts
+        shot(page, "map-details.png")
+
+        # panning far away: the subscription follows (vehicles leave with r: viewport)
+        page.evaluate("void dispatcher.map.panTo([10, 10], {animate: false})")
+        wait(page, "realtimeClient.vehicles.size === 0 && dispatcher.markers.size === 0", what="the pan")
+        page.evaluate("void dispatcher.map.setView([55.7558, 37.6173], 11, {animate: false})")
+        wait(page, "realtimeClient.vehicles.size > 100", what="back over the fleet")
+
+        # a mouse drag pans too, and the visible set changes
+        ids = set(page.evaluate("[...realtimeClient.vehicles.keys()]"))
+        page.mouse.move(700, 400)
+        page.mouse.down()
+        page.mouse.move(1100, 400, steps=8)
+        page.mouse.up()
+        wait(page, f"[...realtimeClient.vehicles.keys()].sort().join() !== {json.dumps(','.join(sorted(ids)))}",
+             what="the drag's new viewport")
+
+        # zoomed out: server-side clusters drawn as counts
+        page.evaluate("void dispatcher.map.setView([55.7558, 37.6173], 8, {animate: false})")
+        wait(page, "realtimeClient.clusters !== null && dispatcher.clusters.getLayers().length > 0", what="clusters")
+        assert page.evaluate("realtimeClient.vehicles.size") == 0
+        total = page.evaluate("realtimeClient.clusters.cells.reduce((n, c) => n + c[2], 0)")
+        assert total == 300
+        assert "clustered" in page.locator("#count").inner_text()
+        shot(page, "map-clusters.png")
+
+        # the development token function: a fresh token from the server
+        fresh = page.evaluate("fetch('/dev/token').then(r => r.json())")
+        assert fresh["token"].count(".") == 2
+        assert not [m for m in page.console if m.startswith("pageerror")], page.console
+    finally:
+        s.stop()
+
+
+def test_map_filters_and_alerts_panel(page, uid):
+    """With a configured key (no development mode) and `?token=`: the status
+    and type filters go to the server, and the alerts panel lists events as
+    they come."""
+    s = Server("--simulate", "300")
+    try:
+        page.goto(s.url + "/?token=" + token(sub=uid + "u"))
+        wait(page, "window.dispatcher && dispatcher.markers.size > 100", timeout=20)
+        for status in ("moving", "idle", "offline"):
+            page.locator(f"#filter-status input[value={status}]").uncheck()
+        wait(page, "realtimeClient.vehicles.size > 0 && [...realtimeClient.vehicles.values()]"
+                   ".every(v => v.status === 'stopped')", what="only stopped vehicles")
+        page.locator("#filter-status input[value=stopped]").click()   # the last one stays checked
+        assert page.locator("#filter-status input[value=stopped]").is_checked()
+        for status in ("moving", "idle", "offline"):
+            page.locator(f"#filter-status input[value={status}]").check()
+        page.locator("#filter-type input[value=truck]").uncheck()
+        wait(page, "[...realtimeClient.vehicles.values()].some(v => v.status === 'moving') &&"
+                   "[...realtimeClient.vehicles.values()].every(v => v.vehicle_type !== 'truck')",
+             what="every status, no trucks")
+        # an alert on a vehicle in view is listed as it comes
+        vid = uid + "alarm"
+        assert ingest(s, [update(vid, lat=55.7558, lon=37.6173, status="moving", speed=40, vehicle_type="van",
+                                 alerts=["panic_button"])])[0] == 200
+        wait(page, f"document.querySelector('#alert-list li[data-vehicle={vid}]') !== null", what="the alert listed")
+        item = page.locator(f"#alert-list li[data-vehicle={vid}]").inner_text()
+        assert vid in item and "panic_button" in item, item
+        assert page.evaluate(f"realtimeClient.vehicles.get('{vid}').alerts") == ["panic_button"]
+        shot(page, "map-filters.png")
+    finally:
+        s.stop()

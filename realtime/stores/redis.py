@@ -69,7 +69,6 @@ if redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[1]) then
 end
 return false
 """
-# keep the lease only if it is still ours
 # an HTTP session's copy saves its record only while the record names it
 SAVE_SESSION_IF = """
 local v = redis.call('GET', KEYS[1])
@@ -95,9 +94,17 @@ end
 return redis.call('DEL', KEYS[1])
 """
 
+# keep the lease only if it is still ours
 RENEW = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+# give the lease up only if it is still ours
+RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
 end
 return 0
 """
@@ -218,6 +225,11 @@ class RedisStores:
         try:
             if self.leader:
                 await asyncio.wait_for(self._write_changed(), 2)
+                # a survivor takes over the writing now, not when the lease
+                # runs out: what reaches it meanwhile would be missing from
+                # the snapshot that new instances and resumes read
+                await asyncio.wait_for(self.r.eval(RELEASE, 1, WRITER_LEASE, self.hub.instance_id), 1)
+                self.leader = False
         except Exception:
             pass
         # and this instance's connections leave the shared sets now, not when

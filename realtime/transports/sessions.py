@@ -187,9 +187,12 @@ class HttpSessions:
                 self._forget(sid, h, CLOSE_TAKEN, "the session is served elsewhere now: reconnect")
 
     # ------------------------------------------------------------ making and finding
-    async def create(self, request: web.Request, claims: Claims, sub: M.Subscribe) -> Held:
+    async def create(self, request: web.Request, claims: Claims, sub: M.Subscribe | None) -> Held:
+        """A new session; with no subscription (`?subscription=none`) it sees
+        nothing until a PUT, like a WebSocket before its first subscribe."""
         hub = self.hub
-        self._check_size(sub)
+        if sub is not None:
+            self._check_size(sub)
         h = self._new(request, claims, "long_poll")
         h.s.extra.update(copy=h.copy, last_event=h.box.ack)
         try:
@@ -200,7 +203,8 @@ class HttpSessions:
         h.s.extra["_claimed"] = True   # later saves only while the record names this copy
         self.held[h.s.session_id] = h
         try:
-            await self._subscribe(h, sub)
+            if sub is not None:
+                await self._subscribe(h, sub)
         except HttpError:
             await self.end(h.s.session_id, h, "refused", deleted=True)
             raise
@@ -436,6 +440,8 @@ def _errors(handler):
 async def post(request: web.Request) -> web.Response:
     claims = authenticate(request, "session")
     sub = await _subscribe_body(request)
+    if request.query.get("subscription") == "none":
+        sub = None   # the browser library: its subscription comes with a PUT
     h = await request.app["http_sessions"].create(request, claims, sub)
     return web.json_response({"session": h.s.session_id}, status=201)
 

@@ -301,7 +301,7 @@ async def _session_stream(request: web.Request, claims) -> web.StreamResponse:
         # this stream's own welcome: the session goes on without a gap
         t.write(_event("welcome", 0, (json.dumps({
             "type": "welcome", "client": h.s.client_id, "session": h.s.session_id, "resumed": True,
-            "recovered": True, "heartbeat_s": int(settings.heartbeat_s)}).encode(),)))
+            "recovered": True, "continued": True, "heartbeat_s": int(settings.heartbeat_s)}).encode(),)))
     stream = SessionStream(t, start, settings.slow_client_buffer_bytes)
     if box.reader is not None:
         box.reader.end(CLOSE_TAKEN, "another stream reads this session", say=True)

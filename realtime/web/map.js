@@ -1,156 +1,311 @@
-// The dispatcher map: a canvas in Web Mercator, no tiles (nothing may be
-// fetched from the internet), with Moscow's ring roads drawn for orientation.
-(function () {
-  "use strict";
-  var canvas = document.getElementById("map");
-  var ctx = canvas.getContext("2d");
-  var center = { lat: 55.7558, lon: 37.6173 };
-  var zoom = 11;
-  var COLORS = { moving: "#4c4", idle: "#fc3", stopped: "#f63", offline: "#888", unknown: "#aaa" };
+// The dispatcher map at `/`: Leaflet with the canvas renderer, fed by the
+// public client library (realtime-client.js, PROTOCOL §8). Nothing here
+// speaks the wire protocol itself.
+import { RealtimeClient } from "/static/realtime-client.js";
 
-  function token() {
-    var q = new URLSearchParams(location.search).get("token");
-    if (q) return q;
-    if (window.REALTIME_DEMO_TOKEN && window.REALTIME_DEMO_TOKEN.indexOf("__") !== 0) return window.REALTIME_DEMO_TOKEN;
-    return window.prompt("Access token (JWT)") || "";
+const L = window.L;
+const config = window.REALTIME_CONFIG || {};
+const COLORS = { moving: "#3fbf3f", idle: "#f2c232", stopped: "#f0642e", offline: "#8a8f98" };
+const START = { lat: 55.7558, lon: 37.6173, zoom: 11 };   // the simulated fleet drives around Moscow
+const VIEWPORT_DEBOUNCE_MS = 150;
+const MAX_ALERTS = 100;
+
+const $ = (id) => document.getElementById(id);
+const esc = (s) => String(s ?? "").replace(/[&<>"']/g, (ch) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" }[ch]));
+
+// -- the token ----------------------------------------------------------------
+// `?token=` wins; in development mode the page carries a viewer token and the
+// server mints a fresh one at /dev/token when it runs out; otherwise ask.
+function pageToken() {
+  const q = new URLSearchParams(location.search).get("token");
+  if (q) return q;
+  if (config.token) return config.token;
+  return window.prompt("Access token (JWT)") || "";
+}
+let token = pageToken();
+const tokenSource = config.dev && !new URLSearchParams(location.search).get("token")
+  ? async () => {
+      const r = await fetch("/dev/token", { cache: "no-store" });
+      if (!r.ok) throw new Error("no development token: HTTP " + r.status);
+      token = (await r.json()).token;
+      return token;
+    }
+  : token;
+
+// -- the map ------------------------------------------------------------------
+const params = new URLSearchParams(location.search);
+const map = L.map("map", {
+  center: [Number(params.get("lat")) || START.lat, Number(params.get("lon")) || START.lon],
+  zoom: Number(params.get("zoom")) || START.zoom,
+  preferCanvas: true, zoomSnap: 1, worldCopyJump: false,
+});
+const renderer = L.canvas({ padding: 0.3 });
+if (config.tiles) {
+  L.tileLayer(config.tiles, {
+    maxZoom: 19, attribution: config.tiles_attribution || "&copy; OpenStreetMap contributors",
+  }).addTo(map);
+}
+L.control.scale({ imperial: false }).addTo(map);
+
+// A graticule: with no tiles reachable the map is still readable.
+const graticule = L.layerGroup().addTo(map);
+function drawGraticule() {
+  graticule.clearLayers();
+  const b = map.getBounds();
+  const span = Math.max(b.getNorth() - b.getSouth(), 1e-6);
+  const steps = [0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 15, 30];
+  const step = steps.find((s) => span / s <= 10) || 30;
+  const style = { color: "#3a4656", weight: 1, interactive: false, renderer };
+  const south = Math.max(-85, Math.floor(b.getSouth() / step) * step);
+  const north = Math.min(85, b.getNorth());
+  const west = Math.max(-180, Math.floor(b.getWest() / step) * step);
+  const east = Math.min(180, b.getEast());
+  for (let lat = south; lat <= north; lat += step) {
+    graticule.addLayer(L.polyline([[lat, Math.max(-180, b.getWest())], [lat, east]], style));
   }
-  function project(lat, lon) {
-    var s = 256 * Math.pow(2, zoom);
-    var x = (lon + 180) / 360 * s;
-    var sin = Math.sin(lat * Math.PI / 180);
-    var y = (0.5 - Math.log((1 + sin) / (1 - sin)) / (4 * Math.PI)) * s;
-    return [x, y];
+  for (let lon = west; lon <= east; lon += step) {
+    graticule.addLayer(L.polyline([[south, lon], [north, lon]], style));
   }
-  function unproject(x, y) {
-    var s = 256 * Math.pow(2, zoom);
-    var lon = x / s * 360 - 180;
-    var n = Math.PI - 2 * Math.PI * y / s;
-    var lat = 180 / Math.PI * Math.atan(0.5 * (Math.exp(n) - Math.exp(-n)));
-    return [lat, lon];
-  }
-  function toScreen(lat, lon) {
-    var c = project(center.lat, center.lon), p = project(lat, lon);
-    return [p[0] - c[0] + canvas.width / 2, p[1] - c[1] + canvas.height / 2];
-  }
-  function bounds() {
-    var c = project(center.lat, center.lon);
-    var nw = unproject(c[0] - canvas.width / 2, c[1] - canvas.height / 2);
-    var se = unproject(c[0] + canvas.width / 2, c[1] + canvas.height / 2);
-    return { north: Math.min(85, nw[0]), south: Math.max(-85, se[0]),
-             west: Math.max(-180, nw[1]), east: Math.min(180, se[1]) };
-  }
-  function ring(km) {
+}
+
+// A vehicle: an arrow coloured by status and turned to its course, drawn on
+// the shared canvas (thousands of DOM markers would not stay smooth).
+const VehicleMarker = L.CircleMarker.extend({
+  _updatePath() {
+    const r = this._renderer;
+    if (!r._drawing || this._empty()) return;
+    const ctx = r._ctx, p = this._point, s = this._radius;
+    ctx.save();
+    ctx.translate(p.x, p.y);
+    ctx.rotate(((this.options.course || 0) * Math.PI) / 180);
     ctx.beginPath();
-    for (var a = 0; a <= 64; a++) {
-      var ang = a / 64 * 2 * Math.PI;
-      var lat = center0.lat + km * Math.sin(ang) / 111.32;
-      var lon = center0.lon + km * Math.cos(ang) / (111.32 * Math.cos(center0.lat * Math.PI / 180));
-      var p = toScreen(lat, lon);
-      if (a === 0) ctx.moveTo(p[0], p[1]); else ctx.lineTo(p[0], p[1]);
-    }
+    ctx.moveTo(0, -s * 1.5); ctx.lineTo(s, s); ctx.lineTo(0, s * 0.4); ctx.lineTo(-s, s);
+    ctx.closePath();
+    ctx.globalAlpha = 1;
+    ctx.fillStyle = this.options.fillColor;
+    ctx.fill();
+    ctx.lineWidth = this.options.alert ? 2.5 : 1;
+    ctx.strokeStyle = this.options.alert ? "#ff2d2d" : "rgba(0,0,0,.65)";
     ctx.stroke();
-  }
-  var center0 = { lat: 55.7558, lon: 37.6173 };
-  function draw() {
-    ctx.fillStyle = "#10141a";
-    ctx.fillRect(0, 0, canvas.width, canvas.height);
-    ctx.strokeStyle = "#2a3340"; ctx.lineWidth = 3;
-    [17.5, 6.0, 2.3].forEach(ring);
-    ctx.lineWidth = 1; ctx.strokeStyle = "#222a35";
-    for (var k = 0; k < 12; k++) {
-      var ang = k * Math.PI / 6;
-      var a = toScreen(center0.lat, center0.lon);
-      var b = toScreen(center0.lat + 24 * Math.sin(ang) / 111.32,
-                       center0.lon + 24 * Math.cos(ang) / (111.32 * 0.5628));
-      ctx.beginPath(); ctx.moveTo(a[0], a[1]); ctx.lineTo(b[0], b[1]); ctx.stroke();
-    }
-    if (client.clusters) {
-      var total = 0;
-      ctx.textAlign = "center"; ctx.textBaseline = "middle"; ctx.font = "11px system-ui";
-      client.clusters.forEach(function (cell) {
-        var p = toScreen(cell[0], cell[1]);
-        var rad = 6 + 3 * Math.log2(1 + cell[2]);
-        total += cell[2];
-        ctx.fillStyle = "rgba(76,160,220,.55)";
-        ctx.beginPath(); ctx.arc(p[0], p[1], rad, 0, 2 * Math.PI); ctx.fill();
-        ctx.fillStyle = "#fff"; ctx.fillText(String(cell[2]), p[0], p[1]);
-      });
-      document.getElementById("count").textContent = total + " (clustered)";
-      return;
-    }
-    var r = Math.max(2, Math.min(6, zoom - 8));
-    client.vehicles.forEach(function (v) {
-      var p = toScreen(v.p[0], v.p[1]);
-      ctx.fillStyle = COLORS[v.st] || "#aaa";
-      ctx.beginPath(); ctx.arc(p[0], p[1], r, 0, 2 * Math.PI); ctx.fill();
-      if (v.al && v.al.length) { ctx.strokeStyle = "#f33"; ctx.lineWidth = 1.5; ctx.stroke(); }
-    });
-    document.getElementById("count").textContent = client.vehicles.size;
-  }
-  function resize() {
-    canvas.width = window.innerWidth; canvas.height = window.innerHeight;
-    sendViewport(); draw();
-  }
-  var vpTimer = null;
-  function sendViewport() {
-    clearTimeout(vpTimer);
-    vpTimer = setTimeout(function () { client.viewport(bounds(), zoom); }, 80);
-  }
+    ctx.restore();
+  },
+});
 
-  var client = new RealtimeClient({
-    url: (location.protocol === "https:" ? "wss://" : "ws://") + location.host + "/ws",
-    token: token(),
-    onstatus: function (s) {
-      document.getElementById("conn").textContent = s;
-      if (s === "connected") client.subscription = { subscriptions: { geographic: { bounds: bounds(), zoom: zoom } } };
-    },
-    onchange: function () { dirty = true; },
-    onevent: function (e) {
-      var box = document.getElementById("events");
-      var line = document.createElement("div");
-      line.textContent = e.v + ": " + e.e + " " + JSON.stringify(e.d);
-      box.insertBefore(line, box.firstChild);
-      while (box.childNodes.length > 8) box.removeChild(box.lastChild);
-    }
-  });
-  window.realtimeClient = client;
-  var dirty = true;
-  (function frame() { if (dirty) { draw(); dirty = false; } requestAnimationFrame(frame); })();
-  var lastCount = 0;
-  setInterval(function () {
-    document.getElementById("rate").textContent = client.updates - lastCount;
-    lastCount = client.updates;
-  }, 1000);
+// A server-side cluster cell (PROTOCOL §3.1 `clusters`): a disc with its count.
+const ClusterMarker = L.CircleMarker.extend({
+  _updatePath() {
+    const r = this._renderer;
+    if (!r._drawing || this._empty()) return;
+    const ctx = r._ctx, p = this._point, s = this._radius;
+    ctx.beginPath();
+    ctx.arc(p.x, p.y, s, 0, 2 * Math.PI);
+    ctx.globalAlpha = 0.8;
+    ctx.fillStyle = "#2f7fc1";
+    ctx.fill();
+    ctx.globalAlpha = 1;
+    ctx.lineWidth = 2;
+    ctx.strokeStyle = "#cfe6ff";
+    ctx.stroke();
+    ctx.fillStyle = "#fff";
+    ctx.font = "bold 11px system-ui, sans-serif";
+    ctx.textAlign = "center";
+    ctx.textBaseline = "middle";
+    ctx.fillText(String(this.options.count), p.x, p.y);
+  },
+});
 
-  var drag = null;
-  canvas.addEventListener("mousedown", function (e) { drag = [e.clientX, e.clientY]; canvas.style.cursor = "grabbing"; });
-  window.addEventListener("mouseup", function () { drag = null; canvas.style.cursor = "grab"; });
-  window.addEventListener("mousemove", function (e) {
-    if (drag) {
-      var c = project(center.lat, center.lon);
-      var ll = unproject(c[0] - (e.clientX - drag[0]), c[1] - (e.clientY - drag[1]));
-      center.lat = ll[0]; center.lon = ll[1];
-      drag = [e.clientX, e.clientY];
-      dirty = true; sendViewport();
-      return;
+const markers = new Map();          // vehicle id → VehicleMarker
+const clusterLayer = L.layerGroup().addTo(map);
+const vehicleLayer = L.layerGroup().addTo(map);
+let clusterCells = [];
+const dirty = new Set();
+let onlyAlerts = false;
+
+function radius() { return Math.max(4, Math.min(8, map.getZoom() - 6)); }
+
+function shown(v) { return !onlyAlerts || (v.alerts && v.alerts.length > 0); }
+
+function place(v) {
+  let m = markers.get(v.id);
+  if (!shown(v)) {
+    if (m) { vehicleLayer.removeLayer(m); markers.delete(v.id); }
+    return;
+  }
+  const style = { fillColor: COLORS[v.status] || "#aab", course: v.course || 0, alert: !!(v.alerts && v.alerts.length) };
+  if (!m) {
+    const r = radius();
+    m = new VehicleMarker([v.lat, v.lon], { renderer, radius: r, weight: r * 1.2, stroke: true, ...style });
+    m.vehicleId = v.id;
+    m.on("click", () => showDetails(v.id, m));
+    markers.set(v.id, m);
+    vehicleLayer.addLayer(m);
+  } else {
+    Object.assign(m.options, style);
+    m.setLatLng([v.lat, v.lon]);   // redraws (the canvas renderer batches per frame)
+  }
+}
+
+function frame() {
+  if (dirty.size) {
+    for (const id of dirty) {
+      const v = client.vehicles.get(id);
+      if (v) place(v);
+      else {
+        const m = markers.get(id);
+        if (m) { vehicleLayer.removeLayer(m); markers.delete(id); }
+      }
     }
-    var tip = document.getElementById("tip"), best = null, bd = 64;
-    client.vehicles.forEach(function (v) {
-      var p = toScreen(v.p[0], v.p[1]);
-      var d = (p[0] - e.clientX) * (p[0] - e.clientX) + (p[1] - e.clientY) * (p[1] - e.clientY);
-      if (d < bd) { bd = d; best = v; }
-    });
-    if (best) {
-      tip.style.display = "block"; tip.style.left = (e.clientX + 12) + "px"; tip.style.top = (e.clientY + 12) + "px";
-      tip.textContent = best.v + " · " + best.vt + " · " + best.st + "\n" + best.s + " km/h" +
-        (best.dr ? "\n" + best.dr.name : "") + (best.al && best.al.length ? "\n⚠ " + best.al.join(", ") : "");
-    } else tip.style.display = "none";
+    dirty.clear();
+    $("count").textContent = clusterCells.length
+      ? clusterCells.reduce((n, c) => n + c[2], 0) + " (clustered)" : String(client.vehicles.size);
+  }
+  requestAnimationFrame(frame);
+}
+
+function drawClusters(cells) {
+  clusterLayer.clearLayers();
+  clusterCells = cells || [];
+  for (const cell of clusterCells) {
+    const [lat, lon, count] = cell;
+    const r = 8 + 3 * Math.log2(1 + count);
+    const m = new ClusterMarker([lat, lon], { renderer, radius: r, weight: 2, count });
+    m.on("click", () => map.setView([lat, lon], Math.min(map.getZoom() + 2, 18)));
+    clusterLayer.addLayer(m);
+  }
+  dirty.add(null);   // recount
+}
+
+// -- the client ---------------------------------------------------------------
+const client = new RealtimeClient({
+  url: location.origin,
+  token: tokenSource,
+  format: params.get("format") === "msgpack" ? "msgpack" : "json",
+  transports: params.get("transports") ? params.get("transports").split(",") : undefined,
+});
+window.realtimeClient = client;
+window.dispatcher = { map, markers, clusters: clusterLayer };   // for scripts and tests
+
+let updates = 0;
+client.on("vehicle", (v) => {
+  updates++;
+  if (clusterCells.length) drawClusters([]);
+  dirty.add(v.id);
+});
+client.on("leave", (id) => dirty.add(id));
+client.on("clusters", (m) => drawClusters(m.cells));
+client.on("event", addEvent);
+client.on("state", badge);
+client.on("rtt", badge);
+client.on("welcome", badge);
+client.on("error", (e) => {
+  console.warn("realtime:", e.message, e.code);
+  if (e.fatal) { $("badge-text").textContent = "closed: " + e.message + " — reload with a new token"; }
+});
+setInterval(() => { $("rate").textContent = String(updates); updates = 0; }, 1000);
+
+function badge() {
+  const b = $("badge");
+  b.dataset.state = client.state;
+  b.dataset.transport = client.transport || "";
+  b.dataset.recovered = String(client.recovered);
+  const parts = [client.transport || "—", client.state];
+  if (client.rtt !== null) parts.push(client.rtt + " ms");
+  if (client.resumed) parts.push(client.recovered ? "resumed, recovered" : "resumed, not recovered");
+  $("badge-text").textContent = parts.join(" · ");
+}
+
+function viewBounds() {
+  const b = map.getBounds();
+  return { north: Math.min(85, b.getNorth()), south: Math.max(-85, b.getSouth()),
+    east: Math.min(180, b.getEast()), west: Math.max(-180, b.getWest()) };
+}
+
+function checked(id) {
+  return [...document.querySelectorAll("#" + id + " input:checked")].map((i) => i.value);
+}
+
+function filters() {
+  const f = { show_alerts: $("show-alerts").checked };
+  const st = checked("filter-status");
+  if (st.length < 4) f.status = st;
+  const vt = checked("filter-type");
+  if (vt.length < 4) f.vehicle_types = vt;
+  return f;
+}
+
+function subscription() {
+  return { geographic: { bounds: viewBounds(), zoom: map.getZoom() }, filters: filters() };
+}
+
+let vpTimer = null;
+map.on("moveend", () => {
+  drawGraticule();
+  clearTimeout(vpTimer);
+  vpTimer = setTimeout(() => client.viewport(viewBounds(), map.getZoom()), VIEWPORT_DEBOUNCE_MS);
+});
+map.on("zoomend", () => {
+  const r = radius();
+  for (const m of markers.values()) { m.setRadius(r); m.options.weight = r * 1.2; }
+});
+for (const input of document.querySelectorAll("#panel input")) {
+  input.addEventListener("change", () => {
+    // an empty list means "no filter" on the wire: the last box of a group stays checked
+    const group = input.closest("fieldset");
+    if (group.id !== "filter-alerts" && !group.querySelector("input:checked")) { input.checked = true; return; }
+    onlyAlerts = $("only-alerts").checked;
+    for (const id of client.vehicles.keys()) dirty.add(id);
+    client.subscribe(subscription()).catch((e) => console.warn("subscribe:", e.message));
   });
-  canvas.addEventListener("wheel", function (e) {
-    e.preventDefault();
-    zoom = Math.max(3, Math.min(18, zoom + (e.deltaY < 0 ? 0.5 : -0.5)));
-    dirty = true; sendViewport();
-  }, { passive: false });
-  window.addEventListener("resize", resize);
-  resize();
-})();
+}
+
+// -- details and alerts -----------------------------------------------------------
+async function showDetails(id, marker) {
+  const popup = L.popup({ maxWidth: 320 }).setLatLng(marker.getLatLng())
+    .setContent('<div class="vehicle-popup">loading ' + esc(id) + "…</div>").openOn(map);
+  try {
+    const d = await client.get(id);
+    const rows = [
+      ["status", d.status], ["type", d.vehicle_type],
+      ["speed", d.speed != null ? Math.round(d.speed) + " km/h" : ""],
+      ["course", d.course != null ? Math.round(d.course) + "°" : ""],
+      ["groups", (d.groups || []).join(", ")],
+      ["driver", d.driver ? d.driver.name : ""],
+    ];
+    if (d.driver && d.driver.phone) rows.push(["phone", d.driver.phone]);   // only with view_driver_contacts
+    for (const [k, v] of Object.entries(d.assignment || {})) rows.push([k, typeof v === "object" ? JSON.stringify(v) : v]);
+    rows.push(["updated", d.timestamp]);
+    const alerts = (d.alerts || []).map((a) => '<div class="alert">⚠ ' + esc(a) + "</div>").join("");
+    popup.setContent('<div class="vehicle-popup" data-vehicle="' + esc(id) + '"><h3>' + esc(id) + "</h3><dl>" +
+      rows.filter(([, v]) => v !== "" && v != null).map(([k, v]) => "<dt>" + esc(k) + "</dt><dd>" + esc(v) + "</dd>").join("") +
+      "</dl>" + alerts + "</div>");
+  } catch (e) {
+    popup.setContent('<div class="vehicle-popup">' + esc(id) + ": " + esc(e.message) + "</div>");
+  }
+}
+
+let alertCount = 0;
+function addEvent(m) {
+  const list = $("alert-list");
+  const li = document.createElement("li");
+  li.dataset.eid = m.eid || "";
+  li.dataset.vehicle = m.v;
+  const when = new Date(m.ts || Date.now()).toLocaleTimeString();
+  const body = m.d && typeof m.d === "object" ? Object.entries(m.d).map(([k, v]) => k + "=" + (typeof v === "object" ? JSON.stringify(v) : v)).join(" ") : String(m.d ?? "");
+  li.innerHTML = "<time>" + esc(when) + "</time><b>" + esc(m.v) + '</b> <span class="kind">' + esc(m.e) + "</span> " + esc(body);
+  li.addEventListener("click", () => {
+    const v = client.vehicles.get(m.v);
+    if (v) map.setView([v.lat, v.lon], Math.max(map.getZoom(), 14));
+  });
+  list.insertBefore(li, list.firstChild);
+  while (list.childNodes.length > MAX_ALERTS) list.removeChild(list.lastChild);
+  $("alert-count").textContent = String(++alertCount);
+}
+
+// -- start ---------------------------------------------------------------------
+drawGraticule();
+badge();
+requestAnimationFrame(frame);
+client.subscribe(subscription()).catch(() => {});   // the connection starts with it
+client.connect().catch((e) => {
+  $("badge-text").textContent = "cannot connect: " + e.message;
+});
