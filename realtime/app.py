@@ -41,7 +41,8 @@ def _security_logger(hub):
 
 
 def make_app(settings) -> web.Application:
-    app = web.Application(client_max_size=ingest_http.MAX_BODY)
+    from .transports.cors import cors
+    app = web.Application(client_max_size=ingest_http.MAX_BODY, middlewares=[cors])
     if settings.development and not settings.jwt_secret:
         settings.jwt_secret = ephemeral_secret()
     app["settings"] = settings
@@ -204,13 +205,26 @@ def _viewer_token(request) -> str:
     return request.app["auth"].mint("map-viewer", role="viewer", permissions=[VIEW_ALL], ttl_s=12 * 3600)
 
 
+def _dev_page(request) -> bool:
+    """Development mode, asked for by a loopback name: a page that DNS
+    rebinding serves under another name gets no token (the server listens on
+    loopback only, but a browser can be made to reach it under any name)."""
+    if not request.app["settings"].development:
+        return False
+    from .config import is_loopback
+    host = request.host.rsplit(":", 1)[0] if not request.host.endswith("]") else request.host
+    return is_loopback(host.strip("[]"))
+
+
 async def index(request):
     settings = request.app["settings"]
     html = (WEB / "index.html").read_text()
-    config = {"tiles": settings.tile_url, "tiles_attribution": settings.tile_attribution,
-              "dev": settings.development, "token": _viewer_token(request) if settings.development else ""}
-    # inside a <script>: "</" must not end it
-    blob = json.dumps(config).replace("</", "<\\/")
+    dev = _dev_page(request)
+    config = {"tiles": "" if settings.tile_url == "none" else settings.tile_url,
+              "tiles_attribution": settings.tile_attribution,
+              "dev": dev, "token": _viewer_token(request) if dev else ""}
+    # inside a <script>: no "<" at all, so neither "</script>" nor "<!--" can end or bend it
+    blob = json.dumps(config).replace("<", "\\u003c")
     return web.Response(text=html.replace("__REALTIME_CONFIG__", blob), content_type="text/html",
                         headers={"Cache-Control": "no-store"})
 
@@ -218,6 +232,6 @@ async def index(request):
 async def dev_token(request):
     """Development mode only (loopback, PROTOCOL §7): a fresh map token, for
     the page's token function when the one it carries runs out."""
-    if not request.app["settings"].development:
+    if not _dev_page(request):
         raise web.HTTPNotFound()
     return web.json_response({"token": _viewer_token(request)}, headers={"Cache-Control": "no-store"})

@@ -74,8 +74,8 @@ def _kafka_servers(v: str) -> str | None:
 
 
 def _tile_url(v: str) -> str | None:
-    if v and not (v.startswith(("https://", "http://", "/")) and "{z}" in v and "{x}" in v and "{y}" in v):
-        return "must be empty or an http(s) or /path URL template with {z}, {x} and {y}"
+    if v != "none" and not (v.startswith(("https://", "http://", "/")) and "{z}" in v and "{x}" in v and "{y}" in v):
+        return "must be `none` or an http(s) or /path URL template with {z}, {x} and {y}"
     return None
 
 
@@ -256,7 +256,7 @@ class Settings:
     max_visible: int = opt(2000, "clusters", "A viewport with more vehicles than this gets clusters.",
                            kind=int, lo=1, hi=10_000_000)
     tile_url: str = opt("https://tile.openstreetmap.org/{z}/{x}/{y}.png", "operations",
-                        "Map tiles of the page at / ({z}/{x}/{y} template); empty for none "
+                        "Map tiles of the page at / ({z}/{x}/{y} template); `none` for none "
                         "(a plain background with a scale and a graticule).",
                         check=_tile_url, metavar="URL")
     tile_attribution: str = opt("&copy; OpenStreetMap contributors", "operations",

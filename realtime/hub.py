@@ -518,7 +518,11 @@ class Hub:
             return self._clusters_body(s, s.cells)
         if s.cells is not None:
             s.cells = None
-            return self.core.set_clustered(s.row, False)
+            # an empty `clusters` first: a client clears its cells even when no
+            # vehicle is visible in the new view (no `full` would tell it)
+            from .messages import encode
+            return prepend_piece(s.fmt, encode(s.fmt, {"t": "clusters", "z": zoom, "cells": []}),
+                                 self.core.set_clustered(s.row, False))
         return body
 
     def _cell_deg(self, s: Session) -> float:
@@ -667,4 +671,21 @@ class Hub:
         return d
 
 
-__all__ = ["Hub", "Stats", "FMT_JSON"]
+def prepend_piece(fmt: int, piece: bytes, body: bytes) -> bytes:
+    """An encoded message put before the others of an encoded batch body."""
+    if fmt == FMT_JSON:
+        return b"[" + piece + (b"]" if body == b"[]" else b"," + body[1:])
+    h = body[0]
+    if h & 0xF0 == 0x90:
+        n, rest = h & 0x0F, body[1:]
+    elif h == 0xDC:
+        n, rest = int.from_bytes(body[1:3], "big"), body[3:]
+    else:   # 0xdd
+        n, rest = int.from_bytes(body[1:5], "big"), body[5:]
+    n += 1
+    head = bytes([0x90 | n]) if n < 16 else (b"\xdc" + n.to_bytes(2, "big") if n < 65536
+                                             else b"\xdd" + n.to_bytes(4, "big"))
+    return head + piece + rest
+
+
+__all__ = ["Hub", "Stats", "FMT_JSON", "prepend_piece"]

@@ -87,6 +87,9 @@ def test_health_and_map_page(server):
         assert get(server, "/static/" + asset)[0] == 200, asset
     # the page's settings are JSON in a script: the tile template is there, no placeholder left
     assert b"__REALTIME_CONFIG__" not in raw and b"tile.openstreetmap.org" in raw
+    # with a key configured: no embedded token, and no token minted for anyone who asks
+    assert b'"token": ""' in raw and b'"dev": false' in raw
+    assert get(server, "/dev/token")[0] == 404
 
 
 def test_vendored_browser_libraries_are_served_with_their_licenses(server):

@@ -119,6 +119,27 @@ async def test_a_session_is_made_polled_held_and_changed(pserver, uid):
         assert status == 410 and gone["code"] == "gone"
 
 
+async def test_a_session_made_without_a_subscription_sees_nothing_until_a_put(pserver, uid):
+    """POST ?subscription=none (what the browser library does before the page
+    subscribes): `welcome` only, no snapshot of every vehicle; a PUT subscribes."""
+    a = uid + "a"
+    ingest(pserver, [update(a, 55.75, 37.62), update(uid + "other", 55.7, 37.6)])
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{pserver.url}/api/realtime/session?subscription=none", json={},
+                             headers={"Authorization": f"Bearer {token()}"}) as r:
+            assert r.status == 201
+            sid = (await r.json())["session"]
+        status, first = await poll(http, pserver, sid, 0, 0.5)
+        assert status == 200 and [m["type"] for m in first["messages"]] == ["welcome"], first
+        async with http.put(f"{pserver.url}/api/realtime/session/{sid}", json={"subscriptions": {"vehicles": [a]}},
+                            headers={"Authorization": f"Bearer {token()}"}) as r:
+            assert r.status == 200
+        _, got, _ = await poll_until(http, pserver, sid, first["cursor"],
+                                     lambda g: any(m.get("t") == "full" for m in batch_msgs(g)))
+        assert [m["type"] for m in got][0] == "subscribed"
+        assert {m["v"] for m in batch_msgs(got) if m["t"] == "full"} == {a}
+
+
 async def test_session_api_errors_are_json(pserver, uid):
     async with aiohttp.ClientSession() as http:
         status, made = await post_session(http, pserver, {"subscriptions": {"vehicles": [uid]}})

@@ -84,6 +84,34 @@ async def test_publish_reaches_the_client_as_an_event(rserver, r, uid):
     await c.close()
 
 
+async def test_welcome_names_the_log_position_a_client_without_events_resumes_from(rserver, r, uid):
+    """welcome.last_event (docs/protocol.md, Resume): the newest event in the
+    log when the client joined. A client that had no event of its own resumes
+    with it, and an event published while it was away is replayed, recovered."""
+    vid = uid + "v"
+    ingest(rserver, [update(vid)])
+    c0 = await Client.connect(rserver, token())
+    await c0.recv_type("welcome")
+    await c0.subscribe(subscriptions={"vehicles": [vid]})
+    await r.publish(f"vehicle:events:{vid}", json.dumps({"type": "earlier"}))
+    newest = (await c0.wait_messages(lambda m: m["t"] == "event"))[-1]["eid"]
+    await c0.close()
+    c = await Client.connect(rserver, token(sub=uid + "u"))
+    w = await c.recv_type("welcome")
+    assert w["last_event"] == newest
+    await c.subscribe(subscriptions={"vehicles": [vid]})
+    assert [m for m in await c.messages(1.2) if m["t"] == "event"] == []   # no event while it is here
+    await c.close()
+    await r.publish(f"vehicle:events:{vid}", json.dumps({"type": "while_away"}))
+    await in_event_log(r, vid, "while_away")
+    c2 = await Client.connect(rserver, token(sub=uid + "u"), f"resume={w['session']}&last_event={w['last_event']}")
+    w2 = await c2.recv_type("welcome")
+    assert w2["resumed"] is True and w2["recovered"] is True
+    got = await c2.messages(1.5)
+    assert [m["e"] for m in got if m["t"] == "event"] == ["while_away"]
+    await c2.close()
+
+
 async def test_session_keys(rserver, r, uid):
     vid = uid + "s"
     ingest(rserver, [update(vid)])

@@ -66,18 +66,22 @@ START = """async ([url, token, opts, sub]) => {
   const c = window.c = new RealtimeClient({ url, token, ...opts });
   c.on("state", (s) => log.states.push(s));
   c.on("event", (m) => log.events.push(m));
-  c.on("error", (e) => log.errors.push([e.code, e.message, e.fatal]));
+  c.on("error", (e) => { log.errors.push([e.code, e.message, e.fatal]); (log.errorTimes = log.errorTimes || []).push(Date.now()); });
+  c.on("message", (m) => { if (m.type === "reconnect") log.reconnect = [Date.now(), m.after_ms]; });
   c.on("vehicle", (v, kind) => { log.kinds[kind] = (log.kinds[kind] || 0) + 1; });
   c.on("leave", (id, r) => log.leaves.push([id, r]));
   c.on("welcome", (w) => log.welcomes.push(w));
   log.messages = [];   // what came, for a failure's message
   c.on("message", (m) => log.messages.push(m.type + (m.type === "batch" ? ":" + m.messages.map((x) => x.t) : "")));
+  const within = (p, what) => Promise.race([p, new Promise((_, no) => setTimeout(() => no(new Error(what + ": no answer in 15 s")), 15000))]);
   try {
-    await c.connect();
+    await within(c.connect(), "connect");
   } catch (e) {
     return { error: [e.code, e.message] };
   }
-  if (sub) await c.subscribe(sub);
+  if (sub) {
+    try { await within(c.subscribe(sub), "subscribe"); } catch (e) { return { error: [e.code, e.message], log }; }
+  }
   return { transport: c.transport, session: c.session };
 }"""
 
@@ -147,6 +151,22 @@ def test_the_library_over_each_transport(page, server, uid, transport, fmt):
     shot(page, f"library-{transport}-{fmt}.png")
 
 
+@pytest.mark.parametrize("transport", ["sse", "poll"])
+def test_the_library_from_a_page_on_another_origin(page, server, uid, transport):
+    """A page of another origin (http://localhost:P against http://127.0.0.1:P)
+    loads the library from the server and uses the HTTP transports: CORS."""
+    vid = uid + "v"
+    ingest(server, [update(vid, status="moving")])
+    without(page, *TRANSPORTS[transport])
+    page.goto(server.url.replace("127.0.0.1", "localhost") + "/health/live")
+    res = page.evaluate(START.replace('import("/static/realtime-client.js")', "import(url + '/static/realtime-client.js')"),
+                        [server.url, token(), {}, {"vehicles": [vid]}])
+    assert res.get("transport") == transport, (res, page.console)
+    wait(page, f"c.vehicles.has({json.dumps(vid)})")
+    assert page.evaluate(f"c.get({json.dumps(vid)}).then(d => d.vehicle_id)") == vid
+    page.evaluate("c.close()")
+
+
 def test_a_missing_transport_is_skipped_and_the_remembered_one_goes_first(page, server, uid):
     """WebSocket missing: SSE. A transport that worked is tried first on the next
     page load (localStorage), and a refused token rejects connect() at once."""
@@ -203,6 +223,12 @@ def test_resume_over_a_server_restart_delivers_a_missed_event_once(page, redis_u
         a.proc.wait(30)
         a.log.close()
         wait(page, "c.state === 'reconnecting'", what="reconnecting")
+        # `reconnect.after_ms` is honoured: no attempt before it
+        wait(page, "log.errorTimes && log.errorTimes.length >= 1", what="a first attempt on the stopped server")
+        log = page.evaluate("log")
+        assert log.get("reconnect"), log["messages"]
+        (told_at, after_ms), first_try = log["reconnect"], log["errorTimes"][0]
+        assert first_try - told_at >= after_ms - 20, (told_at, after_ms, first_try)
         r.publish(f"vehicle:events:{vid}", json.dumps({"type": "while_away"}))
         _in_event_log(r, "while_away")
         a2 = Server(*args, port=a.port)
@@ -244,7 +270,11 @@ def test_token_refresh_through_the_token_function(page, uid, transport):
         wait(page, f"c.vehicles.get({json.dumps(vid)}).lat > 55.79", what="an update after the first exp")
         log = page.evaluate("log")
         assert log["states"] == ["connecting", "connected"], log
-        assert len(log["welcomes"]) == 1 and log["errors"] == [], log
+        assert log["errors"] == [], log
+        # SSE renews with a new stream that goes on from the last batch (`continued`):
+        # no snapshot, no reconnect; the others refresh on the connection they have
+        assert len(log["welcomes"]) == (2 if transport == "sse" else 1), log
+        assert all(w.get("continued") is True for w in log["welcomes"][1:]), log
         page.evaluate("c.close()")
     finally:
         s.stop()
@@ -351,10 +381,26 @@ def test_the_dispatcher_map(page):
         assert "clustered" in page.locator("#count").inner_text()
         shot(page, "map-clusters.png")
 
+        # zoomed in over an empty area: the cells go (an empty `clusters`), no vehicle comes
+        page.evaluate("void dispatcher.map.setView([10, 10], 14, {animate: false})")
+        wait(page, "realtimeClient.clusters === null && dispatcher.clusters.getLayers().length === 0",
+             what="the cells cleared")
+        assert page.evaluate("realtimeClient.vehicles.size") == 0
+
         # the development token function: a fresh token from the server
         fresh = page.evaluate("fetch('/dev/token').then(r => r.json())")
         assert fresh["token"].count(".") == 2
         assert not [m for m in page.console if m.startswith("pageerror")], page.console
+        # under a name that is not loopback (DNS rebinding) no token is handed out
+        import urllib.error
+        import urllib.request
+        req = urllib.request.Request(s.url + "/", headers={"Host": f"rebound.example:{s.port}"})
+        html = urllib.request.urlopen(req, timeout=5).read()
+        assert b'"token": ""' in html and b'"dev": false' in html
+        req = urllib.request.Request(s.url + "/dev/token", headers={"Host": f"rebound.example:{s.port}"})
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(req, timeout=5)
+        assert e.value.code == 404
     finally:
         s.stop()
 

@@ -155,10 +155,34 @@ async def test_zoomed_out_viewport_gets_clusters_then_vehicles_again(server, uid
     ingest(server, [update(uid + "far", -60.0, -120.0)])
     got = await c.wait_messages(lambda m: m["t"] == "clusters", timeout=3)
     assert {m["t"] for m in got} == {"clusters"} and [n for *_, n in got[-1]["cells"]] == [6]
-    # zooming in brings the vehicles back, one `full` each
+    # zooming in: an empty `clusters` (drop the cells), then the vehicles, one `full` each
     await c.send({"type": "viewport", "bounds": bounds, "zoom": 14})
     b = await c.recv_type("batch")
-    assert sorted(m["t"] for m in b["messages"]) == ["full"] * 6
+    assert b["messages"][0] == {"t": "clusters", "z": 14, "cells": []}
+    assert sorted(m["t"] for m in b["messages"][1:]) == ["full"] * 6
+    # zoomed out again, then in over an empty area: the empty `clusters` alone
+    await c.send({"type": "viewport", "bounds": bounds, "zoom": 6})
+    await c.wait_messages(lambda m: m["t"] == "clusters" and m["cells"], timeout=3)
+    empty = {"north": 10, "south": 9, "west": 9, "east": 10}
+    await c.send({"type": "viewport", "bounds": empty, "zoom": 14})
+    got = await c.wait_messages(lambda m: m["t"] == "clusters" and m["cells"] == [], timeout=3)
+    assert got[-1] == {"t": "clusters", "z": 14, "cells": []}
+    await c.close()
+
+
+async def test_leaving_clusters_in_msgpack_keeps_the_batch_whole(server, uid):
+    """The empty `clusters` is put in front of the encoded msgpack body: the
+    array header must count it (fixarray, and array16 past 15 messages)."""
+    vids = [uid + str(i) for i in range(20)]
+    ingest(server, [update(v, -50.0 + i * 0.001, -110.0, status="moving") for i, v in enumerate(vids)])
+    c = await Client.connect(server, token(), "format=msgpack")
+    bounds = {"north": -49, "south": -51, "west": -111, "east": -109}
+    sub, msgs = await c.subscribe(subscriptions={"geographic": {"bounds": bounds, "zoom": 6}})
+    assert msgs[0]["t"] == "clusters"
+    await c.send({"type": "viewport", "bounds": bounds, "zoom": 14})
+    b = await c.recv_type("batch")
+    assert b["messages"][0]["t"] == "clusters" and b["messages"][0]["cells"] == []
+    assert sorted(m["v"] for m in b["messages"][1:]) == sorted(vids)
     await c.close()
 
 

@@ -34,6 +34,7 @@ from .. import messages as M
 from .._core._schema import FMT_JSON
 from ..mailbox import KIND, PARTS, POS, SEQ
 from ..session import Session
+from . import cors
 from .base import StreamOutlet
 from .sessions import CLOSE_TAKEN, HttpError, HttpSessions, authenticate
 
@@ -223,7 +224,7 @@ async def _own_stream(request: web.Request, claims) -> web.StreamResponse:
     if refused:
         app["security_log"](request, "sse_connection_limit", refused)
         raise HttpError(429, "rate_limited", refused)
-    resp = web.StreamResponse(headers=HEADERS)
+    resp = web.StreamResponse(headers={**HEADERS, **cors.headers_for(request)})
     reason = "client closed"
     opened = False
     try:
@@ -293,7 +294,7 @@ async def _session_stream(request: web.Request, claims) -> web.StreamResponse:
     else:
         start = box.read    # what no reader has had yet
     client.renew(registry.hub, h.s, claims)
-    resp = web.StreamResponse(headers=HEADERS)
+    resp = web.StreamResponse(headers={**HEADERS, **cors.headers_for(request)})
     await resp.prepare(request)
     t = request.transport
     t.write(_chunk(b"retry: %d\n\n" % RETRY_MS))

@@ -146,25 +146,29 @@ function place(v) {
 }
 
 function frame() {
+  requestAnimationFrame(frame);   // first: a bad vehicle must not stop the drawing
   if (dirty.size) {
     for (const id of dirty) {
       const v = client.vehicles.get(id);
-      if (v) place(v);
-      else {
-        const m = markers.get(id);
-        if (m) { vehicleLayer.removeLayer(m); markers.delete(id); }
+      try {
+        if (v && Number.isFinite(v.lat) && Number.isFinite(v.lon)) place(v);
+        else {
+          const m = markers.get(id);
+          if (m) { vehicleLayer.removeLayer(m); markers.delete(id); }
+        }
+      } catch (e) {
+        console.warn("realtime map: cannot draw", id, e);
       }
     }
     dirty.clear();
     $("count").textContent = clusterCells.length
       ? clusterCells.reduce((n, c) => n + c[2], 0) + " (clustered)" : String(client.vehicles.size);
   }
-  requestAnimationFrame(frame);
 }
 
 function drawClusters(cells) {
   clusterLayer.clearLayers();
-  clusterCells = cells || [];
+  clusterCells = (cells || []).filter((c) => Array.isArray(c) && Number.isFinite(c[0]) && Number.isFinite(c[1]));
   for (const cell of clusterCells) {
     const [lat, lon, count] = cell;
     const r = 8 + 3 * Math.log2(1 + count);
@@ -199,7 +203,10 @@ client.on("rtt", badge);
 client.on("welcome", badge);
 client.on("error", (e) => {
   console.warn("realtime:", e.message, e.code);
-  if (e.fatal) { $("badge-text").textContent = "closed: " + e.message + " — reload with a new token"; }
+  if (!e.fatal) return;
+  const why = e.code === 4001 ? "the token expired or was refused: reload the page with a new one"
+    : e.code === 4003 ? "forbidden: " + e.message : e.message;
+  $("badge-text").textContent = "closed — " + why;
 });
 setInterval(() => { $("rate").textContent = String(updates); updates = 0; }, 1000);
 
@@ -306,6 +313,11 @@ drawGraticule();
 badge();
 requestAnimationFrame(frame);
 client.subscribe(subscription()).catch(() => {});   // the connection starts with it
-client.connect().catch((e) => {
-  $("badge-text").textContent = "cannot connect: " + e.message;
-});
+// the first connect may find the server restarting: try again, unless the token is the problem
+(function start(delay) {
+  client.connect().catch((e) => {
+    if (e.code === 4001 || e.code === 4003) return;   // shown by the error listener
+    $("badge-text").textContent = "cannot connect (" + e.message + "): trying again";
+    setTimeout(() => start(Math.min(delay * 2, 20000)), delay);
+  });
+})(2000);

@@ -6,14 +6,17 @@
 // `vehicles` equal to what the server has said. docs/client.md is the guide.
 //
 // Why it is built the way it is (what users of other libraries report):
-// - liveness is judged by bytes received, and a timer that fires late (a
-//   laptop that slept, a throttled background tab) re-arms the deadline and
-//   sends a probe instead of declaring the server dead;
+// - liveness is judged by bytes received on the connection itself, and a
+//   timer that fires late (a laptop that slept, a throttled background tab)
+//   re-arms the deadline instead of declaring the server dead;
 // - `online` and a tab becoming visible reconnect at once, not after backoff;
 // - SSE is read with fetch(), not EventSource: the token goes in a header, the
 //   keep-alive comments count as liveness, HTTP status codes are visible, and
 //   EventSource's own zero-delay reconnect loop never runs (the backoff here
 //   does). A browser without EventSource counts as one without SSE.
+// - every connection attempt belongs to a generation: close(), connect() and
+//   each new round start a new one, and whatever an older one opens is closed,
+//   so two transports never read one session at once.
 
 import { decode as decodeMsgpack } from "./vendor/msgpack/index.mjs";
 
@@ -21,13 +24,18 @@ const DEFAULT_TRANSPORTS = ["websocket", "sse", "poll"];
 const SILENT_MS = 5000;          // a transport silent this long while connecting has failed
 const BACKOFF_MIN_MS = 500;
 const BACKOFF_MAX_MS = 20000;
-const PROBE_AFTER_MS = 15000;    // idle this long: send a probe (WebSocket `ping`, HTTP health)
-const PROBE_WAIT_MS = 5000;      // a probe unanswered this long: the link is dead
+const STABLE_MS = 10000;         // a connection up this long resets the backoff
+const PROBE_AFTER_MS = 15000;    // WebSocket idle this long: send a `ping`
+const PROBE_WAIT_MS = 5000;      // no byte this long after a probe: the link is dead
+const RTT_EVERY_MS = 15000;      // HTTP transports: time a health check for the badge
 const REMEMBER_MS = 30 * 60 * 1000;
 const POLL_TIMEOUT_S = 25;
 const SEEN_EIDS = 10000;         // events remembered for once-only delivery
+const MAX_MESSAGE_BYTES = 60 * 1024;   // below the server's 64 KiB (PROTOCOL §3.3)
+const REFRESH_GAP_MS = 5000;     // token refreshes at most this often
 const LONG = { s: "speed", c: "course", st: "status", vt: "vehicle_type", ts: "ts", al: "alerts",
   dr: "driver", as: "assignment" };
+const RESUMABLE_EID = /^\d+-\d+$/;   // `…-local` ids of an instance cut off from Redis are not
 
 /**
  * @typedef {{north: number, south: number, east: number, west: number}} Bounds
@@ -55,7 +63,7 @@ export class RealtimeError extends Error {
 }
 
 // ---------------------------------------------------------------------------
-// Transports. Each one opens, delivers server messages to client._message(),
+// Transports. Each one opens, hands server messages to client._message(),
 // reports its end once through client._ended(transport, code, reason), and
 // carries the client's commands its own way.
 
@@ -81,7 +89,8 @@ class WebSocketTransport {
     // the token goes in the first message, not the URL (PROTOCOL §2): URLs end up in logs
     ws.onopen = () => ws.send(JSON.stringify({ type: "auth", token: this.token }));
     ws.onmessage = (e) => {
-      c._alive();
+      if (this.done) return;
+      c._alive(this);
       let m;
       try {
         m = typeof e.data === "string" ? JSON.parse(e.data) : decodeMsgpack(new Uint8Array(e.data));
@@ -106,9 +115,10 @@ class WebSocketTransport {
   }
 
   subscribe(msg) { this.send(msg); }
-  viewport(bounds, zoom) { this.send({ type: "viewport", bounds, zoom }); }
+  viewport(msg) { this.send(msg); }
   refresh(token) { this.token = token; this.send({ type: "refresh", token }); }
   probe() { this.client._pingSent = performance.now(); this.send({ type: "ping", id: "rt-ping" }); }
+  wake() { this.client._probe(); }
 
   close() {
     this.done = true;
@@ -126,6 +136,7 @@ class HttpTransport {
     this.token = token;
     this.done = false;
     this.abort = new AbortController();
+    this.madeSession = false;   // this transport made the session, with the subscription it sent
   }
 
   _headers(json) {
@@ -138,20 +149,27 @@ class HttpTransport {
   async _session() {
     const c = this.client;
     if (c.session) return c.session;
-    // no subscription yet: a session that sees nothing until one comes (not
-    // `{}`, which is every vehicle the token allows: a snapshot for nothing)
-    const none = c._subscription ? "" : "?subscription=none";
-    const r = await fetch(c._httpBase() + "/api/realtime/session" + none, {
-      method: "POST", headers: this._headers(true), signal: this.abort.signal,
-      body: JSON.stringify(c._subscribeMessage()),
-    });
-    if (r.status !== 201) throw await httpError(r);
-    c.session = (await r.json()).session;
-    if (c._subscription) {
-      c._subDirty = false;   // the session was made with it
+    let withSubscription = !!c._subscription;
+    for (;;) {
+      const sent = withSubscription ? c._subscribeMessage() : null;
+      // no subscription yet: a session that sees nothing until one comes (not
+      // `{}`, which is every vehicle the token allows: a snapshot for nothing)
+      const r = await fetch(c._httpBase() + "/api/realtime/session" + (sent ? "" : "?subscription=none"), {
+        method: "POST", headers: this._headers(true), signal: this.abort.signal,
+        body: JSON.stringify(sent || {}),
+      });
+      if ((r.status === 400 || r.status === 413) && sent) {
+        // the subscription itself is refused: its promise fails, the session is made without it
+        c._subscriptionRefused(sent.id, await httpError(r));
+        withSubscription = false;
+        continue;
+      }
+      if (r.status !== 201) throw await httpError(r);
+      c.session = (await r.json()).session;
       this.madeSession = true;
+      if (sent) c._subscriptionApplied(sent.id);
+      return c.session;
     }
-    return c.session;
   }
 
   /**
@@ -165,60 +183,54 @@ class HttpTransport {
     this.next = msg;
     if (this.putting) return;
     this.putting = true;
+    let body = null;
     try {
       while (this.next && !this.done) {
-        const body = this.next;
+        body = this.next;
         this.next = null;
         const r = await fetch(c._httpBase() + "/api/realtime/session/" + encodeURIComponent(c.session), {
           method: "PUT", headers: this._headers(true), body: JSON.stringify(body), signal: this.abort.signal,
         });
-        if (r.status === 401 || r.status === 403 || r.status === 404 || r.status === 410) {
-          const e = await httpError(r);
-          c._subDirty = true;
-          this._end(e.code, e.message);
-        } else if (!r.ok) {
+        if (r.ok) {
+          c._subscriptionApplied(body.id);
+        } else if (r.status === 400 || r.status === 413) {
+          c._subscriptionRefused(body.id, await httpError(r));
+        } else if ([401, 403, 404, 410].includes(r.status)) {
+          const e = await httpError(r, true);
+          this._end(e.code, e.message, e.session);
+        } else {
+          // 429, 5xx: sent again after a pause, while this transport lasts
           c._emit("error", await httpError(r));
-          c._subDirty = true;   // sent again after the next (re)connect
+          setTimeout(() => { if (!this.done && !this.next) c._syncSubscription(this); }, 1000 + Math.random() * 1000);
         }
       }
     } catch (e) {
-      if (!this.done) c._subDirty = true;
+      // aborted or the network failed: the subscription is sent again on the next welcome
     } finally {
       this.putting = false;
     }
   }
 
-  viewport(bounds, zoom) {
-    const c = this.client;
-    this.subscribe(c._subscribeMessage());
-  }
+  viewport(msg) { this.subscribe(msg); }
 
-  /** A new token renews the session's with the next request (PROTOCOL §4): make one now. */
-  refresh(token) {
-    this.token = token;
-    this.subscribe(this.client._subscribeMessage());
-  }
-
-  /** Liveness and round-trip time: the server's cheapest answer. */
-  async probe() {
+  /** Round-trip time for the badge: not a sign of life of the stream itself. */
+  async rtt() {
     const c = this.client;
     const t0 = performance.now();
-    c._pingSent = t0;
     try {
       const r = await fetch(c._httpBase() + "/health/live", { cache: "no-store", signal: this.abort.signal });
-      if (r.ok) {
+      if (r.ok && !this.done) {
         c.rtt = Math.round(performance.now() - t0);
-        c._alive();
         c._emit("rtt", c.rtt);
       }
-    } catch (e) { /* the deadline decides */ }
+    } catch (e) { /* no figure this time */ }
   }
 
-  _end(code, reason) {
+  _end(code, reason, session = false) {
     if (this.done) return;
     this.done = true;
     this.abort.abort();
-    this.client._ended(this, code, reason);
+    this.client._ended(this, code, reason, session);
   }
 
   close() {
@@ -236,25 +248,50 @@ class SseTransport extends HttpTransport {
   constructor(client, token) {
     super(client, token);
     this.name = "sse";
+    this.stream = null;   // the AbortController of the stream being read
   }
 
   async open() {
     const c = this.client;
     try {
       const sid = await this._session();
-      const q = new URLSearchParams({ session: sid });
-      if (c.lastEvent) q.set("last_event", c.lastEvent);
-      if (c._sseId !== null && c._sseSession === sid) q.set("last_event_id", String(c._sseId));
-      const r = await fetch(c._httpBase() + "/api/realtime/stream?" + q.toString(), {
-        headers: { ...this._headers(false), Accept: "text/event-stream" },
-        cache: "no-store", signal: this.abort.signal,
-      });
-      if (!r.ok) throw await httpError(r);
-      await this._read(r.body.getReader(), sid);
-      this._end(1006, "the stream ended");
+      for (;;) {
+        const q = new URLSearchParams({ session: sid });
+        if (c.lastEvent) q.set("last_event", c.lastEvent);
+        const id = c._readerPosition("sse", sid);
+        if (id !== null) q.set("last_event_id", String(id));
+        this.stream = new AbortController();
+        const stop = () => this.stream.abort();
+        this.abort.signal.addEventListener("abort", stop);
+        try {
+          const r = await fetch(c._httpBase() + "/api/realtime/stream?" + q.toString(), {
+            headers: { ...this._headers(false), Accept: "text/event-stream" },
+            cache: "no-store", signal: this.stream.signal,
+          });
+          if (!r.ok) throw await httpError(r, true);
+          await this._read(r.body.getReader(), sid);
+          if (this.done) return;
+          throw new RealtimeError("the stream ended", 1006);
+        } catch (e) {
+          if (this.restarting && !this.done) {
+            this.restarting = false;   // a new stream on the same session: it goes on without a gap
+            continue;
+          }
+          throw e;
+        } finally {
+          this.abort.signal.removeEventListener("abort", stop);
+        }
+      }
     } catch (e) {
-      this._end(e.code || 1006, e.message || "stream failed");
+      this._end(e.code || 1006, e.message || "stream failed", !!e.session);
     }
+  }
+
+  /** A new stream from the last batch read (network changed, or a new token). */
+  restart() {
+    if (this.done || !this.stream) return;
+    this.restarting = true;
+    this.stream.abort();
   }
 
   async _read(reader, sid) {
@@ -265,31 +302,31 @@ class SseTransport extends HttpTransport {
     for (;;) {
       const { value, done } = await reader.read();
       if (done || this.done) return;
-      c._alive();   // keep-alive comments count: any byte is a sign of life
+      c._alive(this);   // keep-alive comments count: any byte is a sign of life
       buf += text.decode(value, { stream: true });
       let nl;
       while ((nl = buf.search(/\r\n|\r|\n/)) >= 0) {
         const line = buf.slice(0, nl);
         buf = buf.slice(nl + (buf[nl] === "\r" && buf[nl + 1] === "\n" ? 2 : 1));
-        if (line === "") {   // dispatch
+        if (line === "") {   // the event is complete
           if (data.length) {
             let m = null;
             try { m = JSON.parse(data.join("\n")); } catch (e) {
               c._emit("error", new RealtimeError("undecodable SSE data", 0));
             }
-            if (id !== null && event === "batch") { c._sseId = id; c._sseSession = sid; }
-            if (m !== null) {
+            if (m !== null && typeof m === "object") {
               if (event === "error" && m.type === "error" && m.close_code) {
                 this._end(m.close_code, m.message || "closed by the server");
                 return;
               }
               c._message(this, m);
+              if (this.done) return;
             }
+            // the position moves once the batch is applied: a reconnect asks for what follows
+            if (id !== null && event === "batch") c._readAt("sse", sid, id);
           }
           event = "message"; data = []; id = null;
-        } else if (line[0] === ":") {
-          // comment: liveness only
-        } else {
+        } else if (line[0] !== ":") {   // a comment is liveness only
           const i = line.indexOf(":");
           const field = i < 0 ? line : line.slice(0, i);
           let val = i < 0 ? "" : line.slice(i + 1);
@@ -299,8 +336,18 @@ class SseTransport extends HttpTransport {
           else if (field === "id") id = val;
         }
       }
+      if (buf.length > 8 * 1024 * 1024) throw new RealtimeError("an SSE line over 8 MiB", 1009);
     }
   }
+
+  refresh(token) {
+    // a new stream with the new token renews the session's (PROTOCOL §4)
+    // and goes on from the last batch, without a snapshot
+    this.token = token;
+    this.restart();
+  }
+
+  wake() { this.restart(); }
 }
 
 class PollTransport extends HttpTransport {
@@ -317,34 +364,44 @@ class PollTransport extends HttpTransport {
     let first = true;
     try {
       const sid = await this._session();
-      if (c._pollSession !== sid) { c._pollSession = sid; c._cursor = 0; }
+      let cursor = c._readerPosition("poll", sid);
+      // a session this transport did not read: cursor 1 is older than any
+      // copy, so the server starts a new copy (welcome, full state, missed events)
+      if (cursor === null) cursor = this.madeSession ? 0 : 1;
       while (!this.done) {
         // the first poll answers at once: it is how this transport shows it works
-        const q = new URLSearchParams({ session: sid, cursor: String(c._cursor),
+        const q = new URLSearchParams({ session: sid, cursor: String(cursor),
           timeout: String(first ? 0 : POLL_TIMEOUT_S) });
-        if (first && c.lastEvent) q.set("last_event", c.lastEvent);
+        if (c.lastEvent) q.set("last_event", c.lastEvent);
         this.wait = new AbortController();
         const stop = () => this.wait.abort();
         this.abort.signal.addEventListener("abort", stop);
         const timer = setTimeout(stop, (POLL_TIMEOUT_S + 10) * 1000);
-        let r;
         try {
-          r = await fetch(c._httpBase() + "/api/realtime/poll?" + q.toString(), {
+          const r = await fetch(c._httpBase() + "/api/realtime/poll?" + q.toString(), {
             headers: this._headers(false), cache: "no-store", signal: this.wait.signal,
           });
-          if (!r.ok) throw await httpError(r);
+          if (!r.ok) throw await httpError(r, true);
           const body = await r.json();
-          c._alive();
           if (this.done) return;
-          c._cursor = body.cursor;
-          for (const m of body.messages || []) {
+          c._alive(this);
+          const messages = Array.isArray(body.messages) ? body.messages : [];
+          for (const m of messages) {
+            if (m && m.type === "error" && m.close_code) {
+              this._end(m.close_code, m.message || "closed by the server");
+              return;
+            }
             c._message(this, m);
             if (this.done) return;
           }
-          if (first) c._pollOpened(this);
+          if (Number.isSafeInteger(body.cursor)) {
+            cursor = body.cursor;   // acknowledged with the next poll, once applied
+            c._readAt("poll", sid, cursor);
+          }
+          if (first) c._opened(this);
         } catch (e) {
-          if (e.name === "AbortError" && this.refreshing && !this.done) {
-            this.refreshing = false;   // aborted to carry a new token: poll again
+          if (e.name === "AbortError" && this.kicked && !this.done) {
+            this.kicked = false;   // aborted on purpose (new token, wake-up): poll again now
             continue;
           }
           throw e;
@@ -355,34 +412,39 @@ class PollTransport extends HttpTransport {
         first = false;
       }
     } catch (e) {
-      this._end(e.code || 1006, e.message || "poll failed");
+      this._end(e.code || 1006, e.message || "poll failed", !!e.session);
     }
   }
 
-  refresh(token) {
-    // the next poll renews the session's token (PROTOCOL §4): start it now
-    this.token = token;
-    if (this.wait) { this.refreshing = true; this.wait.abort(); }
+  /** Ends the waiting poll so that a new one starts at once. */
+  kick() {
+    if (this.wait && !this.done) { this.kicked = true; this.wait.abort(); }
   }
+
+  refresh(token) {
+    // the next poll carries the new token, which renews the session's (PROTOCOL §4)
+    this.token = token;
+    this.kick();
+  }
+
+  wake() { this.kick(); }
 }
 
 const TRANSPORTS = { websocket: WebSocketTransport, sse: SseTransport, poll: PollTransport };
 
-async function httpError(r) {
+async function httpError(r, session = false) {
   let message = r.statusText || "HTTP " + r.status;
   try { const b = await r.json(); message = b.message || b.error || message; } catch (e) { /* no JSON */ }
   const code = { 401: 4001, 403: 4003, 404: 4404, 410: 4410 }[r.status] || r.status;
-  return new RealtimeError(message, code);
-}
-
-function eidKey(eid) {
-  const [ms, n] = String(eid).split("-");
-  return [Number(ms) || 0, Number(n) || 0];
+  const e = new RealtimeError(message, code);
+  e.session = session;   // the request named the session: a 403/404/410 is about it
+  return e;
 }
 
 function eidAfter(a, b) {
-  const x = eidKey(a), y = eidKey(b);
-  return x[0] > y[0] || (x[0] === y[0] && x[1] > y[1]);
+  const [x0, x1] = String(a).split("-").map(Number);
+  const [y0, y1] = String(b).split("-").map(Number);
+  return x0 > y0 || (x0 === y0 && x1 > y1);
 }
 
 // ---------------------------------------------------------------------------
@@ -397,14 +459,15 @@ export class RealtimeClient {
     if (!options || !options.token) throw new TypeError("RealtimeClient needs a token (a string or a function)");
     const base = options.url || (typeof location !== "undefined" ? location.origin : "");
     /** @type {string} the server's origin */
-    this.url = base.replace(/\/+$/, "");
+    this.url = String(base).replace(/\/+$/, "");
     /** @type {"json"|"msgpack"} */
     this.format = options.format === "msgpack" ? "msgpack" : "json";
     /** @type {TransportName[]} */
-    this.transports = (options.transports || DEFAULT_TRANSPORTS).filter((t) => t in TRANSPORTS);
+    this.transports = (Array.isArray(options.transports) ? options.transports : DEFAULT_TRANSPORTS)
+      .filter((t) => Object.prototype.hasOwnProperty.call(TRANSPORTS, t));
     if (!this.transports.length) throw new TypeError("no known transport in " + JSON.stringify(options.transports));
     this._tokenSource = options.token;
-    this._token = typeof options.token === "string" ? options.token : null;
+    this._token = typeof options.token === "function" ? null : String(options.token);
     this._remember = options.remember !== false;
     /** @type {Map<string|number, Vehicle>} what the server has said is visible */
     this.vehicles = new Map();
@@ -424,27 +487,46 @@ export class RealtimeClient {
     this.rtt = null;
     /** @type {?Object} the last `clusters` message while the view is clustered */
     this.clusters = null;
-    this._subscription = options.subscription ? { ...options.subscription } : null;
-    this._subDirty = !!this._subscription;
     this._listeners = new Map();
     this._seen = new Set();
     this._seenOrder = [];
-    this._t = null;          // the transport in use
-    this._attempt = 0;       // reconnect attempts since the last success
-    this._timer = null;      // the pending reconnect
-    this._afterMs = null;    // the server's `reconnect.after_ms`
+    // the subscription, and what the server has confirmed of it: subscribe()
+    // and viewport() each count a version; a reconnect sends what is unconfirmed
+    this._subscription = null;
+    this._subVersion = 0; this._subAcked = 0;
+    this._vpVersion = 0; this._vpAcked = 0;
+    this._subWaiters = [];       // {version, resolve, reject}: subscribe() promises
+    if (options.subscription) this._setSubscription(options.subscription);
+    this._gen = 0;               // connection attempts of older generations are closed
+    this._t = null;              // the transport in use
+    this._opening = null;        // {t, gen, resolve}: the transport being opened
+    this._roundGen = -1;         // the generation whose round is running
+    this._attempt = 0;           // reconnect attempts since a stable connection
+    this._timer = null;          // the pending reconnect
+    this._afterMs = null;        // the server's `reconnect.after_ms`, and when it came
+    this._afterAt = 0;
+    this._openedAt = 0;
     this._heartbeatMs = 30000;
     this._lastRx = 0;
     this._lastTick = 0;
+    this._probeAt = null;
+    this._rttAt = 0;
     this._pingSent = null;
-    this._pending = new Map();   // request id → {resolve, reject}
-    this._subWaiters = [];       // subscribe() promises waiting for `subscribed`
+    this._pending = new Map();   // request id → {resolve, reject, timer}: get() over WebSocket
     this._reqId = 0;
-    this._sseId = null; this._sseSession = null;
-    this._cursor = 0; this._pollSession = null;
+    this._reader = { transport: null, session: null, position: null };
     this._needFreshToken = false;
+    this._lastRefresh = -Infinity;
+    this._refreshTimer = null;
+    this._memo = null;           // the remembered transport when localStorage is not there
+    this._hiddenAt = null;
     this._onOnline = () => this._wake("online");
-    this._onVisible = () => { if (document.visibilityState === "visible") this._wake("visible"); };
+    this._onVisible = () => {
+      if (document.visibilityState === "hidden") { this._hiddenAt = Date.now(); return; }
+      const away = this._hiddenAt !== null ? Date.now() - this._hiddenAt : 0;
+      this._hiddenAt = null;
+      this._wake(away > PROBE_AFTER_MS ? "visible-after-sleep" : "visible");
+    };
   }
 
   // -- events ---------------------------------------------------------------
@@ -484,52 +566,68 @@ export class RealtimeClient {
   // -- public API -----------------------------------------------------------
 
   /**
-   * Connects over the first transport that works. Resolves on `welcome`;
-   * rejects when every transport failed, at once on a refused token.
+   * Connects over the first transport that works. Resolves with the
+   * `welcome`; rejects when every transport failed, at once on a refused
+   * (4001) or forbidden (4003) token. While reconnecting it tries at once and
+   * resolves on the next `welcome`.
    * @returns {Promise<Object>} the welcome message
    */
   connect() {
-    if (this._connecting) return this._connecting;
     if (this.state === "connected") return Promise.resolve(this._welcome);
-    this._closedByUser = false;
-    this._setState("connecting");
-    this._listen(true);
+    if (this._connecting) return this._connecting;
     this._connecting = new Promise((resolve, reject) => {
       this._connected = resolve;
       this._connectFailed = reject;
     });
+    if (this.state === "reconnecting") {
+      if (this._timer !== null) this._now();
+      return this._connecting;
+    }
+    this._closedByUser = false;
+    this._attempt = 0;
+    this._setState("connecting");
+    this._listen(true);
     this._round(false);
     return this._connecting;
   }
 
   /**
-   * Replaces the subscription (PROTOCOL §3 `subscribe`). Resolves on `subscribed`.
-   * Called before connect(), it is the one the connection starts with.
+   * Replaces the subscription (PROTOCOL §3 `subscribe`). Resolves with the
+   * `subscribed` reply; rejects with the server's `error`. Called before
+   * connect(), it is the one the connection starts with.
    * @param {Subscription} spec @returns {Promise<Object>} the `subscribed` message
    */
   subscribe(spec = {}) {
-    const { filters, ...subscriptions } = spec;
-    this._subscription = { ...subscriptions };
-    if (filters) this._subscription.filters = filters;
-    this._subDirty = true;
-    const p = new Promise((resolve, reject) => this._subWaiters.push({ resolve, reject }));
-    if (this.state === "connected" && this._t) this._sendSubscription();
+    const before = this._subscription;
+    this._setSubscription(spec);
+    const msg = this._subscribeMessage();
+    if (JSON.stringify(msg).length > MAX_MESSAGE_BYTES) {
+      this._subscription = before;   // the server would close the connection (1009): keep the old one
+      this._subVersion--;
+      return Promise.reject(new RealtimeError("the subscription is over 60 KiB", "too_large"));
+    }
+    const version = this._subVersion;
+    const p = new Promise((resolve, reject) => this._subWaiters.push({ version, resolve, reject }));
+    if (this.state === "connected" && this._t) this._t.subscribe(msg);
     return p;
   }
 
   /** Moves the viewport (PROTOCOL §3 `viewport`). @param {Bounds} bounds @param {number} zoom */
   viewport(bounds, zoom) {
-    const sub = this._subscription || (this._subscription = {});
-    sub.geographic = { bounds: { ...bounds }, zoom };
-    if (this.state !== "connected" || !this._t) this._subDirty = true;
-    else if (this._subDirty) this._sendSubscription();
-    else this._t.viewport(bounds, zoom);
+    if (!this._subscription) {   // a viewport alone is a subscription to it
+      this._subscription = {};
+      this._subVersion++;
+    }
+    const sub = this._subscription;
+    sub.geographic = { bounds: { north: bounds.north, south: bounds.south, east: bounds.east, west: bounds.west }, zoom };
+    this._vpVersion++;
+    if (this.state === "connected" && this._t) this._sendViewport();
   }
 
   /** The long form of a vehicle (PROTOCOL §3.2). @param {string|number} id @returns {Promise<Object>} */
   async get(id) {
     if (this._t && this._t.name === "websocket" && this.state === "connected") {
-      const rid = "rt-" + (++this._reqId);
+      const rid = "rt-get-" + (++this._reqId);
       return new Promise((resolve, reject) => {
         const timer = setTimeout(() => {
           this._pending.delete(rid);
@@ -550,10 +648,20 @@ export class RealtimeClient {
   /** Ends the connection for good (an HTTP session is deleted). */
   close() {
     this._closedByUser = true;
+    this._gen++;
     clearTimeout(this._timer);
+    this._timer = null;
+    clearTimeout(this._refreshTimer);
+    this._stopLiveness();
     this._listen(false);
     const t = this._t;
     this._t = null;
+    if (this._opening) {
+      const o = this._opening;
+      this._opening = null;
+      o.t.close();
+      o.resolve(new RealtimeError("closed", 1000, true));
+    }
     if (t) {
       t.close();
       if (t.name !== "websocket" && this.session && this._token) {
@@ -562,90 +670,86 @@ export class RealtimeClient {
         }).catch(() => {});
       }
     }
-    this._failConnect(new RealtimeError("closed", 1000, true));
-    for (const w of this._subWaiters.splice(0)) w.reject(new RealtimeError("closed", 1000, true));
-    this._setState("closed");
+    this._stop(new RealtimeError("closed", 1000, true), false);
   }
 
   // -- connecting -----------------------------------------------------------
 
   _httpBase() { return this.url; }
   _wsBase() { return this.url.replace(/^http/, "ws"); }
-
   _storageKey() { return "realtime.transport:" + this.url; }
 
   _remembered() {
     if (!this._remember) return null;
-    try {
-      const r = JSON.parse(localStorage.getItem(this._storageKey()) || "null");
-      if (r && r.expires > Date.now() && this.transports.includes(r.transport)) return r.transport;
-    } catch (e) { /* no storage */ }
+    let r = this._memo;
+    try { r = JSON.parse(localStorage.getItem(this._storageKey()) || "null") || r; } catch (e) { /* no storage */ }
+    if (r && r.expires > Date.now() && this.transports.includes(r.transport)) return r.transport;
     return null;
   }
 
+  /** What worked, for 30 minutes from when it first worked: then the configured order is tried again. */
   _rememberTransport(name) {
-    if (!this._remember) return;
-    try {
-      localStorage.setItem(this._storageKey(), JSON.stringify({ transport: name, expires: Date.now() + REMEMBER_MS }));
-    } catch (e) { /* no storage: nothing remembered */ }
+    if (!this._remember || this._remembered() === name) return;
+    this._memo = { transport: name, expires: Date.now() + REMEMBER_MS };
+    try { localStorage.setItem(this._storageKey(), JSON.stringify(this._memo)); } catch (e) { /* no storage */ }
   }
 
-  _forgetTransport() {
-    try { localStorage.removeItem(this._storageKey()); } catch (e) { /* no storage */ }
-  }
-
-  /** The order to try: the one that worked last first, then the configured order. */
+  /** The order to try: the remembered one first, then the configured order. */
   _order() {
-    const first = (this._t && this._t.name) || this._lastWorked || this._remembered();
+    const first = this._remembered();
     const order = first ? [first, ...this.transports.filter((t) => t !== first)] : [...this.transports];
-    return order.filter((t) => TRANSPORTS[t].available());
+    return order.filter((t) => { try { return TRANSPORTS[t].available(); } catch (e) { return false; } });
   }
 
   async _currentToken() {
     if (this._token !== null && !this._needFreshToken) return this._token;
     if (typeof this._tokenSource !== "function") return this._token;
-    this._token = String(await this._tokenSource());
+    const t = await this._tokenSource();
+    if (typeof t !== "string" || !t) throw new RealtimeError("the token function returned no token", 4001);
+    this._token = t;
     this._needFreshToken = false;
     return this._token;
   }
 
   /** One round over the transports; on failure, the next after backoff. */
   async _round(reconnecting) {
+    const gen = ++this._gen;
+    this._roundGen = gen;
     this._timer = null;
-    const order = this._order();
+    const stale = () => gen !== this._gen || this._closedByUser;
     let last = new RealtimeError("no transport available in this browser: " + this.transports.join(", "), 0);
-    for (const name of order) {
-      if (this._closedByUser) return;
+    for (const name of this._order()) {
       let token;
       try {
         token = await this._currentToken();
       } catch (e) {
-        last = new RealtimeError("the token function failed: " + (e && e.message), 0);
+        last = e instanceof RealtimeError ? e : new RealtimeError("the token function failed: " + (e && e.message), 0);
         break;
       }
-      const result = await this._try(name, token);
-      if (this._closedByUser) return;
+      if (stale()) return;
+      let result = await this._try(name, token, gen);
+      if (stale()) return;
       if (result === true) return;
+      if ((result.code === 4404 || result.code === 4410 || (result.code === 4003 && result.session)) && this.session) {
+        this._forgetSession();   // unknown, ended or another user's: a new one, on this transport again
+        result = await this._try(name, token, gen);
+        if (stale()) return;
+        if (result === true) return;
+      }
       last = result;
       if (result.code === 4001 || result.code === 4003) break;   // another transport would not help
-      if (result.code === 4404 || result.code === 4410) {
-        this._forgetSession();   // ended: a new one, on this transport again
-        const again = await this._try(name, token);
-        if (again === true) return;
-        last = again;
-      }
     }
+    this._roundGen = -1;
     this._failed(last, reconnecting);
   }
 
   /** Opens one transport: true on `welcome`, else the error it ended with. */
-  _try(name, token) {
+  _try(name, token, gen) {
     return new Promise((resolve) => {
       const t = new TRANSPORTS[name](this, token);
       this._t = t;
-      this._opening = { t, resolve };
+      this._opening = { t, gen, resolve };
       this._welcome = null;
-      this._lastRx = performance.now();
       t._silence = setTimeout(() => {
         if (this._opening && this._opening.t === t) {
           this._opening = null;
@@ -653,24 +757,32 @@ export class RealtimeClient {
           resolve(new RealtimeError(name + " was silent for " + SILENT_MS / 1000 + " s", 1006));
         }
       }, SILENT_MS);
-      t.open();
+      try {
+        t.open();
+      } catch (e) {   // e.g. the WebSocket constructor refuses the URL
+        this._ended(t, 1006, e && e.message);
+      }
     });
   }
 
-  /** The open transport answered (welcome, or a poll that carries on a session). */
+  /** The transport being opened answered (a welcome, or a first poll that carries on a session). */
   _opened(t) {
     const o = this._opening;
     if (!o || o.t !== t) return;
     this._opening = null;
     clearTimeout(t._silence);
-    this._attempt = 0;
-    this._afterMs = null;
-    this._lastWorked = t.name;
+    if (o.gen !== this._gen || this._closedByUser) {   // a round that was given up on
+      t.close();
+      o.resolve(new RealtimeError("superseded", 1000));
+      return;
+    }
+    this._openedAt = Date.now();
     this._rememberTransport(t.name);
+    if (this.transport !== t.name) this._reader = { transport: null, session: null, position: null };
     this.transport = t.name;
     this._setState("connected");
     this._startLiveness();
-    if (this._subDirty && this._subscription) this._sendSubscription();
+    this._syncSubscription(t);
     if (this._connected) {
       const done = this._connected;
       this._connected = this._connectFailed = null;
@@ -678,17 +790,6 @@ export class RealtimeClient {
       done(this._welcome);
     }
     o.resolve(true);
-  }
-
-  _pollOpened(t) { this._opened(t); }
-
-  _failConnect(err) {
-    if (this._connectFailed) {
-      const fail = this._connectFailed;
-      this._connected = this._connectFailed = null;
-      this._connecting = null;
-      fail(err);
-    }
   }
 
   /** A round failed: connect() rejects; a reconnect waits and tries again. */
@@ -701,91 +802,126 @@ export class RealtimeClient {
     const fatal = err.code === 4003 || (err.code === 4001 && (typeof this._tokenSource !== "function" || !reconnecting));
     if (!reconnecting || fatal) {
       err.fatal = true;
-      this._listen(false);
-      this._failConnect(err);
-      this._emit("error", err);
-      this._setState("closed");
+      this._stop(err, true);
       return;
     }
     this._emit("error", err);
     this._schedule();
   }
 
+  /** The client stops for good: every promise settles, the error is reported. */
+  _stop(err, report) {
+    this._closedByUser = true;
+    this._gen++;
+    this._stopLiveness();
+    this._listen(false);
+    clearTimeout(this._timer);
+    this._timer = null;
+    if (this._connectFailed) {
+      const fail = this._connectFailed;
+      this._connected = this._connectFailed = null;
+      this._connecting = null;
+      fail(err);
+    }
+    for (const w of this._subWaiters.splice(0)) w.reject(err);
+    this._rejectPending(err);
+    if (report) this._emit("error", err);
+    this._setState("closed");
+  }
+
+  _rejectPending(err) {
+    for (const [, p] of this._pending) { clearTimeout(p.timer); p.reject(err); }
+    this._pending.clear();
+  }
+
   /** Full-jitter exponential backoff, or the server's `reconnect.after_ms`. */
   _schedule() {
     clearTimeout(this._timer);
     let delay;
-    if (this._afterMs !== null) {
+    if (this._afterMs !== null && Date.now() - this._afterAt < 60000) {
       delay = this._afterMs;
-      this._afterMs = null;
     } else {
-      const cap = Math.min(BACKOFF_MAX_MS, BACKOFF_MIN_MS * 2 ** this._attempt);
+      const cap = Math.min(BACKOFF_MAX_MS, BACKOFF_MIN_MS * 2 ** Math.min(this._attempt, 16));
       delay = BACKOFF_MIN_MS + Math.random() * (cap - BACKOFF_MIN_MS);
     }
+    this._afterMs = null;
     this._attempt++;
     this._setState("reconnecting");
-    this._nextAt = Date.now() + delay;
     this._timer = setTimeout(() => this._round(true), delay);
   }
 
+  /** Reconnect now instead of after the backoff. */
+  _now() {
+    clearTimeout(this._timer);
+    this._timer = null;
+    this._round(true);
+  }
+
   /** A transport ended: while opening, the round goes on; once open, reconnect. */
-  _ended(t, code, reason) {
+  _ended(t, code, reason, session = false) {
     clearTimeout(t._silence);
     const o = this._opening;
     if (o && o.t === t) {
       this._opening = null;
-      o.resolve(new RealtimeError(reason || "closed", code));
+      const e = new RealtimeError(reason || "closed", code);
+      e.session = session;
+      o.resolve(e);
       return;
     }
     if (t !== this._t || this._closedByUser) return;
     this._t = null;
     this._stopLiveness();
-    if (code === 4404 || code === 4410) this._forgetSession();
+    this._rejectPending(new RealtimeError("the connection closed", code));
+    if (Date.now() - this._openedAt > STABLE_MS) this._attempt = 0;   // a stable link: backoff starts over
+    if (code === 4404 || code === 4410 || (code === 4003 && session)) this._forgetSession();
+    else if (code === 4003) {
+      this._stop(new RealtimeError(reason || "forbidden (4003)", 4003, true), true);
+      return;
+    }
     if (code === 4001) {
       if (typeof this._tokenSource !== "function") {
-        const err = new RealtimeError("the token was refused or expired (4001)", 4001, true);
-        this._listen(false);
-        this._emit("error", err);
-        this._setState("closed");
+        this._stop(new RealtimeError("the token was refused or expired (4001)", 4001, true), true);
         return;
       }
       this._needFreshToken = true;   // fetched before reconnecting
     }
-    if (code === 4003) {
-      const err = new RealtimeError(reason || "forbidden (4003)", 4003, true);
-      this._listen(false);
-      this._emit("error", err);
-      this._setState("closed");
-      return;
-    }
-    if (code === 1013 || code === 4009) this._attempt = Math.max(this._attempt, 1);
     this._schedule();
   }
 
   _forgetSession() {
     this.session = null;
-    this._sseId = null;
-    this._pollSession = null;
-    this._cursor = 0;
-    this._subDirty = !!this._subscription;
+    this._reader = { transport: null, session: null, position: null };
+    this._subAcked = 0;   // a new session has none of it
+    this._vpAcked = 0;
   }
 
-  /** Reconnect now (network back, tab visible after a sleep), or probe an open link. */
+  /** Where a transport reads a session from: only its own position counts. */
+  _readerPosition(transport, session) {
+    const r = this._reader;
+    return r.transport === transport && r.session === session ? r.position : null;
+  }
+
+  _readAt(transport, session, position) {
+    this._reader = { transport, session, position };
+  }
+
+  /** Network back, or the tab visible again: reconnect now, or check the open link. */
   _wake(why) {
     if (this._closedByUser || this.state === "closed" || this.state === "connecting") return;
-    if (this.state === "reconnecting" && this._timer !== null) {
-      clearTimeout(this._timer);
-      this._timer = null;
-      this._attempt = 0;
-      this._round(true);
-    } else if (this.state === "connected") {
+    if (this.state === "reconnecting") {
+      if (this._timer !== null) { this._attempt = 0; this._now(); }
+    } else if (this.state === "connected" && this._t) {
       this._lastRx = performance.now();
-      this._probe();
+      // after a network change or a sleep the old TCP connection is likely
+      // dead without knowing it: SSE opens a new stream (it goes on from the
+      // last batch), polling polls again, WebSocket sends a ping
+      if (why === "visible" && this._t.name === "sse") return;
+      this._t.wake();
     }
   }
 
   _listen(on) {
-    if (typeof window === "undefined") return;
+    if (typeof window === "undefined" || typeof document === "undefined") return;
     const f = on ? "addEventListener" : "removeEventListener";
     window[f]("online", this._onOnline);
     document[f]("visibilitychange", this._onVisible);
@@ -793,56 +929,87 @@ export class RealtimeClient {
 
   // -- liveness -------------------------------------------------------------
 
-  _alive() { this._lastRx = performance.now(); }
+  _alive(t) { if (t === this._t) this._lastRx = performance.now(); }
 
   _startLiveness() {
     this._stopLiveness();
     this._lastRx = performance.now();
     this._lastTick = Date.now();
     this._probeAt = null;
+    this._rttAt = 0;
     this._live = setInterval(() => this._checkLiveness(), 1000);
-    this._probe();   // a first round-trip time for the badge
+    this._measure();
   }
 
   _stopLiveness() {
     clearInterval(this._live);
     this._live = null;
+    this._probeAt = null;
   }
 
+  /** WebSocket only: a `ping` whose answer (any byte) must come within 5 s. */
   _probe() {
-    if (!this._t) return;
+    if (!this._t || this._t.name !== "websocket") return;
     this._probeAt = performance.now();
     this._t.probe();
   }
 
+  /** The round trip for the badge: `ping` on WebSocket, a health check over HTTP. */
+  _measure() {
+    this._rttAt = performance.now();
+    if (!this._t) return;
+    if (this._t.name === "websocket") this._probe();
+    else this._t.rtt();
+  }
+
   _checkLiveness() {
+    const t = this._t;
+    if (!t) return;
     const now = performance.now();
     const wall = Date.now();
     const late = wall - this._lastTick > SILENT_MS;
     this._lastTick = wall;
     if (late) {
       // the timer could not run (sleep, a throttled background tab): the
-      // silence is ours, not the server's; re-arm and ask again
+      // silence is ours, not the server's; re-arm and check the link
       this._lastRx = now;
-      this._probe();
+      this._probeAt = null;
+      if (t.name === "websocket") this._probe();
       return;
     }
-    if (this._probeAt !== null && this._lastRx >= this._probeAt) this._probeAt = null;
+    if (now - this._rttAt > RTT_EVERY_MS && t.name !== "websocket") this._measure();
     const idle = now - this._lastRx;
-    if (this._probeAt !== null && now - this._probeAt > PROBE_WAIT_MS && idle > PROBE_WAIT_MS) {
-      const t = this._t;
-      if (t) {
-        t.close();
-        this._ended(t, 1006, "no answer for " + Math.round(idle / 1000) + " s");
+    if (t.name === "websocket") {
+      if (this._probeAt !== null && this._lastRx >= this._probeAt) this._probeAt = null;
+      if (this._probeAt !== null && now - this._probeAt > PROBE_WAIT_MS) {
+        return this._dead(t, idle);
       }
-      return;
+      if (this._probeAt === null && idle > PROBE_AFTER_MS) this._probe();
+    } else if (t.name === "sse") {
+      // the server writes a keep-alive comment at least this often (docs/protocol.md)
+      const every = Math.min(this._heartbeatMs, 15000);
+      if (idle > every + 2 * PROBE_WAIT_MS) this._dead(t, idle);
     }
-    const every = this._t && this._t.name === "sse" ? Math.min(this._heartbeatMs, 15000) + PROBE_WAIT_MS
-      : PROBE_AFTER_MS;
-    if (this._probeAt === null && idle > every) this._probe();
+    // polling: each poll has its own deadline (its timeout + 10 s)
   }
 
-  // -- messages -------------------------------------------------------------
+  _dead(t, idle) {
+    t.close();
+    this._ended(t, 1006, "nothing received for " + Math.round(idle / 1000) + " s");
+  }
+
+  // -- the subscription -------------------------------------------------------
+
+  _setSubscription(spec) {
+    const { filters, geographic, vehicles, groups } = spec || {};
+    const sub = {};
+    if (vehicles) sub.vehicles = vehicles;
+    if (groups) sub.groups = groups;
+    if (geographic) sub.geographic = geographic;
+    if (filters) sub.filters = filters;
+    this._subscription = sub;
+    this._subVersion++;
+  }
 
   _subscribeMessage() {
     const s = this._subscription || {};
@@ -851,15 +1018,63 @@ export class RealtimeClient {
     if (s.groups) msg.subscriptions.groups = s.groups;
     if (s.geographic) msg.subscriptions.geographic = s.geographic;
     if (s.filters) msg.filters = s.filters;
+    msg.id = "rt-sub-" + this._subVersion + "-" + this._vpVersion;
     return msg;
   }
 
-  _sendSubscription() {
-    this._subDirty = false;
-    const msg = this._subscribeMessage();
-    msg.id = "rt-sub-" + (++this._reqId);
-    this._t.subscribe(msg);
+  _sendViewport() {
+    const g = this._subscription && this._subscription.geographic;
+    if (!g || !this._t) return;
+    if (this._subAcked < this._subVersion) return this._t.subscribe(this._subscribeMessage());
+    if (this._t.name === "websocket") {
+      this._t.viewport({ type: "viewport", bounds: g.bounds, zoom: g.zoom, id: "rt-vp-" + this._vpVersion });
+    } else {
+      this._t.viewport(this._subscribeMessage());   // a PUT of the whole subscription: the server sends the difference
+    }
   }
+
+  /** After a welcome: send what the server does not have of the subscription. */
+  _syncSubscription(t) {
+    if (t !== this._t || !this._subscription) return;
+    if (this._subAcked < this._subVersion) {
+      t.subscribe(this._subscribeMessage());
+    } else if (this.resumed && this._subscription.geographic && !(this._welcome && this._welcome.continued)) {
+      // the stored session may hold an older viewport (a viewport in flight
+      // when the link died): sending it again costs only the difference
+      this._sendViewport();
+    }
+  }
+
+  /** `rt-sub-<sub>-<vp>` or `rt-vp-<vp>`: the versions a reply confirms. */
+  _versions(id) {
+    const m = /^rt-(sub|vp)-(\d+)(?:-(\d+))?$/.exec(String(id));
+    if (!m) return null;
+    return m[1] === "sub" ? { sub: Number(m[2]), vp: Number(m[3]) } : { sub: null, vp: Number(m[2]) };
+  }
+
+  _subscriptionApplied(id, reply) {
+    const v = this._versions(id);
+    if (!v) return;
+    if (v.sub !== null) this._subAcked = Math.max(this._subAcked, v.sub);
+    this._vpAcked = Math.max(this._vpAcked, v.vp);
+    if (reply === undefined) return;
+    const done = this._subWaiters.filter((w) => w.version <= this._subAcked);
+    this._subWaiters = this._subWaiters.filter((w) => w.version > this._subAcked);
+    for (const w of done) w.resolve(reply);
+  }
+
+  /** The server refused a subscription: its promises fail, and it is not sent again. */
+  _subscriptionRefused(id, err) {
+    const v = this._versions(id);
+    if (!v || v.sub === null) return;
+    this._subAcked = Math.max(this._subAcked, v.sub);
+    const failed = this._subWaiters.filter((w) => w.version <= v.sub);
+    this._subWaiters = this._subWaiters.filter((w) => w.version > v.sub);
+    for (const w of failed) w.reject(err);
+    if (!failed.length) this._emit("error", err);
+  }
+
+  // -- messages -------------------------------------------------------------
 
   /** Every server message of every transport comes through here. */
   _message(t, m) {
@@ -867,13 +1082,15 @@ export class RealtimeClient {
     this._emit("message", m);
     switch (m.type) {
       case "batch":
-        this._batch(m.messages || []);
+        if (m.id !== undefined) this._subscriptionApplied(m.id);   // a viewport's reply
+        this._batch(Array.isArray(m.messages) ? m.messages : []);
         break;
       case "welcome":
         this._onWelcome(t, m);
         break;
       case "subscribed":
-        for (const w of this._subWaiters.splice(0)) w.resolve(m);
+        if (m.id !== undefined && this._versions(m.id)) this._subscriptionApplied(m.id, m);
+        else if (this._subWaiters.length && t.madeSession) this._subscriptionApplied("rt-sub-" + this._subAcked + "-0", m);
         break;
       case "pong":
         if (this._pingSent !== null) {
@@ -886,14 +1103,13 @@ export class RealtimeClient {
         this._refreshToken(t);
         break;
       case "reconnect":
-        if (typeof m.after_ms === "number" && m.after_ms >= 0) this._afterMs = Math.min(m.after_ms, 600000);
+        if (typeof m.after_ms === "number" && m.after_ms >= 0) {
+          this._afterMs = Math.min(m.after_ms, 600000);
+          this._afterAt = Date.now();
+        }
         break;
       case "error":
         this._onError(m);
-        break;
-      case "vehicle_update":
-      case "refreshed":
-      case "unsubscribed":
         break;
       default:
         break;
@@ -911,101 +1127,129 @@ export class RealtimeClient {
     this._welcome = m;
     this.recovered = !!m.recovered;
     this.resumed = !!m.resumed;
-    if (typeof m.heartbeat_s === "number") this._heartbeatMs = m.heartbeat_s * 1000;
-    if (m.session && m.session !== this.session) {
-      this.session = m.session;
+    if (typeof m.heartbeat_s === "number" && m.heartbeat_s > 0) this._heartbeatMs = m.heartbeat_s * 1000;
+    if (typeof m.session === "string" && m.session) this.session = m.session;
+    // a client that has had no event yet resumes from where the log stood when
+    // it joined; not on a resume, whose replay may still be on its way
+    if (!this.lastEvent && !m.resumed && typeof m.last_event === "string" && RESUMABLE_EID.test(m.last_event)) {
+      this.lastEvent = m.last_event;
     }
-    // a client that has had no event yet resumes from where the log stood when it joined
-    if (!this.lastEvent && m.last_event) this.lastEvent = m.last_event;
+    if (!m.resumed && !t.madeSession) { this._subAcked = 0; this._vpAcked = 0; }   // a new session has nothing
+    // a subscription confirmed by a PUT whose `subscribed` never came: asked again
+    if (this._subWaiters.length && !t.madeSession) {
+      this._subAcked = Math.min(this._subAcked, this._subWaiters[0].version - 1);
+    }
     if (!m.continued) this._reset();   // a new copy: the full state follows
-    // a new session has no subscription unless it was made with ours
-    if (!m.resumed && this._subscription && !t.madeSession) this._subDirty = true;
     this._emit("welcome", m);
-    this._opened(t);
+    if (this._opening && this._opening.t === t) this._opened(t);
+    else if (t === this._t && !m.continued) this._syncSubscription(t);   // a new copy of an open HTTP session
   }
 
   /** The server sends the full state after a welcome: what was shown before is gone. */
   _reset() {
-    this.clusters = null;
-    if (!this.vehicles.size) return;
     const ids = [...this.vehicles.keys()];
     this.vehicles.clear();
     for (const id of ids) this._emit("leave", id, "reset");
+    if (this.clusters) {
+      this.clusters = null;
+      this._emit("clusters", { t: "clusters", z: null, cells: [] });
+    }
   }
 
   _onError(m) {
     const err = new RealtimeError(m.message || m.code, m.code);
-    if (m.id !== undefined && String(m.id).startsWith("rt-sub-")) {
-      for (const w of this._subWaiters.splice(0)) w.reject(err);
+    if (m.id !== undefined && this._versions(m.id) && this._versions(m.id).sub !== null) {
+      this._subscriptionRefused(m.id, err);
+      return;
     }
     if (m.id === undefined || !this._pending.has(m.id)) this._emit("error", err);
   }
 
-  async _refreshToken(t) {
+  /** token_expiring: a new token from the function, at most every 5 s. */
+  _refreshToken(t) {
     if (typeof this._tokenSource !== "function") return;   // it will close with 4001 at exp
-    try {
-      const old = this._token;
-      this._needFreshToken = true;
-      const token = await this._currentToken();
+    const wait = this._lastRefresh + REFRESH_GAP_MS - Date.now();
+    if (wait > 0) {
+      if (this._refreshTimer === null) {
+        this._refreshTimer = setTimeout(() => { this._refreshTimer = null; this._refreshToken(this._t); }, wait);
+      }
+      return;
+    }
+    this._lastRefresh = Date.now();
+    const old = this._token;
+    this._needFreshToken = true;
+    this._currentToken().then((token) => {
       // the same token again would only be warned about again: wait for the
       // 4001 at its exp, which asks the function once more before reconnecting
-      if (this._t === t && token !== old) t.refresh(token);
-    } catch (e) {
+      if (t && t === this._t && token !== old) t.refresh(token);
+    }, (e) => {
       this._emit("error", new RealtimeError("the token function failed: " + (e && e.message), 0));
-    }
+    });
   }
 
   _batch(messages) {
-    const vs = this.vehicles;
     for (const m of messages) {
-      switch (m.t) {
-        case "full": {
-          const v = { id: m.v, lat: m.p ? m.p[0] : null, lon: m.p ? m.p[1] : null, speed: m.s, course: m.c,
-            status: m.st, vehicle_type: m.vt, ts: m.ts, alerts: m.al || [], driver: m.dr ?? null,
-            assignment: m.as ?? null };
-          if (this.clusters) this.clusters = null;
-          vs.set(m.v, v);
-          this._emit("vehicle", v, "full");
-          break;
-        }
-        case "pos": {
-          const v = vs.get(m.v);
-          if (!v) break;
-          if (m.p) { v.lat = m.p[0]; v.lon = m.p[1]; }
-          if (m.s !== undefined) v.speed = m.s;
-          if (m.c !== undefined) v.course = m.c;
-          if (m.ts !== undefined) v.ts = m.ts;
-          this._emit("vehicle", v, "pos");
-          break;
-        }
-        case "delta": {
-          const v = vs.get(m.v);
-          if (!v) break;
-          for (const [k, val] of Object.entries(m.ch || {})) {
-            if (k === "p") { v.lat = val[0]; v.lon = val[1]; }
-            else v[LONG[k] || k] = k === "al" ? (val || []) : val;
-          }
-          if (m.ts !== undefined) v.ts = m.ts;
-          this._emit("vehicle", v, "delta");
-          break;
-        }
-        case "leave":
-          if (vs.delete(m.v)) this._emit("leave", m.v, m.r);
-          break;
-        case "event":
-          this._event(m);
-          break;
-        case "clusters": {
-          const ids = [...vs.keys()];
-          vs.clear();
-          for (const id of ids) this._emit("leave", id, "clusters");
-          this.clusters = m;
-          this._emit("clusters", m);
-          break;
-        }
-        default:
-          break;
+      try {
+        this._apply(m);
+      } catch (e) {   // one malformed message does not cost the rest of the batch
+        this._emit("error", new RealtimeError("a message could not be applied: " + e.message, 0));
       }
+    }
+  }
+
+  _apply(m) {
+    if (!m || typeof m !== "object") return;
+    const vs = this.vehicles;
+    switch (m.t) {
+      case "full": {
+        const p = Array.isArray(m.p) ? m.p : [null, null];
+        const v = { id: m.v, lat: p[0], lon: p[1], speed: m.s ?? null, course: m.c ?? null,
+          status: m.st ?? null, vehicle_type: m.vt ?? null, ts: m.ts ?? null,
+          alerts: Array.isArray(m.al) ? m.al : [], driver: m.dr ?? null, assignment: m.as ?? null };
+        vs.set(m.v, v);
+        this._emit("vehicle", v, "full");
+        break;
+      }
+      case "pos": {
+        const v = vs.get(m.v);
+        if (!v) break;
+        if (Array.isArray(m.p)) { v.lat = m.p[0]; v.lon = m.p[1]; }
+        if (m.s !== undefined) v.speed = m.s;
+        if (m.c !== undefined) v.course = m.c;
+        if (m.ts !== undefined) v.ts = m.ts;
+        this._emit("vehicle", v, "pos");
+        break;
+      }
+      case "delta": {
+        const v = vs.get(m.v);
+        if (!v) break;
+        const ch = m.ch && typeof m.ch === "object" ? m.ch : {};
+        for (const [k, val] of Object.entries(ch)) {
+          if (k === "p") { if (Array.isArray(val)) { v.lat = val[0]; v.lon = val[1]; } }
+          else if (k === "al") v.alerts = Array.isArray(val) ? val : [];
+          else if (k !== "v" && k !== "id") v[LONG[k] || k] = val;
+        }
+        if (m.ts !== undefined) v.ts = m.ts;
+        this._emit("vehicle", v, "delta");
+        break;
+      }
+      case "leave":
+        if (vs.delete(m.v)) this._emit("leave", m.v, m.r);
+        break;
+      case "event":
+        this._event(m);
+        break;
+      case "clusters": {
+        const ids = [...vs.keys()];
+        vs.clear();
+        for (const id of ids) this._emit("leave", id, "clusters");
+        const cells = Array.isArray(m.cells) ? m.cells : [];
+        this.clusters = cells.length ? m : null;   // an empty one ends the clustered view
+        this._emit("clusters", m);
+        break;
+      }
+      default:
+        break;
     }
   }
 
@@ -1017,7 +1261,9 @@ export class RealtimeClient {
       this._seen.add(eid);
       this._seenOrder.push(eid);
       if (this._seenOrder.length > SEEN_EIDS) this._seen.delete(this._seenOrder.shift());
-      if (!this.lastEvent || eidAfter(eid, this.lastEvent)) this.lastEvent = String(eid);
+      if (RESUMABLE_EID.test(String(eid)) && (!this.lastEvent || eidAfter(eid, this.lastEvent))) {
+        this.lastEvent = String(eid);
+      }
     }
     this._emit("event", m);
   }

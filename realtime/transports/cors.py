@@ -1,0 +1,58 @@
+"""Cross-origin access to the HTTP transports (PROTOCOL §8: the browser
+library may be used from a page on another origin than the server).
+
+The API authenticates with a Bearer token, never with cookies, so answering
+CORS opens nothing a page could not already do with the token it holds:
+credentials are not allowed, and the origins are those of --allowed-origins
+(any, unless it is set), as for WebSockets.
+"""
+from __future__ import annotations
+
+from aiohttp import web
+
+from .websocket import _origin_allowed
+
+# what a page may reach from another origin: the session API, SSE, polling,
+# the long form of a vehicle, the health check the library times, and the
+# library itself (module scripts are fetched in CORS mode)
+PREFIXES = ("/api/realtime/", "/api/vehicles/", "/health/live", "/static/")
+ALLOW_HEADERS = "Authorization, Content-Type, Last-Event-ID"
+ALLOW_METHODS = "GET, POST, PUT, DELETE"
+EXPOSE_HEADERS = "Retry-After, WWW-Authenticate"
+
+
+def _headers(origin: str) -> dict:
+    return {"Access-Control-Allow-Origin": origin, "Vary": "Origin",
+            "Access-Control-Expose-Headers": EXPOSE_HEADERS}
+
+
+@web.middleware
+async def cors(request: web.Request, handler):
+    origin = request.headers.get("Origin")
+    if origin is None or not request.path.startswith(PREFIXES):
+        return await handler(request)
+    allowed = _origin_allowed(request, request.app["settings"].allowed_origins)
+    if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
+        if not allowed:
+            return web.Response(status=403, text="origin not allowed")
+        return web.Response(status=204, headers={
+            **_headers(origin), "Access-Control-Allow-Methods": ALLOW_METHODS,
+            "Access-Control-Allow-Headers": ALLOW_HEADERS, "Access-Control-Max-Age": "600"})
+    if not allowed:
+        return await handler(request)   # answered without CORS headers: the browser refuses it
+    try:
+        resp = await handler(request)
+    except web.HTTPException as e:   # raised answers (404, 405, …) carry the headers too
+        e.headers.update(_headers(origin))
+        raise
+    if not resp.prepared:   # a stream (SSE) sets them before it starts (see sse.py)
+        resp.headers.update(_headers(origin))
+    return resp
+
+
+def headers_for(request: web.Request) -> dict:
+    """The CORS headers a streamed answer must carry before prepare()."""
+    origin = request.headers.get("Origin")
+    if origin is None or not _origin_allowed(request, request.app["settings"].allowed_origins):
+        return {}
+    return _headers(origin)
