@@ -140,8 +140,8 @@ def test_the_library_over_each_transport(page, server, uid, transport, fmt):
     assert vehicle(page, vid)["alerts"] == ["panic_button"]
     assert log["states"][:2] == ["connecting", "connected"] and log["errors"] == [], log
     assert page.evaluate("c.transport") == transport
-    remembered = page.evaluate("JSON.parse(localStorage.getItem('realtime.transport:' + c.url))")
-    assert remembered["transport"] == transport and remembered["expires"] > time.time() * 1000 + 25 * 60 * 1000
+    # nothing failed (a transport the browser lacks is skipped at once): nothing to remember
+    assert page.evaluate("localStorage.getItem('realtime.transport:' + c.url)") is None
     # leave: the subscription no longer names it
     page.evaluate("c.subscribe({vehicles: ['nothing-here']})")
     wait(page, f"!c.vehicles.has({json.dumps(vid)})", what="the leave")
@@ -167,22 +167,73 @@ def test_the_library_from_a_page_on_another_origin(page, server, uid, transport)
     page.evaluate("c.close()")
 
 
-def test_a_missing_transport_is_skipped_and_the_remembered_one_goes_first(page, server, uid):
-    """WebSocket missing: SSE. A transport that worked is tried first on the next
-    page load (localStorage), and a refused token rejects connect() at once."""
-    without(page, "WebSocket")
-    r = start(page, server.url, token(), {"vehicles": [uid + "v"]}, transports=["websocket", "poll", "sse"])
-    assert r["transport"] == "poll", r
+# A WebSocket that a proxy swallows: it never opens, and never closes.
+SILENT_WEBSOCKET = """window.WebSocket = class { constructor() { this.readyState = 0; }
+  send() {} close() {} };"""
+
+
+def test_a_silent_transport_fails_after_5_s_and_the_fallback_is_remembered(page, server, uid):
+    """A WebSocket that never answers counts as failed after 5 s; SSE takes
+    over and is remembered (localStorage, 30 minutes), so the next page load
+    starts with it. A refused token rejects connect() at once."""
+    page.add_init_script(SILENT_WEBSOCKET)
+    t0 = time.monotonic()
+    r = start(page, server.url, token(), {"vehicles": [uid + "v"]})
+    took = time.monotonic() - t0
+    assert r["transport"] == "sse" and 4.5 < took < 12, (r, took)
+    remembered = page.evaluate("JSON.parse(localStorage.getItem('realtime.transport:' + c.url))")
+    assert remembered["transport"] == "sse"
+    assert 25 * 60 * 1000 < remembered["expires"] - time.time() * 1000 <= 30 * 60 * 1000
     page.evaluate("c.close()")
-    # a page load later: the remembered one first, although SSE comes first in the list
+    # a page load later: the remembered one first, without the 5 s wait
     page.goto("about:blank")
-    r = start(page, server.url, token(), None, transports=["sse", "poll", "websocket"])
-    assert r["transport"] == "poll", r
+    t0 = time.monotonic()
+    r = start(page, server.url, token(), None)
+    assert r["transport"] == "sse" and time.monotonic() - t0 < 4, r
     page.evaluate("c.close()")
     t0 = time.monotonic()
     r = start(page, server.url, token(secret="wrong"), None)
-    assert r["error"][0] == 4001 and time.monotonic() - t0 < 5, r
+    assert r["error"][0] == 4001 and time.monotonic() - t0 < 4, r
     assert page.evaluate("c.state") == "closed"
+
+
+def test_backoff_has_full_jitter_and_online_reconnects_at_once(page, uid):
+    """Delays between attempts are drawn between 0.5 s and min(20 s, 0.5 s x 2^n);
+    the browser's `online` event tries at once instead of waiting; the server
+    back on its port is found by itself."""
+    s = Server("--simulate", "0", "--tick-ms", "20")
+    s2 = None
+    try:
+        vid = uid + "v"
+        ingest(s, [update(vid)])
+        assert start(page, s.url, token(), {"vehicles": [vid]})["transport"] == "websocket"
+        page.evaluate("log.retries = []; c.on('retry', (r) => log.retries.push({...r, at: Date.now()}))")
+        s.proc.send_signal(signal.SIGKILL)   # a crash: no `reconnect` message
+        s.proc.wait(10)
+        s.log.close()
+        wait(page, "log.retries.some(r => r.delay >= 2500)", timeout=60, what="a long backoff")
+        retries = page.evaluate("log.retries")
+        for r in retries:
+            assert 500 <= r["delay"] <= min(20000, 500 * 2 ** r["attempt"]), retries
+        assert [r["attempt"] for r in retries] == list(range(len(retries))), retries
+        # while that long wait runs, the network comes back: an attempt at once
+        n = len(page.evaluate("log.errorTimes"))
+        t0 = page.evaluate("Date.now()")
+        page.evaluate("window.dispatchEvent(new Event('online'))")
+        wait(page, f"log.errorTimes.length > {n}", timeout=2, what="an attempt right after `online`")
+        last = page.evaluate("log.retries[log.retries.length - 1]")
+        tried = page.evaluate(f"log.errorTimes[{n}]")
+        assert tried - t0 < 1000, (tried - t0, last)
+        s2 = Server("--simulate", "0", "--tick-ms", "20", port=s.port)
+        ingest(s2, [update(vid, lat=55.8)])
+        wait(page, f"c.state === 'connected' && c.vehicles.get({json.dumps(vid)}) && "
+                   f"c.vehicles.get({json.dumps(vid)}).lat > 55.79", timeout=30, what="back on the restarted server")
+        page.evaluate("c.close()")
+    finally:
+        if s2 is not None:
+            s2.stop()
+        elif s.proc.poll() is None:
+            s.stop()
 
 
 def _in_event_log(r, needle, timeout=20.0):
@@ -271,10 +322,11 @@ def test_token_refresh_through_the_token_function(page, uid, transport):
         log = page.evaluate("log")
         assert log["states"] == ["connecting", "connected"], log
         assert log["errors"] == [], log
-        # SSE renews with a new stream that goes on from the last batch (`continued`):
-        # no snapshot, no reconnect; the others refresh on the connection they have
+        # SSE renews with a new stream of the same session (`continued` from the last
+        # batch, or a new copy when none was read yet): no reconnect; the others
+        # refresh on the connection they have
         assert len(log["welcomes"]) == (2 if transport == "sse" else 1), log
-        assert all(w.get("continued") is True for w in log["welcomes"][1:]), log
+        assert all(w["session"] == res["session"] and w["resumed"] for w in log["welcomes"][1:]), log
         page.evaluate("c.close()")
     finally:
         s.stop()

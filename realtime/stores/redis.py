@@ -224,9 +224,13 @@ class RedisStores:
         # a last write so that nothing applied here is missing from the snapshot
         try:
             if self.leader:
-                for t in self._tasks:   # the writer loop must not take the lease back
-                    if t.get_name() == "redis-writer":
-                        t.cancel()
+                # the writer loop must not take the lease back, and a write it
+                # was in the middle of puts its rows back before the last one
+                writers = {t for t in self._tasks if t.get_name() == "redis-writer"}
+                for t in writers:
+                    t.cancel()
+                if writers:
+                    await asyncio.wait(writers, timeout=1)
                 await asyncio.wait_for(self._write_changed(), 2)
                 # a survivor takes over the writing now, not when the lease
                 # runs out: what reaches it meanwhile would be missing from

@@ -22,31 +22,49 @@ EXPOSE_HEADERS = "Retry-After, WWW-Authenticate"
 
 
 def _headers(origin: str) -> dict:
-    return {"Access-Control-Allow-Origin": origin, "Vary": "Origin",
-            "Access-Control-Expose-Headers": EXPOSE_HEADERS}
+    return {"Access-Control-Allow-Origin": origin, "Access-Control-Expose-Headers": EXPOSE_HEADERS}
+
+
+def _vary(resp) -> None:
+    """Caches keep answers apart by Origin (merged with any Vary already set)."""
+    have = resp.headers.get("Vary")
+    if not have:
+        resp.headers["Vary"] = "Origin"
+    elif "origin" not in have.lower():
+        resp.headers["Vary"] = have + ", Origin"
 
 
 @web.middleware
 async def cors(request: web.Request, handler):
-    origin = request.headers.get("Origin")
-    if origin is None or not request.path.startswith(PREFIXES):
+    if not request.path.startswith(PREFIXES):
         return await handler(request)
+    origin = request.headers.get("Origin")
+    if origin is None:
+        resp = await handler(request)
+        if not resp.prepared:
+            _vary(resp)
+        return resp
     allowed = _origin_allowed(request, request.app["settings"].allowed_origins)
     if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
         if not allowed:
             return web.Response(status=403, text="origin not allowed")
         return web.Response(status=204, headers={
-            **_headers(origin), "Access-Control-Allow-Methods": ALLOW_METHODS,
+            **_headers(origin), "Vary": "Origin", "Access-Control-Allow-Methods": ALLOW_METHODS,
             "Access-Control-Allow-Headers": ALLOW_HEADERS, "Access-Control-Max-Age": "600"})
-    if not allowed:
-        return await handler(request)   # answered without CORS headers: the browser refuses it
+    if not allowed:   # answered without CORS headers: the browser refuses it
+        resp = await handler(request)
+        if not resp.prepared:
+            _vary(resp)
+        return resp
     try:
         resp = await handler(request)
     except web.HTTPException as e:   # raised answers (404, 405, …) carry the headers too
         e.headers.update(_headers(origin))
+        _vary(e)
         raise
     if not resp.prepared:   # a stream (SSE) sets them before it starts (see sse.py)
         resp.headers.update(_headers(origin))
+        _vary(resp)
     return resp
 
 
@@ -54,5 +72,5 @@ def headers_for(request: web.Request) -> dict:
     """The CORS headers a streamed answer must carry before prepare()."""
     origin = request.headers.get("Origin")
     if origin is None or not _origin_allowed(request, request.app["settings"].allowed_origins):
-        return {}
-    return _headers(origin)
+        return {"Vary": "Origin"}
+    return {**_headers(origin), "Vary": "Origin"}

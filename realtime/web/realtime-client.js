@@ -166,6 +166,7 @@ class HttpTransport {
       }
       if (r.status !== 201) throw await httpError(r);
       c.session = (await r.json()).session;
+      c._unread = c.session;   // read from its first message by whichever transport comes next
       this.madeSession = true;
       if (sent) c._subscriptionApplied(sent.id);
       return c.session;
@@ -205,7 +206,9 @@ class HttpTransport {
         }
       }
     } catch (e) {
-      // aborted or the network failed: the subscription is sent again on the next welcome
+      // the network failed: again after a pause while this transport lasts, else
+      // after the next welcome (what the server has not confirmed is sent again)
+      if (!this.done) setTimeout(() => { if (!this.done && !this.next) c._syncSubscription(this); }, 1000 + Math.random() * 1000);
     } finally {
       this.putting = false;
     }
@@ -367,13 +370,14 @@ class PollTransport extends HttpTransport {
       let cursor = c._readerPosition("poll", sid);
       // a session this transport did not read: cursor 1 is older than any
       // copy, so the server starts a new copy (welcome, full state, missed events)
-      if (cursor === null) cursor = this.madeSession ? 0 : 1;
+      if (cursor === null) cursor = c._unread === sid ? 0 : 1;
       while (!this.done) {
         // the first poll answers at once: it is how this transport shows it works
         const q = new URLSearchParams({ session: sid, cursor: String(cursor),
           timeout: String(first ? 0 : POLL_TIMEOUT_S) });
         if (c.lastEvent) q.set("last_event", c.lastEvent);
         this.wait = new AbortController();
+        this.kicked = false;
         const stop = () => this.wait.abort();
         this.abort.signal.addEventListener("abort", stop);
         const timer = setTimeout(stop, (POLL_TIMEOUT_S + 10) * 1000);
@@ -496,6 +500,8 @@ export class RealtimeClient {
     this._subVersion = 0; this._subAcked = 0;
     this._vpVersion = 0; this._vpAcked = 0;
     this._subWaiters = [];       // {version, resolve, reject}: subscribe() promises
+    this._specs = new Map();     // version → spec, while unconfirmed
+    this._accepted = null;       // the last spec the server took
     if (options.subscription) this._setSubscription(options.subscription);
     this._gen = 0;               // connection attempts of older generations are closed
     this._t = null;              // the transport in use
@@ -533,7 +539,8 @@ export class RealtimeClient {
 
   /**
    * Listens to "state", "vehicle", "leave", "event", "clusters", "error" (and
-   * "welcome", "rtt", "message" for every server message).
+   * "welcome", "rtt", "retry" {delay, attempt} before each reconnect attempt,
+   * "message" for every server message).
    * @param {string} type @param {Function} fn @returns {this}
    */
   on(type, fn) {
@@ -601,7 +608,8 @@ export class RealtimeClient {
     const before = this._subscription;
     this._setSubscription(spec);
     const msg = this._subscribeMessage();
-    if (JSON.stringify(msg).length > MAX_MESSAGE_BYTES) {
+    if (new TextEncoder().encode(JSON.stringify(msg)).length > MAX_MESSAGE_BYTES) {
+      this._specs.delete(this._subVersion);
       this._subscription = before;   // the server would close the connection (1009): keep the old one
       this._subVersion--;
       return Promise.reject(new RealtimeError("the subscription is over 60 KiB", "too_large"));
@@ -652,6 +660,7 @@ export class RealtimeClient {
     clearTimeout(this._timer);
     this._timer = null;
     clearTimeout(this._refreshTimer);
+    this._refreshTimer = null;
     this._stopLiveness();
     this._listen(false);
     const t = this._t;
@@ -662,13 +671,13 @@ export class RealtimeClient {
       o.t.close();
       o.resolve(new RealtimeError("closed", 1000, true));
     }
-    if (t) {
-      t.close();
-      if (t.name !== "websocket" && this.session && this._token) {
-        fetch(this._httpBase() + "/api/realtime/session/" + encodeURIComponent(this.session), {
-          method: "DELETE", headers: { Authorization: "Bearer " + this._token }, keepalive: true,
-        }).catch(() => {});
-      }
+    if (t) t.close();
+    if (this.transport && this.transport !== "websocket" && this.session && this._token) {
+      // an HTTP session would otherwise wait for its idle timeout (2 minutes)
+      fetch(this._httpBase() + "/api/realtime/session/" + encodeURIComponent(this.session), {
+        method: "DELETE", headers: { Authorization: "Bearer " + this._token }, keepalive: true,
+      }).catch(() => {});
+      this._forgetSession();
     }
     this._stop(new RealtimeError("closed", 1000, true), false);
   }
@@ -687,9 +696,20 @@ export class RealtimeClient {
     return null;
   }
 
-  /** What worked, for 30 minutes from when it first worked: then the configured order is tried again. */
-  _rememberTransport(name) {
-    if (!this._remember || this._remembered() === name) return;
+  /**
+   * A fallback that worked after a transport before it failed, for 30 minutes
+   * from when it first worked: then the configured order is tried again.
+   * WebSocket working forgets it. (A client configured with a shorter list
+   * remembers nothing by itself: other clients of the page keep their order.)
+   */
+  _rememberTransport(name, fellBack) {
+    if (!this._remember) return;
+    if (name === "websocket") {
+      this._memo = null;
+      try { localStorage.removeItem(this._storageKey()); } catch (e) { /* no storage */ }
+      return;
+    }
+    if (!fellBack || this._remembered() === name) return;
     this._memo = { transport: name, expires: Date.now() + REMEMBER_MS };
     try { localStorage.setItem(this._storageKey(), JSON.stringify(this._memo)); } catch (e) { /* no storage */ }
   }
@@ -718,6 +738,8 @@ export class RealtimeClient {
     this._timer = null;
     const stale = () => gen !== this._gen || this._closedByUser;
     let last = new RealtimeError("no transport available in this browser: " + this.transports.join(", "), 0);
+    this._fellBack = false;
+    let freshTried = this._needFreshToken || typeof this._tokenSource !== "function";
     for (const name of this._order()) {
       let token;
       try {
@@ -736,7 +758,18 @@ export class RealtimeClient {
         if (stale()) return;
         if (result === true) return;
       }
+      if (result.code === 4001 && !freshTried) {
+        // the token kept from before ran out meanwhile: ask the function now, not after a backoff
+        freshTried = true;
+        this._needFreshToken = true;
+        try { token = await this._currentToken(); } catch (e) { last = result; break; }
+        if (stale()) return;
+        result = await this._try(name, token, gen);
+        if (stale()) return;
+        if (result === true) return;
+      }
       last = result;
+      this._fellBack = true;
       if (result.code === 4001 || result.code === 4003) break;   // another transport would not help
     }
     this._roundGen = -1;
@@ -748,7 +781,7 @@ export class RealtimeClient {
     return new Promise((resolve) => {
       const t = new TRANSPORTS[name](this, token);
       this._t = t;
-      this._opening = { t, gen, resolve };
+      this._opening = { t, gen, resolve, fellBack: this._fellBack };
       this._welcome = null;
       t._silence = setTimeout(() => {
         if (this._opening && this._opening.t === t) {
@@ -777,10 +810,11 @@ export class RealtimeClient {
       return;
     }
     this._openedAt = Date.now();
-    this._rememberTransport(t.name);
+    this._rememberTransport(t.name, !!o.fellBack);
     if (this.transport !== t.name) this._reader = { transport: null, session: null, position: null };
     this.transport = t.name;
     this._setState("connected");
+    if (o.gen !== this._gen || this._closedByUser) { o.resolve(true); return; }   // a listener closed it
     this._startLiveness();
     this._syncSubscription(t);
     if (this._connected) {
@@ -813,6 +847,8 @@ export class RealtimeClient {
   _stop(err, report) {
     this._closedByUser = true;
     this._gen++;
+    clearTimeout(this._refreshTimer);
+    this._refreshTimer = null;
     this._stopLiveness();
     this._listen(false);
     clearTimeout(this._timer);
@@ -845,8 +881,9 @@ export class RealtimeClient {
       delay = BACKOFF_MIN_MS + Math.random() * (cap - BACKOFF_MIN_MS);
     }
     this._afterMs = null;
-    this._attempt++;
     this._setState("reconnecting");
+    this._emit("retry", { delay: Math.round(delay), attempt: this._attempt });
+    this._attempt++;
     this._timer = setTimeout(() => this._round(true), delay);
   }
 
@@ -980,7 +1017,7 @@ export class RealtimeClient {
     if (now - this._rttAt > RTT_EVERY_MS && t.name !== "websocket") this._measure();
     const idle = now - this._lastRx;
     if (t.name === "websocket") {
-      if (this._probeAt !== null && this._lastRx >= this._probeAt) this._probeAt = null;
+      if (this._probeAt !== null && this._lastRx > this._probeAt) this._probeAt = null;   // an answer came
       if (this._probeAt !== null && now - this._probeAt > PROBE_WAIT_MS) {
         return this._dead(t, idle);
       }
@@ -1009,6 +1046,7 @@ export class RealtimeClient {
     if (filters) sub.filters = filters;
     this._subscription = sub;
     this._subVersion++;
+    this._specs.set(this._subVersion, { ...sub });   // until the server confirms or refuses it
   }
 
   _subscribeMessage() {
@@ -1038,7 +1076,8 @@ export class RealtimeClient {
     if (t !== this._t || !this._subscription) return;
     if (this._subAcked < this._subVersion) {
       t.subscribe(this._subscribeMessage());
-    } else if (this.resumed && this._subscription.geographic && !(this._welcome && this._welcome.continued)) {
+    } else if (this._subscription.geographic && (this._vpAcked < this._vpVersion ||
+               (this.resumed && !(this._welcome && this._welcome.continued)))) {
       // the stored session may hold an older viewport (a viewport in flight
       // when the link died): sending it again costs only the difference
       this._sendViewport();
@@ -1055,7 +1094,11 @@ export class RealtimeClient {
   _subscriptionApplied(id, reply) {
     const v = this._versions(id);
     if (!v) return;
-    if (v.sub !== null) this._subAcked = Math.max(this._subAcked, v.sub);
+    if (v.sub !== null && v.sub > this._subAcked) {
+      this._subAcked = v.sub;
+      if (this._specs.has(v.sub)) this._accepted = this._specs.get(v.sub);
+      for (const k of [...this._specs.keys()]) if (k <= v.sub) this._specs.delete(k);
+    }
     this._vpAcked = Math.max(this._vpAcked, v.vp);
     if (reply === undefined) return;
     const done = this._subWaiters.filter((w) => w.version <= this._subAcked);
@@ -1067,7 +1110,15 @@ export class RealtimeClient {
   _subscriptionRefused(id, err) {
     const v = this._versions(id);
     if (!v || v.sub === null) return;
+    if (v.sub >= this._subVersion) {
+      // the newest was refused: the page's subscription is the last one taken
+      // (with the current viewport), so later viewports are not refused with it
+      const geographic = this._subscription && this._subscription.geographic;
+      this._subscription = this._accepted ? { ...this._accepted } : null;
+      if (this._subscription && geographic) this._subscription.geographic = geographic;
+    }
     this._subAcked = Math.max(this._subAcked, v.sub);
+    for (const k of [...this._specs.keys()]) if (k <= v.sub) this._specs.delete(k);
     const failed = this._subWaiters.filter((w) => w.version <= v.sub);
     this._subWaiters = this._subWaiters.filter((w) => w.version > v.sub);
     for (const w of failed) w.reject(err);
@@ -1079,19 +1130,36 @@ export class RealtimeClient {
   /** Every server message of every transport comes through here. */
   _message(t, m) {
     if (t !== this._t || !m || typeof m !== "object") return;
+    this._unread = null;
     this._emit("message", m);
     switch (m.type) {
       case "batch":
         if (m.id !== undefined) this._subscriptionApplied(m.id);   // a viewport's reply
         this._batch(Array.isArray(m.messages) ? m.messages : []);
+        if (this._snapshotDue) this._snapshotApplied();
+        if (this._replied) {   // subscribe() settles once its batch is applied
+          const { id, reply } = this._replied;
+          this._replied = null;
+          clearTimeout(this._repliedTimer);
+          this._subscriptionApplied(id, reply);
+        }
         break;
       case "welcome":
         this._onWelcome(t, m);
         break;
-      case "subscribed":
-        if (m.id !== undefined && this._versions(m.id)) this._subscriptionApplied(m.id, m);
-        else if (this._subWaiters.length && t.madeSession) this._subscriptionApplied("rt-sub-" + this._subAcked + "-0", m);
+      case "subscribed": {
+        // its batch follows: the promise settles when that is applied (or in 1 s)
+        const id = m.id !== undefined && this._versions(m.id) ? m.id
+          : t.madeSession ? "rt-sub-" + this._subAcked + "-0" : null;
+        if (id === null) break;
+        if (this._replied) this._subscriptionApplied(this._replied.id, this._replied.reply);
+        this._replied = { id, reply: m };
+        clearTimeout(this._repliedTimer);
+        this._repliedTimer = setTimeout(() => {
+          if (this._replied) { const r = this._replied; this._replied = null; this._subscriptionApplied(r.id, r.reply); }
+        }, 1000);
         break;
+      }
       case "pong":
         if (this._pingSent !== null) {
           this.rtt = Math.round(performance.now() - this._pingSent);
@@ -1119,7 +1187,10 @@ export class RealtimeClient {
       this._pending.delete(m.id);
       clearTimeout(p.timer);
       if (m.type === "error") p.reject(new RealtimeError(m.message || m.code, m.code));
-      else p.resolve(m);
+      else {
+        const { id, ...long } = m;   // the §3.2 long form, as GET /api/vehicles/{id} gives it
+        p.resolve(long);
+      }
     }
   }
 
@@ -1129,38 +1200,52 @@ export class RealtimeClient {
     this.resumed = !!m.resumed;
     if (typeof m.heartbeat_s === "number" && m.heartbeat_s > 0) this._heartbeatMs = m.heartbeat_s * 1000;
     if (typeof m.session === "string" && m.session) this.session = m.session;
-    // a client that has had no event yet resumes from where the log stood when
-    // it joined; not on a resume, whose replay may still be on its way
-    if (!this.lastEvent && !m.resumed && typeof m.last_event === "string" && RESUMABLE_EID.test(m.last_event)) {
+    // a new session (not a resume, whose replay may still be on its way) starts
+    // where the log stood when it joined: a client with no newer event resumes from there
+    if (!m.resumed && typeof m.last_event === "string" && RESUMABLE_EID.test(m.last_event) &&
+        (!this.lastEvent || eidAfter(m.last_event, this.lastEvent))) {
       this.lastEvent = m.last_event;
     }
     if (!m.resumed && !t.madeSession) { this._subAcked = 0; this._vpAcked = 0; }   // a new session has nothing
-    // a subscription confirmed by a PUT whose `subscribed` never came: asked again
-    if (this._subWaiters.length && !t.madeSession) {
+    // a subscription whose `subscribed` never came (the copy that took it is
+    // gone) is asked again, except on the first copy of the session it made
+    if (this._subWaiters.length && !m.continued && !(t.madeSession && !m.resumed)) {
       this._subAcked = Math.min(this._subAcked, this._subWaiters[0].version - 1);
     }
-    if (!m.continued) this._reset();   // a new copy: the full state follows
+    if (!m.continued) {
+      // the next batch is the full state (PROTOCOL §3.4): what it does not name is gone then
+      this._unconfirmed = new Set(this.vehicles.keys());
+      this._snapshotDue = true;
+      if (this.clusters) {
+        this.clusters = null;
+        this._emit("clusters", { t: "clusters", z: null, cells: [] });
+      }
+    }
     this._emit("welcome", m);
     if (this._opening && this._opening.t === t) this._opened(t);
     else if (t === this._t && !m.continued) this._syncSubscription(t);   // a new copy of an open HTTP session
   }
 
-  /** The server sends the full state after a welcome: what was shown before is gone. */
-  _reset() {
-    const ids = [...this.vehicles.keys()];
-    this.vehicles.clear();
-    for (const id of ids) this._emit("leave", id, "reset");
-    if (this.clusters) {
-      this.clusters = null;
-      this._emit("clusters", { t: "clusters", z: null, cells: [] });
+  /** After the snapshot that follows a welcome: vehicles it did not name are gone. */
+  _snapshotApplied() {
+    this._snapshotDue = false;
+    const gone = this._unconfirmed;
+    this._unconfirmed = null;
+    for (const id of gone || []) {
+      if (this.vehicles.delete(id)) this._emit("leave", id, "reset");
     }
   }
 
   _onError(m) {
     const err = new RealtimeError(m.message || m.code, m.code);
-    if (m.id !== undefined && this._versions(m.id) && this._versions(m.id).sub !== null) {
+    const v = m.id !== undefined ? this._versions(m.id) : null;
+    if (v && v.sub !== null) {
       this._subscriptionRefused(m.id, err);
       return;
+    }
+    if (v && m.code === "rate_limited") {   // a viewport refused for now: the newest goes again
+      const t = this._t;
+      setTimeout(() => { if (t === this._t && this.state === "connected") this._syncSubscription(t); }, 1000);
     }
     if (m.id === undefined || !this._pending.has(m.id)) this._emit("error", err);
   }
@@ -1207,6 +1292,7 @@ export class RealtimeClient {
           status: m.st ?? null, vehicle_type: m.vt ?? null, ts: m.ts ?? null,
           alerts: Array.isArray(m.al) ? m.al : [], driver: m.dr ?? null, assignment: m.as ?? null };
         vs.set(m.v, v);
+        if (this._unconfirmed) this._unconfirmed.delete(m.v);
         this._emit("vehicle", v, "full");
         break;
       }
@@ -1242,6 +1328,7 @@ export class RealtimeClient {
       case "clusters": {
         const ids = [...vs.keys()];
         vs.clear();
+        this._unconfirmed = null;
         for (const id of ids) this._emit("leave", id, "clusters");
         const cells = Array.isArray(m.cells) ? m.cells : [];
         this.clusters = cells.length ? m : null;   // an empty one ends the clustered view
