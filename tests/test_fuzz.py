@@ -137,6 +137,25 @@ def test_kafka_values_are_an_update_or_a_counted_reason(value, as_msgpack):
     check_kafka_value(value, as_msgpack)
 
 
+@pytest.mark.parametrize("field", ["driver", "assignment"])
+@pytest.mark.parametrize("as_msgpack", [False, True])
+def test_an_integer_msgpack_cannot_carry_is_a_counted_reason_not_a_crash(field, as_msgpack):
+    """Found by the Kafka fuzz test: a free-form object holding an integer
+    beyond 64 bits passed validation and then failed in the core's msgpack
+    encoding, for the whole batch. It is refused with invalid_field now."""
+    u = {"vehicle_id": "v", "timestamp": 1, "position": {"lat": 1, "lon": 2},
+         field: {"n": [1, {"deep": -1180591620717411303423}]}}
+    if as_msgpack:   # msgpack itself cannot hold it; the largest it carries is taken and applied
+        u2 = decode_record(msgpack.packb({**u, field: {"n": [2 ** 64 - 1, -2 ** 63]}}), True)
+        applies(batch_of_records([u2], CORE.vtype_code))
+        return
+    with pytest.raises(Rejected) as r:
+        decode_record(json.dumps(u).encode(), False)
+    assert r.value.reason == "invalid_field" and field in r.value.detail
+    accepted, rejected = decode_http_body(json.dumps([u, {**u, field: {"n": 1}}]).encode())
+    assert len(accepted) == 1 and [x[1] for x in rejected] == ["invalid_field"]
+
+
 @FUZZ
 @given(st.one_of(st.binary(max_size=400),
                  st.lists(st.one_of(updates, json_values), max_size=6).map(

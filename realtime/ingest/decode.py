@@ -94,6 +94,9 @@ def _reason_of(e: msgspec.ValidationError) -> str:
     return "invalid_field"
 
 
+_mp_encode = msgspec.msgpack.Encoder().encode
+
+
 def _finish(u: UpdateIn) -> UpdateIn:
     """What msgspec's types cannot say. Afterwards `timestamp` is epoch
     milliseconds and `course` (or `heading`) is in [0, 360). (NaN and
@@ -103,6 +106,16 @@ def _finish(u: UpdateIn) -> UpdateIn:
         u.course = course % 360.0
     ts = u.timestamp
     u.timestamp = ts if type(ts) is int and 0 <= ts <= 100_000_000_000_000 else parse_timestamp(ts)
+    for name, value in (("driver", u.driver), ("assignment", u.assignment)):
+        if value:
+            # free-form objects are sent to msgpack clients as they are: an
+            # integer msgpack cannot carry (beyond 64 bits) would fail there,
+            # in the core, for the whole batch
+            try:
+                _mp_encode(value)
+            except (OverflowError, TypeError, ValueError, RecursionError):
+                raise Rejected("invalid_field", f"{name}: holds a value msgpack cannot carry "
+                                                "(an integer beyond 64 bits)") from None
     return u
 
 
