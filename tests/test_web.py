@@ -408,6 +408,9 @@ def test_the_dispatcher_map(page):
         assert "driver" in text and "status" in text, text
         assert "phone" not in text   # the viewer token has no view_driver_contacts
         shot(page, "map-details.png")
+        # no tiles reachable here: the scale and the graticule carry the map
+        assert page.locator(".leaflet-control-scale-line").inner_text().strip()
+        assert page.evaluate("dispatcher.graticule.getLayers().length") >= 4
 
         # panning far away: the subscription follows (vehicles leave with r: viewport)
         page.evaluate("void dispatcher.map.panTo([10, 10], {animate: false})")
@@ -485,6 +488,18 @@ def test_map_filters_and_alerts_panel(page, uid):
         item = page.locator(f"#alert-list li[data-vehicle={vid}]").inner_text()
         assert vid in item and "panic_button" in item, item
         assert page.evaluate(f"realtimeClient.vehicles.get('{vid}').alerts") == ["panic_button"]
+        # a dispatcher with view_driver_contacts sees the phone in the details
+        page.goto(s.url + "/?token=" + token(sub=uid + "boss", permissions=["view_all_vehicles", "view_driver_contacts"])
+                  + "&lat=55.7558&lon=37.6173&zoom=16")
+        ingest(s, [update(uid + "d", lat=55.7558, lon=37.6173, status="stopped", speed=0,
+                          driver={"name": "Petrov P.", "phone": "+79160000000"})])
+        wait(page, f"window.dispatcher && dispatcher.markers.has('{uid}d')", what="the driver's vehicle")
+        p = page.evaluate(f"(() => {{ const q = dispatcher.map.latLngToContainerPoint(dispatcher.markers.get('{uid}d').getLatLng());"
+                          " return [q.x, q.y]; })()")
+        page.mouse.click(p[0], p[1])
+        popup = page.locator(f".vehicle-popup[data-vehicle='{uid}d']")
+        popup.wait_for(timeout=10000)
+        assert "+79160000000" in popup.inner_text()
         shot(page, "map-filters.png")
     finally:
         s.stop()

@@ -187,7 +187,7 @@ const client = new RealtimeClient({
   transports: params.get("transports") ? params.get("transports").split(",") : undefined,
 });
 window.realtimeClient = client;
-window.dispatcher = { map, markers, clusters: clusterLayer };   // for scripts and tests
+window.dispatcher = { map, markers, clusters: clusterLayer, graticule };   // for scripts and tests
 
 let updates = 0;
 client.on("vehicle", (v) => {
