@@ -74,7 +74,8 @@ def _kafka_servers(v: str) -> str | None:
 
 
 def _tile_url(v: str) -> str | None:
-    if v != "none" and not (v.startswith(("https://", "http://", "/")) and "{z}" in v and "{x}" in v and "{y}" in v):
+    if v != "none" and not (v.startswith(("https://", "http://", "/")) and not v.startswith("//")
+                            and "{z}" in v and "{x}" in v and "{y}" in v):
         return "must be `none` or an http(s) or /path URL template with {z}, {x} and {y}"
     return None
 

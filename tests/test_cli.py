@@ -94,6 +94,7 @@ def test_python_dash_m_works_like_the_command():
     ("--port", "0", "an integer from 1 to 65535"),
     ("--tile-url", "ftp://tiles/{z}/{x}/{y}.png", "`none` or an http(s) or /path URL template"),
     ("--tile-url", "https://tiles.example.com/tile.png", "`none` or an http(s) or /path URL template"),
+    ("--tile-url", "//tiles.example.com/{z}/{x}/{y}.png", "`none` or an http(s) or /path URL template"),
     ("--port", "70000", "an integer from 1 to 65535"),
     ("--port", "http", "an integer from 1 to 65535"),
     ("--workers", "0", "from 1 to 256"),

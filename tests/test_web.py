@@ -172,6 +172,41 @@ SILENT_WEBSOCKET = """window.WebSocket = class { constructor() { this.readyState
   send() {} close() {} };"""
 
 
+# A WebSocket that a proxy refuses: closed before it opens.
+REFUSED_WEBSOCKET = """window.WebSocket = class { constructor() { this.readyState = 0;
+  setTimeout(() => this.onclose && this.onclose({ code: 1006, reason: "" }), 50); } send() {} close() {} };"""
+
+
+def test_a_refused_transport_falls_back_at_once(page, server, uid):
+    page.add_init_script(REFUSED_WEBSOCKET)
+    t0 = time.monotonic()
+    r = start(page, server.url, token(), {"vehicles": [uid + "v"]})
+    assert r["transport"] == "sse" and time.monotonic() - t0 < 3, r
+    # a page load that had to fall back remembers it
+    assert page.evaluate("JSON.parse(localStorage.getItem('realtime.transport:' + c.url)).transport") == "sse"
+    page.evaluate("c.close()")
+
+
+def test_a_sleep_is_not_taken_for_a_dead_server(page, server, uid):
+    """The laptop lid closes for 10 minutes (Playwright's clock jumps): the
+    liveness timer fires late, re-arms and checks the link instead of
+    declaring the server dead; the connection goes on."""
+    vid = uid + "v"
+    ingest(server, [update(vid)])
+    page.clock.install()
+    assert start(page, server.url, token(), {"vehicles": [vid]})["transport"] == "websocket"
+    wait(page, "log.messages.includes('pong')", what="the first round trip")
+    pongs = page.evaluate("log.messages.filter(m => m === 'pong').length")
+    page.clock.fast_forward("10:00")
+    time.sleep(2)
+    ingest(server, [update(vid, lat=55.8)])
+    wait(page, f"c.vehicles.get({json.dumps(vid)}).lat > 55.79", what="an update after the sleep")
+    log = page.evaluate("log")
+    assert log["states"] == ["connecting", "connected"] and len(log["welcomes"]) == 1, log
+    assert log["messages"].count("pong") > pongs, log["messages"]   # the link was checked after the sleep
+    page.evaluate("c.close()")
+
+
 def test_a_silent_transport_fails_after_5_s_and_the_fallback_is_remembered(page, server, uid):
     """A WebSocket that never answers counts as failed after 5 s; SSE takes
     over and is remembered (localStorage, 30 minutes), so the next page load
@@ -224,6 +259,15 @@ def test_backoff_has_full_jitter_and_online_reconnects_at_once(page, uid):
         last = page.evaluate("log.retries[log.retries.length - 1]")
         tried = page.evaluate(f"log.errorTimes[{n}]")
         assert tried - t0 < 1000, (tried - t0, last)
+        # so does the tab becoming visible again
+        n = len(page.evaluate("log.errorTimes"))
+        t0 = page.evaluate("Date.now()")
+        page.evaluate("""Object.defineProperty(document, 'visibilityState', {value: 'hidden', configurable: true});
+            document.dispatchEvent(new Event('visibilitychange'));
+            Object.defineProperty(document, 'visibilityState', {value: 'visible', configurable: true});
+            document.dispatchEvent(new Event('visibilitychange'));""")
+        wait(page, f"log.errorTimes.length > {n}", timeout=2, what="an attempt right after the tab is visible")
+        assert page.evaluate(f"log.errorTimes[{n}]") - t0 < 1000
         s2 = Server("--simulate", "0", "--tick-ms", "20", port=s.port)
         ingest(s2, [update(vid, lat=55.8)])
         wait(page, f"c.state === 'connected' && c.vehicles.get({json.dumps(vid)}) && "
@@ -245,8 +289,9 @@ def _in_event_log(r, needle, timeout=20.0):
     raise AssertionError(f"{needle} not in the event log")
 
 
-@pytest.mark.parametrize("transport", ["websocket", "sse", "poll"])
-def test_resume_over_a_server_restart_delivers_a_missed_event_once(page, redis_url, uid, transport):
+@pytest.mark.parametrize("transport,before", [("websocket", True), ("sse", True), ("poll", True),
+                                              ("websocket", False)])
+def test_resume_over_a_server_restart_delivers_a_missed_event_once(page, redis_url, uid, transport, before):
     """The server the client is on restarts while an event is published (another
     instance logs it). The client reconnects by itself, resumes with its session
     and last event, gets the missed event once, and says `recovered`."""
@@ -262,8 +307,10 @@ def test_resume_over_a_server_restart_delivers_a_missed_event_once(page, redis_u
         res = start(page, a.url, token(sub=uid + "u"), {"vehicles": [vid]})
         assert res["transport"] == transport, res
         wait(page, f"c.vehicles.has({json.dumps(vid)})")
-        r.publish(f"vehicle:events:{vid}", json.dumps({"type": "before"}))
-        wait(page, "log.events.length === 1", what="the first event")
+        if before:
+            r.publish(f"vehicle:events:{vid}", json.dumps({"type": "before"}))
+            wait(page, "log.events.length === 1", what="the first event")
+        # without an event of its own, the client resumes from its welcome's last_event
         time.sleep(1.2)   # the session's record (and an HTTP reader's acknowledgement) reach Redis
         # the vehicle's state is in Redis (the writer lease may still be held by
         # an instance an earlier test killed: it runs out within 10 s)
@@ -289,8 +336,9 @@ def test_resume_over_a_server_restart_delivers_a_missed_event_once(page, redis_u
         wait(page, "log.events.some(e => e.e === 'after')", what="a live event after the resume")
         time.sleep(0.5)
         log = page.evaluate("log")
-        assert [e["e"] for e in log["events"]] == ["before", "while_away", "after"], log["events"]
-        assert len({e["eid"] for e in log["events"]}) == 3
+        expected = (["before"] if before else []) + ["while_away", "after"]
+        assert [e["e"] for e in log["events"]] == expected, log["events"]
+        assert len({e["eid"] for e in log["events"]}) == len(expected)
         assert page.evaluate("c.recovered") is True
         assert page.evaluate("c.transport") == transport
         assert log["welcomes"][-1]["resumed"] is True and log["welcomes"][-1]["recovered"] is True
@@ -408,7 +456,9 @@ def test_the_dispatcher_map(page):
         assert "driver" in text and "status" in text, text
         assert "phone" not in text   # the viewer token has no view_driver_contacts
         shot(page, "map-details.png")
-        # no tiles reachable here: the scale and the graticule carry the map
+        # the tiles come from --tile-url (OpenStreetMap's by default; unreachable here) ...
+        assert "tile.openstreetmap.org" in page.evaluate("document.querySelector('.leaflet-tile-pane img').src")
+        # ... so the scale and the graticule carry the map
         assert page.locator(".leaflet-control-scale-line").inner_text().strip()
         assert page.evaluate("dispatcher.graticule.getLayers().length") >= 4
 
@@ -464,9 +514,11 @@ def test_map_filters_and_alerts_panel(page, uid):
     """With a configured key (no development mode) and `?token=`: the status
     and type filters go to the server, and the alerts panel lists events as
     they come."""
-    s = Server("--simulate", "300")
+    s = Server("--simulate", "300", "--tile-url", "none")
     try:
         page.goto(s.url + "/?token=" + token(sub=uid + "u"))
+        page.wait_for_function("window.dispatcher !== undefined")
+        assert page.evaluate("document.querySelectorAll('.leaflet-tile-pane img').length") == 0   # no tile layer
         wait(page, "window.dispatcher && dispatcher.markers.size > 100", timeout=20)
         for status in ("moving", "idle", "offline"):
             page.locator(f"#filter-status input[value={status}]").uncheck()

@@ -37,7 +37,7 @@ const params = new URLSearchParams(location.search);
 const map = L.map("map", {
   center: [Number(params.get("lat")) || START.lat, Number(params.get("lon")) || START.lon],
   zoom: Number(params.get("zoom")) || START.zoom,
-  preferCanvas: true, zoomSnap: 1, worldCopyJump: false,
+  preferCanvas: true, zoomSnap: 1, worldCopyJump: true, minZoom: 2, maxZoom: 19,
 });
 const renderer = L.canvas({ padding: 0.3 });
 if (config.tiles) {
@@ -221,10 +221,11 @@ function badge() {
   $("badge-text").textContent = parts.join(" · ");
 }
 
+// as Leaflet gives them: the library clamps latitudes and wraps longitudes
+// (a view across the antimeridian has east < west)
 function viewBounds() {
   const b = map.getBounds();
-  return { north: Math.min(85, b.getNorth()), south: Math.max(-85, b.getSouth()),
-    east: Math.min(180, b.getEast()), west: Math.max(-180, b.getWest()) };
+  return { north: b.getNorth(), south: b.getSouth(), east: b.getEast(), west: b.getWest() };
 }
 
 function checked(id) {
@@ -232,7 +233,8 @@ function checked(id) {
 }
 
 function filters() {
-  const f = { show_alerts: $("show-alerts").checked };
+  // "only vehicles with alerts" needs the alerts: it implies "show alerts"
+  const f = { show_alerts: $("show-alerts").checked || $("only-alerts").checked };
   const st = checked("filter-status");
   if (st.length < 4) f.status = st;
   const vt = checked("filter-type");

@@ -445,6 +445,29 @@ async function httpError(r, session = false) {
   return e;
 }
 
+/**
+ * Bounds the server takes (PROTOCOL §3): finite, latitudes within ±90 with
+ * south ≤ north, longitudes wrapped into ±180 (east < west crosses the
+ * antimeridian), zoom 0 to 30. A map dragged past the poles or around the
+ * world gives such values; NaN is the page's bug and throws.
+ */
+function normalGeographic(g) {
+  const b = g && g.bounds;
+  const nums = b ? [b.north, b.south, b.east, b.west] : [];
+  if (!b || !nums.every(Number.isFinite) || (g.zoom != null && !Number.isFinite(g.zoom))) {
+    throw new TypeError("bounds need finite north, south, east and west (and a finite zoom)");
+  }
+  const lat = (x) => Math.max(-90, Math.min(90, x));
+  const lon = (x) => ((((x + 180) % 360) + 360) % 360) - 180;
+  let north = lat(b.north), south = lat(b.south);
+  if (south > north) [south, north] = [north, south];
+  let west = lon(b.west), east = lon(b.east);
+  if (b.east - b.west >= 360) { west = -180; east = 180; }   // the whole world in view
+  const out = { bounds: { north, south, east, west } };
+  if (g.zoom != null) out.zoom = Math.max(0, Math.min(30, g.zoom));
+  return out;
+}
+
 function eidAfter(a, b) {
   const [x0, x1] = String(a).split("-").map(Number);
   const [y0, y1] = String(b).split("-").map(Number);
@@ -622,12 +645,12 @@ export class RealtimeClient {
 
   /** Moves the viewport (PROTOCOL §3 `viewport`). @param {Bounds} bounds @param {number} zoom */
   viewport(bounds, zoom) {
+    const geographic = normalGeographic({ bounds, zoom });
     if (!this._subscription) {   // a viewport alone is a subscription to it
-      this._subscription = {};
-      this._subVersion++;
+      this._setSubscription({ geographic });
     }
     const sub = this._subscription;
-    sub.geographic = { bounds: { north: bounds.north, south: bounds.south, east: bounds.east, west: bounds.west }, zoom };
+    sub.geographic = geographic;
     this._vpVersion++;
     if (this.state === "connected" && this._t) this._sendViewport();
   }
@@ -702,14 +725,19 @@ export class RealtimeClient {
    * WebSocket working forgets it. (A client configured with a shorter list
    * remembers nothing by itself: other clients of the page keep their order.)
    */
-  _rememberTransport(name, fellBack) {
+  _rememberTransport(name, fellBack, reconnecting) {
     if (!this._remember) return;
     if (name === "websocket") {
       this._memo = null;
+      this._fallbacks = 0;
       try { localStorage.removeItem(this._storageKey()); } catch (e) { /* no storage */ }
       return;
     }
-    if (!fellBack || this._remembered() === name) return;
+    // on a page load a fallback is what this network allows; while reconnecting
+    // it may be a glitch (a restart, a slow welcome, a laptop waking up): only
+    // a second round in a row that falls back is remembered, for every tab
+    this._fallbacks = fellBack ? (this._fallbacks || 0) + 1 : 0;
+    if (!fellBack || (reconnecting && this._fallbacks < 2) || this._remembered() === name) return;
     this._memo = { transport: name, expires: Date.now() + REMEMBER_MS };
     try { localStorage.setItem(this._storageKey(), JSON.stringify(this._memo)); } catch (e) { /* no storage */ }
   }
@@ -724,7 +752,11 @@ export class RealtimeClient {
   async _currentToken() {
     if (this._token !== null && !this._needFreshToken) return this._token;
     if (typeof this._tokenSource !== "function") return this._token;
-    const t = await this._tokenSource();
+    let timer;
+    const t = await Promise.race([
+      Promise.resolve().then(() => this._tokenSource()),
+      new Promise((_, no) => { timer = setTimeout(() => no(new Error("no answer in 10 s")), 10000); }),
+    ]).finally(() => clearTimeout(timer));
     if (typeof t !== "string" || !t) throw new RealtimeError("the token function returned no token", 4001);
     this._token = t;
     this._needFreshToken = false;
@@ -739,6 +771,7 @@ export class RealtimeClient {
     const stale = () => gen !== this._gen || this._closedByUser;
     let last = new RealtimeError("no transport available in this browser: " + this.transports.join(", "), 0);
     this._fellBack = false;
+    this._reconnecting = reconnecting;
     let freshTried = this._needFreshToken || typeof this._tokenSource !== "function";
     for (const name of this._order()) {
       let token;
@@ -781,15 +814,21 @@ export class RealtimeClient {
     return new Promise((resolve) => {
       const t = new TRANSPORTS[name](this, token);
       this._t = t;
-      this._opening = { t, gen, resolve, fellBack: this._fellBack };
+      this._opening = { t, gen, resolve, fellBack: this._fellBack, reconnecting: this._reconnecting };
       this._welcome = null;
-      t._silence = setTimeout(() => {
-        if (this._opening && this._opening.t === t) {
-          this._opening = null;
-          t.close();
-          resolve(new RealtimeError(name + " was silent for " + SILENT_MS / 1000 + " s", 1006));
+      const armed = Date.now();
+      const silent = () => {
+        if (!this._opening || this._opening.t !== t) return;
+        if (Date.now() - armed > SILENT_MS + 2000 && !t._rearmed) {
+          t._rearmed = true;   // the timer fired late (a sleep): the 5 s were not the server's
+          t._silence = setTimeout(silent, SILENT_MS);
+          return;
         }
-      }, SILENT_MS);
+        this._opening = null;
+        t.close();
+        resolve(new RealtimeError(name + " was silent for " + SILENT_MS / 1000 + " s", 1006));
+      };
+      t._silence = setTimeout(silent, SILENT_MS);
       try {
         t.open();
       } catch (e) {   // e.g. the WebSocket constructor refuses the URL
@@ -810,7 +849,7 @@ export class RealtimeClient {
       return;
     }
     this._openedAt = Date.now();
-    this._rememberTransport(t.name, !!o.fellBack);
+    this._rememberTransport(t.name, !!o.fellBack, !!o.reconnecting);
     if (this.transport !== t.name) this._reader = { transport: null, session: null, position: null };
     this.transport = t.name;
     this._setState("connected");
@@ -1042,7 +1081,7 @@ export class RealtimeClient {
     const sub = {};
     if (vehicles) sub.vehicles = vehicles;
     if (groups) sub.groups = groups;
-    if (geographic) sub.geographic = geographic;
+    if (geographic) sub.geographic = normalGeographic(geographic);
     if (filters) sub.filters = filters;
     this._subscription = sub;
     this._subVersion++;
@@ -1243,9 +1282,14 @@ export class RealtimeClient {
       this._subscriptionRefused(m.id, err);
       return;
     }
-    if (v && m.code === "rate_limited") {   // a viewport refused for now: the newest goes again
+    if (m.code === "rate_limited" && !this._rateRetry) {
+      // a subscribe or viewport may have been dropped (the server's error names
+      // no request then): what is unconfirmed goes again, once, a second later
       const t = this._t;
-      setTimeout(() => { if (t === this._t && this.state === "connected") this._syncSubscription(t); }, 1000);
+      this._rateRetry = setTimeout(() => {
+        this._rateRetry = null;
+        if (t === this._t && this.state === "connected") this._syncSubscription(t);
+      }, 1000);
     }
     if (m.id === undefined || !this._pending.has(m.id)) this._emit("error", err);
   }
@@ -1313,7 +1357,7 @@ export class RealtimeClient {
         for (const [k, val] of Object.entries(ch)) {
           if (k === "p") { if (Array.isArray(val)) { v.lat = val[0]; v.lon = val[1]; } }
           else if (k === "al") v.alerts = Array.isArray(val) ? val : [];
-          else if (k !== "v" && k !== "id") v[LONG[k] || k] = val;
+          else if (Object.prototype.hasOwnProperty.call(LONG, k)) v[LONG[k]] = val;   // unknown keys are dropped
         }
         if (m.ts !== undefined) v.ts = m.ts;
         this._emit("vehicle", v, "delta");
@@ -1330,9 +1374,10 @@ export class RealtimeClient {
         vs.clear();
         this._unconfirmed = null;
         for (const id of ids) this._emit("leave", id, "clusters");
-        const cells = Array.isArray(m.cells) ? m.cells : [];
-        this.clusters = cells.length ? m : null;   // an empty one ends the clustered view
-        this._emit("clusters", m);
+        const cells = Array.isArray(m.cells) ? m.cells.filter((c) => Array.isArray(c) && c.length >= 3) : [];
+        const msg = { ...m, cells };
+        this.clusters = cells.length ? msg : null;   // an empty one ends the clustered view
+        this._emit("clusters", msg);
         break;
       }
       default:
