@@ -9,6 +9,8 @@ from pathlib import Path
 
 from aiohttp import web
 
+from .address import Addresses, parse_networks
+from .address import of_request as client_address
 from .auth import VIEW_ALL, Authenticator, ephemeral_secret
 from .hub import Hub
 from .ingest import http as ingest_http
@@ -24,15 +26,16 @@ def _security_logger(hub):
     last = {"t": 0.0, "suppressed": 0}
 
     def security_log(request, kind: str, detail: str) -> None:
+        peer = client_address(request)
         hub.records.event("security_violation", None, None, kind=kind, detail=detail[:200],
-                          peer=request.remote, path=request.path)
+                          peer=peer, path=request.path)
         # rate-limited: a flood of bad tokens must not flood the log
         now = time.monotonic()
         if now - last["t"] < 0.2:
             last["suppressed"] += 1
             return
         log.warning("security violation", extra={"fields": {
-            "event": kind, "detail": detail, "peer": request.remote, "path": request.path,
+            "event": kind, "detail": detail, "peer": peer, "path": request.path,
             "suppressed": last["suppressed"]}})
         last["t"] = now
         last["suppressed"] = 0
@@ -47,6 +50,7 @@ def make_app(settings) -> web.Application:
         settings.jwt_secret = ephemeral_secret()
     app["settings"] = settings
     app["auth"] = Authenticator.from_settings(settings)
+    app["addresses"] = Addresses(parse_networks(settings.trusted_proxies))
     app["hub"] = hub = Hub(settings)
     app["security_log"] = _security_logger(hub)
 

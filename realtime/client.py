@@ -109,7 +109,7 @@ async def start(hub, s: Session, resume: str | None, last_event: str | None, sec
             hub.spawn(replay.run(hub, s, after, upto))
     hub.save_session(s)
     hub.spawn(stores.client_opened(s.claims.sub, s.client_id))
-    hub.records.connection_opened(s.claims.sub, s.client_id, s.connected_at, s.kind)
+    hub.records.connection_opened(s.claims.sub, s.client_id, s.connected_at, s.kind, s.peer)
     opened = hub.stats.opened
     opened[s.kind] = opened.get(s.kind, 0) + 1
     return record is not None

@@ -73,6 +73,16 @@ def _kafka_servers(v: str) -> str | None:
     return None
 
 
+def _networks(v: str) -> str | None:
+    from .address import parse_networks
+    try:
+        if not parse_networks(v):
+            return "must name at least one address or CIDR"
+    except ValueError:
+        return "must be addresses or CIDRs, comma-separated (10.0.0.0/8,192.168.1.5)"
+    return None
+
+
 def _tile_url(v: str) -> str | None:
     if v != "none" and not (v.startswith(("https://", "http://", "/")) and not v.startswith("//")
                             and "{z}" in v and "{x}" in v and "{y}" in v):
@@ -166,6 +176,11 @@ class Settings:
     tls_key: str | None = opt(None, "network", "PEM private key of --tls-cert.", check=_readable_file, metavar="FILE")
     allowed_origins: str | None = opt(None, "network", "Browser origins allowed to open a WebSocket, comma-separated, or *.",
                                       check=_origins, default_text="any", metavar="ORIGINS")
+    trusted_proxies: str | None = opt(None, "network",
+                                      "Proxies whose X-Forwarded-For is believed (CIDRs, comma-separated); "
+                                      "the client is the right-most address that is not one of them.",
+                                      check=_networks, default_text="none: X-Forwarded-For is ignored",
+                                      metavar="CIDRS")
     ws_deflate: str = opt("on", "network", "Accept a client's permessage-deflate offer.", choices=("on", "off"))
     deflate_min_bytes: int = opt(512, "network", "Messages smaller than this go out uncompressed.",
                                  kind=int, lo=0, hi=16 * 1024 * 1024, unit="bytes")

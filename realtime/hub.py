@@ -321,18 +321,40 @@ class Hub:
         return f"{self.instance_id}-{self._tick_no}".encode()
 
     # ------------------------------------------------------------ sessions
-    def admit(self, s: Session) -> str | None:
+    def take_address(self, peer: str) -> str | None:
+        """A connection from `peer` before it is authenticated: why it may not
+        open, or None and it counts against the per-IP limit (checked and
+        taken in one step) until release_address(), or admit(address_taken=True)
+        and unadmit()."""
+        limit = self.settings.max_connections_per_ip
+        if self._per_ip.get(peer, 0) >= limit:
+            return f"more than {limit} connections from this address"
+        self._per_ip[peer] = self._per_ip.get(peer, 0) + 1
+        return None
+
+    def release_address(self, peer: str) -> None:
+        n = self._per_ip.get(peer, 1) - 1
+        if n:
+            self._per_ip[peer] = n
+        else:
+            self._per_ip.pop(peer, None)
+
+    def admit(self, s: Session, address_taken: bool = False) -> str | None:
         """Why this connection may not open (per-IP and per-user limits), or
         None: then it counts against both limits at once, before the awaits
         of the connect path (a burst could otherwise pass the check together),
-        until unadmit()."""
+        until unadmit(). address_taken: take_address() counted it already
+        (released here when the user's limit refuses it)."""
         st = self.settings
-        if self._per_ip.get(s.peer, 0) >= st.max_connections_per_ip:
+        if not address_taken and self._per_ip.get(s.peer, 0) >= st.max_connections_per_ip:
             return f"more than {st.max_connections_per_ip} connections from this address"
         if self._per_user.get(s.claims.sub, 0) >= st.max_connections_per_user:
+            if address_taken:
+                self.release_address(s.peer)
             return f"more than {st.max_connections_per_user} connections for this user"
         s.counted = (s.peer, s.claims.sub)
-        self._per_ip[s.peer] = self._per_ip.get(s.peer, 0) + 1
+        if not address_taken:
+            self._per_ip[s.peer] = self._per_ip.get(s.peer, 0) + 1
         self._per_user[s.claims.sub] = self._per_user.get(s.claims.sub, 0) + 1
         return None
 

@@ -74,10 +74,10 @@ def test_serve_help_explains_every_option_in_its_group():
     assert "Development mode" in " ".join(p.stdout.split())
 
 
-def test_options_that_do_nothing_yet_are_not_offered():
-    p = run("serve", "--trusted-proxies", "10.0.0.0/8")
-    assert p.returncode == 2 and "unrecognized arguments: --trusted-proxies" in p.stderr
-    assert "trusted-proxies" not in run("serve", "--help").stdout
+def test_trusted_proxies_is_offered_and_explained():
+    help_text = " ".join(run("serve", "--help").stdout.split())
+    assert "--trusted-proxies CIDRS Proxies whose X-Forwarded-For is believed" in help_text
+    assert "REALTIME_TRUSTED_PROXIES" in help_text
 
 
 def test_python_dash_m_works_like_the_command():
@@ -92,6 +92,8 @@ def test_python_dash_m_works_like_the_command():
 # ---------------------------------------------------------------- range checks
 @pytest.mark.parametrize("flag,value,allowed", [
     ("--port", "0", "an integer from 1 to 65535"),
+    ("--trusted-proxies", "10.0.0.0/8,proxy.example", "addresses or CIDRs"),
+    ("--trusted-proxies", "10.0.0.0/33", "addresses or CIDRs"),
     ("--tile-url", "ftp://tiles/{z}/{x}/{y}.png", "`none` or an http(s) or /path URL template"),
     ("--tile-url", "https://tiles.example.com/tile.png", "`none` or an http(s) or /path URL template"),
     ("--tile-url", "//tiles.example.com/{z}/{x}/{y}.png", "`none` or an http(s) or /path URL template"),

@@ -41,6 +41,8 @@ CREATE TABLE IF NOT EXISTS client_connections (
 );
 -- databases made before the fallback transports (issue 11)
 ALTER TABLE client_connections ADD COLUMN IF NOT EXISTS transport text NOT NULL DEFAULT 'websocket';
+-- the client's address (PROTOCOL §2: behind --trusted-proxies, from X-Forwarded-For)
+ALTER TABLE client_connections ADD COLUMN IF NOT EXISTS client_address text;
 CREATE TABLE IF NOT EXISTS user_subscriptions (
     user_id text NOT NULL,
     vehicle_id text NOT NULL,
@@ -61,8 +63,8 @@ CREATE INDEX IF NOT EXISTS realtime_events_created_at ON realtime_events (create
 # (queue, statement); written in this order, so a connection's insert goes
 # before its completion when both are queued in the same second
 STATEMENTS = (
-    ("opened", "INSERT INTO client_connections (user_id, client_id, instance_id, connected_at, transport) "
-               "VALUES ($1, $2, $3, $4, $5) ON CONFLICT (client_id) DO NOTHING"),
+    ("opened", "INSERT INTO client_connections (user_id, client_id, instance_id, connected_at, transport, "
+               "client_address) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (client_id) DO NOTHING"),
     ("closed", "UPDATE client_connections SET disconnected_at = $2, reason = $3, "
                "messages_sent = $4, bytes_sent = $5 WHERE client_id = $1"),
     ("subscriptions", "INSERT INTO user_subscriptions (user_id, vehicle_id, created_at) "
@@ -92,8 +94,9 @@ class Records:
 
     # ---------------------------------------------------------------- API (sync, O(1))
     def connection_opened(self, user_id: str, client_id: str, connected_at: float,
-                          transport: str = "websocket") -> None:
-        self._put("opened", (user_id, client_id, self.instance_id, _ts(connected_at), transport))
+                          transport: str = "websocket", address: str = "") -> None:
+        self._put("opened", (user_id, client_id, self.instance_id, _ts(connected_at), transport,
+                             address[:64] or None))
 
     def connection_closed(self, client_id: str, reason: str, messages: int, nbytes: int) -> None:
         self._put("closed", (client_id, _ts(time.time()), reason[:500], messages, nbytes))

@@ -154,9 +154,15 @@ class RealtimeService:
         self.hub = app["hub"]
         self.cache = BodyCache()
 
+    def _address(self, context) -> str:
+        """The client's address: the peer, or behind a trusted proxy the
+        x-forwarded-for metadata it set (PROTOCOL §2)."""
+        forwarded = [v for k, v in (context.invocation_metadata() or ()) if k == "x-forwarded-for"]
+        return self.app["addresses"].client(_peer_address(context.peer()), forwarded)
+
     def _security(self, context, kind: str, detail: str) -> None:
         self.hub.records.event("security_violation", None, None, kind="grpc_" + kind, detail=detail[:200],
-                               peer=context.peer())
+                               peer=self._address(context))
 
     async def stream(self, request: bytes, context) -> None:
         app, hub = self.app, self.hub
@@ -179,8 +185,7 @@ class RealtimeService:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"subscription names {n} vehicles and "
                                 f"groups; at most {settings.max_subscription_size}")
         out = GrpcOutlet(self.cache, settings.write_buffer_close_bytes, settings.slow_client_buffer_bytes)
-        peer = _peer_address(context.peer())
-        s = Session(out, claims, FMT_MSGPACK, settings.max_messages_per_s, "grpc", peer)
+        s = Session(out, claims, FMT_MSGPACK, settings.max_messages_per_s, "grpc", self._address(context))
         refused = hub.admit(s)
         if refused:
             self._security(context, "connection_limit", refused)

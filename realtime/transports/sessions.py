@@ -33,6 +33,7 @@ from collections import OrderedDict
 from aiohttp import web
 
 from .. import client
+from ..address import of_request as client_address
 from .. import messages as M
 from .._core._schema import FMT_JSON
 from ..auth import AuthError, Claims
@@ -303,7 +304,7 @@ class HttpSessions:
         h = Held.__new__(Held)
         box = Mailbox(self.hub, settings.write_buffer_close_bytes, settings.slow_client_buffer_bytes,
                       on_close=lambda b, h=h: self._closed(h), budget=self.budget)
-        s = Session(box, claims, FMT_JSON, settings.max_messages_per_s, kind, request.remote or "")
+        s = Session(box, claims, FMT_JSON, settings.max_messages_per_s, kind, client_address(request))
         s.extra = {}
         box.session = s
         Held.__init__(h, s, box, new_id("k_"))

@@ -35,6 +35,7 @@ from .._core._schema import FMT_JSON
 from ..mailbox import KIND, PARTS, POS, SEQ
 from ..session import Session
 from . import cors
+from ..address import of_request as client_address
 from .base import StreamOutlet
 from .sessions import CLOSE_TAKEN, HttpError, HttpSessions, authenticate
 
@@ -219,7 +220,7 @@ async def _own_stream(request: web.Request, claims) -> web.StreamResponse:
     hub = app["hub"]
     settings = app["settings"]
     writer = SSEWriter(request.transport, settings.write_buffer_close_bytes, settings.slow_client_buffer_bytes)
-    s = Session(writer, claims, FMT_JSON, settings.max_messages_per_s, "sse", request.remote or "")
+    s = Session(writer, claims, FMT_JSON, settings.max_messages_per_s, "sse", client_address(request))
     refused = hub.admit(s)
     if refused:
         app["security_log"](request, "sse_connection_limit", refused)

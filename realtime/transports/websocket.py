@@ -20,6 +20,7 @@ from . import deflate
 from .. import client
 from .. import messages as M
 from .._core._schema import FMT_JSON, FMT_MSGPACK
+from ..address import of_request as client_address
 from ..auth import AuthError
 from ..session import Session
 from .base import StreamOutlet
@@ -242,22 +243,34 @@ async def handle(request: web.Request) -> web.StreamResponse:
     if fmt is None:
         await ws.close(code=WSCloseCode.PROTOCOL_ERROR, message=b"format must be json or msgpack")
         return ws
-    token = _token_of(request)
-    if token is None:
-        token = await _first_message_auth(ws, settings.auth_timeout_s)
+    peer = client_address(request)
+    # a socket waiting for its `auth` message already counts against its
+    # address: thousands of silent sockets must not pass the per-IP limit
+    refused = hub.take_address(peer)
+    if refused:
+        app["security_log"](request, "ws_connection_limit", refused)
+        await ws.close(code=WSCloseCode.POLICY_VIOLATION, message=refused.encode())
+        return ws
     try:
+        token = _token_of(request)
+        if token is None:
+            token = await _first_message_auth(ws, settings.auth_timeout_s)
         claims = authn.decode(token)
         if not claims.may_view_anything():
             raise AuthError("token grants no vehicles", forbidden=True)
     except AuthError as e:
+        hub.release_address(peer)
         app["security_log"](request, "ws_auth_failed", str(e))
         await ws.close(code=e.close_code, message=str(e).encode()[:120])
         return ws
+    except BaseException:
+        hub.release_address(peer)
+        raise
 
     writer = RawWriter(ws, request.transport, fmt, settings.write_buffer_close_bytes,
                        settings.deflate_min_bytes, settings.slow_client_buffer_bytes)
-    s = Session(writer, claims, fmt, settings.max_messages_per_s, "websocket", request.remote or "")
-    refused = hub.admit(s)
+    s = Session(writer, claims, fmt, settings.max_messages_per_s, "websocket", peer)
+    refused = hub.admit(s, address_taken=True)
     if refused:
         app["security_log"](request, "ws_connection_limit", refused)
         await ws.close(code=WSCloseCode.POLICY_VIOLATION, message=refused.encode())
