@@ -191,7 +191,7 @@ async def ready(request):
 
 
 async def vehicle(request):
-    claims = ingest_http.authorize(request)
+    claims = await ingest_http.authorize_live(request)
     hub = request.app["hub"]
     vid = request.match_info["vehicle_id"]
     if not hub.may_see(claims, vid):

@@ -112,6 +112,45 @@ async def test_welcome_names_the_log_position_a_client_without_events_resumes_fr
     await c2.close()
 
 
+def _get_status(server, path, tok) -> int:
+    import urllib.error
+    import urllib.request
+    req = urllib.request.Request(server.url + path, headers={"Authorization": f"Bearer {tok}"})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+async def test_acls_apply_to_the_long_form_and_to_ingest_and_an_unreadable_field_grants_nothing(rserver, r, uid):
+    """PROTOCOL §2: live ACLs apply to every way in, GET /api/vehicles/{id} and
+    POST /api/ingest included; a field that cannot be read restricts."""
+    a, b, user, feeder = uid + "a", uid + "b", uid + "u", uid + "f"
+    assert ingest(rserver, [update(a), update(b)])[0] == 200
+    assert _get_status(rserver, f"/api/vehicles/{b}", token(sub=user)) == 200   # no ACL: the token's rights
+    await r.hset(f"acl:user:{user}", mapping={"permissions": "[]", "vehicles": json.dumps([a])})
+    assert _get_status(rserver, f"/api/vehicles/{a}", token(sub=user)) == 200
+    assert _get_status(rserver, f"/api/vehicles/{b}", token(sub=user)) == 403
+    # the ACL takes `ingest` away from a token that has it
+    await r.hset(f"acl:user:{feeder}", mapping={"permissions": json.dumps(["view_all_vehicles"])})
+    status, body = ingest(rserver, [update(a, lat=1.0)], tok=token(feeder, ["ingest"]))
+    assert status == 403 and body["error"] == "forbidden"
+    await r.delete(f"acl:user:{feeder}")
+    assert ingest(rserver, [update(a, lat=1.0)], tok=token(feeder, ["ingest"]))[0] == 200
+    # unreadable fields grant nothing (they used to fall back to the token's rights)
+    await r.delete(f"acl:user:{user}")
+    await r.hset(f"acl:user:{user}", mapping={"permissions": "not json", "vehicles": json.dumps({"x": 1})})
+    assert _get_status(rserver, f"/api/vehicles/{a}", token(sub=user)) == 403
+    c = await Client.connect(rserver, token(sub=user))
+    await c.recv_type("welcome")
+    await c.send({"type": "subscribe", "subscriptions": {"vehicles": [a, b]}})
+    assert (await c.recv_type("subscribed"))["visible"] == 0
+    await c.close()
+    rserver.log.flush()
+    assert "unreadable ACL field" in open(rserver.log.name).read()   # logged (and counted as invalid_acl)
+
+
 async def test_session_keys(rserver, r, uid):
     vid = uid + "s"
     ingest(rserver, [update(vid)])
@@ -547,6 +586,10 @@ async def test_while_redis_is_down_rights_never_widen_and_resumes_are_refused_cl
                 while True:
                     await other.recv()
             assert e.value.rcvd.code == 1013 and "try again" in e.value.rcvd.reason
+        # the long form over HTTP: the same ACL in force, and a 503 for the stranger
+        assert _get_status(s, f"/api/vehicles/{a}", token(sub=narrow)) == 200
+        assert _get_status(s, f"/api/vehicles/{b}", token(sub=narrow)) == 403
+        assert _get_status(s, f"/api/vehicles/{a}", token(sub=uid + "stranger")) == 503
         log = open(s.log.name).read()
         assert "Task exception was never retrieved" not in log
         assert log.count('"background work failed"') <= 3                # once per kind, not per write

@@ -43,13 +43,33 @@ def authorize(request: web.Request, permission: str | None = None):
     return claims
 
 
+async def authorize_live(request: web.Request, permission: str | None = None):
+    """authorize() with the user's live ACL on top (PROTOCOL §2: ACLs apply to
+    every way in). While Redis cannot answer, the last ACL this instance read
+    for the user is used; for a user it never read, 503: the token's own
+    rights could be wider than what an ACL took away."""
+    from ..stores.base import StoresUnavailable
+    claims = authorize(request)
+    try:
+        acl = await request.app["hub"].stores.acl(claims.sub)
+    except StoresUnavailable:
+        raise web.HTTPServiceUnavailable(text=_err("unavailable", "rights cannot be checked now: try again"),
+                                         content_type="application/json", headers={"Retry-After": "1"}) from None
+    live = claims.with_acl(acl)
+    if permission and permission not in live.permissions:
+        request.app["security_log"](request, "http_forbidden", f"needs {permission}" + (" (ACL)" if acl else ""))
+        raise web.HTTPForbidden(text=_err("forbidden", f"no permission {permission!r}"),
+                                content_type="application/json")
+    return live
+
+
 def _err(code: str, message: str) -> str:
     import json
     return json.dumps({"error": code, "message": message})
 
 
 async def handle(request: web.Request) -> web.Response:
-    authorize(request, INGEST)
+    await authorize_live(request, INGEST)
     if request.content_length is not None and request.content_length > MAX_BODY:
         raise web.HTTPRequestEntityTooLarge(max_size=MAX_BODY, actual_size=request.content_length)
     body = await request.read()

@@ -44,6 +44,7 @@ log = logging.getLogger("realtime.redis")
 
 STREAM = "events:stream"
 WRITER_LEASE = "realtime:writer"
+ACL_FIELDS = ("permissions", "vehicles", "groups")   # acl:user:{id} (PROTOCOL §1.3)
 RELAY = "realtime:updates"
 # The TTL is refreshed at most once a minute per vehicle, not with every HSET:
 # a key then expires between 1:59 and 2:00 after its last update, for half the commands.
@@ -830,12 +831,20 @@ class RedisStores:
     def _acl_read(self, user_id, h) -> dict | None:
         out = {}
         for k, v in (h or {}).items():
+            key = _s(k)
             try:
                 val = json.loads(v)
             except ValueError:
-                continue
-            if isinstance(val, list):
-                out[_s(k)] = [str(x) for x in val]
+                val = None
+            if isinstance(val, list) and all(isinstance(x, str) for x in val):
+                out[key] = val
+            elif key in ACL_FIELDS:
+                # an unreadable field restricts, never widens: leaving it out
+                # would hand back the token's own (wider) rights for it
+                out[key] = []
+                self.hub.stats.reject("invalid_acl")
+                log.warning("unreadable ACL field: nothing granted by it", extra={"fields": {
+                    "user": user_id, "field": key}})
         acls = self._acls
         acls.pop(user_id, None)
         if len(acls) >= ACLS_KEPT:
