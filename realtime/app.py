@@ -216,8 +216,7 @@ def _dev_page(request) -> bool:
     if not request.app["settings"].development:
         return False
     from .config import is_loopback
-    host = request.host.rsplit(":", 1)[0] if not request.host.endswith("]") else request.host
-    return is_loopback(host.strip("[]"))
+    return is_loopback(request.url.host or "")
 
 
 async def index(request):

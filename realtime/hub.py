@@ -19,7 +19,7 @@ import numpy as np
 
 from ._core import Core, UpdateBatch
 from ._core._fanout import fan_out
-from ._core._schema import FMT_JSON
+from ._core._schema import FMT_JSON, msgpack_array_head
 from .auth import Claims
 from .ingest.decode import to_batch
 from .latency import Histogram
@@ -333,11 +333,7 @@ class Hub:
         return None
 
     def release_address(self, peer: str) -> None:
-        n = self._per_ip.get(peer, 1) - 1
-        if n:
-            self._per_ip[peer] = n
-        else:
-            self._per_ip.pop(peer, None)
+        _release(self._per_ip, peer)
 
     def admit(self, s: Session, address_taken: bool = False) -> str | None:
         """Why this connection may not open (per-IP and per-user limits), or
@@ -364,12 +360,8 @@ class Hub:
             return
         peer, user = s.counted
         s.counted = None
-        for counts, key in ((self._per_ip, peer), (self._per_user, user)):
-            n = counts.get(key, 1) - 1
-            if n:
-                counts[key] = n
-            else:
-                counts.pop(key, None)
+        _release(self._per_ip, peer)
+        _release(self._per_user, user)
 
     def attach(self, s: Session) -> None:
         c = s.claims
@@ -693,6 +685,16 @@ class Hub:
         return d
 
 
+def _release(counts: dict, key) -> None:
+    """One count less for key; a key at zero is dropped (the dicts stay as
+    small as what is open)."""
+    n = counts.get(key, 1) - 1
+    if n:
+        counts[key] = n
+    else:
+        counts.pop(key, None)
+
+
 def prepend_piece(fmt: int, piece: bytes, body: bytes) -> bytes:
     """An encoded message put before the others of an encoded batch body."""
     if fmt == FMT_JSON:
@@ -704,10 +706,7 @@ def prepend_piece(fmt: int, piece: bytes, body: bytes) -> bytes:
         n, rest = int.from_bytes(body[1:3], "big"), body[3:]
     else:   # 0xdd
         n, rest = int.from_bytes(body[1:5], "big"), body[5:]
-    n += 1
-    head = bytes([0x90 | n]) if n < 16 else (b"\xdc" + n.to_bytes(2, "big") if n < 65536
-                                             else b"\xdd" + n.to_bytes(4, "big"))
-    return head + piece + rest
+    return msgpack_array_head(n + 1) + piece + rest
 
 
 __all__ = ["Hub", "Stats", "FMT_JSON", "prepend_piece"]

@@ -754,10 +754,7 @@ class CoreBase:
         """A batch body (the `messages` array) from encoded pieces."""
         if fmt == S.FMT_JSON:
             return b"[" + b",".join(pieces) + b"]"
-        n = len(pieces)
-        head = bytes([0x90 | n]) if n < 16 else (b"\xdc" + n.to_bytes(2, "big") if n < 65536
-                                                 else b"\xdd" + n.to_bytes(4, "big"))
-        return head + b"".join(pieces)
+        return S.msgpack_array_head(len(pieces)) + b"".join(pieces)
 
     def tick(self, rebuild: bool = True, now: float = 0.0):
         """Route every change since the last tick. Returns [(body, [client rows])]:

@@ -187,10 +187,7 @@ class ReferenceCore(CoreBase):
             parts = [it[0] if isinstance(it, tuple) else S.enc_json(it) for it in items]
             return b"[" + b",".join(parts) + b"]"
         parts = [it[1] if isinstance(it, tuple) else S.enc_msgpack(it) for it in items]
-        n = len(parts)
-        head = bytes([0x90 | n]) if n < 16 else (b"\xdc" + n.to_bytes(2, "big") if n < 65536
-                                                 else b"\xdd" + n.to_bytes(4, "big"))
-        return head + b"".join(parts)
+        return S.msgpack_array_head(len(parts)) + b"".join(parts)
 
     # ------------------------------------------------------------------ commands
     def _k_client_diff(self, c, full_all):

@@ -79,6 +79,13 @@ def enc_json(obj) -> bytes:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
 
 
+def msgpack_array_head(n: int) -> bytes:
+    """The msgpack header of an array of n elements (a batch body's)."""
+    if n < 16:
+        return bytes([0x90 | n])
+    return b"\xdc" + n.to_bytes(2, "big") if n < 65536 else b"\xdd" + n.to_bytes(4, "big")
+
+
 def enc_msgpack(obj) -> bytes:
     return msgpack.packb(obj, use_bin_type=True)
 

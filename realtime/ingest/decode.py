@@ -97,7 +97,7 @@ def _reason_of(e: msgspec.ValidationError) -> str:
 _mp_encode = msgspec.msgpack.Encoder().encode
 
 
-def _finish(u: UpdateIn) -> UpdateIn:
+def _finish(u: UpdateIn, json_numbers: bool = True) -> UpdateIn:
     """What msgspec's types cannot say. Afterwards `timestamp` is epoch
     milliseconds and `course` (or `heading`) is in [0, 360). (NaN and
     infinities fail the types' bounds already: NaN >= x is false.)"""
@@ -107,7 +107,9 @@ def _finish(u: UpdateIn) -> UpdateIn:
     ts = u.timestamp
     u.timestamp = ts if type(ts) is int and 0 <= ts <= 100_000_000_000_000 else parse_timestamp(ts)
     for name, value in (("driver", u.driver), ("assignment", u.assignment)):
-        if value:
+        # only JSON can hold integers beyond 64 bits: a msgpack record cannot,
+        # and the Kafka path does not pay for an encode per record there
+        if value and json_numbers:
             # free-form objects are sent to msgpack clients as they are: an
             # integer msgpack cannot carry (beyond 64 bits) would fail there,
             # in the core, for the whole batch
@@ -155,7 +157,7 @@ _mp_update = msgspec.msgpack.Decoder(UpdateIn)
 def decode_record(value: bytes, msgpack_value: bool = False) -> UpdateIn:
     """One Kafka record value -> validated update, decoded in one pass."""
     try:
-        return _finish((_mp_update if msgpack_value else _json_update).decode(value))
+        return _finish((_mp_update if msgpack_value else _json_update).decode(value), not msgpack_value)
     except msgspec.ValidationError as e:   # a DecodeError too: test it first
         text = str(e)
         if text.startswith("Expected `object`") and "- at `$" not in text:

@@ -39,31 +39,24 @@ async def cors(request: web.Request, handler):
     if not request.path.startswith(PREFIXES):
         return await handler(request)
     origin = request.headers.get("Origin")
-    if origin is None:
-        resp = await handler(request)
-        if not resp.prepared:
-            _vary(resp)
-        return resp
-    allowed = _origin_allowed(request, request.app["settings"].allowed_origins)
-    if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
+    allowed = origin is not None and _origin_allowed(request, request.app["settings"].allowed_origins)
+    if origin is not None and request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
         if not allowed:
             return web.Response(status=403, text="origin not allowed")
         return web.Response(status=204, headers={
             **_headers(origin), "Vary": "Origin", "Access-Control-Allow-Methods": ALLOW_METHODS,
             "Access-Control-Allow-Headers": ALLOW_HEADERS, "Access-Control-Max-Age": "600"})
-    if not allowed:   # answered without CORS headers: the browser refuses it
-        resp = await handler(request)
-        if not resp.prepared:
-            _vary(resp)
-        return resp
+    # an origin that is not allowed gets no CORS headers: the browser refuses the answer
+    extra = _headers(origin) if allowed else {}
     try:
         resp = await handler(request)
     except web.HTTPException as e:   # raised answers (404, 405, …) carry the headers too
-        e.headers.update(_headers(origin))
-        _vary(e)
+        if extra:
+            e.headers.update(extra)
+            _vary(e)
         raise
     if not resp.prepared:   # a stream (SSE) sets them before it starts (see sse.py)
-        resp.headers.update(_headers(origin))
+        resp.headers.update(extra)
         _vary(resp)
     return resp
 

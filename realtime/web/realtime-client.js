@@ -139,6 +139,15 @@ class HttpTransport {
     this.madeSession = false;   // this transport made the session, with the subscription it sent
   }
 
+  /** An AbortController that the transport's end aborts too; release() unlinks it. */
+  _linked() {
+    const ctl = new AbortController();
+    const stop = () => ctl.abort();
+    this.abort.signal.addEventListener("abort", stop);
+    ctl.release = () => this.abort.signal.removeEventListener("abort", stop);
+    return ctl;
+  }
+
   _headers(json) {
     const h = { Authorization: "Bearer " + this.token };
     if (json) h["Content-Type"] = "application/json";
@@ -263,9 +272,7 @@ class SseTransport extends HttpTransport {
         if (c.lastEvent) q.set("last_event", c.lastEvent);
         const id = c._readerPosition("sse", sid);
         if (id !== null) q.set("last_event_id", String(id));
-        this.stream = new AbortController();
-        const stop = () => this.stream.abort();
-        this.abort.signal.addEventListener("abort", stop);
+        this.stream = this._linked();
         try {
           const r = await fetch(c._httpBase() + "/api/realtime/stream?" + q.toString(), {
             headers: { ...this._headers(false), Accept: "text/event-stream" },
@@ -282,7 +289,7 @@ class SseTransport extends HttpTransport {
           }
           throw e;
         } finally {
-          this.abort.signal.removeEventListener("abort", stop);
+          this.stream.release();
         }
       }
     } catch (e) {
@@ -376,11 +383,10 @@ class PollTransport extends HttpTransport {
         const q = new URLSearchParams({ session: sid, cursor: String(cursor),
           timeout: String(first ? 0 : POLL_TIMEOUT_S) });
         if (c.lastEvent) q.set("last_event", c.lastEvent);
-        this.wait = new AbortController();
+        this.wait = this._linked();
         this.kicked = false;
-        const stop = () => this.wait.abort();
-        this.abort.signal.addEventListener("abort", stop);
-        const timer = setTimeout(stop, (POLL_TIMEOUT_S + 10) * 1000);
+        const wait = this.wait;
+        const timer = setTimeout(() => wait.abort(), (POLL_TIMEOUT_S + 10) * 1000);
         try {
           const r = await fetch(c._httpBase() + "/api/realtime/poll?" + q.toString(), {
             headers: this._headers(false), cache: "no-store", signal: this.wait.signal,
@@ -411,7 +417,7 @@ class PollTransport extends HttpTransport {
           throw e;
         } finally {
           clearTimeout(timer);
-          this.abort.signal.removeEventListener("abort", stop);
+          wait.release();
         }
         first = false;
       }
