@@ -50,6 +50,9 @@ def make_app(settings) -> web.Application:
         settings.jwt_secret = ephemeral_secret()
     app["settings"] = settings
     app["auth"] = Authenticator.from_settings(settings)
+    from .keys import Keys, Tls
+    app["tls"] = Tls(settings.tls_cert, settings.tls_key) if settings.tls_cert else None
+    app["keys"] = Keys(settings, app["auth"], app["tls"])
     app["addresses"] = Addresses(parse_networks(settings.trusted_proxies))
     app["hub"] = hub = Hub(settings)
     app["security_log"] = _security_logger(hub)
@@ -114,6 +117,7 @@ async def _start(app):
         hub.records = Records(settings.postgres, hub.instance_id)
     hub.records.start()
     hub.start()
+    app["keys"].start()
     app["http_sessions"].start()
     if settings.grpc_port:
         from .transports import grpc_stream
@@ -150,6 +154,7 @@ async def _stop(app):
     task = app.get("simulator")
     if task:
         task.cancel()
+    await app["keys"].stop()
     await app["http_sessions"].stop()
     if app.get("kafka"):
         await app["kafka"].stop()

@@ -96,25 +96,33 @@ class Authenticator:
     def __init__(self, secret: str | None = None, public_key: str | None = None,
                  algorithms: str = "HS256", issuer: str | None = None,
                  audience: str | None = None, leeway_s: float = 0.0, jwks: str | None = None):
-        self.algorithms = [a.strip() for a in algorithms.split(",") if a.strip()]
-        if public_key:
-            self.key = public_key
-            if self.algorithms == ["HS256"]:
-                self.algorithms = ["RS256", "ES256"]
-        else:
-            self.key = secret
+        self._configured = [a.strip() for a in algorithms.split(",") if a.strip()]
         self.secret = secret
-        # a JWKS document: the token's `kid` picks the key
-        self.jwks = jwt.PyJWKSet.from_json(jwks) if jwks else None
-        if self.jwks is not None and self.algorithms == ["HS256"]:
-            self.algorithms = ["RS256", "ES256"]
+        self._use(public_key, jwks)
         self.issuer = issuer
         self.audience = audience
         self.leeway = leeway_s
         self._verified: OrderedDict[str, Claims] = OrderedDict()   # see decode
 
-    @classmethod
-    def from_settings(cls, s) -> "Authenticator":
+    def _use(self, public_key: str | None, jwks: str | None) -> None:
+        """Builds the checking keys, then swaps them in at once (a reload
+        that raises leaves the old ones)."""
+        algorithms = self._configured
+        if (public_key or jwks) and algorithms == ["HS256"]:
+            algorithms = ["RS256", "ES256"]
+        # a JWKS document: the token's `kid` picks the key
+        key_set = jwt.PyJWKSet.from_json(jwks) if jwks else None
+        key = public_key if public_key else self.secret
+        if public_key:
+            # refused here, not per token: a reload must not swap in a key
+            # that checks nothing (config.check_files does the same at start)
+            from cryptography.hazmat.primitives.serialization import load_pem_public_key
+            load_pem_public_key(public_key.encode())
+        self.key, self.jwks, self.algorithms = key, key_set, algorithms
+        self._jwks_text = jwks
+
+    @staticmethod
+    def _files(s) -> tuple[str | None, str | None]:
         public_key = jwks = None
         if s.jwt_public_key:
             with open(s.jwt_public_key) as f:
@@ -122,8 +130,29 @@ class Authenticator:
         if s.jwt_jwks:
             with open(s.jwt_jwks) as f:
                 jwks = f.read()
+        return public_key, jwks
+
+    @classmethod
+    def from_settings(cls, s) -> "Authenticator":
+        public_key, jwks = cls._files(s)
         return cls(s.jwt_secret, public_key, s.jwt_algorithms, s.jwt_issuer,
                    s.jwt_audience, s.jwt_leeway_s, jwks)
+
+    def reload_keys(self, s) -> bool:
+        """--jwt-public-key / --jwt-jwks read again (SIGHUP, or the file
+        changed). True when the keys changed: then tokens verified with the
+        old ones are verified again, so a key taken out of the JWKS stops
+        working at once for new connections and HTTP requests."""
+        before = (self.key, self._jwks_text)
+        public_key, jwks = self._files(s)
+        if (public_key if public_key else self.secret, jwks) == before:
+            return False
+        self._use(public_key, jwks)
+        self._verified.clear()
+        return True
+
+    def key_count(self) -> int:
+        return len(self.jwks.keys) if self.jwks is not None else int(self.key is not None)
 
     def _key_for(self, token: str):
         if self.jwks is None:

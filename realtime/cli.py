@@ -41,6 +41,9 @@ def cmd_serve(ns) -> int:
         print(f"realtime serve: {problem}", file=sys.stderr)
         return EXIT_FAILED
     _logging(settings.log_level)
+    # SIGHUP reloads keys (keys.py) once a worker's loop handles it; until
+    # then it must not kill (its default). Workers inherit the ignore.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     if settings.development:
         # one ephemeral secret for every worker, so a token works on all of them
         from .auth import ephemeral_secret
@@ -85,7 +88,8 @@ class Supervisor:
     BACKOFF_MAX_S; at GIVE_UP deaths in the window the supervisor stops every
     worker and exits non-zero: a worker that cannot stay up will not by
     restarting. A worker that dies now and then (less often than GIVE_UP per
-    WINDOW_S) is restarted for ever. On SIGTERM/SIGINT it waits
+    WINDOW_S) is restarted for ever. SIGHUP goes to every worker (keys.py).
+    On SIGTERM/SIGINT it waits
     --shutdown-grace + KILL_AFTER_S for the workers, then kills what is left."""
 
     BACKOFF_S = 0.5
@@ -110,8 +114,25 @@ class Supervisor:
         if self.stopping is not None:
             return
         p = self.ctx.Process(target=_worker_main, args=(self.settings, i, os.getpid()), daemon=False)
-        p.start()
+        # a new worker starts with SIGHUP ignored (a handler would not survive
+        # its exec, and the default kills) until its loop takes it over
+        handler = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        try:
+            p.start()
+        finally:
+            signal.signal(signal.SIGHUP, handler)
         self.procs[i] = p
+
+    def hangup(self, _signum, _frame) -> None:
+        """SIGHUP: every worker reloads its keys (they read the same files)."""
+        if self.stopping is not None:
+            return
+        for p in self.procs.values():
+            if p.pid is not None and p.is_alive():
+                try:
+                    os.kill(p.pid, signal.SIGHUP)
+                except ProcessLookupError:
+                    pass
 
     def forward(self, signum, _frame) -> None:
         if self.stopping is None:
@@ -141,6 +162,7 @@ class Supervisor:
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self.forward)
         signal.signal(signal.SIGINT, self.forward)
+        signal.signal(signal.SIGHUP, self.hangup)
         try:
             for i in range(self.settings.workers):
                 self.start(i)

@@ -63,6 +63,12 @@ class HubCollector:
         for kind, n in sorted(st.background_errors.items()):
             bg.add_metric([kind], n)
         yield bg
+        reloads = CounterMetricFamily("key_reloads", "Reloads of key material (SIGHUP, a JWT key file "
+                                      "that changed), by what (tls, jwt) and result (ok, unchanged, failed)",
+                                      labels=["what", "result"])
+        for (what, result), n in sorted(app["keys"].counts.items()):
+            reloads.add_metric([what, result], n)
+        yield reloads
         users = {s.claims.sub for s in hub.sessions.values()}
         subs = sum(1 for s in hub.sessions.values() if s.subscription is not None)
         load = hub.load
@@ -101,6 +107,10 @@ class HubCollector:
             (C, "postgres_records_dropped", "Records dropped: the queue was full during an outage",
              hub.records.dropped),
         ]
+        if app.get("tls") is not None:
+            table.append((G, "tls_certificate_expiry_timestamp_seconds",
+                          "When the certificate in use expires (Unix time): alert well before it",
+                          app["tls"].not_after))
         pool = getattr(getattr(hub.stores, "r", None), "connection_pool", None)
         if pool is not None:
             table += [

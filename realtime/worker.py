@@ -10,7 +10,6 @@ import errno
 import gc
 import logging
 import signal
-import ssl
 import sys
 
 import uvloop
@@ -22,18 +21,12 @@ from .listen import EXIT_FAILED, EXIT_PORT_TAKEN, bind_error
 log = logging.getLogger("realtime.worker")
 
 
-def tls_context(cert: str, key: str) -> ssl.SSLContext:
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_3  # PROTOCOL §7: TLS 1.3 only
-    ctx.load_cert_chain(cert, key)
-    return ctx
-
-
 async def serve(settings, ready: asyncio.Event | None = None) -> None:
     app = make_app(settings)
     runner = web.AppRunner(app, handle_signals=False, access_log=None)
     await runner.setup()
-    ctx = tls_context(settings.tls_cert, settings.tls_key) if settings.tls_cert else None
+    tls = app.get("tls")
+    ctx = tls.front if tls is not None else None
     site = web.TCPSite(runner, settings.host, settings.port, ssl_context=ctx,
                        reuse_port=settings.workers > 1, backlog=4096)
     try:
@@ -48,6 +41,8 @@ async def serve(settings, ready: asyncio.Event | None = None) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    # new TLS certificate and JWT keys, open connections untouched (keys.py)
+    loop.add_signal_handler(signal.SIGHUP, app["keys"].reload)
     if ready:
         ready.set()
     await stop.wait()

@@ -3,6 +3,7 @@ generated at test time by grpcio-tools from the .proto the package ships."""
 import asyncio
 import importlib
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -230,6 +231,31 @@ async def test_grpc_over_tls(tmp_path, pb, uid):
             got = await take(stub.Stream(realtime_pb2.StreamRequest(), metadata=meta()), 2)
             assert got[0].welcome.session and got[1].seq == 1
         async with aio.insecure_channel(f"127.0.0.1:{gport}") as ch:   # plaintext is refused
+            stub = realtime_pb2_grpc.RealtimeStub(ch)
+            with pytest.raises(aio.AioRpcError) as e:
+                await take(stub.Stream(realtime_pb2.StreamRequest(), metadata=meta()), 1, timeout=5)
+            assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+
+        # SIGHUP: a renewed certificate for new gRPC connections too (docs/security.md)
+        new_cert, new_key = tmp_path / "new.pem", tmp_path / "new.key"
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                        "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                        "-keyout", str(new_key), "-out", str(new_cert)], check=True, capture_output=True)
+        old_cert = cert.read_bytes()
+        key.write_bytes(new_key.read_bytes())
+        cert.write_bytes(new_cert.read_bytes())
+        s.proc.send_signal(signal.SIGHUP)
+        deadline = asyncio.get_running_loop().time() + 10
+        while "TLS certificate reloaded" not in s.logs():
+            assert asyncio.get_running_loop().time() < deadline, s.logs()
+            await asyncio.sleep(0.1)
+        creds = grpc.ssl_channel_credentials(root_certificates=new_cert.read_bytes())
+        async with aio.secure_channel(f"127.0.0.1:{gport}", creds) as ch:
+            stub = realtime_pb2_grpc.RealtimeStub(ch)
+            got = await take(stub.Stream(realtime_pb2.StreamRequest(), metadata=meta()), 1)
+            assert got[0].welcome.session
+        creds = grpc.ssl_channel_credentials(root_certificates=old_cert)
+        async with aio.secure_channel(f"127.0.0.1:{gport}", creds) as ch:   # the old one is gone
             stub = realtime_pb2_grpc.RealtimeStub(ch)
             with pytest.raises(aio.AioRpcError) as e:
                 await take(stub.Stream(realtime_pb2.StreamRequest(), metadata=meta()), 1, timeout=5)

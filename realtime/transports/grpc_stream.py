@@ -261,10 +261,8 @@ async def start(app) -> aio.Server:
     ])
     server.add_generic_rpc_handlers((handler,))
     address = f"{settings.host}:{settings.grpc_port}"
-    if settings.tls_cert:
-        with open(settings.tls_key, "rb") as k, open(settings.tls_cert, "rb") as c:
-            creds = grpc.ssl_server_credentials([(k.read(), c.read())])
-        server.add_secure_port(address, creds)
+    if app.get("tls") is not None:   # SIGHUP reloads it (keys.Tls)
+        server.add_secure_port(address, app["tls"].grpc_credentials())
     else:
         server.add_insecure_port(address)
     await server.start()
