@@ -10,7 +10,6 @@ from pathlib import Path
 from aiohttp import web
 
 from .address import Addresses, parse_networks
-from .address import of_request as client_address
 from .auth import VIEW_ALL, Authenticator, ephemeral_secret
 from .hub import Hub
 from .ingest import http as ingest_http
@@ -20,27 +19,6 @@ from .transports import poll, sessions, sse, websocket
 
 log = logging.getLogger("realtime.app")
 WEB = Path(__file__).parent / "web"
-
-
-def _security_logger(hub):
-    last = {"t": 0.0, "suppressed": 0}
-
-    def security_log(request, kind: str, detail: str) -> None:
-        peer = client_address(request)
-        hub.records.event("security_violation", None, None, kind=kind, detail=detail[:200],
-                          peer=peer, path=request.path)
-        # rate-limited: a flood of bad tokens must not flood the log
-        now = time.monotonic()
-        if now - last["t"] < 0.2:
-            last["suppressed"] += 1
-            return
-        log.warning("security violation", extra={"fields": {
-            "event": kind, "detail": detail, "peer": peer, "path": request.path,
-            "suppressed": last["suppressed"]}})
-        last["t"] = now
-        last["suppressed"] = 0
-
-    return security_log
 
 
 def make_app(settings) -> web.Application:
@@ -55,7 +33,7 @@ def make_app(settings) -> web.Application:
     app["keys"] = Keys(settings, app["auth"], app["tls"])
     app["addresses"] = Addresses(parse_networks(settings.trusted_proxies))
     app["hub"] = hub = Hub(settings)
-    app["security_log"] = _security_logger(hub)
+    app["security"] = hub.security
 
     async def sink(records):
         """Kafka input (decode_record's structs): applied here; every instance
@@ -117,6 +95,7 @@ async def _start(app):
         hub.records = Records(settings.postgres, hub.instance_id)
     hub.records.start()
     hub.start()
+    hub.security.start()
     app["keys"].start()
     app["http_sessions"].start()
     if settings.grpc_port:
@@ -164,6 +143,7 @@ async def _stop(app):
             await app["kafka_producer"].stop()
         except Exception:
             pass
+    await app["hub"].security.stop()   # its last summary goes to the records
     await app["hub"].settle(max(1.0, app["settings"].shutdown_grace / 3))
     step("background writes settled")
     await app["hub"].stores.stop()
@@ -200,6 +180,7 @@ async def vehicle(request):
     hub = request.app["hub"]
     vid = request.match_info["vehicle_id"]
     if not hub.may_see(claims, vid):
+        hub.security.of_request(request, "forbidden", "http", "vehicle outside the rights: " + vid, claims.sub)
         raise web.HTTPForbidden(text=json.dumps({"error": "forbidden", "message": "not allowed to see this vehicle"}),
                                 content_type="application/json")
     d = hub.long_form(claims, vid)

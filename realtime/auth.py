@@ -21,11 +21,16 @@ CLOSE_FORBIDDEN = 4003
 
 
 class AuthError(Exception):
-    """`forbidden` False: bad or expired token (401/4001); True: 403/4003."""
+    """`forbidden` False: bad or expired token (401/4001); True: 403/4003.
+    `expired` tells an expired token from a bad one, and `user` is the
+    token's `sub` when its signature was good (security events)."""
 
-    def __init__(self, message: str, forbidden: bool = False):
+    def __init__(self, message: str, forbidden: bool = False, expired: bool = False,
+                 user: str | None = None):
         super().__init__(message)
         self.forbidden = forbidden
+        self.expired = expired
+        self.user = user
 
     @property
     def close_code(self) -> int:
@@ -34,6 +39,13 @@ class AuthError(Exception):
     @property
     def http_status(self) -> int:
         return 403 if self.forbidden else 401
+
+    @property
+    def kind(self) -> str:
+        """The security event it makes (realtime/security.py)."""
+        if self.forbidden:
+            return "forbidden"
+        return "expired_token" if self.expired else "bad_token"
 
 
 _SHARED: dict = {}
@@ -182,7 +194,7 @@ class Authenticator:
         if claims is not None:
             if claims.exp + self.leeway < time.time():
                 del cache[token]
-                raise AuthError("token expired")
+                raise AuthError("token expired", expired=True)
             cache.move_to_end(token)
             return claims
         claims = self._verify(token)
@@ -202,7 +214,7 @@ class Authenticator:
                 options={"require": ["exp", "sub"], "verify_aud": self.audience is not None},
             )
         except jwt.ExpiredSignatureError:
-            raise AuthError("token expired") from None
+            raise AuthError("token expired", expired=True, user=self._expired_sub(token, key)) from None
         except jwt.PyJWTError as e:  # InvalidKeyError too: a token made for another key type
             raise AuthError(f"invalid token: {e}") from None
         return Claims(
@@ -214,6 +226,17 @@ class Authenticator:
             groups=_shared(_names(payload.get("groups"))),
             exp=float(payload["exp"]),
         )
+
+    def _expired_sub(self, token: str, key) -> str | None:
+        """Whose expired token it is: the signature was good, so `sub` is
+        theirs (for the security event; it grants nothing)."""
+        try:
+            payload = jwt.decode(token, key, algorithms=self.algorithms, issuer=self.issuer,
+                                 audience=self.audience, options={"verify_exp": False,
+                                                                  "verify_aud": self.audience is not None})
+            return str(payload.get("sub"))[:128]
+        except jwt.PyJWTError:
+            return None
 
     def mint(self, sub: str, role: str = "", permissions=(), groups=(), vehicles=(),
              ttl_s: float = 3600, name: str | None = None) -> str:

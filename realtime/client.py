@@ -34,7 +34,7 @@ class Refused(Exception):
         self.code, self.reason = code, reason
 
 
-async def start(hub, s: Session, resume: str | None, last_event: str | None, security_log,
+async def start(hub, s: Session, resume: str | None, last_event: str | None,
                 must_resume: bool = False) -> bool:
     """Opens an admitted session (Hub.admit): rights and the stored session in
     one round trip, then `welcome`, the resumed subscription's snapshot and the
@@ -49,6 +49,7 @@ async def start(hub, s: Session, resume: str | None, last_event: str | None, sec
     refused with 4404 and another user's with 4403, instead of a fresh one."""
     stores = hub.stores
     claims = s.claims
+    acl_generation = hub.acl_generation
     try:
         acl, record, where = await stores.connect_reads(
             claims.sub, resume, last_event if resume and replay.well_formed(last_event) else None)
@@ -60,7 +61,8 @@ async def start(hub, s: Session, resume: str | None, last_event: str | None, sec
     s.acl = acl
     s.claims = claims.with_acl(acl)
     if record is not None and record.get("user_id") != claims.sub:
-        security_log("resume_other_user", resume)
+        hub.security.report("forbidden", s.kind, s.peer, "resume of another user's session",
+                            claims.sub, s.client_id)
         if must_resume:
             raise Refused(4403, "this session belongs to another user")
         record = None
@@ -92,6 +94,10 @@ async def start(hub, s: Session, resume: str | None, last_event: str | None, sec
         # that cannot be restored (the replay would filter out its events)
         recovered = False
     hub.attach(s)
+    if hub.acl_generation != acl_generation:
+        # an acl:updates came while this connection was between its ACL read
+        # and attach(), so it was not applied here: read the ACL again
+        hub.spawn(hub.acl_changed(claims.sub))
     welcome = {"type": "welcome", "client": s.client_id, "session": s.session_id,
                "resumed": record is not None, "recovered": recovered,
                "heartbeat_s": int(hub.settings.heartbeat_s)}
@@ -120,6 +126,7 @@ async def command(hub, authn, s: Session, data: bytes, binary: bool) -> None:
     Refused when the client must be closed (a rate limit it keeps breaking)."""
     settings = hub.settings
     if not s.limiter.allow():
+        hub.security.report("limit", s.kind, s.peer, "messages per second", s.claims.sub, s.client_id)
         if s.limiter.persistent:
             raise Refused(CLOSE_POLICY, "rate limit exceeded")
         s.send(M.error("rate_limited", "more than %d messages/s" % settings.max_messages_per_s))
@@ -233,6 +240,8 @@ def _take_token(hub, s: Session, claims: Claims) -> None:
 
 def _get(hub, s: Session, m) -> None:
     if not hub.may_see(s.claims, m.vehicle):
+        hub.security.report("forbidden", s.kind, s.peer, "get of a vehicle outside the rights: " + m.vehicle,
+                            s.claims.sub, s.client_id)
         s.send(M.error("forbidden", "not allowed to see this vehicle", m.id))
         return
     d = hub.long_form(s.claims, m.vehicle)
@@ -248,16 +257,22 @@ async def _refresh(hub, authn, s: Session, m, settings) -> None:
     try:
         claims: Claims = authn.decode(m.token)
     except AuthError as e:
+        hub.security.report(e.kind, s.kind, s.peer, "refresh: " + str(e), s.claims.sub, s.client_id)
         s.send(M.error("unauthorized", str(e), m.id))
         return
     if claims.sub != s.claims.sub:
+        hub.security.report("forbidden", s.kind, s.peer, "refresh with another user's token",
+                            s.claims.sub, s.client_id)
         s.send(M.error("forbidden", "a refreshed token must be for the same user", m.id))
         return
+    acl_generation = hub.acl_generation
     try:
         s.acl = await hub.stores.acl(claims.sub)
     except Exception:
         pass   # rights cannot be read now: the ACL in force stays, on the new token
     _take_token(hub, s, claims)
+    if hub.acl_generation != acl_generation:   # as in start(): this read may predate it
+        hub.spawn(hub.acl_changed(claims.sub))
     if s.closed:
         return
     s.send(M.reply("refreshed", m.id, exp=int(claims.exp)))

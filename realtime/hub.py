@@ -27,6 +27,7 @@ from .loadmon import LoadMonitor
 from .messages import Subscribe
 from . import replay
 from .recent import Recent, RecentEvents
+from .security import SecurityEvents, rights_change
 from .session import Session
 from .stores.base import Event
 from .stores.memory import MemoryStores
@@ -87,6 +88,8 @@ class Hub:
         self._task: asyncio.Task | None = None
         self.stores = MemoryStores()
         self.records = NoRecords()   # PostgreSQL (app.py sets it with --postgres)
+        self.security = SecurityEvents(self)
+        self.acl_generation = 0      # acl:updates seen (acl_changed)
         self.last_eid: str | None = None   # the newest event handed to the core
         # the newest event that every client has been written (or held for):
         # last_eid as of the last tick (mailbox.py's marks)
@@ -509,6 +512,10 @@ class Hub:
 
     async def acl_changed(self, user_id: str) -> None:
         """PUBLISH acl:updates {user}: apply the live rights to that user's connections."""
+        # counted before anything else: a connection that read its ACL before
+        # this and attaches after it is not among the targets, and sees the
+        # count moved (client.start, client._refresh)
+        self.acl_generation += 1
         targets = [s for s in self.sessions.values() if s.claims.sub == user_id]
         if not targets:
             return
@@ -516,7 +523,11 @@ class Hub:
         for s in targets:
             if not s.closed and s.row >= 0:
                 s.acl = acl
-                self.set_claims(s, s.token_claims.with_acl(acl))
+                old, new = s.claims, s.token_claims.with_acl(acl)
+                self.set_claims(s, new)
+                change = rights_change(old, new)
+                if change:
+                    self.security.report("acl_applied", s.kind, s.peer, change, user_id, s.client_id)
 
     # ------------------------------------------------------------ clusters
     def _cluster_or(self, s: Session, visible: int, body: bytes) -> bytes:
@@ -615,6 +626,8 @@ class Hub:
                 continue
             try:
                 if s.token_claims.exp <= wall:
+                    self.security.report("expired_token", s.kind, s.peer, "closed at exp: not refreshed",
+                                         s.claims.sub, s.client_id)
                     s.close(4001, "token expired")
                     continue
                 self.warn_expiry(s, wall)

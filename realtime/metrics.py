@@ -63,6 +63,12 @@ class HubCollector:
         for kind, n in sorted(st.background_errors.items()):
             bg.add_metric([kind], n)
         yield bg
+        sec = CounterMetricFamily("security_events", "Security events (docs/security.md), by kind and "
+                                  "transport; every one, also those the log's rate limit held back",
+                                  labels=["kind", "transport"])
+        for (kind, transport), n in sorted(hub.security.counts.items()):
+            sec.add_metric([kind, transport], n)
+        yield sec
         reloads = CounterMetricFamily("key_reloads", "Reloads of key material (SIGHUP, a JWT key file "
                                       "that changed), by what (tls, jwt) and result (ok, unchanged, failed)",
                                       labels=["what", "result"])

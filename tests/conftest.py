@@ -275,6 +275,23 @@ def server():
     s.stop()
 
 
+async def in_process(**options):
+    """The app in this process, listening on a free port, for tests that
+    reach into it: (app, runner, port). The caller cleans the runner up."""
+    from aiohttp import web
+
+    from realtime import config
+    from realtime.app import make_app
+    s = config.Settings(jwt_secret=SECRET, **{"simulate": 0, **options})
+    s.validate()
+    app = make_app(s)
+    runner = web.AppRunner(app, handle_signals=False)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    return app, runner, port
+
+
 def require(what: str, available: bool):
     """Integration prerequisites: a skip on a developer's machine, a failure under CI."""
     if available:

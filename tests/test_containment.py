@@ -13,11 +13,8 @@ import types
 import aiohttp
 import websockets
 import pytest
-from aiohttp import web
 
-from conftest import SECRET, Client, free_port, token, update
-from realtime import config
-from realtime.app import make_app
+from conftest import Client, in_process, token, update
 from realtime.session import Session
 
 
@@ -38,13 +35,7 @@ class Broken:
 
 @pytest.fixture
 async def inproc():
-    s = config.Settings(jwt_secret=SECRET, simulate=0, tick_ms=20)
-    s.validate()
-    app = make_app(s)
-    runner = web.AppRunner(app, handle_signals=False)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
+    app, runner, port = await in_process(tick_ms=20)
     srv = types.SimpleNamespace(url=f"http://127.0.0.1:{port}", ws_url=f"ws://127.0.0.1:{port}/ws",
                                 hub=app["hub"])
     async with aiohttp.ClientSession() as http:

@@ -799,3 +799,59 @@ async def test_a_stored_session_nobody_can_read_is_an_unknown_session(rserver, r
     w = await c.recv_type("welcome")
     assert w["resumed"] is False and w["recovered"] is False and w["session"] != uid
     await c.close()
+
+
+async def test_an_acl_update_during_a_connect_reaches_that_connection(redis_url, r, uid, monkeypatch):
+    """The race of issue 13 part 1, made to happen every time: a connection
+    reads its ACL, an `acl:updates` for its user arrives before it is
+    attached (so the update is applied to the user's other connections, and
+    not to it), then it attaches. It must still end up with the new rights.
+    In process with a real Redis: the connect is held between its ACL read
+    and attach() (in the group lookup that sits there) until the update was
+    handled."""
+    from conftest import in_process
+    app, runner, port = await in_process(redis=redis_url)
+    hub = app["hub"]
+    marker = "race_" + uid
+    reached, release, handled = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    real_resolve, real_changed = hub.stores.resolve_groups, hub.acl_changed
+
+    async def held_resolve(names):
+        names = list(names)
+        if marker in names and not release.is_set():
+            reached.set()
+            await release.wait()
+        await real_resolve(names)
+
+    async def seen_changed(user_id):
+        await real_changed(user_id)
+        handled.set()
+
+    monkeypatch.setattr(hub.stores, "resolve_groups", held_resolve)
+    monkeypatch.setattr(hub, "acl_changed", seen_changed)
+    user = uid + "race"
+    ws = None
+    try:
+        ws = await websockets.connect(f"ws://127.0.0.1:{port}/ws?token={token(sub=user, groups=[marker])}")
+        await asyncio.wait_for(reached.wait(), 10)     # the ACL is read; not attached yet
+        await r.hset(f"acl:user:{user}", mapping={"permissions": "[]", "vehicles": json.dumps(["mine_" + uid])})
+        await r.publish("acl:updates", user)
+        await asyncio.wait_for(handled.wait(), 10)     # the update is handled while it waits
+        release.set()
+        assert json.loads(await asyncio.wait_for(ws.recv(), 10))["type"] == "welcome"
+        # under the token's rights (view_all) another vehicle is just unknown;
+        # under the ACL it is forbidden
+        deadline = time.monotonic() + 5
+        while True:
+            await ws.send(json.dumps({"type": "get", "vehicle": "theirs_" + uid, "id": "g"}))
+            while (m := json.loads(await asyncio.wait_for(ws.recv(), 5))).get("id") != "g":
+                pass
+            if m.get("code") == "forbidden" or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.05)
+        assert m.get("code") == "forbidden", m
+    finally:
+        if ws is not None:
+            await ws.close()
+        await r.delete(f"acl:user:{user}")
+        await runner.cleanup()

@@ -33,11 +33,11 @@ def authorize(request: web.Request, permission: str | None = None):
     try:
         claims = request.app["auth"].decode(bearer(request))
     except AuthError as e:
-        request.app["security_log"](request, "http_auth_failed", str(e))
+        request.app["security"].of_request(request, e.kind, "http", str(e), e.user)
         raise web.HTTPUnauthorized(text=_err("unauthorized", str(e)), content_type="application/json",
                                    headers={"WWW-Authenticate": "Bearer"}) from None
     if permission and permission not in claims.permissions:
-        request.app["security_log"](request, "http_forbidden", f"needs {permission}")
+        request.app["security"].of_request(request, "forbidden", "http", f"needs {permission}", claims.sub)
         raise web.HTTPForbidden(text=_err("forbidden", f"token lacks permission {permission!r}"),
                                 content_type="application/json")
     return claims
@@ -57,7 +57,8 @@ async def authorize_live(request: web.Request, permission: str | None = None):
                                          content_type="application/json", headers={"Retry-After": "1"}) from None
     live = claims.with_acl(acl)
     if permission and permission not in live.permissions:
-        request.app["security_log"](request, "http_forbidden", f"needs {permission}" + (" (ACL)" if acl else ""))
+        request.app["security"].of_request(request, "forbidden", "http", f"needs {permission}" + (" (ACL)" if acl else ""),
+                                           claims.sub)
         raise web.HTTPForbidden(text=_err("forbidden", f"no permission {permission!r}"),
                                 content_type="application/json")
     return live

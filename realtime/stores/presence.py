@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import logging
 import secrets
-import time
 
 log = logging.getLogger("realtime.presence")
 

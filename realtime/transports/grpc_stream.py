@@ -160,9 +160,8 @@ class RealtimeService:
         forwarded = [v for k, v in (context.invocation_metadata() or ()) if k == "x-forwarded-for"]
         return self.app["addresses"].client(_peer_address(context.peer()), forwarded)
 
-    def _security(self, context, kind: str, detail: str) -> None:
-        self.hub.records.event("security_violation", None, None, kind="grpc_" + kind, detail=detail[:200],
-                               peer=self._address(context))
+    def _security(self, context, kind: str, reason: str, user: str | None = None) -> None:
+        self.hub.security.report(kind, "grpc", self._address(context), reason, user)
 
     async def stream(self, request: bytes, context) -> None:
         app, hub = self.app, self.hub
@@ -170,9 +169,9 @@ class RealtimeService:
         try:
             claims = app["auth"].decode(_token(context))
             if not claims.may_view_anything():
-                raise AuthError("token grants no vehicles", forbidden=True)
+                raise AuthError("token grants no vehicles", forbidden=True, user=claims.sub)
         except AuthError as e:
-            self._security(context, "auth_failed", str(e))
+            self._security(context, e.kind, str(e), e.user)
             await context.abort(grpc.StatusCode.PERMISSION_DENIED if e.forbidden
                                 else grpc.StatusCode.UNAUTHENTICATED, str(e))
         try:
@@ -188,14 +187,13 @@ class RealtimeService:
         s = Session(out, claims, FMT_MSGPACK, settings.max_messages_per_s, "grpc", self._address(context))
         refused = hub.admit(s)
         if refused:
-            self._security(context, "connection_limit", refused)
+            self._security(context, "limit", refused, claims.sub)
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, refused)
         opened = False
         reason = "client closed"
         try:
             try:
-                resumed = await client.start(hub, s, session_id or None, last_event or None,
-                                             lambda kind, detail: self._security(context, kind, detail))
+                resumed = await client.start(hub, s, session_id or None, last_event or None)
             except client.Refused as r:
                 await context.abort(_STATUS.get(r.code, grpc.StatusCode.UNAVAILABLE), r.reason)
             opened = True

@@ -43,7 +43,7 @@ def _query_number(request: web.Request, name: str, default, kind, low, high):
 
 @_errors
 async def handle(request: web.Request) -> web.Response:
-    claims = authenticate(request, "poll")
+    claims = authenticate(request, "long_poll")
     cursor = _query_number(request, "cursor", 0, int, 0, 2 ** 62)
     timeout = _query_number(request, "timeout", DEFAULT_TIMEOUT_S, float, 0.0, MAX_TIMEOUT_S)
     registry: HttpSessions = request.app["http_sessions"]

@@ -96,15 +96,20 @@ def refused_error(r: client.Refused) -> HttpError:
     return HttpError(status, code, r.reason, {"Retry-After": "1"} if status == 503 else None)
 
 
-def authenticate(request: web.Request, what: str) -> Claims:
+def _other_user(request, claims: Claims, transport: str) -> HttpError:
+    request.app["security"].of_request(request, "forbidden", transport, "another user's session", claims.sub)
+    return HttpError(403, "forbidden", "this session belongs to another user")
+
+
+def authenticate(request: web.Request, transport: str) -> Claims:
     """The request's token (Bearer or ?token=), or HttpError 401/403."""
     app = request.app
     try:
         claims = app["auth"].decode(bearer(request))
         if not claims.may_view_anything():
-            raise AuthError("token grants no vehicles", forbidden=True)
+            raise AuthError("token grants no vehicles", forbidden=True, user=claims.sub)
     except AuthError as e:
-        app["security_log"](request, f"{what}_auth_failed", str(e))
+        app["security"].of_request(request, e.kind, transport, str(e), e.user)
         if e.forbidden:
             raise HttpError(403, "forbidden", str(e)) from None
         raise HttpError(401, "unauthorized", str(e), {"WWW-Authenticate": "Bearer"}) from None
@@ -197,7 +202,7 @@ class HttpSessions:
         h = self._new(request, claims, "long_poll")
         h.s.extra.update(copy=h.copy, last_event=h.box.ack)
         try:
-            await client.start(hub, h.s, None, None, self._security(request))
+            await client.start(hub, h.s, None, None)
         except client.Refused as r:
             self._release(h)
             raise refused_error(r) from None
@@ -226,6 +231,7 @@ class HttpSessions:
         held = self.held.get(sid)
         if held is not None and held.s.claims.sub == claims.sub and not held.s.limiter.allow():
             # before anything is made: a reset (a new copy) is the costly case
+            self.app["security"].of_request(request, "limit", kind, "requests per second", claims.sub)
             raise HttpError(429, "rate_limited", "more than %d requests/s for this session"
                             % self.app["settings"].max_messages_per_s)
         try:
@@ -244,8 +250,7 @@ class HttpSessions:
         hub = self.hub
         h = self.held.get(sid)
         if h is not None and h.s.claims.sub != claims.sub:
-            request.app["security_log"](request, "session_other_user", sid)
-            raise HttpError(403, "forbidden", "this session belongs to another user")
+            raise _other_user(request, claims, kind)
         try:
             record = await hub.stores.load_session(sid)
         except Exception:
@@ -260,8 +265,7 @@ class HttpSessions:
                 raise HttpError(410, "gone", "the session was ended")
             raise HttpError(404, "not_found", "unknown session")
         if record.get("user_id") != claims.sub:
-            request.app["security_log"](request, "session_other_user", sid)
-            raise HttpError(403, "forbidden", "this session belongs to another user")
+            raise _other_user(request, claims, kind)
         if h is not None and not h.box.closed and record.get("copy") == h.copy:
             return h, False
         if h is not None:
@@ -286,7 +290,7 @@ class HttpSessions:
         h.box.ack = after
         h.box.starting = True
         try:
-            await client.start(self.hub, h.s, sid, after, self._security(request), must_resume=True)
+            await client.start(self.hub, h.s, sid, after, must_resume=True)
         except client.Refused as r:
             self._release(h)
             raise refused_error(r) from None
@@ -310,12 +314,9 @@ class HttpSessions:
         Held.__init__(h, s, box, new_id("k_"))
         refused = self.hub.admit(s)
         if refused:
-            request.app["security_log"](request, "session_connection_limit", refused)
+            request.app["security"].of_request(request, "limit", kind, refused, claims.sub)
             raise HttpError(429, "rate_limited", refused)
         return h
-
-    def _security(self, request):
-        return lambda kind, detail: request.app["security_log"](request, "session_" + kind, detail)
 
     def _check_size(self, sub: M.Subscribe) -> None:
         settings = self.app["settings"]
@@ -439,7 +440,7 @@ def _errors(handler):
 
 @_errors
 async def post(request: web.Request) -> web.Response:
-    claims = authenticate(request, "session")
+    claims = authenticate(request, "http")
     sub = await _subscribe_body(request)
     if request.query.get("subscription") == "none":
         sub = None   # the browser library: its subscription comes with a PUT
@@ -449,7 +450,7 @@ async def post(request: web.Request) -> web.Response:
 
 @_errors
 async def put(request: web.Request) -> web.Response:
-    claims = authenticate(request, "session")
+    claims = authenticate(request, "http")
     sub = await _subscribe_body(request)
     registry: HttpSessions = request.app["http_sessions"]
     h, _ = await registry.find(request, claims, request.match_info["session_id"])
@@ -461,12 +462,12 @@ async def put(request: web.Request) -> web.Response:
 
 @_errors
 async def delete(request: web.Request) -> web.Response:
-    claims = authenticate(request, "session")
+    claims = authenticate(request, "http")
     registry: HttpSessions = request.app["http_sessions"]
     sid = request.match_info["session_id"]
     h = registry.held.get(sid)
     if h is not None and h.s.claims.sub != claims.sub:
-        raise HttpError(403, "forbidden", "this session belongs to another user")
+        raise _other_user(request, claims, "http")
     if h is None:
         try:
             record = await registry.hub.stores.load_session(sid)
@@ -478,6 +479,6 @@ async def delete(request: web.Request) -> web.Response:
                 raise HttpError(410, "gone", "the session was ended")
             raise HttpError(404, "not_found", "unknown session")
         if record.get("user_id") != claims.sub:
-            raise HttpError(403, "forbidden", "this session belongs to another user")
+            raise _other_user(request, claims, "http")
     await registry.end(sid, h, "deleted", deleted=True)
     return web.Response(status=204)

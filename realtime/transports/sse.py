@@ -223,7 +223,7 @@ async def _own_stream(request: web.Request, claims) -> web.StreamResponse:
     s = Session(writer, claims, FMT_JSON, settings.max_messages_per_s, "sse", client_address(request))
     refused = hub.admit(s)
     if refused:
-        app["security_log"](request, "sse_connection_limit", refused)
+        app["security"].of_request(request, "limit", "sse", refused, claims.sub)
         raise HttpError(429, "rate_limited", refused)
     resp = web.StreamResponse(headers={**HEADERS, **cors.headers_for(request)})
     reason = "client closed"
@@ -233,8 +233,7 @@ async def _own_stream(request: web.Request, claims) -> web.StreamResponse:
         request.transport.write(_chunk(b"retry: %d\n\n" % RETRY_MS))
         resume = request.query.get("resume") or None
         try:
-            resumed = await client.start(hub, s, resume, request.query.get("last_event"),
-                                         lambda kind, detail: app["security_log"](request, "sse_" + kind, detail))
+            resumed = await client.start(hub, s, resume, request.query.get("last_event"))
         except client.Refused as r:
             writer.close(r.code, r.reason)
             return resp

@@ -236,7 +236,8 @@ async def handle(request: web.Request) -> web.StreamResponse:
     await ws.prepare(request)
     _drop_http_parser(request)
     if not _origin_allowed(request, settings.allowed_origins):
-        app["security_log"](request, "ws_origin_refused", request.headers.get("Origin", ""))
+        app["security"].of_request(request, "origin_refused", "websocket",
+                                   "origin " + request.headers.get("Origin", "(none)")[:100])
         await ws.close(code=4003, message=b"origin not allowed")
         return ws
     fmt = _format_of(request, ws.ws_protocol)
@@ -248,7 +249,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
     # address: thousands of silent sockets must not pass the per-IP limit
     refused = hub.take_address(peer)
     if refused:
-        app["security_log"](request, "ws_connection_limit", refused)
+        app["security"].of_request(request, "limit", "websocket", refused)
         await ws.close(code=WSCloseCode.POLICY_VIOLATION, message=refused.encode())
         return ws
     try:
@@ -257,10 +258,10 @@ async def handle(request: web.Request) -> web.StreamResponse:
             token = await _first_message_auth(ws, settings.auth_timeout_s)
         claims = authn.decode(token)
         if not claims.may_view_anything():
-            raise AuthError("token grants no vehicles", forbidden=True)
+            raise AuthError("token grants no vehicles", forbidden=True, user=claims.sub)
     except AuthError as e:
         hub.release_address(peer)
-        app["security_log"](request, "ws_auth_failed", str(e))
+        app["security"].of_request(request, e.kind, "websocket", str(e), e.user)
         await ws.close(code=e.close_code, message=str(e).encode()[:120])
         return ws
     except BaseException:
@@ -272,7 +273,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
     s = Session(writer, claims, fmt, settings.max_messages_per_s, "websocket", peer)
     refused = hub.admit(s, address_taken=True)
     if refused:
-        app["security_log"](request, "ws_connection_limit", refused)
+        app["security"].of_request(request, "limit", "websocket", refused, claims.sub)
         await ws.close(code=WSCloseCode.POLICY_VIOLATION, message=refused.encode())
         return ws
     # the per-IP and per-user counts are taken in admit(): released on every way out
@@ -281,8 +282,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
     try:
         try:
             resumed = await client.start(hub, s, request.query.get("resume") or None,
-                                        request.query.get("last_event"),
-                                        lambda kind, detail: app["security_log"](request, "ws_" + kind, detail))
+                                        request.query.get("last_event"))
         except client.Refused as r:
             await ws.close(code=r.code, message=r.reason.encode()[:120])
             return ws
@@ -308,6 +308,8 @@ async def handle(request: web.Request) -> web.StreamResponse:
                     break
             elif msg.type == WSMsgType.ERROR:
                 close_reason = f"error: {ws.exception()}"
+                if getattr(ws.exception(), "code", None) == WSCloseCode.MESSAGE_TOO_BIG:
+                    hub.security.report("limit", "websocket", s.peer, "message size", claims.sub, s.client_id)
                 break
         return ws
     finally:
