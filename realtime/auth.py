@@ -5,6 +5,7 @@ map AuthError to their own status (WebSocket close 4001/4003, HTTP 401/403).
 """
 from __future__ import annotations
 
+import math
 import secrets
 import time
 from collections import OrderedDict
@@ -26,11 +27,12 @@ class AuthError(Exception):
     token's `sub` when its signature was good (security events)."""
 
     def __init__(self, message: str, forbidden: bool = False, expired: bool = False,
-                 user: str | None = None):
+                 user: str | None = None, kind: str | None = None):
         super().__init__(message)
         self.forbidden = forbidden
         self.expired = expired
         self.user = user
+        self._kind = kind
 
     @property
     def close_code(self) -> int:
@@ -43,6 +45,8 @@ class AuthError(Exception):
     @property
     def kind(self) -> str:
         """The security event it makes (realtime/security.py)."""
+        if self._kind:
+            return self._kind
         if self.forbidden:
             return "forbidden"
         return "expired_token" if self.expired else "bad_token"
@@ -194,7 +198,7 @@ class Authenticator:
         if claims is not None:
             if claims.exp + self.leeway < time.time():
                 del cache[token]
-                raise AuthError("token expired", expired=True)
+                raise AuthError("token expired", expired=True, user=claims.sub)
             cache.move_to_end(token)
             return claims
         claims = self._verify(token)
@@ -208,15 +212,21 @@ class Authenticator:
         if key is None:
             raise AuthError("server has no key to check tokens")
         try:
+            # `exp` is checked below, after the signature: an expired token's
+            # user is then known (for its security event) at one signature check
             payload = jwt.decode(
                 token, key, algorithms=self.algorithms, issuer=self.issuer,
                 audience=self.audience, leeway=self.leeway,
-                options={"require": ["exp", "sub"], "verify_aud": self.audience is not None},
+                options={"require": ["exp", "sub"], "verify_aud": self.audience is not None,
+                         "verify_exp": False},
             )
-        except jwt.ExpiredSignatureError:
-            raise AuthError("token expired", expired=True, user=self._expired_sub(token, key)) from None
         except jwt.PyJWTError as e:  # InvalidKeyError too: a token made for another key type
             raise AuthError(f"invalid token: {e}") from None
+        exp = payload["exp"]
+        if isinstance(exp, bool) or not isinstance(exp, (int, float)) or not math.isfinite(exp):
+            raise AuthError("invalid token: exp must be a number of seconds")
+        if exp + self.leeway < time.time():
+            raise AuthError("token expired", expired=True, user=str(payload["sub"]))
         return Claims(
             sub=str(payload["sub"]),
             name=str(payload.get("name", payload["sub"])),
@@ -226,17 +236,6 @@ class Authenticator:
             groups=_shared(_names(payload.get("groups"))),
             exp=float(payload["exp"]),
         )
-
-    def _expired_sub(self, token: str, key) -> str | None:
-        """Whose expired token it is: the signature was good, so `sub` is
-        theirs (for the security event; it grants nothing)."""
-        try:
-            payload = jwt.decode(token, key, algorithms=self.algorithms, issuer=self.issuer,
-                                 audience=self.audience, options={"verify_exp": False,
-                                                                  "verify_aud": self.audience is not None})
-            return str(payload.get("sub"))[:128]
-        except jwt.PyJWTError:
-            return None
 
     def mint(self, sub: str, role: str = "", permissions=(), groups=(), vehicles=(),
              ttl_s: float = 3600, name: str | None = None) -> str:

@@ -41,9 +41,11 @@ def cmd_serve(ns) -> int:
         print(f"realtime serve: {problem}", file=sys.stderr)
         return EXIT_FAILED
     _logging(settings.log_level)
-    # SIGHUP reloads keys (keys.py) once a worker's loop handles it; until
-    # then it must not kill (its default). Workers inherit the ignore.
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    # SIGHUP reloads keys (keys.py) once a worker's loop handles it. Until
+    # then it is held back (blocked, not ignored: one that comes while the
+    # worker starts is delivered once it can act on it; its default kills).
+    # Workers inherit the blocked mask through their exec.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
     if settings.development:
         # one ephemeral secret for every worker, so a token works on all of them
         from .auth import ephemeral_secret
@@ -114,14 +116,15 @@ class Supervisor:
         if self.stopping is not None:
             return
         p = self.ctx.Process(target=_worker_main, args=(self.settings, i, os.getpid()), daemon=False)
-        # a new worker starts with SIGHUP ignored (a handler would not survive
-        # its exec, and the default kills) until its loop takes it over
-        handler = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        # a new worker starts with SIGHUP blocked (a handler would not survive
+        # its exec, and the default kills) until its loop takes it over; one
+        # that reaches us meanwhile waits, and is passed on to it as well
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
         try:
             p.start()
+            self.procs[i] = p   # before the signal is let in: hangup() reaches it too
         finally:
-            signal.signal(signal.SIGHUP, handler)
-        self.procs[i] = p
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
 
     def hangup(self, _signum, _frame) -> None:
         """SIGHUP: every worker reloads its keys (they read the same files)."""
@@ -163,6 +166,7 @@ class Supervisor:
         signal.signal(signal.SIGTERM, self.forward)
         signal.signal(signal.SIGINT, self.forward)
         signal.signal(signal.SIGHUP, self.hangup)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
         try:
             for i in range(self.settings.workers):
                 self.start(i)

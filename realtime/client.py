@@ -97,7 +97,7 @@ async def start(hub, s: Session, resume: str | None, last_event: str | None,
     if hub.acl_generation != acl_generation:
         # an acl:updates came while this connection was between its ACL read
         # and attach(), so it was not applied here: read the ACL again
-        hub.spawn(hub.acl_changed(claims.sub))
+        hub.spawn(hub.reapply_acl(claims.sub))
     welcome = {"type": "welcome", "client": s.client_id, "session": s.session_id,
                "resumed": record is not None, "recovered": recovered,
                "heartbeat_s": int(hub.settings.heartbeat_s)}
@@ -179,6 +179,7 @@ async def _dispatch(hub, authn, s: Session, data: bytes, binary: bool, settings)
             case M.Subscribe():
                 n = len(m.subscriptions.vehicles) + len(m.subscriptions.groups)
                 if n > settings.max_subscription_size:
+                    hub.security.report("limit", s.kind, s.peer, "subscription size", s.claims.sub, s.client_id)
                     s.send(M.error("bad_request", f"subscription names {n} vehicles and groups; "
                                    f"at most {settings.max_subscription_size}", m.id))
                     return
@@ -272,7 +273,7 @@ async def _refresh(hub, authn, s: Session, m, settings) -> None:
         pass   # rights cannot be read now: the ACL in force stays, on the new token
     _take_token(hub, s, claims)
     if hub.acl_generation != acl_generation:   # as in start(): this read may predate it
-        hub.spawn(hub.acl_changed(claims.sub))
+        hub.spawn(hub.reapply_acl(claims.sub))
     if s.closed:
         return
     s.send(M.reply("refreshed", m.id, exp=int(claims.exp)))

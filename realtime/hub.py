@@ -516,6 +516,12 @@ class Hub:
         # this and attaches after it is not among the targets, and sees the
         # count moved (client.start, client._refresh)
         self.acl_generation += 1
+        await self.reapply_acl(user_id)
+
+    async def reapply_acl(self, user_id: str) -> None:
+        """The user's ACL read again and applied to their connections. It
+        does not count as an update: a re-read must not make connects that
+        overlap it read again in turn."""
         targets = [s for s in self.sessions.values() if s.claims.sub == user_id]
         if not targets:
             return
@@ -524,7 +530,11 @@ class Hub:
             if not s.closed and s.row >= 0:
                 s.acl = acl
                 old, new = s.claims, s.token_claims.with_acl(acl)
-                self.set_claims(s, new)
+                if (old.view_all, old.vehicles, old.groups, old.contacts) == \
+                        (new.view_all, new.vehicles, new.groups, new.contacts):
+                    s.claims = new   # nothing the client sees changes: no diff to send
+                else:
+                    self.set_claims(s, new)
                 change = rights_change(old, new)
                 if change:
                     self.security.report("acl_applied", s.kind, s.peer, change, user_id, s.client_id)

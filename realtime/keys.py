@@ -47,9 +47,10 @@ class Tls:
 
     def __init__(self, cert: str, key: str):
         self.cert, self.key = cert, key
-        self.front = self.current = tls_context(cert, key)
+        self.front, self.pem = self._load()
+        self.current = self.front
         self.front.sni_callback = self._pick
-        self.pem, self.not_after = self._read()
+        self.not_after = _not_after(self.pem[1])
         self.generation = 0
 
     def _pick(self, obj, _server_name, ctx) -> None:
@@ -58,18 +59,29 @@ class Tls:
             obj.context = current
         return None
 
-    def _read(self) -> tuple[tuple[bytes, bytes], float]:
+    def _read(self) -> tuple[bytes, bytes]:
         with open(self.key, "rb") as k, open(self.cert, "rb") as c:
-            key_pem, cert_pem = k.read(), c.read()
-        return (key_pem, cert_pem), _not_after(cert_pem)
+            return k.read(), c.read()
+
+    def _load(self) -> tuple[ssl.SSLContext, tuple[bytes, bytes]]:
+        """A context and the (key, certificate) bytes it was made from.
+        OpenSSL reads the files itself, so they are read before and after it:
+        a renewal that lands in between is tried again, or the context, the
+        expiry and gRPC's pair could each hold another certificate."""
+        for _ in range(3):
+            before = self._read()
+            ctx = tls_context(self.cert, self.key)   # also checks that the key matches
+            if self._read() == before:
+                return ctx, before
+        raise RuntimeError("the certificate or key changed while being read, three times")
 
     def reload(self) -> bool:
         """True when the files hold a new certificate or key (now in use);
         raises (keeping the old material) when they cannot be loaded."""
-        ctx = tls_context(self.cert, self.key)   # checks that the key matches the certificate
-        pem, not_after = self._read()
+        ctx, pem = self._load()
         if pem == self.pem:
             return False
+        not_after = _not_after(pem[1])
         self.current, self.pem, self.not_after = ctx, pem, not_after
         self.generation += 1
         return True

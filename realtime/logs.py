@@ -3,8 +3,23 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
+
+# Credentials that a line may quote although the server never logs them
+# itself: aiohttp logs a request it cannot parse with the offending request
+# line or header (`GET /ws?token=… HTTP/1.1` with a stray byte, an
+# `Authorization: Bearer …` header line), and a library's exception may
+# repeat a URL. Every line is passed through these (docs/security.md).
+_SECRETS = re.compile(
+    r"eyJ[A-Za-z0-9_-]{2,}\.[A-Za-z0-9_-]{2,}\.[A-Za-z0-9_-]*"         # anything shaped like a JWT
+    r"|(?<=token=)[^&\s\"'\\]+"                                     # a query's token=…
+    r"|(?<=[Bb]earer )[^\s\"'\\,]+")                                 # Authorization: Bearer …
+
+
+def redact(line: str) -> str:
+    return _SECRETS.sub("<redacted>", line) if ("ey" in line or "earer" in line or "token=" in line) else line
 
 
 class JsonFormatter(logging.Formatter):
@@ -20,14 +35,16 @@ class JsonFormatter(logging.Formatter):
             d.update(extra)
         if record.exc_info:
             d["exc"] = self.formatException(record.exc_info)
-        return json.dumps(d, ensure_ascii=False, default=str)
+        return redact(json.dumps(d, ensure_ascii=False, default=str))
 
 
 class RateLimit(logging.Filter):
     """Client libraries log every failed retry (aiokafka: ten a second while a
-    broker is down). Keep one line per logger per `interval` seconds."""
+    broker is down), and aiohttp logs every request it cannot parse, with a
+    traceback, as fast as anyone sends them. Keep one line per logger per
+    `interval` seconds."""
 
-    def __init__(self, prefixes=("aiokafka", "redis"), interval: float = 5.0):
+    def __init__(self, prefixes=("aiokafka", "redis", "aiohttp.server"), interval: float = 5.0):
         super().__init__()
         self.prefixes = prefixes
         self.interval = interval

@@ -112,6 +112,8 @@ class HubCollector:
             (C, "postgres_records_written", "Records written to PostgreSQL", hub.records.written),
             (C, "postgres_records_dropped", "Records dropped: the queue was full during an outage",
              hub.records.dropped),
+            (C, "postgres_records_refused", "Records the database refused (such as a NUL in a name); "
+             "dropped, the others written", hub.records.refused),
         ]
         if app.get("tls") is not None:
             table.append((G, "tls_certificate_expiry_timestamp_seconds",

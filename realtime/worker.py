@@ -43,6 +43,8 @@ async def serve(settings, ready: asyncio.Event | None = None) -> None:
         loop.add_signal_handler(sig, stop.set)
     # new TLS certificate and JWT keys, open connections untouched (keys.py)
     loop.add_signal_handler(signal.SIGHUP, app["keys"].reload)
+    # held back since the start (cli.py): one that came meanwhile arrives now
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
     if ready:
         ready.set()
     await stop.wait()

@@ -70,10 +70,14 @@ def _err(code: str, message: str) -> str:
 
 
 async def handle(request: web.Request) -> web.Response:
-    await authorize_live(request, INGEST)
-    if request.content_length is not None and request.content_length > MAX_BODY:
-        raise web.HTTPRequestEntityTooLarge(max_size=MAX_BODY, actual_size=request.content_length)
-    body = await request.read()
+    claims = await authorize_live(request, INGEST)
+    try:
+        if request.content_length is not None and request.content_length > MAX_BODY:
+            raise web.HTTPRequestEntityTooLarge(max_size=MAX_BODY, actual_size=request.content_length)
+        body = await request.read()   # aiohttp raises the same past client_max_size (MAX_BODY)
+    except web.HTTPRequestEntityTooLarge:
+        request.app["security"].of_request(request, "limit", "http", "request body size", claims.sub)
+        raise
     hub = request.app["hub"]
     try:
         items = split_http_body(body)

@@ -87,6 +87,7 @@ class Records:
         self.queues: dict[str, deque] = {name: deque() for name, _ in STATEMENTS}
         self.written = 0
         self.dropped = 0
+        self.refused = 0       # rows the database would not take (see _write_all)
         self.healthy = False
         self._pool = None
         self._task: asyncio.Task | None = None
@@ -108,8 +109,9 @@ class Records:
 
     def event(self, event_type: str, client_id: str | None = None, vehicle_id: str | None = None,
               **details) -> None:
-        self._put("events", (event_type, client_id, vehicle_id,
-                             json.dumps(details, ensure_ascii=False, default=str), _ts(time.time())))
+        # jsonb takes no NUL character, and details can quote what a client sent
+        text = json.dumps(details, ensure_ascii=False, default=str).replace("\\u0000", "\\ufffd")
+        self._put("events", (event_type, client_id, vehicle_id, text, _ts(time.time())))
 
     @property
     def pending(self) -> int:
@@ -184,6 +186,7 @@ class Records:
             pool.terminate()
 
     async def _write_all(self) -> None:
+        import asyncpg
         pool = await self._connect()
         for name, sql in STATEMENTS:
             q = self.queues[name]
@@ -191,19 +194,37 @@ class Records:
                 rows = [q[i] for i in range(min(len(q), WRITE_AT))]
                 dropped = self.dropped
                 async with pool.acquire() as c:
-                    await c.executemany(sql, rows)
+                    try:
+                        await c.executemany(sql, rows)   # atomic: all or none
+                    except asyncpg.DataError:
+                        # a row the database refuses (a NUL in a name a client
+                        # chose): retried for ever it would stop every record
+                        # behind it. The others are written one by one.
+                        await self._write_each(c, name, sql, rows)
                 # only now: a failure above leaves them queued for the next try.
                 # Rows dropped meanwhile (a full queue) were the oldest, ours.
                 for _ in range(max(0, len(rows) - (self.dropped - dropped))):
                     q.popleft()
                 self.written += len(rows)
 
+    async def _write_each(self, c, name: str, sql: str, rows: list) -> None:
+        import asyncpg
+        for row in rows:
+            try:
+                await c.execute(sql, *row)
+            except asyncpg.DataError as e:
+                self.refused += 1
+                self.written -= 1    # counted with the batch by the caller
+                if self.refused == 1 or self.refused % 1000 == 0:
+                    log.warning("record refused by the database; dropped", extra={"fields": {
+                        "table": name, "refused": self.refused, "error": repr(e)[:200]}})
+
 
 class NoRecords:
     """No --postgres: nothing is recorded."""
 
     healthy = True
-    pending = written = dropped = 0
+    pending = written = dropped = refused = 0
 
     def connection_opened(self, *a) -> None: ...
     def connection_closed(self, *a) -> None: ...

@@ -34,6 +34,15 @@ def _vary(resp) -> None:
         resp.headers["Vary"] = have + ", Origin"
 
 
+def _transport(path: str) -> str:
+    """The transport a refused preflight was for (its security event)."""
+    if path.startswith("/api/realtime/stream"):
+        return "sse"
+    if path.startswith("/api/realtime/poll"):
+        return "long_poll"
+    return "http"
+
+
 @web.middleware
 async def cors(request: web.Request, handler):
     if not request.path.startswith(PREFIXES):
@@ -42,6 +51,8 @@ async def cors(request: web.Request, handler):
     allowed = origin is not None and _origin_allowed(request, request.app["settings"].allowed_origins)
     if origin is not None and request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
         if not allowed:
+            request.app["security"].of_request(request, "origin_refused", _transport(request.path),
+                                               "preflight from origin " + origin[:100])
             return web.Response(status=403, text="origin not allowed")
         return web.Response(status=204, headers={
             **_headers(origin), "Vary": "Origin", "Access-Control-Allow-Methods": ALLOW_METHODS,

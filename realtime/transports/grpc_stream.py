@@ -181,6 +181,7 @@ class RealtimeService:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad StreamRequest: {e}"[:300])
         n = len(sub.subscriptions.vehicles) + len(sub.subscriptions.groups)
         if n > settings.max_subscription_size:
+            self._security(context, "limit", "subscription size", claims.sub)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"subscription names {n} vehicles and "
                                 f"groups; at most {settings.max_subscription_size}")
         out = GrpcOutlet(self.cache, settings.write_buffer_close_bytes, settings.slow_client_buffer_bytes)

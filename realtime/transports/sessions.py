@@ -197,8 +197,6 @@ class HttpSessions:
         """A new session; with no subscription (`?subscription=none`) it sees
         nothing until a PUT, like a WebSocket before its first subscribe."""
         hub = self.hub
-        if sub is not None:
-            self._check_size(sub)
         h = self._new(request, claims, "long_poll")
         h.s.extra.update(copy=h.copy, last_event=h.box.ack)
         try:
@@ -318,15 +316,8 @@ class HttpSessions:
             raise HttpError(429, "rate_limited", refused)
         return h
 
-    def _check_size(self, sub: M.Subscribe) -> None:
-        settings = self.app["settings"]
-        n = len(sub.subscriptions.vehicles) + len(sub.subscriptions.groups)
-        if n > settings.max_subscription_size:
-            raise HttpError(400, "bad_request", f"subscription names {n} vehicles and groups; "
-                                                f"at most {settings.max_subscription_size}")
-
     async def _subscribe(self, h: Held, sub: M.Subscribe) -> None:
-        self._check_size(sub)
+        """`sub` is one _subscribe_body() read and checked."""
         try:
             await client.subscribe(self.hub, h.s, sub)
         except M.ProtocolError as e:   # bounds the hub refuses (south above north, …)
@@ -400,10 +391,15 @@ class HttpSessions:
 
 
 # ---------------------------------------------------------------- the API
-async def _subscribe_body(request: web.Request) -> M.Subscribe:
+def _too_large(request, claims: Claims, limit: int) -> HttpError:
+    request.app["security"].of_request(request, "limit", "http", "request body size", claims.sub)
+    return HttpError(413, "too_large", f"at most {limit} bytes")
+
+
+async def _subscribe_body(request: web.Request, claims: Claims) -> M.Subscribe:
     settings = request.app["settings"]
     if request.content_length is not None and request.content_length > settings.max_message_bytes:
-        raise HttpError(413, "too_large", f"at most {settings.max_message_bytes} bytes")
+        raise _too_large(request, claims, settings.max_message_bytes)
     data = b""
     while len(data) <= settings.max_message_bytes:   # read() gives what has arrived so far
         chunk = await request.content.read(settings.max_message_bytes + 1 - len(data))
@@ -411,7 +407,7 @@ async def _subscribe_body(request: web.Request) -> M.Subscribe:
             break
         data += chunk
     if len(data) > settings.max_message_bytes:
-        raise HttpError(413, "too_large", f"at most {settings.max_message_bytes} bytes")
+        raise _too_large(request, claims, settings.max_message_bytes)
     try:
         obj = json.loads(data or b"{}")
     except ValueError:
@@ -425,6 +421,11 @@ async def _subscribe_body(request: web.Request) -> M.Subscribe:
         raise HttpError(400, e.code, e.message) from None
     if not isinstance(m, M.Subscribe):
         raise HttpError(400, "bad_request", "the body must be a subscribe message")
+    n = len(m.subscriptions.vehicles) + len(m.subscriptions.groups)
+    if n > settings.max_subscription_size:
+        request.app["security"].of_request(request, "limit", "http", "subscription size", claims.sub)
+        raise HttpError(400, "bad_request", f"subscription names {n} vehicles and groups; "
+                                            f"at most {settings.max_subscription_size}")
     return m
 
 
@@ -441,7 +442,7 @@ def _errors(handler):
 @_errors
 async def post(request: web.Request) -> web.Response:
     claims = authenticate(request, "http")
-    sub = await _subscribe_body(request)
+    sub = await _subscribe_body(request, claims)
     if request.query.get("subscription") == "none":
         sub = None   # the browser library: its subscription comes with a PUT
     h = await request.app["http_sessions"].create(request, claims, sub)
@@ -451,7 +452,7 @@ async def post(request: web.Request) -> web.Response:
 @_errors
 async def put(request: web.Request) -> web.Response:
     claims = authenticate(request, "http")
-    sub = await _subscribe_body(request)
+    sub = await _subscribe_body(request, claims)
     registry: HttpSessions = request.app["http_sessions"]
     h, _ = await registry.find(request, claims, request.match_info["session_id"])
     client.renew(registry.hub, h.s, claims)

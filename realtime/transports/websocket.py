@@ -206,19 +206,24 @@ def _token_of(request: web.Request) -> str | None:
     return None
 
 
-async def _first_message_auth(ws: web.WebSocketResponse, timeout: float) -> str | None:
-    """PROTOCOL §2: {"type":"auth","token":…} as the first message within 10 s."""
+async def _first_message_auth(ws: web.WebSocketResponse, timeout: float) -> str:
+    """PROTOCOL §2: {"type":"auth","token":…} as the first message within 10 s.
+    Raises AuthError (4001) saying what came instead."""
     try:
         msg = await asyncio.wait_for(ws.receive(), timeout)
     except asyncio.TimeoutError:
-        return None
+        raise AuthError(f"no auth message within {timeout:g} s") from None
+    if msg.type == WSMsgType.ERROR and getattr(ws.exception(), "code", None) == WSCloseCode.MESSAGE_TOO_BIG:
+        raise AuthError("the auth message is over the size limit", kind="limit")
     if msg.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
-        return None
+        raise AuthError("closed before its auth message")
     try:
         m = M.parse(msg.data, msg.type == WSMsgType.BINARY)
     except M.ProtocolError:
-        return None
-    return m.token if isinstance(m, M.Auth) else None
+        m = None
+    if not isinstance(m, M.Auth) or not m.token:
+        raise AuthError("missing token: the first message must be auth")
+    return m.token
 
 
 async def handle(request: web.Request) -> web.StreamResponse:
