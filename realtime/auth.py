@@ -196,7 +196,7 @@ class Authenticator:
         cache = self._verified
         claims = cache.get(token)
         if claims is not None:
-            if claims.exp + self.leeway < time.time():
+            if claims.exp <= time.time() - self.leeway:
                 del cache[token]
                 raise AuthError("token expired", expired=True, user=claims.sub)
             cache.move_to_end(token)
@@ -222,10 +222,13 @@ class Authenticator:
             )
         except jwt.PyJWTError as e:  # InvalidKeyError too: a token made for another key type
             raise AuthError(f"invalid token: {e}") from None
+        # as PyJWT checks it: whole seconds, expired at exp - leeway <= now
         exp = payload["exp"]
-        if isinstance(exp, bool) or not isinstance(exp, (int, float)) or not math.isfinite(exp):
+        if isinstance(exp, bool) or not isinstance(exp, (int, float)) or \
+                (isinstance(exp, float) and not math.isfinite(exp)):
             raise AuthError("invalid token: exp must be a number of seconds")
-        if exp + self.leeway < time.time():
+        exp = min(int(exp), 1 << 53)   # far future stays far future, and a float
+        if exp <= time.time() - self.leeway:
             raise AuthError("token expired", expired=True, user=str(payload["sub"]))
         return Claims(
             sub=str(payload["sub"]),
@@ -234,7 +237,7 @@ class Authenticator:
             permissions=_shared(frozenset(_names(payload.get("permissions")))),
             vehicles=_shared(_names(payload.get("vehicles"))),
             groups=_shared(_names(payload.get("groups"))),
-            exp=float(payload["exp"]),
+            exp=float(exp),
         )
 
     def mint(self, sub: str, role: str = "", permissions=(), groups=(), vehicles=(),

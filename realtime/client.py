@@ -97,7 +97,7 @@ async def start(hub, s: Session, resume: str | None, last_event: str | None,
     if hub.acl_generation != acl_generation:
         # an acl:updates came while this connection was between its ACL read
         # and attach(), so it was not applied here: read the ACL again
-        hub.spawn(hub.reapply_acl(claims.sub))
+        hub.spawn(_recheck_acl(hub, s))
     welcome = {"type": "welcome", "client": s.client_id, "session": s.session_id,
                "resumed": record is not None, "recovered": recovered,
                "heartbeat_s": int(hub.settings.heartbeat_s)}
@@ -146,6 +146,19 @@ def close(hub, s: Session, reason: str) -> None:
     vehicles = ((s.subscription or {}).get("subscriptions") or {}).get("vehicles") or []
     hub.spawn(hub.stores.client_closed(s.claims.sub, s.client_id, s.session_id, vehicles))
     hub.records.connection_closed(s.client_id, reason, s.messages_sent, s.bytes_sent)
+
+
+async def _recheck_acl(hub, s: Session) -> None:
+    """The ACL read again after an update that raced this connection's read.
+    If it cannot be read, the connection is closed (1013, try again) rather
+    than left with rights the update may have taken away."""
+    try:
+        await hub.reapply_acl(s.claims.sub)
+    except Exception as e:
+        log.warning("ACL re-read failed; closing the connection", extra={"fields": {
+            "user": s.claims.sub, "client": s.client_id, "error": repr(e)[:200]}})
+        if not s.closed:
+            s.close(CLOSE_TRY_AGAIN, "rights cannot be checked now: try again")
 
 
 def _try_again(why: str, e: Exception) -> Refused:
@@ -273,7 +286,7 @@ async def _refresh(hub, authn, s: Session, m, settings) -> None:
         pass   # rights cannot be read now: the ACL in force stays, on the new token
     _take_token(hub, s, claims)
     if hub.acl_generation != acl_generation:   # as in start(): this read may predate it
-        hub.spawn(hub.reapply_acl(claims.sub))
+        hub.spawn(_recheck_acl(hub, s))
     if s.closed:
         return
     s.send(M.reply("refreshed", m.id, exp=int(claims.exp)))

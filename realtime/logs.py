@@ -13,13 +13,19 @@ import time
 # `Authorization: Bearer …` header line), and a library's exception may
 # repeat a URL. Every line is passed through these (docs/security.md).
 _SECRETS = re.compile(
-    r"eyJ[A-Za-z0-9_-]{2,}\.[A-Za-z0-9_-]{2,}\.[A-Za-z0-9_-]*"         # anything shaped like a JWT
-    r"|(?<=token=)[^&\s\"'\\]+"                                     # a query's token=…
-    r"|(?<=[Bb]earer )[^\s\"'\\,]+")                                 # Authorization: Bearer …
+    r"(?<![A-Za-z0-9_-])eyJ[A-Za-z0-9_-]{2,}\.[A-Za-z0-9_-]{2,}\.[A-Za-z0-9_-]*"   # shaped like a JWT
+    r"|(?<=token=)[^&\s\"']+"                               # a query's token=…, escapes and all
+    r"|(?i:(?<=bearer))\s+[^\s\"',]+")                      # Authorization: Bearer …
 
 
 def redact(line: str) -> str:
-    return _SECRETS.sub("<redacted>", line) if ("ey" in line or "earer" in line or "token=" in line) else line
+    if "eyJ" in line or "token=" in line or "earer" in line or "EARER" in line:
+        return _SECRETS.sub(_hide, line)
+    return line
+
+
+def _hide(m: re.Match) -> str:
+    return " <redacted>" if m.group(0)[:1].isspace() else "<redacted>"
 
 
 class JsonFormatter(logging.Formatter):
@@ -40,11 +46,9 @@ class JsonFormatter(logging.Formatter):
 
 class RateLimit(logging.Filter):
     """Client libraries log every failed retry (aiokafka: ten a second while a
-    broker is down), and aiohttp logs every request it cannot parse, with a
-    traceback, as fast as anyone sends them. Keep one line per logger per
-    `interval` seconds."""
+    broker is down). Keep one line per logger per `interval` seconds."""
 
-    def __init__(self, prefixes=("aiokafka", "redis", "aiohttp.server"), interval: float = 5.0):
+    def __init__(self, prefixes=("aiokafka", "redis"), interval: float = 5.0):
         super().__init__()
         self.prefixes = prefixes
         self.interval = interval
@@ -60,10 +64,47 @@ class RateLimit(logging.Filter):
         return True
 
 
+class ParseErrors(logging.Filter):
+    """aiohttp logs every request it cannot parse at level error, with a
+    traceback that quotes the offending bytes (a request line with a
+    `?token=`, an `Authorization` header), as fast as anyone sends them.
+    Those become one short warning without the bytes, at most one per
+    `interval` seconds, with a count of those held back. aiohttp's other
+    errors (a handler's 500) pass as they are."""
+
+    def __init__(self, interval: float = 5.0):
+        super().__init__()
+        self.interval = interval
+        self.last = float("-inf")
+        self.suppressed = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name != "aiohttp.server" or not record.exc_info:
+            return True
+        from aiohttp.http_exceptions import HttpProcessingError
+        exc = record.exc_info[1]
+        if not isinstance(exc, HttpProcessingError):
+            return True
+        now = time.monotonic()
+        if now - self.last < self.interval:
+            self.suppressed += 1
+            return False
+        self.last = now
+        peer = record.args[0] if isinstance(record.args, tuple) and record.args else None
+        record.msg, record.args = "bad HTTP request", ()
+        record.exc_info = record.exc_text = None
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        record.fields = {"event": "bad_http_request", "peer": peer, "error": type(exc).__name__,
+                         "status": getattr(exc, "code", 400), "suppressed": self.suppressed}
+        self.suppressed = 0
+        return True
+
+
 def setup(level: str = "info") -> None:
     h = logging.StreamHandler(sys.stderr)
     h.setFormatter(JsonFormatter())
     h.addFilter(RateLimit())
+    h.addFilter(ParseErrors())
     root = logging.getLogger()
     root.handlers[:] = [h]
     root.setLevel(getattr(logging, level.upper(), logging.INFO))

@@ -186,3 +186,20 @@ async def test_records_are_flushed_at_shutdown(db):
                           "AND disconnected_at IS NOT NULL", client)
     assert rows and rows[0]["user_id"] == user
     stop_process(s.proc)
+
+
+async def test_a_row_the_database_refuses_is_dropped_alone(db, uid):
+    """A record PostgreSQL cannot take (here a lone surrogate, which has no
+    UTF-8 form) must not stall the records queued with it or after it: it is
+    dropped and counted, the rest of its batch is written, once."""
+    from realtime.stores.records import Records
+    records = Records(DSN, "test-" + uid)
+    records.start()
+    records.event("refusal_test", None, "before_" + uid)
+    records.event("refusal_test", None, "bad_\ud800" + uid)
+    records.event("refusal_test", None, "after_" + uid)
+    await records.stop(10)
+    rows = await db.fetch("SELECT vehicle_id FROM realtime_events WHERE event_type = 'refusal_test' "
+                          "AND vehicle_id LIKE $1", "%" + uid)
+    assert sorted(r["vehicle_id"] for r in rows) == ["after_" + uid, "before_" + uid]
+    assert (records.refused, records.written, records.pending) == (1, 2, 0)

@@ -88,6 +88,7 @@ class Records:
         self.written = 0
         self.dropped = 0
         self.refused = 0       # rows the database would not take (see _write_all)
+        self._dropped_from: dict[str, int] = {}   # per queue, for _write_all
         self.healthy = False
         self._pool = None
         self._task: asyncio.Task | None = None
@@ -105,6 +106,8 @@ class Records:
     def subscribed(self, user_id: str, vehicle_ids) -> None:
         now = _ts(time.time())
         for vid in vehicle_ids:
+            if "\x00" in vid:   # a name a client chose: text columns take no NUL
+                vid = vid.replace("\x00", "\ufffd")
             self._put("subscriptions", (user_id, vid, now))
 
     def event(self, event_type: str, client_id: str | None = None, vehicle_id: str | None = None,
@@ -122,6 +125,7 @@ class Records:
         if len(q) >= MAX_PENDING:
             q.popleft()
             self.dropped += 1
+            self._dropped_from[queue] = self._dropped_from.get(queue, 0) + 1
         q.append(row)
         if len(q) >= WRITE_AT:
             self._wake.set()
@@ -192,32 +196,41 @@ class Records:
             q = self.queues[name]
             while q:
                 rows = [q[i] for i in range(min(len(q), WRITE_AT))]
-                dropped = self.dropped
+                dropped = self._dropped_from.get(name, 0)
+                refused = 0
                 async with pool.acquire() as c:
                     try:
                         await c.executemany(sql, rows)   # atomic: all or none
                     except asyncpg.DataError:
-                        # a row the database refuses (a NUL in a name a client
-                        # chose): retried for ever it would stop every record
-                        # behind it. The others are written one by one.
-                        await self._write_each(c, name, sql, rows)
+                        # a row the database refuses: retried for ever it
+                        # would stop every record behind it
+                        refused = await self._write_each(c, name, sql, rows)
                 # only now: a failure above leaves them queued for the next try.
-                # Rows dropped meanwhile (a full queue) were the oldest, ours.
-                for _ in range(max(0, len(rows) - (self.dropped - dropped))):
+                # Rows dropped from this queue meanwhile (it was full) were its
+                # oldest, ours.
+                for _ in range(max(0, len(rows) - (self._dropped_from.get(name, 0) - dropped))):
                     q.popleft()
-                self.written += len(rows)
+                self.written += len(rows) - refused
+                self.refused += refused
 
-    async def _write_each(self, c, name: str, sql: str, rows: list) -> None:
+    async def _write_each(self, c, name: str, sql: str, rows: list) -> int:
+        """The batch in one transaction, each row behind a savepoint: the
+        ones the database refuses are left out, the others committed
+        together (a failure on the way leaves the whole batch queued, as
+        executemany would). Returns how many were refused."""
         import asyncpg
-        for row in rows:
-            try:
-                await c.execute(sql, *row)
-            except asyncpg.DataError as e:
-                self.refused += 1
-                self.written -= 1    # counted with the batch by the caller
-                if self.refused == 1 or self.refused % 1000 == 0:
-                    log.warning("record refused by the database; dropped", extra={"fields": {
-                        "table": name, "refused": self.refused, "error": repr(e)[:200]}})
+        refused = []
+        async with c.transaction():
+            for row in rows:
+                try:
+                    async with c.transaction():   # a savepoint
+                        await c.execute(sql, *row)
+                except asyncpg.DataError as e:
+                    refused.append(e)
+        for e in refused[:1]:
+            log.warning("record refused by the database; dropped", extra={"fields": {
+                "table": name, "refused": len(refused), "error": repr(e)[:200]}})
+        return len(refused)
 
 
 class NoRecords:

@@ -209,10 +209,17 @@ def _token_of(request: web.Request) -> str | None:
 async def _first_message_auth(ws: web.WebSocketResponse, timeout: float) -> str:
     """PROTOCOL §2: {"type":"auth","token":…} as the first message within 10 s.
     Raises AuthError (4001) saying what came instead."""
-    try:
-        msg = await asyncio.wait_for(ws.receive(), timeout)
-    except asyncio.TimeoutError:
-        raise AuthError(f"no auth message within {timeout:g} s") from None
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        try:
+            msg = await asyncio.wait_for(ws.receive(), max(0.0, deadline - asyncio.get_running_loop().time()))
+        except asyncio.TimeoutError:
+            raise AuthError(f"no auth message within {timeout:g} s") from None
+        if msg.type == WSMsgType.PING:      # autoping is off: answered here until auth
+            await ws.pong(msg.data)
+            continue
+        if msg.type != WSMsgType.PONG:
+            break
     if msg.type == WSMsgType.ERROR and getattr(ws.exception(), "code", None) == WSCloseCode.MESSAGE_TOO_BIG:
         raise AuthError("the auth message is over the size limit", kind="limit")
     if msg.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
