@@ -119,6 +119,17 @@ class HubCollector:
             table.append((G, "tls_certificate_expiry_timestamp_seconds",
                           "When the certificate in use expires (Unix time): alert well before it",
                           app["tls"].not_after))
+        stores = hub.stores
+        if hasattr(stores, "full_passes"):   # Redis: the reconcile (stores/redis.py)
+            table += [
+                (C, "reconcile_applied", "Vehicles a reconcile found newer in Redis and applied",
+                 stores.reconciled),
+                (C, "reconcile_feed_vehicles", "Vehicles read from the change feed", stores.feed_vehicles),
+                (C, "reconcile_feed_gaps", "Times the change feed no longer held this instance's place "
+                 "(a whole pass followed)", stores.feed_gaps),
+                (C, "reconcile_scanned_keys", "Keys the safety scan compared", stores.scanned),
+                (C, "reconcile_full_passes", "Safety-scan passes over the whole keyspace", stores.full_passes),
+            ]
         pool = getattr(getattr(hub.stores, "r", None), "connection_pool", None)
         if pool is not None:
             table += [

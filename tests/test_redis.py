@@ -855,3 +855,69 @@ async def test_an_acl_update_during_a_connect_reaches_that_connection(redis_url,
             await ws.close()
         await r.delete(f"acl:user:{user}")
         await runner.cleanup()
+
+
+async def test_reconcile_reads_the_change_feed_not_the_fleet(redis_url, r, uid):
+    """Issue 14 part 2: what the writer wrote is found through the change feed
+    within a reconcile (5 s), while the safety scan reads a slice of the
+    keyspace per reconcile (here 10 keys a second: a pass over these 300
+    vehicles takes 30 s). A feed that lost this instance's place makes it
+    read every key at once."""
+    import msgpack
+    s = Server("--simulate", "0", "--tick-ms", "20", "--redis", redis_url, "--reconcile-scan-per-s", "10")
+    try:
+        fleet = [update(f"{uid}f{i}", 50.0 + i / 1000, 30.0) for i in range(300)]
+        assert ingest(s, fleet)[0] == 200
+        vid = uid + "feed"
+        c = await Client.connect(s, token())
+        await c.recv_type("welcome")
+        await c.subscribe(subscriptions={"vehicles": [vid]})
+        passes = metric_value(s, "reconcile_full_passes_total")
+        scanned = metric_value(s, "reconcile_scanned_keys_total")
+        # as another writer would: the hash, then its feed entry
+        ts = int(time.time() * 1000)
+        await r.hset(f"vehicle:current:{vid}", mapping={
+            "lat": "55.71", "lon": "37.51", "speed": "10", "course": "0", "status": "moving",
+            "vehicle_type": "van", "timestamp": str(ts)})
+        await r.xadd("vehicles:changes", {"u": msgpack.packb([[vid], [ts]])})
+        t0 = time.monotonic()
+        got = await c.wait_messages(lambda m: m.get("v") == vid, timeout=8)
+        assert got[-1]["p"] == [55.71, 37.51]
+        assert time.monotonic() - t0 < 7
+        # meanwhile the scan read slices, not the keyspace (300 keys at 10/s)
+        assert metric_value(s, "reconcile_scanned_keys_total") - scanned < 200
+        assert metric_value(s, "reconcile_full_passes_total") == passes
+        assert metric_value(s, "reconcile_feed_vehicles_total") >= len(fleet)
+
+        # the feed is gone (a Redis that restarted empty): a whole pass follows
+        await r.delete("vehicles:changes")
+        await eventually(lambda: _at_least(s, "reconcile_feed_gaps_total", 1), timeout=12)
+        await eventually(lambda: _at_least(s, "reconcile_full_passes_total", passes + 1), timeout=12)
+        await c.close()
+    finally:
+        s.stop()
+
+
+async def _at_least(server, name, n):
+    return metric_value(server, name) >= n
+
+
+async def test_a_simulated_fleet_is_shared_through_redis(redis_url):
+    """--simulate with --redis goes the way HTTP ingest goes (validated
+    updates, applied here and relayed): the fleet appears on this instance
+    and in the Redis snapshot. It used to fail at its first step."""
+    s = Server("--simulate", "40", "--tick-ms", "20", "--redis", redis_url)
+    try:
+        # the database may hold other tests' vehicles too: the simulated ones are veh_00000…veh_00039
+        c = await Client.connect(s, token())
+        await c.recv_type("welcome")
+        fleet = {f"veh_{i:05d}" for i in range(40)}
+        _, snapshot = await c.subscribe(subscriptions={"vehicles": sorted(fleet)})
+        seen = {m["v"] for m in snapshot}
+        deadline = time.monotonic() + 10
+        while seen != fleet and time.monotonic() < deadline:
+            seen |= {m["v"] for m in await c.messages(0.5)}
+        assert seen == fleet
+        await c.close()
+    finally:
+        s.stop()

@@ -16,6 +16,7 @@ import time
 import numpy as np
 
 from .._core._schema import KEEP, STATUS_CODE, UpdateBatch
+from .decode import validate
 
 CENTER = (55.7558, 37.6173)
 KM_PER_DEG_LAT = 111.32
@@ -179,7 +180,8 @@ async def run_in_hub(hub, n: int, step_s: float = 0.1, seed: int = 1, sink=None)
         if res is None:
             continue
         if sink is not None:
-            await sink(fleet.as_updates(res))
+            # the sink takes what HTTP ingest hands on: validated updates
+            await sink([validate(u) for u in fleet.as_updates(res)])
             continue
         batch, types, first = res
         # vehicle types are sent with the first report only (they never change)

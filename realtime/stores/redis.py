@@ -6,9 +6,19 @@ Keys written here and read here:
   lease (all instances see the same Kafka stream; one writer is enough). The
   hash also carries `groups`, `alerts`, `driver`, `assignment` as JSON so that
   a snapshot restores a vehicle whole.
-- Every 5 s each instance reconciles: SCAN `vehicle:current:*`, compare the
-  `timestamp` field with memory, HGETALL and apply what is newer. At start
-  the same pass loads the snapshot, so a new instance shows the fleet at once.
+- `vehicles:changes`: the change feed. With each pipeline of hashes the writer
+  XADDs one entry that lists their vehicles and timestamps (msgpack), kept
+  CHANGES_KEEP_MS. Every 5 s each instance reads the feed from where it left
+  off, and HGETALLs and applies only the vehicles whose feed timestamp is
+  newer than its memory: reconciling costs one XRANGE per instance and what
+  changed, not the fleet (issue 14).
+- The safety net, for what the feed cannot show (a hash written by something
+  else, a feed entry trimmed while an instance was away): a SCAN of
+  `vehicle:current:*` comparing the `timestamp` field with memory, spread over
+  the reconciles at --reconcile-scan-per-s keys a second, so that a whole
+  pass takes between 5 s (a fleet of up to 1,000 at the default) and
+  FULL_PASS_MAX_S. At start, and when the feed has a gap, a whole pass at
+  once: the first loads the snapshot, so a new instance shows the fleet at once.
 - `events:stream`: the event log. Each instance turns the Pub/Sub events it
   receives, and the new alerts it detects, into one XADD through a script
   that drops duplicates (every instance receives the same PUBLISH); every
@@ -50,6 +60,13 @@ RELAY = "realtime:updates"
 # a key then expires between 1:59 and 2:00 after its last update, for half the commands.
 EXPIRE_EVERY_S = 60.0
 RECONCILE_EVERY_S = 5.0
+LEASE_MS = 10_000             # the writer lease (`realtime:writer`)
+LEASE_RENEW_S = 3.0
+LEASE_MARGIN_S = 2.0          # a writer stops this long before its lease could have run out
+CHANGES = "vehicles:changes"
+CHANGES_KEEP_MS = 30_000      # an instance away longer than this reads the whole keyspace again
+FEED_PAGE = 200               # feed entries per XRANGE (each lists up to WRITE_SLICE vehicles)
+FULL_PASS_MAX_S = 600.0       # the safety scan covers every key at least this often
 # Large work in slices of ~10-20 ms each, with the event loop free in between
 # (issue 10 part 6): hashes written per pipeline, and hashes read and applied
 # per step of a reconcile.
@@ -136,6 +153,11 @@ class RecentKeys:
         return len(self._at)
 
 
+def _id_ms(stream_id: str) -> int:
+    """The Redis clock's milliseconds in a stream id."""
+    return int(stream_id.split("-", 1)[0])
+
+
 def _s(v) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
 
@@ -183,9 +205,17 @@ class RedisStores:
         # connects do not wait for it (see acl, load_session, resolve_*)
         self.healthy: bool | None = None
         self.leader = False
+        self._lease_at = float("-inf")   # when the writer lease was last taken or renewed (monotonic)
         self._ops = 0                    # commands sent (redis_operations_total, with presence's)
         self.presence = Presence(self.r, instance_id, settings.instance_timeout_s)
         self.reconciled = 0
+        self.feed_cursor: str | None = None   # the last change-feed entry read; None: a whole pass first
+        self._scan_cursor = 0                 # where the spread scan goes on
+        self._feed_skew_ms = None             # Redis's clock minus ours, from the feed's ids (trimming)
+        self.full_passes = 0                  # reconcile_* in GET /metrics
+        self.feed_gaps = 0
+        self.feed_vehicles = 0
+        self.scanned = 0
         self._changed: set[int] = set()
         self._expired_at: dict[int, float] = {}   # row -> when its TTL was last set
         self._tasks: list[asyncio.Task] = []
@@ -447,25 +477,35 @@ class RedisStores:
             self._changed.update(int(r) for r in rows)
 
     async def _writer(self) -> None:
+        """Takes or renews the writer lease every LEASE_RENEW_S by the clock,
+        and writes only while the last renewal is recent enough: the rounds
+        of a busy writer take longer than their sleep (encoding 20k hashes a
+        second), and counting rounds instead of seconds let the lease run out
+        while it went on writing, next to the instance that took it over."""
         me = self.hub.instance_id
-        lease_ms = 10_000
         while True:
-            if self.leader:
-                self.leader = bool(await self._renew(keys=[WRITER_LEASE], args=[me, lease_ms]))
-            else:
-                self.leader = bool(await self.r.set(WRITER_LEASE, me, nx=True, px=lease_ms))
+            now = time.monotonic()
+            if now - self._lease_at >= LEASE_RENEW_S:
                 if self.leader:
-                    # a new writer writes everything once: the old one may have died mid-way
-                    self._changed.update(range(self.hub.core.n))
-                    self._expired_at.clear()
-            self._ops += 1
-            self.healthy = True
-            for _ in range(int(3 / self.write_every_s)):
-                if self.leader:
-                    await self._write_changed()
+                    self.leader = bool(await self._renew(keys=[WRITER_LEASE], args=[me, LEASE_MS]))
                 else:
-                    self._changed.clear()
-                await asyncio.sleep(self.write_every_s)
+                    self.leader = bool(await self.r.set(WRITER_LEASE, me, nx=True, px=LEASE_MS))
+                    if self.leader:
+                        # a new writer writes everything once: the old one may have died mid-way
+                        self._changed.update(range(self.hub.core.n))
+                        self._expired_at.clear()
+                if self.leader:
+                    self._lease_at = now
+                self._ops += 1
+                self.healthy = True
+            if self._lease_fresh():
+                await self._write_changed()
+            elif not self.leader:
+                self._changed.clear()
+            await asyncio.sleep(self.write_every_s)
+
+    def _lease_fresh(self) -> bool:
+        return self.leader and time.monotonic() - self._lease_at < LEASE_MS / 1000.0 - LEASE_MARGIN_S
 
     async def _write_changed(self) -> None:
         """Every changed row to `vehicle:current:*`, WRITE_SLICE rows per
@@ -474,7 +514,10 @@ class RedisStores:
         if not self._changed:
             return
         rows, self._changed = sorted(self._changed), set()
-        for i in range(0, len(rows), WRITE_SLICE):
+        for i in range(0, len(rows), WRITE_SLICE):   # each with its change-feed entry
+            if not self._lease_fresh():   # a long rewrite goes on after the next renewal
+                self._changed.update(rows[i:])
+                return
             try:
                 await self._write_rows(rows[i:i + WRITE_SLICE])
             except BaseException:
@@ -485,6 +528,7 @@ class RedisStores:
         core = self.hub.core
         pipe = self.r.pipeline(transaction=False)
         geo = []
+        feed_ids, feed_ts = [], []
         n = 0
         now = time.monotonic()
         from .._core._schema import STATUSES
@@ -514,12 +558,30 @@ class RedisStores:
                     pipe.sadd(f"group:{g}:vehicles", vid)
                     n += 1
             geo.extend((float(rec["lon"]), float(rec["lat"]), vid))
+            feed_ids.append(vid)
+            feed_ts.append(int(rec["ts"]))
         if geo:
             pipe.geoadd("vehicles:geoindex", geo)
             n += 1
+        if feed_ids:
+            self._add_changes(pipe, feed_ids, feed_ts)
+            n += 1
         if n:
-            await pipe.execute()
+            res = await pipe.execute()
+            if feed_ids:
+                self._feed_skew_ms = _id_ms(_s(res[-1])) - time.time() * 1000.0
         self._ops += n
+
+    def _add_changes(self, pipe, ids: list, stamps: list) -> None:
+        """The feed entry for one pipeline of hashes; entries older than
+        CHANGES_KEEP_MS (by Redis's clock, learned from the ids it gives)
+        are trimmed on the way."""
+        body = msgpack.packb([ids, stamps], use_bin_type=True)
+        if self._feed_skew_ms is None:
+            pipe.xadd(CHANGES, {"u": body})
+        else:
+            oldest = int(time.time() * 1000.0 + self._feed_skew_ms) - CHANGES_KEEP_MS
+            pipe.xadd(CHANGES, {"u": body}, minid=f"{max(oldest, 0)}-0", approximate=True)
 
     async def _reconcile(self) -> None:
         while True:
@@ -529,61 +591,139 @@ class RedisStores:
             await asyncio.sleep(RECONCILE_EVERY_S)
 
     async def reconcile_once(self) -> int:
-        """Apply every vehicle whose Redis state is newer than memory."""
+        """Applies every vehicle whose Redis state is newer than memory, as
+        the change feed and a slice of the safety scan show it (a whole pass
+        at start and after a gap in the feed). Returns how many it applied."""
+        applied = 0
+        if self.feed_cursor is not None:
+            applied += await self._read_feed()
+        if self.feed_cursor is None:
+            # where the feed stands now: whatever is written during the pass
+            # is read from the feed afterwards
+            last = await self.r.xrevrange(CHANGES, count=1)
+            self._ops += 1
+            self._scan_cursor = 0
+            applied += await self._scan(None)
+            self.feed_cursor = _s(last[0][0]) if last else "0-0"
+        else:
+            applied += await self._scan(self._scan_quota())
+        self.reconciled += applied
+        await self._refresh_groups()
+        return applied
+
+    async def _read_feed(self) -> int:
+        """The feed from the cursor on: the newest timestamp of each vehicle
+        in it, then the hashes of those newer than memory. A cursor the feed
+        no longer holds (trimmed, or the key is gone) is a gap: the cursor
+        is dropped, so that a whole pass follows."""
+        cursor = self.feed_cursor
+        latest: dict[str, int] = {}
+        first = True
+        while True:
+            pipe = self.r.pipeline(transaction=False)
+            if first and cursor != "0-0":
+                pipe.xrange(CHANGES, min=cursor, max=cursor, count=1)
+            pipe.xrange(CHANGES, min="(" + cursor, count=FEED_PAGE)
+            res = await pipe.execute()
+            self._ops += len(res)
+            if first and cursor != "0-0" and not res[0]:
+                self.feed_gaps += 1
+                log.info("change feed has a gap; reading every vehicle", extra={"fields": {"cursor": cursor}})
+                self.feed_cursor = None
+                return 0
+            first = False
+            entries = res[-1]
+            for entry_id, fields in entries:
+                body = fields.get(b"u") or fields.get("u")
+                try:
+                    ids, stamps = msgpack.unpackb(body, raw=False)
+                except Exception:   # not ours: skipped, the scan covers it
+                    continue
+                for vid, ts in zip(ids, stamps):
+                    if ts > latest.get(vid, -1):
+                        latest[vid] = ts
+                cursor = _s(entry_id)
+            if len(entries) < FEED_PAGE:
+                break
+        self.feed_cursor = cursor
+        self.feed_vehicles += len(latest)
+        core = self.hub.core
+        forget_before_ms = (time.time() - self.settings.stale_after_s) * 1000.0
+        newer = []
+        for vid, ts in latest.items():
+            row = core.row_of(vid)
+            if row >= 0 and core.cur[row]["version"] > 0:
+                if core.cur[row]["ts"] < ts:
+                    newer.append(f"vehicle:current:{vid}")
+            elif ts >= forget_before_ms:
+                newer.append(f"vehicle:current:{vid}")
+        return await self._apply_keys(newer)
+
+    def _scan_quota(self) -> int:
+        """Keys for this reconcile's slice of the safety scan: the whole
+        keyspace every max(5 s, fleet / --reconcile-scan-per-s), at most
+        FULL_PASS_MAX_S apart."""
+        fleet = max(1, self.hub.core.n - len(self.hub.core.row_free))
+        period = min(FULL_PASS_MAX_S, max(RECONCILE_EVERY_S, fleet / self.settings.reconcile_scan_per_s))
+        return max(1, int(fleet * RECONCILE_EVERY_S / period + 0.999))
+
+    async def _scan(self, quota: int | None) -> int:
+        """SCANs on from where the last slice stopped, `quota` keys (None: to
+        the end of the pass), and applies those newer than memory."""
         core = self.hub.core
         newer: list[bytes] = []
         forget_before_ms = (time.time() - self.settings.stale_after_s) * 1000.0
-        async for keys in self._scan_batches("vehicle:current:*"):
-            pipe = self.r.pipeline(transaction=False)
-            for k in keys:
-                pipe.hget(k, "timestamp")
-            stamps = await pipe.execute()
-            self._ops += len(keys) + 1
-            for k, ts in zip(keys, stamps):
-                if ts is None:
-                    continue
-                vid = _s(k)[len("vehicle:current:"):]
-                row = core.row_of(vid)
-                try:
-                    from ..ingest.decode import parse_timestamp
-                    t = parse_timestamp(int(ts) if ts.isdigit() else _s(ts))
-                except (Rejected, ValueError):
-                    continue
-                if row >= 0 and core.cur[row]["version"] > 0:
-                    if core.cur[row]["ts"] < t:
+        seen = 0
+        from ..ingest.decode import parse_timestamp
+        while quota is None or seen < quota:
+            count = 1000 if quota is None else max(10, min(1000, quota - seen))
+            self._scan_cursor, keys = await self.r.scan(self._scan_cursor, match="vehicle:current:*", count=count)
+            self._ops += 1
+            if keys:
+                seen += len(keys)
+                pipe = self.r.pipeline(transaction=False)
+                for k in keys:
+                    pipe.hget(k, "timestamp")
+                stamps = await pipe.execute()
+                self._ops += len(keys)
+                for k, ts in zip(keys, stamps):
+                    if ts is None:
+                        continue
+                    row = core.row_of(_s(k)[len("vehicle:current:"):])
+                    try:
+                        t = parse_timestamp(int(ts) if ts.isdigit() else _s(ts))
+                    except (Rejected, ValueError):
+                        continue
+                    if row >= 0 and core.cur[row]["version"] > 0:
+                        if core.cur[row]["ts"] < t:
+                            newer.append(k)
+                    elif t >= forget_before_ms:   # not one memory forgot as stale
                         newer.append(k)
-                elif t >= forget_before_ms:   # not one memory forgot as stale
-                    newer.append(k)
-        # read and applied a slice at a time: the first reconcile of a new
-        # instance loads the whole fleet, and ticks must go on meanwhile
+            if self._scan_cursor == 0:
+                self.full_passes += 1
+                break
+        self.scanned += seen
+        return await self._apply_keys(newer)
+
+    async def _apply_keys(self, keys: list) -> int:
+        """HGETALL and apply, a slice at a time: the first reconcile of a new
+        instance loads the whole fleet, and ticks must go on meanwhile."""
         applied = 0
-        for i in range(0, len(newer), RECONCILE_SLICE):
-            chunk = newer[i:i + RECONCILE_SLICE]
+        for i in range(0, len(keys), RECONCILE_SLICE):
+            chunk = keys[i:i + RECONCILE_SLICE]
             pipe = self.r.pipeline(transaction=False)
             for k in chunk:
                 pipe.hgetall(k)
             updates = []
             for k, h in zip(chunk, await pipe.execute()):
-                u = self._from_hash(_s(k)[len("vehicle:current:"):], h)
+                u = self._from_hash(_s(k)[len("vehicle:current:"):], h) if h else None
                 if u is not None:
                     updates.append(u)
             self._ops += len(chunk)
             if updates:
                 self.hub.apply_updates(updates)
                 applied += len(updates)
-        self.reconciled += applied
-        await self._refresh_groups()
         return applied
-
-    async def _scan_batches(self, pattern: str):
-        cursor = 0
-        while True:
-            cursor, keys = await self.r.scan(cursor, match=pattern, count=1000)
-            self._ops += 1
-            if keys:
-                yield keys
-            if cursor == 0:
-                return
 
     def _from_hash(self, vid: str, h: dict) -> dict | None:
         g = {_s(k): _s(v) for k, v in h.items()}
