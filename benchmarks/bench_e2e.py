@@ -87,10 +87,13 @@ class Proc:
                 self.p.wait()
 
 
+TICK_S = 0.05   # the server's default --tick-ms
+
+
 def realtime(port, simulate, extra=()):
     return Proc([PY, "-m", "realtime", "serve", "--port", str(port), "--simulate", str(simulate),
                  "--jwt-secret", SECRET, "--log-level", "warning", "--max-connections-per-ip", "100000",
-                 "--max-connections-per-user", "100000", "--max-visible", "1000000", *extra])
+                 "--max-connections-per-user", "100000", *extra])
 
 
 def metrics(port) -> dict:
@@ -106,14 +109,17 @@ def loadgen(port, clients, seconds, subscribe="viewport", path_token=True, warmu
     procs = procs or PROCS
     for i in range(procs):
         n = clients // procs + (1 if i < clients % procs else 0)
+        lat_file = tempfile.mktemp(prefix=f"loadgen-{os.getpid()}-", suffix=".npy")
         cmd = [PY, str(HERE / "loadgen.py"), "--port", str(port), "--clients", str(n),
                "--seconds", str(seconds), "--warmup", str(WARMUP if warmup is None else warmup),
                "--subscribe", subscribe, "--seed", str(i + 1), "--barrier",
-               "--latencies-file", f"{tempfile.gettempdir()}/loadgen-{os.getpid()}-{i}.npy", *extra]
+               "--latencies-file", lat_file, *extra]
         if path_token:
             cmd += ["--token", token()]
-        out.append(subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, text=True))
+        lg = subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+        lg.latencies_file = lat_file
+        out.append(lg)
     return out
 
 
@@ -145,10 +151,10 @@ def merged(lgs: list) -> dict:
         if lg.returncode != 0:
             raise RuntimeError(f"load generator failed: {err[-2000:]}")
         parts.append(json.loads(out.strip().splitlines()[-1]))
-        path = f"{tempfile.gettempdir()}/loadgen-{os.getpid()}-{i}.npy"
-        lat.append(np.load(path))
-        os.unlink(path)
+        lat.append(np.load(lg.latencies_file))
+        os.unlink(lg.latencies_file)
     res = dict(parts[0])
+    res["max_frame_bytes"] = max(p.get("max_frame_bytes", 0) for p in parts)
     for k in ("clients", "connected", "failed", "closed_early", "frames_per_s", "deliveries_per_s",
               "bytes_per_s", "latency_samples"):
         res[k] = sum(p[k] for p in parts)
@@ -231,7 +237,9 @@ def socketio_peer(vehicles, clients, seconds):
 
 
 def scenario_b(vehicles, clients, seconds):
-    return under_load(lambda port: realtime(port, vehicles), clients, seconds, "all")
+    # wall screens show every vehicle one by one: their operator raises
+    # --max-visible (the default, 2000, would cluster them)
+    return under_load(lambda port: realtime(port, vehicles, ("--max-visible", "1000000")), clients, seconds, "all")
 
 
 def scenario_c(clients, extra=()):
@@ -250,6 +258,46 @@ def scenario_c(clients, extra=()):
         return {"connections": res["connected"], "rss_before_mb": round(before / 1024, 1),
                 "rss_with_connections_mb": round(during / 1024, 1),
                 "rss_kb_per_conn": round((during - before) / max(res["connected"], 1), 2)}
+    finally:
+        s.stop()
+
+
+def scenario_h(vehicles, out_clients, in_clients, seconds):
+    """(h) clustered views (issue 14): `vehicles` at 1 Hz with the default
+    --max-visible; `out_clients` dispatchers zoomed out over the region (a
+    few hundred distinct views, clustered), `in_clients` zoomed in (~1%
+    viewports, individual vehicles). The refresh's CPU, the distinct views
+    per refresh, frames per client per tick (each group) and the largest
+    frame, from the server's metrics and the load generators."""
+    port = free_port()
+    s = realtime(port, vehicles)
+    try:
+        wait_port(port)
+        time.sleep(SETTLE)
+        lgs = loadgen(port, out_clients, seconds, subscribe="zoomed_out", procs=1)
+        lgs += loadgen(port, in_clients, seconds, procs=1)
+        box = {}
+
+        def merge(lgs):
+            box["out"], box["in"] = merged(lgs[:1]), merged(lgs[1:])
+            box["m1"], box["t1"] = metrics(port), time.monotonic()
+            return {"deliveries_per_s": box["out"]["deliveries_per_s"] + box["in"]["deliveries_per_s"]}
+        m0 = metrics(port)
+        res = measured(s, lgs, out_clients + in_clients, seconds, merge=merge)
+        m1 = box["m1"]
+
+        def d(name):
+            return m1.get(name, 0.0) - m0.get(name, 0.0)
+        refreshes = max(d("cluster_refreshes_total"), 1)
+        for group in ("out", "in"):   # per tick of the configured period (the default 50 ms)
+            g = box[group]
+            g["frames_per_client_per_tick"] = round(g["frames_per_s"] / max(g["connected"], 1) * TICK_S, 3)
+        return {"vehicles": vehicles, "zoomed_out": box["out"], "zoomed_in": box["in"],
+                "server_cpu_s_per_s": res["server_cpu_s_per_s"],
+                "refresh_ms_avg": round(1000 * d("cluster_refresh_seconds_total") / refreshes, 2),
+                "views_per_refresh": round(d("cluster_views_total") / refreshes, 1),
+                "refreshes": int(refreshes),
+                "largest_frame_bytes": max(box["out"]["max_frame_bytes"], box["in"]["max_frame_bytes"])}
     finally:
         s.stop()
 
@@ -277,7 +325,7 @@ def main():
     p.add_argument("--vehicles", type=int)
     p.add_argument("--clients", type=int)
     p.add_argument("--seconds", type=float)
-    p.add_argument("--skip", default="", help="comma-separated: raw,socketio,b,c")
+    p.add_argument("--skip", default="", help="comma-separated: raw,socketio,sweep,b,h,c")
     a = p.parse_args()
     smoke = a.smoke
     global SETTLE, WARMUP
@@ -321,6 +369,11 @@ def main():
         log(f"(b) wall screens: {W} clients watching the same 2000 vehicles")
         out["b_realtime"] = rb = scenario_b(2000, W, T)
         log(json.dumps(rb))
+    if "h" not in skip:
+        HV, HC = (5000, 100) if smoke else (50000, 1000)
+        log(f"(h) clusters: {HV} vehicles, {HC} dispatchers zoomed out, {HC} zoomed in, default --max-visible")
+        out["h_clusters"] = rh = scenario_h(HV, HC, HC, T)
+        log(json.dumps(rh))
     if "c" not in skip:
         N = 1000 if smoke else 10000
         log(f"(c) connection scale: {N} idle connections")

@@ -93,6 +93,7 @@ class Stats:
         self.subscribed = 0
         self.failed = 0
         self.closed = 0
+        self.max_frame = 0      # the largest frame in the measuring window (bytes)
 
 
 class WSClient(asyncio.Protocol):
@@ -164,6 +165,8 @@ class WSClient(asyncio.Protocol):
                 continue
             st.frames += 1
             st.bytes += n
+            if n > st.max_frame:
+                st.max_frame = n
             if payload.startswith(b'{"type":"subscribed"'):
                 st.subscribed += 1
             elif payload.startswith(b'{"type":"batch"'):
@@ -235,6 +238,7 @@ async def run(host, port, clients, seconds, path_fmt, subscribe_fmt, sample, see
     await asyncio.sleep(warmup)
     print("window", flush=True, file=sys.stderr)  # the orchestrator samples server CPU from here
     f0, m0, b0 = stats.frames, stats.messages, stats.bytes
+    stats.max_frame = 0
     stats.latencies.clear()
     t0 = time.monotonic()
     await asyncio.sleep(seconds)
@@ -249,6 +253,7 @@ async def run(host, port, clients, seconds, path_fmt, subscribe_fmt, sample, see
         "latency_samples": int(len(stats.latencies)),
         "p50_ms": round(float(np.percentile(lat, 50)), 2),
         "p99_ms": round(float(np.percentile(lat, 99)), 2),
+        "max_frame_bytes": stats.max_frame,
     }
     if latencies_file:  # for percentiles merged across processes
         np.save(latencies_file, np.asarray(stats.latencies, dtype=np.float32))
@@ -271,6 +276,27 @@ def viewport_subscribe(fleet_bbox, area_fraction):
     return make
 
 
+def zoomed_out_subscribe(fleet_bbox):
+    """A dispatcher's map zoomed out over the region (zoom 8 to 10, a map of
+    ~640 x 384 px panned anywhere over the fleet), a quarter of them with a
+    status filter: clustered (issue 14), a few hundred distinct views."""
+    s, w, n, e = fleet_bbox
+
+    def make(rng, i):
+        zoom = rng.randint(8, 10)
+        deg = 90.0 / 2 ** zoom
+        h, wd = deg * 6, deg * 10
+        lat = s - h / 2 + rng.random() * (n - s)
+        lon = w - wd / 2 + rng.random() * (e - w)
+        msg = {"type": "subscribe", "subscriptions": {"geographic": {
+            "bounds": {"south": lat, "west": lon, "north": lat + h, "east": lon + wd}, "zoom": zoom}}}
+        statuses = (["moving"], ["moving", "idle"], None, None)[i % 4]
+        if statuses:
+            msg["filters"] = {"status": statuses}
+        return json.dumps(msg).encode()
+    return make
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--host", default="127.0.0.1")
@@ -282,7 +308,8 @@ def main():
     p.add_argument("--sample", type=int, default=20)
     p.add_argument("--area", type=float, default=0.01)
     p.add_argument("--bbox", default="55.55,37.35,55.95,37.9", help="south,west,north,east of the fleet")
-    p.add_argument("--subscribe", default="viewport", choices=["viewport", "all", "none", "socketio"])
+    p.add_argument("--subscribe", default="viewport",
+                   choices=["viewport", "zoomed_out", "all", "none", "socketio"])
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--deflate", action="store_true", help="offer permessage-deflate (idle runs)")
     p.add_argument("--barrier", action="store_true",
@@ -294,6 +321,8 @@ def main():
     bbox = tuple(float(x) for x in a.bbox.split(","))
     if a.subscribe == "viewport":
         sub = viewport_subscribe(bbox, a.area)
+    elif a.subscribe == "zoomed_out":
+        sub = zoomed_out_subscribe(bbox)
     elif a.subscribe == "all":
         def sub(rng, i):
             return json.dumps({"type": "subscribe", "subscriptions": {}}).encode()

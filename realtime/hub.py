@@ -70,6 +70,9 @@ class Stats:
         self.opened: dict[str, int] = {}
         self.closed_messages: dict[str, int] = {}
         self.closed_bytes: dict[str, int] = {}
+        self.cluster_refreshes = 0   # refresh_clusters runs
+        self.cluster_views = 0       # distinct views (and formats) encoded by them
+        self.cluster_seconds = 0.0
 
     def reject(self, reason: str, n: int = 1):
         self.ingest_rejected[reason] = self.ingest_rejected.get(reason, 0) + n
@@ -549,8 +552,8 @@ class Hub:
         want = (zoom is not None and zoom < st.cluster_below_zoom) or visible > st.max_visible
         if want:
             self.core.set_clustered(s.row, True)
-            s.cells = self.core.cluster_cells(s.row, self._cell_deg(s))
-            return self._clusters_body(s, s.cells)
+            s.cells = self._view_body(s, {}, {})
+            return s.cells
         if s.cells is not None:
             s.cells = None
             # an empty `clusters` first: a client clears its cells even when no
@@ -576,15 +579,39 @@ class Hub:
         from .messages import encode
         return encode(s.fmt, [msg])
 
+    def _view_body(self, s: Session, memo: dict, bodies: dict) -> bytes:
+        """The encoded `clusters` body of s's view (core.view_key): its cells
+        computed once per view and encoded once per view and format, within
+        one refresh (`memo` and `bodies`), for every client that has it."""
+        zoom = s.view[1]
+        key = self.core.view_key(s.row, self._cell_deg(s))
+        ck = (key, zoom, s.fmt)
+        body = bodies.get(ck)
+        if body is None:
+            cells = memo.get(("cells", key))
+            if cells is None:
+                cells = memo[("cells", key)] = self.core.view_cells(key, memo) if key is not None else []
+            from .messages import encode
+            body = bodies[ck] = encode(s.fmt, [{"t": "clusters", "z": zoom, "cells": cells}])
+        return body
+
     def refresh_clusters(self) -> None:
-        """Resend the cells of clustered clients whose picture changed."""
+        """Resend the cells of clustered clients whose picture changed: once
+        a second, each distinct view computed and encoded once, the same
+        bytes sent to all its clients. s.cells holds the body last sent."""
+        t0 = time.perf_counter()
+        memo, bodies = {}, {}
         for s in list(self.sessions.values()):
             if s.cells is None or s.known is not None:
                 continue
-            cells = self.core.cluster_cells(s.row, self._cell_deg(s))
-            if cells != s.cells:
-                s.cells = cells
-                s.send_batch(self.core.envelope, self.batch_id(), self._clusters_body(s, cells))
+            body = self._view_body(s, memo, bodies)
+            if body != s.cells:
+                s.cells = body
+                s.send_batch(self.core.envelope, self.batch_id(), body)
+        st = self.stats
+        st.cluster_refreshes += 1
+        st.cluster_views += len(bodies)
+        st.cluster_seconds += time.perf_counter() - t0
 
     # ------------------------------------------------------------ once a second
     def check_vehicles(self, now: float) -> bool:

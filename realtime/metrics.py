@@ -103,6 +103,10 @@ class HubCollector:
             (C, "write_errors", "Connections closed 1011 because a write to them raised",
              Session.write_errors),
             (C, "heartbeat_timeouts", "Connections closed for no pong", st.pong_timeouts),
+            (C, "cluster_refreshes", "Once-a-second refreshes of clustered clients' cells", st.cluster_refreshes),
+            (C, "cluster_views", "Distinct views (and formats) computed and encoded by those refreshes; "
+             "each is sent to every client that has it", st.cluster_views),
+            (C, "cluster_refresh_seconds", "Time in those refreshes", st.cluster_seconds),
             (G, "event_loop_lag_ms", "How late the event loop woke a 100 ms timer, latest", load.lag_ms),
             (G, "event_loop_lag_max_ms", "The worst event-loop lag since the last scrape",
              load.take_max_lag()),

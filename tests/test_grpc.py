@@ -168,7 +168,7 @@ def test_the_wire_encoding_matches_the_proto(pb):
         {"t": "delta", "v": "v3", "ch": {"st": "offline", "al": [], "dr": None, "s": 0}, "ts": -1},
         {"t": "leave", "v": "v4", "r": "stale"},
         {"t": "event", "v": "v5", "e": "geofence_enter", "d": {"zone": "dock"}, "eid": "17-0", "ts": 9},
-        {"t": "clusters", "z": 5, "cells": [[10.5, 20.25, 300], [1, 2, 3, {"moving": 1}]]},
+        {"t": "clusters", "z": 5, "cells": [[10.5, 20.25, 300, [250, 0, 40, 10]], [1, 2, 3, {"moving": 1}]]},
     ]
     packed = msgpack.packb(msgs)
     assert wire.batch_body(packed, {}) == wire.batch_body(packed)   # per-vehicle pieces: the same bytes
@@ -192,6 +192,7 @@ def test_the_wire_encoding_matches_the_proto(pb):
     assert (ev.vehicle, ev.type, ev.eid, ev.ts, MessageToDict(ev.body)) == ("v5", "geofence_enter", "17-0", 9, {"zone": "dock"})
     cl = b.messages[5].clusters
     assert cl.zoom == 5 and [(c.lat, c.lon, c.count) for c in cl.cells] == [(10.5, 20.25, 300), (1, 2, 3)]
+    assert [(c.moving, c.idle, c.stopped, c.offline) for c in cl.cells] == [(250, 0, 40, 10), (0, 0, 0, 0)]
     w = realtime_pb2.Batch.FromString(wire.notice({"type": "welcome", "client": "c_1", "session": "s_1",
                                                    "resumed": True, "recovered": False, "heartbeat_s": 30}))
     assert (w.seq, w.welcome.session, w.welcome.resumed, w.welcome.recovered, w.welcome.heartbeat_s) == (0, "s_1", True, False, 30)

@@ -8,7 +8,7 @@ import pytest
 import websockets
 from websockets.exceptions import ConnectionClosed
 
-from conftest import Client, ingest, token, update
+from conftest import Client, Server, ingest, metric_value, token, update
 
 pytestmark = pytest.mark.integration
 
@@ -148,13 +148,14 @@ async def test_zoomed_out_viewport_gets_clusters_then_vehicles_again(server, uid
     assert sub["visible"] == 6
     assert len(msgs) == 1 and msgs[0]["t"] == "clusters" and msgs[0]["z"] == 6
     cells = msgs[0]["cells"]
-    assert sorted(n for _, _, n in cells) == [1, 5]
+    assert sorted(cell[2] for cell in cells) == [1, 5]
     big = next(cell for cell in cells if cell[2] == 5)
     assert abs(big[0] - -59.998) < 1e-6 and big[1] == -120.0
+    assert big[3] == [5, 0, 0, 0]   # the status breakdown: moving, idle, stopped, offline
     # while clustered, individual updates are folded into the next clusters message
     ingest(server, [update(uid + "far", -60.0, -120.0)])
     got = await c.wait_messages(lambda m: m["t"] == "clusters", timeout=3)
-    assert {m["t"] for m in got} == {"clusters"} and [n for *_, n in got[-1]["cells"]] == [6]
+    assert {m["t"] for m in got} == {"clusters"} and [cell[2] for cell in got[-1]["cells"]] == [6]
     # zooming in: an empty `clusters` (drop the cells), then the vehicles, one `full` each
     await c.send({"type": "viewport", "bounds": bounds, "zoom": 14})
     b = await c.recv_type("batch")
@@ -393,5 +394,42 @@ async def test_sigterm_sends_reconnect_then_closes_1001_and_exits_0(uid):
         # no new connections are accepted once shutdown began
         with pytest.raises(OSError):
             await websockets.connect(s.ws_url + "?token=" + token(), open_timeout=2)
+    finally:
+        s.stop()
+
+
+async def test_nearby_zoomed_out_views_share_one_computed_view(uid):
+    """Issue 14 part 1: clustered clients whose viewports snap to the same
+    cells (and who have the same rights and filters) get the same `clusters`
+    message, computed and encoded once per refresh; cells carry their status
+    breakdown."""
+    s = Server("--simulate", "0", "--tick-ms", "20")
+    try:
+        ingest(s, [update(f"{uid}m{i}", 40.0 + i * 0.01, 10.0, status="moving") for i in range(4)]
+               + [update(f"{uid}s{i}", 40.02, 10.0 + i * 0.01, status="stopped") for i in range(2)]
+               + [update(uid + "o", 40.5, 10.5, status="offline")])
+        views = [{"north": 41.0, "south": 39.5, "west": 9.5, "east": 11.0},
+                 {"north": 41.1, "south": 39.6, "west": 9.6, "east": 11.1}]   # a little panned
+        clients, firsts = [], []
+        for bounds in views:
+            c = await Client.connect(s, token())
+            await c.recv_type("welcome")
+            _, msgs = await c.subscribe(subscriptions={"geographic": {"bounds": bounds, "zoom": 5}})
+            clients.append(c)
+            firsts.append(msgs)
+        assert firsts[0] == firsts[1] and firsts[0][0]["t"] == "clusters"
+        cells = firsts[0][0]["cells"]
+        assert sum(cell[2] for cell in cells) == 7
+        assert [sum(cell[3][k] for cell in cells) for k in range(4)] == [4, 0, 2, 1]
+        refreshes, views_before = metric_value(s, "cluster_refreshes_total"), metric_value(s, "cluster_views_total")
+        ingest(s, [update(f"{uid}m0", 40.3, 10.2, status="idle")])
+        got = [await c.wait_messages(lambda m: m["t"] == "clusters", timeout=3) for c in clients]
+        assert got[0][-1] == got[1][-1]
+        assert [sum(cell[3][k] for cell in got[0][-1]["cells"]) for k in range(4)] == [3, 1, 2, 1]
+        refreshes = metric_value(s, "cluster_refreshes_total") - refreshes
+        views = metric_value(s, "cluster_views_total") - views_before
+        assert refreshes >= 1 and views <= refreshes, "one view per refresh for both clients"
+        for c in clients:
+            await c.close()
     finally:
         s.stop()

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+import math
+
 import numpy as np
 
 from . import _schema as S
@@ -49,6 +51,20 @@ NOT_SILENCED = 255  # `silenced`: the row is not offline by silence
 
 class TickPending(RuntimeError):
     """A command ran while updates were applied but not yet routed."""
+
+
+def snap_window(south: float, west: float, north: float, east: float, cell_deg: float):
+    """A viewport grown outward to whole cells of the cluster grid (cells
+    start at -90 / -180): nearby viewports snap to the same window. One that
+    spans the globe's width (or more) is the whole width."""
+    s = max(-90.0, math.floor((south + 90.0) / cell_deg) * cell_deg - 90.0)
+    n = min(90.0, math.ceil((north + 90.0) / cell_deg) * cell_deg - 90.0)
+    width = east - west if east >= west else east + 360.0 - west
+    if width + 2 * cell_deg >= 360.0:
+        return (s, -180.0, n, 180.0)
+    w = math.floor((west + 180.0) / cell_deg) * cell_deg - 180.0
+    e = math.ceil((east + 180.0) / cell_deg) * cell_deg - 180.0
+    return (s, w, n, e)
 
 
 def _words(n: int) -> int:
@@ -603,6 +619,79 @@ class CoreBase:
         mlat = np.bincount(inv, lat) / counts
         mlon = np.bincount(inv, lon) / counts
         return [[round(float(a), 6), round(float(b), 6), int(n)] for a, b, n in zip(mlat, mlon, counts)]
+
+    # ------------------------------------------------------------------ shared cluster views
+    def view_key(self, c: int, cell_deg: float):
+        """What client c's `clusters` show, as a key: rights, subscription,
+        filters, cell size, and the viewport snapped outward to the cell grid
+        (None: no viewport). Clients with the same key get the same cells, so
+        they are computed and encoded once per key (issue 14): nearby
+        viewports of one zoom share a key. None for a client with no
+        subscription (no cells)."""
+        rec = self.clients[c]
+        if not rec["active"]:
+            return None
+        window = None
+        if rec["has_bbox"]:
+            window = snap_window(float(rec["south"]), float(rec["west"]), float(rec["north"]),
+                                 float(rec["east"]), cell_deg)
+        return (int(rec["rights_sel"]), int(rec["sub_sel"]), int(rec["status_mask"]),
+                int(rec["type_mask"]), float(cell_deg), window)
+
+    def view_cells(self, key, memo: dict | None = None) -> list:
+        """[[lat, lon, count, [moving, idle, stopped, offline]], …] of a
+        view_key: the mean position of each occupied cell, its number of
+        vehicles, and how many of them are in each status. The cells of the
+        vehicles that pass a view's rights, subscription and filters are
+        aggregated once per those and the cell size (kept in `memo` for one
+        refresh); a view then only picks the cells inside its window, which
+        holds whole cells since it is snapped to the grid."""
+        rights, sub, smask, tmask, cell_deg, window = key
+        base = key[:5]
+        agg = memo.get(base) if memo is not None else None
+        if agg is None:
+            agg = self._view_aggregate(rights, sub, smask, tmask, cell_deg)
+            if memo is not None:
+                memo[base] = agg
+        iy, ix, counts, mlat, mlon, by = agg
+        if window is not None and len(iy):
+            south, west, north, east = window
+            y0, y1 = round((south + 90.0) / cell_deg), round((north + 90.0) / cell_deg)
+            x0, x1 = round((west + 180.0) / cell_deg), round((east + 180.0) / cell_deg)
+            m = (iy >= y0) & (iy < y1)
+            m &= ((ix >= x0) & (ix < x1)) if x0 <= x1 else ((ix >= x0) | (ix < x1))
+            counts, mlat, mlon, by = counts[m], mlat[m], mlon[m], by[m]
+        return [[a, b, n, row] for a, b, n, row in
+                zip(mlat.tolist(), mlon.tolist(), counts.tolist(), by.tolist())]
+
+    def _view_aggregate(self, rights: int, sub: int, smask: int, tmask: int, cell_deg: float):
+        """Per occupied cell of the vehicles a client with these rights,
+        subscription and filters may see, wherever they are (the predicate of
+        visibility without the viewport, see _reference._predicate): its grid
+        row and column, count, mean position (rounded to 1e-6) and status
+        counts (moving, idle, stopped, offline)."""
+        n = self.n
+        cur = self.cur[:n]
+        m = cur["version"] > 0
+        for sid in (rights, sub):
+            if sid != -1:
+                bits = np.unpackbits(self.sel_bits[sid].view(np.uint8), bitorder="little")[:n]
+                m &= bits.astype(bool)
+        m &= ((np.int64(smask) >> cur["status"].astype(np.int64)) & 1).astype(bool)
+        m &= ((np.uint64(tmask) >> cur["vtype"].astype(np.uint64)) & np.uint64(1)).astype(bool)
+        rows = np.flatnonzero(m)
+        lat = cur["lat"][rows].astype(np.float64)
+        lon = cur["lon"][rows].astype(np.float64)
+        iy = np.floor((lat + 90.0) / cell_deg).astype(np.int64)
+        ix = np.floor((lon + 180.0) / cell_deg).astype(np.int64)
+        uniq, inv, counts = np.unique((iy << 32) | ix, return_inverse=True, return_counts=True)
+        k = len(uniq)
+        status = cur["status"][rows]
+        by = np.stack([np.bincount(inv, status == code, minlength=k) for code in
+                       (S.ST_MOVING, S.ST_IDLE, S.ST_STOPPED, S.ST_OFFLINE)], axis=1).astype(np.int64)
+        return (uniq >> 32, uniq & 0xFFFFFFFF, counts.astype(np.int64),
+                np.round(np.bincount(inv, lat, minlength=k) / np.maximum(counts, 1), 6),
+                np.round(np.bincount(inv, lon, minlength=k) / np.maximum(counts, 1), 6), by)
 
     def visible_count(self, c: int) -> int:
         w, b = c >> 6, np.uint64(1) << np.uint64(c & 63)

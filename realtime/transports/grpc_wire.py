@@ -143,7 +143,10 @@ def _event(m: dict) -> bytes:
 def _clusters(m: dict) -> bytes:
     out = [d(1, m.get("z") or 0)]
     for cell in m.get("cells") or ():
-        out.append(ld(2, d(1, cell[0]) + d(2, cell[1]) + i64(3, cell[2])))
+        body = d(1, cell[0]) + d(2, cell[1]) + i64(3, cell[2])
+        if len(cell) > 3 and isinstance(cell[3], (list, tuple)):   # the status breakdown
+            body += b"".join(i64(4 + k, n) for k, n in enumerate(cell[3][:4]) if n)
+        out.append(ld(2, body))
     return b"".join(out)
 
 

@@ -6,6 +6,7 @@ import { RealtimeClient } from "/static/realtime-client.js";
 const L = window.L;
 const config = window.REALTIME_CONFIG || {};
 const COLORS = { moving: "#3fbf3f", idle: "#f2c232", stopped: "#f0642e", offline: "#8a8f98" };
+const STATUS_ORDER = ["moving", "idle", "stopped", "offline"];   // a cluster cell's breakdown
 const START = { lat: 55.7558, lon: 37.6173, zoom: 11 };   // the simulated fleet drives around Moscow
 const VIEWPORT_DEBOUNCE_MS = 150;
 const MAX_ALERTS = 100;
@@ -91,7 +92,8 @@ const VehicleMarker = L.CircleMarker.extend({
   },
 });
 
-// A server-side cluster cell (PROTOCOL §3.1 `clusters`): a disc with its count.
+// A server-side cluster cell (PROTOCOL §3.1 `clusters`): a disc with its count,
+// ringed by the share of each status when the server sends the breakdown.
 const ClusterMarker = L.CircleMarker.extend({
   _updatePath() {
     const r = this._renderer;
@@ -106,6 +108,21 @@ const ClusterMarker = L.CircleMarker.extend({
     ctx.lineWidth = 2;
     ctx.strokeStyle = "#cfe6ff";
     ctx.stroke();
+    const by = this.options.by;
+    if (Array.isArray(by) && this.options.count > 0) {
+      let at = -Math.PI / 2;
+      ctx.lineWidth = 4;
+      STATUS_ORDER.forEach((name, k) => {
+        const n = Number(by[k]) || 0;
+        if (n <= 0) return;
+        const span = (2 * Math.PI * n) / this.options.count;
+        ctx.beginPath();
+        ctx.arc(p.x, p.y, s + 1, at, at + span);
+        ctx.strokeStyle = COLORS[name];
+        ctx.stroke();
+        at += span;
+      });
+    }
     ctx.fillStyle = "#fff";
     ctx.font = "bold 11px system-ui, sans-serif";
     ctx.textAlign = "center";
@@ -170,9 +187,9 @@ function drawClusters(cells) {
   clusterLayer.clearLayers();
   clusterCells = (cells || []).filter((c) => Array.isArray(c) && Number.isFinite(c[0]) && Number.isFinite(c[1]));
   for (const cell of clusterCells) {
-    const [lat, lon, count] = cell;
+    const [lat, lon, count, by] = cell;
     const r = 8 + 3 * Math.log2(1 + count);
-    const m = new ClusterMarker([lat, lon], { renderer, radius: r, weight: 2, count });
+    const m = new ClusterMarker([lat, lon], { renderer, radius: r, weight: 2, count, by });
     m.on("click", () => map.setView([lat, lon], Math.min(map.getZoom() + 2, 18)));
     clusterLayer.addLayer(m);
   }
