@@ -23,27 +23,15 @@ import time
 
 import numpy as np
 
-from realtime._core import Core, UpdateBatch
+from bench_core import DLAT, DLON, LAT0, LON0, fleet
+from realtime._core import Core
 from realtime.messages import encode
-
-LAT0, LON0, DLAT, DLON = 55.45, 37.25, 0.6, 0.75  # the fleet's area (as bench_core)
 
 
 def build(n_vehicles: int, n_clients: int, seed: int = 1):
     rng = np.random.default_rng(seed)
     core = Core(vehicle_capacity=n_vehicles, client_capacity=n_clients)
-    lat = LAT0 + rng.uniform(0, DLAT, n_vehicles)
-    lon = LON0 + rng.uniform(0, DLON, n_vehicles)
-    codes = [core.vtype_code(t) for t in ("truck", "van", "car", "bus")]
-    b = UpdateBatch([f"veh_{i:06d}" for i in range(n_vehicles)], lat, lon,
-                    rng.uniform(0, 90, n_vehicles).round(1), rng.integers(0, 360, n_vehicles).astype(float),
-                    rng.choice([0, 0, 0, 1, 2, 3], n_vehicles).astype(np.uint8),
-                    rng.choice(codes, n_vehicles).astype(np.uint8),
-                    np.full(n_vehicles, 1_700_000_000_000, np.int64),
-                    [()] * n_vehicles, [{"name": "D", "phone": "+7"}] * n_vehicles, None,
-                    [(f"g{i % 20}",) for i in range(n_vehicles)])
-    core.apply(b)
-    core.tick()
+    fleet(core, n_vehicles, rng, statuses=(0, 0, 0, 1, 2, 3))
     clients = []
     for i in range(n_clients):
         limited = i % 10 == 0

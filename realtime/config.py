@@ -218,8 +218,9 @@ class Settings:
                                kind=int, lo=4, hi=1024)
     redis_pool_timeout_s: float = opt(2.0, "inputs", "Longest wait for a free Redis connection before the request fails.",
                                       kind=float, lo=0.05, hi=60, unit="s")
-    reconcile_scan_per_s: int = opt(200, "inputs", "Keys a second the reconcile's safety scan of Redis reads "
-                                    "(a whole pass takes fleet/this seconds, 5 to 600).",
+    reconcile_scan_per_s: int = opt(200, "inputs", "Keys a second the reconcile's safety scan of Redis reads: "
+                                    "a whole pass takes fleet/this seconds, at least 5 (more keys a second "
+                                    "when the fleet needs it to stay within 600).",
                                     kind=int, lo=10, hi=1_000_000, unit="keys/s")
     simulate: int | None = opt(None, "inputs", "Built-in fleet of N moving vehicles; 0 for none.",
                                kind=int, lo=0, hi=1_000_000,

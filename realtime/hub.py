@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import time
 
@@ -93,6 +94,9 @@ class Hub:
         self.records = NoRecords()   # PostgreSQL (app.py sets it with --postgres)
         self.security = SecurityEvents(self)
         self.acl_generation = 0      # acl:updates seen (acl_changed)
+        self._view_memo: dict = {}   # see _views_memo
+        self._memo_at = float("-inf")
+        self._memo_epoch = -1
         self.last_eid: str | None = None   # the newest event handed to the core
         # the newest event that every client has been written (or held for):
         # last_eid as of the last tick (mailbox.py's marks)
@@ -552,7 +556,7 @@ class Hub:
         want = (zoom is not None and zoom < st.cluster_below_zoom) or visible > st.max_visible
         if want:
             self.core.set_clustered(s.row, True)
-            s.cells = self._view_body(s, {}, {})
+            s.cells = self._view_body(s, self._views_memo(), {})
             return s.cells
         if s.cells is not None:
             s.cells = None
@@ -564,20 +568,39 @@ class Hub:
         return body
 
     def _cell_deg(self, s: Session) -> float:
+        """90 / 2^zoom degrees (~64 px at 256-px tiles); without a zoom, 1/16
+        of the viewport's longer side. Rounded down to 90 / 2^k, so that
+        views of fractional zooms, or of none, share the grid of a whole zoom
+        (and with it the aggregate view_cells keeps per grid)."""
         bounds, zoom = s.view
         if zoom is not None:
-            return 90.0 / (2.0 ** zoom)  # ~64 px at 256-px tiles
-        if bounds is not None:
+            raw = 90.0 / (2.0 ** zoom)
+        elif bounds is not None:
             south, west, north, east = bounds
             width = east - west if east >= west else east + 360.0 - west
-            return max(north - south, width, 1e-6) / 16.0
-        return 360.0 / 64.0
+            raw = max(north - south, width, 1e-6) / 16.0
+        else:
+            raw = 360.0 / 64.0
+        k = min(30, max(0, math.ceil(math.log2(90.0 / raw) - 1e-9)))
+        return 90.0 / 2 ** k
 
     def _clusters_body(self, s: Session, cells: list) -> bytes:
         zoom = s.view[1]
         msg = {"t": "clusters", "z": zoom, "cells": cells}
         from .messages import encode
         return encode(s.fmt, [msg])
+
+    def _views_memo(self) -> dict:
+        """view_cells' aggregates, shared by the refresh and the commands of
+        one tick period: a clustered client that pans pays for its window,
+        not for a pass over the fleet. Dropped when a selection id is given
+        out or freed (it would name another set of vehicles) and after a tick
+        period (vehicles move)."""
+        now = time.monotonic()
+        epoch = self.core.sel_epoch
+        if now - self._memo_at > self.settings.tick_ms / 1000.0 or epoch != self._memo_epoch:
+            self._view_memo, self._memo_at, self._memo_epoch = {}, now, epoch
+        return self._view_memo
 
     def _view_body(self, s: Session, memo: dict, bodies: dict) -> bytes:
         """The encoded `clusters` body of s's view (core.view_key): its cells
@@ -600,7 +623,7 @@ class Hub:
         a second, each distinct view computed and encoded once, the same
         bytes sent to all its clients. s.cells holds the body last sent."""
         t0 = time.perf_counter()
-        memo, bodies = {}, {}
+        memo, bodies = self._views_memo(), {}
         for s in list(self.sessions.values()):
             if s.cells is None or s.known is not None:
                 continue

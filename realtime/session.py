@@ -83,7 +83,7 @@ class Session:
         self.subscription = None      # the last subscribe request as sent, for resume
         self.last_ping = self.connected_at
         self.view = (None, None)  # (bounds, zoom) of the subscription
-        self.cells = None         # last `clusters` cells sent, None when not clustered
+        self.cells = None         # the last `clusters` body sent (bytes), None when not clustered
         # conflation (slow client): the vehicle rows it had when position
         # updates stopped, and the events held for it since; None when flowing
         self._known = None

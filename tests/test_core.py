@@ -1,5 +1,6 @@
 """The compiled core against the numpy reference: same tests, same streams."""
 import json
+import math
 
 import msgpack
 import numpy as np
@@ -604,3 +605,63 @@ def test_a_group_named_twice_by_an_update_is_counted_once(core):
     upd(core, "b", 1, 1, 2, groups=["h"])
     core.tick()
     assert "g" not in core.group_id and core.group_members("h") == ["b"]
+
+
+def test_shared_view_cells_hold_exactly_what_a_client_may_see_in_its_grid_window(core):
+    """Issue 14 part 1: view_cells, computed once per view for every client
+    with it, against the visibility predicate itself: a twin client with the
+    same rights, subscription and filters but no viewport sees the vehicles;
+    those in the view's grid cells must be exactly the cells' counts, by
+    status. Random fleets, rights, filters and viewports, over the
+    antimeridian too. Never more than the rights allow."""
+    import random
+    from realtime._core._base import grid_window
+    rng = random.Random(7)
+    statuses = ["moving", "idle", "stopped", "offline"]
+    types = ["truck", "van", "car"]
+    for i in range(60):
+        lat = rng.uniform(-60, 60)
+        lon = rng.choice([rng.uniform(-180, 180), rng.uniform(170, 180), rng.uniform(-180, -170)])
+        upd(core, f"v{i}", lat, lon, 1000 + i, status=rng.choice(statuses), vtype=rng.choice(types),
+            groups=[rng.choice(["g1", "g2"])])
+    core.tick()
+    for trial in range(25):
+        rights = rng.choice([dict(view_all=True), dict(view_all=False, groups=("g1",)),
+                             dict(view_all=False, vehicles=tuple(f"v{j}" for j in range(0, 60, 3)))])
+        st = rng.choice([None, ["moving"], ["idle", "offline"]])
+        vt = rng.choice([None, ["truck"], ["van", "car"]])
+        south = rng.uniform(-70, 40)
+        north = south + rng.uniform(1, 40)
+        west = rng.uniform(-180, 180)
+        east = west + rng.uniform(1, 90)
+        if east > 180:
+            east -= 360   # over the antimeridian
+        cell = rng.choice([0.703125, 2.8125, 11.25])
+        c = core.add_client(**rights)
+        core.subscribe(c, bounds=(south, west, north, east), zoom=None, statuses=st, vehicle_types=vt)
+        twin = core.add_client(**rights)
+        core.subscribe(twin, statuses=st, vehicle_types=vt)
+        key = core.view_key(c, cell)
+        assert key == core.view_key(c, cell) and key[:4] != (None,) * 4
+        cells = core.view_cells(key)
+        y0, y1, x0, x1 = grid_window(south, west, north, east, cell)
+        expected = {}
+        for r in core.visible_rows(twin):
+            lat, lon = float(core.cur["lat"][r]), float(core.cur["lon"][r])
+            iy, ix = math.floor((lat + 90) / cell), math.floor((lon + 180) / cell)
+            inside = y0 <= iy < y1 and (x0 is None or ((x0 <= ix < x1) if x0 < x1 else (ix >= x0 or ix < x1)))
+            if inside:
+                counts = expected.setdefault((iy, ix), [0, 0, 0, 0, 0])
+                counts[0] += 1
+                code = int(core.cur["status"][r])
+                if code < 4:
+                    counts[1 + code] += 1
+        got = {}
+        for lat, lon, n, by in cells:
+            got[(math.floor((lat + 90) / cell), math.floor((lon + 180) / cell))] = [n, *by]
+        assert got == expected, (trial, rights, st, vt, (south, west, north, east), cell)
+        # and the viewport itself is inside the window: every vehicle the
+        # client sees is counted in a cell
+        assert len(core.visible_rows(c)) <= sum(n for _, _, n, _ in cells)
+        core.remove_client(c)
+        core.remove_client(twin)

@@ -53,18 +53,20 @@ class TickPending(RuntimeError):
     """A command ran while updates were applied but not yet routed."""
 
 
-def snap_window(south: float, west: float, north: float, east: float, cell_deg: float):
-    """A viewport grown outward to whole cells of the cluster grid (cells
-    start at -90 / -180): nearby viewports snap to the same window. One that
-    spans the globe's width (or more) is the whole width."""
-    s = max(-90.0, math.floor((south + 90.0) / cell_deg) * cell_deg - 90.0)
-    n = min(90.0, math.ceil((north + 90.0) / cell_deg) * cell_deg - 90.0)
+def grid_window(south: float, west: float, north: float, east: float, cell_deg: float):
+    """A viewport as the cells of the cluster grid (cells start at -90 /
+    -180) that it touches: (first row, row after the last, first column,
+    column after the last), or with None for the columns when it spans the
+    globe's width. Nearby viewports give the same cells; a vehicle on the
+    viewport's edge is in (as visibility counts it)."""
+    y0 = math.floor((south + 90.0) / cell_deg)
+    y1 = math.floor((north + 90.0) / cell_deg) + 1
     width = east - west if east >= west else east + 360.0 - west
-    if width + 2 * cell_deg >= 360.0:
-        return (s, -180.0, n, 180.0)
-    w = math.floor((west + 180.0) / cell_deg) * cell_deg - 180.0
-    e = math.ceil((east + 180.0) / cell_deg) * cell_deg - 180.0
-    return (s, w, n, e)
+    if width + cell_deg >= 360.0:
+        return (y0, y1, None, None)
+    x0 = math.floor((west + 180.0) / cell_deg)
+    x1 = math.floor((east + 180.0) / cell_deg) + 1   # past x0 when the viewport wraps
+    return (y0, y1, x0, x1)
 
 
 def _words(n: int) -> int:
@@ -113,6 +115,7 @@ class CoreBase:
         self.sel_spec: list = []          # (frozenset ids, frozenset groups) or None when free
         self.sel_refs: list[int] = []
         self.sel_free: list[int] = []
+        self.sel_epoch = 0   # bumped when a selection id is given out or freed
         self.sel_bits = np.zeros((8, vcap // 64), np.uint64)
         self.sel_by_vid: dict[str, set] = defaultdict(set)
         self.sel_by_group: dict[str, set] = defaultdict(set)
@@ -399,6 +402,7 @@ class CoreBase:
                 b[: self.sel_bits.shape[0]] = self.sel_bits
                 self.sel_bits = b
         self.sel_key[key] = sid
+        self.sel_epoch += 1   # a selection id now names another set (view_cells' memo)
         for vid in key[0]:
             self.sel_by_vid[vid].add(sid)
         for g in key[1]:
@@ -430,6 +434,7 @@ class CoreBase:
         self.sel_spec[sid] = None
         self.sel_bits[sid] = 0
         self.sel_free.append(sid)
+        self.sel_epoch += 1
 
     def _recompute_selection(self, sid: int):
         vids, groups = self.sel_spec[sid]
@@ -633,7 +638,7 @@ class CoreBase:
             return None
         window = None
         if rec["has_bbox"]:
-            window = snap_window(float(rec["south"]), float(rec["west"]), float(rec["north"]),
+            window = grid_window(float(rec["south"]), float(rec["west"]), float(rec["north"]),
                                  float(rec["east"]), cell_deg)
         return (int(rec["rights_sel"]), int(rec["sub_sel"]), int(rec["status_mask"]),
                 int(rec["type_mask"]), float(cell_deg), window)
@@ -655,11 +660,10 @@ class CoreBase:
                 memo[base] = agg
         iy, ix, counts, mlat, mlon, by = agg
         if window is not None and len(iy):
-            south, west, north, east = window
-            y0, y1 = round((south + 90.0) / cell_deg), round((north + 90.0) / cell_deg)
-            x0, x1 = round((west + 180.0) / cell_deg), round((east + 180.0) / cell_deg)
+            y0, y1, x0, x1 = window
             m = (iy >= y0) & (iy < y1)
-            m &= ((ix >= x0) & (ix < x1)) if x0 <= x1 else ((ix >= x0) | (ix < x1))
+            if x0 is not None:   # x0 >= x1: the viewport goes over the antimeridian
+                m &= ((ix >= x0) & (ix < x1)) if x0 < x1 else ((ix >= x0) | (ix < x1))
             counts, mlat, mlon, by = counts[m], mlat[m], mlon[m], by[m]
         return [[a, b, n, row] for a, b, n, row in
                 zip(mlat.tolist(), mlon.tolist(), counts.tolist(), by.tolist())]

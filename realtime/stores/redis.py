@@ -43,6 +43,7 @@ import random
 import time
 
 import msgpack
+import numpy as np
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
@@ -62,7 +63,7 @@ EXPIRE_EVERY_S = 60.0
 RECONCILE_EVERY_S = 5.0
 LEASE_MS = 10_000             # the writer lease (`realtime:writer`)
 LEASE_RENEW_S = 3.0
-LEASE_MARGIN_S = 2.0          # a writer stops this long before its lease could have run out
+LEASE_MARGIN_S = 6.0          # a writer stops this long before its lease could have run out (> the socket timeout)
 CHANGES = "vehicles:changes"
 CHANGES_KEEP_MS = 30_000      # an instance away longer than this reads the whole keyspace again
 FEED_PAGE = 200               # feed entries per XRANGE (each lists up to WRITE_SLICE vehicles)
@@ -112,10 +113,14 @@ end
 return redis.call('DEL', KEYS[1])
 """
 
-# keep the lease only if it is still ours
-RENEW = """
+# the writer lease: renewed if it is ours (1), taken if nobody holds it (2), else 0
+TAKE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return 2
 end
 return 0
 """
@@ -151,6 +156,20 @@ class RecentKeys:
 
     def __len__(self) -> int:
         return len(self._at)
+
+
+def _feed_pairs(body):
+    """(vehicle id, timestamp ms) of one change-feed entry; nothing for an
+    entry that is not the writer's shape (another writer's mistake must not
+    stall the reconcile: the safety scan covers what it meant)."""
+    try:
+        ids, stamps = msgpack.unpackb(body, raw=False)
+        if not isinstance(ids, list) or not isinstance(stamps, list):
+            return ()
+        return [(v, t) for v, t in zip(ids, stamps)
+                if isinstance(v, str) and isinstance(t, int) and not isinstance(t, bool)]
+    except Exception:
+        return ()
 
 
 def _id_ms(stream_id: str) -> int:
@@ -220,7 +239,7 @@ class RedisStores:
         self._expired_at: dict[int, float] = {}   # row -> when its TTL was last set
         self._tasks: list[asyncio.Task] = []
         self._add_once = self.r.register_script(ADD_ONCE)
-        self._renew = self.r.register_script(RENEW)
+        self._take = self.r.register_script(TAKE)
         self._delete_session = self.r.register_script(DELETE_SESSION)
         self._save_session_if = self.r.register_script(SAVE_SESSION_IF)
         self._local_seq = 0
@@ -302,7 +321,8 @@ class RedisStores:
                 if self.healthy:
                     log.warning("redis unavailable", extra={"fields": {"task": name, "error": repr(e)[:200]}})
                 self.healthy = False
-                self.leader = False
+                if name == "redis-writer":   # the others' errors say nothing about the lease
+                    self.leader = False
             except Exception:
                 log.exception("redis task %s failed", name)
             if time.monotonic() - started > 10.0:
@@ -486,14 +506,13 @@ class RedisStores:
         while True:
             now = time.monotonic()
             if now - self._lease_at >= LEASE_RENEW_S:
-                if self.leader:
-                    self.leader = bool(await self._renew(keys=[WRITER_LEASE], args=[me, LEASE_MS]))
-                else:
-                    self.leader = bool(await self.r.set(WRITER_LEASE, me, nx=True, px=LEASE_MS))
-                    if self.leader:
-                        # a new writer writes everything once: the old one may have died mid-way
-                        self._changed.update(range(self.hub.core.n))
-                        self._expired_at.clear()
+                got = int(await self._take(keys=[WRITER_LEASE], args=[me, LEASE_MS]))
+                if got == 2 or (got and not self.leader):
+                    # a new writer writes everything once: the old one may have
+                    # died mid-way (and so may this one, before an error here)
+                    self._changed.update(range(self.hub.core.n))
+                    self._expired_at.clear()
+                self.leader = bool(got)
                 if self.leader:
                     self._lease_at = now
                 self._ops += 1
@@ -620,7 +639,9 @@ class RedisStores:
         latest: dict[str, int] = {}
         first = True
         while True:
-            pipe = self.r.pipeline(transaction=False)
+            # the check and the first page at once (MULTI): a trim between
+            # them would make a gap look like none
+            pipe = self.r.pipeline(transaction=first)
             if first and cursor != "0-0":
                 pipe.xrange(CHANGES, min=cursor, max=cursor, count=1)
             pipe.xrange(CHANGES, min="(" + cursor, count=FEED_PAGE)
@@ -634,30 +655,35 @@ class RedisStores:
             first = False
             entries = res[-1]
             for entry_id, fields in entries:
-                body = fields.get(b"u") or fields.get("u")
-                try:
-                    ids, stamps = msgpack.unpackb(body, raw=False)
-                except Exception:   # not ours: skipped, the scan covers it
-                    continue
-                for vid, ts in zip(ids, stamps):
+                cursor = _s(entry_id)
+                for vid, ts in _feed_pairs(fields.get(b"u") or fields.get("u")):
                     if ts > latest.get(vid, -1):
                         latest[vid] = ts
-                cursor = _s(entry_id)
             if len(entries) < FEED_PAGE:
                 break
-        self.feed_cursor = cursor
+            await asyncio.sleep(0)   # a long feed is read in pages, the loop free in between
         self.feed_vehicles += len(latest)
+        applied = await self._apply_keys(self._newer(latest))
+        # only now: had reading the hashes failed, the next reconcile reads
+        # these entries again instead of skipping their vehicles
+        self.feed_cursor = cursor
+        return applied
+
+    def _newer(self, latest: dict) -> list[str]:
+        """The keys of vehicles whose feed timestamp is newer than memory
+        (or unknown here and not stale), compared with numpy."""
+        if not latest:
+            return []
         core = self.hub.core
+        vids = list(latest)
+        stamps = np.fromiter(latest.values(), np.float64, len(vids))
+        rows = np.fromiter(map(core.row_of, vids), np.int64, len(vids))
+        known = rows >= 0
+        safe = np.where(known, rows, 0)
+        live = known & (core.cur["version"][safe] > 0)
         forget_before_ms = (time.time() - self.settings.stale_after_s) * 1000.0
-        newer = []
-        for vid, ts in latest.items():
-            row = core.row_of(vid)
-            if row >= 0 and core.cur[row]["version"] > 0:
-                if core.cur[row]["ts"] < ts:
-                    newer.append(f"vehicle:current:{vid}")
-            elif ts >= forget_before_ms:
-                newer.append(f"vehicle:current:{vid}")
-        return await self._apply_keys(newer)
+        newer = np.where(live, core.cur["ts"][safe] < stamps, stamps >= forget_before_ms)
+        return [f"vehicle:current:{vids[i]}" for i in np.flatnonzero(newer)]
 
     def _scan_quota(self) -> int:
         """Keys for this reconcile's slice of the safety scan: the whole
