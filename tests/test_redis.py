@@ -312,8 +312,12 @@ async def test_redis_restart_is_survived(throwaway_redis, uid):
         try:
             # both readers are back: the Pub/Sub pattern and the log's tail
             assert await eventually(lambda: _numpat_and_log(rr, s), timeout=30), s.logs()
-            h = await eventually(lambda: rr.hgetall(f"vehicle:current:{vid}"), timeout=10)
-            assert float(h["lat"]) == 55.95
+            # the writer may rewrite the fleet from memory first (taking the
+            # lease again), then the new position: wait for that one
+            async def written():
+                h = await rr.hgetall(f"vehicle:current:{vid}")
+                return h and float(h["lat"]) == 55.95
+            assert await eventually(written, timeout=10)
             # the new log starts below the last id delivered: it is read from its start
             await rr.publish(f"vehicle:events:{vid}", json.dumps({"type": "back"}))
             got = await c.wait_messages(lambda m: m["t"] == "event", timeout=10)
