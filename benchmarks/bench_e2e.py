@@ -46,8 +46,19 @@ def free_port():
 
 
 def cpu_s(pid) -> float:
-    f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-    return (int(f[11]) + int(f[12])) / CLK
+    """CPU seconds of a process and of every process under it (a server with
+    --workers is a supervisor and its workers)."""
+    total = 0.0
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            f = open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()
+            total += (int(f[11]) + int(f[12])) / CLK
+            todo += [int(c) for c in open(f"/proc/{p}/task/{p}/children").read().split()]
+        except OSError:   # it exited meanwhile
+            pass
+    return total
 
 
 def rss_kb(pid) -> int:
@@ -191,9 +202,9 @@ WARMUP = 2.0
 PROCS = 2
 
 
-def scenario_a(vehicles, clients, seconds, procs=None):
+def scenario_a(vehicles, clients, seconds, procs=None, extra=()):
     port = free_port()
-    s = realtime(port, vehicles)
+    s = realtime(port, vehicles, extra)
     try:
         wait_port(port)
         time.sleep(SETTLE)
@@ -326,6 +337,8 @@ def main():
     p.add_argument("--clients", type=int)
     p.add_argument("--seconds", type=float)
     p.add_argument("--skip", default="", help="comma-separated: raw,socketio,sweep,b,h,c")
+    p.add_argument("--workers", type=int, default=1, help="(a) with --workers N (needs --redis)")
+    p.add_argument("--redis", help="(a) with --redis URL (a database the benchmark may flush)")
     a = p.parse_args()
     smoke = a.smoke
     global SETTLE, WARMUP
@@ -337,7 +350,10 @@ def main():
     skip = set(filter(None, a.skip.split(",")))
     out = {"benchmark": "e2e", "smoke": smoke, "vehicles": V, "clients": C, "seconds": T}
     log(f"(a) dispatch centre: {V} vehicles at 1 Hz, {C} clients, viewports ~1%")
-    out["a_realtime"] = ra = scenario_a(V, C, T)
+    a_extra = (("--workers", str(a.workers)) if a.workers > 1 else ()) + (("--redis", a.redis) if a.redis else ())
+    if a_extra:
+        out["a_server_options"] = list(a_extra)
+    out["a_realtime"] = ra = scenario_a(V, C, T, extra=a_extra)
     log(json.dumps(ra))
     per_frame = max(1, round(ra["deliveries_per_s"] / max(ra["frames_per_s"], 1)))
     if "raw" not in skip:
