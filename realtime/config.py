@@ -381,9 +381,10 @@ def check_files(s: Settings) -> None:
             raise ConfigError(f"--jwt-public-key {s.jwt_public_key}: not a PEM public key ({e})") from None
     if s.tls_cert:
         import ssl
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+
+        from .keys import tls_context   # the context the server will serve with
         try:
-            ctx.load_cert_chain(s.tls_cert, s.tls_key)
+            tls_context(s.tls_cert, s.tls_key)
         except (OSError, ssl.SSLError) as e:
             raise ConfigError(f"--tls-cert {s.tls_cert} / --tls-key {s.tls_key}: cannot be loaded ({e})") from None
 

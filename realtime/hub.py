@@ -614,8 +614,7 @@ class Hub:
             cells = memo.get(("cells", key))
             if cells is None:
                 cells = memo[("cells", key)] = self.core.view_cells(key, memo) if key is not None else []
-            from .messages import encode
-            body = bodies[ck] = encode(s.fmt, [{"t": "clusters", "z": zoom, "cells": cells}])
+            body = bodies[ck] = self._clusters_body(s, cells)
         return body
 
     def refresh_clusters(self) -> None:

@@ -86,7 +86,6 @@ class Records:
         self.instance_id = instance_id
         self.queues: dict[str, deque] = {name: deque() for name, _ in STATEMENTS}
         self.written = 0
-        self.dropped = 0
         self.refused = 0       # rows the database would not take (see _write_all)
         self._dropped_from: dict[str, int] = {}   # per queue, for _write_all
         self.healthy = False
@@ -117,6 +116,11 @@ class Records:
         self._put("events", (event_type, client_id, vehicle_id, text, _ts(time.time())))
 
     @property
+    def dropped(self) -> int:
+        """Records dropped because their queue was full (an outage)."""
+        return sum(self._dropped_from.values())
+
+    @property
     def pending(self) -> int:
         return sum(len(q) for q in self.queues.values())
 
@@ -124,7 +128,6 @@ class Records:
         q = self.queues[queue]
         if len(q) >= MAX_PENDING:
             q.popleft()
-            self.dropped += 1
             self._dropped_from[queue] = self._dropped_from.get(queue, 0) + 1
         q.append(row)
         if len(q) >= WRITE_AT:

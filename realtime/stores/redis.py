@@ -670,8 +670,9 @@ class RedisStores:
         return applied
 
     def _newer(self, latest: dict) -> list[str]:
-        """The keys of vehicles whose feed timestamp is newer than memory
-        (or unknown here and not stale), compared with numpy."""
+        """The keys of vehicles whose timestamp in Redis (the feed's, or the
+        hash's for the scan) is newer than memory, or that memory does not
+        hold and are not stale; compared with numpy."""
         if not latest:
             return []
         core = self.hub.core
@@ -696,9 +697,7 @@ class RedisStores:
     async def _scan(self, quota: int | None) -> int:
         """SCANs on from where the last slice stopped, `quota` keys (None: to
         the end of the pass), and applies those newer than memory."""
-        core = self.hub.core
-        newer: list[bytes] = []
-        forget_before_ms = (time.time() - self.settings.stale_after_s) * 1000.0
+        stamped: dict[str, int] = {}   # vehicle -> its hash's timestamp
         seen = 0
         from ..ingest.decode import parse_timestamp
         while quota is None or seen < quota:
@@ -715,21 +714,16 @@ class RedisStores:
                 for k, ts in zip(keys, stamps):
                     if ts is None:
                         continue
-                    row = core.row_of(_s(k)[len("vehicle:current:"):])
                     try:
-                        t = parse_timestamp(int(ts) if ts.isdigit() else _s(ts))
+                        stamped[_s(k)[len("vehicle:current:"):]] = \
+                            parse_timestamp(int(ts) if ts.isdigit() else _s(ts))
                     except (Rejected, ValueError):
                         continue
-                    if row >= 0 and core.cur[row]["version"] > 0:
-                        if core.cur[row]["ts"] < t:
-                            newer.append(k)
-                    elif t >= forget_before_ms:   # not one memory forgot as stale
-                        newer.append(k)
             if self._scan_cursor == 0:
                 self.full_passes += 1
                 break
         self.scanned += seen
-        return await self._apply_keys(newer)
+        return await self._apply_keys(self._newer(stamped))
 
     async def _apply_keys(self, keys: list) -> int:
         """HGETALL and apply, a slice at a time: the first reconcile of a new
