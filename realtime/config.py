@@ -107,11 +107,19 @@ def _port_of(u) -> str | None:
 
 
 def _redis_url(v: str) -> str | None:
+    from .stores.redis_conn import cluster_url, is_cluster
+    if is_cluster(v):
+        try:
+            cluster_url(v)
+        except ValueError as e:
+            return str(e)
+        return None
     u = urlsplit(v)
     if u.scheme.lower() == "unix":
         return None if u.path else "must name the socket: unix:///path/to/redis.sock"
     if u.scheme.lower() not in ("redis", "rediss") or not u.hostname:
-        return "must be a redis://host[:port][/db], rediss:// or unix:// URL"
+        return ("must be a redis://host[:port][/db], rediss:// or unix:// URL, "
+                "or redis+cluster://host:port[,host:port…] for a Redis Cluster")
     problem = _port_of(u)
     if problem:
         return problem
@@ -212,9 +220,11 @@ class Settings:
                                  default_text="latest with --redis, else the last stale-after-s of the topic")
     dead_letter_topic: str | None = opt(None, "inputs", "Kafka topic that receives a copy of every rejected record.",
                                         check=_topic, default_text="none", metavar="TOPIC")
-    redis: str | None = opt(None, "inputs", "Redis URL for shared state, events and sessions.",
+    redis: str | None = opt(None, "inputs", "Redis URL for shared state, events and sessions; "
+                            "redis+cluster://host:port[,host:port…] (any nodes as seeds) for a Redis Cluster.",
                             check=_redis_url, default_text="none: state kept in this process", metavar="URL")
-    redis_pool_size: int = opt(32, "inputs", "Connections to Redis at most per worker; more requests wait.",
+    redis_pool_size: int = opt(32, "inputs", "Connections to Redis at most per worker (on a cluster: requests in "
+                               "flight, each holding at most one connection per node); more requests wait.",
                                kind=int, lo=4, hi=1024)
     redis_pool_timeout_s: float = opt(2.0, "inputs", "Longest wait for a free Redis connection before the request fails.",
                                       kind=float, lo=0.05, hi=60, unit="s")

@@ -134,7 +134,7 @@ class HubCollector:
                 (C, "reconcile_scanned_keys", "Keys the safety scan compared", stores.scanned),
                 (C, "reconcile_full_passes", "Safety-scan passes over the whole keyspace", stores.full_passes),
             ]
-        pool = getattr(getattr(hub.stores, "r", None), "connection_pool", None)
+        pool = getattr(hub.stores, "pool", None)   # stores/redis_conn.py
         if pool is not None:
             table += [
                 (C, "redis_pool_waits", "Redis requests that waited for a free pooled connection",

@@ -117,7 +117,11 @@ def test_python_dash_m_works_like_the_command():
     ("--redis", "redis://", "redis://host"),
     ("--redis", "redis://127.0.0.1:99999", "port that is not from 1 to 65535"),
     ("--redis", "redis://127.0.0.1:6379/abc", "database that is not a number"),
-    ("--redis", "redis+cluster://127.0.0.1:7000", "redis://"),
+    ("--redis", "rediscluster://127.0.0.1:7000", "redis+cluster://host:port"),
+    ("--redis", "redis+cluster://127.0.0.1:99999", "port that is not from 1 to 65535"),
+    ("--redis", "redis+cluster://127.0.0.1:7000/3", "a Redis Cluster has only database 0"),
+    ("--redis", "redis+cluster://127.0.0.1:7000,:7001", "host:port for every node"),
+    ("--redis", "redis+cluster://127.0.0.1:7000?ssl=1", "takes no ?options"),
     ("--postgres", "postgresql://h:0/db", "port that is not from 1 to 65535"),
     ("--jwt-issuer", "", "must not be empty"),
     ("--jwt-issuer", "   ", "must not be empty"),
@@ -134,6 +138,15 @@ def test_a_bad_flag_is_refused_naming_the_flag_the_value_and_what_is_allowed(fla
     msg = refused(flag, value, "--jwt-secret", SECRET)
     assert msg.startswith(f"{flag} '{value}': must be") or msg.startswith(f"{flag} '{value}': "), msg
     assert allowed in msg, msg
+
+
+def test_a_redis_cluster_url_names_its_seeds():
+    from realtime.stores.redis_conn import cluster_url
+    s = settings("--redis", "redis+cluster://10.0.0.1:7000,10.0.0.2:7001,[::1]:7002,node4", "--jwt-secret", SECRET)
+    assert cluster_url(s.redis) == ([("10.0.0.1", 7000), ("10.0.0.2", 7001), ("::1", 7002), ("node4", 6379)],
+                                    {"ssl": False})
+    assert cluster_url("rediss+cluster://app:p%40ss@h:7000/0") == ([("h", 7000)], {
+        "ssl": True, "username": "app", "password": "p@ss"})
 
 
 def test_a_bad_variable_is_refused_naming_the_variable():

@@ -31,6 +31,8 @@ from __future__ import annotations
 import logging
 import secrets
 
+from .redis_conn import server_time_ms
+
 log = logging.getLogger("realtime.presence")
 
 INSTANCES = "realtime:instances"
@@ -98,8 +100,7 @@ class Presence:
         live() (client id -> (user id, subscribed vehicles) of its open
         connections), and sweep dead instances. Times are Redis's own
         (TIME), so that hosts whose clocks differ never sweep a live one."""
-        sec, usec = await self.r.time()
-        now_ms = sec * 1000 + usec // 1000
+        now_ms = await server_time_ms(self.r, INSTANCES)
         await self.r.zadd(INSTANCES, {self.id: now_ms})
         self.ops += 2
         await self._reconcile_own(live)

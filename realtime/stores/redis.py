@@ -21,7 +21,8 @@ Keys written here and read here:
   once: the first loads the snapshot, so a new instance shows the fleet at once.
 - `events:stream`: the event log. Each instance turns the Pub/Sub events it
   receives, and the new alerts it detects, into one XADD through a script
-  that drops duplicates (every instance receives the same PUBLISH); every
+  that drops duplicates (every instance receives the same PUBLISH; the
+  dedupe keys `evdedupe:{events:stream}:*` share the log's slot); every
   instance then delivers from the stream's tail, so an event's `eid` is its
   stream id everywhere, and resume reads the stream (XRANGE).
 - `session:{id}`, `group:{name}:vehicles`, `acl:user:{user}` and the
@@ -44,11 +45,11 @@ import time
 
 import msgpack
 import numpy as np
-import redis.asyncio as aioredis
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import RedisClusterException, RedisError, ResponseError
 
 from ..ingest.decode import Rejected, validate
 from .presence import Presence
+from .redis_conn import Scanner, clustered, connect, mget, run_ids
 from .base import EVENT_LOG_MAX, EVENT_RETENTION_S, SESSION_TTL_S, Event, StoresUnavailable, eid_key
 
 log = logging.getLogger("realtime.redis")
@@ -79,7 +80,8 @@ MAX_EVENT_BYTES = 16 * 1024   # an instant event's body, as published (PROTOCOL 
 LOCAL_KEYS_MAX = 10_000   # events delivered locally during one outage that are remembered
 LOCAL_KEYS_S = 600.0      # and for how long
 ACLS_KEPT = 100_000       # users whose last-read ACL is remembered (least recently read go first)
-_DOWN = (RedisError, OSError, asyncio.TimeoutError)   # Redis unreachable or failing
+# Redis unreachable or failing (a cluster that cannot be reached, or has a slot no node serves)
+_DOWN = (RedisError, RedisClusterException, OSError, asyncio.TimeoutError)
 
 # SET NX + XADD in one step: of the instances that saw the same event, one adds it.
 ADD_ONCE = """
@@ -124,6 +126,11 @@ if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
 end
 return 0
 """
+# the change feed after ARGV[1], if the feed still holds ARGV[1] (else nil: a gap)
+FEED_PAGE_AFTER = """
+if #redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1], 'COUNT', 1) == 0 then return false end
+return redis.call('XRANGE', KEYS[1], '(' .. ARGV[1], '+', 'COUNT', ARGV[2])
+"""
 # give the lease up only if it is still ours
 RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -131,6 +138,13 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0
 """
+
+
+def dedupe_key(digest: str) -> str:
+    """The SET NX key of ADD_ONCE. It is used in one script with the event
+    log, so on a Redis Cluster it must lie in the log's slot: the log's name
+    is its hash tag ({events:stream} hashes as the key events:stream does)."""
+    return f"evdedupe:{{{STREAM}}}:{digest}"
 
 
 class RecentKeys:
@@ -181,25 +195,6 @@ def _s(v) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
 
 
-class CountingPool(aioredis.BlockingConnectionPool):
-    """The bounded pool, counting the requests that had to wait for a free
-    connection and those that gave up (redis_pool_waits_total and
-    redis_pool_timeouts_total): how close the pool size is to too small."""
-
-    waits = 0
-    timeouts = 0
-
-    async def get_connection(self, *args, **kwargs):
-        if not self.can_get_connection():
-            self.waits += 1
-        try:
-            return await super().get_connection(*args, **kwargs)
-        except aioredis.ConnectionError as e:
-            if isinstance(e.__cause__, asyncio.TimeoutError):
-                self.timeouts += 1
-            raise
-
-
 class RedisStores:
     def __init__(self, settings, instance_id: str = ""):
         self.settings = settings
@@ -207,29 +202,27 @@ class RedisStores:
         # for one of --redis-pool-size connections, then fails (and is refused
         # with 1013) instead of opening connections without end. Named, so that
         # an operator (and the tests) can tell an instance's connections apart.
-        pool = CountingPool.from_url(
-            settings.redis, max_connections=settings.redis_pool_size, timeout=settings.redis_pool_timeout_s,
-            socket_timeout=5, socket_connect_timeout=3, health_check_interval=10,
-            client_name=f"realtime:{instance_id}")
-        self.r = aioredis.Redis(connection_pool=pool)
+        # One server or a Redis Cluster (redis_conn.py).
+        self.r = connect(settings.redis, max_connections=settings.redis_pool_size,
+                         wait_s=settings.redis_pool_timeout_s, name=f"realtime:{instance_id}")
         # The log's tail and the Pub/Sub link hold a connection for as long
         # as they listen: on their own small pool, so that a burst that
         # exhausts the shared one never stalls them (nor marks Redis down)
-        self.r_listen = aioredis.Redis(connection_pool=aioredis.BlockingConnectionPool.from_url(
-            settings.redis, max_connections=4, timeout=settings.redis_pool_timeout_s,
-            socket_timeout=5, socket_connect_timeout=3, health_check_interval=10,
-            client_name=f"realtime:{instance_id}:listen"))
+        self.r_listen = connect(settings.redis, max_connections=4, wait_s=settings.redis_pool_timeout_s,
+                                name=f"realtime:{instance_id}:listen")
+        self.pool = self.r.pool
         self.hub = None
         # None until a loop has reached Redis; False once it has failed: then
         # connects do not wait for it (see acl, load_session, resolve_*)
         self.healthy: bool | None = None
         self.leader = False
         self._lease_at = float("-inf")   # when the writer lease was last taken or renewed (monotonic)
+        self._servers: dict | None = None   # the primaries' run_ids at the last renewal (redis_conn.run_ids)
         self._ops = 0                    # commands sent (redis_operations_total, with presence's)
         self.presence = Presence(self.r, instance_id, settings.instance_timeout_s)
         self.reconciled = 0
         self.feed_cursor: str | None = None   # the last change-feed entry read; None: a whole pass first
-        self._scan_cursor = 0                 # where the spread scan goes on
+        self._scanner = Scanner(self.r, "vehicle:current:*")   # where the spread scan goes on
         self._feed_skew_ms = None             # Redis's clock minus ours, from the feed's ids (trimming)
         self.full_passes = 0                  # reconcile_* in GET /metrics
         self.feed_gaps = 0
@@ -242,6 +235,7 @@ class RedisStores:
         self._take = self.r.register_script(TAKE)
         self._delete_session = self.r.register_script(DELETE_SESSION)
         self._save_session_if = self.r.register_script(SAVE_SESSION_IF)
+        self._feed_page = self.r.register_script(FEED_PAGE_AFTER)
         self._local_seq = 0
         # Each event once, by its dedupe key, when an XADD fails mid-way (the
         # link broke): one delivered here with a local id is skipped when
@@ -318,7 +312,7 @@ class RedisStores:
             except asyncio.CancelledError:
                 raise
             except _DOWN as e:
-                if self.healthy:
+                if self.healthy is not False:   # the first failure, at start too
                     log.warning("redis unavailable", extra={"fields": {"task": name, "error": repr(e)[:200]}})
                 self.healthy = False
                 if name == "redis-writer":   # the others' errors say nothing about the lease
@@ -336,7 +330,7 @@ class RedisStores:
                   "a", "1" if is_alert else "0"]
         digest = hashlib.sha1(dedupe or "|".join(fields).encode()).hexdigest()
         try:
-            await self._add_once(keys=["evdedupe:" + digest, STREAM],
+            await self._add_once(keys=[dedupe_key(digest), STREAM],
                                  args=[DEDUPE_MS, EVENT_LOG_MAX, *fields, "k", digest])
             self._ops += 1
         except _DOWN:
@@ -425,6 +419,10 @@ class RedisStores:
         return [self._event(i, f) for i, f in entries]
 
     async def _pubsub(self) -> None:
+        if clustered(self.r_listen):
+            # a cluster's Pub/Sub picks its node from the slots map, which
+            # only a first command (or this) fills in
+            await self.r_listen.initialize()
         ps = self.r_listen.pubsub(ignore_subscribe_messages=True)
         try:
             await ps.psubscribe("vehicle:events:*")
@@ -507,15 +505,22 @@ class RedisStores:
             now = time.monotonic()
             if now - self._lease_at >= LEASE_RENEW_S:
                 got = int(await self._take(keys=[WRITER_LEASE], args=[me, LEASE_MS]))
-                if got == 2 or (got and not self.leader):
+                servers = await run_ids(self.r) if got else None
+                if got == 2 or (got and not self.leader) or (got and servers != self._servers):
                     # a new writer writes everything once: the old one may have
-                    # died mid-way (and so may this one, before an error here)
+                    # died mid-way (and so may this one, before an error here).
+                    # So does a writer that sees a server restarted or a
+                    # replica promoted since its last renewal: on a cluster,
+                    # a master that comes back empty holds only part of the
+                    # keys (the lease may be on another node), and vehicles
+                    # that stand still would not be written again otherwise
                     self._changed.update(range(self.hub.core.n))
                     self._expired_at.clear()
+                self._servers = servers
                 self.leader = bool(got)
                 if self.leader:
                     self._lease_at = now
-                self._ops += 1
+                self._ops += 1 + len(servers or ())
                 self.healthy = True
             if self._lease_fresh():
                 await self._write_changed()
@@ -621,7 +626,7 @@ class RedisStores:
             # is read from the feed afterwards
             last = await self.r.xrevrange(CHANGES, count=1)
             self._ops += 1
-            self._scan_cursor = 0
+            self._scanner.reset()
             applied += await self._scan(None)
             self.feed_cursor = _s(last[0][0]) if last else "0-0"
         else:
@@ -639,21 +644,23 @@ class RedisStores:
         latest: dict[str, int] = {}
         first = True
         while True:
-            # the check and the first page at once (MULTI): a trim between
-            # them would make a gap look like none
-            pipe = self.r.pipeline(transaction=first)
             if first and cursor != "0-0":
-                pipe.xrange(CHANGES, min=cursor, max=cursor, count=1)
-            pipe.xrange(CHANGES, min="(" + cursor, count=FEED_PAGE)
-            res = await pipe.execute()
-            self._ops += len(res)
-            if first and cursor != "0-0" and not res[0]:
-                self.feed_gaps += 1
-                log.info("change feed has a gap; reading every vehicle", extra={"fields": {"cursor": cursor}})
-                self.feed_cursor = None
-                return 0
+                # the check and the first page in one script: a trim between
+                # them would make a gap look like none. A script, not MULTI:
+                # redis-py's cluster client runs a transaction's commands
+                # through a second event loop in a thread.
+                entries = await self._feed_page(keys=[CHANGES], args=[cursor, FEED_PAGE])
+                self._ops += 2
+                if entries is None:
+                    self.feed_gaps += 1
+                    log.info("change feed has a gap; reading every vehicle", extra={"fields": {"cursor": cursor}})
+                    self.feed_cursor = None
+                    return 0
+                entries = [(i, dict(zip(f[::2], f[1::2]))) for i, f in entries]
+            else:
+                entries = await self.r.xrange(CHANGES, min="(" + cursor, count=FEED_PAGE)
+                self._ops += 1
             first = False
-            entries = res[-1]
             for entry_id, fields in entries:
                 cursor = _s(entry_id)
                 for vid, ts in _feed_pairs(fields.get(b"u") or fields.get("u")):
@@ -702,7 +709,7 @@ class RedisStores:
         from ..ingest.decode import parse_timestamp
         while quota is None or seen < quota:
             count = 1000 if quota is None else max(10, min(1000, quota - seen))
-            self._scan_cursor, keys = await self.r.scan(self._scan_cursor, match="vehicle:current:*", count=count)
+            keys = await self._scanner.step(count)
             self._ops += 1
             if keys:
                 seen += len(keys)
@@ -719,7 +726,7 @@ class RedisStores:
                             parse_timestamp(int(ts) if ts.isdigit() else _s(ts))
                     except (Rejected, ValueError):
                         continue
-            if self._scan_cursor == 0:
+            if self._scanner.done:
                 self.full_passes += 1
                 break
         self.scanned += seen
@@ -881,7 +888,7 @@ class RedisStores:
         out: list[dict | None] = []
         for i in range(0, len(session_ids), 500):
             chunk = session_ids[i:i + 500]
-            raws = await self.r.mget([f"session:{sid}" for sid in chunk])
+            raws = await mget(self.r, [f"session:{sid}" for sid in chunk])
             self._ops += 1
             out += [_session_record(sid, raw) for sid, raw in zip(chunk, raws)]
         return out
