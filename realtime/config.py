@@ -439,10 +439,16 @@ def _allowed(spec: Spec) -> str:
     return what
 
 
+def _hide_password(raw: str) -> str:
+    """A URL's password never reaches an error message (or the logs that keep it)."""
+    return re.sub(r"(://[^:/@,]*:)[^@/]*@", r"\1***@", raw)
+
+
 def parse_value(f: dataclasses.Field, raw: str, source: str):
     """One option's text -> its value, or ConfigError naming `source`."""
     spec: Spec = f.metadata["spec"]
-    shown = f"{source}={raw!r}" if source.startswith("REALTIME_") else f"{source} {raw!r}"
+    safe = _hide_password(raw)
+    shown = f"{source}={safe!r}" if source.startswith("REALTIME_") else f"{source} {safe!r}"
     if spec.kind in (int, float):
         try:
             v = spec.kind(raw.strip())

@@ -122,6 +122,9 @@ def test_python_dash_m_works_like_the_command():
     ("--redis", "redis+cluster://127.0.0.1:7000/3", "a Redis Cluster has only database 0"),
     ("--redis", "redis+cluster://127.0.0.1:7000,:7001", "host:port for every node"),
     ("--redis", "redis+cluster://127.0.0.1:7000?ssl=1", "takes no ?options"),
+    ("--redis", "redis+cluster://fe80::1:7000", "IPv6 node without brackets"),
+    ("--redis", "redis+cluster://[::1]x", "not host:port"),
+    ("--redis", "redis+cluster://h:７０００", "port that is not from 1 to 65535"),
     ("--postgres", "postgresql://h:0/db", "port that is not from 1 to 65535"),
     ("--jwt-issuer", "", "must not be empty"),
     ("--jwt-issuer", "   ", "must not be empty"),
@@ -147,6 +150,12 @@ def test_a_redis_cluster_url_names_its_seeds():
                                     {"ssl": False})
     assert cluster_url("rediss+cluster://app:p%40ss@h:7000/0") == ([("h", 7000)], {
         "ssl": True, "username": "app", "password": "p@ss"})
+    assert cluster_url("redis+cluster://:pw@h:7000")[1] == {"ssl": False, "password": "pw"}
+
+
+def test_a_password_in_a_url_is_not_repeated_in_the_error():
+    msg = refused("--redis", "redis+cluster://app:s3cr3t@h:99999", "--jwt-secret", SECRET)
+    assert "s3cr3t" not in msg and "app:***@h:99999" in msg, msg
 
 
 def test_a_bad_variable_is_refused_naming_the_variable():

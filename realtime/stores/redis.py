@@ -140,11 +140,13 @@ return 0
 """
 
 
-def dedupe_key(digest: str) -> str:
+def dedupe_key(digest: str, cluster: bool) -> str:
     """The SET NX key of ADD_ONCE. It is used in one script with the event
     log, so on a Redis Cluster it must lie in the log's slot: the log's name
-    is its hash tag ({events:stream} hashes as the key events:stream does)."""
-    return f"evdedupe:{{{STREAM}}}:{digest}"
+    is its hash tag ({events:stream} hashes as the key events:stream does).
+    One server keeps the name it always had, so that a rolling upgrade does
+    not log an event twice (old and new instances would not see each other's keys)."""
+    return f"evdedupe:{{{STREAM}}}:{digest}" if cluster else f"evdedupe:{digest}"
 
 
 class RecentKeys:
@@ -211,6 +213,7 @@ class RedisStores:
         self.r_listen = connect(settings.redis, max_connections=4, wait_s=settings.redis_pool_timeout_s,
                                 name=f"realtime:{instance_id}:listen")
         self.pool = self.r.pool
+        self.cluster = clustered(self.r)
         self.hub = None
         # None until a loop has reached Redis; False once it has failed: then
         # connects do not wait for it (see acl, load_session, resolve_*)
@@ -317,6 +320,14 @@ class RedisStores:
                 self.healthy = False
                 if name == "redis-writer":   # the others' errors say nothing about the lease
                     self.leader = False
+                if self.cluster and name in ("redis-tail", "redis-pubsub"):
+                    # the listening client sends nothing else that would make
+                    # redis-py read the slot map again after a failover: its
+                    # next command starts from the seeds and nodes it knew
+                    try:
+                        await self.r_listen.aclose()
+                    except Exception:
+                        pass
             except Exception:
                 log.exception("redis task %s failed", name)
             if time.monotonic() - started > 10.0:
@@ -330,7 +341,7 @@ class RedisStores:
                   "a", "1" if is_alert else "0"]
         digest = hashlib.sha1(dedupe or "|".join(fields).encode()).hexdigest()
         try:
-            await self._add_once(keys=[dedupe_key(digest), STREAM],
+            await self._add_once(keys=[dedupe_key(digest, self.cluster), STREAM],
                                  args=[DEDUPE_MS, EVENT_LOG_MAX, *fields, "k", digest])
             self._ops += 1
         except _DOWN:
@@ -378,7 +389,15 @@ class RedisStores:
         self.healthy = True
         trim_at = time.monotonic()
         while True:
-            res = await self.r_listen.xread({STREAM: last_id}, count=1000, block=1000)
+            if self.cluster:
+                # to the log's node by name: redis-py would otherwise ask its
+                # default node which key XREAD names (COMMAND GETKEYS) first,
+                # and fail for good once that node is gone
+                res = await self.r_listen.execute_command(
+                    "XREAD", "COUNT", 1000, "BLOCK", 1000, "STREAMS", STREAM, last_id,
+                    target_nodes=self.r_listen.get_node_from_key(STREAM))
+            else:
+                res = await self.r_listen.xread({STREAM: last_id}, count=1000, block=1000)
             self._ops += 1
             for _, entries in res or ():
                 for eid, f in entries:
@@ -419,11 +438,14 @@ class RedisStores:
         return [self._event(i, f) for i, f in entries]
 
     async def _pubsub(self) -> None:
-        if clustered(self.r_listen):
-            # a cluster's Pub/Sub picks its node from the slots map, which
-            # only a first command (or this) fills in
+        if self.cluster:
+            # Pub/Sub reaches every node of a cluster: any primary will do,
+            # named so that the slot map (read again after a failure) decides
             await self.r_listen.initialize()
-        ps = self.r_listen.pubsub(ignore_subscribe_messages=True)
+            ps = self.r_listen.pubsub(node=random.choice(self.r_listen.get_primaries()),
+                                      ignore_subscribe_messages=True)
+        else:
+            ps = self.r_listen.pubsub(ignore_subscribe_messages=True)
         try:
             await ps.psubscribe("vehicle:events:*")
             await ps.subscribe("acl:updates", RELAY)
@@ -505,8 +527,14 @@ class RedisStores:
             now = time.monotonic()
             if now - self._lease_at >= LEASE_RENEW_S:
                 got = int(await self._take(keys=[WRITER_LEASE], args=[me, LEASE_MS]))
+                # None: not readable now (a node away, INFO not allowed);
+                # the next answer then counts as a change
                 servers = await run_ids(self.r) if got else None
-                if got == 2 or (got and not self.leader) or (got and servers != self._servers):
+                restarted = servers is not None and servers != self._servers
+                if restarted and self.leader:   # not this writer's first look
+                    log.info("a Redis server restarted or a replica took over: writing every vehicle again",
+                             extra={"fields": {"servers": sorted(servers)}})
+                if got == 2 or (got and not self.leader) or (got and restarted):
                     # a new writer writes everything once: the old one may have
                     # died mid-way (and so may this one, before an error here).
                     # So does a writer that sees a server restarted or a
@@ -587,13 +615,22 @@ class RedisStores:
         if geo:
             pipe.geoadd("vehicles:geoindex", geo)
             n += 1
-        if feed_ids:
+        if feed_ids and not self.cluster:
+            # one server runs a pipeline in order: the entry lands after its hashes
             self._add_changes(pipe, feed_ids, feed_ts)
             n += 1
         if n:
             res = await pipe.execute()
-            if feed_ids:
-                self._feed_skew_ms = _id_ms(_s(res[-1])) - time.time() * 1000.0
+        if feed_ids and self.cluster:
+            # a cluster runs each node's part of a pipeline at once: an entry
+            # sent with its hashes could land first, and a reader would read
+            # the old hashes and move past the entry. So it goes after them.
+            pipe = self.r.pipeline(transaction=False)
+            self._add_changes(pipe, feed_ids, feed_ts)
+            n += 1
+            res = await pipe.execute()
+        if feed_ids:
+            self._feed_skew_ms = _id_ms(_s(res[-1])) - time.time() * 1000.0
         self._ops += n
 
     def _add_changes(self, pipe, ids: list, stamps: list) -> None:

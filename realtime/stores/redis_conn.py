@@ -28,6 +28,7 @@ from urllib.parse import unquote, urlsplit
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, ClusterPipeline, RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisClusterException, RedisError
 
 CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
 
@@ -50,23 +51,28 @@ def cluster_url(url: str) -> tuple[list[tuple[str, int]], dict]:
     netloc = u.netloc
     opts: dict = {"ssl": scheme.lower() == "rediss+cluster"}
     if "@" in netloc:
+        # as redis-py reads redis://user:password@host and redis://user@host
         auth, netloc = netloc.rsplit("@", 1)
         user, colon, password = auth.partition(":")
+        if user:
+            opts["username"] = unquote(user)
         if colon:
-            opts["username"], opts["password"] = unquote(user) or None, unquote(password)
-        else:
-            opts["password"] = unquote(user)   # redis://password@host, as redis-py reads it
+            opts["password"] = unquote(password)
     seeds = []
     for part in netloc.split(","):
         part = part.strip()
         if part.startswith("["):          # [IPv6]:port
-            host, _, port = part[1:].partition("]")
-            port = port[1:] if port.startswith(":") else ""
+            host, _, rest = part[1:].partition("]")
+            if rest and not rest.startswith(":"):
+                raise ValueError(f"has a node that is not host:port ({part!r})")
+            port = rest[1:]
+        elif part.count(":") > 1:
+            raise ValueError(f"has an IPv6 node without brackets ({part!r}): write [::1]:7000")
         else:
-            host, _, port = part.rpartition(":") if ":" in part else (part, "", "")
+            host, _, port = part.partition(":")
         if not host:
             raise ValueError("needs host:port for every node: redis+cluster://host:port[,host:port…]")
-        if port and not (port.isdigit() and 1 <= int(port) <= 65535):
+        if port and not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
             raise ValueError(f"has a port that is not from 1 to 65535 ({part!r})")
         seeds.append((host, int(port) if port else 6379))
     return seeds, opts
@@ -89,19 +95,23 @@ class _Permits:
     async def run(self, coro_fn, *args, **kwargs):
         if _holding.get():   # a redirect inside a pipeline: its permit covers it
             return await coro_fn(*args, **kwargs)
-        if self._sem.locked():
+        sem = self._sem
+        if sem.locked():
             self.waits += 1
-        try:
-            await asyncio.wait_for(self._sem.acquire(), self.wait_s)
-        except asyncio.TimeoutError:
-            self.timeouts += 1
-            raise RedisConnectionError("no free Redis Cluster connection in time") from None
+            try:
+                async with asyncio.timeout(self.wait_s):
+                    await sem.acquire()
+            except TimeoutError:
+                self.timeouts += 1
+                raise RedisConnectionError("no free Redis Cluster connection in time") from None
+        else:
+            await sem.acquire()   # free: taken at once, without a timer
         token = _holding.set(True)
         try:
             return await coro_fn(*args, **kwargs)
         finally:
             _holding.reset(token)
-            self._sem.release()
+            sem.release()
 
 
 class _BoundedPipeline(ClusterPipeline):
@@ -186,18 +196,21 @@ class Scanner:
     """SCAN MATCH in slices, over a server or every primary of a cluster.
     `await step(count)` returns the next keys; `done` says that the pass
     that step belonged to has covered every key, and the next step starts
-    a new one. A cluster whose primaries change during a pass starts the
-    pass again on the new ones (a key that moved might be missed otherwise)."""
+    a new one. On a cluster, a pass counts only if the slot map stayed the
+    same from its start to its end: keys that moved between nodes meanwhile
+    may have been missed, so the pass starts again on the new map."""
 
     def __init__(self, r, match: str):
         self.r, self.match = r, match
         self._nodes: list[str] = []    # the cluster's primaries for this pass
+        self._layout = None            # the slot map this pass started with
         self._node = 0
         self._cursor = 0
         self.done = False
+        self.restarts = 0              # passes begun again after the slot map changed
 
     def reset(self) -> None:
-        self._nodes, self._node, self._cursor, self.done = [], 0, 0, False
+        self._nodes, self._layout, self._node, self._cursor, self.done = [], None, 0, 0, False
 
     async def step(self, count: int) -> list:
         if self.done:
@@ -208,18 +221,35 @@ class Scanner:
             self.done = self._cursor == 0
             return keys
         await r.initialize()   # the topology, before get_primaries (a no-op once known)
-        primaries = {n.name: n for n in r.get_primaries()}
-        if not self._nodes or any(n not in primaries for n in self._nodes) or len(primaries) != len(self._nodes):
-            self._nodes, self._node, self._cursor = sorted(primaries), 0, 0
-        node = primaries[self._nodes[self._node]]
-        res = await r.scan(self._cursor, match=self.match, count=count, target_nodes=node)
-        cursor, keys = _one(res)
+        layout = _layout(r)
+        if layout != self._layout:
+            if self._layout is not None:
+                self.restarts += 1
+            self._layout, self._node, self._cursor = layout, 0, 0
+            self._nodes = sorted(n.name for n in r.get_primaries())
+        node = r.get_node(node_name=self._nodes[self._node])
+        if node is None:   # gone since the map was read: the next step sees the new map
+            self._layout = ()
+            return []
+        cursor, keys = _one(await r.scan(self._cursor, match=self.match, count=count, target_nodes=node))
         self._cursor = cursor
         if cursor == 0:
             self._node += 1
             if self._node >= len(self._nodes):
                 self.done = True
         return keys
+
+
+def _layout(r) -> tuple:
+    """Which primary serves each slot, as ranges: equal while no slot moved
+    and no primary changed."""
+    out, last = [], None
+    for slot, nodes in sorted(r.nodes_manager.slots_cache.items()):
+        name = nodes[0].name if nodes else None
+        if name != last:
+            out.append((slot, name))
+            last = name
+    return tuple(out)
 
 
 def _one(res):
@@ -232,12 +262,23 @@ def _one(res):
     return int(cursors), keys
 
 
-async def run_ids(r) -> dict[str, str]:
-    """Each primary's run_id (one server: its own). A run_id changes when a
-    server restarts and a primary's name changes when a replica takes over:
-    either may have lost writes, which the writer then makes again."""
-    if clustered(r):
+async def run_ids(r) -> dict[str, str] | None:
+    """Each primary's run_id (one server: its own), or None when one cannot
+    be read. A run_id changes when a server restarts, and a primary's name
+    when a replica takes over: either may have lost writes, which the writer
+    then makes again. None (a node unreachable, INFO not allowed to this
+    user) never stops the writer; the next answer differs from it, so a
+    rewrite follows once the nodes answer again."""
+    try:
+        if not clustered(r):
+            return {"": str((await r.info("server")).get("run_id"))}
         await r.initialize()
-        infos = await r.info("server", target_nodes=RedisCluster.PRIMARIES)
-        return {name: str(info.get("run_id")) for name, info in infos.items()}
-    return {"": str((await r.info("server")).get("run_id"))}
+        out = {}
+        for node in r.get_primaries():
+            info = await r.info("server", target_nodes=node)
+            if isinstance(info, dict) and node.name in info and isinstance(info[node.name], dict):
+                info = info[node.name]   # some versions answer {node: info}
+            out[node.name] = str(info.get("run_id"))
+        return out
+    except (RedisError, RedisClusterException, OSError, asyncio.TimeoutError):
+        return None
