@@ -57,6 +57,30 @@ async def test_state_is_written_to_redis(rserver, r, uid):
     assert vid in await r.smembers(f"group:{uid}g:vehicles")
 
 
+async def test_the_hash_follows_changes_of_the_rarely_changing_fields(rserver, r, uid):
+    """The writer sends driver, alerts, groups, assignment and vehicle_type
+    only when they change (or with the TTL's refresh): a change still lands,
+    and a position-only update keeps them."""
+    vid = uid + "rich"
+    key = f"vehicle:current:{vid}"
+    ingest(rserver, [update(vid, 55.1, 37.1, 1705314600000, vehicle_type="van", driver={"name": "A"},
+                            groups=[uid + "g1"])])
+    assert await eventually(lambda: _field_is(r, key, "driver", '{"name": "A"}'))
+    ingest(rserver, [update(vid, 55.2, 37.2, 1705314601000, driver={"name": "B"}, alerts=["speeding"],
+                            groups=[uid + "g2"])])
+    assert await eventually(lambda: _field_is(r, key, "driver", '{"name": "B"}'))
+    ingest(rserver, [update(vid, 55.3, 37.3, 1705314602000)])
+    assert await eventually(lambda: _field_is(r, key, "lat", "55.3"))
+    h = await r.hgetall(key)
+    assert h["driver"] == '{"name": "B"}' and json.loads(h["alerts"]) == ["speeding"]
+    assert json.loads(h["groups"]) == [uid + "g2"] and h["vehicle_type"] == "van"
+    assert h["timestamp"] == "1705314602000" and float(h["lon"]) == 37.3
+
+
+async def _field_is(r, key, field, value):
+    return await r.hget(key, field) == value
+
+
 async def test_redis_only_update_is_picked_up_by_reconcile(rserver, r, uid):
     vid = uid + "ro"
     c = await Client.connect(rserver, token())

@@ -233,6 +233,7 @@ class RedisStores:
         self.scanned = 0
         self._changed: set[int] = set()
         self._expired_at: dict[int, float] = {}   # row -> when its TTL was last set
+        self._rich_written: dict[int, tuple] = {}  # row -> (vehicle, the rest of its hash) as last written
         self._tasks: list[asyncio.Task] = []
         self._add_once = self.r.register_script(ADD_ONCE)
         self._take = self.r.register_script(TAKE)
@@ -544,6 +545,7 @@ class RedisStores:
                     # that stand still would not be written again otherwise
                     self._changed.update(range(self.hub.core.n))
                     self._expired_at.clear()
+                    self._rich_written.clear()
                 self._servers = servers
                 self.leader = bool(got)
                 if self.leader:
@@ -584,34 +586,47 @@ class RedisStores:
         n = 0
         now = time.monotonic()
         from .._core._schema import STATUSES
-        for r in rows:
-            rec = core.cur[r]
-            if rec["version"] == 0:
+        # the slice's columns at once: a numpy record's fields one by one
+        # cost more than the command they go into
+        at = np.asarray(rows, np.int64)
+        cur = core.cur[at]
+        expire_s = int(self.settings.stale_after_s)
+        written = self._rich_written
+        for r, version, lat, lon, speed, course, status, vtype, ts in zip(
+                rows, cur["version"].tolist(), cur["lat"].tolist(), cur["lon"].tolist(),
+                cur["speed"].tolist(), cur["course"].tolist(), cur["status"].tolist(),
+                cur["vtype"].tolist(), cur["ts"].tolist()):
+            if version == 0:
                 continue
             vid = core.ids[r]
             key = f"vehicle:current:{vid}"
-            pipe.hset(key, mapping={
-                "lat": repr(float(rec["lat"])), "lon": repr(float(rec["lon"])),
-                "speed": repr(float(rec["speed"])), "course": repr(float(rec["course"])),
-                "status": STATUSES[rec["status"]], "vehicle_type": core.types[rec["vtype"]],
-                "timestamp": str(int(rec["ts"])),
-                "groups": json.dumps(list(core.groups_of[r]), ensure_ascii=False),
-                "alerts": json.dumps(list(core.alerts[r]), ensure_ascii=False),
-                "driver": json.dumps(core.driver[r], ensure_ascii=False),
-                "assignment": json.dumps(core.assignment[r], ensure_ascii=False),
-            })
+            args = ["HSET", key, b"lat", repr(lat), b"lon", repr(lon), b"speed", repr(speed),
+                    b"course", repr(course), b"status", STATUSES[status], b"timestamp", str(ts)]
+            refresh = now - self._expired_at.get(r, -1e9) >= EXPIRE_EVERY_S
+            # the rest of the hash only when it changed, or with the TTL's
+            # refresh (a hash deleted by hand is whole again within a minute):
+            # JSON for four fields per update was most of the writer's time
+            rich = (vid, vtype, core.groups_of[r], core.alerts[r], core.driver[r], core.assignment[r])
+            if refresh or written.get(r) != rich:
+                args += [b"vehicle_type", core.types[vtype],
+                         b"groups", json.dumps(list(rich[2]), ensure_ascii=False),
+                         b"alerts", json.dumps(list(rich[3]), ensure_ascii=False),
+                         b"driver", json.dumps(rich[4], ensure_ascii=False),
+                         b"assignment", json.dumps(rich[5], ensure_ascii=False)]
+                written[r] = rich
+            pipe.execute_command(*args)
             n += 1
-            if now - self._expired_at.get(r, -1e9) >= EXPIRE_EVERY_S:
+            if refresh:
                 # a vehicle silent this long is forgotten in memory too (§3.3)
-                pipe.expire(key, int(self.settings.stale_after_s))
+                pipe.expire(key, expire_s)
                 self._expired_at[r] = now
                 n += 1
                 for g in core.groups_of[r]:  # membership, refreshed as rarely
                     pipe.sadd(f"group:{g}:vehicles", vid)
                     n += 1
-            geo.extend((float(rec["lon"]), float(rec["lat"]), vid))
+            geo.extend((lon, lat, vid))
             feed_ids.append(vid)
-            feed_ts.append(int(rec["ts"]))
+            feed_ts.append(ts)
         if geo:
             pipe.geoadd("vehicles:geoindex", geo)
             n += 1
