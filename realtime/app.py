@@ -79,8 +79,12 @@ def _http_sink(app):
             except Exception as e:  # Kafka is down: take the Redis path rather than fail
                 log.warning("kafka produce failed; applying here and relaying through redis",
                             extra={"fields": {"error": repr(e)[:200]}})
-        hub.apply_updates(updates)
-        await hub.stores.relay_updates(updates)
+        if not updates:
+            return
+        from .ingest.decode import to_batch
+        batch = to_batch(updates, hub.core.vtype_code)
+        hub.apply(batch)
+        await hub.stores.relay_updates(batch)
     return sink
 
 

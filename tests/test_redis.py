@@ -822,6 +822,53 @@ async def test_an_unreadable_log_entry_or_event_never_stops_the_log(rserver, r, 
     await c.close()
 
 
+async def test_relayed_updates_are_columns_and_bad_ones_are_counted(rserver, uid):
+    """realtime:updates carries another worker's HTTP-ingested updates as
+    columns (stores/redis.py pack_relay); the dicts of an older version are
+    still applied. Messages that do not hold together are counted, and the
+    Pub/Sub link goes on: a good message after them is applied."""
+    import msgpack
+    import numpy as np
+    import redis.asyncio as aioredis
+    from realtime._core._schema import KEEP, UpdateBatch
+    from realtime.stores.redis import pack_relay
+    r = aioredis.Redis.from_url(rserver.redis_url)   # bytes, as another worker sends them
+    try:
+        a, b, old = uid + "a", uid + "b", uid + "old"
+        c = await Client.connect(rserver, token())
+        await c.recv_type("welcome")
+        await c.subscribe(subscriptions={"vehicles": [a, b, old]})
+        before = metric_value(rserver, "ingest_rejected_total")
+        now = int(time.time() * 1000)
+        batch = UpdateBatch([a, b], [55.1, 55.2], [37.1, 37.2], [10.0, np.nan], [90.0, np.nan],
+                            np.array([0, KEEP], np.uint8), np.array([2, KEEP], np.uint8), [now, now],
+                            [("speeding",), None], [None, None], [None, None], [(uid + "g",), None])
+        good = pack_relay("another-worker", batch, ["unknown", "van", "reefer"])
+        bad = msgpack.unpackb(good)
+        for broken in ({**bad, "lat": bad["lat"][:8]}, {**bad, "types": ["unknown"]},
+                       {**bad, "ids": [a]}, {**bad, "status": bytes([9, 9])},
+                       {**bad, "lat": np.array([95.0, 1.0]).tobytes()}):
+            await r.publish("realtime:updates", msgpack.packb(broken, use_bin_type=True))
+        await r.publish("realtime:updates", b"\xc1 not msgpack")
+        await r.publish("realtime:updates", good)
+        await r.publish("realtime:updates", msgpack.packb({"o": "old-version", "u": [{
+            "vehicle_id": old, "lat": 55.3, "lon": 37.3, "speed": None, "course": None, "status": "idle",
+            "vehicle_type": None, "ts": now, "alerts": None, "driver": None, "assignment": None,
+            "groups": None}]}))
+        seen = {}
+        deadline = time.monotonic() + 8
+        while len(seen) < 3 and time.monotonic() < deadline:
+            for m in await c.messages(0.3):
+                if m.get("v"):
+                    seen[m["v"]] = m
+        assert seen[a]["p"] == [55.1, 37.1] and seen[a]["st"] == "moving" and seen[a]["vt"] == "reefer"
+        assert seen[b]["p"] == [55.2, 37.2] and seen[old]["st"] == "idle"
+        assert metric_value(rserver, "ingest_rejected_total") - before == 6
+        await c.close()
+    finally:
+        await r.aclose()
+
+
 @pytest.mark.parametrize("stored", ["[1, 2]", "not json", '"a string"'])
 async def test_a_stored_session_nobody_can_read_is_an_unknown_session(rserver, r, uid, stored):
     """Not "try again" for the hour the record lives, and never a crash."""

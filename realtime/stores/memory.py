@@ -143,5 +143,5 @@ class MemoryStores:
     def changed(self, rows) -> None:
         pass
 
-    async def relay_updates(self, updates) -> None:
+    async def relay_updates(self, batch) -> None:
         pass
