@@ -30,6 +30,8 @@ if [ "$SMOKE" = 1 ]; then
   storm=$($PY benchmarks/bench_storm.py --smoke)
   say "[5/5] SSE, long polling and gRPC vs WebSocket (100 clients; 300 idle pollers)"
   transports=$($PY benchmarks/bench_transports.py --smoke)
+  say "[+] capacity, Redis side (2k vehicles, 2 instances, feed against scan)"
+  capacity=$($PY benchmarks/bench_capacity.py --vehicles 2000 --instances 2 --settle 3 --seconds 3)
   mem=null
 else
   say "[1/7] core: compiled vs numpy reference (20k vehicles x 5k clients, 1k changed per tick)"
@@ -47,10 +49,12 @@ else
   storm=$($PY benchmarks/bench_storm.py --clients 10000)
   say "[7/7] SSE, long polling and gRPC vs WebSocket (scenario a, 2k clients; 5k idle pollers)"
   transports=$($PY benchmarks/bench_transports.py)
+  say "[+] capacity, Redis side (20k and 200k vehicles, 1/4/16 instances; ~12 min)"
+  capacity=$($PY benchmarks/bench_capacity.py)
 fi
 machine="$(uname -m), $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB, $(.venv/bin/python -V)"
-printf '{"timestamp":"%s","smoke":%s,"machine":"%s","core":%s,"memory":%s,"e2e":%s,"kafka":%s,"storm":%s,"transports":%s}\n' \
-  "$stamp" "$SMOKE" "$machine" "$core" "$mem" "$e2e" "$kafka" "$storm" "$transports" > "$out"
+printf '{"timestamp":"%s","smoke":%s,"machine":"%s","core":%s,"memory":%s,"e2e":%s,"kafka":%s,"storm":%s,"transports":%s,"capacity":%s}\n' \
+  "$stamp" "$SMOKE" "$machine" "$core" "$mem" "$e2e" "$kafka" "$storm" "$transports" "$capacity" > "$out"
 $PY benchmarks/report.py "$out" >&2
 say "wrote $out (.md, .png) in $(( $(date +%s) - t0 )) s"
 $PY - "$out" <<'PYEOF'

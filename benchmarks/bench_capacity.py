@@ -230,6 +230,10 @@ def main():
                 print(json.dumps(row), file=sys.stderr, flush=True)
                 rows.append(row)
     print(json.dumps({"runs": rows, "machine": f"{os.cpu_count()} cores"}))
+    # not a timing: a run with no writer, or two, measured something else
+    # than the design (the lease is broken); say so with the exit status
+    if any(row["writers"] != 1 for row in rows):
+        sys.exit("bench_capacity: a run did not have exactly one writer")
 
 
 if __name__ == "__main__":
