@@ -50,7 +50,7 @@ else
   say "[7/7] SSE, long polling and gRPC vs WebSocket (scenario a, 2k clients; 5k idle pollers)"
   transports=$($PY benchmarks/bench_transports.py)
   say "[+] capacity, Redis side (20k and 200k vehicles, 1/4/16 instances; ~12 min)"
-  capacity=$($PY benchmarks/bench_capacity.py)
+  capacity=$($PY benchmarks/bench_capacity.py --check-writers)
 fi
 machine="$(uname -m), $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB, $(.venv/bin/python -V)"
 printf '{"timestamp":"%s","smoke":%s,"machine":"%s","core":%s,"memory":%s,"e2e":%s,"kafka":%s,"storm":%s,"transports":%s,"capacity":%s}\n' \

@@ -36,7 +36,7 @@ async def produce(bootstrap, topic, n, vehicles=20000):
     try:
         futs = []
         for i in range(n):
-            vid = f"veh_{i % vehicles:05d}"
+            vid = f"veh_{i % vehicles:06d}"
             v = json.dumps({"vehicle_id": vid, "timestamp": t0 + i // vehicles * 1000,
                             "position": {"lat": 55.5 + (i % 997) * 1e-4, "lon": 37.5 + (i % 991) * 1e-4},
                             "speed": 40.5, "course": 90, "status": "moving", "vehicle_type": "truck",
@@ -95,6 +95,7 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--records", type=int, default=200000)
     p.add_argument("--bootstrap", default=None)
+    p.add_argument("--vehicles", type=int, default=20000, help="distinct vehicle ids (the fleet the core holds)")
     a = p.parse_args()
     broker = None
     bootstrap = a.bootstrap
@@ -106,7 +107,7 @@ def main():
     try:
         log(f"(d) producing {a.records} records to {topic}")
         t = time.monotonic()
-        asyncio.run(produce(bootstrap, topic, a.records))
+        asyncio.run(produce(bootstrap, topic, a.records, a.vehicles))
         log(f"produced in {time.monotonic() - t:.1f} s; (3) bare aiokafka loop")
         bare = asyncio.run(bare_loop(bootstrap, topic, a.records))
         log(f"bare: {bare:.0f} records/s; realtime consuming")

@@ -156,6 +156,19 @@ def test_an_integer_msgpack_cannot_carry_is_a_counted_reason_not_a_crash(field, 
     assert len(accepted) == 1 and [x[1] for x in rejected] == ["invalid_field"]
 
 
+@pytest.mark.parametrize("value", [{"n": b"bytes"}, {1: "key not a string"}, {"x": float("nan")}])
+def test_a_msgpack_object_json_cannot_carry_is_a_counted_reason(value):
+    """Found in review: msgpack's bin (and integer keys, NaN) passed in driver
+    and assignment; JSON clients and the Redis writer could not encode them
+    (the writer's whole slice then failed on every pass)."""
+    for field in ("driver", "assignment"):
+        raw = msgpack.packb({"vehicle_id": "v", "timestamp": 1, "position": {"lat": 1, "lon": 2},
+                             field: value}, use_bin_type=True)
+        with pytest.raises(Rejected) as r:
+            decode_record(raw, True)
+        assert r.value.reason == "invalid_field", r.value.detail
+
+
 @FUZZ
 @given(st.one_of(st.binary(max_size=400),
                  st.lists(st.one_of(updates, json_values), max_size=6).map(

@@ -847,9 +847,18 @@ async def test_relayed_updates_are_columns_and_bad_ones_are_counted(rserver, uid
         bad = msgpack.unpackb(good)
         for broken in ({**bad, "lat": bad["lat"][:8]}, {**bad, "types": ["unknown"]},
                        {**bad, "ids": [a]}, {**bad, "status": bytes([9, 9])},
-                       {**bad, "lat": np.array([95.0, 1.0]).tobytes()}):
+                       {**bad, "lat": np.array([95.0, 1.0]).tobytes()},
+                       # what validate refuses in any update is refused here too
+                       {**bad, "speed": np.array([np.inf, 1.0]).tobytes()},
+                       {**bad, "course": np.array([400.0, 1.0]).tobytes()},
+                       {**bad, "ts": np.array([2 ** 62, 1], "<i8").tobytes()},
+                       {**bad, "driver": [{"name": b"bytes"}, None]},
+                       {**bad, "alerts": ["speeding", None]},
+                       {**bad, "ids": [a, "x" * 200]}):
             await r.publish("realtime:updates", msgpack.packb(broken, use_bin_type=True))
         await r.publish("realtime:updates", b"\xc1 not msgpack")
+        await r.publish("realtime:updates", msgpack.packb({"o": "old-version", "u": [{
+            "vehicle_id": old, "lat": 999.0, "lon": 37.3, "ts": now}]}))
         await r.publish("realtime:updates", good)
         await r.publish("realtime:updates", msgpack.packb({"o": "old-version", "u": [{
             "vehicle_id": old, "lat": 55.3, "lon": 37.3, "speed": None, "course": None, "status": "idle",
@@ -857,13 +866,17 @@ async def test_relayed_updates_are_columns_and_bad_ones_are_counted(rserver, uid
             "groups": None}]}))
         seen = {}
         deadline = time.monotonic() + 8
-        while len(seen) < 3 and time.monotonic() < deadline:
+        alerts = []
+        while (len(seen) < 3 or not alerts) and time.monotonic() < deadline:
             for m in await c.messages(0.3):
-                if m.get("v"):
+                if m.get("t") == "event":
+                    alerts.append((m["v"], m["e"], m["d"]))
+                elif m.get("v") and "p" in m:
                     seen[m["v"]] = m
         assert seen[a]["p"] == [55.1, 37.1] and seen[a]["st"] == "moving" and seen[a]["vt"] == "reefer"
         assert seen[b]["p"] == [55.2, 37.2] and seen[old]["st"] == "idle"
-        assert metric_value(rserver, "ingest_rejected_total") - before == 6
+        assert alerts == [(a, "alert", {"alert": "speeding"})]   # the relayed alert, as an event
+        assert metric_value(rserver, "ingest_rejected_total") - before == 13
         await c.close()
     finally:
         await r.aclose()
@@ -999,3 +1012,35 @@ async def test_a_simulated_fleet_is_shared_through_redis(redis_url):
         await c.close()
     finally:
         s.stop()
+
+
+async def test_a_vehicle_the_writer_cannot_encode_is_skipped_not_its_slice(redis_url, r, uid):
+    """Defence behind the input checks: were a row's fields ever unencodable
+    (bytes in a driver), the writer skips that vehicle and counts it; the
+    rest of its slice is written (it used to fail whole, on every pass)."""
+    import numpy as np
+    from realtime import config
+    from realtime._core import Core
+    from realtime._core._schema import KEEP, UpdateBatch
+    from realtime.hub import Hub
+    from realtime.stores.redis import RedisStores
+    s = config.Settings(jwt_secret="x" * 32, simulate=0, redis=redis_url)
+    s.validate()
+    hub = Hub(s, Core(vehicle_capacity=16, client_capacity=4))
+    stores = RedisStores(s, hub.instance_id)
+    hub.stores, stores.hub = stores, hub
+    try:
+        a, b = uid + "a", uid + "b"
+        now = int(time.time() * 1000)
+        hub.apply(UpdateBatch([a, b], [55.1, 55.2], [37.1, 37.2], [np.nan] * 2, [np.nan] * 2,
+                              np.full(2, KEEP, np.uint8), np.full(2, KEEP, np.uint8), [now, now],
+                              None, None, None, None))
+        rows = [hub.core.row_of(a), hub.core.row_of(b)]
+        hub.core.driver[rows[0]] = {"name": b"bytes"}
+        await stores._write_rows(rows)
+        assert await r.exists(f"vehicle:current:{a}") == 0
+        assert (await r.hgetall(f"vehicle:current:{b}"))["lat"] == "55.2"
+        assert hub.stats.ingest_rejected.get("unwritable_vehicle") == 1
+    finally:
+        await stores.r.aclose()
+        await stores.r_listen.aclose()

@@ -97,6 +97,23 @@ def _reason_of(e: msgspec.ValidationError) -> str:
 _mp_encode = msgspec.msgpack.Encoder().encode
 
 
+_JSON_TYPES = (str, int, float, bool, type(None))
+
+
+def _plain(value, depth: int = 0) -> bool:
+    """JSON's own types only (no bytes, no non-string keys): what both the
+    JSON and the msgpack encoders of every client, and the Redis hash, carry."""
+    if isinstance(value, _JSON_TYPES):
+        return not isinstance(value, float) or math.isfinite(value)
+    if depth > 32:
+        return False
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _plain(v, depth + 1) for k, v in value.items())
+    if isinstance(value, list):
+        return all(_plain(v, depth + 1) for v in value)
+    return False
+
+
 def _finish(u: UpdateIn, json_numbers: bool = True) -> UpdateIn:
     """What msgspec's types cannot say. Afterwards `timestamp` is epoch
     milliseconds and `course` (or `heading`) is in [0, 360). (NaN and
@@ -118,7 +135,61 @@ def _finish(u: UpdateIn, json_numbers: bool = True) -> UpdateIn:
             except (OverflowError, TypeError, ValueError, RecursionError):
                 raise Rejected("invalid_field", f"{name}: holds a value msgpack cannot carry "
                                                 "(an integer beyond 64 bits)") from None
+        elif value and not _plain(value):
+            # a msgpack record can hold what JSON cannot (bin, keys that are
+            # not strings, NaN): JSON clients and the Redis hash could not
+            # carry it, and the writer would fail on it
+            raise Rejected("invalid_field", f"{name}: holds a value JSON cannot carry "
+                                            "(bytes, a key that is not a string, NaN)")
     return u
+
+
+class RelayColumns(Struct, forbid_unknown_fields=False, gc=False):
+    """The non-numeric columns of a relayed batch (stores/redis.py pack_relay),
+    held to UpdateIn's limits: the numeric ones are checked as arrays there."""
+    ids: list[Name]
+    types: list[Annotated[str, Meta(min_length=1, max_length=64)]]
+    alerts: list[Annotated[list[Annotated[str, Meta(max_length=256)]], Meta(max_length=64)] | None]
+    groups: list[Annotated[list[Name], Meta(max_length=256)] | None]
+    driver: list[dict[str, Any] | None]
+    assignment: list[dict[str, Any] | None]
+
+
+def relay_columns(msg: dict) -> dict:
+    """RelayColumns of a relay message as a dict, or ValueError: every
+    column as long as `ids`, free-form objects of JSON's types only."""
+    try:
+        c = msgspec.convert(msg, RelayColumns)
+    except msgspec.ValidationError as e:
+        raise ValueError(str(e)[:200]) from None
+    n = len(c.ids)
+    if any(len(col) != n for col in (c.alerts, c.groups, c.driver, c.assignment)):
+        raise ValueError("columns of different lengths")
+    for col in (c.driver, c.assignment):
+        for v in col:
+            if v is not None and not _plain(v):
+                raise ValueError("driver or assignment holds what JSON cannot")
+            if v:
+                try:
+                    _mp_encode(v)
+                except (OverflowError, TypeError, ValueError, RecursionError):
+                    raise ValueError("driver or assignment holds what msgpack cannot") from None
+    return {"ids": c.ids, "types": c.types, "alerts": c.alerts, "groups": c.groups,
+            "driver": c.driver, "assignment": c.assignment}
+
+
+def validate_relayed(d) -> dict:
+    """A relayed dict of the older relay format (as_dict's shape) checked
+    as any update is: it came through a channel anyone with Redis can use."""
+    if not isinstance(d, dict):
+        raise Rejected("not_object", "an update is a JSON object")
+    out = validate({"vehicle_id": d.get("vehicle_id"), "timestamp": d.get("ts"),
+                    "position": {"lat": d.get("lat"), "lon": d.get("lon")},
+                    **{k: d[k] for k in ("speed", "course", "status", "vehicle_type", "groups",
+                                         "driver", "assignment", "alerts") if d.get(k) is not None}})
+    if not (_plain(out["driver"]) and _plain(out["assignment"])):   # msgpack's bytes, say
+        raise Rejected("invalid_field", "driver or assignment holds what JSON cannot")
+    return out
 
 
 def validate(obj) -> dict:

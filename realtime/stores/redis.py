@@ -47,7 +47,7 @@ import msgpack
 import numpy as np
 from redis.exceptions import RedisClusterException, RedisError, ResponseError
 
-from ..ingest.decode import Rejected, validate
+from ..ingest.decode import Rejected, validate, validate_relayed
 from .presence import Presence
 from .redis_conn import Scanner, clustered, connect, mget, run_ids
 from .base import EVENT_LOG_MAX, EVENT_RETENTION_S, SESSION_TTL_S, Event, StoresUnavailable, eid_key
@@ -195,33 +195,35 @@ def pack_relay(origin: str, batch, types: list) -> bytes:
 
 
 def unpack_relay(msg: dict, vtype_code):
-    """pack_relay's message -> an UpdateBatch for this core, or ValueError
-    for one whose columns do not agree (lengths, types, unknown codes)."""
+    """pack_relay's message -> an UpdateBatch for this core, or ValueError.
+    Anyone who can PUBLISH to Redis can send one, so it is held to what
+    `validate` asks of any update (ingest/decode.py relay_columns), checked
+    a column at a time."""
     from .._core._schema import KEEP, STATUSES, UpdateBatch
-    ids = msg.get("ids")
-    if not isinstance(ids, list) or not all(isinstance(v, str) and v for v in ids):
-        raise ValueError("ids")
+    from ..ingest.decode import relay_columns
+    cols = relay_columns(msg)   # ids, type names and the rich columns, typed and bounded
+    ids = cols["ids"]
     n = len(ids)
-    cols = {}
     for name, dtype in _RELAY_NUMERIC:
         raw = msg.get(name)
         if not isinstance(raw, bytes) or len(raw) != n * np.dtype(dtype).itemsize:
             raise ValueError(name)
         cols[name] = np.frombuffer(raw, dtype).copy()   # the core's typed views need writable buffers
-    for name in _RELAY_RICH:
-        col = msg.get(name)
-        if not isinstance(col, list) or len(col) != n:
-            raise ValueError(name)
-        cols[name] = col
-    if not (np.isfinite(cols["lat"]).all() and np.isfinite(cols["lon"]).all()
-            and (np.abs(cols["lat"]) <= 90).all() and (np.abs(cols["lon"]) <= 180).all()):
+    lat, lon, speed, course, ts = cols["lat"], cols["lon"], cols["speed"], cols["course"], cols["ts"]
+    # NaN fails every comparison, so the positions must be finite; speed
+    # and course may be NaN (not carried), as validate leaves them
+    if not ((np.abs(lat) <= 90).all() and (np.abs(lon) <= 180).all()):
         raise ValueError("position")
+    if not (np.isnan(speed) | ((speed >= 0) & (speed <= 10000))).all():
+        raise ValueError("speed")
+    if not (np.isnan(course) | ((course >= 0) & (course < 360))).all():
+        raise ValueError("course")
+    if not ((ts >= 0) & (ts <= 100_000_000_000_000)).all():
+        raise ValueError("ts")
     status = cols["status"]
     if ((status >= len(STATUSES)) & (status != KEEP)).any():
         raise ValueError("status")
-    types = msg.get("types")
-    if not isinstance(types, list) or not all(isinstance(t, str) for t in types):
-        raise ValueError("types")
+    types = cols["types"]
     # the sender's codes -> this core's; KEEP stays KEEP
     table = np.full(256, KEEP, np.uint8)
     used = np.unique(cols["vtype"])
@@ -230,8 +232,8 @@ def unpack_relay(msg: dict, vtype_code):
             raise ValueError("vtype")
         table[code] = vtype_code(types[code])
     return UpdateBatch(
-        ids, cols["lat"], cols["lon"], cols["speed"], cols["course"], status, table[cols["vtype"]],
-        cols["ts"], [None if a is None else tuple(a) for a in cols["alerts"]], cols["driver"],
+        ids, lat, lon, speed, course, status, table[cols["vtype"]], ts,
+        [None if a is None else tuple(a) for a in cols["alerts"]], cols["driver"],
         cols["assignment"], [None if g is None else tuple(g) for g in cols["groups"]])
 
 
@@ -571,8 +573,8 @@ class RedisStores:
             msg = msgpack.unpackb(data)
             if not isinstance(msg, dict) or msg.get("o") == self.hub.instance_id:
                 return
-            if "u" in msg:   # an instance of before 2026-11-30: validated dicts
-                self.hub.apply_updates(msg.get("u") or [])
+            if "u" in msg:   # an instance of before 2026-11-30: dicts, checked as any input is
+                self.hub.apply_updates([validate_relayed(u) for u in msg.get("u") or []])
             else:
                 self.hub.apply(unpack_relay(msg, self.hub.core.vtype_code))
         except Exception as e:
@@ -659,6 +661,9 @@ class RedisStores:
         cur = core.cur[at]
         expire_s = int(self.settings.stale_after_s)
         written = self._rich_written
+        # what was sent is remembered once Redis took it: a slice that fails
+        # is sent again whole (its rows go back to _changed)
+        marks, expired = [], []
         for r, version, lat, lon, speed, course, status, vtype, ts in zip(
                 rows, cur["version"].tolist(), cur["lat"].tolist(), cur["lon"].tolist(),
                 cur["speed"].tolist(), cur["course"].tolist(), cur["status"].tolist(),
@@ -675,18 +680,26 @@ class RedisStores:
             # JSON for four fields per update was most of the writer's time
             rich = (vid, vtype, core.groups_of[r], core.alerts[r], core.driver[r], core.assignment[r])
             if refresh or written.get(r) != rich:
-                args += [b"vehicle_type", core.types[vtype],
-                         b"groups", json.dumps(list(rich[2]), ensure_ascii=False),
-                         b"alerts", json.dumps(list(rich[3]), ensure_ascii=False),
-                         b"driver", json.dumps(rich[4], ensure_ascii=False),
-                         b"assignment", json.dumps(rich[5], ensure_ascii=False)]
-                written[r] = rich
+                try:
+                    args += [b"vehicle_type", core.types[vtype],
+                             b"groups", json.dumps(list(rich[2]), ensure_ascii=False),
+                             b"alerts", json.dumps(list(rich[3]), ensure_ascii=False),
+                             b"driver", json.dumps(rich[4], ensure_ascii=False),
+                             b"assignment", json.dumps(rich[5], ensure_ascii=False)]
+                except (TypeError, ValueError) as e:
+                    # one vehicle nobody can write must not stop the slice
+                    # (every later vehicle would never be written again)
+                    self.hub.stats.reject("unwritable_vehicle")
+                    log.warning("vehicle not written to Redis: its fields cannot be encoded",
+                                extra={"fields": {"vehicle": vid, "error": repr(e)[:200]}})
+                    continue
+                marks.append((r, rich))
             pipe.execute_command(*args)
             n += 1
             if refresh:
                 # a vehicle silent this long is forgotten in memory too (§3.3)
                 pipe.expire(key, expire_s)
-                self._expired_at[r] = now
+                expired.append(r)
                 n += 1
                 for g in core.groups_of[r]:  # membership, refreshed as rarely
                     pipe.sadd(f"group:{g}:vehicles", vid)
@@ -713,6 +726,9 @@ class RedisStores:
             res = await pipe.execute()
         if feed_ids:
             self._feed_skew_ms = _id_ms(_s(res[-1])) - time.time() * 1000.0
+        written.update(marks)
+        for r in expired:
+            self._expired_at[r] = now
         self._ops += n
 
     def _add_changes(self, pipe, ids: list, stamps: list) -> None:
