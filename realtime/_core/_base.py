@@ -236,7 +236,7 @@ class CoreBase:
         `ignored_stale`. New alerts land in `new_alerts` as (row, alert)."""
         n = len(batch)
         get = self.id_to_row.get
-        found = [get(vid) for vid in batch.ids]
+        found = list(map(get, batch.ids))   # no Python frame per update
         if None in found:   # new vehicles (once each; a batch may name one twice)
             found = [r if r is not None else (get(vid) if vid in self.id_to_row else self._new_vehicle(vid))
                      for r, vid in zip(found, batch.ids)]
