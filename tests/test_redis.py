@@ -1044,3 +1044,30 @@ async def test_a_vehicle_the_writer_cannot_encode_is_skipped_not_its_slice(redis
     finally:
         await stores.r.aclose()
         await stores.r_listen.aclose()
+
+
+async def test_the_writer_works_where_client_reply_is_not_allowed(throwaway_redis, uid):
+    """The writer sends hashes between CLIENT REPLY OFF and ON on one server.
+    A user whose ACL refuses CLIENT REPLY gets an error for the OFF: the
+    writer says so once and goes on with replied pipelines; every hash lands."""
+    port, _, _ = throwaway_redis
+    admin = aioredis.Redis(port=port, decode_responses=True)
+    try:
+        await admin.execute_command("ACL", "SETUSER", "writer", "on", ">pw", "~*", "&*", "+@all", "-client|reply")
+        s = Server("--simulate", "0", "--tick-ms", "20", "--redis", f"redis://writer:pw@127.0.0.1:{port}/0")
+        try:
+            ingest(s, [update(f"{uid}{i}", 50 + i / 100, 30.0) for i in range(20)])
+
+            async def all_written():
+                return len([k async for k in admin.scan_iter(match=f"vehicle:current:{uid}*")]) == 20
+            assert await eventually(all_written)
+            ingest(s, [update(f"{uid}0", 51.5, 30.0)])
+
+            async def moved():
+                return await admin.hget(f"vehicle:current:{uid}0", "lat") == "51.5"
+            assert await eventually(moved)
+            assert s.logs().count("CLIENT REPLY not allowed") == 1
+        finally:
+            s.stop()
+    finally:
+        await admin.aclose()
