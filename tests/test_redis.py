@@ -1014,10 +1014,12 @@ async def test_a_simulated_fleet_is_shared_through_redis(redis_url):
         s.stop()
 
 
-async def test_a_vehicle_the_writer_cannot_encode_is_skipped_not_its_slice(redis_url, r, uid):
-    """Defence behind the input checks: were a row's fields ever unencodable
-    (bytes in a driver), the writer skips that vehicle and counts it; the
-    rest of its slice is written (it used to fail whole, on every pass)."""
+async def test_the_writer_skips_what_it_cannot_write_and_leaves_the_pool_clean(redis_url, r, uid):
+    """In process, against the shared Redis: the writer's quiet write (one
+    packed write between CLIENT REPLY OFF and ON) is used and leaves no
+    connection in use; a vehicle whose fields cannot be encoded (bytes in a
+    driver) is skipped and counted, and a key
+    of the wrong type fails alone: the rest of the slice is written."""
     import numpy as np
     from realtime import config
     from realtime._core import Core
@@ -1030,20 +1032,55 @@ async def test_a_vehicle_the_writer_cannot_encode_is_skipped_not_its_slice(redis
     stores = RedisStores(s, hub.instance_id)
     hub.stores, stores.hub = stores, hub
     try:
-        a, b = uid + "a", uid + "b"
+        ids = [uid + "bytes", uid + "ok1", uid + "ok-too", uid + "wrongtype", uid + "ok2"]
         now = int(time.time() * 1000)
-        hub.apply(UpdateBatch([a, b], [55.1, 55.2], [37.1, 37.2], [np.nan] * 2, [np.nan] * 2,
-                              np.full(2, KEEP, np.uint8), np.full(2, KEEP, np.uint8), [now, now],
+        n = len(ids)
+        hub.apply(UpdateBatch(ids, [55.0 + i / 10 for i in range(n)], [37.0] * n, [np.nan] * n, [np.nan] * n,
+                              np.full(n, KEEP, np.uint8), np.full(n, KEEP, np.uint8), [now] * n,
                               None, None, None, None))
-        rows = [hub.core.row_of(a), hub.core.row_of(b)]
+        rows = [hub.core.row_of(v) for v in ids]
         hub.core.driver[rows[0]] = {"name": b"bytes"}
+        await r.set(f"vehicle:current:{ids[3]}", "a string, not a hash")
         await stores._write_rows(rows)
-        assert await r.exists(f"vehicle:current:{a}") == 0
-        assert (await r.hgetall(f"vehicle:current:{b}"))["lat"] == "55.2"
+        assert stores._quiet is True
+        assert await r.exists(f"vehicle:current:{ids[0]}") == 0
+        assert (await r.hgetall(f"vehicle:current:{ids[1]}"))["lat"] == "55.1"
+        assert await r.get(f"vehicle:current:{ids[3]}") == "a string, not a hash"
+        assert (await r.hgetall(f"vehicle:current:{ids[4]}"))["lat"] == "55.4"
         assert hub.stats.ingest_rejected.get("unwritable_vehicle") == 1
+        pool = stores.r.connection_pool
+        assert len(pool._in_use_connections) == 0
+        # and the pooled connection answers again (it is not left without replies)
+        assert await stores.r.ping() is True
+        assert await stores.r.get(f"vehicle:current:{ids[3]}") == b"a string, not a hash"
+        # and the reconcile reads past it: the key is counted, not a failure
+        assert await stores._scan(None) >= 0
+        assert hub.stats.ingest_rejected.get("invalid_vehicle_key", 0) >= 1
     finally:
         await stores.r.aclose()
         await stores.r_listen.aclose()
+
+
+async def test_a_hash_with_a_lone_surrogate_is_read_without_it(rserver, r, uid):
+    """A hash written by another system whose JSON field holds a lone
+    surrogate ("\\ud800", which json.loads accepts and no encoder writes
+    out) arrives without that field; it used to fail the reconcile's slice."""
+    vid, other = uid + "sur", uid + "fine"
+    c = await Client.connect(rserver, token())
+    await c.recv_type("welcome")
+    await c.subscribe(subscriptions={"vehicles": [vid, other]})
+    ts = str(int(time.time() * 1000))
+    base = {"lon": "37.5", "status": "idle", "vehicle_type": "van", "timestamp": ts}
+    await r.hset(f"vehicle:current:{vid}", mapping={"lat": "55.1", "groups": '["g\\ud800"]', **base})
+    await r.hset(f"vehicle:current:{other}", mapping={"lat": "55.2", **base})
+    seen = {}
+    deadline = time.monotonic() + 10
+    while len(seen) < 2 and time.monotonic() < deadline:
+        for m in await c.messages(0.3):
+            if m.get("v") and "p" in m:
+                seen[m["v"]] = m["p"]
+    assert seen == {vid: [55.1, 37.5], other: [55.2, 37.5]}
+    await c.close()
 
 
 async def test_the_writer_works_where_client_reply_is_not_allowed(throwaway_redis, uid):

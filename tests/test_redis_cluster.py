@@ -352,8 +352,10 @@ async def test_a_failover_is_followed(cluster, rc, uid):
         events += [m["e"] for m in await c.messages(1.0) if m["t"] == "event"]
         assert events and len(events) == len(set(events)), events
         # an ACL update is heard
-        await rc.hset(f"acl:user:{user}", mapping={"vehicles": json.dumps([vid]), "permissions": json.dumps([])})
-        await rc.publish("acl:updates", user)
+        # (the test's own client may still try the dead node first)
+        await _retrying(lambda: rc.hset(f"acl:user:{user}", mapping={
+            "vehicles": json.dumps([vid]), "permissions": json.dumps([])}))
+        await _retrying(lambda: rc.publish("acl:updates", user))
         got = await c.wait_messages(lambda m: m["t"] == "leave", timeout=10)
         assert [m for m in got if m["t"] == "leave"] == [{"t": "leave", "v": hidden, "r": "permission"}]
         # and new state is written, on whichever node holds it
@@ -371,6 +373,18 @@ async def test_a_failover_is_followed(cluster, rc, uid):
         # the old master comes back as a replica of the new one
         await asyncio.to_thread(cluster.start, victim)
         await asyncio.to_thread(cluster.wait_ok)
+
+
+async def _retrying(fn, timeout=20.0):
+    """fn() until it does not raise a RedisError (the test's client learning a new layout)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return await fn()
+        except RedisError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.2)
 
 
 def ready(server) -> int:

@@ -41,11 +41,13 @@ import hashlib
 import json
 import logging
 import random
+import secrets
 import time
 
 import msgpack
+import msgspec
 import numpy as np
-from redis.exceptions import RedisClusterException, RedisError, ResponseError
+from redis.exceptions import NoPermissionError, RedisClusterException, RedisError, ResponseError
 
 from ..ingest.decode import Rejected, validate, validate_relayed
 from .presence import Presence
@@ -53,6 +55,7 @@ from .redis_conn import Scanner, clustered, connect, mget, run_ids
 from .base import EVENT_LOG_MAX, EVENT_RETENTION_S, SESSION_TTL_S, Event, StoresUnavailable, eid_key
 
 log = logging.getLogger("realtime.redis")
+_json_decode = msgspec.json.Decoder().decode
 
 STREAM = "events:stream"
 WRITER_LEASE = "realtime:writer"
@@ -683,7 +686,8 @@ class RedisStores:
         # what was sent is remembered once Redis took it: a slice that fails
         # is sent again whole (its rows go back to _changed)
         marks, expired = [], []
-        cmds: list = []
+        cmds: list = []     # the commands, for a replied pipeline
+        packed: list = []   # the same in RESP, a vehicle's at a time, for the quiet write
         for r, version, lat, lon, speed, course, status, vtype, ts in zip(
                 rows, cur["version"].tolist(), cur["lat"].tolist(), cur["lon"].tolist(),
                 cur["speed"].tolist(), cur["course"].tolist(), cur["status"].tolist(),
@@ -699,28 +703,35 @@ class RedisStores:
             # refresh (a hash deleted by hand is whole again within a minute):
             # JSON for four fields per update was most of the writer's time
             rich = (vid, vtype, core.groups_of[r], core.alerts[r], core.driver[r], core.assignment[r])
-            if refresh or written.get(r) != rich:
-                try:
+            whole = refresh or written.get(r) != rich
+            try:
+                if whole:
                     args += [b"vehicle_type", core.types[vtype],
                              b"groups", json.dumps(list(rich[2]), ensure_ascii=False),
                              b"alerts", json.dumps(list(rich[3]), ensure_ascii=False),
                              b"driver", json.dumps(rich[4], ensure_ascii=False),
                              b"assignment", json.dumps(rich[5], ensure_ascii=False)]
-                except (TypeError, ValueError) as e:
-                    # one vehicle nobody can write must not stop the slice
-                    # (every later vehicle would never be written again)
-                    self.hub.stats.reject("unwritable_vehicle")
-                    log.warning("vehicle not written to Redis: its fields cannot be encoded",
-                                extra={"fields": {"vehicle": vid, "error": repr(e)[:200]}})
-                    continue
+                mine = [args]
+                if refresh:
+                    # a vehicle silent this long is forgotten in memory too (§3.3);
+                    # group membership is refreshed as rarely
+                    mine.append(("EXPIRE", key, str(expire_s)))
+                    mine += [("SADD", f"group:{g}:vehicles", vid) for g in core.groups_of[r]]
+                # encoded here: a text that cannot be (a lone surrogate) is
+                # this vehicle's problem, not its slice's
+                packed.append(pack_resp(mine))
+            except (TypeError, ValueError) as e:
+                # one vehicle nobody can write must not stop the slice
+                # (every later vehicle would never be written again)
+                self.hub.stats.reject("unwritable_vehicle")
+                log.warning("vehicle not written to Redis: its fields cannot be encoded",
+                            extra={"fields": {"vehicle": vid, "error": repr(e)[:200]}})
+                continue
+            if whole:
                 marks.append((r, rich))
-            cmds.append(args)
             if refresh:
-                # a vehicle silent this long is forgotten in memory too (§3.3)
-                cmds.append(("EXPIRE", key, str(expire_s)))
                 expired.append(r)
-                for g in core.groups_of[r]:  # membership, refreshed as rarely
-                    cmds.append(("SADD", f"group:{g}:vehicles", vid))
+            cmds += mine
             geo.extend((lon, lat, vid))
             feed_ids.append(vid)
             feed_ts.append(ts)
@@ -728,7 +739,8 @@ class RedisStores:
         # one server: the hashes as one packed write without replies, so
         # that neither side spends a reply per command (redis-py's packing
         # and reply parsing were most of the writer's time)
-        if not (cmds and self._quiet is not False and not self.cluster and await self._write_quietly(cmds)):
+        if not (cmds and self._quiet is not False and not self.cluster
+                and await self._write_quietly(b"".join(packed))):
             for args in cmds:
                 pipe.execute_command(*args)
         if geo:
@@ -755,24 +767,31 @@ class RedisStores:
             self._expired_at[r] = now
         self._ops += n
 
-    async def _write_quietly(self, cmds: list) -> bool:
-        """`cmds` in one write between CLIENT REPLY OFF and ON, on a pooled
-        connection: Redis runs them in order and answers only the ON, which
-        therefore arrives after all of them ran. An error in one of them
-        (a key of the wrong type, say) is not seen: that hash stays as it
-        was, as with a vehicle that sends no update. A server that refuses
-        CLIENT REPLY (an ACL without it) answers the OFF with an error:
-        False, and from then on the writer uses replied pipelines. A connection is
-        never returned to the pool in the middle of this (it would stay
-        without replies): on any error or cancellation it is closed."""
+    async def _write_quietly(self, blob: bytes) -> bool:
+        """The commands in `blob` (RESP) in one write between CLIENT REPLY OFF
+        and ON, then a PING with a nonce, on a pooled connection: Redis runs
+        them in order and answers only the ON and the PING, which therefore
+        arrive after all of them ran. An error in one of them (a key of the
+        wrong type, say) is not seen: that hash stays as it was, as with a
+        vehicle that sends no update. False when this server cannot do it
+        (an ACL without CLIENT REPLY, or something between that answers the
+        OFF): the caller sends them again with replies, and so does every
+        later write. A connection is never returned to the pool in the
+        middle of this (it would stay without replies): on any error or
+        cancellation it is closed."""
         pool = self.r.connection_pool
         conn = await pool.get_connection()
         done = False
+        nonce = secrets.token_hex(8).encode()
         try:
-            await conn.send_packed_command([_REPLY_OFF, pack_resp(cmds), _REPLY_ON])
+            await conn.send_packed_command([_REPLY_OFF, blob, _REPLY_ON, pack_resp([(b"PING", nonce)])])
             try:
-                await conn.read_response(disable_decoding=True)   # the ON's +OK
+                first = await conn.read_response(disable_decoding=True)   # the ON's +OK
+                second = await conn.read_response(disable_decoding=True)  # the nonce
             except ResponseError as e:
+                text = str(e).lower()
+                if not (isinstance(e, NoPermissionError) or "unknown" in text or "noperm" in text):
+                    raise   # something else (BUSY, LOADING): the slice is tried again later
                 # the OFF was refused, so every command answers too: this
                 # connection is dropped with them unread, and the caller
                 # sends them again with replies (a dropped connection may
@@ -781,13 +800,20 @@ class RedisStores:
                 log.info("CLIENT REPLY not allowed; the Redis writer reads every reply",
                          extra={"fields": {"error": repr(e)[:200]}})
                 return False
+            if first not in (b"OK", "OK") or second not in (nonce, nonce.decode()):
+                self._quiet = False
+                log.warning("CLIENT REPLY OFF not honoured on this connection; the Redis writer reads "
+                            "every reply", extra={"fields": {"reply": repr(first)[:100]}})
+                return False
             self._quiet = True
             done = True
             return True
         finally:
-            if not done:
-                await conn.disconnect()
-            await pool.release(conn)
+            try:
+                if not done:
+                    await conn.disconnect(nowait=True)
+            finally:
+                await pool.release(conn)
 
     def _add_changes(self, pipe, ids: list, stamps: list) -> None:
         """The feed entry for one pipeline of hashes; entries older than
@@ -909,7 +935,7 @@ class RedisStores:
                 pipe = self.r.pipeline(transaction=False)
                 for k in keys:
                     pipe.hget(k, "timestamp")
-                stamps = await pipe.execute()
+                stamps = await self._vehicle_replies(pipe)
                 self._ops += len(keys)
                 for k, ts in zip(keys, stamps):
                     if ts is None:
@@ -925,6 +951,20 @@ class RedisStores:
         self.scanned += seen
         return await self._apply_keys(self._newer(stamped))
 
+    async def _vehicle_replies(self, pipe) -> list:
+        """The replies of a pipeline of reads of `vehicle:current:*` keys; a
+        key that is not a hash (WRONGTYPE: something else wrote it) is None
+        and counted, never a failure of the whole reconcile (which marked
+        Redis down and refused connects)."""
+        out = await pipe.execute(raise_on_error=False)
+        for i, v in enumerate(out):
+            if isinstance(v, ResponseError):
+                self.hub.stats.reject("invalid_vehicle_key")
+                out[i] = None
+            elif isinstance(v, Exception):
+                raise v
+        return out
+
     async def _apply_keys(self, keys: list) -> int:
         """HGETALL and apply, a slice at a time: the first reconcile of a new
         instance loads the whole fleet, and ticks must go on meanwhile."""
@@ -935,7 +975,7 @@ class RedisStores:
             for k in chunk:
                 pipe.hgetall(k)
             updates = []
-            for k, h in zip(chunk, await pipe.execute()):
+            for k, h in zip(chunk, await self._vehicle_replies(pipe)):
                 u = self._from_hash(_s(k)[len("vehicle:current:"):], h) if h else None
                 if u is not None:
                     updates.append(u)
@@ -959,10 +999,13 @@ class RedisStores:
         for f in ("groups", "alerts", "driver", "assignment"):
             if g.get(f):
                 try:
-                    v = json.loads(g[f])
+                    # msgspec, not json: json.loads takes a lone surrogate
+                    # ("\ud800"), which no encoder can write out again (the
+                    # core would fail on the whole reconcile slice)
+                    v = _json_decode(g[f])
                     if v is not None:
                         obj[f] = v
-                except ValueError:
+                except (ValueError, msgspec.DecodeError):
                     pass
         try:
             return validate(obj)
@@ -985,7 +1028,7 @@ class RedisStores:
         for v in missing:
             pipe.hgetall(f"vehicle:current:{v}")
         updates = []
-        for v, h in zip(missing, await pipe.execute()):
+        for v, h in zip(missing, await self._vehicle_replies(pipe)):
             if h:
                 u = self._from_hash(v, h)
                 if u is not None:
