@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 import uuid
 import zlib
@@ -73,6 +74,30 @@ class Server:
     def stop(self):
         stop_process(self.proc)
         self.log.close()
+
+
+async def eventually(fn, timeout=8.0, every=0.1):
+    """Awaits fn() until it gives something true, or `timeout` s have passed: its last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        v = await fn()
+        if v or time.monotonic() > deadline:
+            return v
+        await asyncio.sleep(every)
+
+
+async def value(v):
+    """`v` as an awaitable, for eventually() over a synchronous check."""
+    return v
+
+
+def ready_status(server) -> int:
+    """The HTTP status of GET /health/ready."""
+    try:
+        with urllib.request.urlopen(server.url + "/health/ready", timeout=3) as resp:
+            return resp.status
+    except urllib.error.HTTPError as e:
+        return e.code
 
 
 def token(sub="user1", permissions=("view_all_vehicles",), ttl=3600, secret=SECRET, **claims) -> str:

@@ -10,7 +10,8 @@ import pytest
 import redis.asyncio as aioredis
 import websockets
 
-from conftest import Client, Server, ingest, metric_value, token, update, vehicle_status
+from conftest import Client, Server, eventually, ingest, metric_value, ready_status, token, update, value, \
+    vehicle_status
 
 pytestmark = pytest.mark.integration
 
@@ -31,17 +32,6 @@ async def r(redis_url):
     client = aioredis.Redis.from_url(redis_url, decode_responses=True)
     yield client
     await client.aclose()
-
-
-async def eventually(fn, timeout=8.0, every=0.1):
-    deadline = time.monotonic() + timeout
-    while True:
-        v = await fn()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            return v
-        await asyncio.sleep(every)
 
 
 async def test_state_is_written_to_redis(rserver, r, uid):
@@ -253,7 +243,7 @@ async def test_resume_on_another_instance_replays_missed_events(redis_url, r, ui
         vid, other = uid + "v", uid + "other"
         ingest(a, [update(vid, status="moving"), update(other, 10, 10)])
         # B knows the vehicle (relay, or reconcile from A's snapshot) before A dies
-        assert await eventually(lambda: _async(vehicle_status(b, vid) == 200), timeout=20)
+        assert await eventually(lambda: value(vehicle_status(b, vid) == 200), timeout=20)
         c = await Client.connect(a, token(sub=uid + "u"))
         w = await c.recv_type("welcome")
         await c.subscribe(subscriptions={"vehicles": [vid]})
@@ -288,7 +278,7 @@ async def test_resume_on_another_instance_replays_missed_events(redis_url, r, ui
         # tail (B replayed from the events it kept, recent.py): it reads the log
         d = Server("--simulate", "0", "--tick-ms", "20", "--redis", redis_url)
         try:
-            assert await eventually(lambda: _async(vehicle_status(d, vid) == 200), timeout=20)
+            assert await eventually(lambda: value(vehicle_status(d, vid) == 200), timeout=20)
             c4 = await Client.connect(d, token(sub=uid + "u"), f"resume={w['session']}&last_event={first['eid']}")
             assert (await c4.recv_type("welcome"))["recovered"] is True
             await c4.recv_type("batch")
@@ -302,14 +292,6 @@ async def test_resume_on_another_instance_replays_missed_events(redis_url, r, ui
         b.stop()
 
 
-def ready_status(server):
-    try:
-        with urllib.request.urlopen(server.url + "/health/ready", timeout=3) as resp:
-            return resp.status
-    except urllib.error.HTTPError as e:
-        return e.code
-
-
 async def test_redis_restart_is_survived(throwaway_redis, uid):
     port, proc, start = throwaway_redis
     s = Server("--simulate", "0", "--tick-ms", "20", "--redis", f"redis://127.0.0.1:{port}/0")
@@ -319,7 +301,7 @@ async def test_redis_restart_is_survived(throwaway_redis, uid):
         c = await Client.connect(s, token())
         await c.recv_type("welcome")
         await c.subscribe(subscriptions={"vehicles": [vid]})
-        assert await eventually(lambda: _async(ready_status(s) == 200))
+        assert await eventually(lambda: value(ready_status(s) == 200))
         rr = aioredis.Redis(port=port, decode_responses=True)
         await rr.publish(f"vehicle:events:{vid}", json.dumps({"type": "before"}))
         assert (await c.wait_messages(lambda m: m["t"] == "event", timeout=10))[-1]["e"] == "before"
@@ -330,10 +312,10 @@ async def test_redis_restart_is_survived(throwaway_redis, uid):
         ingest(s, [update(vid, 55.9)])
         got = await c.wait_messages(lambda m: m.get("v") == vid, timeout=5)
         assert got[-1]["t"] == "pos" and got[-1]["p"][0] == 55.9
-        assert await eventually(lambda: _async(ready_status(s) == 503))
+        assert await eventually(lambda: value(ready_status(s) == 503))
         # Redis comes back (empty): the service reconnects and writes again
         proc[0] = start()
-        assert await eventually(lambda: _async(ready_status(s) == 200), timeout=20)
+        assert await eventually(lambda: value(ready_status(s) == 200), timeout=20)
         ingest(s, [update(vid, 55.95)])
         rr = aioredis.Redis(port=port, decode_responses=True)
         try:
@@ -361,10 +343,6 @@ async def test_redis_restart_is_survived(throwaway_redis, uid):
 async def _numpat_and_log(rr, s) -> bool:
     return (await rr.execute_command("PUBSUB", "NUMPAT")) >= 1 and \
         "the event log is older than what this instance delivered" in open(s.log.name).read()
-
-
-async def _async(v):
-    return v
 
 
 async def test_a_fresh_instance_shows_the_fleet_from_the_snapshot(redis_url, uid):
@@ -597,7 +575,7 @@ async def test_while_redis_is_down_rights_never_widen_and_resumes_are_refused_cl
         await c.close()
         proc[0].terminate()
         proc[0].wait()
-        assert await eventually(lambda: _async(ready_status(s) == 503), timeout=20)
+        assert await eventually(lambda: value(ready_status(s) == 503), timeout=20)
         # the ACL it saw stays in force
         c = await Client.connect(s, token(sub=narrow))
         await c.recv_type("welcome")

@@ -15,8 +15,8 @@ import pytest
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.exceptions import RedisError
 
-from conftest import Client, Server, free_port, ingest, metric_value, redis_up, require, token, update, \
-    vehicle_status
+from conftest import Client, Server, eventually, free_port, ingest, metric_value, ready_status, redis_up, \
+    require, token, update, value, vehicle_status
 
 pytestmark = pytest.mark.integration
 
@@ -104,19 +104,6 @@ def url(cluster, *which) -> str:
     return "redis+cluster://" + ",".join(f"127.0.0.1:{cluster[i]}" for i in (which or (0,)))
 
 
-async def eventually(fn, timeout=10.0, every=0.1):
-    deadline = time.monotonic() + timeout
-    while True:
-        v = await fn()
-        if v or time.monotonic() > deadline:
-            return v
-        await asyncio.sleep(every)
-
-
-async def _true(v):
-    return v
-
-
 async def _per_node(rc, pattern) -> dict:
     """How many keys matching `pattern` each master holds."""
     out = {}
@@ -148,9 +135,9 @@ async def test_ingest_events_and_acl_updates_on_a_cluster(cluster, rc, uid):
         assert status == 200 and body["accepted"] == 60
         got = await cb.wait_messages(lambda m: m.get("v") == hidden, timeout=8)
         assert [m["p"] for m in got if m.get("v") == hidden][-1] == [55.01, 37.0]
-        h = await eventually(lambda: rc.hgetall(f"vehicle:current:{watched}"))
+        h = await eventually(lambda: rc.hgetall(f"vehicle:current:{watched}"), timeout=10)
         assert h["status"] == "moving" and float(h["lat"]) == 55.0
-        per_node = await eventually(lambda: _all_nodes_hold(rc, f"vehicle:current:{uid}*", 60))
+        per_node = await eventually(lambda: _all_nodes_hold(rc, f"vehicle:current:{uid}*", 60), timeout=10)
         assert per_node, await _per_node(rc, f"vehicle:current:{uid}*")
         # one writer for the cluster: the lease
         assert await rc.get("realtime:writer") in (a.proc.pid.__format__("x"), b.proc.pid.__format__("x"))
@@ -203,7 +190,7 @@ async def test_resume_on_another_instance_on_a_cluster(cluster, rc, uid):
     try:
         vid = uid + "v"
         ingest(a, [update(vid, status="moving")])
-        assert await eventually(lambda: _true(vehicle_status(b, vid) == 200), timeout=20)
+        assert await eventually(lambda: value(vehicle_status(b, vid) == 200), timeout=20)
         c = await Client.connect(a, token(sub=uid + "u"))
         w = await c.recv_type("welcome")
         await c.subscribe(subscriptions={"vehicles": [vid]})
@@ -217,7 +204,7 @@ async def test_resume_on_another_instance_on_a_cluster(cluster, rc, uid):
 
         async def logged():
             return any(f.get("e") == "missed2" for _, f in await rc.xrevrange("events:stream", count=20))
-        assert await eventually(logged)
+        assert await eventually(logged, timeout=10)
         c2 = await Client.connect(b, token(sub=uid + "u"), f"resume={w['session']}&last_event={first['eid']}")
         w2 = await c2.recv_type("welcome")
         assert w2["resumed"] is True and w2["recovered"] is True
@@ -306,7 +293,7 @@ async def test_a_master_restarted_empty_is_written_again(cluster, rc, uid):
     try:
         fleet = [update(f"{uid}{i}", 50 + i / 100, 30.0) for i in range(60)]
         assert ingest(s, fleet)[0] == 200
-        assert await eventually(lambda: _all_nodes_hold(rc, f"vehicle:current:{uid}*", 60))
+        assert await eventually(lambda: _all_nodes_hold(rc, f"vehicle:current:{uid}*", 60), timeout=10)
         lease = rc.get_node_from_key("realtime:writer").port
         victim = next(n.port for n in rc.get_primaries() if n.port != lease)
         await asyncio.to_thread(cluster.restart, victim)
@@ -333,11 +320,11 @@ async def test_a_failover_is_followed(cluster, rc, uid):
         await c.wait_messages(lambda m: m["t"] == "event")
         victim = rc.get_node_from_key("events:stream").port
         await asyncio.to_thread(cluster.kill, victim)
-        seen_unready = await eventually(lambda: _true(ready(s) == 503), timeout=15, every=0.2)
+        seen_unready = await eventually(lambda: value(ready_status(s) == 503), timeout=15, every=0.2)
         # the replica is promoted (node timeout 1.5 s); the cluster is whole again
         await asyncio.to_thread(cluster.wait_ok, [p for p in cluster if p != victim])
         assert seen_unready
-        assert await eventually(lambda: _true(ready(s) == 200), timeout=30, every=0.2)
+        assert await eventually(lambda: value(ready_status(s) == 200), timeout=30, every=0.2)
         # events: published until one arrives (a PUBLISH before the instance
         # subscribed again reaches nobody); each arrives once
         events = []
@@ -385,13 +372,3 @@ async def _retrying(fn, timeout=20.0):
             if time.monotonic() > deadline:
                 raise
             await asyncio.sleep(0.2)
-
-
-def ready(server) -> int:
-    import urllib.error
-    import urllib.request
-    try:
-        with urllib.request.urlopen(server.url + "/health/ready", timeout=3) as resp:
-            return resp.status
-    except urllib.error.HTTPError as e:
-        return e.code

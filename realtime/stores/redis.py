@@ -47,11 +47,11 @@ import time
 import msgpack
 import msgspec
 import numpy as np
-from redis.exceptions import NoPermissionError, RedisClusterException, RedisError, ResponseError
+from redis.exceptions import NoPermissionError, ResponseError
 
 from ..ingest.decode import Rejected, validate, validate_relayed
 from .presence import Presence
-from .redis_conn import Scanner, clustered, connect, mget, run_ids
+from .redis_conn import DOWN, Scanner, clustered, connect, mget, run_ids
 from .base import EVENT_LOG_MAX, EVENT_RETENTION_S, SESSION_TTL_S, Event, StoresUnavailable, eid_key
 
 log = logging.getLogger("realtime.redis")
@@ -83,8 +83,7 @@ MAX_EVENT_BYTES = 16 * 1024   # an instant event's body, as published (PROTOCOL 
 LOCAL_KEYS_MAX = 10_000   # events delivered locally during one outage that are remembered
 LOCAL_KEYS_S = 600.0      # and for how long
 ACLS_KEPT = 100_000       # users whose last-read ACL is remembered (least recently read go first)
-# Redis unreachable or failing (a cluster that cannot be reached, or has a slot no node serves)
-_DOWN = (RedisError, RedisClusterException, OSError, asyncio.TimeoutError)
+_DOWN = DOWN   # Redis unreachable or failing (redis_conn.py)
 
 # SET NX + XADD in one step: of the instances that saw the same event, one adds it.
 ADD_ONCE = """

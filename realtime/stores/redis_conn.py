@@ -78,6 +78,10 @@ def cluster_url(url: str) -> tuple[list[tuple[str, int]], dict]:
     return seeds, opts
 
 
+# Redis unreachable or failing: a server or cluster that cannot be reached,
+# or a cluster with a slot no node serves (what every loop backs off on)
+DOWN = (RedisError, RedisClusterException, OSError, asyncio.TimeoutError)
+
 _holding = contextvars.ContextVar("redis_permit", default=False)
 
 
@@ -280,5 +284,5 @@ async def run_ids(r) -> dict[str, str] | None:
                 info = info[node.name]   # some versions answer {node: info}
             out[node.name] = str(info.get("run_id"))
         return out
-    except (RedisError, RedisClusterException, OSError, asyncio.TimeoutError):
+    except DOWN:
         return None
