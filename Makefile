@@ -41,4 +41,4 @@ bench: build
 	./bench.sh
 
 clean:
-	rm -rf build $(VENV) realtime/_core/*.so realtime/_core/*.c *.egg-info
+	rm -rf build $(VENV) realtime/_core/*.so realtime/_core/*.c realtime/_core/*.cpp *.egg-info

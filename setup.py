@@ -1,4 +1,4 @@
-"""Builds the Cython extensions realtime._core._core and realtime._core._fanout.
+"""Builds the Cython extensions realtime._core._core, _fanout and _ingest.
 
 REALTIME_ANNOTATE=1 writes Cython's HTML annotation next to the sources;
 REALTIME_DEBUG=1 builds with bounds checks and line tracing (a build mode,
@@ -33,6 +33,16 @@ exts = [
     )
     # _core: the kernels (no I/O); _fanout: per-client envelopes and socket writes
     for name in ("_core", "_fanout")
+] + [
+    # _ingest: a Kafka poll's records straight into the core's columns (C++ for its maps)
+    Extension(
+        "realtime._core._ingest",
+        ["realtime/_core/_ingest.pyx"],
+        include_dirs=[numpy.get_include()],
+        define_macros=macros,
+        language="c++",
+        extra_compile_args=["-O3"] if not debug else ["-O0", "-g"],
+    )
 ]
 
 setup(

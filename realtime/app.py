@@ -14,7 +14,6 @@ from .auth import VIEW_ALL, Authenticator, ephemeral_secret
 from .hub import Hub
 from .ingest import http as ingest_http
 from .ingest import simulator
-from .ingest.decode import batch_of_records
 from .transports import poll, sessions, sse, websocket
 
 log = logging.getLogger("realtime.app")
@@ -35,10 +34,10 @@ def make_app(settings) -> web.Application:
     app["hub"] = hub = Hub(settings)
     app["security"] = hub.security
 
-    async def sink(records):
-        """Kafka input (decode_record's structs): applied here; every instance
-        reads every partition."""
-        hub.apply(batch_of_records(records, hub.core.vtype_code))
+    def sink(batch):
+        """Kafka input (the decoder's UpdateBatch): applied here; every
+        instance reads every partition."""
+        hub.apply(batch)
 
     app["ingest_sink"] = sink
     app["http_sink"] = _http_sink(app)
@@ -107,7 +106,7 @@ async def _start(app):
         app["grpc"] = await grpc_stream.start(app)
     if settings.kafka:
         from .ingest.kafka import KafkaIngest
-        app["kafka"] = KafkaIngest(settings, app["ingest_sink"], hub.stats)
+        app["kafka"] = KafkaIngest(settings, app["ingest_sink"], hub.stats, hub.core)
         app["kafka"].start()
         from aiokafka import AIOKafkaProducer
         app["kafka_producer"] = AIOKafkaProducer(bootstrap_servers=settings.kafka, linger_ms=5)

@@ -7,12 +7,13 @@ try:
     # both compiled modules: hub and the WebSocket transport import _fanout
     from . import _core as _kernel
     from . import _fanout  # noqa: F401
+    from . import _ingest  # noqa: F401
 except ImportError as e:  # a checkout whose extensions were never built
     import importlib.machinery as _m
     import os as _os
     _here = _os.path.dirname(__file__)
     _built = all(any(_os.path.exists(_os.path.join(_here, n + sfx)) for sfx in _m.EXTENSION_SUFFIXES)
-                 for n in ("_core", "_fanout"))
+                 for n in ("_core", "_fanout", "_ingest"))
     raise ImportError(
         f"realtime's compiled core does not load ({e}): rebuild it with `make build`, "
         "or reinstall with `pip install .`" if _built else

@@ -187,20 +187,25 @@ class CoreBase:
 
     def _row_values(self, vid: str) -> tuple:
         """A fresh row's entries in _ROW_LISTS, in that order."""
-        return (vid, (), None, None, (), S.enc_both(vid), self._NO_ALERTS, None, None, None)
+        return (vid, (), None, None, (), S.enc_name(vid), self._NO_ALERTS, None, None, None)
+
+    _row_lists = None   # the _ROW_LISTS objects themselves (made once; never rebound)
 
     def _new_vehicle(self, vid: str) -> int:
+        lists = self._row_lists
+        if lists is None:
+            lists = self._row_lists = tuple(getattr(self, name) for name in self._ROW_LISTS)
         if self.row_free:
             row = self.row_free.pop()
-            for name, value in zip(self._ROW_LISTS, self._row_values(vid)):
-                getattr(self, name)[row] = value
+            for lst, value in zip(lists, self._row_values(vid)):
+                lst[row] = value
         else:
             if self.n == self.vcap:
                 self._grow_vehicles()
             row = self.n
             self.n += 1
-            for name, value in zip(self._ROW_LISTS, self._row_values(vid)):
-                getattr(self, name).append(value)
+            for lst, value in zip(lists, self._row_values(vid)):
+                lst.append(value)
         self.id_to_row[vid] = row
         self._blank(row)
         for sid in self.sel_by_vid.get(vid, ()):
@@ -235,12 +240,16 @@ class CoreBase:
         that changed something; older-than-stored updates are counted in
         `ignored_stale`. New alerts land in `new_alerts` as (row, alert)."""
         n = len(batch)
-        get = self.id_to_row.get
-        found = list(map(get, batch.ids))   # no Python frame per update
-        if None in found:   # new vehicles (once each; a batch may name one twice)
-            found = [r if r is not None else (get(vid) if vid in self.id_to_row else self._new_vehicle(vid))
-                     for r, vid in zip(found, batch.ids)]
-        rows = np.array(found, np.int32)
+        if batch.rows is not None:   # looked up by the Kafka decoder
+            rows = batch.rows
+            found = None
+        else:
+            get = self.id_to_row.get
+            found = list(map(get, batch.ids))   # no Python frame per update
+            if None in found:   # new vehicles (once each; a batch may name one twice)
+                found = [r if r is not None else (get(vid) if vid in self.id_to_row else self._new_vehicle(vid))
+                         for r, vid in zip(found, batch.ids)]
+            rows = np.array(found, np.int32)
         prev_ts = self.cur["ts"][rows]
         was_dirty = self.dirty[rows]
         silenced = self.silenced[rows]
@@ -262,8 +271,9 @@ class CoreBase:
         # compare here before paying for a call
         A, D, AS, G = self.alerts, self.driver, self.assignment, self.groups_of
         alerts, drivers, asgs, grps = batch.alerts, batch.driver, batch.assignment, batch.groups
-        for i in np.flatnonzero(accepted).tolist():
-            r = found[i]
+        look = accepted if batch.rich is None else accepted & batch.rich
+        for i in np.flatnonzero(look).tolist():
+            r = found[i] if found is not None else int(rows[i])
             al, dr, asg, grp = alerts[i], drivers[i], asgs[i], grps[i]
             if ((al is None or al == A[r]) and (dr is None or dr == D[r])
                     and (asg is None or asg == AS[r]) and (grp is None or grp == G[r])):

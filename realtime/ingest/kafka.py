@@ -7,8 +7,9 @@ Where to start: `--kafka-from latest` when a Redis snapshot covers the past
 (the default with --redis), `time` (the offsets of now - --stale-after-s)
 without Redis, or `earliest`.
 
-Records are decoded and validated in batches: one `getmany` poll, then one
-core apply for every valid record in it. A bad record is counted by reason,
+Records are decoded and validated in batches: one `getmany` poll goes
+through one compiled call (_core/_ingest.pyx) into the core's columns, then
+one core apply for every valid record in it. A bad record is counted by reason,
 logged (rate-limited), copied to --dead-letter-topic when set, and skipped.
 """
 from __future__ import annotations
@@ -20,8 +21,9 @@ import time
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
+from .._core._ingest import RecordDecoder
 from ..tasks import cancel_and_wait
-from .decode import Rejected, decode_record
+from .decode import RICH_DECODERS, Rejected, decode_record, finish_object
 
 log = logging.getLogger("realtime.kafka")
 
@@ -52,9 +54,10 @@ def is_msgpack(headers) -> bool:
     return False
 
 
-def _decoded(record):
-    """A consumer record's value, JSON or (by its content-type header) msgpack."""
-    return decode_record(record.value, bool(record.headers) and is_msgpack(record.headers))
+def record_decoder(core) -> RecordDecoder:
+    """A poll's records -> (the core's UpdateBatch, [(record, Rejected)]),
+    in one compiled call; decode_record reads what it does not take on."""
+    return RecordDecoder(core, decode_record, Rejected, is_msgpack, RICH_DECODERS, finish_object)
 
 
 async def produce_updates(producer, topic: str, updates: list[dict]) -> None:
@@ -75,9 +78,10 @@ async def produce_updates(producer, topic: str, updates: list[dict]) -> None:
 
 
 class KafkaIngest:
-    def __init__(self, settings, sink, stats):
+    def __init__(self, settings, sink, stats, core):
         self.settings = settings
-        self.sink = sink            # async callable(list[decode.UpdateIn]) -> None
+        self.sink = sink            # callable(UpdateBatch) -> None: applies it
+        self.decoder = record_decoder(core)
         self.stats = stats
         self.consumer: AIOKafkaConsumer | None = None
         self.producer: AIOKafkaProducer | None = None
@@ -233,20 +237,19 @@ class KafkaIngest:
             batches = await c.getmany(timeout_ms=100, max_records=10000)
             if batches and not self.first_record_at:
                 self.first_record_at = time.time()
-            updates = []
+            polled = []
             for tp, records in batches.items():
                 self.records += len(records)
                 self.newest_record_ms = max(self.newest_record_ms, records[-1].timestamp)
-                try:   # every record valid: the common case, in one comprehension
-                    updates += [_decoded(r) for r in records]
-                except Rejected:   # decode this partition's batch again, one by one
-                    for r in records:
-                        try:
-                            updates.append(_decoded(r))
-                        except Rejected as e:
-                            await self._reject(r, e)
-            if updates:
-                await self.sink(updates)
+                polled += records
+            if polled:
+                # decoded and applied with no await between: the rows the
+                # decoder looked up cannot be given to another vehicle meanwhile
+                batch, rejected = self.decoder.decode(polled)
+                if batch is not None:
+                    self.sink(batch)
+                for r, e in rejected:
+                    await self._reject(r, e)
             if batches:
                 self.last_record_at = time.time()
             await self._update_lag()

@@ -1,0 +1,229 @@
+"""The compiled Kafka decoder (_core/_ingest.pyx) against decode_record.
+
+decode_record is the definition of a valid record and of every rejection
+reason; the decoder scans the usual shape itself and hands the rest to it.
+These tests feed both the same polls -- generated, hostile and in awkward
+orders -- into two cores and require the same state and the same
+rejections. No service is needed: the decoder is a pure function of the
+records and the core.
+"""
+import json
+import random
+
+import msgpack
+import numpy as np
+import pytest
+
+from realtime._core import Core
+from realtime.ingest.decode import Rejected, batch_of_records, decode_record, to_batch, validate
+from realtime.ingest.kafka import is_msgpack, record_decoder
+
+MSGPACK = (("content-type", b"application/msgpack"),)
+
+
+class Rec:
+    """What the decoder reads of aiokafka's ConsumerRecord."""
+    __slots__ = ("value", "headers", "offset")
+
+    def __init__(self, value, headers=(), offset=0):
+        self.value, self.headers, self.offset = value, headers, offset
+
+
+def reference(core, records):
+    """Today's definition: decode_record per record, then batch_of_records."""
+    ok, rejected = [], []
+    for r in records:
+        try:
+            ok.append(decode_record(r.value, bool(r.headers) and is_msgpack(r.headers)))
+        except Rejected as e:
+            rejected.append((r.offset, e.reason))
+    if ok:
+        core.apply(batch_of_records(ok, core.vtype_code))
+    return rejected
+
+
+def compiled(core, decoder, records):
+    batch, rejected = decoder.decode(records)
+    assert all(isinstance(e, Rejected) for _, e in rejected)
+    if batch is not None:
+        assert batch.ids is None and len(batch.rows) == len(batch)
+        core.apply(batch)
+    return [(r.offset, e.reason) for r, e in rejected]
+
+
+def state(core):
+    """Every vehicle's stored values, by id (rows may differ between cores)."""
+    out = {}
+    for vid, row in core.id_to_row.items():
+        cur = core.cur[row]
+        out[vid] = (tuple(np.float64(cur[k]).tobytes() for k in ("lat", "lon", "speed", "course")),
+                    int(cur["ts"]), int(cur["status"]), core.types[cur["vtype"]] if cur["ts"] > -2**62 else None,
+                    int(cur["version"]), core.alerts[row], core.driver[row], core.assignment[row],
+                    core.groups_of[row], int(cur["al_ver"]), int(cur["dr_ver"]), int(cur["as_ver"]))
+    return out
+
+
+def same(polls):
+    """Both ways over the same polls: equal rejections, equal state."""
+    a, b = Core(vehicle_capacity=64, client_capacity=8), Core(vehicle_capacity=64, client_capacity=8)
+    dec = record_decoder(b)
+    for records in polls:
+        assert compiled(b, dec, records) == reference(a, records)
+    assert state(b) == state(a)
+    return dec
+
+
+IDS = ["veh_1", "veh_2", "truck_123", "Грузовик-7", "a" * 128, "x"]
+ISO = ["2024-01-15T10:30:00.123Z", "2024-01-15T10:30:00Z", "2024-01-15T10:30:00", "2024-02-29T23:59:59.999999Z",
+       "2023-02-29T10:00:00Z", "2024-01-15T10:30:00.1Z", "2024-01-15T10:30:00.1234567Z", "2024-01-15T10:30:00+05:30",
+       "2024-01-15T10:30:00-11:59", "2024-01-15T24:00:00Z", "2024-01-15T10:30:60Z", "2024-01-15 10:30:00Z",
+       "2024-01-15T10:30Z", "2024-13-01T00:00:00Z", "1969-12-31T23:59:59.999Z", "0001-01-01T00:00:00Z",
+       "9999-12-31T23:59:59.999999Z", "2024-01-15T10:30:00.Z", "2024-01-15T10:30:00+0530", "not a time", "",
+       "2024-01-15T10:30:00.0005Z", "2024-01-15T10:30:00.0015Z", "2024-01-15T10:30:00.0025Z"]
+NUMBERS = [0, -0, 1, 55.7558, -90, 90, 90.0000001, -180, 180, 181, 1e-7, 1.5e2, "1E2", -0.0, 10000, 10000.01,
+           123456789012345678, 0.1 + 0.2, 2.5e-308, 1e400, "NaN", True, None, "12", 359.99999999999994,
+           -720.5, 1e12, 1e12 + 1, 37.61760000000001]
+
+
+def gen_value(rnd):
+    """A record value: the usual shape, or (half the time) with things wrong."""
+    if rnd.random() < 0.5:
+        return gen_clean(rnd)
+    d = {"vehicle_id": rnd.choice(IDS), "timestamp": rnd.choice([rnd.randint(0, 10**13), rnd.choice(ISO)]),
+         "position": {"lat": round(rnd.uniform(-90, 90), rnd.randint(0, 9)),
+                      "lon": round(rnd.uniform(-180, 180), rnd.randint(0, 9))}}
+    for k, choices in (("speed", NUMBERS), ("course", NUMBERS), ("heading", NUMBERS),
+                       ("status", ["moving", "idle", "stopped", "offline", "unknown", "parked", None, "", "x" * 65, 3]),
+                       ("vehicle_type", ["truck", "van", "Фура", None, "", "t" * 65, 7]),
+                       ("groups", [["north_fleet"], [], ["a", "a"], ["g%d" % i for i in range(257)], [""], None,
+                                   ["Север"], "north", [1]]),
+                       ("alerts", [[], ["overspeed:65/60 км/ч"], ["a" * 257], ["x"] * 65, None, [None], "x"]),
+                       ("driver", [{"name": "Иванов И.И.", "phone": "+79161234567"}, {}, {"n": 2**70},
+                                   {"nested": {"a": [1, 2.5, None, True]}}, None, [], "x", {"q": "\"\\/\u2028"}]),
+                       ("assignment", [{"client": "ООО Ромашка", "eta": "11:15"}, None, {"big": -2**63}])):
+        if rnd.random() < 0.5:
+            d[k] = rnd.choice(choices)
+    if rnd.random() < 0.1:
+        d[rnd.choice(["odometer", "extra", "speed_limit"])] = rnd.choice(
+            [1, "text", "ünïcode", {"a": [1, {"b": None}]}, [], None, 1.5e3])
+    if rnd.random() < 0.05:
+        del d[rnd.choice(["vehicle_id", "timestamp", "position"])]
+    if rnd.random() < 0.05:
+        d["position"] = rnd.choice([{"lat": 1}, {"lat": 1, "lon": 2, "alt": 3}, [1, 2], None, {"lat": "1", "lon": 2}])
+    text = json.dumps(d, ensure_ascii=rnd.random() < 0.2, separators=rnd.choice([(",", ":"), (", ", ": ")]))
+    for k, v in (('"1E2"', "1E2"), ('"NaN"', "NaN"), ("Infinity", "1e400")):
+        text = text.replace(k, v)
+    b = text.encode()
+    roll = rnd.random()
+    if roll < 0.03:
+        b = b[: rnd.randint(0, len(b))]                       # truncated
+    elif roll < 0.05:
+        b = b + rnd.choice([b" ", b"\n", b"x", b"}", b"\x00"])   # trailing bytes
+    elif roll < 0.07:
+        i = rnd.randint(0, len(b) - 1)
+        b = b[:i] + bytes([rnd.randint(0, 255)]) + b[i + 1:]   # one byte changed
+    elif roll < 0.08:
+        b = b.replace(b'"vehicle_id"', b'"vehicle\\u005fid"', 1)
+    elif roll < 0.09:
+        b = b[:-1] + b', "vehicle_id": "dup"}'              # a field named twice
+    elif roll < 0.10:
+        b = b"  \r\n\t" + b + b" \t"
+    return b
+
+
+def gen_clean(rnd):
+    """A valid record of the kinds a platform sends (every field may change)."""
+    d = {"vehicle_id": rnd.choice(IDS[:4]), "timestamp": rnd.choice([rnd.randint(10**12, 2 * 10**12),
+                                                                     rnd.choice(ISO[:4] + ISO[-3:])]),
+         "position": {"lat": round(rnd.uniform(-90, 90), rnd.randint(0, 7)),
+                      "lon": round(rnd.uniform(-180, 180), rnd.randint(0, 7))}}
+    for k, choices in (("speed", [0, 40.5, 65.25, None, 120]), ("course", [0, 180, 359.9, -90, 720.5, None]),
+                       ("heading", [45, None]), ("status", ["moving", "idle", "stopped", "offline", "parked"]),
+                       ("vehicle_type", ["truck", "van"]), ("groups", [["north_fleet"], ["a", "b"], []]),
+                       ("alerts", [[], ["overspeed:65/60 км/ч"], ["low_fuel", "door"]]),
+                       ("driver", [{"name": "Иванов И.И.", "phone": "+79161234567"}, {"name": "B"}, {}]),
+                       ("assignment", [{"client": "ООО Ромашка", "eta": "11:15"}, {"client": "x"}])):
+        if rnd.random() < 0.6:
+            d[k] = rnd.choice(choices)
+    return json.dumps(d, ensure_ascii=False).encode()
+
+
+def test_generated_polls_give_the_same_state_and_rejections():
+    rnd = random.Random(15)
+    polls, offset = [], 0
+    for _ in range(300):
+        poll = []
+        for _ in range(rnd.randint(0, 40)):
+            if rnd.random() < 0.03:
+                value = msgpack.packb({"vehicle_id": rnd.choice(IDS), "timestamp": rnd.randint(0, 10**13),
+                                       "position": {"lat": 1.5, "lon": 2.5}, "driver": {"b": b"\x00"}})
+                poll.append(Rec(value, MSGPACK, offset))
+            elif rnd.random() < 0.01:
+                poll.append(Rec(None, (), offset))   # a tombstone
+            else:
+                poll.append(Rec(gen_value(rnd), (), offset))
+            offset += 1
+        polls.append(poll)
+    dec = same(polls)
+    # the generator must reach both ways, or this compares nothing
+    assert dec.stats["scanned"] > 2000 and dec.stats["slow"] > 1000, dec.stats
+
+
+def test_the_usual_shape_is_scanned_not_handed_on():
+    rec = json.dumps({"vehicle_id": "truck_123", "timestamp": "2024-01-15T10:30:00.123Z",
+                      "position": {"lat": 55.7558, "lon": 37.6176}, "speed": 65.2, "course": 180,
+                      "status": "moving", "vehicle_type": "truck", "groups": ["north_fleet"],
+                      "driver": {"name": "Иванов И.И.", "phone": "+79161234567"},
+                      "assignment": {"client": "ООО Ромашка", "eta": "11:15"},
+                      "alerts": ["overspeed:65/60 км/ч"]}, ensure_ascii=False).encode()
+    dec = same([[Rec(rec, (), 0)], [Rec(rec.replace(b"10:30:00", b"10:30:01"), (), 1)],
+                [Rec(rec.replace(b"10:30:00", b"10:30:02"), (), 2)]])
+    assert dec.stats == {"scanned": 3, "slow": 0}
+
+
+def test_rich_fields_changed_elsewhere_are_not_taken_for_unchanged():
+    """The decoder's memo says "as before" only while the core holds an
+    equal value: a driver set by HTTP ingest, the Redis reconcile or a record
+    that went the other way in between must be replaced by the next record."""
+    def rec(ts, driver, off, extra=""):
+        return Rec(('{"vehicle_id":"v1","timestamp":%d,"position":{"lat":1,"lon":2},"driver":%s%s}'
+                    % (ts, json.dumps(driver), extra)).encode(), (), off)
+    a, b = Core(vehicle_capacity=64, client_capacity=8), Core(vehicle_capacity=64, client_capacity=8)
+    dec = record_decoder(b)
+
+    def both(records):
+        assert compiled(b, dec, records) == reference(a, records)
+        assert state(b) == state(a)
+
+    both([rec(1, {"n": "A"}, 0)])
+    for core in (a, b):   # another input sets B
+        core.apply(to_batch([validate({"vehicle_id": "v1", "timestamp": 2, "position": {"lat": 1, "lon": 2},
+                                       "driver": {"n": "B"}})], core.vtype_code))
+    both([rec(3, {"n": "A"}, 1)])
+    assert b.driver[b.id_to_row["v1"]] == {"n": "A"}
+    # in one poll: A, then C by the other way (an escape in a name), then A again
+    both([rec(4, {"n": "A"}, 2), rec(5, {"n": "C"}, 3, ',"x\\u0041":1'), rec(6, {"n": "A"}, 4)])
+    assert b.driver[b.id_to_row["v1"]] == {"n": "A"}
+    both([rec(7, {"n": "A"}, 5), rec(8, {"n": "C"}, 6), rec(9, {"n": "A"}, 7), rec(10, {"n": "A"}, 8)])
+    # a vehicle forgotten (stale) and its row given to another
+    for core in (a, b):
+        core.tick()
+        core.forget([core.id_to_row["v1"]])
+    both([Rec(b'{"vehicle_id":"v2","timestamp":11,"position":{"lat":1,"lon":2},"driver":{"n":"A"}}', (), 9),
+          rec(12, {"n": "A"}, 10)])
+    assert b.driver[b.id_to_row["v2"]] == {"n": "A"} and b.driver[b.id_to_row["v1"]] == {"n": "A"}
+
+
+def test_a_poll_of_only_bad_records_gives_no_batch():
+    dec = record_decoder(Core(vehicle_capacity=64, client_capacity=8))
+    batch, rejected = dec.decode([Rec(b"{", (), 0), Rec(b"[]", (), 1), Rec(None, (), 2)])
+    assert batch is None
+    assert [e.reason for _, e in rejected] == ["invalid_json", "not_object", "invalid_json"]
+    assert dec.decode([]) == (None, [])
+
+
+@pytest.mark.parametrize("value", [b'{"vehicle_id":"v","timestamp":1,"position":{"lat":1,"lon":2}}',
+                                   b'{"vehicle_id":"v","timestamp":"2024-01-15T10:30:00.0025Z",'
+                                   b'"position":{"lat":-0,"lon":-0.0},"course":-0.0,"heading":-30}'])
+def test_edge_numbers_match(value):
+    same([[Rec(value, (), 0)]])
