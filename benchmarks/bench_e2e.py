@@ -112,6 +112,33 @@ def metrics(port) -> dict:
     return {m.group(1): float(m.group(2)) for m in re.finditer(r"^([a-z_]+) (\S+)$", text, re.M)}
 
 
+def histogram(port, name="message_delivery_latency_ms") -> list[tuple[float, float]]:
+    """A Prometheus histogram of the server's /metrics: [(le, cumulative count)]."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    out = []
+    for m in re.finditer(rf'^{name}_bucket{{le="([^"]+)"}} (\S+)$', text, re.M):
+        out.append((float(m.group(1)), float(m.group(2))))
+    return out
+
+
+def quantile(before, after, q) -> float | None:
+    """The q-quantile of what a histogram counted between two readings,
+    interpolated linearly inside its bucket as Prometheus's
+    histogram_quantile() does; None when nothing was counted."""
+    counts = [(le, a - b) for (le, a), (_, b) in zip(after, before)]
+    total = counts[-1][1] if counts else 0
+    if total <= 0:
+        return None
+    rank, prev_le, prev_c = q * total, 0.0, 0.0
+    for le, c in counts:
+        if c >= rank:
+            if le == float("inf"):
+                return prev_le   # beyond the last bound: its lower edge, as Prometheus says
+            return round(prev_le + (le - prev_le) * (rank - prev_c) / max(c - prev_c, 1e-9), 2)
+        prev_le, prev_c = le, c
+    return prev_le
+
+
 def loadgen(port, clients, seconds, subscribe="viewport", path_token=True, warmup=None, extra=(),
             procs=None):
     """`procs` load-generator processes sharing `clients`; each of them waits
@@ -177,17 +204,26 @@ def merged(lgs: list) -> dict:
     return res
 
 
-def measured(server: Proc, lgs: list, clients, seconds, merge=None):
+def measured(server: Proc, lgs: list, clients, seconds, merge=None, port=None):
     """Server CPU over the load generators' measuring window. `merge` reads
-    the load generators' results (merged(), or bench_transports' for httpgen)."""
+    the load generators' results (merged(), or bench_transports' for httpgen).
+    With the server's `port`, its own message_delivery_latency_ms over the
+    same window too (arrival in the process to socket write: the part of the
+    latency that is the server's, without the load generators' queues)."""
     window(lgs)
+    h0 = histogram(port) if port else None
     c0, t0 = cpu_s(server.p.pid), time.monotonic()
     l0 = sum(cpu_s(lg.pid) for lg in lgs)
     time.sleep(max(0.0, seconds - 0.5))   # the load generators' CPU, read before they exit
     l1 = sum(cpu_s(lg.pid) for lg in lgs)
     t_l = time.monotonic() - t0
+    h1 = histogram(port) if port else None
     res = (merge or merged)(lgs)
     c1, t1 = cpu_s(server.p.pid), time.monotonic()
+    if port:
+        res["server_p50_ms"] = quantile(h0, h1, 0.5)
+        res["server_p99_ms"] = quantile(h0, h1, 0.99)
+        res["server_latency_samples"] = int(h1[-1][1] - h0[-1][1]) if h0 and h1 else 0
     res["server_cpu_s_per_s"] = round((c1 - c0) / (t1 - t0), 3)
     res["loadgen_cpu_s_per_s"] = round((l1 - l0) / t_l, 3)   # all of them: 2 cores in all
     res["server_rss_mb"] = round(rss_kb(server.p.pid) / 1024, 1)
@@ -210,11 +246,13 @@ def scenario_a(vehicles, clients, seconds, procs=None, extra=()):
         time.sleep(SETTLE)
         m0 = metrics(port)
         lgs = loadgen(port, clients, seconds, procs=procs)
-        res = measured(s, lgs, clients, seconds)
+        res = measured(s, lgs, clients, seconds, port=port)
         m1 = metrics(port)
         ticks = m1.get("hub_ticks_total", 0) - m0.get("hub_ticks_total", 0)
         tick_s = m1.get("hub_tick_seconds_total", 0) - m0.get("hub_tick_seconds_total", 0)
-        res["tick_ms_avg"] = round(1000 * tick_s / ticks, 3) if ticks else None
+        # the tick's compute time, not its period (the configured --tick-ms)
+        res["tick_compute_ms_avg"] = round(1000 * tick_s / ticks, 3) if ticks else None
+        res["tick_period_ms"] = TICK_S * 1000
         return res
     finally:
         s.stop()
@@ -234,9 +272,13 @@ def under_load(start, clients, seconds, subscribe, settle=True, path_token=True)
         s.stop()
 
 
-def raw_limit(clients, seconds, messages_per_frame):
+def raw_limit(clients, seconds, messages_per_frame, tick_ms=0):
+    """tick_ms=0: frames back to back, the most the kernel and the load
+    generators move here; the tick: the same clients and frames at
+    realtime's pace, whose client-observed p99 is what the load generators
+    and the shared cores add on their own (the floor of any server's)."""
     return under_load(lambda port: Proc([PY, str(HERE / "raw_server.py"), "--port", str(port),
-                                         "--messages", str(messages_per_frame), "--tick-ms", "0",
+                                         "--messages", str(messages_per_frame), "--tick-ms", str(tick_ms),
                                          "--expect", str(clients)]),
                       clients, seconds, "none", settle=False, path_token=False)
 
@@ -327,6 +369,8 @@ def half_saturation(sweep: list) -> dict | None:
     half = min(sweep, key=lambda p: abs(p["clients"] - sat_clients / 2))
     return {"saturating_clients": sat_clients, "extrapolated": extrapolated, "clients": half["clients"],
             "p99_ms": half["p99_ms"], "p50_ms": half["p50_ms"],
+            "server_p99_ms": half.get("server_p99_ms"), "server_p50_ms": half.get("server_p50_ms"),
+            "deliveries_per_s": half["deliveries_per_s"], "frames_per_s": half["frames_per_s"],
             "server_cpu_s_per_s": half["server_cpu_s_per_s"]}
 
 
@@ -380,6 +424,16 @@ def main():
             out["sweep"].append(point)
         out["sweep"].sort(key=lambda p: p["clients"])
         out["half_saturation"] = half_saturation(out["sweep"])
+    if "raw" not in skip:
+        # the floor under the latency figures: the raw server at realtime's
+        # tick, with the clients and messages per frame of the point reported
+        at = out.get("half_saturation") or ra
+        n = at["clients"] if "clients" in at else C
+        frame_msgs = max(1, round(at["deliveries_per_s"] / max(at["frames_per_s"], 1)))
+        log(f"(1') raw server at the {TICK_S * 1000:.0f} ms tick: {n} clients, {frame_msgs} messages per frame")
+        out["raw_paced"] = rp = raw_limit(n, T, frame_msgs, tick_ms=TICK_S * 1000)
+        log(json.dumps(rp))
+        out["latency_floor_p99_ms"] = rp["p99_ms"]
     if "b" not in skip:
         W = 100 if smoke else 500
         log(f"(b) wall screens: {W} clients watching the same 2000 vehicles")
@@ -395,7 +449,7 @@ def main():
         log(f"(c) connection scale: {N} idle connections")
         out["c_realtime"] = rc = scenario_c(N)
         log(json.dumps(rc))
-        log(f"(c) the same with permessage-deflate negotiated")
+        log("(c) the same with permessage-deflate negotiated")
         out["c_realtime_deflate"] = rcd = scenario_c(N, ("--deflate",))
         log(json.dumps(rcd))
     print(json.dumps(out))
