@@ -65,7 +65,11 @@ def state(core):
 
 def same(polls):
     """Both ways over the same polls: equal rejections, equal state."""
-    a, b = Core(vehicle_capacity=64, client_capacity=8), Core(vehicle_capacity=64, client_capacity=8)
+    return same_cores(Core(vehicle_capacity=64, client_capacity=8), Core(vehicle_capacity=64, client_capacity=8),
+                      polls)
+
+
+def same_cores(a, b, polls):
     dec = record_decoder(b)
     for records in polls:
         assert compiled(b, dec, records) == reference(a, records)
@@ -227,3 +231,28 @@ def test_a_poll_of_only_bad_records_gives_no_batch():
                                    b'"position":{"lat":-0,"lon":-0.0},"course":-0.0,"heading":-30}'])
 def test_edge_numbers_match(value):
     same([[Rec(value, (), 0)]])
+
+
+def test_new_vehicles_made_together_join_the_selections_that_name_them():
+    """A poll's new vehicles are made in one go (_new_vehicles): a client
+    whose rights name them before they exist must see them, as when they are
+    made one by one, and a refused record must not make its vehicle."""
+    a, b = Core(vehicle_capacity=64, client_capacity=8), Core(vehicle_capacity=64, client_capacity=8)
+    for core in (a, b):
+        core.add_client(view_all=False, vehicles=["n3", "n70"], groups=["south"])
+    poll = [Rec(('{"vehicle_id":"n%d","timestamp":5,"position":{"lat":1,"lon":2}%s}'
+                 % (i, ',"groups":["south"]' if i % 7 == 0 else "")).encode(), (), i) for i in range(100)]
+    poll.append(Rec(b'{"vehicle_id":"bad","timestamp":5,"position":{"lat":1,"lon":2},"groups":[1]}', (), 100))
+    poll.append(Rec(b'{"vehicle_id":"n3","timestamp":6,"position":{"lat":3,"lon":2}}', (), 101))
+    dec = same_cores(a, b, [poll])
+    assert dec.stats["scanned"] == 101 and "bad" not in b.id_to_row and b.n == 100   # grown past 64
+    for core in (a, b):
+        core.tick()
+    def members(core):
+        sid = next(sid for key, sid in core.sel_key.items() if "n3" in key[0])
+        bits = np.unpackbits(core.sel_bits[sid].view(np.uint8), bitorder="little")[:core.n]
+        return sorted(core.ids[r] for r in np.flatnonzero(bits))
+    # named, or in the group "south" (every seventh)
+    assert members(b) == members(a) == sorted({"n3"} | {f"n{i}" for i in range(0, 100, 7)})
+    assert np.array_equal(b.group_bits, a.group_bits)
+    assert int(b.cur[b.id_to_row["n3"]]["ts"]) == 6

@@ -191,10 +191,14 @@ class CoreBase:
 
     _row_lists = None   # the _ROW_LISTS objects themselves (made once; never rebound)
 
-    def _new_vehicle(self, vid: str) -> int:
+    def _lists(self) -> tuple:
         lists = self._row_lists
         if lists is None:
             lists = self._row_lists = tuple(getattr(self, name) for name in self._ROW_LISTS)
+        return lists
+
+    def _new_vehicle(self, vid: str) -> int:
+        lists = self._lists()
         if self.row_free:
             row = self.row_free.pop()
             for lst, value in zip(lists, self._row_values(vid)):
@@ -212,6 +216,36 @@ class CoreBase:
             self._set_bit(self.sel_bits, sid, row)
         return row
 
+    def _new_vehicles(self, vids: list) -> list:
+        """_new_vehicle for many (ids not in the core, each once): the rows
+        appended at the end are blanked in one go. The Kafka decoder makes a
+        poll's new vehicles here: at start, that is the whole fleet."""
+        rows = []
+        k = 0
+        while self.row_free and k < len(vids):   # reused rows first, as one by one would
+            rows.append(self._new_vehicle(vids[k]))
+            k += 1
+        rest = vids[k:]
+        if not rest:
+            return rows
+        while self.n + len(rest) > self.vcap:
+            self._grow_vehicles()
+        lists = self._lists()
+        start, end = self.n, self.n + len(rest)
+        self.n = end
+        values = [self._row_values(vid) for vid in rest]
+        for j, lst in enumerate(lists):
+            lst.extend([v[j] for v in values])
+        new = range(start, end)
+        self.id_to_row.update(zip(rest, new))
+        self._blank(slice(start, end))
+        sel_by_vid = self.sel_by_vid
+        for vid, row in zip(rest, new):
+            for sid in sel_by_vid.get(vid, ()):
+                self._set_bit(self.sel_bits, sid, row)
+        rows.extend(new)
+        return rows
+
     _BLANK = np.zeros((), S.VEHICLE_DTYPE)
     _BLANK["ts"] = np.iinfo(np.int64).min
     _BLANK["status"] = S.ST_UNKNOWN
@@ -224,13 +258,15 @@ class CoreBase:
         self.sent_at[row] = 0.0
         self.silenced[row] = NOT_SILENCED
 
+    # Python ints, not numpy scalars: a third of the time (a uint64 array
+    # takes an int up to 2**64 - 1 as it is)
     @staticmethod
     def _set_bit(bits, r, col):
-        bits[r, col >> 6] |= np.uint64(1) << np.uint64(col & 63)
+        bits[r, col >> 6] |= 1 << (col & 63)
 
     @staticmethod
     def _clear_bit(bits, r, col):
-        bits[r, col >> 6] &= ~(np.uint64(1) << np.uint64(col & 63))
+        bits[r, col >> 6] &= ~(1 << (col & 63)) & 0xFFFFFFFFFFFFFFFF
 
     def row_of(self, vid: str) -> int:
         return self.id_to_row.get(vid, -1)
@@ -354,16 +390,23 @@ class CoreBase:
         old = set(self.groups_of[row])
         new = set(groups)
         touched = set()
+        sel_by_group = self.sel_by_group
         for g in new - old:
             gid = self._group(g)   # first: it may grow (replace) group_bits
             self._set_bit(self.group_bits, gid, row)
             self.group_size[gid] += 1
-            touched |= self.sel_by_group.get(g, set())
+            sel = sel_by_group.get(g)
+            if sel:
+                touched |= sel
         for g in old - new:
             self._clear_bit(self.group_bits, self.group_id[g], row)
-            touched |= self.sel_by_group.get(g, set())
+            sel = sel_by_group.get(g)
+            if sel:
+                touched |= sel
             self._left_group(g)
-        self.groups_of[row] = tuple(dict.fromkeys(groups))   # each name once: it is counted once
+        # each name once: it is counted once (a tuple of distinct names is kept as it is)
+        self.groups_of[row] = (groups if type(groups) is tuple and len(new) == len(groups)
+                               else tuple(dict.fromkeys(groups)))
         for sid in touched:
             self._recompute_selection(sid)
 

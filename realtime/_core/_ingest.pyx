@@ -66,6 +66,7 @@ cdef enum:
     R_ASSIGN = 3
 
 DEF MAX_DEPTH = 32
+DEF NEW_ROW = -10   # placeholders of a poll's new vehicles: NEW_ROW - k
 DEF KEEP = 255
 DEF ST_UNKNOWN = 4
 
@@ -596,7 +597,13 @@ cdef class RecordDecoder:
     cdef vector[unsigned int] touched
     cdef unsigned int poll
     cdef public object stats    # counters: scanned, slow
-    cdef object new_vid
+    # a poll's new vehicles, made together once the poll is read (at start
+    # that is the whole fleet): until then their records carry the row
+    # NEW_ROW - k, k an index into these; made are those with a valid record
+    cdef dict pending           # id -> k
+    cdef list pending_ids
+    cdef list pending_used
+    cdef vector[string] pending_keys
 
     def __init__(self, core, slow, rejected_type, is_msgpack, rich_decoders, finish_object):
         self.core = core
@@ -608,19 +615,33 @@ cdef class RecordDecoder:
         self.memo_raw = [[], [], [], []]
         self.memo_obj = [[], [], [], []]
         self.stats = {"scanned": 0, "slow": 0}
+        self.pending = {}
+        self.pending_ids = []
+        self.pending_used = []
 
-    cdef int row_of_str(self, str vid) except -2:
-        """A validated id's row; a new vehicle gets one (as apply does)."""
-        core = self.core
-        row = core.id_to_row.get(vid)
-        if row is None:
-            row = core._new_vehicle(vid)
-        return row
+    cdef int row_of_str(self, str vid, bint scanned_key) except -3:
+        """A valid id's row, or the placeholder of a vehicle new in this poll."""
+        cdef int k
+        cdef Py_ssize_t n
+        cdef const char* s
+        row = self.core.id_to_row.get(vid)
+        if row is not None:
+            return row
+        k = self.pending.get(vid, -1)
+        if k < 0:
+            k = len(self.pending_ids)
+            self.pending[vid] = k
+            self.pending_ids.append(vid)
+            self.pending_used.append(0)
+            s = PyUnicode_AsUTF8AndSize(vid, &n)
+            self.pending_keys.push_back(string(s, n))
+            self.rows[self.pending_keys.back()] = NEW_ROW - k
+        return NEW_ROW - k
 
     cdef int row_of(self, const char* s, Py_ssize_t n) except -3:
-        """The row of a scanned id; -2 for a vehicle not seen before (its
-        id is then in `new_vid`), -1 for what is not a valid id (1..128
-        characters of UTF-8): decode_record then says why."""
+        """The row of a scanned id (a placeholder, <= NEW_ROW, for a vehicle
+        new in this poll); -1 for what is not a valid id (1..128 characters
+        of UTF-8): decode_record then says why."""
         cdef string key = string(s, n)
         cdef Py_ssize_t sn
         cdef const char* stored
@@ -628,6 +649,8 @@ cdef class RecordDecoder:
         it = self.rows.find(key)
         if it != self.rows.end():
             row = deref(it).second
+            if row <= NEW_ROW:
+                return row
             if row < len(ids):
                 stored = PyUnicode_AsUTF8AndSize(ids[row], &sn)
                 if sn == n and memcmp(stored, s, n) == 0:
@@ -640,12 +663,30 @@ cdef class RecordDecoder:
             return -1
         row = self.core.id_to_row.get(vid)
         if row is None:
-            # its row is made once the whole record is known to be valid: a
-            # record refused later in the scan must not leave an empty vehicle
-            self.new_vid = vid
-            return -2
+            return self.row_of_str(vid, True)
         self.remember(key, row)
         return row
+
+    cdef make_pending(self, cnp.ndarray[cnp.int32_t] rows, cnp.ndarray[cnp.uint8_t] keep):
+        """The poll's new vehicles that have a valid record get their rows,
+        in the order they first appeared; the placeholders become those."""
+        cdef Py_ssize_t i, k, n = len(self.pending_ids)
+        cdef cnp.ndarray[cnp.int32_t] made = np.full(n, -1, np.int32)
+        used = [k for k in range(n) if self.pending_used[k]]
+        for k, row in zip(used, self.core._new_vehicles([self.pending_ids[k] for k in used])):
+            made[k] = row
+        for k in range(n):
+            if made[k] >= 0:
+                self.rows[self.pending_keys[k]] = made[k]
+            else:
+                self.rows.erase(self.pending_keys[k])
+        for i in range(len(rows)):
+            if rows[i] <= NEW_ROW and keep[i]:
+                rows[i] = made[NEW_ROW - rows[i]]
+        self.pending.clear()
+        self.pending_ids = []
+        self.pending_used = []
+        self.pending_keys.clear()
 
     cdef void remember(self, string key, int row):
         if self.rows.size() > 2 * len(self.core.ids) + 4096:   # ids of vehicles long gone
@@ -754,9 +795,9 @@ cdef class RecordDecoder:
             if fast:
                 row = self.row_of(r.vid, r.vid_len)
                 fast = row != -1
-            if fast and row == -2:
-                # a new vehicle: its rich fields parsed without the memo and
-                # compared with nothing (apply compares them with the blank row)
+            if fast and row <= NEW_ROW:
+                # a vehicle new in this poll: its rich fields parsed without
+                # the memo and never "as stored" (apply compares them in order)
                 for f in range(4):
                     if r.rich[f] != NULL:
                         obj = self.parse_rich(f, r.rich[f], r.rich_len[f])
@@ -766,10 +807,7 @@ cdef class RecordDecoder:
                         cols[f][i] = obj
                         has_rich[i] = 1
                 if fast:
-                    row = self.row_of_str(self.new_vid)
-                    self.remember(string(r.vid, r.vid_len), row)
-                    self._grow(row)
-                    self.touched[row] = self.poll
+                    self.pending_used[NEW_ROW - row] += 1
             elif fast:
                 self._grow(row)
                 for f in range(4):
@@ -804,8 +842,11 @@ cdef class RecordDecoder:
                 keep[i] = 0
                 rows[i] = 0
                 continue
-            row = self.row_of_str(u.vehicle_id)
-            self.forget_row(row)
+            row = self.row_of_str(u.vehicle_id, False)
+            if row <= NEW_ROW:
+                self.pending_used[NEW_ROW - row] += 1
+            else:
+                self.forget_row(row)
             rows[i] = row
             lat[i] = u.position.lat
             lon[i] = u.position.lon
@@ -820,6 +861,8 @@ cdef class RecordDecoder:
                     has_rich[i] = 1
         self.stats["scanned"] += scanned
         self.stats["slow"] += n - scanned
+        if self.pending_ids:
+            self.make_pending(rows, keep)
         if rejected:
             if len(rejected) == n:
                 return None, rejected
