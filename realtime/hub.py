@@ -84,7 +84,9 @@ class Hub:
         self.settings = settings
         self.core = core or Core(vehicle_capacity=4096, client_capacity=256)
         self.sessions: dict[int, Session] = {}
-        self.outlets: dict = {}   # core row -> the session's transport (an Outlet), for fan_out
+        # core row -> the session's transport (an Outlet) or None, for fan_out:
+        # a list, indexed without hashing per write
+        self.outlets: list = []
         self.instance_id = settings.instance_id or f"{os.getpid():x}"
         self.stats = Stats()
         self._bg_logged: dict[str, tuple[float, int]] = {}   # kind -> (last logged, suppressed since)
@@ -377,13 +379,15 @@ class Hub:
         c = s.claims
         s.row = self.core.add_client(s.fmt, c.view_all, c.vehicles, c.groups, c.contacts)
         self.sessions[s.row] = s
+        if s.row >= len(self.outlets):
+            self.outlets.extend([None] * (s.row + 1 - len(self.outlets)))
         self.outlets[s.row] = s.transport
 
     def detach(self, s: Session) -> None:
         self.conflating.discard(s)
         if s.row >= 0 and self.sessions.get(s.row) is s:
             del self.sessions[s.row]
-            del self.outlets[s.row]
+            self.outlets[s.row] = None
             self.core.remove_client(s.row)
             s.row = -1
         self.unadmit(s)

@@ -155,11 +155,14 @@ async def test_a_client_that_stops_reading_is_conflated_keeps_its_events_then_ca
         assert metric(s, "slow_client_closed_total") == 0
         # it reads again: the backlog, then one catch-up with every vehicle's
         # latest state, then the held event, then live batches
-        kinds, events = set(), []
+        # frames partly sent when its socket filled were finished by the
+        # transport: each one whole (it parses) and in order (seq by one)
+        kinds, events, seqs = set(), [], []
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline and not events:
             _, m = await slow.message(timeout=10)
             if m.get("type") == "batch":
+                seqs.append(m["seq"])
                 kinds |= {x["t"] for x in m["messages"]}
                 events += [x for x in m["messages"] if x["t"] == "event" and x["v"] == marker]
                 full = [x for x in m["messages"] if x["t"] == "full" and x["v"] == marker]
@@ -167,6 +170,7 @@ async def test_a_client_that_stops_reading_is_conflated_keeps_its_events_then_ca
                     assert full[0]["st"] in ("idle", "moving")
         assert events and events[0]["e"] == "alert" and events[0]["d"] == {"alert": "panic"}
         assert "full" in kinds
+        assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), seqs
         # caught up: it leaves the conflating state once it has read what was
         # queued (10,000 moving vehicles keep coming meanwhile: read on)
         deadline = time.monotonic() + 20

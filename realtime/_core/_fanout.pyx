@@ -14,8 +14,31 @@ are handed to that Python method, since their frame is built differently.
 """
 cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.list cimport PyList_GET_ITEM
 from libc.stdint cimport int64_t, uint64_t
-from libc.string cimport memcpy
+from libc.string cimport memcpy, memset
+from libc.stdlib cimport realloc
+cdef extern from "<sys/types.h>" nogil:
+    ctypedef long ssize_t
+
+cdef extern from "<sys/uio.h>" nogil:
+    struct iovec:
+        void* iov_base
+        size_t iov_len
+
+cdef extern from "<sys/socket.h>" nogil:
+    struct msghdr:
+        void* msg_name
+        unsigned int msg_namelen
+        iovec* msg_iov
+        size_t msg_iovlen
+        void* msg_control
+        size_t msg_controllen
+        int msg_flags
+    ssize_t sendmsg(int fd, const msghdr* msg, int flags)
+    enum:
+        MSG_DONTWAIT
+        MSG_NOSIGNAL
 
 DEF CLOSE_TRY_AGAIN = 1013
 
@@ -89,11 +112,18 @@ cdef inline Py_ssize_t put_frame_head(char* out, int first, Py_ssize_t n) noexce
     return 10
 
 
-cdef bytes frame(int fmt, bytes batch_id, uint64_t seq, bytes body):
-    """The whole WebSocket frame of one client's batch: the same bytes as
-    frame_header() + CoreBase.envelope() + body, without req_id."""
-    cdef Py_ssize_t blen = PyBytes_GET_SIZE(body), idlen = PyBytes_GET_SIZE(batch_id)
-    cdef char env[128]
+cdef struct Head:
+    char env[128]       # the envelope before the body
+    Py_ssize_t e
+    char head[10]       # the WebSocket frame header
+    Py_ssize_t h
+    Py_ssize_t total    # the whole frame
+
+
+cdef int frame_head(int fmt, bytes batch_id, uint64_t seq, Py_ssize_t blen, Head* fh) except -1:
+    """The frame's header and envelope around a body of `blen` bytes."""
+    cdef Py_ssize_t idlen = PyBytes_GET_SIZE(batch_id)
+    cdef char* env = fh.env
     cdef Py_ssize_t e = 0
     if idlen > 64:
         raise ValueError("batch_id too long")
@@ -117,16 +147,83 @@ cdef bytes frame(int fmt, bytes batch_id, uint64_t seq, bytes body):
         e = put_uint_mp(env, e, seq)
         e = put(env, e, M_MSGS)
     cdef Py_ssize_t payload = e + blen + (1 if fmt == 0 else 0)
-    cdef char head[10]
-    cdef Py_ssize_t h = put_frame_head(head, 0x80 | (0x1 if fmt == 0 else 0x2), payload)
-    cdef bytes out = PyBytes_FromStringAndSize(NULL, h + payload)
-    cdef char* p = PyBytes_AS_STRING(out)
-    memcpy(p, head, h)
-    memcpy(p + h, env, e)
-    memcpy(p + h + e, PyBytes_AS_STRING(body), blen)
+    fh.e = e
+    fh.h = put_frame_head(fh.head, 0x80 | (0x1 if fmt == 0 else 0x2), payload)
+    fh.total = fh.h + payload
+    return 0
+
+
+cdef inline void frame_into(char* p, Head* fh, int fmt, bytes body) noexcept:
+    cdef Py_ssize_t blen = PyBytes_GET_SIZE(body)
+    memcpy(p, fh.head, fh.h)
+    memcpy(p + fh.h, fh.env, fh.e)
+    memcpy(p + fh.h + fh.e, PyBytes_AS_STRING(body), blen)
     if fmt == 0:
-        p[h + e + blen] = b'}'
+        p[fh.h + fh.e + blen] = b'}'
+
+
+cdef bytes frame(int fmt, bytes batch_id, uint64_t seq, bytes body):
+    """The whole WebSocket frame of one client's batch: the same bytes as
+    frame_header() + CoreBase.envelope() + body, without req_id."""
+    cdef Head fh
+    frame_head(fmt, batch_id, seq, PyBytes_GET_SIZE(body), &fh)
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, fh.total)
+    frame_into(PyBytes_AS_STRING(out), &fh, fmt, body)
     return out
+
+
+# One frame buffer for the rest of a direct write the kernel did not take
+# (below): the process is one thread, and it is copied out before the next.
+cdef char* FRAME_BUF = NULL
+cdef Py_ssize_t FRAME_CAP = 0
+
+
+cdef char* frame_buf(Py_ssize_t n) except NULL:
+    global FRAME_BUF, FRAME_CAP
+    cdef char* p
+    if n > FRAME_CAP:
+        p = <char*>realloc(FRAME_BUF, n)
+        if p == NULL:
+            raise MemoryError()
+        FRAME_BUF, FRAME_CAP = p, n
+    return FRAME_BUF
+
+
+cdef char CLOSE_BRACE = b'}'
+
+
+cdef Py_ssize_t write_direct(int fd, t, Head* fh, int fmt, bytes body) except -1:
+    """The frame into the socket with one sendmsg() of its pieces (header,
+    envelope, the shared body, the closing brace): no bytes object made and
+    the body not copied in user space. Only when nothing is queued before
+    it (uvloop's buffer and libuv's queue empty, so the order holds). What
+    the kernel did not take -- a full socket buffer, or an error uvloop must
+    see and report -- goes to transport.write() as one copy, as a frame
+    always did."""
+    cdef iovec iov[4]
+    cdef msghdr msg
+    cdef ssize_t sent
+    cdef char* p
+    iov[0].iov_base = <void*>fh.head
+    iov[0].iov_len = fh.h
+    iov[1].iov_base = <void*>fh.env
+    iov[1].iov_len = fh.e
+    iov[2].iov_base = <void*>PyBytes_AS_STRING(body)
+    iov[2].iov_len = PyBytes_GET_SIZE(body)
+    iov[3].iov_base = <void*>&CLOSE_BRACE
+    iov[3].iov_len = 1
+    memset(&msg, 0, sizeof(msg))
+    msg.msg_iov = iov
+    msg.msg_iovlen = 4 if fmt == 0 else 3
+    sent = sendmsg(fd, &msg, MSG_DONTWAIT | MSG_NOSIGNAL)
+    if sent == fh.total:
+        return sent
+    if sent < 0:
+        sent = 0
+    p = frame_buf(fh.total)
+    frame_into(p, fh, fmt, body)
+    t.write(PyBytes_FromStringAndSize(p + sent, fh.total - sent))
+    return fh.total
 
 
 def ws_frame(int fmt, bytes batch_id, uint64_t seq, bytes body):
@@ -149,12 +246,18 @@ cdef class Outlet:
     cdef public bint closed        # closed, or closing: write nothing more
     cdef public bint conflating    # the hub holds its position batches
     cdef public bint deflate       # permessage-deflate: frames built in Python
+    # the socket of a plain (not TLS) uvloop TCP transport, written directly
+    # when nothing is queued (write_direct); -1: always through the transport
+    cdef public int fd
+
+    def __cinit__(self):
+        self.fd = -1
 
 
 @cython.boundscheck(False)
-def fan_out(list out, dict outlets, bytes batch_id, envelope):
+def fan_out(list out, list outlets, bytes batch_id, envelope):
     """Write each body of `out` ([(body, client rows)], from Core.tick) to its
-    clients' outlets (row -> Outlet). Returns (frames written, frames skipped
+    clients' outlets (a list: row -> Outlet or None). Returns (frames written, frames skipped
     for conflating clients, rows whose write buffer passed the high-water mark,
     [(row, exception)] for writes that raised).
 
@@ -164,12 +267,17 @@ def fan_out(list out, dict outlets, bytes batch_id, envelope):
     cdef Py_ssize_t frames = 0, skipped = 0, size
     cdef list congested = []
     cdef list failed = []
-    cdef bytes body, data
+    cdef bytes body
     cdef Outlet o
+    cdef Head fh
+    cdef Py_ssize_t i, n_outlets = len(outlets)
     for item in out:
         body = <bytes>item[0]
         for row in <list>item[1]:
-            w = outlets.get(row)
+            i = <Py_ssize_t>row
+            if i < 0 or i >= n_outlets:
+                continue
+            w = <object>PyList_GET_ITEM(outlets, i)
             if w is None:
                 continue
             o = <Outlet>w
@@ -193,10 +301,15 @@ def fan_out(list out, dict outlets, bytes batch_id, envelope):
                     w.close(CLOSE_TRY_AGAIN, "slow client: write buffer over limit")
                     continue
                 o.seq += 1
-                data = frame(o.fmt, batch_id, o.seq, body)
-                t.write(data)
+                frame_head(o.fmt, batch_id, o.seq, PyBytes_GET_SIZE(body), &fh)
+                if o.fd >= 0 and size == 0:
+                    write_direct(o.fd, t, &fh, o.fmt, body)
+                else:
+                    data = PyBytes_FromStringAndSize(NULL, fh.total)
+                    frame_into(PyBytes_AS_STRING(data), &fh, o.fmt, body)
+                    t.write(data)
                 o.messages += 1
-                o.nbytes += PyBytes_GET_SIZE(data)
+                o.nbytes += fh.total
                 frames += 1
                 o.congested = size > o.hwm
                 if o.congested:

@@ -19,6 +19,20 @@ from typing import Protocol
 from .._core._fanout import Outlet
 
 
+def direct_fd(transport) -> int:
+    """The socket the tick's fan-out may write to itself (_fanout's
+    write_direct): a plain uvloop TCP transport's. -1 for TLS, asyncio's own
+    transports or anything else, whose bytes must go through the transport."""
+    try:
+        from uvloop.loop import TCPTransport
+    except ImportError:
+        return -1
+    if type(transport) is not TCPTransport:
+        return -1
+    sock = transport.get_extra_info("socket")
+    return sock.fileno() if sock is not None else -1
+
+
 class StreamOutlet(Outlet):
     """What every transport that writes to a socket of its own shares: the
     write buffer is the measure of a slow client."""

@@ -23,7 +23,7 @@ from .._core._schema import FMT_JSON, FMT_MSGPACK
 from ..address import of_request as client_address
 from ..auth import AuthError
 from ..session import Session
-from .base import StreamOutlet
+from .base import StreamOutlet, direct_fd
 
 log = logging.getLogger("realtime.ws")
 
@@ -73,6 +73,7 @@ class RawWriter(StreamOutlet):
                  deflate_from: int | None = None, hwm: int = 256 * 1024):
         self.ws = ws
         self.transport = transport
+        self.fd = direct_fd(transport)
         self.fmt = fmt
         self.opcode = 0x80 | (0x2 if fmt == FMT_MSGPACK else 0x1)
         self.limit = limit      # hard limit: close 1013
