@@ -256,3 +256,68 @@ def test_new_vehicles_made_together_join_the_selections_that_name_them():
     assert members(b) == members(a) == sorted({"n3"} | {f"n{i}" for i in range(0, 100, 7)})
     assert np.array_equal(b.group_bits, a.group_bits)
     assert int(b.cur[b.id_to_row["n3"]]["ts"]) == 6
+
+
+DEEP = b'{"vehicle_id":"v","timestamp":1,"position":{"lat":1,"lon":2},"extra":' + b"[" * 5000 + b"]" * 5000 + b"}"
+
+
+def test_a_record_nested_too_deep_is_rejected_not_raised():
+    """Deeper than msgspec goes (RecursionError): rejected like any record
+    that is not an update, and the poll's other records go in."""
+    with pytest.raises(Rejected) as e:
+        decode_record(DEEP)
+    assert e.value.reason == "invalid_json"
+    dec = same([[Rec(b'{"vehicle_id":"d1","timestamp":1,"position":{"lat":1,"lon":2}}', (), 0),
+                 Rec(DEEP, (), 1),
+                 Rec(msgpack.packb({"vehicle_id": "v", "x": [[[[]]]] * 2}), MSGPACK, 2)]])
+    assert dec.stats["scanned"] == 1
+
+
+def test_a_poll_that_raises_leaves_no_placeholder_behind():
+    """Should decoding fail part-way (a defect), the poll's new vehicles are
+    forgotten: a later poll makes each once, however it came in meanwhile."""
+    core = Core(vehicle_capacity=64, client_capacity=8)
+
+    def slow(value, mp):
+        if b"boom" in value:
+            raise RuntimeError("a defect")
+        return decode_record(value, mp)
+    from realtime.ingest.decode import RICH_DECODERS, finish_object
+    from realtime._core._ingest import RecordDecoder
+    dec = RecordDecoder(core, slow, Rejected, is_msgpack, RICH_DECODERS, finish_object)
+    rec = Rec(b'{"vehicle_id":"p1","timestamp":1,"position":{"lat":1,"lon":2}}', (), 0)
+    with pytest.raises(RuntimeError):
+        dec.decode([rec, Rec(b'{"vehicle_id":"boom"}', (), 1)])
+    assert "p1" not in core.id_to_row
+    # p1 arrives by another way, then in the next poll
+    core.apply(to_batch([validate({"vehicle_id": "p1", "timestamp": 2, "position": {"lat": 3, "lon": 4}})],
+                        core.vtype_code))
+    batch, rejected = dec.decode([Rec(b'{"vehicle_id":"p1","timestamp":3,"position":{"lat":5,"lon":6}}', (), 2)])
+    core.apply(batch)
+    assert core.ids.count("p1") == 1 and core.n == 1
+    assert float(core.cur[core.id_to_row["p1"]]["lat"]) == 5.0
+
+
+def test_the_consumer_goes_record_by_record_when_a_poll_cannot_be_decoded():
+    """KafkaIngest._decode: a defect on one record costs that record (rejected
+    as unreadable, so it is counted and dead-lettered), not the poll."""
+    from realtime.ingest.decode import RICH_DECODERS, finish_object
+    from realtime.ingest.kafka import KafkaIngest
+    from realtime._core._ingest import RecordDecoder
+    core = Core(vehicle_capacity=64, client_capacity=8)
+
+    def slow(value, mp):
+        if b"boom" in value:
+            raise RuntimeError("a defect")
+        return decode_record(value, mp)
+    ingest = KafkaIngest.__new__(KafkaIngest)
+    ingest.decoder = RecordDecoder(core, slow, Rejected, is_msgpack, RICH_DECODERS, finish_object)
+    recs = [Rec(b'{"vehicle_id":"k1","timestamp":1,"position":{"lat":1,"lon":2}}', (), 0),
+            Rec(b'{"vehicle_id":"boom"}', (), 1), Rec(b"{", (), 2),
+            Rec(b'{"vehicle_id":"k2","timestamp":1,"position":{"lat":1,"lon":2}}', (), 3)]
+    batches, rejected = ingest._decode(recs)
+    for b in batches:
+        core.apply(b)
+    assert sorted(core.id_to_row) == ["k1", "k2"]
+    assert [(r.offset, e.reason) for r, e in rejected] == [(1, "invalid_json"), (2, "invalid_json")]
+    assert "unreadable" in rejected[0][1].detail

@@ -17,7 +17,7 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes
 from cpython.list cimport PyList_GET_ITEM
 from libc.stdint cimport int64_t, uint64_t
 from libc.string cimport memcpy, memset
-from libc.stdlib cimport realloc
+from libc.stdlib cimport free, realloc
 cdef extern from "<sys/types.h>" nogil:
     ctypedef long ssize_t
 
@@ -178,6 +178,15 @@ cdef char* FRAME_BUF = NULL
 cdef Py_ssize_t FRAME_CAP = 0
 
 
+cdef void release_frame_buf() noexcept:
+    """A big frame's buffer (a snapshot of thousands of vehicles) is not
+    kept for the rest of the process's life."""
+    global FRAME_BUF, FRAME_CAP
+    if FRAME_CAP > (1 << 20):
+        free(FRAME_BUF)
+        FRAME_BUF, FRAME_CAP = NULL, 0
+
+
 cdef char* frame_buf(Py_ssize_t n) except NULL:
     global FRAME_BUF, FRAME_CAP
     cdef char* p
@@ -223,6 +232,7 @@ cdef Py_ssize_t write_direct(int fd, t, Head* fh, int fmt, bytes body) except -1
     p = frame_buf(fh.total)
     frame_into(p, fh, fmt, body)
     t.write(PyBytes_FromStringAndSize(p + sent, fh.total - sent))
+    release_frame_buf()
     return fh.total
 
 

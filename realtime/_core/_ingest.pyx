@@ -650,8 +650,9 @@ cdef class RecordDecoder:
         if it != self.rows.end():
             row = deref(it).second
             if row <= NEW_ROW:
-                return row
-            if row < len(ids):
+                if NEW_ROW - row < <int>self.pending_keys.size() and self.pending_keys[NEW_ROW - row] == key:
+                    return row   # a vehicle new in this poll, seen again
+            elif row < len(ids):
                 stored = PyUnicode_AsUTF8AndSize(ids[row], &sn)
                 if sn == n and memcmp(stored, s, n) == 0:
                     return row
@@ -672,7 +673,15 @@ cdef class RecordDecoder:
         in the order they first appeared; the placeholders become those."""
         cdef Py_ssize_t i, k, n = len(self.pending_ids)
         cdef cnp.ndarray[cnp.int32_t] made = np.full(n, -1, np.int32)
-        used = [k for k in range(n) if self.pending_used[k]]
+        id_to_row = self.core.id_to_row
+        used = []
+        for k in range(n):
+            if self.pending_used[k]:
+                row = id_to_row.get(self.pending_ids[k])
+                if row is None:
+                    used.append(k)
+                else:   # made meanwhile by another way in: never twice
+                    made[k] = row
         for k, row in zip(used, self.core._new_vehicles([self.pending_ids[k] for k in used])):
             made[k] = row
         for k in range(n):
@@ -757,7 +766,25 @@ cdef class RecordDecoder:
     def decode(self, list records):
         """-> (UpdateBatch or None, [(record, Rejected)]). The batch's rows
         are looked up (its ids are not made); `rich` marks the updates whose
-        rich columns hold anything."""
+        rich columns hold anything. Should anything raise part-way, the
+        poll's new vehicles are forgotten, not left as placeholders."""
+        try:
+            return self._decode(records)
+        except BaseException:
+            self.drop_pending()
+            raise
+
+    cdef void drop_pending(self):
+        for k in range(<Py_ssize_t>self.pending_keys.size()):
+            it = self.rows.find(self.pending_keys[k])
+            if it != self.rows.end() and deref(it).second <= NEW_ROW:
+                self.rows.erase(it)
+        self.pending.clear()
+        self.pending_ids = []
+        self.pending_used = []
+        self.pending_keys.clear()
+
+    cdef _decode(self, list records):
         from .._core._schema import UpdateBatch
         cdef Py_ssize_t n = len(records), i, j, sn
         cdef Rec r

@@ -241,6 +241,9 @@ def decode_record(value: bytes, msgpack_value: bool = False) -> UpdateIn:
     except (msgspec.DecodeError, UnicodeDecodeError):
         raise Rejected("invalid_msgpack" if msgpack_value else "invalid_json",
                        "value is not " + ("msgpack" if msgpack_value else "JSON")) from None
+    except RecursionError:   # nested deeper than the decoder goes: no update is
+        raise Rejected("invalid_msgpack" if msgpack_value else "invalid_json",
+                       "value is nested too deep") from None
 
 
 # The rich fields on their own, with UpdateIn's constraints, for the compiled

@@ -245,14 +245,38 @@ class KafkaIngest:
             if polled:
                 # decoded and applied with no await between: the rows the
                 # decoder looked up cannot be given to another vehicle meanwhile
-                batch, rejected = self.decoder.decode(polled)
-                if batch is not None:
+                batches, rejected = self._decode(polled)
+                for batch in batches:
                     self.sink(batch)
                 for r, e in rejected:
                     await self._reject(r, e)
             if batches:
                 self.last_record_at = time.time()
             await self._update_lag()
+
+    def _decode(self, polled: list) -> tuple[list, list]:
+        """A poll -> ([UpdateBatch], [(record, Rejected)]). Should the
+        decoder fail on the poll (a defect, not bad input: that is rejected),
+        the records go one at a time, so that one record cannot cost the poll's
+        others: what still fails is rejected and dead-lettered as unreadable."""
+        try:
+            batch, rejected = self.decoder.decode(polled)
+            return ([batch] if batch is not None else []), rejected
+        except Exception as e:
+            log.error("kafka poll not decodable at once; one record at a time",
+                      extra={"fields": {"error": repr(e)[:200], "records": len(polled)}})
+        batches, rejected = [], []
+        for r in polled:
+            try:
+                batch, bad = self.decoder.decode([r])
+            except Exception as e:
+                mp = bool(r.headers) and is_msgpack(r.headers)
+                batch, bad = None, [(r, Rejected("invalid_msgpack" if mp else "invalid_json",
+                                                 f"unreadable: {e!r}"[:200]))]
+            if batch is not None:
+                batches.append(batch)
+            rejected += bad
+        return batches, rejected
 
     async def _reject(self, record, e: Rejected) -> None:
         self.stats.reject(e.reason)
