@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 
 import msgpack
+import msgspec
 import numpy as np
 
 # --- vehicle record -------------------------------------------------------
@@ -99,8 +100,12 @@ def enc_name(name: str) -> tuple[bytes, bytes]:
     ASCII, nothing to escape: its JSON is itself in quotes). A new vehicle
     pays this once; 20k at start were 1.7 us each."""
     if name.isascii() and name.isprintable() and '"' not in name and "\\" not in name:
-        return b'"' + name.encode() + b'"', msgpack.packb(name)
+        # msgspec writes a str as msgpack.packb does (fixstr, str8, str16, str32)
+        return b'"' + name.encode() + b'"', _mp_str(name)
     return enc_both(name)
+
+
+_mp_str = msgspec.msgpack.Encoder().encode
 
 
 def redact_driver(driver):
