@@ -59,7 +59,9 @@ def state(core):
         out[vid] = (tuple(np.float64(cur[k]).tobytes() for k in ("lat", "lon", "speed", "course")),
                     int(cur["ts"]), int(cur["status"]), core.types[cur["vtype"]] if cur["ts"] > -2**62 else None,
                     int(cur["version"]), core.alerts[row], core.driver[row], core.assignment[row],
-                    core.groups_of[row], int(cur["al_ver"]), int(cur["dr_ver"]), int(cur["as_ver"]))
+                    core.groups_of[row], int(cur["al_ver"]), int(cur["dr_ver"]), int(cur["as_ver"]),
+                    # the encodings: a vehicle made in bulk (_new_vehicles) as one made alone
+                    core.enc_id[row], core.enc_al[row], core.enc_dr[row], core.enc_drr[row], core.enc_as[row])
     return out
 
 

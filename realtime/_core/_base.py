@@ -233,9 +233,16 @@ class CoreBase:
         lists = self._lists()
         start, end = self.n, self.n + len(rest)
         self.n = end
-        values = [self._row_values(vid) for vid in rest]
-        for j, lst in enumerate(lists):
-            lst.extend([v[j] for v in values])
+        # a fresh row's entries are the same for every vehicle but its id and
+        # the id's encodings: lists of those, not a tuple per vehicle
+        fresh = self._row_values("")
+        for name, lst, value in zip(self._ROW_LISTS, lists, fresh):
+            if name == "ids":
+                lst.extend(rest)
+            elif name == "enc_id":
+                lst.extend(map(S.enc_name, rest))
+            else:
+                lst.extend([value] * len(rest))
         new = range(start, end)
         self.id_to_row.update(zip(rest, new))
         self._blank(slice(start, end))
