@@ -81,7 +81,7 @@ def test_the_wheel_has_every_package_the_assets_and_the_compiled_core(built):
     for f in vendor.rglob("*"):   # the vendored browser libraries, with their licenses
         if f.is_file():
             assert str(f.relative_to(ROOT)) in names, f"{f} is not in the wheel"
-    for ext in ("_core", "_fanout"):
+    for ext in ("_core", "_fanout", "_ingest"):
         assert any(n.startswith(f"realtime/_core/{ext}.") and n.endswith(".so") for n in names), ext
     meta = next(n for n in names if n.endswith(".dist-info/METADATA"))
     text = zipfile.ZipFile(wheel).read(meta).decode()
@@ -90,7 +90,8 @@ def test_the_wheel_has_every_package_the_assets_and_the_compiled_core(built):
     assert any(line.startswith("Requires-Dist: grpcio") for line in text.splitlines())
     members = {m.split("/", 1)[1] for m in tarfile.open(sdist).getnames() if "/" in m}
     for needed in ("setup.py", "pyproject.toml", "README.md", "LICENSE",
-                   "realtime/_core/_core.pyx", "realtime/_core/_fanout.pyx", "tests/conftest.py"):
+                   "realtime/_core/_core.pyx", "realtime/_core/_fanout.pyx", "realtime/_core/_ingest.pyx",
+                   "tests/conftest.py"):
         assert needed in members, f"{needed} is not in the sdist"
 
 
