@@ -198,59 +198,42 @@ class CoreBase:
         return lists
 
     def _new_vehicle(self, vid: str) -> int:
-        lists = self._lists()
-        if self.row_free:
-            row = self.row_free.pop()
-            for lst, value in zip(lists, self._row_values(vid)):
-                lst[row] = value
-        else:
-            if self.n == self.vcap:
-                self._grow_vehicles()
-            row = self.n
-            self.n += 1
-            for lst, value in zip(lists, self._row_values(vid)):
-                lst.append(value)
-        self.id_to_row[vid] = row
-        self._blank(row)
-        for sid in self.sel_by_vid.get(vid, ()):
-            self._set_bit(self.sel_bits, sid, row)
-        return row
+        return self._new_vehicles([vid])[0]
 
     def _new_vehicles(self, vids: list) -> list:
-        """_new_vehicle for many (ids not in the core, each once): the rows
-        appended at the end are blanked in one go. The Kafka decoder makes a
-        poll's new vehicles here: at start, that is the whole fleet."""
-        rows = []
-        k = 0
-        while self.row_free and k < len(vids):   # reused rows first, as one by one would
-            rows.append(self._new_vehicle(vids[k]))
-            k += 1
-        rest = vids[k:]
-        if not rest:
-            return rows
-        while self.n + len(rest) > self.vcap:
-            self._grow_vehicles()
+        """Rows for vehicles not in the core (each id once): freed rows first,
+        then rows appended at the end, blanked in one go. The Kafka decoder
+        makes a poll's new vehicles here together: at start, the whole fleet."""
         lists = self._lists()
-        start, end = self.n, self.n + len(rest)
-        self.n = end
-        # a fresh row's entries are the same for every vehicle but its id and
-        # the id's encodings: lists of those, not a tuple per vehicle
-        fresh = self._row_values("")
-        for name, lst, value in zip(self._ROW_LISTS, lists, fresh):
-            if name == "ids":
-                lst.extend(rest)
-            elif name == "enc_id":
-                lst.extend(map(S.enc_name, rest))
-            else:
-                lst.extend([value] * len(rest))
-        new = range(start, end)
-        self.id_to_row.update(zip(rest, new))
-        self._blank(slice(start, end))
+        rows = []
+        while self.row_free and len(rows) < len(vids):
+            row = self.row_free.pop()
+            for lst, value in zip(lists, self._row_values(vids[len(rows)])):
+                lst[row] = value
+            self._blank(row)
+            rows.append(row)
+        rest = vids[len(rows):]
+        if rest:
+            while self.n + len(rest) > self.vcap:
+                self._grow_vehicles()
+            start, end = self.n, self.n + len(rest)
+            self.n = end
+            # a fresh row's entries are the same for every vehicle but its id
+            # and the id's encodings: lists of those, not a tuple per vehicle
+            for name, lst, value in zip(self._ROW_LISTS, lists, self._row_values("")):
+                if name == "ids":
+                    lst.extend(rest)
+                elif name == "enc_id":
+                    lst.extend(map(S.enc_name, rest))
+                else:
+                    lst.extend([value] * len(rest))
+            self._blank(slice(start, end))
+            rows.extend(range(start, end))
+        self.id_to_row.update(zip(vids, rows))
         sel_by_vid = self.sel_by_vid
-        for vid, row in zip(rest, new):
+        for vid, row in zip(vids, rows):
             for sid in sel_by_vid.get(vid, ()):
                 self._set_bit(self.sel_bits, sid, row)
-        rows.extend(new)
         return rows
 
     _BLANK = np.zeros((), S.VEHICLE_DTYPE)

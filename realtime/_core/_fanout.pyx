@@ -17,7 +17,6 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes
 from cpython.list cimport PyList_GET_ITEM
 from libc.stdint cimport int64_t, uint64_t
 from libc.string cimport memcpy, memset
-from libc.stdlib cimport free, realloc
 cdef extern from "<sys/types.h>" nogil:
     ctypedef long ssize_t
 
@@ -162,40 +161,19 @@ cdef inline void frame_into(char* p, Head* fh, int fmt, bytes body) noexcept:
         p[fh.h + fh.e + blen] = b'}'
 
 
+cdef bytes frame_bytes(Head* fh, int fmt, bytes body):
+    """The frame of `fh` around `body` as one bytes object."""
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, fh.total)
+    frame_into(PyBytes_AS_STRING(out), fh, fmt, body)
+    return out
+
+
 cdef bytes frame(int fmt, bytes batch_id, uint64_t seq, bytes body):
     """The whole WebSocket frame of one client's batch: the same bytes as
     frame_header() + CoreBase.envelope() + body, without req_id."""
     cdef Head fh
     frame_head(fmt, batch_id, seq, PyBytes_GET_SIZE(body), &fh)
-    cdef bytes out = PyBytes_FromStringAndSize(NULL, fh.total)
-    frame_into(PyBytes_AS_STRING(out), &fh, fmt, body)
-    return out
-
-
-# One frame buffer for the rest of a direct write the kernel did not take
-# (below): the process is one thread, and it is copied out before the next.
-cdef char* FRAME_BUF = NULL
-cdef Py_ssize_t FRAME_CAP = 0
-
-
-cdef void release_frame_buf() noexcept:
-    """A big frame's buffer (a snapshot of thousands of vehicles) is not
-    kept for the rest of the process's life."""
-    global FRAME_BUF, FRAME_CAP
-    if FRAME_CAP > (1 << 20):
-        free(FRAME_BUF)
-        FRAME_BUF, FRAME_CAP = NULL, 0
-
-
-cdef char* frame_buf(Py_ssize_t n) except NULL:
-    global FRAME_BUF, FRAME_CAP
-    cdef char* p
-    if n > FRAME_CAP:
-        p = <char*>realloc(FRAME_BUF, n)
-        if p == NULL:
-            raise MemoryError()
-        FRAME_BUF, FRAME_CAP = p, n
-    return FRAME_BUF
+    return frame_bytes(&fh, fmt, body)
 
 
 cdef char CLOSE_BRACE = b'}'
@@ -207,12 +185,11 @@ cdef Py_ssize_t write_direct(int fd, t, Head* fh, int fmt, bytes body) except -1
     the body not copied in user space. Only when nothing is queued before
     it (uvloop's buffer and libuv's queue empty, so the order holds). What
     the kernel did not take -- a full socket buffer, or an error uvloop must
-    see and report -- goes to transport.write() as one copy, as a frame
-    always did."""
+    see and report -- goes to transport.write() as bytes, as a frame always
+    did (this rare path copies; the common one does not)."""
     cdef iovec iov[4]
     cdef msghdr msg
     cdef ssize_t sent
-    cdef char* p
     iov[0].iov_base = <void*>fh.head
     iov[0].iov_len = fh.h
     iov[1].iov_base = <void*>fh.env
@@ -227,12 +204,8 @@ cdef Py_ssize_t write_direct(int fd, t, Head* fh, int fmt, bytes body) except -1
     sent = sendmsg(fd, &msg, MSG_DONTWAIT | MSG_NOSIGNAL)
     if sent == fh.total:
         return sent
-    if sent < 0:
-        sent = 0
-    p = frame_buf(fh.total)
-    frame_into(p, fh, fmt, body)
-    t.write(PyBytes_FromStringAndSize(p + sent, fh.total - sent))
-    release_frame_buf()
+    data = frame_bytes(fh, fmt, body)
+    t.write(data[sent:] if sent > 0 else data)
     return fh.total
 
 
@@ -315,9 +288,7 @@ def fan_out(list out, list outlets, bytes batch_id, envelope):
                 if o.fd >= 0 and size == 0:
                     write_direct(o.fd, t, &fh, o.fmt, body)
                 else:
-                    data = PyBytes_FromStringAndSize(NULL, fh.total)
-                    frame_into(PyBytes_AS_STRING(data), &fh, o.fmt, body)
-                    t.write(data)
+                    t.write(frame_bytes(&fh, o.fmt, body))
                 o.messages += 1
                 o.nbytes += fh.total
                 frames += 1

@@ -36,6 +36,15 @@ import math
 import numpy as np
 cimport numpy as cnp
 
+from . import _schema as S
+from ._schema import STATUS_CODE, UpdateBatch
+
+# the codes of _schema, read once (one definition of statuses and of KEEP)
+cdef int KEEP = S.KEEP
+cdef int ST_UNKNOWN = S.ST_UNKNOWN
+cdef list _STATUS_NAMES = [name.encode() for name in S.STATUSES]   # code = index
+cdef int N_STATUSES = len(_STATUS_NAMES)
+
 cnp.import_array()
 
 cdef extern from "Python.h":
@@ -67,8 +76,6 @@ cdef enum:
 
 DEF MAX_DEPTH = 32
 DEF NEW_ROW = -10   # placeholders of a poll's new vehicles: NEW_ROW - k
-DEF KEEP = 255
-DEF ST_UNKNOWN = 4
 
 
 cdef struct Rec:
@@ -462,12 +469,15 @@ cdef int key_bit(const char* k, Py_ssize_t n) noexcept nogil:
     return 0
 
 
-cdef int status_code(const char* s, Py_ssize_t n) noexcept nogil:
-    if n == 6 and memcmp(s, b"moving", 6) == 0: return 0
-    if n == 4 and memcmp(s, b"idle", 4) == 0: return 1
-    if n == 7 and memcmp(s, b"stopped", 7) == 0: return 2
-    if n == 7 and memcmp(s, b"offline", 7) == 0: return 3
-    return ST_UNKNOWN   # "unknown" and any other name (STATUS_CODE.get(.., ST_UNKNOWN))
+cdef int status_code(const char* s, Py_ssize_t n):
+    """STATUS_CODE.get(name, ST_UNKNOWN) of a scanned name."""
+    cdef int i
+    cdef bytes name
+    for i in range(N_STATUSES):
+        name = <bytes>_STATUS_NAMES[i]
+        if PyBytes_GET_SIZE(name) == n and memcmp(PyBytes_AS_STRING(name), s, n) == 0:
+            return i
+    return ST_UNKNOWN
 
 
 cdef bint scan(const char* p, const char* e, Rec* r):
@@ -722,13 +732,12 @@ cdef class RecordDecoder:
         self.memo_len += extra
         self.touched.resize(self.memo_len, 0)
 
-    cdef void forget_row(self, int row):
-        """A record of this vehicle took the other way: what it set is not
-        in the memo, so the memo must not answer for it."""
+    cdef void touch(self, int row):
+        """A record of this vehicle took the other way in this poll: what it
+        sets is applied before the poll's later records, so none of those may
+        say "as stored". (The memo itself, raw text -> object, stays true.)"""
         self._grow(row)
         self.touched[row] = self.poll
-        for f in range(4):
-            self.memo_raw[f][row] = None
 
     cdef object parse_rich(self, int f, const char* s, Py_ssize_t n):
         """A rich field's text -> its object (a tuple or a dict: never None),
@@ -785,7 +794,6 @@ cdef class RecordDecoder:
         self.pending_keys.clear()
 
     cdef _decode(self, list records):
-        from .._core._schema import UpdateBatch
         cdef Py_ssize_t n = len(records), i, j, sn
         cdef Rec r
         cdef const char* p
@@ -873,13 +881,13 @@ cdef class RecordDecoder:
             if row <= NEW_ROW:
                 self.pending_used[NEW_ROW - row] += 1
             else:
-                self.forget_row(row)
+                self.touch(row)
             rows[i] = row
             lat[i] = u.position.lat
             lon[i] = u.position.lon
             speed[i] = math.nan if u.speed is None else u.speed
             course[i] = math.nan if u.course is None else u.course
-            status[i] = KEEP if u.status is None else status_code_of(u.status)
+            status[i] = KEEP if u.status is None else STATUS_CODE.get(u.status, ST_UNKNOWN)
             vtype[i] = KEEP if u.vehicle_type is None else core.vtype_code(u.vehicle_type)
             ts[i] = u.timestamp
             for f, v in enumerate((u.groups, u.alerts, u.driver, u.assignment)):
@@ -905,7 +913,3 @@ cdef class RecordDecoder:
                                     has_rich.view(np.bool_))
         return batch, rejected
 
-
-def status_code_of(str name):
-    from .._core._schema import STATUS_CODE
-    return STATUS_CODE.get(name, ST_UNKNOWN)
