@@ -12,6 +12,8 @@ all: build
 $(VENV)/.deps: requirements.txt requirements-dev.txt pyproject.toml
 	@# on Debian/Ubuntu `venv` imports without python3-venv; ensurepip is what is missing
 	@$(PYTHON) -c "import ensurepip, venv" >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq python3-venv python3-dev build-essential)
+	@# the compiled core needs a C and a C++ compiler (_ingest uses C++'s maps)
+	@command -v gcc >/dev/null && command -v g++ >/dev/null || (apt-get update -qq && apt-get install -y -qq build-essential python3-dev)
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -r requirements-dev.txt
