@@ -115,11 +115,11 @@ def main():
     p.add_argument("--only", help="one transport (websocket, sse, poll, grpc); no ratios, no idle run")
     a = p.parse_args()
     if a.smoke:
-        e2e.SETTLE, e2e.WARMUP = 1.0, 1.0
+        e2e.SETTLE, e2e.WARMUP = 1.0, 0.5
     V = a.vehicles or (2000 if a.smoke else 20000)
     C = a.clients or (100 if a.smoke else 1000)
     P = a.pollers or (300 if a.smoke else 5000)
-    T = a.seconds or (2 if a.smoke else 10)
+    T = a.seconds or (1 if a.smoke else 10)
     out = {"benchmark": "transports", "smoke": a.smoke, "vehicles": V, "clients": C, "seconds": T}
     if a.only:
         out[a.only] = transport(a.only, V, C, T)
@@ -133,7 +133,7 @@ def main():
     for mode in ("sse", "poll", "grpc"):
         out[f"{mode}_ratio_vs_websocket"] = round(out[mode]["deliveries_per_cpu_s"] / ws, 3)
     log(f"transports: {P} idle long pollers, then {P} idle WebSocket connections")
-    out["idle"] = idle = idle_pollers(P, T if a.smoke else 10)
+    out["idle"] = idle = idle_pollers(P, 2 if a.smoke else 10)
     log(json.dumps(idle))
     print(json.dumps(out))
 
