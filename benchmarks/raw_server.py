@@ -13,7 +13,9 @@ import asyncio
 import base64
 import hashlib
 import json
+import os
 import resource
+import signal
 import time
 
 import uvloop
@@ -56,14 +58,21 @@ class Conn(asyncio.Protocol):
         Conn.clients.discard(self.t)
 
 
-async def main(port, messages, tick_ms, expect):
+async def main(port, messages, tick_ms, expect, reuse_port=False):
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(Conn, "127.0.0.1", port, backlog=4096)
+    server = await loop.create_server(Conn, "127.0.0.1", port, backlog=4096, reuse_port=reuse_port)
     # start writing once the expected clients are in (or after 60 s): writing
-    # back to back would otherwise starve the handshakes of the rest
+    # back to back would otherwise starve the handshakes of the rest. Several
+    # processes (--procs) get a share each that SO_REUSEPORT's hash decides:
+    # they wait until theirs stops growing.
     deadline = time.monotonic() + 60
+    last, still_since = -1, time.monotonic()
     while len(Conn.clients) < expect and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
+        if len(Conn.clients) != last:
+            last, still_since = len(Conn.clients), time.monotonic()
+        elif reuse_port and last > 0 and time.monotonic() - still_since > 1.0:
+            break
     seq = 0
     template = [{"t": "pos", "v": f"veh_{i:05d}", "p": [55.751234, 37.612345], "s": 42.5, "c": 180,
                  "ts": 0} for i in range(messages)]
@@ -87,7 +96,26 @@ if __name__ == "__main__":
     p.add_argument("--messages", type=int, default=10)
     p.add_argument("--tick-ms", type=float, default=0)
     p.add_argument("--expect", type=int, default=0, help="clients to wait for before writing")
+    p.add_argument("--procs", type=int, default=1,
+                   help="processes sharing the port (SO_REUSEPORT), as realtime's --workers: the "
+                        "baseline for what a second process costs on this machine")
     a = p.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    uvloop.run(main(a.port, a.messages, a.tick_ms, a.expect))
+    if a.procs <= 1:
+        uvloop.run(main(a.port, a.messages, a.tick_ms, a.expect))
+    else:
+        children = []
+        for _ in range(a.procs):
+            pid = os.fork()
+            if pid == 0:
+                uvloop.run(main(a.port, a.messages, a.tick_ms, a.expect, reuse_port=True))
+                os._exit(0)
+            children.append(pid)
+
+        def stop(signum, frame):
+            for c in children:
+                os.kill(c, signal.SIGKILL)
+        signal.signal(signal.SIGTERM, stop)
+        for c in children:
+            os.waitpid(c, 0)
