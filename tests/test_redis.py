@@ -812,10 +812,10 @@ async def test_relayed_updates_are_columns_and_bad_ones_are_counted(rserver, uid
     from realtime.stores.redis import pack_relay
     r = aioredis.Redis.from_url(rserver.redis_url)   # bytes, as another worker sends them
     try:
-        a, b, old = uid + "a", uid + "b", uid + "old"
+        a, b, old, own = uid + "a", uid + "b", uid + "old", uid + "own"
         c = await Client.connect(rserver, token())
         await c.recv_type("welcome")
-        await c.subscribe(subscriptions={"vehicles": [a, b, old]})
+        await c.subscribe(subscriptions={"vehicles": [a, b, old, own]})
         before = metric_value(rserver, "ingest_rejected_total")
         now = int(time.time() * 1000)
         batch = UpdateBatch([a, b], [55.1, 55.2], [37.1, 37.2], [10.0, np.nan], [90.0, np.nan],
@@ -823,6 +823,9 @@ async def test_relayed_updates_are_columns_and_bad_ones_are_counted(rserver, uid
                             [("speeding",), None], [None, None], [None, None], [(uid + "g",), None])
         good = pack_relay("another-worker", batch, ["unknown", "van", "reefer"])
         bad = msgpack.unpackb(good)
+        deep = {}
+        for _ in range(40):
+            deep = {"d": deep}
         for broken in ({**bad, "lat": bad["lat"][:8]}, {**bad, "types": ["unknown"]},
                        {**bad, "ids": [a]}, {**bad, "status": bytes([9, 9])},
                        {**bad, "lat": np.array([95.0, 1.0]).tobytes()},
@@ -831,12 +834,18 @@ async def test_relayed_updates_are_columns_and_bad_ones_are_counted(rserver, uid
                        {**bad, "course": np.array([400.0, 1.0]).tobytes()},
                        {**bad, "ts": np.array([2 ** 62, 1], "<i8").tobytes()},
                        {**bad, "driver": [{"name": b"bytes"}, None]},
+                       {**bad, "driver": [{"car": {1: "a key that is not a string"}}, None]},
+                       {**bad, "assignment": [None, deep]},
                        {**bad, "alerts": ["speeding", None]},
                        {**bad, "ids": [a, "x" * 200]}):
             await r.publish("realtime:updates", msgpack.packb(broken, use_bin_type=True))
         await r.publish("realtime:updates", b"\xc1 not msgpack")
         await r.publish("realtime:updates", msgpack.packb({"o": "old-version", "u": [{
             "vehicle_id": old, "lat": 999.0, "lon": 37.3, "ts": now}]}))
+        # the server's own message, back from Pub/Sub: applied when it was sent, skipped here
+        mine = UpdateBatch([own], [55.4], [37.4], [1.0], [1.0], np.array([0], np.uint8),
+                           np.array([KEEP], np.uint8), [now], [None], [None], [None], [None])
+        await r.publish("realtime:updates", pack_relay(f"{rserver.proc.pid:x}", mine, ["unknown"]))
         await r.publish("realtime:updates", good)
         await r.publish("realtime:updates", msgpack.packb({"o": "old-version", "u": [{
             "vehicle_id": old, "lat": 55.3, "lon": 37.3, "speed": None, "course": None, "status": "idle",
@@ -853,8 +862,9 @@ async def test_relayed_updates_are_columns_and_bad_ones_are_counted(rserver, uid
                     seen[m["v"]] = m
         assert seen[a]["p"] == [55.1, 37.1] and seen[a]["st"] == "moving" and seen[a]["vt"] == "reefer"
         assert seen[b]["p"] == [55.2, 37.2] and seen[old]["st"] == "idle"
+        assert own not in seen
         assert alerts == [(a, "alert", {"alert": "speeding"})]   # the relayed alert, as an event
-        assert metric_value(rserver, "ingest_rejected_total") - before == 13
+        assert metric_value(rserver, "ingest_rejected_total") - before == 15
         await c.close()
     finally:
         await r.aclose()

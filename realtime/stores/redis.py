@@ -49,7 +49,7 @@ import msgspec
 import numpy as np
 from redis.exceptions import NoPermissionError, ResponseError
 
-from ..ingest.decode import Rejected, validate, validate_relayed
+from ..ingest.decode import Rejected, decode_relay, relay_origin, validate, validate_relayed
 from .presence import Presence
 from .redis_conn import DOWN, Scanner, clustered, connect, mget, run_ids
 from .base import EVENT_LOG_MAX, EVENT_RETENTION_S, SESSION_TTL_S, Event, StoresUnavailable, eid_key
@@ -196,19 +196,19 @@ def pack_relay(origin: str, batch, types: list) -> bytes:
     return msgpack.packb(msg, use_bin_type=True)
 
 
-def unpack_relay(msg: dict, vtype_code):
-    """pack_relay's message -> an UpdateBatch for this core, or ValueError.
-    Anyone who can PUBLISH to Redis can send one, so it is held to what
-    `validate` asks of any update (ingest/decode.py relay_columns), checked
-    a column at a time."""
+def unpack_relay(m, vtype_code):
+    """A decoded relay message (ingest/decode.py decode_relay) -> an
+    UpdateBatch for this core, or ValueError. Anyone who can PUBLISH to
+    Redis can send one, so it is held to what `validate` asks of any update:
+    the rich columns as they were decoded, the numeric ones here, a column
+    at a time."""
     from .._core._schema import KEEP, STATUSES, UpdateBatch
-    from ..ingest.decode import relay_columns
-    cols = relay_columns(msg)   # ids, type names and the rich columns, typed and bounded
-    ids = cols["ids"]
+    ids = m.ids
     n = len(ids)
+    cols = {}
     for name, dtype in _RELAY_NUMERIC:
-        raw = msg.get(name)
-        if not isinstance(raw, bytes) or len(raw) != n * np.dtype(dtype).itemsize:
+        raw = getattr(m, name)
+        if len(raw) != n * np.dtype(dtype).itemsize:
             raise ValueError(name)
         cols[name] = np.frombuffer(raw, dtype).copy()   # the core's typed views need writable buffers
     lat, lon, speed, course, ts = cols["lat"], cols["lon"], cols["speed"], cols["course"], cols["ts"]
@@ -225,7 +225,7 @@ def unpack_relay(msg: dict, vtype_code):
     status = cols["status"]
     if ((status >= len(STATUSES)) & (status != KEEP)).any():
         raise ValueError("status")
-    types = cols["types"]
+    types = m.types
     # the sender's codes -> this core's; KEEP stays KEEP
     table = np.full(256, KEEP, np.uint8)
     used = np.unique(cols["vtype"])
@@ -233,10 +233,8 @@ def unpack_relay(msg: dict, vtype_code):
         if code >= len(types):
             raise ValueError("vtype")
         table[code] = vtype_code(types[code])
-    return UpdateBatch(
-        ids, lat, lon, speed, course, status, table[cols["vtype"]], ts,
-        [None if a is None else tuple(a) for a in cols["alerts"]], cols["driver"],
-        cols["assignment"], [None if g is None else tuple(g) for g in cols["groups"]])
+    return UpdateBatch(ids, lat, lon, speed, course, status, table[cols["vtype"]], ts,
+                       m.alerts, m.driver, m.assignment, m.groups)
 
 
 _REPLY_OFF = b"*3\r\n$6\r\nCLIENT\r\n$5\r\nREPLY\r\n$3\r\nOFF\r\n"
@@ -591,13 +589,18 @@ class RedisStores:
         """Another worker's HTTP-ingested updates. One message that cannot be
         applied is counted, never a reason to drop the Pub/Sub link."""
         try:
-            msg = msgpack.unpackb(data)
-            if not isinstance(msg, dict) or msg.get("o") == self.hub.instance_id:
-                return
-            if "u" in msg:   # an instance of before 2026-11-30: dicts, checked as any input is
+            if relay_origin(data) == self.hub.instance_id:
+                return   # our own, back from Pub/Sub: not unpacked
+            try:
+                batch = unpack_relay(decode_relay(data), self.hub.core.vtype_code)
+            except ValueError:
+                msg = msgpack.unpackb(data)
+                if not (isinstance(msg, dict) and "u" in msg):
+                    raise
+                # an instance of before 2026-11-30: dicts, checked as any input is
                 self.hub.apply_updates([validate_relayed(u) for u in msg.get("u") or []])
-            else:
-                self.hub.apply(unpack_relay(msg, self.hub.core.vtype_code))
+                return
+            self.hub.apply(batch)
         except Exception as e:
             self.hub.stats.reject("invalid_relay")
             log.warning("relayed updates skipped: unreadable", extra={"fields": {"error": repr(e)[:200]}})
