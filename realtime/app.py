@@ -117,9 +117,10 @@ async def _start(app):
     n = settings.simulate_count
     worker = settings.worker_index
     if n and worker == 0:  # one simulated fleet, whatever the number of workers
-        shared = settings.workers > 1 or settings.redis or settings.kafka
-        sink = app["http_sink"] if shared else None
-        app["simulator"] = asyncio.get_running_loop().create_task(simulator.run_in_hub(hub, n, sink=sink))
+        sink = app["http_sink"] if settings.kafka else None
+        relay = bool(settings.workers > 1 or settings.redis)
+        app["simulator"] = asyncio.get_running_loop().create_task(
+            simulator.run_in_hub(hub, n, sink=sink, relay=relay))
         log.info("simulating %d vehicles", n)
 
 

@@ -982,23 +982,34 @@ async def _at_least(server, name, n):
 
 
 async def test_a_simulated_fleet_is_shared_through_redis(redis_url):
-    """--simulate with --redis goes the way HTTP ingest goes (validated
-    updates, applied here and relayed): the fleet appears on this instance
-    and in the Redis snapshot. It used to fail at its first step."""
+    """--simulate with --redis goes the way HTTP ingest goes (applied here
+    and relayed, as columns): the fleet appears on this instance, and on
+    another one as it moves (the relay, each report; the reconcile would
+    bring one state per 5 s), with its vehicle types. It used to fail at
+    its first step."""
     s = Server("--simulate", "40", "--tick-ms", "20", "--redis", redis_url)
+    other = Server("--simulate", "0", "--tick-ms", "20", "--redis", redis_url)
     try:
         # the database may hold other tests' vehicles too: the simulated ones are veh_00000…veh_00039
-        c = await Client.connect(s, token())
-        await c.recv_type("welcome")
         fleet = {f"veh_{i:05d}" for i in range(40)}
-        _, snapshot = await c.subscribe(subscriptions={"vehicles": sorted(fleet)})
-        seen = {m["v"] for m in snapshot}
-        deadline = time.monotonic() + 10
-        while seen != fleet and time.monotonic() < deadline:
-            seen |= {m["v"] for m in await c.messages(0.5)}
-        assert seen == fleet
-        await c.close()
+        for server in (s, other):
+            c = await Client.connect(server, token())
+            await c.recv_type("welcome")
+            _, snapshot = await c.subscribe(subscriptions={"vehicles": sorted(fleet)})
+            got = list(snapshot)
+            deadline = time.monotonic() + 10
+            while {m["v"] for m in got} != fleet and time.monotonic() < deadline:
+                got += await c.messages(0.5)
+            assert {m["v"] for m in got} == fleet
+            assert {m["vt"] for m in got if m["t"] == "full"} <= {"truck", "van", "car", "bus"}
+            moves = {}
+            for m in got + await c.messages(3.0):
+                if "p" in m:
+                    moves.setdefault(m["v"], set()).add(tuple(m["p"]))
+            assert max(len(p) for p in moves.values()) >= 3, "positions arrive once per reconcile, not per report"
+            await c.close()
     finally:
+        other.stop()
         s.stop()
 
 

@@ -99,7 +99,8 @@ class Fleet:
         self.lat = np.where(moving, self.lat + frac * (self.target[:, 0] - self.lat), self.lat)
         self.lon = np.where(moving, self.lon + frac * (self.target[:, 1] - self.lon), self.lon)
         heading = (np.degrees(np.arctan2(dlon_km, dlat_km)) + 360.0) % 360.0
-        self.course = np.where(moving & (dist > 0.01), np.round(heading), self.course)
+        # rounded, 359.6 is 360: course is in [0, 360) (PROTOCOL §1.1)
+        self.course = np.where(moving & (dist > 0.01), np.round(heading) % 360.0, self.course)
         # arrivals: stop (or idle) for a while, then pick a new target
         arrived = moving & (dist <= step_km + 0.02)
         for i in np.flatnonzero(arrived):
@@ -163,12 +164,15 @@ class Fleet:
         return out
 
 
-async def run_in_hub(hub, n: int, step_s: float = 0.1, seed: int = 1, sink=None) -> None:
+async def run_in_hub(hub, n: int, step_s: float = 0.1, seed: int = 1, sink=None, relay: bool = False) -> None:
     """Feed the hub in process until cancelled.
 
-    With a `sink` (several workers or instances) the fleet goes the way HTTP
-    ingest goes, so that every worker sees the same vehicles; alone, the
-    columnar batch goes straight to the core."""
+    With a `sink` (Kafka configured: every instance reads the topic) the
+    fleet goes the way HTTP ingest goes, as updates; otherwise the columnar
+    batch goes straight to the core, and with `relay` (several workers or
+    instances, sharing Redis) on to the others as HTTP-ingested updates go.
+    Making and validating a dict per update, then columns again, was 40% of
+    its worker at 20k vehicles."""
     fleet = Fleet(n, seed=seed)
     core = hub.core
     loop = asyncio.get_running_loop()
@@ -184,8 +188,13 @@ async def run_in_hub(hub, n: int, step_s: float = 0.1, seed: int = 1, sink=None)
             await sink([validate(u) for u in fleet.as_updates(res)])
             continue
         batch, types, first = res
-        # vehicle types are sent with the first report only (they never change)
-        vt = batch.vtype
-        for j in np.flatnonzero(first):
-            vt[j] = core.vtype_code(types[j])
+        if relay:   # every report names its type, as the updates of HTTP ingest did
+            codes = {t: core.vtype_code(t) for t in set(types)}
+            batch.vtype = np.array([codes[t] for t in types], np.uint8)
+        else:   # the first report only (they never change)
+            vt = batch.vtype
+            for j in np.flatnonzero(first):
+                vt[j] = core.vtype_code(types[j])
         hub.apply(batch)
+        if relay:
+            await hub.stores.relay_updates(batch)
