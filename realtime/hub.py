@@ -228,10 +228,10 @@ class Hub:
             self._work.clear()
             last = loop.time()
             try:
-                self.flush(rebuild=True)
-                if loop.time() >= next_clusters:
+                clusters = loop.time() >= next_clusters
+                if clusters:
                     next_clusters = loop.time() + CLUSTER_REFRESH_S
-                    self.refresh_clusters()
+                self.flush(rebuild=True, clusters=clusters)
                 if loop.time() >= next_second:
                     next_second = loop.time() + 1.0
                     behind = self.check_vehicles(time.monotonic())
@@ -243,20 +243,23 @@ class Hub:
             except Exception:  # a bug in one tick must not stop delivery for good
                 log.exception("tick failed")
 
-    def flush(self, rebuild: bool = False) -> None:
-        """Route and send now. Commands call it with rebuild=False (see Core.tick)."""
+    def flush(self, rebuild: bool = False, clusters: bool = False) -> None:
+        """Route and send now. Commands call it with rebuild=False (see Core.tick);
+        the tick loop with clusters=True once a CLUSTER_REFRESH_S."""
         t0 = time.perf_counter()
         try:
-            self._flush(rebuild)
+            self._flush(rebuild, clusters)
         finally:
             self.stats.tick_seconds += time.perf_counter() - t0
 
-    def _flush(self, rebuild: bool) -> None:
+    def _flush(self, rebuild: bool, clusters: bool = False) -> None:
         # sessions conflating before this tick get its events held instead
         already = list(self.conflating) if self.conflating else None
         events = list(self.core.events) if already else None
         self.flushed_eid = self.last_eid
         out = self.core.tick(rebuild, time.monotonic())
+        if clusters:
+            out = self._with_clusters(out)
         self._tick_no += 1
         self.stats.ticks += 1
         if out:
@@ -621,23 +624,50 @@ class Hub:
             body = bodies[ck] = self._clusters_body(s, cells)
         return body
 
-    def refresh_clusters(self) -> None:
-        """Resend the cells of clustered clients whose picture changed: once
-        a second, each distinct view computed and encoded once, the same
-        bytes sent to all its clients. s.cells holds the body last sent."""
+    def refresh_clusters(self) -> dict[int, bytes]:
+        """The cells of clustered clients whose picture changed, as {row:
+        body}: once a second, each distinct view computed and encoded once,
+        the same bytes for all its clients. s.cells holds the body last sent
+        (_with_clusters sends them)."""
         t0 = time.perf_counter()
         memo, bodies = self._views_memo(), {}
+        changed = {}
         for s in list(self.sessions.values()):
             if s.cells is None or s.known is not None:
                 continue
             body = self._view_body(s, memo, bodies)
             if body != s.cells:
-                s.cells = body
-                s.send_batch(self.core.envelope, self.batch_id(), body)
+                s.cells = changed[s.row] = body
         st = self.stats
         st.cluster_refreshes += 1
         st.cluster_views += len(bodies)
         st.cluster_seconds += time.perf_counter() - t0
+        return changed
+
+    def _with_clusters(self, out: list) -> list:
+        """The tick's [(body, rows)] with the clusters refresh in it: one frame
+        per client per tick, so a clustered client whose tick carries an event
+        gets its new cells in the same frame (after the event). The others
+        that share a view share its body, as the tick's clients share theirs."""
+        changed = self.refresh_clusters()
+        if not changed:
+            return out
+        merged = []
+        for body, rows in out:
+            if not any(r in changed for r in rows):
+                merged.append((body, rows))
+                continue
+            rest = [r for r in rows if r not in changed]
+            if rest:
+                merged.append((body, rest))
+            for r in rows:
+                if r in changed:
+                    merged.append((join_bodies(self.sessions[r].fmt, body, changed.pop(r)), [r]))
+        by_body: dict[bytes, list] = {}
+        for r, body in changed.items():
+            by_body.setdefault(body, []).append(r)
+        merged.extend(by_body.items())
+        return merged
 
     # ------------------------------------------------------------ once a second
     def check_vehicles(self, now: float) -> bool:
@@ -771,18 +801,34 @@ def _release(counts: dict, key) -> None:
         counts.pop(key, None)
 
 
+def _msgpack_items(body: bytes) -> tuple[int, bytes]:
+    """An encoded msgpack array body as (its length, its items' bytes)."""
+    h = body[0]
+    if h & 0xF0 == 0x90:
+        return h & 0x0F, body[1:]
+    if h == 0xDC:
+        return int.from_bytes(body[1:3], "big"), body[3:]
+    return int.from_bytes(body[1:5], "big"), body[5:]   # 0xdd
+
+
 def prepend_piece(fmt: int, piece: bytes, body: bytes) -> bytes:
     """An encoded message put before the others of an encoded batch body."""
     if fmt == FMT_JSON:
         return b"[" + piece + (b"]" if body == b"[]" else b"," + body[1:])
-    h = body[0]
-    if h & 0xF0 == 0x90:
-        n, rest = h & 0x0F, body[1:]
-    elif h == 0xDC:
-        n, rest = int.from_bytes(body[1:3], "big"), body[3:]
-    else:   # 0xdd
-        n, rest = int.from_bytes(body[1:5], "big"), body[5:]
+    n, rest = _msgpack_items(body)
     return msgpack_array_head(n + 1) + piece + rest
 
 
-__all__ = ["Hub", "Stats", "FMT_JSON", "prepend_piece"]
+def join_bodies(fmt: int, first: bytes, second: bytes) -> bytes:
+    """Two encoded batch bodies as one: the messages of `first`, then those
+    of `second`."""
+    if fmt == FMT_JSON:
+        if first == b"[]":
+            return second
+        return first if second == b"[]" else first[:-1] + b"," + second[1:]
+    n1, rest1 = _msgpack_items(first)
+    n2, rest2 = _msgpack_items(second)
+    return msgpack_array_head(n1 + n2) + rest1 + rest2
+
+
+__all__ = ["Hub", "Stats", "FMT_JSON", "join_bodies", "prepend_piece"]

@@ -433,3 +433,65 @@ async def test_nearby_zoomed_out_views_share_one_computed_view(uid):
             await c.close()
     finally:
         s.stop()
+
+
+async def _frames(c, seconds: float) -> list:
+    """The batch frames that arrive within `seconds`."""
+    out = []
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            m = await c.recv(left)
+        except asyncio.TimeoutError:
+            break
+        if m.get("type") == "batch":
+            out.append(m)
+    return out
+
+
+@pytest.mark.parametrize("fmt", ["json", "msgpack"])
+async def test_a_clustered_client_gets_its_event_and_its_new_cells_in_one_frame(uid, fmt):
+    """Issue 14 part 1: at most one frame per client per tick. The clusters
+    refresh rides in the tick's frame: a clustered client whose tick carries
+    an event gets the event, then its new cells, in one batch (the arrays
+    joined, in both formats); a clustered client whose cells change with no
+    event gets them alone. In process, so that the update, the event and
+    the tick happen together."""
+    import types as _types
+
+    from conftest import in_process
+    from realtime.ingest.decode import validate
+    from realtime.stores.base import Event
+    app, runner, port = await in_process(tick_ms=20)
+    hub = app["hub"]
+    srv = _types.SimpleNamespace(ws_url=f"ws://127.0.0.1:{port}/ws")
+    try:
+        vids = [f"{uid}{i}" for i in range(20)]   # 20: msgpack's array16 once joined
+        hub.apply_updates([validate(update(v, 40.0 + i * 0.001, 10.0, status="moving"))
+                           for i, v in enumerate(vids)])
+        query = "format=msgpack" if fmt == "msgpack" else ""
+        views = [{"north": 41.0, "south": 39.5, "west": 9.5, "east": 11.0},   # every vehicle
+                 {"north": 51.0, "south": 49.0, "west": 29.0, "east": 31.0}]  # none, until one comes
+        clients = [await Client.connect(srv, token(), query) for _ in views]
+        for c, bounds in zip(clients, views):
+            await c.recv_type("welcome")
+            _, msgs = await c.subscribe(subscriptions={"geographic": {"bounds": bounds, "zoom": 5}})
+            assert msgs[0]["t"] == "clusters"
+        await asyncio.sleep(1.5)   # a refresh has passed: the cells are current
+        for c in clients:
+            await _frames(c, 0.3)
+        # one vehicle drives into the second view; an event for another; one tick with the refresh
+        now = int(time.time() * 1000)
+        hub.apply_updates([validate(update(vids[0], 50.0, 30.0, status="stopped"))])
+        hub.deliver_event(Event(f"{now}-0-local", vids[1], "note", {"x": 1}, now, False))
+        hub.flush(rebuild=True, clusters=True)
+        whole, part = [await _frames(c, 1.0) for c in clients]
+        assert len(whole) == 1 and [m["t"] for m in whole[0]["messages"]] == ["event", "clusters"]
+        assert whole[0]["messages"][0]["v"] == vids[1]
+        assert sum(cell[2] for cell in whole[0]["messages"][1]["cells"]) == 19
+        assert len(part) == 1 and [m["t"] for m in part[0]["messages"]] == ["clusters"]
+        assert sum(cell[2] for cell in part[0]["messages"][0]["cells"]) == 1
+        for c in clients:
+            await c.close()
+    finally:
+        await runner.cleanup()
