@@ -8,7 +8,9 @@
 # message_delivery_latency_ms over the same window), latency_floor_p99_ms (the raw server's client-observed
 # p99 at the same load), tick_period_ms (the configured tick), tick_compute_ms (a tick's compute time),
 # socketio_ratio, rss_kb_per_conn, kafka_ratio, storm_s, storm_events_lost, storm_p99_ratio, sse_ratio,
-# poll_ratio, grpc_ratio.
+# poll_ratio, grpc_ratio; in full runs also workers_ratio (--workers 2 over one worker, deliveries per
+# CPU-second) and raw_procs_ratio (the raw server in two processes over one: what the machine allows);
+# that step uses the Redis on 127.0.0.1:6379 and flushes its database 12.
 set -euo pipefail
 cd "$(dirname "$0")"
 SMOKE=0
@@ -36,6 +38,7 @@ if [ "$SMOKE" = 1 ]; then
   say "[+] capacity, Redis side (2k vehicles, 2 instances, feed against scan)"
   capacity=$($PY benchmarks/bench_capacity.py --vehicles 2000 --instances 2 --settle 3 --seconds 3)
   mem=null
+  workers=null
 else
   say "[1/7] core: compiled vs numpy reference (20k vehicles x 5k clients, 1k changed per tick)"
   core=$($PY benchmarks/bench_core.py --vehicles 20000 --clients 5000 --changed 1000 --ticks 30 --ref-ticks 2)
@@ -54,10 +57,12 @@ else
   transports=$($PY benchmarks/bench_transports.py)
   say "[+] capacity, Redis side (20k and 200k vehicles, 1/4/16 instances; ~12 min)"
   capacity=$($PY benchmarks/bench_capacity.py --check-writers)
+  say "[+] --workers 2 against one worker, and the raw server in two processes against one (3 rounds)"
+  workers=$($PY benchmarks/bench_workers.py --rounds 3)
 fi
 machine="$(uname -m), $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB, $(.venv/bin/python -V)"
-printf '{"timestamp":"%s","smoke":%s,"machine":"%s","core":%s,"memory":%s,"e2e":%s,"kafka":%s,"storm":%s,"transports":%s,"capacity":%s}\n' \
-  "$stamp" "$SMOKE" "$machine" "$core" "$mem" "$e2e" "$kafka" "$storm" "$transports" "$capacity" > "$out"
+printf '{"timestamp":"%s","smoke":%s,"machine":"%s","core":%s,"memory":%s,"e2e":%s,"kafka":%s,"storm":%s,"transports":%s,"capacity":%s,"workers":%s}\n' \
+  "$stamp" "$SMOKE" "$machine" "$core" "$mem" "$e2e" "$kafka" "$storm" "$transports" "$capacity" "$workers" > "$out"
 $PY benchmarks/report.py "$out" >&2
 say "wrote $out (.md, .png) in $(( $(date +%s) - t0 )) s"
 $PY - "$out" <<'PYEOF'
@@ -80,5 +85,7 @@ print(json.dumps({
     "sse_ratio": tr["sse_ratio_vs_websocket"],
     "poll_ratio": tr["poll_ratio_vs_websocket"],
     "grpc_ratio": tr["grpc_ratio_vs_websocket"],
+    "workers_ratio": (r.get("workers") or {}).get("realtime_workers_ratio"),
+    "raw_procs_ratio": (r.get("workers") or {}).get("raw_procs_ratio"),
 }))
 PYEOF
