@@ -241,6 +241,14 @@ _REPLY_OFF = b"*3\r\n$6\r\nCLIENT\r\n$5\r\nREPLY\r\n$3\r\nOFF\r\n"
 _REPLY_ON = b"*3\r\n$6\r\nCLIENT\r\n$5\r\nREPLY\r\n$2\r\nON\r\n"
 
 
+# The writer's usual command, position and status only, in RESP (key, then
+# the six values), and one member of its GEOADD (lon, lat, id).
+_HSET_POSITION = (b"*14\r\n$4\r\nHSET\r\n$%d\r\n%b\r\n$3\r\nlat\r\n$%d\r\n%b\r\n$3\r\nlon\r\n$%d\r\n%b\r\n"
+                  b"$5\r\nspeed\r\n$%d\r\n%b\r\n$6\r\ncourse\r\n$%d\r\n%b\r\n$6\r\nstatus\r\n$%d\r\n%b\r\n"
+                  b"$9\r\ntimestamp\r\n$%d\r\n%b\r\n")
+_GEO_MEMBER = b"$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n"
+
+
 def pack_resp(cmds) -> bytes:
     """Commands (sequences of str or bytes) in RESP, as redis-py would send
     them, without its per-argument machinery."""
@@ -688,8 +696,13 @@ class RedisStores:
         # what was sent is remembered once Redis took it: a slice that fails
         # is sent again whole (its rows go back to _changed)
         marks, expired = [], []
-        cmds: list = []     # the commands, for a replied pipeline
-        packed: list = []   # the same in RESP, a vehicle's at a time, for the quiet write
+        # the commands as argument lists, for a replied pipeline, and the same
+        # in RESP, for the quiet write: each only while it may be used
+        quiet = self._quiet is not False and not self.cluster
+        replied = self._quiet is not True or self.cluster
+        cmds: list = []
+        packed: list = []
+        geo_resp: list = []
         for r, version, lat, lon, speed, course, status, vtype, ts in zip(
                 rows, cur["version"].tolist(), cur["lat"].tolist(), cur["lon"].tolist(),
                 cur["speed"].tolist(), cur["course"].tolist(), cur["status"].tolist(),
@@ -698,8 +711,8 @@ class RedisStores:
                 continue
             vid = core.ids[r]
             key = f"vehicle:current:{vid}"
-            args = ["HSET", key, b"lat", repr(lat), b"lon", repr(lon), b"speed", repr(speed),
-                    b"course", repr(course), b"status", STATUSES[status], b"timestamp", str(ts)]
+            la, lo, sp, co = repr(lat), repr(lon), repr(speed), repr(course)
+            st, t = STATUSES[status], str(ts)
             refresh = now - self._expired_at.get(r, -1e9) >= EXPIRE_EVERY_S
             # the rest of the hash only when it changed, or with the TTL's
             # refresh (a hash deleted by hand is whole again within a minute):
@@ -707,21 +720,33 @@ class RedisStores:
             rich = (vid, vtype, core.groups_of[r], core.alerts[r], core.driver[r], core.assignment[r])
             whole = refresh or written.get(r) != rich
             try:
-                if whole:
-                    args += [b"vehicle_type", core.types[vtype],
-                             b"groups", json.dumps(list(rich[2]), ensure_ascii=False),
-                             b"alerts", json.dumps(list(rich[3]), ensure_ascii=False),
-                             b"driver", json.dumps(rich[4], ensure_ascii=False),
-                             b"assignment", json.dumps(rich[5], ensure_ascii=False)]
-                mine = [args]
-                if refresh:
-                    # a vehicle silent this long is forgotten in memory too (§3.3);
-                    # group membership is refreshed as rarely
-                    mine.append(("EXPIRE", key, str(expire_s)))
-                    mine += [("SADD", f"group:{g}:vehicles", vid) for g in core.groups_of[r]]
-                # encoded here: a text that cannot be (a lone surrogate) is
-                # this vehicle's problem, not its slice's
-                packed.append(pack_resp(mine))
+                mine = []
+                if whole or replied:
+                    args = ["HSET", key, b"lat", la, b"lon", lo, b"speed", sp,
+                            b"course", co, b"status", st, b"timestamp", t]
+                    if whole:
+                        args += [b"vehicle_type", core.types[vtype],
+                                 b"groups", json.dumps(list(rich[2]), ensure_ascii=False),
+                                 b"alerts", json.dumps(list(rich[3]), ensure_ascii=False),
+                                 b"driver", json.dumps(rich[4], ensure_ascii=False),
+                                 b"assignment", json.dumps(rich[5], ensure_ascii=False)]
+                    mine.append(args)
+                    if refresh:
+                        # a vehicle silent this long is forgotten in memory too (§3.3);
+                        # group membership is refreshed as rarely
+                        mine.append(("EXPIRE", key, str(expire_s)))
+                        mine += [("SADD", f"group:{g}:vehicles", vid) for g in core.groups_of[r]]
+                # encoded here, every argument: a text that cannot be (a lone
+                # surrogate) is this vehicle's problem, not its slice's
+                kb, vb = key.encode(), vid.encode()
+                blob = pack_resp(mine) if whole else None
+                if quiet:
+                    # most rows: position and status only, as one formatted
+                    # RESP command (pack_resp's loop was half the writer's time)
+                    packed.append(blob if whole else _HSET_POSITION % (
+                        len(kb), kb, len(la), la.encode(), len(lo), lo.encode(), len(sp), sp.encode(),
+                        len(co), co.encode(), len(st), st.encode(), len(t), t.encode()))
+                    geo_resp.append(_GEO_MEMBER % (len(lo), lo.encode(), len(la), la.encode(), len(vb), vb))
             except (TypeError, ValueError) as e:
                 # one vehicle nobody can write must not stop the slice
                 # (every later vehicle would never be written again)
@@ -734,20 +759,28 @@ class RedisStores:
             if refresh:
                 expired.append(r)
             cmds += mine
+            n += len(mine) if whole else 1
             geo.extend((lon, lat, vid))
             feed_ids.append(vid)
             feed_ts.append(ts)
-        n = len(cmds)
-        # one server: the hashes as one packed write without replies, so
-        # that neither side spends a reply per command (redis-py's packing
-        # and reply parsing were most of the writer's time)
-        if not (cmds and self._quiet is not False and not self.cluster
-                and await self._write_quietly(b"".join(packed))):
+        if geo:
+            n += 1
+        # one server: the hashes and the geo index as one packed write
+        # without replies, so that neither side spends a reply per command
+        # (redis-py's packing and reply parsing were most of the writer's time)
+        if packed:
+            packed.append(b"*%d\r\n$6\r\nGEOADD\r\n$17\r\nvehicles:geoindex\r\n" % (2 + 3 * len(geo_resp)))
+            packed.extend(geo_resp)
+        if not (quiet and packed and await self._write_quietly(b"".join(packed))):
+            if not replied and packed:
+                # the server stopped taking the quiet write (its ACL changed):
+                # the slice was packed for it alone, so it goes again, with replies
+                self._changed.update(rows)
+                return
             for args in cmds:
                 pipe.execute_command(*args)
-        if geo:
-            pipe.geoadd("vehicles:geoindex", geo)
-            n += 1
+            if geo:
+                pipe.geoadd("vehicles:geoindex", geo)
         if feed_ids and not self.cluster:
             # one server runs a pipeline in order: the entry lands after its hashes
             self._add_changes(pipe, feed_ids, feed_ts)
