@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import ctypes
 import hashlib
 import json
 import os
@@ -106,16 +107,23 @@ if __name__ == "__main__":
         uvloop.run(main(a.port, a.messages, a.tick_ms, a.expect))
     else:
         children = []
-        for _ in range(a.procs):
-            pid = os.fork()
-            if pid == 0:
-                uvloop.run(main(a.port, a.messages, a.tick_ms, a.expect, reuse_port=True))
-                os._exit(0)
-            children.append(pid)
 
         def stop(signum, frame):
             for c in children:
-                os.kill(c, signal.SIGKILL)
-        signal.signal(signal.SIGTERM, stop)
+                try:
+                    os.kill(c, signal.SIGKILL)
+                except ProcessLookupError:   # it exited already
+                    pass
+        signal.signal(signal.SIGTERM, stop)   # before the forks: no window without it
+        for _ in range(a.procs):
+            pid = os.fork()
+            if pid == 0:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                # killed with the parent, however it ends (a SIGKILL too):
+                # a child left behind would serve the next run's port
+                ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
+                uvloop.run(main(a.port, a.messages, a.tick_ms, a.expect, reuse_port=True))
+                os._exit(0)
+            children.append(pid)
         for c in children:
             os.waitpid(c, 0)

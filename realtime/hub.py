@@ -259,7 +259,10 @@ class Hub:
         self.flushed_eid = self.last_eid
         out = self.core.tick(rebuild, time.monotonic())
         if clusters:
-            out = self._with_clusters(out)
+            try:
+                out = self._with_clusters(out)
+            except Exception:   # the tick's events and positions go out all the same
+                log.exception("clusters refresh failed")
         self._tick_no += 1
         self.stats.ticks += 1
         if out:
@@ -628,7 +631,7 @@ class Hub:
         """The cells of clustered clients whose picture changed, as {row:
         body}: once a second, each distinct view computed and encoded once,
         the same bytes for all its clients. s.cells holds the body last sent
-        (_with_clusters sends them)."""
+        (_with_clusters sends them, and sets it)."""
         t0 = time.perf_counter()
         memo, bodies = self._views_memo(), {}
         changed = {}
@@ -637,7 +640,7 @@ class Hub:
                 continue
             body = self._view_body(s, memo, bodies)
             if body != s.cells:
-                s.cells = changed[s.row] = body
+                changed[s.row] = body
         st = self.stats
         st.cluster_refreshes += 1
         st.cluster_views += len(bodies)
@@ -652,6 +655,8 @@ class Hub:
         changed = self.refresh_clusters()
         if not changed:
             return out
+        sessions = self.sessions
+        sent = dict(changed)
         merged = []
         for body, rows in out:
             if not any(r in changed for r in rows):
@@ -662,11 +667,14 @@ class Hub:
                 merged.append((body, rest))
             for r in rows:
                 if r in changed:
-                    merged.append((join_bodies(self.sessions[r].fmt, body, changed.pop(r)), [r]))
+                    merged.append((join_bodies(sessions[r].fmt, body, changed.pop(r)), [r]))
         by_body: dict[bytes, list] = {}
         for r, body in changed.items():
             by_body.setdefault(body, []).append(r)
         merged.extend(by_body.items())
+        # only now: had the merge failed, the next refresh would find them changed still
+        for r, body in sent.items():
+            sessions[r].cells = body
         return merged
 
     # ------------------------------------------------------------ once a second

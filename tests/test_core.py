@@ -665,3 +665,16 @@ def test_shared_view_cells_hold_exactly_what_a_client_may_see_in_its_grid_window
         assert len(core.visible_rows(c)) <= sum(n for _, _, n, _ in cells)
         core.remove_client(c)
         core.remove_client(twin)
+
+
+def test_a_course_that_rounds_to_360_is_0():
+    """Courses are stored with one decimal and in [0, 360) (PROTOCOL §1.1):
+    359.96 rounds to 360.0, which is 0, not a value a worker receiving the
+    relay would refuse (with the rest of its batch)."""
+    b = UpdateBatch(["a", "b", "c", "d"], [1.0] * 4, [1.0] * 4, [np.nan] * 4,
+                    [359.96, 359.94, np.nan, 0.04], np.full(4, S.KEEP, np.uint8),
+                    np.full(4, S.KEEP, np.uint8), [1] * 4, None, None, None, None)
+    assert b.course[0] == 0.0 and b.course[1] == 359.9 and math.isnan(b.course[2]) and b.course[3] == 0.0
+    from realtime.ingest.decode import validate
+    u = validate({"vehicle_id": "x", "timestamp": 1, "position": {"lat": 1, "lon": 1}, "course": -1e-20})
+    assert u["course"] == 0.0

@@ -323,3 +323,36 @@ def test_the_consumer_goes_record_by_record_when_a_poll_cannot_be_decoded():
     assert sorted(core.id_to_row) == ["k1", "k2"]
     assert [(r.offset, e.reason) for r, e in rejected] == [(1, "invalid_json"), (2, "invalid_json")]
     assert "unreadable" in rejected[0][1].detail
+
+
+def test_iso_timestamps_and_deep_objects_are_held_as_every_input_holds_them():
+    """What the relay between workers refuses, ingest refuses first, on the
+    compiled path and in decode_record alike: an ISO 8601 timestamp before
+    1970 or past epoch-ms 1e14 (as epoch milliseconds are held), and a driver
+    or assignment nested deeper than MAX_DEPTH."""
+    from realtime.ingest.decode import MAX_DEPTH, Rejected, decode_record
+    deep = {}
+    for _ in range(MAX_DEPTH + 2):
+        deep = {"d": deep}
+    shallow = {}
+    for _ in range(MAX_DEPTH - 1):
+        shallow = {"d": shallow}
+    cases = [({"timestamp": "1969-12-31T23:59:59Z"}, "invalid_timestamp"),
+             ({"timestamp": "9999-01-01T00:00:00Z"}, "invalid_timestamp"),
+             ({"driver": deep}, "invalid_field"),
+             ({"assignment": deep}, "invalid_field"),
+             ({"timestamp": "1970-01-01T00:00:00.001Z"}, None),
+             ({"driver": shallow}, None)]
+    for extra, reason in cases:
+        rec = json.dumps({"vehicle_id": "deep-1", "timestamp": 1_700_000_000_000,
+                          "position": {"lat": 1.0, "lon": 2.0}, **extra}).encode()
+        if reason is None:
+            decode_record(rec)
+        else:
+            with pytest.raises(Rejected) as e:
+                decode_record(rec)
+            assert e.value.reason == reason, extra
+    # the compiled decoder agrees, record by record
+    same([[Rec(json.dumps({"vehicle_id": f"deep-{i}", "timestamp": 1_700_000_000_000,
+                           "position": {"lat": 1.0, "lon": 2.0}, **extra}).encode(), (), i)
+           for i, (extra, _) in enumerate(cases)]])

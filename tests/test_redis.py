@@ -47,6 +47,22 @@ async def test_state_is_written_to_redis(rserver, r, uid):
     assert vid in await r.smembers(f"group:{uid}g:vehicles")
 
 
+async def test_a_polar_vehicle_is_indexed_at_the_edge_of_the_geo_set(rserver, r, uid):
+    """Redis's geo set holds latitudes to ±85.05112878 and refuses a whole
+    GEOADD for one beyond: the writer's GEOADD (a slice of vehicles, sent
+    without replies) must not lose its neighbours for one vehicle near a pole."""
+    polar, near = uid + "polar", uid + "near"
+    ingest(rserver, [update(polar, 89.5, 10.0), update(near, 55.5, 37.5)])
+
+    async def indexed():
+        return all(p is not None for p in await r.geopos("vehicles:geoindex", polar, near))
+    assert await eventually(indexed)
+    (plon, plat), (nlon, nlat) = await r.geopos("vehicles:geoindex", polar, near)
+    assert abs(plat - 85.05112878) < 1e-4 and abs(nlat - 55.5) < 1e-4
+    h = await r.hgetall(f"vehicle:current:{polar}")
+    assert float(h["lat"]) == 89.5   # the hash keeps the true position
+
+
 async def test_the_hash_follows_changes_of_the_rarely_changing_fields(rserver, r, uid):
     """The writer sends driver, alerts, groups, assignment and vehicle_type
     only when they change (or with the TTL's refresh): a change still lands,

@@ -495,3 +495,34 @@ async def test_a_clustered_client_gets_its_event_and_its_new_cells_in_one_frame(
             await c.close()
     finally:
         await runner.cleanup()
+
+
+async def test_a_clusters_refresh_that_fails_costs_the_tick_nothing(uid, monkeypatch):
+    """The refresh runs inside the tick, after the core gave the tick's
+    messages out: a bug in it must not take the events with it."""
+    import types as _types
+
+    from conftest import in_process
+    from realtime.ingest.decode import validate
+    from realtime.stores.base import Event
+    app, runner, port = await in_process(tick_ms=20)
+    hub = app["hub"]
+    try:
+        vid = uid + "v"
+        hub.apply_updates([validate(update(vid, 40.0, 10.0, status="moving"))])
+        c = await Client.connect(_types.SimpleNamespace(ws_url=f"ws://127.0.0.1:{port}/ws"), token())
+        await c.recv_type("welcome")
+        await c.subscribe(subscriptions={"vehicles": [vid]})
+        await _frames(c, 0.3)
+
+        def broken():
+            raise RuntimeError("a bug in the refresh")
+        monkeypatch.setattr(hub, "refresh_clusters", broken)
+        now = int(time.time() * 1000)
+        hub.deliver_event(Event(f"{now}-0-local", vid, "note", {"x": 1}, now, False))
+        hub.flush(rebuild=True, clusters=True)
+        got = [m for f in await _frames(c, 1.0) for m in f["messages"]]
+        assert [m["t"] for m in got] == ["event"] and got[0]["v"] == vid
+        await c.close()
+    finally:
+        await runner.cleanup()

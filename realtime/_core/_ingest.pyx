@@ -518,8 +518,8 @@ cdef bint scan(const char* p, const char* e, Rec* r):
         elif bit == B_TS:
             if p[0] == 34:
                 p = plain_string(p, e, &s, &sn)
-                if p == NULL or not iso_ms(s, sn, &r.ts):
-                    return False
+                if p == NULL or not iso_ms(s, sn, &r.ts) or r.ts < 0 or r.ts > 100000000000000:
+                    return False   # out of range too: decode_record rejects it
             else:
                 q = number_token(p, e, &integral)
                 if q == NULL or not integral or q - p > 15 or p[0] == 45:

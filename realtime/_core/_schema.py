@@ -159,6 +159,9 @@ class UpdateBatch:
         # the compiled encoder can format them as scaled integers, exactly.
         self.speed = np.round(np.ascontiguousarray(speed, dtype=np.float64), SPEED_DECIMALS)
         self.course = np.round(np.ascontiguousarray(course, dtype=np.float64), COURSE_DECIMALS)
+        # 359.95 rounds to 360.0, which is 0 (course is in [0, 360), and a
+        # worker receiving the relay refuses 360); NaN stays NaN
+        self.course[self.course >= 360.0] -= 360.0
         self.status = np.ascontiguousarray(status, dtype=np.uint8)
         self.vtype = np.ascontiguousarray(vtype, dtype=np.uint8)
         self.ts = np.ascontiguousarray(ts, dtype=np.int64)

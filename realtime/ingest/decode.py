@@ -75,7 +75,10 @@ def parse_timestamp(value) -> int:
         raise Rejected("invalid_timestamp", f"not ISO 8601: {value[:40]!r}") from None
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=timezone.utc)
-    return int(round(dt.timestamp() * 1000))
+    ms = int(round(dt.timestamp() * 1000))
+    if not 0 <= ms <= 100_000_000_000_000:   # as epoch milliseconds are held
+        raise Rejected("invalid_timestamp", "timestamp before 1970 or after the year 5138")
+    return ms
 
 
 def iso_ms(ts_ms: int) -> str:
@@ -102,12 +105,16 @@ _mp_encode = msgspec.msgpack.Encoder().encode
 _JSON_TYPES = (str, int, float, bool, type(None))
 
 
+MAX_DEPTH = 32   # of a driver or assignment object: every input holds it to this
+
+
 def _plain(value, depth: int = 0) -> bool:
-    """JSON's own types only (no bytes, no non-string keys): what both the
-    JSON and the msgpack encoders of every client, and the Redis hash, carry."""
+    """JSON's own types only (no bytes, no non-string keys), at most
+    MAX_DEPTH deep: what both the JSON and the msgpack encoders of every
+    client, the Redis hash and the relay between workers carry."""
     if isinstance(value, _JSON_TYPES):
         return not isinstance(value, float) or math.isfinite(value)
-    if depth > 32:
+    if depth > MAX_DEPTH:
         return False
     if isinstance(value, dict):
         return all(isinstance(k, str) and _plain(v, depth + 1) for k, v in value.items())
@@ -123,6 +130,8 @@ def _finish(u: UpdateIn, json_numbers: bool = True) -> UpdateIn:
     course = u.course if u.course is not None else u.heading
     if course is not None:
         u.course = course % 360.0
+        if u.course >= 360.0:   # a tiny negative: -1e-20 % 360.0 is 360.0
+            u.course = 0.0
     ts = u.timestamp
     u.timestamp = ts if type(ts) is int and 0 <= ts <= 100_000_000_000_000 else parse_timestamp(ts)
     for name, value in (("driver", u.driver), ("assignment", u.assignment)):
@@ -137,6 +146,8 @@ def _finish(u: UpdateIn, json_numbers: bool = True) -> UpdateIn:
             except (OverflowError, TypeError, ValueError, RecursionError):
                 raise Rejected("invalid_field", f"{name}: holds a value msgpack cannot carry "
                                                 "(an integer beyond 64 bits)") from None
+            if not _plain(value):   # JSON's types, so only the depth can fail
+                raise Rejected("invalid_field", f"{name}: nested deeper than {MAX_DEPTH} levels")
         elif value and not _plain(value):
             # a msgpack record can hold what JSON cannot (bin, keys that are
             # not strings, NaN): JSON clients and the Redis hash could not
@@ -290,6 +301,8 @@ def finish_object(value):
     """_finish's check of a JSON driver or assignment, for the compiled decoder."""
     if value:
         _mp_encode(value)   # an integer beyond 64 bits raises: decode_record then rejects it
+        if not _plain(value):
+            raise ValueError("nested deeper than MAX_DEPTH")   # decode_record then rejects it
     return value
 
 

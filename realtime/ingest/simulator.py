@@ -21,6 +21,7 @@ from .decode import validate
 CENTER = (55.7558, 37.6173)
 KM_PER_DEG_LAT = 111.32
 TYPES = ("truck", "van", "car", "bus")
+STATIC_EVERY_S = 30.0
 TYPE_LIMIT_KMH = {"truck": 70, "van": 90, "car": 110, "bus": 60}
 GROUPS = ("north_fleet", "south_fleet", "east_fleet", "west_fleet")
 SURNAMES = ("Иванов", "Петров", "Сидоров", "Смирнов", "Кузнецов", "Попов", "Волков", "Соколов")
@@ -62,6 +63,10 @@ class Fleet:
                              "eta": f"{r.integers(8, 20):02d}:{r.integers(0, 60):02d}"} for _ in range(n)]
         self.groups = [self._group_of(self.lat[i], self.lon[i]) for i in range(n)]
         self.sent_static = np.zeros(n, bool)
+        # driver, assignment and groups go with the first report, and again
+        # every STATIC_EVERY_S (spread): a worker or instance that missed the
+        # first (it started later, its Pub/Sub link was down) has them within that
+        self.static_due = r.uniform(0, STATIC_EVERY_S, n)
 
     def _waypoint(self):
         r = self.rng
@@ -126,12 +131,17 @@ class Fleet:
                           np.where(self.idle[idx], STATUS_CODE["idle"], STATUS_CODE["stopped"]),
                           STATUS_CODE["moving"]).astype(np.uint8)
         over = self.speed[idx] > self.limit[idx] * 1.02
+        again = self.static_due[idx] <= self.clock
+        self.static_due[idx[again]] += STATIC_EVERY_S
         alerts = [None] * len(idx)
         for j, i in enumerate(idx):
+            # not again with the others: to a worker that missed them they
+            # would be new, and it would log an alert event late; alert
+            # state heals at the next change (overspeed comes and goes)
             if over[j] != self.alerting[i] or not self.sent_static[i]:
                 self.alerting[i] = over[j]
                 alerts[j] = (f"overspeed:{self.speed[i]:.0f}/{self.limit[i]:.0f} км/ч",) if over[j] else ()
-        first = ~self.sent_static[idx]
+        first = ~self.sent_static[idx] | again
         self.sent_static[idx] = True
         return UpdateBatch(
             ids=[self.ids[i] for i in idx],

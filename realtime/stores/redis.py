@@ -40,6 +40,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import math
 import random
 import secrets
 import time
@@ -247,6 +248,7 @@ _HSET_POSITION = (b"*14\r\n$4\r\nHSET\r\n$%d\r\n%b\r\n$3\r\nlat\r\n$%d\r\n%b\r\n
                   b"$5\r\nspeed\r\n$%d\r\n%b\r\n$6\r\ncourse\r\n$%d\r\n%b\r\n$6\r\nstatus\r\n$%d\r\n%b\r\n"
                   b"$9\r\ntimestamp\r\n$%d\r\n%b\r\n")
 _GEO_MEMBER = b"$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n"
+GEO_MAX_LAT = 85.05112878
 
 
 def pack_resp(cmds) -> bytes:
@@ -713,6 +715,10 @@ class RedisStores:
             key = f"vehicle:current:{vid}"
             la, lo, sp, co = repr(lat), repr(lon), repr(speed), repr(course)
             st, t = STATUSES[status], str(ts)
+            # Redis's geo set holds latitudes to ±85.05112878 and refuses a
+            # whole GEOADD for one beyond: a polar vehicle is indexed at the edge
+            glat = lat if -GEO_MAX_LAT <= lat <= GEO_MAX_LAT else math.copysign(GEO_MAX_LAT, lat)
+            gla = la if glat == lat else repr(glat)
             refresh = now - self._expired_at.get(r, -1e9) >= EXPIRE_EVERY_S
             # the rest of the hash only when it changed, or with the TTL's
             # refresh (a hash deleted by hand is whole again within a minute):
@@ -746,7 +752,7 @@ class RedisStores:
                     packed.append(blob if whole else _HSET_POSITION % (
                         len(kb), kb, len(la), la.encode(), len(lo), lo.encode(), len(sp), sp.encode(),
                         len(co), co.encode(), len(st), st.encode(), len(t), t.encode()))
-                    geo_resp.append(_GEO_MEMBER % (len(lo), lo.encode(), len(la), la.encode(), len(vb), vb))
+                    geo_resp.append(_GEO_MEMBER % (len(lo), lo.encode(), len(gla), gla.encode(), len(vb), vb))
             except (TypeError, ValueError) as e:
                 # one vehicle nobody can write must not stop the slice
                 # (every later vehicle would never be written again)
@@ -760,7 +766,7 @@ class RedisStores:
                 expired.append(r)
             cmds += mine
             n += len(mine) if whole else 1
-            geo.extend((lon, lat, vid))
+            geo.extend((lon, glat, vid))
             feed_ids.append(vid)
             feed_ts.append(ts)
         if geo:
