@@ -36,7 +36,7 @@ if [ "$SMOKE" = 1 ]; then
   say "[5/5] SSE, long polling and gRPC vs WebSocket (100 clients; 300 idle pollers)"
   transports=$($PY benchmarks/bench_transports.py --smoke)
   say "[+] capacity, Redis side (2k vehicles, 2 instances, feed against scan)"
-  capacity=$($PY benchmarks/bench_capacity.py --vehicles 2000 --instances 2 --settle 3 --seconds 3)
+  capacity=$($PY benchmarks/bench_capacity.py --vehicles 2000 --instances 2 --settle 2 --seconds 2)
   mem=null
   workers=null
 else

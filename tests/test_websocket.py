@@ -477,7 +477,7 @@ async def test_a_clustered_client_gets_its_event_and_its_new_cells_in_one_frame(
             await c.recv_type("welcome")
             _, msgs = await c.subscribe(subscriptions={"geographic": {"bounds": bounds, "zoom": 5}})
             assert msgs[0]["t"] == "clusters"
-        await asyncio.sleep(1.5)   # a refresh has passed: the cells are current
+        hub.flush(rebuild=True, clusters=True)   # a refresh: the cells are current
         for c in clients:
             await _frames(c, 0.3)
         # one vehicle drives into the second view; an event for another; one tick with the refresh
@@ -485,7 +485,7 @@ async def test_a_clustered_client_gets_its_event_and_its_new_cells_in_one_frame(
         hub.apply_updates([validate(update(vids[0], 50.0, 30.0, status="stopped"))])
         hub.deliver_event(Event(f"{now}-0-local", vids[1], "note", {"x": 1}, now, False))
         hub.flush(rebuild=True, clusters=True)
-        whole, part = [await _frames(c, 1.0) for c in clients]
+        whole, part = [await _frames(c, 0.5) for c in clients]
         assert len(whole) == 1 and [m["t"] for m in whole[0]["messages"]] == ["event", "clusters"]
         assert whole[0]["messages"][0]["v"] == vids[1]
         assert sum(cell[2] for cell in whole[0]["messages"][1]["cells"]) == 19
@@ -521,7 +521,7 @@ async def test_a_clusters_refresh_that_fails_costs_the_tick_nothing(uid, monkeyp
         now = int(time.time() * 1000)
         hub.deliver_event(Event(f"{now}-0-local", vid, "note", {"x": 1}, now, False))
         hub.flush(rebuild=True, clusters=True)
-        got = [m for f in await _frames(c, 1.0) for m in f["messages"]]
+        got = [m for f in await _frames(c, 0.5) for m in f["messages"]]
         assert [m["t"] for m in got] == ["event"] and got[0]["v"] == vid
         await c.close()
     finally:
