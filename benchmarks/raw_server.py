@@ -107,6 +107,7 @@ if __name__ == "__main__":
         uvloop.run(main(a.port, a.messages, a.tick_ms, a.expect))
     else:
         children = []
+        parent = os.getpid()
 
         def stop(signum, frame):
             for c in children:
@@ -114,6 +115,7 @@ if __name__ == "__main__":
                     os.kill(c, signal.SIGKILL)
                 except ProcessLookupError:   # it exited already
                     pass
+            os._exit(0)   # no more forks; a child forked meanwhile dies with us (below)
         signal.signal(signal.SIGTERM, stop)   # before the forks: no window without it
         for _ in range(a.procs):
             pid = os.fork()
@@ -122,6 +124,8 @@ if __name__ == "__main__":
                 # killed with the parent, however it ends (a SIGKILL too):
                 # a child left behind would serve the next run's port
                 ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
+                if os.getppid() != parent:   # the parent died before prctl
+                    os._exit(0)
                 uvloop.run(main(a.port, a.messages, a.tick_ms, a.expect, reuse_port=True))
                 os._exit(0)
             children.append(pid)

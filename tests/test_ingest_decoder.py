@@ -331,18 +331,18 @@ def test_iso_timestamps_and_deep_objects_are_held_as_every_input_holds_them():
     1970 or past epoch-ms 1e14 (as epoch milliseconds are held), and a driver
     or assignment nested deeper than MAX_DEPTH."""
     from realtime.ingest.decode import MAX_DEPTH, Rejected, decode_record
-    deep = {}
-    for _ in range(MAX_DEPTH + 2):
+    deep, shallow = {}, {}
+    for _ in range(MAX_DEPTH + 1):   # MAX_DEPTH + 1 below the driver
         deep = {"d": deep}
-    shallow = {}
-    for _ in range(MAX_DEPTH - 1):
+    for _ in range(MAX_DEPTH):       # MAX_DEPTH below it: the most there may be
         shallow = {"d": shallow}
     cases = [({"timestamp": "1969-12-31T23:59:59Z"}, "invalid_timestamp"),
              ({"timestamp": "9999-01-01T00:00:00Z"}, "invalid_timestamp"),
              ({"driver": deep}, "invalid_field"),
              ({"assignment": deep}, "invalid_field"),
              ({"timestamp": "1970-01-01T00:00:00.001Z"}, None),
-             ({"driver": shallow}, None)]
+             ({"driver": shallow}, None),
+             ({"assignment": {"a": shallow}}, "invalid_field")]
     for extra, reason in cases:
         rec = json.dumps({"vehicle_id": "deep-1", "timestamp": 1_700_000_000_000,
                           "position": {"lat": 1.0, "lon": 2.0}, **extra}).encode()

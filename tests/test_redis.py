@@ -1130,6 +1130,13 @@ async def test_the_writer_works_where_client_reply_is_not_allowed(throwaway_redi
                 return all([await admin.hget(f"vehicle:current:{uid}{i}", "lat") == "51.5" for i in range(20)])
             assert await eventually(moved)
             assert s.logs().count("CLIENT REPLY not allowed") == 1
+            # replied pipelines too index a polar vehicle at the geo set's edge, with its slice
+            ingest(s, [update(uid + "polar", 89.5, 10.0), update(f"{uid}0", 52.5, 30.0)])
+
+            async def indexed():
+                pos = await admin.geopos("vehicles:geoindex", uid + "polar", f"{uid}0")
+                return pos[0] is not None and abs(pos[1][1] - 52.5) < 1e-4
+            assert await eventually(indexed)
         finally:
             s.stop()
     finally:

@@ -105,7 +105,9 @@ _mp_encode = msgspec.msgpack.Encoder().encode
 _JSON_TYPES = (str, int, float, bool, type(None))
 
 
-MAX_DEPTH = 32   # of a driver or assignment object: every input holds it to this
+# objects or arrays nested below a driver or assignment object: every input
+# (and the relay between workers) holds them to this
+MAX_DEPTH = 32
 
 
 def _plain(value, depth: int = 0) -> bool:
@@ -146,8 +148,9 @@ def _finish(u: UpdateIn, json_numbers: bool = True) -> UpdateIn:
             except (OverflowError, TypeError, ValueError, RecursionError):
                 raise Rejected("invalid_field", f"{name}: holds a value msgpack cannot carry "
                                                 "(an integer beyond 64 bits)") from None
-            if not _plain(value):   # JSON's types, so only the depth can fail
-                raise Rejected("invalid_field", f"{name}: nested deeper than {MAX_DEPTH} levels")
+            if not _plain(value):   # from JSON only the depth can fail
+                raise Rejected("invalid_field", f"{name}: nested more than {MAX_DEPTH} levels below it, "
+                                                "or holds what JSON cannot")
         elif value and not _plain(value):
             # a msgpack record can hold what JSON cannot (bin, keys that are
             # not strings, NaN): JSON clients and the Redis hash could not

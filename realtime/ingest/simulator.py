@@ -61,7 +61,9 @@ class Fleet:
                          "phone": f"+7916{r.integers(1000000, 9999999)}"} for _ in range(n)]
         self.assignments = [{"client": str(r.choice(CLIENTS)),
                              "eta": f"{r.integers(8, 20):02d}:{r.integers(0, 60):02d}"} for _ in range(n)]
-        self.groups = [self._group_of(self.lat[i], self.lon[i]) for i in range(n)]
+        # tuples, as the core stores them: a list is never equal to what is
+        # stored, and each resend would set the groups again
+        self.groups = [tuple(self._group_of(self.lat[i], self.lon[i])) for i in range(n)]
         self.sent_static = np.zeros(n, bool)
         # driver, assignment and groups go with the first report, and again
         # every STATIC_EVERY_S (spread): a worker or instance that missed the
@@ -117,8 +119,10 @@ class Fleet:
         jitter = (self.pause > 0) & self.idle & ~self.offline
         self.lat = np.where(jitter, self.lat + r.normal(0, 2e-6, n), self.lat)
         self.lon = np.where(jitter, self.lon + r.normal(0, 2e-6, n), self.lon)
-        # rarely a tracker drops off, and comes back later
-        flip = r.random(n) < dt / 3000.0
+        # rarely a tracker drops off, and comes back later; not before its
+        # first report, so that the whole fleet is known at start (a map or
+        # a test counting it found one short now and then)
+        flip = (r.random(n) < dt / 3000.0) & self.sent_static
         self.offline = np.where(flip, ~self.offline, self.offline)
         due = self.next_report <= self.clock
         if not due.any():
@@ -132,7 +136,7 @@ class Fleet:
                           STATUS_CODE["moving"]).astype(np.uint8)
         over = self.speed[idx] > self.limit[idx] * 1.02
         again = self.static_due[idx] <= self.clock
-        self.static_due[idx[again]] += STATIC_EVERY_S
+        self.static_due[idx[again]] = self.clock + STATIC_EVERY_S   # once, after a long silence too
         alerts = [None] * len(idx)
         for j, i in enumerate(idx):
             # not again with the others: to a worker that missed them they
@@ -201,7 +205,7 @@ async def run_in_hub(hub, n: int, step_s: float = 0.1, seed: int = 1, sink=None,
         if relay:   # every report names its type, as the updates of HTTP ingest did
             codes = {t: core.vtype_code(t) for t in set(types)}
             batch.vtype = np.array([codes[t] for t in types], np.uint8)
-        else:   # the first report only (they never change)
+        else:   # with the rarely changing fields only (types never change)
             vt = batch.vtype
             for j in np.flatnonzero(first):
                 vt[j] = core.vtype_code(types[j])
