@@ -84,6 +84,9 @@ class Hub:
         self.settings = settings
         self.core = core or Core(vehicle_capacity=4096, client_capacity=256)
         self.sessions: dict[int, Session] = {}
+        # user -> their attached sessions: an ACL update reaches them without a
+        # pass over every session (a Pub/Sub reconnect re-reads every user's)
+        self._by_user: dict[str, set] = {}
         # core row -> the session's transport (an Outlet) or None, for fan_out:
         # a list, indexed without hashing per write
         self.outlets: list = []
@@ -385,6 +388,7 @@ class Hub:
         c = s.claims
         s.row = self.core.add_client(s.fmt, c.view_all, c.vehicles, c.groups, c.contacts)
         self.sessions[s.row] = s
+        self._by_user.setdefault(c.sub, set()).add(s)   # a session's user never changes
         if s.row >= len(self.outlets):
             self.outlets.extend([None] * (s.row + 1 - len(self.outlets)))
         self.outlets[s.row] = s.transport
@@ -393,6 +397,11 @@ class Hub:
         self.conflating.discard(s)
         if s.row >= 0 and self.sessions.get(s.row) is s:
             del self.sessions[s.row]
+            mine = self._by_user.get(s.claims.sub)
+            if mine is not None:
+                mine.discard(s)
+                if not mine:
+                    del self._by_user[s.claims.sub]
             self.outlets[s.row] = None
             self.core.remove_client(s.row)
             s.row = -1
@@ -539,7 +548,7 @@ class Hub:
         """The user's ACL read again and applied to their connections. It
         does not count as an update: a re-read must not make connects that
         overlap it read again in turn."""
-        targets = [s for s in self.sessions.values() if s.claims.sub == user_id]
+        targets = list(self._by_user.get(user_id, ()))
         if not targets:
             return
         acl = await self.stores.acl(user_id)

@@ -8,6 +8,7 @@ resumes to a full snapshot), not silently left without the tick's messages.
 """
 import asyncio
 import json
+import time
 import types
 
 import aiohttp
@@ -129,3 +130,31 @@ async def test_a_resume_past_what_this_instance_read_is_refused_not_repeated(inp
     with pytest.raises(websockets.ConnectionClosed) as e:
         await c2.recv_type("welcome", timeout=10)
     assert e.value.rcvd.code == 1013 and "behind the event log" in e.value.rcvd.reason
+
+
+async def test_sessions_by_user_follow_connections_and_are_released(inproc):
+    """The hub's index of sessions by user (what an ACL update reaches)
+    holds exactly the attached sessions, and nothing once they are gone."""
+    hub = inproc.hub
+    users = ["alice", "bob", "carol"]
+    clients = []
+    for i in range(30):
+        c = await Client.connect(inproc, token(users[i % 3]))
+        await c.recv_type("welcome")
+        clients.append(c)
+    for u in users:
+        assert {s.client_id for s in hub._by_user[u]} == \
+            {s.client_id for s in hub.sessions.values() if s.claims.sub == u}
+        assert len(hub._by_user[u]) == 10
+    for c in clients[:15]:
+        await c.close()
+    deadline = time.monotonic() + 10
+    while sum(len(v) for v in hub._by_user.values()) > 15 and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert sum(len(v) for v in hub._by_user.values()) == 15 == len(hub.sessions)
+    for c in clients[15:]:
+        await c.close()
+    deadline = time.monotonic() + 10
+    while hub._by_user and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert hub._by_user == {} and not hub.sessions
