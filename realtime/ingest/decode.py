@@ -125,6 +125,21 @@ def _plain(value, depth: int = 0) -> bool:
     return False
 
 
+def _json_object_fault(value) -> str | None:
+    """Why a driver or assignment read from JSON cannot be kept (None: it
+    can), for _finish and the compiled decoder alike. Free-form objects go
+    to msgpack clients as they are: an integer msgpack cannot carry (beyond
+    64 bits) would fail there, in the core, for the whole batch. From JSON
+    `_plain` can only fail on the depth."""
+    try:
+        _mp_encode(value)
+    except (OverflowError, TypeError, ValueError, RecursionError):
+        return "holds a value msgpack cannot carry (an integer beyond 64 bits)"
+    if not _plain(value):
+        return f"nested more than {MAX_DEPTH} levels below it, or holds what JSON cannot"
+    return None
+
+
 def _finish(u: UpdateIn, json_numbers: bool = True) -> UpdateIn:
     """What msgspec's types cannot say. Afterwards `timestamp` is epoch
     milliseconds and `course` (or `heading`) is in [0, 360). (NaN and
@@ -140,17 +155,9 @@ def _finish(u: UpdateIn, json_numbers: bool = True) -> UpdateIn:
         # only JSON can hold integers beyond 64 bits: a msgpack record cannot,
         # and the Kafka path does not pay for an encode per record there
         if value and json_numbers:
-            # free-form objects are sent to msgpack clients as they are: an
-            # integer msgpack cannot carry (beyond 64 bits) would fail there,
-            # in the core, for the whole batch
-            try:
-                _mp_encode(value)
-            except (OverflowError, TypeError, ValueError, RecursionError):
-                raise Rejected("invalid_field", f"{name}: holds a value msgpack cannot carry "
-                                                "(an integer beyond 64 bits)") from None
-            if not _plain(value):   # from JSON only the depth can fail
-                raise Rejected("invalid_field", f"{name}: nested more than {MAX_DEPTH} levels below it, "
-                                                "or holds what JSON cannot")
+            fault = _json_object_fault(value)
+            if fault:
+                raise Rejected("invalid_field", f"{name}: {fault}")
         elif value and not _plain(value):
             # a msgpack record can hold what JSON cannot (bin, keys that are
             # not strings, NaN): JSON clients and the Redis hash could not
@@ -302,10 +309,8 @@ RICH_DECODERS = (
 
 def finish_object(value):
     """_finish's check of a JSON driver or assignment, for the compiled decoder."""
-    if value:
-        _mp_encode(value)   # an integer beyond 64 bits raises: decode_record then rejects it
-        if not _plain(value):
-            raise ValueError("nested deeper than MAX_DEPTH")   # decode_record then rejects it
+    if value and _json_object_fault(value):
+        raise ValueError("not kept")   # decode_record then rejects it, with the reason
     return value
 
 

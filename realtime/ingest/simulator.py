@@ -106,8 +106,7 @@ class Fleet:
         self.lat = np.where(moving, self.lat + frac * (self.target[:, 0] - self.lat), self.lat)
         self.lon = np.where(moving, self.lon + frac * (self.target[:, 1] - self.lon), self.lon)
         heading = (np.degrees(np.arctan2(dlon_km, dlat_km)) + 360.0) % 360.0
-        # rounded, 359.6 is 360: course is in [0, 360) (PROTOCOL §1.1)
-        self.course = np.where(moving & (dist > 0.01), np.round(heading) % 360.0, self.course)
+        self.course = np.where(moving & (dist > 0.01), np.round(heading), self.course)
         # arrivals: stop (or idle) for a while, then pick a new target
         arrived = moving & (dist <= step_km + 0.02)
         for i in np.flatnonzero(arrived):
@@ -201,14 +200,11 @@ async def run_in_hub(hub, n: int, step_s: float = 0.1, seed: int = 1, sink=None,
             # the sink takes what HTTP ingest hands on: validated updates
             await sink([validate(u) for u in fleet.as_updates(res)])
             continue
-        batch, types, first = res
-        if relay:   # every report names its type, as the updates of HTTP ingest did
-            codes = {t: core.vtype_code(t) for t in set(types)}
-            batch.vtype = np.array([codes[t] for t in types], np.uint8)
-        else:   # with the rarely changing fields only (types never change)
-            vt = batch.vtype
-            for j in np.flatnonzero(first):
-                vt[j] = core.vtype_code(types[j])
+        batch, types, _ = res
+        # every report names its type, as an HTTP-ingested update does (a
+        # worker that missed the first learns it; an equal one changes nothing)
+        codes = {t: core.vtype_code(t) for t in set(types)}
+        batch.vtype = np.array([codes[t] for t in types], np.uint8)
         hub.apply(batch)
         if relay:
             await hub.stores.relay_updates(batch)
