@@ -68,6 +68,10 @@ def _http_sink(app):
     here and relayed through Redis."""
     async def sink(updates):
         hub = app["hub"]
+        if hub.follower is not None:   # the owner worker takes it as its own (mirror.py)
+            if updates:
+                await hub.follower.forward(updates)
+            return
         producer = app.get("kafka_producer")
         kafka = app.get("kafka")
         if producer is not None and kafka is not None and kafka.connected:
@@ -91,8 +95,18 @@ async def _start(app):
     hub = app["hub"]
     settings = app["settings"]
     from .stores import make_stores
+    from . import mirror
+    part = mirror.role(settings)
+    if part == "owner":
+        hub.owner = mirror.Owner(hub, mirror.socket_path(settings), app["http_sink"])
+    elif part == "follower":
+        hub.follower = mirror.Follower(hub, mirror.socket_path(settings))
     hub.stores = make_stores(settings, hub.instance_id)
     await hub.stores.start(hub)
+    if hub.owner is not None:
+        await hub.owner.start()
+    if hub.follower is not None:
+        hub.follower.start()
     if settings.postgres:
         from .stores.records import Records
         hub.records = Records(settings.postgres, hub.instance_id)
@@ -104,7 +118,7 @@ async def _start(app):
     if settings.grpc_port:
         from .transports import grpc_stream
         app["grpc"] = await grpc_stream.start(app)
-    if settings.kafka:
+    if settings.kafka and hub.follower is None:   # the owner worker consumes for the instance
         from .ingest.kafka import KafkaIngest
         app["kafka"] = KafkaIngest(settings, app["ingest_sink"], hub.stats, hub.core)
         app["kafka"].start()
@@ -147,6 +161,10 @@ async def _stop(app):
             await app["kafka_producer"].stop()
         except Exception:
             pass
+    hub = app["hub"]
+    for part in (hub.owner, hub.follower):
+        if part is not None:
+            await part.stop()
     await app["hub"].security.stop()   # its last summary goes to the records
     await app["hub"].settle(max(1.0, app["settings"].shutdown_grace / 3))
     step("background writes settled")
@@ -173,6 +191,9 @@ async def ready(request):
     if kafka is not None and not kafka.connected:
         problems.append("kafka unreachable")
     st = app["settings"]
+    follower = app["hub"].follower
+    if follower is not None and not follower.connected:
+        problems.append("owner worker unreachable")
     problems += app["hub"].load.problems(st.ready_max_loop_lag_ms, st.ready_max_cpu, st.ready_max_memory)
     body = {"status": "ok" if not problems else "unavailable", "problems": problems,
             "connections": len(app["hub"].sessions)}

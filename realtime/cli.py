@@ -167,6 +167,11 @@ class Supervisor:
         signal.signal(signal.SIGINT, self.forward)
         signal.signal(signal.SIGHUP, self.hangup)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
+        # the owner worker's socket for the others (mirror.py): in a directory
+        # that only this user can enter (mkdtemp makes it 0700)
+        import shutil
+        import tempfile
+        self.settings = dataclasses.replace(self.settings, mirror_dir=tempfile.mkdtemp(prefix="realtime-workers-"))
         try:
             for i in range(self.settings.workers):
                 self.start(i)
@@ -179,6 +184,7 @@ class Supervisor:
             for p in self.procs.values():   # whatever happened here, no worker outlives us
                 if p.is_alive():
                     p.kill()
+            shutil.rmtree(self.settings.mirror_dir, ignore_errors=True)
 
     def _step(self) -> int | None:
         now = time.monotonic()

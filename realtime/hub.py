@@ -74,6 +74,7 @@ class Stats:
         self.cluster_refreshes = 0   # refresh_clusters runs
         self.cluster_views = 0       # distinct views (and formats) encoded by them
         self.cluster_seconds = 0.0
+        self.mirrored_rows = 0       # rows a follower worker took from the owner's frames
 
     def reject(self, reason: str, n: int = 1):
         self.ingest_rejected[reason] = self.ingest_rejected.get(reason, 0) + n
@@ -118,6 +119,10 @@ class Hub:
         self.conflating: set[Session] = set()
         self.load = LoadMonitor()
         self._work = asyncio.Event()   # set by ingest and events: the tick has something to do
+        # --workers N (mirror.py): worker 0 owns the fleet and sends each tick's
+        # changes to the others, which route them for their own clients
+        self.owner = None      # mirror.Owner in worker 0
+        self.follower = None   # mirror.Follower in the others
 
     # ------------------------------------------------------------ ingest
     def apply_updates(self, updates: list[dict]) -> int:
@@ -141,6 +146,14 @@ class Hub:
         # alert is then in the same tick as its update, ahead of it (priority)
         self._work.set()
         return len(batch) - (self.core.ignored_stale - before)
+
+    def mirrored(self, n: int) -> None:
+        """A follower took `n` rows from the owner's frame (mirror.py)."""
+        self._arrivals.append((time.monotonic(), n))
+        self.stats.mirrored_rows += n
+
+    def wake(self) -> None:
+        self._work.set()
 
     def spawn(self, coro) -> None:
         """Fire-and-forget work off the delivery path, kept referenced until
@@ -260,6 +273,8 @@ class Hub:
         already = list(self.conflating) if self.conflating else None
         events = list(self.core.events) if already else None
         self.flushed_eid = self.last_eid
+        if self.owner is not None:
+            self.owner.publish()   # what this tick sends, to the other workers too
         out = self.core.tick(rebuild, time.monotonic())
         if clusters:
             try:
@@ -693,27 +708,20 @@ class Hub:
         `r: stale` and is forgotten. At most VEHICLE_SLICE of each per call,
         so that a whole fleet going silent at once (a feed outage) never holds
         a tick: returns True when some are left for the next tick."""
+        if self.follower is not None:
+            return False   # the owner decides, and its frames say so (mirror.py)
         st = self.settings
         core = self.core
         stale = core.silent_rows(now - st.stale_after_s)
         behind = len(stale) > VEHICLE_SLICE
         stale = stale[:VEHICLE_SLICE]
         if len(stale):
-            self.flush()
-            for s in list(self.conflating):   # forget() needs every view current
-                self._catch_up(s)
-            envelope, batch_id = core.envelope, self.batch_id()
-            forgotten_ids = {int(r): core.ids[r] for r in stale}
-            for body, rows in core.forget(stale):
-                for row in rows:
-                    s = self.sessions.get(row)
-                    if s is not None:
-                        s.send_batch(envelope, batch_id, body)
-            for s in self.conflating:   # re-conflated since: its rows may be reused
-                s.known = np.setdiff1d(s.known, stale)
-            for r in stale:
-                self.records.event("vehicle_stale", None, forgotten_ids.get(int(r)))
-            self.stats.forgotten += len(stale)
+            forgotten_ids = [core.ids[r] for r in stale]
+            self.forget_rows(stale)
+            for vid in forgotten_ids:
+                self.records.event("vehicle_stale", None, vid)
+            if self.owner is not None:
+                self.owner.forgotten(forgotten_ids, stale)
             log.info("vehicles forgotten", extra={"fields": {"count": int(len(stale)),
                                                              "silent_s": st.stale_after_s}})
         off = core.mark_offline(core.silent_rows(now - st.offline_after_s), VEHICLE_SLICE)
@@ -723,6 +731,25 @@ class Hub:
             for r in off:
                 self.records.event("vehicle_offline", None, core.ids[r])
         return behind or len(off) == VEHICLE_SLICE
+
+    def forget_rows(self, rows) -> None:
+        """`leave` (r: stale) to the clients that see these rows, then the
+        core drops them (stale here, or gone from the owner's fleet)."""
+        if not len(rows):
+            return
+        core = self.core
+        self.flush()
+        for s in list(self.conflating):   # forget() needs every view current
+            self._catch_up(s)
+        envelope, batch_id = core.envelope, self.batch_id()
+        for body, rows_ in core.forget(rows):
+            for row in rows_:
+                s = self.sessions.get(row)
+                if s is not None:
+                    s.send_batch(envelope, batch_id, body)
+        for s in self.conflating:   # re-conflated since: its rows may be reused
+            s.known = np.setdiff1d(s.known, rows)
+        self.stats.forgotten += len(rows)
 
     def check_connections(self, now: float) -> None:
         """Heartbeat (PROTOCOL §3.3): pings, and closes what stopped answering.

@@ -67,12 +67,18 @@ async def test_workers_share_the_port_restart_and_stop(redis_url, uid):
             _, msgs = await c.subscribe(subscriptions={"vehicles": [vid]})
             assert [m["v"] for m in msgs] == [vid]
             clients.append(c)
-        # batch ids name the instance: both workers serve clients
-        ingest(s, [update(vid, 56.0)])
+        # batch ids name the instance: both workers serve clients. Each
+        # request lands on either worker (one that is not the owner forwards
+        # it, mirror.py), and every client gets every position
+        for i in range(6):
+            ingest(s, [update(vid, 56.0 + i / 10, ts=int(time.time() * 1000) + i)])
         for c in clients:
-            b = await c.recv_type("batch")
-            assert b["messages"][0]["p"][0] == 56.0
-            instances.add(b["batch_id"].rsplit("-", 1)[0])
+            lats = []
+            while 56.5 not in lats:
+                b = await c.recv_type("batch")
+                lats += [m["p"][0] for m in b["messages"] if "p" in m]
+                instances.add(b["batch_id"].rsplit("-", 1)[0])
+            assert lats == sorted(lats) and lats[-1] == 56.5   # in order, none after the last
         assert len(instances) == 2
         for c in clients:
             await c.close()
@@ -89,6 +95,59 @@ async def test_workers_share_the_port_restart_and_stop(redis_url, uid):
         s.proc.send_signal(signal.SIGTERM)
         assert s.proc.wait(20) == 0
     finally:
+        s.stop()
+
+
+async def test_the_owner_worker_restarts_and_the_others_carry_on(redis_url, uid):
+    """Worker 0 owns the fleet (mirror.py). Killed, it is restarted; a client
+    of another worker stays connected, loses no vehicle (the new owner reads
+    the fleet back from Redis first) and gets updates again, and ingest sent
+    to that worker meanwhile is refused (503) or applied, never lost."""
+    s = Server("--workers", "2", "--simulate", "0", "--tick-ms", "20", "--redis", redis_url)
+    clients = []
+    try:
+        both_workers(s)
+        vid = uid + "o"
+        assert ingest(s, [update(vid, 55.0)])[0] == 200
+        owner_pid = follower = None
+        for _ in range(40):   # connections land on either worker: find one of each
+            c = await Client.connect(s, token())
+            await c.recv_type("welcome")
+            clients.append(c)
+            await c.subscribe(subscriptions={"vehicles": [vid]})
+            ingest(s, [update(vid, 55.0 + len(clients) / 1000, ts=int(time.time() * 1000))])
+            b = await c.recv_type("batch")
+            pid, index = b["batch_id"].split("-")[:2]
+            if index == "0":
+                owner_pid = int(pid, 16)
+            elif follower is None:
+                follower = c
+            if owner_pid and follower:
+                break
+        assert owner_pid and follower, "no connection reached each worker"
+        time.sleep(0.5)   # the owner's writer has the vehicle in Redis
+        os.kill(owner_pid, signal.SIGKILL)
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            now = children(s.proc.pid)
+            if len(now) >= 2 and owner_pid not in now:
+                break
+            time.sleep(0.1)
+        # ingest until it is taken (a follower without its owner says 503)
+        statuses = []
+        while time.time() < deadline:
+            st, _ = ingest(s, [update(vid, 57.0, ts=int(time.time() * 1000))])
+            statuses.append(st)
+            if st == 200:
+                break
+            assert st == 503
+            time.sleep(0.2)
+        assert statuses[-1] == 200
+        seen = await follower.wait_messages(lambda m: m.get("p", [0])[0] == 57.0, timeout=20)
+        assert not [m for m in seen if m.get("t") == "leave"], seen
+    finally:
+        for c in clients:
+            await c.close()
         s.stop()
 
 

@@ -86,6 +86,9 @@ class CoreBase:
         self.id_to_row: dict[str, int] = {}
         self.ignored_stale = 0
         self.new_alerts: list[tuple[int, str]] = []
+        # rows whose rich fields changed, kept only where a worker mirrors
+        # this core to others (mirror.Owner sets a set; None: not kept)
+        self.rich_log: set | None = None
         # rich values per row, and their encodings as (json, msgpack) pairs
         self.alerts: list[tuple] = []
         self.driver: list = []
@@ -344,6 +347,8 @@ class CoreBase:
             m |= S.F_G
         if m:
             self.dirty[row] = 1
+            if self.rich_log is not None:
+                self.rich_log.add(row)
         return m
 
     # ------------------------------------------------------------------ groups

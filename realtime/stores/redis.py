@@ -310,6 +310,7 @@ class RedisStores:
         # connects do not wait for it (see acl, load_session, resolve_*)
         self.healthy: bool | None = None
         self.leader = False
+        self.follower = False   # see start()
         self._lease_at = float("-inf")   # when the writer lease was last taken or renewed (monotonic)
         self._servers: dict | None = None   # the primaries' run_ids at the last renewal (redis_conn.run_ids)
         self._ops = 0                    # commands sent (redis_operations_total, with presence's)
@@ -351,8 +352,13 @@ class RedisStores:
     async def start(self, hub) -> None:
         self.hub = hub
         loop = asyncio.get_running_loop()
-        for name, fn in (("redis-tail", self._tail), ("redis-pubsub", self._pubsub),
-                         ("redis-writer", self._writer), ("redis-reconcile", self._reconcile),
+        # a follower worker (mirror.py) gets the fleet from the owner worker:
+        # no relay, no reconcile and no writer of its own; group membership
+        # for its own subscriptions it still reads
+        self.follower = hub.follower is not None
+        fleet = ((("redis-groups", self._groups),) if self.follower else
+                 (("redis-writer", self._writer), ("redis-reconcile", self._reconcile)))
+        for name, fn in (("redis-tail", self._tail), ("redis-pubsub", self._pubsub), *fleet,
                          ("redis-presence", self._presence)):
             self._tasks.append(loop.create_task(self._forever(name, fn), name=name))
 
@@ -541,7 +547,7 @@ class RedisStores:
             ps = self.r_listen.pubsub(ignore_subscribe_messages=True)
         try:
             await ps.psubscribe("vehicle:events:*")
-            await ps.subscribe("acl:updates", RELAY)
+            await ps.subscribe("acl:updates", *(() if self.follower else (RELAY,)))
             self.healthy = True
             # ACL updates published while we were not listening are lost:
             # forget what was read before, and read again the rights of every
@@ -871,6 +877,12 @@ class RedisStores:
         while True:
             await self.reconcile_once()
             self.snapshot_loaded.set()
+            self.healthy = True
+            await asyncio.sleep(RECONCILE_EVERY_S)
+
+    async def _groups(self) -> None:
+        while True:
+            await self._refresh_groups()
             self.healthy = True
             await asyncio.sleep(RECONCILE_EVERY_S)
 

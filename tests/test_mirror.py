@@ -1,0 +1,229 @@
+"""--workers N: worker 0 owns the fleet and the others mirror it (realtime/mirror.py).
+
+Two hubs in this process, linked by the real Unix socket the workers use:
+what the owner applies, forgets and names reaches the follower's core; HTTP
+ingest a follower receives is applied by the owner; a new owner's fleet
+replaces the follower's; a follower that stops reading is dropped, not
+buffered for without end; a link that sends garbage is closed alone.
+"""
+import asyncio
+import time
+
+import msgpack
+import numpy as np
+import pytest
+
+from realtime import config, mirror
+from realtime._core import Core
+from realtime._core._schema import KEEP, STATUS_CODE, UpdateBatch
+from realtime.hub import Hub
+
+SECRET = "x" * 32
+
+
+def hub() -> Hub:
+    s = config.Settings(jwt_secret=SECRET, simulate=0)
+    s.validate()
+    return Hub(s, Core(vehicle_capacity=64, client_capacity=4))
+
+
+def batch(core, ids, lat=55.0, ts=None, status=None, vtype=None, driver=None, alerts=None, groups=None):
+    n = len(ids)
+    ts = ts or int(time.time() * 1000)
+    return UpdateBatch(ids, [lat + i / 100 for i in range(n)], [37.0] * n, [10.0] * n, [90.0] * n,
+                       np.full(n, KEEP if status is None else STATUS_CODE[status], np.uint8),
+                       np.full(n, KEEP if vtype is None else core.vtype_code(vtype), np.uint8), [ts] * n,
+                       None if alerts is None else [tuple(alerts)] * n, None if driver is None else [driver] * n,
+                       None, None if groups is None else [tuple(groups)] * n)
+
+
+async def until(cond, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.01)
+
+
+def state(h: Hub, vid: str):
+    c = h.core
+    r = c.row_of(vid)
+    if r < 0:
+        return None
+    rec = c.cur[r]
+    return (round(float(rec["lat"]), 6), c.types[rec["vtype"]], int(rec["status"]), c.driver[r],
+            tuple(c.alerts[r]), tuple(c.groups_of[r]))
+
+
+@pytest.fixture
+async def pair(tmp_path):
+    path = str(tmp_path / "owner.sock")
+    owner_hub, follower_hub = hub(), hub()
+    taken = []
+
+    async def sink(updates):   # app.py's HTTP sink, as the owner has it
+        from realtime.ingest.decode import to_batch
+        taken.append(updates)
+        owner_hub.apply(to_batch(updates, owner_hub.core.vtype_code))
+
+    owner = mirror.Owner(owner_hub, path, sink)
+    owner_hub.owner = owner
+    follower = mirror.Follower(follower_hub, path)
+    follower_hub.follower = follower
+    await owner.start()
+    follower.start()
+    try:
+        yield owner_hub, follower_hub, taken, path
+    finally:
+        await follower.stop()
+        await owner_hub.owner.stop()
+
+
+async def test_the_follower_gets_the_fleet_its_changes_and_what_is_forgotten(pair, uid):
+    owner_hub, follower_hub, _, _ = pair
+    o, f = owner_hub.core, follower_hub.core
+    # the follower knows another type first: codes differ between the cores, names do not
+    f.vtype_code("van")
+    owner_hub.apply(batch(o, [uid + "a", uid + "b"], status="moving", vtype="truck",
+                          driver={"name": "Ann"}, alerts=["speeding"], groups=["north"]))
+    await until(lambda: follower_hub.follower.connected and f.row_of(uid + "b") >= 0)
+    for vid in (uid + "a", uid + "b"):
+        assert state(follower_hub, vid) == state(owner_hub, vid)
+    assert state(follower_hub, uid + "a")[1:] == ("truck", STATUS_CODE["moving"], {"name": "Ann"},
+                                                 ("speeding",), ("north",))
+    assert sorted(f.group_members("north")) == [uid + "a", uid + "b"]
+    # a tick's changes: a new position, a new vehicle, a changed driver
+    owner_hub.apply(batch(o, [uid + "a"], lat=56.0, ts=int(time.time() * 1000) + 5))
+    owner_hub.apply(batch(o, [uid + "c"], lat=57.0, vtype="bus", driver={"name": "Cy"}))
+    owner_hub.apply(batch(o, [uid + "b"], ts=int(time.time() * 1000) + 5, driver={"name": "Bo"}))
+    owner_hub.flush()
+    await until(lambda: state(follower_hub, uid + "c") is not None and f.driver[f.row_of(uid + "b")] == {"name": "Bo"})
+    for vid in (uid + "a", uid + "b", uid + "c"):
+        assert state(follower_hub, vid) == state(owner_hub, vid)
+    assert state(follower_hub, uid + "a")[0] == 56.0
+    # the follower's own tick has them to route: dirty, with its own rich versions
+    assert all(f.dirty[f.row_of(v)] for v in (uid + "a", uid + "b", uid + "c"))
+    # silent past --stale-after-s on the owner: forgotten there, then here
+    o.heard[o.row_of(uid + "c")] = -1e9
+    owner_hub.check_vehicles(time.monotonic())
+    assert o.row_of(uid + "c") < 0
+    owner_hub.flush()
+    await until(lambda: f.row_of(uid + "c") < 0)
+    assert follower_hub.stats.forgotten == 1
+    # its row is reused by the next new vehicle: named again, not confused with c
+    owner_hub.apply(batch(o, [uid + "d"], lat=58.0))
+    owner_hub.flush()
+    await until(lambda: f.row_of(uid + "d") >= 0)
+    assert state(follower_hub, uid + "d") == state(owner_hub, uid + "d")
+    assert follower_hub.follower.unknown_rows == 0
+    # the follower decides nothing on its own: no offline, no forgetting
+    f.heard[:] = -1e9
+    assert follower_hub.check_vehicles(time.monotonic()) is False
+    assert f.row_of(uid + "a") >= 0 and f.cur[f.row_of(uid + "a")]["status"] == STATUS_CODE["moving"]
+
+
+async def test_offline_on_the_owner_is_offline_on_the_follower(pair, uid):
+    owner_hub, follower_hub, _, _ = pair
+    o, f = owner_hub.core, follower_hub.core
+    owner_hub.apply(batch(o, [uid + "a"], status="moving"))
+    await until(lambda: follower_hub.follower.connected and f.row_of(uid + "a") >= 0)
+    o.heard[o.row_of(uid + "a")] = time.monotonic() - owner_hub.settings.offline_after_s - 1
+    owner_hub.check_vehicles(time.monotonic())
+    owner_hub.flush()
+    await until(lambda: f.cur[f.row_of(uid + "a")]["status"] == STATUS_CODE["offline"])
+
+
+async def test_ingest_on_a_follower_is_the_owners_and_fails_clearly_without_it(pair, uid):
+    owner_hub, follower_hub, taken, path = pair
+    from realtime.ingest.decode import validate
+    await until(lambda: follower_hub.follower.connected)
+    u = validate({"vehicle_id": uid + "x", "timestamp": int(time.time() * 1000),
+                  "position": {"lat": 50.5, "lon": 30.5}, "alerts": ["door"], "groups": ["g1"]})
+    await follower_hub.follower.forward([u])
+    assert [[x["vehicle_id"] for x in t] for t in taken] == [[uid + "x"]]
+    assert state(owner_hub, uid + "x")[0] == 50.5
+    owner_hub.flush()
+    await until(lambda: state(follower_hub, uid + "x") is not None)
+    assert state(follower_hub, uid + "x") == state(owner_hub, uid + "x")
+    # the owner goes: the follower says so, and ingest there is refused, not lost
+    await owner_hub.owner.stop()
+    await until(lambda: not follower_hub.follower.connected)
+    with pytest.raises(ConnectionError):
+        await follower_hub.follower.forward([u])
+
+
+async def test_a_new_owner_s_fleet_replaces_the_followers(pair, uid):
+    owner_hub, follower_hub, _, path = pair
+    f = follower_hub.core
+    owner_hub.apply(batch(owner_hub.core, [uid + "old", uid + "kept"], lat=51.0))
+    await until(lambda: follower_hub.follower.connected and f.row_of(uid + "kept") >= 0)
+    await owner_hub.owner.stop()
+    await until(lambda: not follower_hub.follower.connected)
+    # the restarted owner (a new process: a new core, its own rows) knows kept and new
+    new_hub = hub()
+    new_hub.apply(batch(new_hub.core, [uid + "new", uid + "kept"], lat=52.0,
+                        ts=int(time.time() * 1000) + 10))
+    owner = mirror.Owner(new_hub, path, None)
+    new_hub.owner = owner
+    owner_hub.owner = owner   # the fixture stops this one
+    await owner.start()
+    await until(lambda: follower_hub.follower.connected)
+    assert f.row_of(uid + "old") < 0            # gone with the old owner: `leave` here
+    assert state(follower_hub, uid + "kept") == state(new_hub, uid + "kept")
+    assert state(follower_hub, uid + "new") == state(new_hub, uid + "new")
+    # and the new owner's rows map to the follower's, whatever their numbers
+    new_hub.apply(batch(new_hub.core, [uid + "kept"], lat=53.0, ts=int(time.time() * 1000) + 20))
+    new_hub.flush()
+    await until(lambda: state(follower_hub, uid + "kept")[0] == 53.0)
+    assert follower_hub.follower.unknown_rows == 0
+
+
+async def test_a_follower_that_stops_reading_is_dropped_and_garbage_closes_its_link_alone(pair, uid, monkeypatch):
+    owner_hub, follower_hub, _, path = pair
+    o, f = owner_hub.core, follower_hub.core
+    await until(lambda: follower_hub.follower.connected)
+    monkeypatch.setattr(mirror, "FOLLOWER_BUFFER_MAX", 256 * 1024)
+    # a second "follower" that connects and never reads
+    _, stuck = await asyncio.open_unix_connection(path)
+    await until(lambda: len(owner_hub.owner.followers) == 2)
+    # a third that sends a frame longer than any
+    bad_in, bad = await asyncio.open_unix_connection(path)
+    bad.write(mirror.HEADER.pack(mirror.MAX_FRAME + 1))
+    ts = int(time.time() * 1000)
+    for i in range(400):
+        owner_hub.apply(batch(o, [uid + str(k) for k in range(40)], lat=50.0 + i / 1000, ts=ts + i))
+        owner_hub.flush()
+        await asyncio.sleep(0)
+    await until(lambda: owner_hub.owner.dropped >= 1)
+    await until(lambda: len(owner_hub.owner.followers) == 1)
+    # the real follower kept up and has the last state
+    await until(lambda: state(follower_hub, uid + "39") == state(owner_hub, uid + "39"))
+    # the garbage link was closed by the owner (after its whole-fleet copy)
+    async def rest():
+        while await bad_in.read(1 << 16):
+            pass
+    await asyncio.wait_for(rest(), 5)
+    assert bad_in.at_eof()
+    stuck.close()
+    bad.close()
+
+
+async def test_frames_that_do_not_fit_the_core_are_refused_and_counted(tmp_path, uid):
+    """A frame naming rows it never named, or rows and records of different
+    lengths: the follower counts or drops the link, never applies a wrong row."""
+    h = hub()
+    follower = mirror.Follower(h, str(tmp_path / "none.sock"))
+    h.follower = follower
+    rec = np.zeros(1, h.core.cur.dtype)
+    follower.apply({"s": 1, "e": 1, "r": np.array([5], np.int32).tobytes(), "c": rec.tobytes(), "t": ["unknown"]})
+    assert follower.unknown_rows == 1 and h.core.n == 0
+    with pytest.raises(ValueError):
+        follower.apply({"r": np.array([1, 2], np.int32).tobytes(), "c": rec.tobytes()})
+    with pytest.raises(ValueError):
+        follower.apply({"n": [np.array([1, 2], np.int32).tobytes(), [uid]], "r": b""})
+    # msgpack framing: one frame in, the same out
+    data = mirror._frame({"r": b"", "x": []})
+    r = asyncio.StreamReader()
+    r.feed_data(data)
+    r.feed_eof()
+    assert await mirror.read_frame(r) == msgpack.unpackb(data[4:])
+    assert await mirror.read_frame(r) is None
