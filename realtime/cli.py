@@ -99,6 +99,7 @@ class Supervisor:
     WINDOW_S = 300.0
     GIVE_UP = 5
     KILL_AFTER_S = 5.0
+    KAFKA_REWIND_S = 10.0   # read again before an owner worker's death: older updates change nothing
 
     def __init__(self, settings):
         self.settings = settings
@@ -106,6 +107,7 @@ class Supervisor:
         self.procs: dict[int, multiprocessing.Process] = {}
         self.deaths: dict[int, list[float]] = {}   # index -> death times within the window
         self.due: dict[int, float] = {}            # index -> when to restart it
+        self.died_at: dict[int, float] = {}        # index -> when it died (wall clock), until restarted
         self.stopping: int | None = None           # the signal being forwarded
         self.stop_deadline = 0.0
         self.signalled: set[int] = set()           # pids that got the stop signal
@@ -115,7 +117,13 @@ class Supervisor:
     def start(self, i: int) -> None:
         if self.stopping is not None:
             return
-        p = self.ctx.Process(target=_worker_main, args=(self.settings, i, os.getpid()), daemon=False)
+        settings = self.settings
+        died = self.died_at.pop(i, None)
+        if i == 0 and died is not None and settings.kafka:
+            # the owner worker alone reads Kafka (mirror.py): its successor
+            # reads on from a little before it died, not from the end
+            settings = dataclasses.replace(settings, kafka_since_ms=int((died - self.KAFKA_REWIND_S) * 1000))
+        p = self.ctx.Process(target=_worker_main, args=(settings, i, os.getpid()), daemon=False)
         # a new worker starts with SIGHUP blocked (a handler would not survive
         # its exec, and the default kills) until its loop takes it over; one
         # that reaches us meanwhile waits, and is passed on to it as well
@@ -200,6 +208,7 @@ class Supervisor:
                 return self.give_up(port_taken(self.settings.host, self.settings.port))
             window = [t for t in self.deaths.get(i, []) if now - t < self.WINDOW_S] + [now]
             self.deaths[i] = window
+            self.died_at[i] = time.time()
             if len(window) >= self.GIVE_UP:
                 return self.give_up(f"worker {i} died {len(window)} times in {self.WINDOW_S:g} s "
                                     f"(last exit code {p.exitcode}); giving up: see the worker's log above")

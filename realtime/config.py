@@ -309,6 +309,7 @@ class Settings:
     development: bool = False
     worker_index: int = 0
     instance_id: str | None = None
+    kafka_since_ms: int | None = None   # a restarted owner worker reads Kafka from here (cli.py)
     mirror_dir: str | None = None   # the supervisor's private directory for the owner worker's socket (mirror.py)
 
     @property

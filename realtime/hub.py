@@ -40,6 +40,10 @@ CLUSTER_REFRESH_S = 1.0  # clustered clients get at most one `clusters` a second
 # Vehicles turned offline, or forgotten as stale, per tick at most: 20,000 at
 # once (a feed outage) held one tick for 0.5 s (offline) and 7 s (stale).
 VEHICLE_SLICE = 1000
+# a follower worker holds an event for a vehicle the owner has not named yet
+# this long (a frame follows within a tick), and at most this many
+EARLY_S = 2.0
+EARLY_MAX = 10_000
 # Shutdown's `reconnect.after_ms` spreads the clients' return over at least
 # clients / RECONNECTS_PER_S seconds (at most MAX_SPREAD_MS).
 RECONNECTS_PER_S = 500
@@ -123,6 +127,8 @@ class Hub:
         # changes to the others, which route them for their own clients
         self.owner = None      # mirror.Owner in worker 0
         self.follower = None   # mirror.Follower in the others
+        self._early: list = []          # (monotonic, Event) for vehicles not named yet (retry_early)
+        self._early_floor: str | None = None   # last_eid before the first of them
 
     # ------------------------------------------------------------ ingest
     def apply_updates(self, updates: list[dict]) -> int:
@@ -194,11 +200,35 @@ class Hub:
             self.stats.events += 1
             self._work.set()
             pieces = self.core.events[-1][1:3]
+        elif self.follower is not None and len(self._early) < EARLY_MAX:
+            # the owner worker logs a new vehicle's alert before its next
+            # frame names the vehicle here: held until that frame, and the
+            # clients' marks stay before it meanwhile (_flush)
+            if not self._early:
+                self._early_floor = self.last_eid
+            self._early.append((time.monotonic(), ev))
         else:
             self.stats.events_unknown_vehicle += 1
         if not ev.eid.endswith("-local"):
             self.last_eid = ev.eid
             self.recent.add(Recent(ev, pieces))
+
+    def retry_early(self, now: float) -> None:
+        """Events held for vehicles the owner worker had not named yet (a
+        follower, after each frame): delivered now if named, given up after
+        EARLY_S."""
+        if not self._early:
+            return
+        keep = []
+        for at, ev in self._early:
+            if self.core.add_event(ev.vehicle_id, ev.etype, ev.body, ev.eid, ev.ts, ev.is_alert):
+                self.stats.events += 1
+                self._work.set()
+            elif now - at < EARLY_S:
+                keep.append((at, ev))
+            else:
+                self.stats.events_unknown_vehicle += 1
+        self._early = keep
 
     def logged(self, ev: Event) -> None:
         """A log entry that is not delivered (it was, with a local id, while
@@ -252,6 +282,8 @@ class Hub:
                     next_second = loop.time() + 1.0
                     behind = self.check_vehicles(time.monotonic())
                     self.check_connections(time.monotonic())
+                    if self.owner is not None:
+                        self.owner.heartbeat(time.monotonic())
                 elif behind:   # a slice of a mass offline or forget is left: next tick
                     behind = self.check_vehicles(time.monotonic())
                 if behind:
@@ -272,7 +304,7 @@ class Hub:
         # sessions conflating before this tick get its events held instead
         already = list(self.conflating) if self.conflating else None
         events = list(self.core.events) if already else None
-        self.flushed_eid = self.last_eid
+        self.flushed_eid = self.last_eid if not self._early else self._early_floor
         if self.owner is not None:
             self.owner.publish()   # what this tick sends, to the other workers too
         out = self.core.tick(rebuild, time.monotonic())
@@ -709,6 +741,7 @@ class Hub:
         so that a whole fleet going silent at once (a feed outage) never holds
         a tick: returns True when some are left for the next tick."""
         if self.follower is not None:
+            self.retry_early(now)
             return False   # the owner decides, and its frames say so (mirror.py)
         st = self.settings
         core = self.core

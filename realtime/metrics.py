@@ -142,6 +142,23 @@ class HubCollector:
                 (C, "redis_pool_timeouts", "Redis requests that found no free connection in time",
                  getattr(pool, "timeouts", 0)),
             ]
+        owner, follower = hub.owner, hub.follower   # --workers N (mirror.py)
+        if owner is not None:
+            table += [
+                (G, "mirror_links", "Workers that take this owner worker's frames now", owner.connected),
+                (C, "mirror_frames", "Frames sent to the other workers (one per tick with changes)", owner.frames),
+                (C, "mirror_dropped", "Workers cut off for falling too far behind (they start again "
+                 "from the whole fleet)", owner.dropped),
+            ]
+        if follower is not None:
+            table += [
+                (G, "mirror_links", "1 while this worker has the owner worker's fleet and frames",
+                 int(follower.connected)),
+                (C, "mirror_frames", "Frames taken from the owner worker", follower.frames),
+                (C, "mirror_rows", "Vehicle rows taken from the owner worker", st.mirrored_rows),
+                (C, "mirror_unknown_rows", "Rows in the owner's frames that it never named (skipped)",
+                 follower.unknown_rows),
+            ]
         kafka = app.get("kafka")
         if kafka is not None:
             table += [

@@ -44,11 +44,14 @@ import asyncio
 import itertools
 import logging
 import os
+import signal
 import struct
+import time
 
 import msgpack
 import numpy as np
 
+from ._core import _schema as S
 from ._core._schema import VEHICLE_DTYPE
 
 log = logging.getLogger("realtime.mirror")
@@ -56,9 +59,17 @@ log = logging.getLogger("realtime.mirror")
 HEADER = struct.Struct("<I")
 MAX_FRAME = 1 << 30
 SNAPSHOT_SLICE = 10_000                 # vehicles per frame of a whole-fleet copy
-FOLLOWER_BUFFER_MAX = 256 * 1024 * 1024
-FORWARD_TIMEOUT_S = 5.0
+# a follower this far behind is cut off (it starts again from the whole fleet)
+FOLLOWER_BUFFER_MAX = 64 * 1024 * 1024
+# above the owner's own Kafka produce bound (app.py, 5 s): its answer comes first
+FORWARD_TIMEOUT_S = 10.0
+FORWARD_MAX = 64                        # forwarded ingest requests in flight per follower
 RECONNECT_MAX_S = 1.0
+HEARTBEAT_S = 1.0                       # the owner sends at least a frame this often
+SILENT_S = 5.0                          # a follower that heard nothing this long reconnects
+MAX_ROW = 1 << 28                       # no core has that many rows
+# what a follower checks in the first frame: the same frames and records
+VERSION = [1, str(VEHICLE_DTYPE.descr)]
 # the record fields a follower takes as they are; the versions of rich fields
 # and has_alerts are its own (its _apply_rich keeps them), the type is mapped
 COPIED = ("lat", "lon", "speed", "course", "ts", "status", "version")
@@ -96,8 +107,14 @@ async def read_frame(reader: asyncio.StreamReader):
     return msgpack.unpackb(body, raw=False, strict_map_key=False)
 
 
-def _rich_entry(core, r: int) -> list:
-    return [r, list(core.alerts[r]), core.driver[r], core.assignment[r], list(core.groups_of[r])]
+def _rich_entry(core, r: int, mask: int = -1) -> list:
+    """[row, alerts, driver, assignment, groups], None for a field that did not
+    change (`mask`, F_AL...; -1: all of them, as a whole-fleet copy sends)."""
+    return [r,
+            list(core.alerts[r]) if mask & S.F_AL else None,
+            core.driver[r] if mask & (S.F_DR | S.F_DRR) else None,
+            core.assignment[r] if mask & S.F_AS else None,
+            list(core.groups_of[r]) if mask & S.F_G else None]
 
 
 class Owner:
@@ -114,10 +131,13 @@ class Owner:
         self.server = None
         self.frames = 0
         self.dropped = 0
+        self.failed = 0                      # frames that could not be made (every follower starts again)
+        self._sent_at = 0.0
         self._handlers: set[asyncio.Task] = set()
-        hub.core.rich_log = set()
+        hub.core.rich_log = {}
 
     async def start(self) -> None:
+        os.makedirs(os.path.dirname(self.path), 0o700, exist_ok=True)   # a tmp cleaner may have taken it
         try:
             os.unlink(self.path)   # a previous owner's
         except FileNotFoundError:
@@ -129,7 +149,8 @@ class Owner:
         if self.server is not None:
             self.server.close()
         for w in list(self.followers):
-            w.close()
+            w.transport.abort()
+        self.followers.clear()
         for t in list(self._handlers):
             t.cancel()
         if self._handlers:
@@ -147,78 +168,106 @@ class Owner:
         self.announced[rows[rows < len(self.announced)]] = False
 
     def publish(self) -> None:
-        """Before the owner's tick: what that tick sends, to the followers."""
+        """Before the owner's tick: what that tick sends, to the followers.
+        Never raises into the tick: a frame that cannot be made cuts every
+        follower off, and each starts again from the whole fleet."""
         core = self.hub.core
         rich = core.rich_log
         if not self.followers:
             rich.clear()
             self.gone.clear()
             return
-        # a row whose rich fields changed is dirty too (_apply_rich), until
-        # this tick or until it is forgotten
-        rows = np.flatnonzero(core.dirty[: core.n])
-        live_rich = sorted(r for r in rich if core.id_to_row.get(core.ids[r]) == r)
-        rich.clear()
-        if not len(rows) and not self.gone:
+        try:
+            # a row whose rich fields changed is dirty too (_apply_rich), until
+            # this tick or until it is forgotten
+            rows = np.flatnonzero(core.dirty[: core.n]).astype(np.int32)
+            if not len(rows) and not self.gone:
+                rich.clear()
+                return
+            live_rich = sorted((r, m) for r, m in rich.items() if core.id_to_row.get(core.ids[r]) == r)
+            frame = self._rows_frame(rows, [_rich_entry(core, r, m) for r, m in live_rich])
+            if self.gone:
+                frame["g"] = self.gone
+            data = _frame(frame)
+        except Exception:
+            log.exception("mirror frame failed; the other workers start again from the whole fleet")
+            self.failed += 1
+            self._drop_all()
             return
-        frame = self._rows_frame(rows.astype(np.int32), live_rich)
-        if self.gone:
-            frame["g"] = self.gone
+        finally:
+            rich.clear()
             self.gone = []
-        self._send(_frame(frame))
+        self._send(data)
 
-    def _rows_frame(self, rows: np.ndarray, rich_rows) -> dict:
+    def heartbeat(self, now: float) -> None:
+        """Once a second (the hub): a quiet owner still says it is alive."""
+        if self.followers and now - self._sent_at >= HEARTBEAT_S:
+            self._send(_frame({"r": b""}))
+
+    def _rows_frame(self, rows: np.ndarray, rich: list) -> dict:
         core = self.hub.core
-        if len(self.announced) < core.vcap:
-            grown = np.zeros(core.vcap, bool)
-            grown[: len(self.announced)] = self.announced
-            self.announced = grown
-        fresh = rows[~self.announced[rows]]
-        self.announced[fresh] = True
-        ids = core.ids
-        frame = {"r": rows.tobytes(), "c": core.cur[rows].tobytes(),
-                 "x": [_rich_entry(core, r) for r in rich_rows]}
+        announced = self.announced
+        if len(announced) < core.vcap:
+            announced = np.zeros(core.vcap, bool)
+            announced[: len(self.announced)] = self.announced
+        fresh = rows[~announced[rows]]
+        frame = {"r": rows.tobytes(), "c": core.cur[rows].tobytes(), "x": rich}
         if len(fresh):
-            frame["n"] = [fresh.tobytes(), [ids[r] for r in fresh.tolist()]]
+            frame["n"] = [fresh.tobytes(), [core.ids[r] for r in fresh.tolist()]]
         if len(core.types) != self.types_sent:
-            self.types_sent = len(core.types)
             frame["t"] = list(core.types)
+        # only now that the frame is made: a failure above leaves these as they were
+        announced[fresh] = True
+        self.announced = announced
+        self.types_sent = len(core.types)
         return frame
 
     def _send(self, data: bytes) -> None:
         self.frames += 1
+        self._sent_at = time.monotonic()
         for w in list(self.followers):
-            if w.is_closing() or w.transport.get_write_buffer_size() > FOLLOWER_BUFFER_MAX:
-                # behind by more than we keep: it starts again from the whole fleet
+            if w.is_closing():
+                self.followers.discard(w)
+                continue
+            if w.transport.get_write_buffer_size() > FOLLOWER_BUFFER_MAX:
+                # behind by more than we keep: it starts again from the whole
+                # fleet; abort, not close, frees what it did not read now
                 self.followers.discard(w)
                 self.dropped += 1
                 log.warning("mirror follower dropped: too far behind")
-                w.close()
+                w.transport.abort()
                 continue
             w.write(data)
 
+    def _drop_all(self) -> None:
+        for w in list(self.followers):
+            w.transport.abort()
+        self.followers.clear()
+
     def _snapshot(self, w: asyncio.StreamWriter) -> None:
-        """The whole fleet to one follower, in slices; synchronous, so that no
-        tick's frame falls between it and the follower's first tick frame."""
+        """The whole fleet to one follower, in slices, every rich field of
+        every vehicle (what is empty now must be empty there too);
+        synchronous, so that no tick's frame falls between it and the
+        follower's first tick frame."""
         core = self.hub.core
         live = np.array(sorted(core.id_to_row.values()), np.int32)
         types = list(core.types)
         parts = [live[i:i + SNAPSHOT_SLICE] for i in range(0, len(live), SNAPSHOT_SLICE)] or [live]
         for i, part in enumerate(parts):
-            rich = [r for r in part.tolist()
-                    if core.alerts[r] or core.driver[r] is not None or core.assignment[r] is not None
-                    or core.groups_of[r]]
+            rows = part.tolist()
             frame = {"r": part.tobytes(), "c": core.cur[part].tobytes(),
-                     "x": [_rich_entry(core, r) for r in rich],
-                     "n": [part.tobytes(), [core.ids[r] for r in part.tolist()]], "t": types}
+                     "x": [_rich_entry(core, r) for r in rows],
+                     "n": [part.tobytes(), [core.ids[r] for r in rows]], "t": types}
             if i == 0:
-                frame["s"] = 1
+                frame["s"] = VERSION
             if i == len(parts) - 1:
                 frame["e"] = 1
             w.write(_frame(frame))
 
     async def _follower(self, reader, writer) -> None:
         self._handlers.add(asyncio.current_task())
+        inflight = asyncio.Semaphore(FORWARD_MAX)
+        tasks: set[asyncio.Task] = set()
         try:
             loaded = getattr(self.hub.stores, "snapshot_loaded", None)
             if loaded is not None:
@@ -230,25 +279,32 @@ class Owner:
                 msg = await read_frame(reader)
                 if msg is None:
                     break
-                await self._forwarded(writer, msg)
+                if not (isinstance(msg, dict) and isinstance(msg.get("u"), list)):
+                    raise ValueError("not a forwarded ingest")
+                await inflight.acquire()   # a follower sends at most FORWARD_MAX at once
+                t = asyncio.get_running_loop().create_task(self._forwarded(writer, msg, inflight))
+                tasks.add(t)
+                t.add_done_callback(tasks.discard)
         except (ConnectionError, ValueError, msgpack.UnpackException) as e:
             log.warning("mirror follower link failed", extra={"fields": {"error": repr(e)[:200]}})
+        except asyncio.CancelledError:
+            pass   # stop(): this task is the link's whole life, and asyncio logs one that ends cancelled
         finally:
             self.followers.discard(writer)
-            writer.close()
+            writer.transport.abort()
+            for t in tasks:
+                t.cancel()
             self._handlers.discard(asyncio.current_task())
 
-    async def _forwarded(self, writer, msg) -> None:
+    async def _forwarded(self, writer, msg, inflight) -> None:
         """HTTP ingest a follower received: as if it came here."""
-        req = msg.get("i") if isinstance(msg, dict) else None
-        updates = msg.get("u") if isinstance(msg, dict) else None
-        if not isinstance(updates, list):
-            raise ValueError("not a forwarded ingest")
         try:
-            await self.sink(updates)
-            reply = {"a": req}
+            await self.sink(msg["u"])
+            reply = {"a": msg.get("i")}
         except Exception as e:
-            reply = {"a": req, "e": repr(e)[:200]}
+            reply = {"a": msg.get("i"), "e": repr(e)[:200]}
+        finally:
+            inflight.release()
         if not writer.is_closing():
             writer.write(_frame(reply))
 
@@ -264,6 +320,7 @@ class Follower:
         self.connected = False                    # linked, and the whole fleet received
         self.frames = 0
         self.unknown_rows = 0                     # rows the owner never named (a bug if not 0)
+        self.links = 0                            # connections made to the owner
         self._writer: asyncio.StreamWriter | None = None
         self._pending: dict[int, asyncio.Future] = {}
         self._ids = itertools.count(1)
@@ -287,35 +344,47 @@ class Follower:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, RECONNECT_MAX_S)
                 continue
-            backoff = 0.05
             self._writer = writer
+            self.links += 1
             try:
                 while True:
-                    msg = await read_frame(reader)
+                    # once the fleet is here the owner speaks every HEARTBEAT_S;
+                    # before, it may be loading the fleet from Redis
+                    msg = await (asyncio.wait_for(read_frame(reader), SILENT_S) if self.connected
+                                 else read_frame(reader))
                     if msg is None:
                         break
+                    if not isinstance(msg, dict):
+                        raise ValueError("not a frame")
                     if "a" in msg:
-                        fut = self._pending.pop(msg["a"], None)
-                        if fut is not None and not fut.done():
-                            if msg.get("e"):
-                                fut.set_exception(ConnectionError("owner: " + msg["e"]))
-                            else:
-                                fut.set_result(None)
+                        self._answered(msg)
                         continue
                     self.apply(msg)
+                    if msg.get("e"):
+                        backoff = 0.05   # a whole fleet came through: the link works
             except asyncio.CancelledError:
                 raise
-            except Exception as e:   # a frame we cannot read: start again from the whole fleet
+            except Exception as e:   # a frame we cannot read, or silence: start again from the whole fleet
                 log.warning("mirror link failed", extra={"fields": {"error": repr(e)[:200]}})
             finally:
                 self._writer = None
                 self.connected = False
-                writer.close()
+                writer.transport.abort()
                 for fut in self._pending.values():
                     if not fut.done():
                         fut.set_exception(ConnectionError("the owner worker went away"))
                 self._pending.clear()
             log.info("mirror link to the owner worker closed; reconnecting")
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, RECONNECT_MAX_S)
+
+    def _answered(self, msg: dict) -> None:
+        fut = self._pending.pop(msg.get("a"), None)
+        if fut is not None and not fut.done():
+            if msg.get("e"):
+                fut.set_exception(ConnectionError("owner worker: " + str(msg["e"])[:200]))
+            else:
+                fut.set_result(None)
 
     async def forward(self, updates: list[dict]) -> None:
         """HTTP ingest to the owner; raises (503 to the sender) when it cannot take it."""
@@ -327,32 +396,34 @@ class Follower:
         self._pending[req] = fut
         try:
             w.write(_frame({"i": req, "u": updates}))
+            await asyncio.wait_for(w.drain(), FORWARD_TIMEOUT_S)
             await asyncio.wait_for(fut, FORWARD_TIMEOUT_S)
         finally:
             self._pending.pop(req, None)
 
     # ------------------------------------------------------------ frames
     def apply(self, f: dict) -> None:
+        """One frame into the core. Everything is checked before anything
+        changes: a frame that does not fit raises ValueError (the link is then
+        started again), never leaves the core half-changed."""
         hub, core = self.hub, self.hub.core
+        orows, recs, named, rich, types, gone = self._checked(f)
         self.frames += 1
-        if f.get("s"):   # a whole fleet from (maybe a new) owner: its rows are new to us
+        if "s" in f:   # a whole fleet from (maybe a new) owner: its rows are new to us
             self.xlate[:] = -1
             self._snapshot_rows = set()
-        if "t" in f:
-            for code, name in enumerate(f["t"][:256]):
+        if types is not None:
+            for code, name in enumerate(types):
                 self.types[code] = core.vtype_code(name)
-        gone = f.get("g")
         if gone:
             rows = [core.id_to_row[v] for v in dict.fromkeys(gone) if v in core.id_to_row]
             self._unmap(rows)
             hub.forget_rows(rows)
-        if "n" in f:
-            self._name(np.frombuffer(f["n"][0], np.int32), f["n"][1])
-        orows = np.frombuffer(f["r"], np.int32)
+        if named is not None:
+            if self._snapshot_rows is not None:
+                self._renew(named, rich)
+            self._name(*named)
         if len(orows):
-            recs = np.frombuffer(f["c"], VEHICLE_DTYPE)
-            if len(recs) != len(orows):
-                raise ValueError("rows and records differ in length")
             local = np.full(len(orows), -1, np.int64)
             inside = orows < len(self.xlate)
             local[inside] = self.xlate[orows[inside]]
@@ -369,13 +440,20 @@ class Follower:
                 self._snapshot_rows.update(local.tolist())
             hub.mirrored(len(local))
         xlate = self.xlate
-        for orow, al, dr, asg, grp in f.get("x", ()):
-            r = int(xlate[orow]) if 0 <= orow < len(xlate) else -1
-            if r >= 0:
-                core._apply_rich(r, tuple(al), dr, asg, tuple(grp))
+        registry_of = core.registry_of
+        for orow, al, dr, asg, grp in rich:
+            r = int(xlate[orow]) if orow < len(xlate) else -1
+            if r < 0:
+                continue
+            if grp is not None:
+                # the registry's groups of this vehicle stay: this worker read
+                # them for its own subscriptions, the owner may not have
+                kept = registry_of.get(core.ids[r])
+                grp = tuple(grp) + (tuple(sorted(g for g in kept if g not in grp)) if kept else ())
+            core._apply_rich(r, None if al is None else tuple(al), dr, asg, grp)
         core.new_alerts = []   # the owner publishes alert events; they come from the log
         if f.get("e"):
-            extra = set(core.id_to_row.values()) - (self._snapshot_rows or set())
+            extra = set(core.id_to_row.values()) - self._snapshot_rows
             self._snapshot_rows = None
             if extra:   # held here, unknown to the owner: gone while we were apart
                 self._unmap(list(extra))
@@ -383,12 +461,73 @@ class Follower:
             if not self.connected:
                 log.info("mirror: whole fleet received", extra={"fields": {"vehicles": len(core.id_to_row)}})
             self.connected = True
+        hub.retry_early(time.monotonic())
         hub.wake()
+
+    def _checked(self, f: dict):
+        """The frame's parts, each checked against what this core can take."""
+        if "s" in f and f["s"] != VERSION:
+            # an owner restarted from newer code (an upgrade in place): this
+            # worker stops, and the supervisor starts it again from that code
+            log.error("the owner worker's frames differ from this worker's; restarting",
+                      extra={"fields": {"owner": repr(f["s"])[:200], "here": repr(VERSION)}})
+            os.kill(os.getpid(), signal.SIGTERM)
+            raise ValueError("another version")
+        if "e" in f and self._snapshot_rows is None and "s" not in f:
+            raise ValueError("end of a whole fleet that did not start")
+        orows = _rows(f.get("r", b""))
+        recs = np.frombuffer(f.get("c", b""), VEHICLE_DTYPE) if len(orows) else np.zeros(0, VEHICLE_DTYPE)
+        if len(recs) != len(orows):
+            raise ValueError("rows and records differ in length")
+        if len(recs) and (recs["status"] >= len(S.STATUSES)).any():
+            raise ValueError("status")
+        types = f.get("t")
+        if types is not None:
+            if not (isinstance(types, list) and len(types) <= S.MAX_TYPES and all(isinstance(t, str) for t in types)):
+                raise ValueError("types")
+        if len(recs) and (recs["vtype"] >= (len(types) if types is not None else S.MAX_TYPES)).any():
+            raise ValueError("vtype")
+        named = None
+        if "n" in f:
+            n = f["n"]
+            if not (isinstance(n, list) and len(n) == 2 and isinstance(n[1], list)):
+                raise ValueError("names")
+            nrows = _rows(n[0])
+            if len(nrows) != len(n[1]) or not all(isinstance(v, str) and v for v in n[1]):
+                raise ValueError("names")
+            named = (nrows, n[1])
+        rich = f.get("x", [])
+        if not isinstance(rich, list):
+            raise ValueError("rich fields")
+        for e in rich:
+            if not (isinstance(e, list) and len(e) == 5 and isinstance(e[0], int) and 0 <= e[0] < MAX_ROW
+                    and (e[1] is None or (isinstance(e[1], list) and all(isinstance(a, str) for a in e[1])))
+                    and (e[4] is None or (isinstance(e[4], list) and all(isinstance(g, str) for g in e[4])))):
+                raise ValueError("rich fields")
+        gone = f.get("g", [])
+        if not (isinstance(gone, list) and all(isinstance(v, str) for v in gone)):
+            raise ValueError("gone")
+        return orows, recs, named, rich, types, gone
+
+    def _renew(self, named, rich) -> None:
+        """In a whole-fleet copy: a vehicle held here whose driver or assignment
+        the owner no longer has (cleared while we were apart) is forgotten
+        and made again from the copy (`leave`, then `full`), as "no driver"
+        is not a change an update can make."""
+        core = self.hub.core
+        ids = dict(zip(named[0].tolist(), named[1]))
+        stale = []
+        for orow, _, dr, asg, _ in rich:
+            r = core.id_to_row.get(ids.get(orow))
+            if r is not None and ((dr is None and core.driver[r] is not None)
+                                  or (asg is None and core.assignment[r] is not None)):
+                stale.append(r)
+        if stale:
+            self._unmap(stale)
+            self.hub.forget_rows(stale)
 
     def _name(self, orows: np.ndarray, ids: list) -> None:
         core = self.hub.core
-        if len(ids) != len(orows):
-            raise ValueError("rows and ids differ in length")
         get = core.id_to_row.get
         local = [get(v) for v in ids]
         missing = list(dict.fromkeys(v for v, r in zip(ids, local) if r is None))
@@ -405,3 +544,14 @@ class Follower:
     def _unmap(self, local_rows) -> None:
         if len(local_rows) and len(self.xlate):
             self.xlate[np.isin(self.xlate, np.asarray(local_rows, np.int64))] = -1
+
+
+def _rows(raw) -> np.ndarray:
+    if not isinstance(raw, bytes) or len(raw) % 4:
+        raise ValueError("rows")
+    rows = np.frombuffer(raw, np.int32)
+    if len(rows) and (rows.min() < 0 or rows.max() >= MAX_ROW):
+        raise ValueError("rows out of range")
+    return rows
+
+

@@ -192,9 +192,11 @@ async def test_a_follower_that_stops_reading_is_dropped_and_garbage_closes_its_l
     for i in range(400):
         owner_hub.apply(batch(o, [uid + str(k) for k in range(40)], lat=50.0 + i / 1000, ts=ts + i))
         owner_hub.flush()
-        await asyncio.sleep(0)
+        await asyncio.sleep(0.002)   # the real follower, in this same loop, reads meanwhile
     await until(lambda: owner_hub.owner.dropped >= 1)
     await until(lambda: len(owner_hub.owner.followers) == 1)
+    # the stuck one, not the real one: that one is on its first link still
+    assert follower_hub.follower.links == 1 and follower_hub.follower.connected
     # the real follower kept up and has the last state
     await until(lambda: state(follower_hub, uid + "39") == state(owner_hub, uid + "39"))
     # the garbage link was closed by the owner (after its whole-fleet copy)
@@ -214,12 +216,33 @@ async def test_frames_that_do_not_fit_the_core_are_refused_and_counted(tmp_path,
     follower = mirror.Follower(h, str(tmp_path / "none.sock"))
     h.follower = follower
     rec = np.zeros(1, h.core.cur.dtype)
-    follower.apply({"s": 1, "e": 1, "r": np.array([5], np.int32).tobytes(), "c": rec.tobytes(), "t": ["unknown"]})
+    follower.apply({"s": mirror.VERSION, "e": 1, "r": np.array([5], np.int32).tobytes(), "c": rec.tobytes(),
+                    "t": ["unknown"]})
     assert follower.unknown_rows == 1 and h.core.n == 0
-    with pytest.raises(ValueError):
-        follower.apply({"r": np.array([1, 2], np.int32).tobytes(), "c": rec.tobytes()})
-    with pytest.raises(ValueError):
-        follower.apply({"n": [np.array([1, 2], np.int32).tobytes(), [uid]], "r": b""})
+    rows = np.array([1, 2], np.int32).tobytes()
+    bad = [
+        {"r": rows, "c": rec.tobytes()},                                   # rows and records differ
+        {"n": [rows, [uid]], "r": b""},                                    # rows and ids differ
+        {"n": [np.array([-1], np.int32).tobytes(), [uid]], "r": b""},      # a negative row
+        {"n": [np.array([2**30], np.int32).tobytes(), [uid]], "r": b""},   # a row no core has
+        {"n": [np.array([1], np.int32).tobytes(), [7]], "r": b""},         # an id that is not a string
+        {"n": [np.array([1], np.int32).tobytes(), [""]], "r": b""},        # an empty id
+        {"r": b"\x01\x02\x03"},                                           # not whole rows
+        {"e": 1, "r": b""},                                                # the end of a copy never begun
+        {"r": b"", "x": [[0, ["a"], None, None, "north"]]},                 # groups that are not a list
+        {"r": b"", "x": [[0, [1], None, None, None]]},                      # an alert that is not a string
+        {"r": b"", "g": [None]},                                           # a forgotten id that is not one
+        {"r": b"", "t": ["x"] * 65},                                       # more types than codes
+    ]
+    bad_status = np.zeros(1, h.core.cur.dtype)
+    bad_status["status"] = 9
+    bad.append({"n": [np.array([0], np.int32).tobytes(), [uid]], "r": np.array([0], np.int32).tobytes(),
+                "c": bad_status.tobytes()})
+    for frame in bad:
+        with pytest.raises(ValueError):
+            follower.apply(frame)
+    # none of them changed the core
+    assert h.core.n == 0 and len(h.core.id_to_row) == 0 and follower.frames == 1
     # msgpack framing: one frame in, the same out
     data = mirror._frame({"r": b"", "x": []})
     r = asyncio.StreamReader()
@@ -227,3 +250,65 @@ async def test_frames_that_do_not_fit_the_core_are_refused_and_counted(tmp_path,
     r.feed_eof()
     assert await mirror.read_frame(r) == msgpack.unpackb(data[4:])
     assert await mirror.read_frame(r) is None
+
+
+async def test_registry_groups_stay_and_a_new_owner_s_copy_clears_what_was_cleared(pair, uid):
+    """Groups this worker read from the registry for its own subscriptions
+    survive the owner's rich changes; a whole-fleet copy from a new owner
+    sets every rich field as that owner has it, empty ones too."""
+    owner_hub, follower_hub, _, path = pair
+    o, f = owner_hub.core, follower_hub.core
+    a = uid + "a"
+    owner_hub.apply(batch(o, [a], driver={"name": "Ann"}, alerts=["speeding"], groups=["north"]))
+    await until(lambda: follower_hub.follower.connected and f.row_of(a) >= 0)
+    f.set_group_members("depot", [a])   # the follower's own subscription named it
+    assert state(follower_hub, a)[5] == ("north", "depot")
+    # an alert changes on the owner: the follower keeps its registry group
+    owner_hub.apply(batch(o, [a], ts=int(time.time() * 1000) + 5, alerts=["speeding", "door"]))
+    owner_hub.flush()
+    await until(lambda: state(follower_hub, a)[4] == ("speeding", "door"))
+    assert state(follower_hub, a)[5] == ("north", "depot")
+    # an update moves it to another group: that one changes, the registry's stays
+    owner_hub.apply(batch(o, [a], ts=int(time.time() * 1000) + 10, groups=["south"]))
+    owner_hub.flush()
+    await until(lambda: state(follower_hub, a)[5] == ("south", "depot"))
+    assert f.group_members("north") == [] and f.group_members("depot") == [a]
+    # a new owner whose fleet has the vehicle with no alerts, groups or driver
+    await owner_hub.owner.stop()
+    await until(lambda: not follower_hub.follower.connected)
+    new_hub = hub()
+    new_hub.apply(batch(new_hub.core, [a], lat=52.0, ts=int(time.time() * 1000) + 20))
+    owner = mirror.Owner(new_hub, path, None)
+    new_hub.owner = owner
+    owner_hub.owner = owner
+    await owner.start()
+    await until(lambda: follower_hub.follower.connected)
+    assert state(follower_hub, a)[0] == 52.0
+    assert f.driver[f.row_of(a)] is None and f.alerts[f.row_of(a)] == ()
+    assert f.groups_of[f.row_of(a)] == ("depot",)   # the registry's, still
+
+
+async def test_an_event_for_a_vehicle_the_owner_has_not_named_yet_waits_for_it(pair, uid):
+    """The owner logs a new vehicle's alert before its next frame names the
+    vehicle here: the event is held, then delivered with it, and the
+    clients' marks do not pass it meanwhile."""
+    from realtime.stores.base import Event
+    owner_hub, follower_hub, _, _ = pair
+    o, f = owner_hub.core, follower_hub.core
+    await until(lambda: follower_hub.follower.connected)
+    follower_hub.last_eid = "1-0"
+    ev = Event("5-0", uid + "new", "alert", {"alert": "door"}, int(time.time() * 1000), True)
+    follower_hub.deliver_event(ev)
+    assert f.events == [] and follower_hub.stats.events_unknown_vehicle == 0
+    follower_hub.flush()
+    assert follower_hub.flushed_eid == "1-0"   # not past the held event
+    owner_hub.apply(batch(o, [uid + "new"]))
+    owner_hub.flush()
+    await until(lambda: f.row_of(uid + "new") >= 0)
+    assert [e[0] for e in f.events] == [f.row_of(uid + "new")] and follower_hub.stats.events == 1
+    follower_hub.flush()
+    assert follower_hub.flushed_eid == "5-0"
+    # one the owner never names is given up after EARLY_S, and counted
+    follower_hub.deliver_event(Event("6-0", uid + "never", "alert", {}, 0, True))
+    follower_hub.retry_early(time.monotonic() + 10)
+    assert follower_hub.stats.events_unknown_vehicle == 1 and follower_hub._early == []

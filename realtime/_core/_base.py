@@ -86,9 +86,12 @@ class CoreBase:
         self.id_to_row: dict[str, int] = {}
         self.ignored_stale = 0
         self.new_alerts: list[tuple[int, str]] = []
-        # rows whose rich fields changed, kept only where a worker mirrors
-        # this core to others (mirror.Owner sets a set; None: not kept)
-        self.rich_log: set | None = None
+        # row -> which rich fields changed (F_AL...), kept only where a worker
+        # mirrors this core to others (mirror.Owner sets a dict; None: not kept)
+        self.rich_log: dict | None = None
+        # vehicle -> the groups the registry named it in (set_group_members):
+        # a mirrored update's groups do not take those away (mirror.Follower)
+        self.registry_of: dict[str, set] = {}
         # rich values per row, and their encodings as (json, msgpack) pairs
         self.alerts: list[tuple] = []
         self.driver: list = []
@@ -348,7 +351,7 @@ class CoreBase:
         if m:
             self.dirty[row] = 1
             if self.rich_log is not None:
-                self.rich_log.add(row)
+                self.rich_log[row] = self.rich_log.get(row, 0) | m
         return m
 
     # ------------------------------------------------------------------ groups
@@ -413,6 +416,7 @@ class CoreBase:
         """Group membership from the vehicle registry (Redis `group:{name}:vehicles`)."""
         members = set(vehicle_ids)
         for vid in members:
+            self.registry_of.setdefault(vid, set()).add(name)
             row = self.id_to_row.get(vid)
             if row is None:
                 row = self._new_vehicle(vid)

@@ -171,12 +171,15 @@ class KafkaIngest:
                     await c.seek_to_beginning(tp)
             return
         start = self.settings.kafka_from or ("latest" if self.settings.redis else "time")
+        resume = self.settings.kafka_since_ms   # a restarted owner worker: where its predecessor stopped
+        if resume is not None:
+            start = "time"
         if start == "earliest":
             await c.seek_to_beginning(*self.partitions)
         elif start == "latest":
             await c.seek_to_end(*self.partitions)
         else:
-            since = int((time.time() - self.settings.stale_after_s) * 1000)
+            since = resume if resume is not None else int((time.time() - self.settings.stale_after_s) * 1000)
             try:
                 offsets = await c.offsets_for_times({tp: since for tp in self.partitions})
             except Exception as e:

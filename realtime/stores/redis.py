@@ -881,9 +881,14 @@ class RedisStores:
             await asyncio.sleep(RECONCILE_EVERY_S)
 
     async def _groups(self) -> None:
+        """A follower worker's reconcile: group membership for its own
+        subscriptions, and a PING, so that Redis counts as reachable only
+        once it answered."""
         while True:
-            await self._refresh_groups()
+            await self.r.ping()
+            self._ops += 1
             self.healthy = True
+            await self._refresh_groups()
             await asyncio.sleep(RECONCILE_EVERY_S)
 
     async def reconcile_once(self) -> int:
