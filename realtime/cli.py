@@ -100,6 +100,7 @@ class Supervisor:
     GIVE_UP = 5
     KILL_AFTER_S = 5.0
     KAFKA_REWIND_S = 10.0   # read again before an owner worker's death: older updates change nothing
+    CAUGHT_UP_S = 60.0      # an owner that lived this long had read on past where it started
 
     def __init__(self, settings):
         self.settings = settings
@@ -107,7 +108,8 @@ class Supervisor:
         self.procs: dict[int, multiprocessing.Process] = {}
         self.deaths: dict[int, list[float]] = {}   # index -> death times within the window
         self.due: dict[int, float] = {}            # index -> when to restart it
-        self.died_at: dict[int, float] = {}        # index -> when it died (wall clock), until restarted
+        self.started_at: dict[int, float] = {}     # index -> when it was last started (wall clock)
+        self.kafka_since: dict[int, float] = {}    # index -> where its successor reads Kafka from (wall clock)
         self.stopping: int | None = None           # the signal being forwarded
         self.stop_deadline = 0.0
         self.signalled: set[int] = set()           # pids that got the stop signal
@@ -118,11 +120,13 @@ class Supervisor:
         if self.stopping is not None:
             return
         settings = self.settings
-        died = self.died_at.pop(i, None)
-        if i == 0 and died is not None and settings.kafka:
+        since = self.kafka_since.get(i)
+        if i == 0 and since is not None and settings.kafka:
             # the owner worker alone reads Kafka (mirror.py): its successor
-            # reads on from a little before it died, not from the end
-            settings = dataclasses.replace(settings, kafka_since_ms=int((died - self.KAFKA_REWIND_S) * 1000))
+            # reads on from a little before the first death of a run of them,
+            # not from the end
+            settings = dataclasses.replace(settings, kafka_since_ms=int(since * 1000))
+        self.started_at[i] = time.time()
         p = self.ctx.Process(target=_worker_main, args=(settings, i, os.getpid()), daemon=False)
         # a new worker starts with SIGHUP blocked (a handler would not survive
         # its exec, and the default kills) until its loop takes it over; one
@@ -208,7 +212,12 @@ class Supervisor:
                 return self.give_up(port_taken(self.settings.host, self.settings.port))
             window = [t for t in self.deaths.get(i, []) if now - t < self.WINDOW_S] + [now]
             self.deaths[i] = window
-            self.died_at[i] = time.time()
+            # where a new owner reads Kafka from: before this death, or before
+            # an earlier one if the worker died again before it could catch up
+            now_wall = time.time()
+            lived = now_wall - self.started_at.get(i, now_wall)
+            since = now_wall - self.KAFKA_REWIND_S
+            self.kafka_since[i] = since if lived > self.CAUGHT_UP_S else min(since, self.kafka_since.get(i, since))
             if len(window) >= self.GIVE_UP:
                 return self.give_up(f"worker {i} died {len(window)} times in {self.WINDOW_S:g} s "
                                     f"(last exit code {p.exitcode}); giving up: see the worker's log above")

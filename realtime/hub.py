@@ -41,8 +41,9 @@ CLUSTER_REFRESH_S = 1.0  # clustered clients get at most one `clusters` a second
 # once (a feed outage) held one tick for 0.5 s (offline) and 7 s (stale).
 VEHICLE_SLICE = 1000
 # a follower worker holds an event for a vehicle the owner has not named yet
-# this long (a frame follows within a tick), and at most this many
-EARLY_S = 2.0
+# for this many of the owner's frames (it names a new vehicle in its next
+# one), and at most this many events
+EARLY_FRAMES = 2
 EARLY_MAX = 10_000
 # Shutdown's `reconnect.after_ms` spreads the clients' return over at least
 # clients / RECONNECTS_PER_S seconds (at most MAX_SPREAD_MS).
@@ -127,8 +128,9 @@ class Hub:
         # changes to the others, which route them for their own clients
         self.owner = None      # mirror.Owner in worker 0
         self.follower = None   # mirror.Follower in the others
-        self._early: list = []          # (monotonic, Event) for vehicles not named yet (retry_early)
-        self._early_floor: str | None = None   # last_eid before the first of them
+        # a follower's events held for a vehicle not named yet, and those after
+        # them: (follower frames when it came, Event, delivered or only logged)
+        self._early: list = []
 
     # ------------------------------------------------------------ ingest
     def apply_updates(self, updates: list[dict]) -> int:
@@ -195,44 +197,65 @@ class Hub:
 
     def deliver_event(self, ev: Event) -> None:
         """An event from the log's tail: to every client that sees the vehicle, next tick."""
+        if self._holding(ev):
+            self._early.append((self.follower.frames, ev, True))
+            return
+        self._deliver(ev)
+
+    def _deliver(self, ev: Event) -> None:
         pieces = None
         if self.core.add_event(ev.vehicle_id, ev.etype, ev.body, ev.eid, ev.ts, ev.is_alert):
             self.stats.events += 1
             self._work.set()
             pieces = self.core.events[-1][1:3]
-        elif self.follower is not None and len(self._early) < EARLY_MAX:
-            # the owner worker logs a new vehicle's alert before its next
-            # frame names the vehicle here: held until that frame, and the
-            # clients' marks stay before it meanwhile (_flush)
-            if not self._early:
-                self._early_floor = self.last_eid
-            self._early.append((time.monotonic(), ev))
         else:
             self.stats.events_unknown_vehicle += 1
         if not ev.eid.endswith("-local"):
             self.last_eid = ev.eid
             self.recent.add(Recent(ev, pieces))
 
-    def retry_early(self, now: float) -> None:
-        """Events held for vehicles the owner worker had not named yet (a
-        follower, after each frame): delivered now if named, given up after
-        EARLY_S."""
-        if not self._early:
-            return
-        keep = []
-        for at, ev in self._early:
-            if self.core.add_event(ev.vehicle_id, ev.etype, ev.body, ev.eid, ev.ts, ev.is_alert):
-                self.stats.events += 1
-                self._work.set()
-            elif now - at < EARLY_S:
-                keep.append((at, ev))
+    def _holding(self, ev: Event) -> bool:
+        """A follower worker (mirror.py) reads the event log itself, and the
+        owner logs a new vehicle's first alert before its next frame names the
+        vehicle here. Such an event waits for that frame, and every event after
+        it waits behind it: the log's order, and last_eid (the clients' marks,
+        welcome's last_event) only passes what was handed to the core."""
+        if self.follower is None or not (self._early or self.core.row_of(ev.vehicle_id) < 0):
+            return False
+        if len(self._early) >= EARLY_MAX:   # the owner is long gone: the oldest goes out as it is
+            self._release(1)
+        return True
+
+    def retry_early(self) -> None:
+        """After each frame a follower takes: held events whose vehicle is
+        named now, or that have waited EARLY_FRAMES frames (the owner names a
+        vehicle in its next one), go out in the log's order."""
+        frames = self.follower.frames if self.follower is not None else 0
+        n = 0
+        for seen, ev, delivered in self._early:
+            if delivered and self.core.row_of(ev.vehicle_id) < 0 and frames - seen < EARLY_FRAMES:
+                break
+            n += 1
+        if n:
+            self._release(n)
+
+    def _release(self, n: int) -> None:
+        for _, ev, delivered in self._early[:n]:
+            if delivered:
+                self._deliver(ev)
             else:
-                self.stats.events_unknown_vehicle += 1
-        self._early = keep
+                self._logged(ev)
+        del self._early[:n]
 
     def logged(self, ev: Event) -> None:
         """A log entry that is not delivered (it was, with a local id, while
         the log could not be written): kept for replays all the same."""
+        if self._early:   # behind the held ones, in the log's order
+            self._early.append((self.follower.frames, ev, False))
+            return
+        self._logged(ev)
+
+    def _logged(self, ev: Event) -> None:
         self.last_eid = ev.eid
         self.recent.add(Recent(ev, None))
 
@@ -282,8 +305,6 @@ class Hub:
                     next_second = loop.time() + 1.0
                     behind = self.check_vehicles(time.monotonic())
                     self.check_connections(time.monotonic())
-                    if self.owner is not None:
-                        self.owner.heartbeat(time.monotonic())
                 elif behind:   # a slice of a mass offline or forget is left: next tick
                     behind = self.check_vehicles(time.monotonic())
                 if behind:
@@ -304,7 +325,7 @@ class Hub:
         # sessions conflating before this tick get its events held instead
         already = list(self.conflating) if self.conflating else None
         events = list(self.core.events) if already else None
-        self.flushed_eid = self.last_eid if not self._early else self._early_floor
+        self.flushed_eid = self.last_eid
         if self.owner is not None:
             self.owner.publish()   # what this tick sends, to the other workers too
         out = self.core.tick(rebuild, time.monotonic())
@@ -741,7 +762,6 @@ class Hub:
         so that a whole fleet going silent at once (a feed outage) never holds
         a tick: returns True when some are left for the next tick."""
         if self.follower is not None:
-            self.retry_early(now)
             return False   # the owner decides, and its frames say so (mirror.py)
         st = self.settings
         core = self.core

@@ -149,6 +149,8 @@ class HubCollector:
                 (C, "mirror_frames", "Frames sent to the other workers (one per tick with changes)", owner.frames),
                 (C, "mirror_dropped", "Workers cut off for falling too far behind (they start again "
                  "from the whole fleet)", owner.dropped),
+                (C, "mirror_failed", "Frames that could not be made (every worker started again from "
+                 "the whole fleet)", owner.failed),
             ]
         if follower is not None:
             table += [

@@ -44,7 +44,6 @@ import asyncio
 import itertools
 import logging
 import os
-import signal
 import struct
 import time
 
@@ -134,18 +133,38 @@ class Owner:
         self.failed = 0                      # frames that could not be made (every follower starts again)
         self._sent_at = 0.0
         self._handlers: set[asyncio.Task] = set()
+        # a follower's whole-fleet copy, in bytes: its cap is that much higher
+        # (the copy is written at once; the cap is for falling behind after it)
+        self._copy_size: dict = {}
+        self._beat: asyncio.Task | None = None
         hub.core.rich_log = {}
 
     async def start(self) -> None:
-        os.makedirs(os.path.dirname(self.path), 0o700, exist_ok=True)   # a tmp cleaner may have taken it
+        where = os.path.dirname(self.path)
+        os.makedirs(where, 0o700, exist_ok=True)   # a tmp cleaner may have taken it
+        st = os.stat(where)
+        if st.st_uid != os.getuid() or st.st_mode & 0o077:
+            # made by someone else meanwhile: they could stand in for this owner
+            raise RuntimeError(f"{where} is not this user's alone: not serving the other workers from it")
         try:
             os.unlink(self.path)   # a previous owner's
         except FileNotFoundError:
             pass
         self.server = await asyncio.start_unix_server(self._follower, path=self.path)
         os.chmod(self.path, 0o600)
+        self._beat = asyncio.get_running_loop().create_task(self._heartbeat(), name="mirror-heartbeat")
+
+    async def _heartbeat(self) -> None:
+        """A quiet owner still says it is alive (a follower that hears nothing
+        for SILENT_S starts again)."""
+        while True:
+            await asyncio.sleep(HEARTBEAT_S / 2)
+            if self.followers and time.monotonic() - self._sent_at >= HEARTBEAT_S:
+                self._send(_frame({"r": b""}))
 
     async def stop(self) -> None:
+        if self._beat is not None:
+            self._beat.cancel()
         if self.server is not None:
             self.server.close()
         for w in list(self.followers):
@@ -199,11 +218,6 @@ class Owner:
             self.gone = []
         self._send(data)
 
-    def heartbeat(self, now: float) -> None:
-        """Once a second (the hub): a quiet owner still says it is alive."""
-        if self.followers and now - self._sent_at >= HEARTBEAT_S:
-            self._send(_frame({"r": b""}))
-
     def _rows_frame(self, rows: np.ndarray, rich: list) -> dict:
         core = self.hub.core
         announced = self.announced
@@ -229,10 +243,11 @@ class Owner:
             if w.is_closing():
                 self.followers.discard(w)
                 continue
-            if w.transport.get_write_buffer_size() > FOLLOWER_BUFFER_MAX:
+            if w.transport.get_write_buffer_size() > FOLLOWER_BUFFER_MAX + self._copy_size.get(w, 0):
                 # behind by more than we keep: it starts again from the whole
                 # fleet; abort, not close, frees what it did not read now
                 self.followers.discard(w)
+                self._copy_size.pop(w, None)
                 self.dropped += 1
                 log.warning("mirror follower dropped: too far behind")
                 w.transport.abort()
@@ -269,10 +284,20 @@ class Owner:
         inflight = asyncio.Semaphore(FORWARD_MAX)
         tasks: set[asyncio.Task] = set()
         try:
+            hello = await asyncio.wait_for(read_frame(reader), SILENT_S)
+            if not (isinstance(hello, dict) and hello.get("v") == VERSION):
+                # other code (an upgrade in place, half done): no copy for it; it
+                # stays not ready until it runs the same code as this owner
+                raise ValueError(f"a follower with frames {repr(hello)[:100]}, here {VERSION!r}")
             loaded = getattr(self.hub.stores, "snapshot_loaded", None)
             if loaded is not None:
                 await loaded.wait()   # the fleet as Redis has it, not an empty start
+            # what is pending goes to the others first: the copy is as of now,
+            # and the next frame holds nothing from before it (a vehicle
+            # forgotten and back again would be forgotten there)
+            self.publish()
             self._snapshot(writer)
+            self._copy_size[writer] = writer.transport.get_write_buffer_size()
             self.followers.add(writer)
             log.info("mirror follower connected", extra={"fields": {"followers": len(self.followers)}})
             while True:
@@ -285,12 +310,13 @@ class Owner:
                 t = asyncio.get_running_loop().create_task(self._forwarded(writer, msg, inflight))
                 tasks.add(t)
                 t.add_done_callback(tasks.discard)
-        except (ConnectionError, ValueError, msgpack.UnpackException) as e:
+        except (ConnectionError, ValueError, msgpack.UnpackException, asyncio.TimeoutError) as e:
             log.warning("mirror follower link failed", extra={"fields": {"error": repr(e)[:200]}})
         except asyncio.CancelledError:
             pass   # stop(): this task is the link's whole life, and asyncio logs one that ends cancelled
         finally:
             self.followers.discard(writer)
+            self._copy_size.pop(writer, None)
             writer.transport.abort()
             for t in tasks:
                 t.cancel()
@@ -346,6 +372,7 @@ class Follower:
                 continue
             self._writer = writer
             self.links += 1
+            writer.write(_frame({"v": VERSION}))   # the owner copies the fleet only to its own kind
             try:
                 while True:
                     # once the fleet is here the owner speaks every HEARTBEAT_S;
@@ -396,8 +423,11 @@ class Follower:
         self._pending[req] = fut
         try:
             w.write(_frame({"i": req, "u": updates}))
-            await asyncio.wait_for(w.drain(), FORWARD_TIMEOUT_S)
-            await asyncio.wait_for(fut, FORWARD_TIMEOUT_S)
+
+            async def sent_and_answered():
+                await w.drain()
+                await fut
+            await asyncio.wait_for(sent_and_answered(), FORWARD_TIMEOUT_S)
         finally:
             self._pending.pop(req, None)
 
@@ -461,18 +491,13 @@ class Follower:
             if not self.connected:
                 log.info("mirror: whole fleet received", extra={"fields": {"vehicles": len(core.id_to_row)}})
             self.connected = True
-        hub.retry_early(time.monotonic())
+        hub.retry_early()
         hub.wake()
 
     def _checked(self, f: dict):
         """The frame's parts, each checked against what this core can take."""
         if "s" in f and f["s"] != VERSION:
-            # an owner restarted from newer code (an upgrade in place): this
-            # worker stops, and the supervisor starts it again from that code
-            log.error("the owner worker's frames differ from this worker's; restarting",
-                      extra={"fields": {"owner": repr(f["s"])[:200], "here": repr(VERSION)}})
-            os.kill(os.getpid(), signal.SIGTERM)
-            raise ValueError("another version")
+            raise ValueError(f"the owner worker's frames are {f['s']!r}, this worker's {VERSION!r}")
         if "e" in f and self._snapshot_rows is None and "s" not in f:
             raise ValueError("end of a whole fleet that did not start")
         orows = _rows(f.get("r", b""))
@@ -493,7 +518,7 @@ class Follower:
             if not (isinstance(n, list) and len(n) == 2 and isinstance(n[1], list)):
                 raise ValueError("names")
             nrows = _rows(n[0])
-            if len(nrows) != len(n[1]) or not all(isinstance(v, str) and v for v in n[1]):
+            if len(nrows) != len(n[1]) or not all(isinstance(v, str) for v in n[1]):
                 raise ValueError("names")
             named = (nrows, n[1])
         rich = f.get("x", [])

@@ -184,7 +184,13 @@ async def test_a_follower_that_stops_reading_is_dropped_and_garbage_closes_its_l
     monkeypatch.setattr(mirror, "FOLLOWER_BUFFER_MAX", 256 * 1024)
     # a second "follower" that connects and never reads
     _, stuck = await asyncio.open_unix_connection(path)
+    stuck.write(mirror._frame({"v": mirror.VERSION}))
     await until(lambda: len(owner_hub.owner.followers) == 2)
+    # one of other code gets no copy and no frames
+    other_in, other = await asyncio.open_unix_connection(path)
+    other.write(mirror._frame({"v": [0, "older"]}))
+    assert await asyncio.wait_for(other_in.read(), 5) == b""
+    other.close()
     # a third that sends a frame longer than any
     bad_in, bad = await asyncio.open_unix_connection(path)
     bad.write(mirror.HEADER.pack(mirror.MAX_FRAME + 1))
@@ -199,7 +205,7 @@ async def test_a_follower_that_stops_reading_is_dropped_and_garbage_closes_its_l
     assert follower_hub.follower.links == 1 and follower_hub.follower.connected
     # the real follower kept up and has the last state
     await until(lambda: state(follower_hub, uid + "39") == state(owner_hub, uid + "39"))
-    # the garbage link was closed by the owner (after its whole-fleet copy)
+    # the garbage link was closed by the owner, and got no copy
     async def rest():
         while await bad_in.read(1 << 16):
             pass
@@ -209,40 +215,48 @@ async def test_a_follower_that_stops_reading_is_dropped_and_garbage_closes_its_l
     bad.close()
 
 
-async def test_frames_that_do_not_fit_the_core_are_refused_and_counted(tmp_path, uid):
-    """A frame naming rows it never named, or rows and records of different
-    lengths: the follower counts or drops the link, never applies a wrong row."""
+async def test_frames_that_do_not_fit_the_core_are_refused_before_anything_changes(tmp_path, uid):
+    """A frame naming rows it never named is counted; one that does not fit
+    (lengths that differ, rows out of range, ids or fields of the wrong kind,
+    the end of a copy never begun, another version) is refused whole: a
+    valid part in it (a forgotten id, a new name) changes nothing either."""
     h = hub()
     follower = mirror.Follower(h, str(tmp_path / "none.sock"))
     h.follower = follower
     rec = np.zeros(1, h.core.cur.dtype)
-    follower.apply({"s": mirror.VERSION, "e": 1, "r": np.array([5], np.int32).tobytes(), "c": rec.tobytes(),
-                    "t": ["unknown"]})
-    assert follower.unknown_rows == 1 and h.core.n == 0
+    rec["version"] = 1
+    one = np.array([0], np.int32).tobytes()
+    follower.apply({"s": mirror.VERSION, "e": 1, "t": ["unknown"], "n": [one, [uid + "a"]], "r": one,
+                    "c": rec.tobytes(), "x": [[0, [], None, None, []]]})
+    assert h.core.row_of(uid + "a") >= 0
+    follower.apply({"r": np.array([5], np.int32).tobytes(), "c": rec.tobytes()})
+    assert follower.unknown_rows == 1
     rows = np.array([1, 2], np.int32).tobytes()
+    valid = {"g": [uid + "a"], "n": [np.array([3], np.int32).tobytes(), [uid + "b"]]}
     bad = [
         {"r": rows, "c": rec.tobytes()},                                   # rows and records differ
         {"n": [rows, [uid]], "r": b""},                                    # rows and ids differ
         {"n": [np.array([-1], np.int32).tobytes(), [uid]], "r": b""},      # a negative row
         {"n": [np.array([2**30], np.int32).tobytes(), [uid]], "r": b""},   # a row no core has
         {"n": [np.array([1], np.int32).tobytes(), [7]], "r": b""},         # an id that is not a string
-        {"n": [np.array([1], np.int32).tobytes(), [""]], "r": b""},        # an empty id
         {"r": b"\x01\x02\x03"},                                           # not whole rows
         {"e": 1, "r": b""},                                                # the end of a copy never begun
+        {"s": [0, "other"], "r": b""},                                     # another version
         {"r": b"", "x": [[0, ["a"], None, None, "north"]]},                 # groups that are not a list
         {"r": b"", "x": [[0, [1], None, None, None]]},                      # an alert that is not a string
         {"r": b"", "g": [None]},                                           # a forgotten id that is not one
         {"r": b"", "t": ["x"] * 65},                                       # more types than codes
     ]
-    bad_status = np.zeros(1, h.core.cur.dtype)
+    bad_status = rec.copy()
     bad_status["status"] = 9
-    bad.append({"n": [np.array([0], np.int32).tobytes(), [uid]], "r": np.array([0], np.int32).tobytes(),
-                "c": bad_status.tobytes()})
+    bad.append({"r": one, "c": bad_status.tobytes()})                     # a status no client knows
+    before = h.core.cur[: h.core.n].copy()
     for frame in bad:
         with pytest.raises(ValueError):
-            follower.apply(frame)
-    # none of them changed the core
-    assert h.core.n == 0 and len(h.core.id_to_row) == 0 and follower.frames == 1
+            follower.apply({**valid, **frame} if "g" not in frame and "n" not in frame else frame)
+    # none of them changed the core: a is still there, b was never made
+    assert h.core.row_of(uid + "a") >= 0 and h.core.row_of(uid + "b") < 0
+    assert (h.core.cur[: h.core.n] == before).all() and follower.frames == 2
     # msgpack framing: one frame in, the same out
     data = mirror._frame({"r": b"", "x": []})
     r = asyncio.StreamReader()
@@ -290,25 +304,32 @@ async def test_registry_groups_stay_and_a_new_owner_s_copy_clears_what_was_clear
 
 async def test_an_event_for_a_vehicle_the_owner_has_not_named_yet_waits_for_it(pair, uid):
     """The owner logs a new vehicle's alert before its next frame names the
-    vehicle here: the event is held, then delivered with it, and the
-    clients' marks do not pass it meanwhile."""
+    vehicle here: the event waits for that frame, the events after it wait
+    behind it (the log's order), and last_eid (the clients' marks, welcome's
+    last_event) passes only what the core was handed."""
     from realtime.stores.base import Event
     owner_hub, follower_hub, _, _ = pair
     o, f = owner_hub.core, follower_hub.core
-    await until(lambda: follower_hub.follower.connected)
+    owner_hub.apply(batch(o, [uid + "known"]))
+    await until(lambda: follower_hub.follower.connected and f.row_of(uid + "known") >= 0)
     follower_hub.last_eid = "1-0"
-    ev = Event("5-0", uid + "new", "alert", {"alert": "door"}, int(time.time() * 1000), True)
-    follower_hub.deliver_event(ev)
-    assert f.events == [] and follower_hub.stats.events_unknown_vehicle == 0
+    now = int(time.time() * 1000)
+    follower_hub.deliver_event(Event("5-0", uid + "new", "alert", {"alert": "door"}, now, True))
+    follower_hub.deliver_event(Event("6-0", uid + "known", "note", {}, now, False))   # behind it
+    assert f.events == [] and follower_hub.last_eid == "1-0"
     follower_hub.flush()
-    assert follower_hub.flushed_eid == "1-0"   # not past the held event
+    assert follower_hub.flushed_eid == "1-0"
     owner_hub.apply(batch(o, [uid + "new"]))
     owner_hub.flush()
     await until(lambda: f.row_of(uid + "new") >= 0)
-    assert [e[0] for e in f.events] == [f.row_of(uid + "new")] and follower_hub.stats.events == 1
+    assert [e[0] for e in f.events] == [f.row_of(uid + "new"), f.row_of(uid + "known")]
+    assert follower_hub.stats.events == 2 and follower_hub.last_eid == "6-0"
     follower_hub.flush()
-    assert follower_hub.flushed_eid == "5-0"
-    # one the owner never names is given up after EARLY_S, and counted
-    follower_hub.deliver_event(Event("6-0", uid + "never", "alert", {}, 0, True))
-    follower_hub.retry_early(time.monotonic() + 10)
+    assert follower_hub.flushed_eid == "6-0"
+    # one the owner never names goes out as unknown after two of its frames
+    follower_hub.deliver_event(Event("7-0", uid + "never", "alert", {}, now, True))
+    assert follower_hub.last_eid == "6-0"
+    frames = follower_hub.follower.frames
+    await until(lambda: follower_hub.follower.frames >= frames + 2, timeout=5)   # heartbeats, once a second
     assert follower_hub.stats.events_unknown_vehicle == 1 and follower_hub._early == []
+    assert follower_hub.last_eid == "7-0"

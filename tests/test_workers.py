@@ -86,7 +86,7 @@ async def test_workers_share_the_port_restart_and_stop(redis_url, uid):
         # request lands on either worker (one that is not the owner forwards
         # it, mirror.py), and every client gets every position
         for i in range(6):
-            ingest(s, [update(vid, 56.0 + i / 10, ts=int(time.time() * 1000) + i)])
+            assert ingest(s, [update(vid, 56.0 + i / 10, ts=int(time.time() * 1000) + i)])[0] == 200
         for c in clients:
             lats = []
             while 56.5 not in lats:

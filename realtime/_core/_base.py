@@ -90,7 +90,9 @@ class CoreBase:
         # mirrors this core to others (mirror.Owner sets a dict; None: not kept)
         self.rich_log: dict | None = None
         # vehicle -> the groups the registry named it in (set_group_members):
-        # a mirrored update's groups do not take those away (mirror.Follower)
+        # a mirrored update's groups do not take those away (mirror.Follower).
+        # Kept after a vehicle is forgotten: it is what the registry holds,
+        # which bounds it, and a vehicle made again keeps its groups
         self.registry_of: dict[str, set] = {}
         # rich values per row, and their encodings as (json, msgpack) pairs
         self.alerts: list[tuple] = []
