@@ -108,7 +108,7 @@ class Supervisor:
         self.procs: dict[int, multiprocessing.Process] = {}
         self.deaths: dict[int, list[float]] = {}   # index -> death times within the window
         self.due: dict[int, float] = {}            # index -> when to restart it
-        self.started_at: dict[int, float] = {}     # index -> when it was last started (wall clock)
+        self.started_at: dict[int, float] = {}     # index -> when it was last started (monotonic)
         self.kafka_since: dict[int, float] = {}    # index -> where its successor reads Kafka from (wall clock)
         self.stopping: int | None = None           # the signal being forwarded
         self.stop_deadline = 0.0
@@ -126,7 +126,7 @@ class Supervisor:
             # reads on from a little before the first death of a run of them,
             # not from the end
             settings = dataclasses.replace(settings, kafka_since_ms=int(since * 1000))
-        self.started_at[i] = time.time()
+        self.started_at[i] = time.monotonic()
         p = self.ctx.Process(target=_worker_main, args=(settings, i, os.getpid()), daemon=False)
         # a new worker starts with SIGHUP blocked (a handler would not survive
         # its exec, and the default kills) until its loop takes it over; one
@@ -214,9 +214,8 @@ class Supervisor:
             self.deaths[i] = window
             # where a new owner reads Kafka from: before this death, or before
             # an earlier one if the worker died again before it could catch up
-            now_wall = time.time()
-            lived = now_wall - self.started_at.get(i, now_wall)
-            since = now_wall - self.KAFKA_REWIND_S
+            lived = now - self.started_at.get(i, now)
+            since = time.time() - self.KAFKA_REWIND_S
             self.kafka_since[i] = since if lived > self.CAUGHT_UP_S else min(since, self.kafka_since.get(i, since))
             if len(window) >= self.GIVE_UP:
                 return self.give_up(f"worker {i} died {len(window)} times in {self.WINDOW_S:g} s "

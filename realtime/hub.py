@@ -40,11 +40,6 @@ CLUSTER_REFRESH_S = 1.0  # clustered clients get at most one `clusters` a second
 # Vehicles turned offline, or forgotten as stale, per tick at most: 20,000 at
 # once (a feed outage) held one tick for 0.5 s (offline) and 7 s (stale).
 VEHICLE_SLICE = 1000
-# a follower worker holds an event for a vehicle the owner has not named yet
-# for this many of the owner's frames (it names a new vehicle in its next
-# one), and at most this many events
-EARLY_FRAMES = 2
-EARLY_MAX = 10_000
 # Shutdown's `reconnect.after_ms` spreads the clients' return over at least
 # clients / RECONNECTS_PER_S seconds (at most MAX_SPREAD_MS).
 RECONNECTS_PER_S = 500
@@ -128,9 +123,6 @@ class Hub:
         # changes to the others, which route them for their own clients
         self.owner = None      # mirror.Owner in worker 0
         self.follower = None   # mirror.Follower in the others
-        # a follower's events held for a vehicle not named yet, and those after
-        # them: (follower frames when it came, Event, delivered or only logged)
-        self._early: list = []
 
     # ------------------------------------------------------------ ingest
     def apply_updates(self, updates: list[dict]) -> int:
@@ -146,6 +138,11 @@ class Hub:
         self._arrivals.append((now, len(batch)))
         self.stats.ingest_updates += len(batch)
         self.stores.changed(rows)
+        if self.core.new_alerts and self.owner is not None:
+            # the other workers learn of a new vehicle from the owner's frame
+            # and of its alert from the event log: the frame goes first, now,
+            # before the alert is written (mirror.py)
+            self.owner.publish()
         for row, alert in self.core.new_alerts:
             # a new alert is an event: it goes through the event log for its eid
             ts = int(self.core.cur[row]["ts"])
@@ -197,12 +194,6 @@ class Hub:
 
     def deliver_event(self, ev: Event) -> None:
         """An event from the log's tail: to every client that sees the vehicle, next tick."""
-        if self._holding(ev):
-            self._early.append((self.follower.frames, ev, True))
-            return
-        self._deliver(ev)
-
-    def _deliver(self, ev: Event) -> None:
         pieces = None
         if self.core.add_event(ev.vehicle_id, ev.etype, ev.body, ev.eid, ev.ts, ev.is_alert):
             self.stats.events += 1
@@ -214,48 +205,9 @@ class Hub:
             self.last_eid = ev.eid
             self.recent.add(Recent(ev, pieces))
 
-    def _holding(self, ev: Event) -> bool:
-        """A follower worker (mirror.py) reads the event log itself, and the
-        owner logs a new vehicle's first alert before its next frame names the
-        vehicle here. Such an event waits for that frame, and every event after
-        it waits behind it: the log's order, and last_eid (the clients' marks,
-        welcome's last_event) only passes what was handed to the core."""
-        if self.follower is None or not (self._early or self.core.row_of(ev.vehicle_id) < 0):
-            return False
-        if len(self._early) >= EARLY_MAX:   # the owner is long gone: the oldest goes out as it is
-            self._release(1)
-        return True
-
-    def retry_early(self) -> None:
-        """After each frame a follower takes: held events whose vehicle is
-        named now, or that have waited EARLY_FRAMES frames (the owner names a
-        vehicle in its next one), go out in the log's order."""
-        frames = self.follower.frames if self.follower is not None else 0
-        n = 0
-        for seen, ev, delivered in self._early:
-            if delivered and self.core.row_of(ev.vehicle_id) < 0 and frames - seen < EARLY_FRAMES:
-                break
-            n += 1
-        if n:
-            self._release(n)
-
-    def _release(self, n: int) -> None:
-        for _, ev, delivered in self._early[:n]:
-            if delivered:
-                self._deliver(ev)
-            else:
-                self._logged(ev)
-        del self._early[:n]
-
     def logged(self, ev: Event) -> None:
         """A log entry that is not delivered (it was, with a local id, while
         the log could not be written): kept for replays all the same."""
-        if self._early:   # behind the held ones, in the log's order
-            self._early.append((self.follower.frames, ev, False))
-            return
-        self._logged(ev)
-
-    def _logged(self, ev: Event) -> None:
         self.last_eid = ev.eid
         self.recent.add(Recent(ev, None))
 

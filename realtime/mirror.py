@@ -44,6 +44,8 @@ import asyncio
 import itertools
 import logging
 import os
+import socket
+import stat
 import struct
 import time
 
@@ -68,7 +70,7 @@ HEARTBEAT_S = 1.0                       # the owner sends at least a frame this 
 SILENT_S = 5.0                          # a follower that heard nothing this long reconnects
 MAX_ROW = 1 << 28                       # no core has that many rows
 # what a follower checks in the first frame: the same frames and records
-VERSION = [1, str(VEHICLE_DTYPE.descr)]
+VERSION = [2, str(VEHICLE_DTYPE.descr)]   # 2: the follower speaks first (hello)
 # the record fields a follower takes as they are; the versions of rich fields
 # and has_alerts are its own (its _apply_rich keeps them), the type is mapped
 COPIED = ("lat", "lon", "speed", "course", "ts", "status", "version")
@@ -142,8 +144,7 @@ class Owner:
     async def start(self) -> None:
         where = os.path.dirname(self.path)
         os.makedirs(where, 0o700, exist_ok=True)   # a tmp cleaner may have taken it
-        st = os.stat(where)
-        if st.st_uid != os.getuid() or st.st_mode & 0o077:
+        if not _ours(where):
             # made by someone else meanwhile: they could stand in for this owner
             raise RuntimeError(f"{where} is not this user's alone: not serving the other workers from it")
         try:
@@ -159,8 +160,11 @@ class Owner:
         for SILENT_S starts again)."""
         while True:
             await asyncio.sleep(HEARTBEAT_S / 2)
-            if self.followers and time.monotonic() - self._sent_at >= HEARTBEAT_S:
-                self._send(_frame({"r": b""}))
+            try:
+                if self.followers and time.monotonic() - self._sent_at >= HEARTBEAT_S:
+                    self._send(_frame({"r": b""}))
+            except Exception:   # never the end of the heartbeat: followers would reconnect every SILENT_S
+                log.exception("mirror heartbeat failed")
 
     async def stop(self) -> None:
         if self._beat is not None:
@@ -243,7 +247,10 @@ class Owner:
             if w.is_closing():
                 self.followers.discard(w)
                 continue
-            if w.transport.get_write_buffer_size() > FOLLOWER_BUFFER_MAX + self._copy_size.get(w, 0):
+            size = w.transport.get_write_buffer_size()
+            if size <= FOLLOWER_BUFFER_MAX:
+                self._copy_size.pop(w, None)   # past its copy: the plain cap from now on
+            elif size > FOLLOWER_BUFFER_MAX + self._copy_size.get(w, 0):
                 # behind by more than we keep: it starts again from the whole
                 # fleet; abort, not close, frees what it did not read now
                 self.followers.discard(w)
@@ -284,6 +291,8 @@ class Owner:
         inflight = asyncio.Semaphore(FORWARD_MAX)
         tasks: set[asyncio.Task] = set()
         try:
+            if not _same_user(writer):
+                raise ValueError("a process of another user")
             hello = await asyncio.wait_for(read_frame(reader), SILENT_S)
             if not (isinstance(hello, dict) and hello.get("v") == VERSION):
                 # other code (an upgrade in place, half done): no copy for it; it
@@ -365,8 +374,15 @@ class Follower:
         backoff = 0.05
         while True:
             try:
+                if not _ours(os.path.dirname(self.path)):
+                    raise OSError("the socket's directory is not this user's alone")
                 reader, writer = await asyncio.open_unix_connection(self.path)
-            except OSError:
+                if not _same_user(writer):
+                    writer.transport.abort()
+                    raise OSError("the socket is another user's")
+            except OSError as e:
+                if backoff >= RECONNECT_MAX_S:
+                    log.debug("mirror: owner worker not reachable", extra={"fields": {"error": repr(e)[:200]}})
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, RECONNECT_MAX_S)
                 continue
@@ -491,7 +507,6 @@ class Follower:
             if not self.connected:
                 log.info("mirror: whole fleet received", extra={"fields": {"vehicles": len(core.id_to_row)}})
             self.connected = True
-        hub.retry_early()
         hub.wake()
 
     def _checked(self, f: dict):
@@ -580,3 +595,22 @@ def _rows(raw) -> np.ndarray:
     return rows
 
 
+def _ours(directory: str) -> bool:
+    """The directory exists, is a directory (not a link), is this user's, and
+    nobody else may enter it."""
+    try:
+        st = os.lstat(directory)
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o077
+
+
+def _same_user(writer: asyncio.StreamWriter) -> bool:
+    """The other end of a Unix socket runs as this user (SO_PEERCRED)."""
+    sock = writer.get_extra_info("socket")
+    try:
+        _, uid, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                        struct.calcsize("3i")))
+    except (OSError, AttributeError):   # not Linux: the directory's mode is the guard
+        return True
+    return uid == os.getuid()

@@ -179,7 +179,7 @@ async def test_a_new_owner_s_fleet_replaces_the_followers(pair, uid):
 
 async def test_a_follower_that_stops_reading_is_dropped_and_garbage_closes_its_link_alone(pair, uid, monkeypatch):
     owner_hub, follower_hub, _, path = pair
-    o, f = owner_hub.core, follower_hub.core
+    o = owner_hub.core
     await until(lambda: follower_hub.follower.connected)
     monkeypatch.setattr(mirror, "FOLLOWER_BUFFER_MAX", 256 * 1024)
     # a second "follower" that connects and never reads
@@ -302,34 +302,18 @@ async def test_registry_groups_stay_and_a_new_owner_s_copy_clears_what_was_clear
     assert f.groups_of[f.row_of(a)] == ("depot",)   # the registry's, still
 
 
-async def test_an_event_for_a_vehicle_the_owner_has_not_named_yet_waits_for_it(pair, uid):
-    """The owner logs a new vehicle's alert before its next frame names the
-    vehicle here: the event waits for that frame, the events after it wait
-    behind it (the log's order), and last_eid (the clients' marks, welcome's
-    last_event) passes only what the core was handed."""
-    from realtime.stores.base import Event
+async def test_a_new_vehicle_s_alert_is_named_to_the_followers_before_it_is_logged(pair, uid):
+    """The followers read alerts from the event log and vehicles from the
+    owner's frames: an update that raises an alert sends its frame at once,
+    before the alert is written, not at the next tick."""
     owner_hub, follower_hub, _, _ = pair
     o, f = owner_hub.core, follower_hub.core
-    owner_hub.apply(batch(o, [uid + "known"]))
-    await until(lambda: follower_hub.follower.connected and f.row_of(uid + "known") >= 0)
-    follower_hub.last_eid = "1-0"
-    now = int(time.time() * 1000)
-    follower_hub.deliver_event(Event("5-0", uid + "new", "alert", {"alert": "door"}, now, True))
-    follower_hub.deliver_event(Event("6-0", uid + "known", "note", {}, now, False))   # behind it
-    assert f.events == [] and follower_hub.last_eid == "1-0"
-    follower_hub.flush()
-    assert follower_hub.flushed_eid == "1-0"
-    owner_hub.apply(batch(o, [uid + "new"]))
-    owner_hub.flush()
+    await until(lambda: follower_hub.follower.connected)
+    frames = owner_hub.owner.frames
+    owner_hub.apply(batch(o, [uid + "new"], alerts=["door"]))   # no flush: no tick
+    assert owner_hub.owner.frames == frames + 1
     await until(lambda: f.row_of(uid + "new") >= 0)
-    assert [e[0] for e in f.events] == [f.row_of(uid + "new"), f.row_of(uid + "known")]
-    assert follower_hub.stats.events == 2 and follower_hub.last_eid == "6-0"
-    follower_hub.flush()
-    assert follower_hub.flushed_eid == "6-0"
-    # one the owner never names goes out as unknown after two of its frames
-    follower_hub.deliver_event(Event("7-0", uid + "never", "alert", {}, now, True))
-    assert follower_hub.last_eid == "6-0"
-    frames = follower_hub.follower.frames
-    await until(lambda: follower_hub.follower.frames >= frames + 2, timeout=5)   # heartbeats, once a second
-    assert follower_hub.stats.events_unknown_vehicle == 1 and follower_hub._early == []
-    assert follower_hub.last_eid == "7-0"
+    assert f.alerts[f.row_of(uid + "new")] == ("door",)
+    # without an alert, the frame waits for the tick
+    owner_hub.apply(batch(o, [uid + "quiet"]))
+    assert owner_hub.owner.frames == frames + 1
