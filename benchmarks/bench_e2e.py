@@ -243,12 +243,13 @@ WARMUP = 2.0
 PROCS = 2
 
 
-def scenario_a(vehicles, clients, seconds, procs=None, extra=()):
+def scenario_a(vehicles, clients, seconds, procs=None, extra=(), settle=None):
+    """settle: seconds between the server's start and the clients' (SETTLE)."""
     port = free_port()
     s = realtime(port, vehicles, extra)
     try:
         wait_port(port)
-        time.sleep(SETTLE)
+        time.sleep(SETTLE if settle is None else settle)
         m0 = metrics(port)
         lgs = loadgen(port, clients, seconds, procs=procs)
         res = measured(s, lgs, clients, seconds, port=port)

@@ -26,7 +26,7 @@ class Histogram:
         values_ms = np.asarray(values_ms, np.float64)
         weights = np.asarray(weights, np.int64)
         idx = np.searchsorted(self.bounds, values_ms, side="left")
-        np.add.at(self.counts, idx, weights)
+        self.counts += np.bincount(idx, weights, minlength=len(self.counts)).astype(np.int64)
         self.sum += float((values_ms * weights).sum())
 
     def buckets(self) -> list[tuple[str, int]]:

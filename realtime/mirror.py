@@ -53,6 +53,7 @@ import msgpack
 import numpy as np
 
 from ._core import _schema as S
+from ._core._base import records
 from ._core._schema import VEHICLE_DTYPE
 
 log = logging.getLogger("realtime.mirror")
@@ -71,9 +72,6 @@ SILENT_S = 5.0                          # a follower that heard nothing this lon
 MAX_ROW = 1 << 28                       # no core has that many rows
 # what a follower checks in the first frame: the same frames and records
 VERSION = [2, str(VEHICLE_DTYPE.descr)]   # 2: the follower speaks first (hello)
-# the record fields a follower takes as they are; the versions of rich fields
-# and has_alerts are its own (its _apply_rich keeps them), the type is mapped
-COPIED = ("lat", "lon", "speed", "course", "ts", "status", "version")
 
 
 def role(settings) -> str | None:
@@ -106,6 +104,14 @@ async def read_frame(reader: asyncio.StreamReader):
     except asyncio.IncompleteReadError:
         return None
     return msgpack.unpackb(body, raw=False, strict_map_key=False)
+
+
+def _records_frame(core, rows: np.ndarray, rich: list, named) -> dict:
+    """The rows' records and rich entries; with `named`, those rows' ids."""
+    frame = {"r": rows.tobytes(), "c": records(core.cur, rows).tobytes(), "x": rich}
+    if named is not None:
+        frame["n"] = [named.tobytes(), [core.ids[r] for r in named.tolist()]]
+    return frame
 
 
 def _rich_entry(core, r: int, mask: int = -1) -> list:
@@ -171,9 +177,7 @@ class Owner:
             self._beat.cancel()
         if self.server is not None:
             self.server.close()
-        for w in list(self.followers):
-            w.transport.abort()
-        self.followers.clear()
+        self._drop_all()
         for t in list(self._handlers):
             t.cancel()
         if self._handlers:
@@ -203,9 +207,8 @@ class Owner:
         try:
             # a row whose rich fields changed is dirty too (_apply_rich), until
             # this tick or until it is forgotten
-            rows = np.flatnonzero(core.dirty[: core.n]).astype(np.int32)
+            rows = core.dirty_rows()
             if not len(rows) and not self.gone:
-                rich.clear()
                 return
             live_rich = sorted((r, m) for r, m in rich.items() if core.id_to_row.get(core.ids[r]) == r)
             frame = self._rows_frame(rows, [_rich_entry(core, r, m) for r, m in live_rich])
@@ -229,9 +232,7 @@ class Owner:
             announced = np.zeros(core.vcap, bool)
             announced[: len(self.announced)] = self.announced
         fresh = rows[~announced[rows]]
-        frame = {"r": rows.tobytes(), "c": core.cur[rows].tobytes(), "x": rich}
-        if len(fresh):
-            frame["n"] = [fresh.tobytes(), [core.ids[r] for r in fresh.tolist()]]
+        frame = _records_frame(core, rows, rich, fresh if len(fresh) else None)
         if len(core.types) != self.types_sent:
             frame["t"] = list(core.types)
         # only now that the frame is made: a failure above leaves these as they were
@@ -251,20 +252,22 @@ class Owner:
             if size <= FOLLOWER_BUFFER_MAX:
                 self._copy_size.pop(w, None)   # past its copy: the plain cap from now on
             elif size > FOLLOWER_BUFFER_MAX + self._copy_size.get(w, 0):
-                # behind by more than we keep: it starts again from the whole
-                # fleet; abort, not close, frees what it did not read now
-                self.followers.discard(w)
-                self._copy_size.pop(w, None)
+                # behind by more than we keep: it starts again from the whole fleet
+                self._drop(w)
                 self.dropped += 1
                 log.warning("mirror follower dropped: too far behind")
-                w.transport.abort()
                 continue
             w.write(data)
 
+    def _drop(self, w: asyncio.StreamWriter) -> None:
+        """The link ends here; abort, not close, frees what it did not read now."""
+        self.followers.discard(w)
+        self._copy_size.pop(w, None)
+        w.transport.abort()
+
     def _drop_all(self) -> None:
         for w in list(self.followers):
-            w.transport.abort()
-        self.followers.clear()
+            self._drop(w)
 
     def _snapshot(self, w: asyncio.StreamWriter) -> None:
         """The whole fleet to one follower, in slices, every rich field of
@@ -276,10 +279,8 @@ class Owner:
         types = list(core.types)
         parts = [live[i:i + SNAPSHOT_SLICE] for i in range(0, len(live), SNAPSHOT_SLICE)] or [live]
         for i, part in enumerate(parts):
-            rows = part.tolist()
-            frame = {"r": part.tobytes(), "c": core.cur[part].tobytes(),
-                     "x": [_rich_entry(core, r) for r in rows],
-                     "n": [part.tobytes(), [core.ids[r] for r in rows]], "t": types}
+            frame = _records_frame(core, part, [_rich_entry(core, r) for r in part.tolist()], part)
+            frame["t"] = types
             if i == 0:
                 frame["s"] = VERSION
             if i == len(parts) - 1:
@@ -324,9 +325,7 @@ class Owner:
         except asyncio.CancelledError:
             pass   # stop(): this task is the link's whole life, and asyncio logs one that ends cancelled
         finally:
-            self.followers.discard(writer)
-            self._copy_size.pop(writer, None)
-            writer.transport.abort()
+            self._drop(writer)
             for t in tasks:
                 t.cancel()
             self._handlers.discard(asyncio.current_task())
@@ -470,18 +469,8 @@ class Follower:
                 self._renew(named, rich)
             self._name(*named)
         if len(orows):
-            local = np.full(len(orows), -1, np.int64)
-            inside = orows < len(self.xlate)
-            local[inside] = self.xlate[orows[inside]]
-            ok = local >= 0
-            if not ok.all():
-                self.unknown_rows += int((~ok).sum())
-                local, recs = local[ok], recs[ok]
-            cur = core.cur
-            for name in COPIED:
-                cur[name][local] = recs[name]
-            cur["vtype"][local] = self.types[recs["vtype"]]
-            core.dirty[local] = 1
+            local, skipped = core.mirror_rows(self.xlate, orows, recs, self.types)
+            self.unknown_rows += skipped
             if self._snapshot_rows is not None:
                 self._snapshot_rows.update(local.tolist())
             hub.mirrored(len(local))

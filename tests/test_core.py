@@ -678,3 +678,37 @@ def test_a_course_that_rounds_to_360_is_0():
     from realtime.ingest.decode import validate
     u = validate({"vehicle_id": "x", "timestamp": 1, "position": {"lat": 1, "lon": 1}, "course": -1e-20})
     assert u["course"] == 0.0
+
+
+def test_mirror_rows_copies_numbers_maps_types_and_skips_unknown_rows():
+    """A follower worker's copy of the owner's rows (mirror.py): the compiled
+    kernel and the numpy reference leave the same core behind."""
+    owner = Core(vehicle_capacity=64, client_capacity=4)
+    for i in range(6):
+        upd(owner, f"v{i}", 55.0 + i, 37.0 - i, 1000 + i, speed=10.0 * i, course=3.0 * i,
+            status="moving" if i % 2 else "idle", vtype="truck" if i % 3 else "bus",
+            alerts=["sos"] if i == 2 else None)
+    orows = np.array([5, 0, 3, 9, 2, 40], np.int32)   # 9 and 40: not known to the follower
+    recs = np.frombuffer(owner.cur[[5, 0, 3, 0, 2, 0]].tobytes(), VEHICLE_DTYPE)
+    after = []
+    for impl in IMPLS:
+        f = impl(vehicle_capacity=64, client_capacity=4)
+        f.vtype_code("car")   # type codes differ between the cores
+        for i in range(6):
+            f._new_vehicle(f"w{i}")
+        f.dirty[:] = 0
+        xlate = np.array([3, -1, 1, 0, -1, 5, -1, -1, -1, -1], np.int64)   # owner row -> ours
+        types = np.zeros(256, np.uint8)
+        for code, name in enumerate(owner.types):
+            types[code] = f.vtype_code(name)
+        local, skipped = f.mirror_rows(xlate, orows, recs, types)
+        assert local.tolist() == [5, 3, 0, 1] and skipped == 2
+        assert np.flatnonzero(f.dirty).tolist() == [0, 1, 3, 5]
+        for ours, theirs in zip([5, 3, 0, 1], [5, 0, 3, 2]):
+            a, b = f.cur[ours], owner.cur[theirs]
+            for name in ("lat", "lon", "speed", "course", "ts", "status", "version"):
+                assert a[name] == b[name], name
+            assert f.types[a["vtype"]] == owner.types[b["vtype"]]
+            assert a["al_ver"] == 0 and a["has_alerts"] == 0   # the follower's own
+        after.append(f.cur.tobytes())
+    assert after[0] == after[1]

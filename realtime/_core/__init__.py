@@ -21,6 +21,8 @@ except ImportError as e:  # a checkout whose extensions were never built
         "run `make build` (or `python setup.py build_ext --inplace`); to install the server, run "
         "`pip install .`") from None
 
+import numpy as np
+
 from ._base import CLIENT_DTYPE, CoreBase, TickPending
 from ._schema import FMT_JSON, FMT_MSGPACK, VEHICLE_DTYPE, UpdateBatch
 
@@ -34,8 +36,11 @@ class Core(CoreBase):
     def _k_client_diff(self, c, full_all):
         return _kernel.k_client_diff(self, c, full_all)
 
-    def _k_tick(self, rebuild=True):
-        return _kernel.k_tick(self, rebuild)
+    def _k_tick(self, rebuild, rows):
+        return _kernel.k_tick(self, rebuild, rows)
+
+    def mirror_rows(self, xlate, orows, recs, types):
+        return _kernel.k_mirror(self, xlate, orows, recs.view(np.uint8), types)
 
 
 __all__ = ["Core", "CoreBase", "CLIENT_DTYPE", "TickPending", "UpdateBatch",

@@ -69,6 +69,14 @@ def grid_window(south: float, west: float, north: float, east: float, cell_deg: 
     return (y0, y1, x0, x1)
 
 
+def records(a: np.ndarray, rows) -> np.ndarray:
+    """a[rows] for a structured array, as whole records: indexing a structured
+    array by rows copies field by field (~250 us for 1,000 rows of
+    VEHICLE_DTYPE here); taking them as opaque items of the same size is ~20x
+    faster."""
+    return a.view(np.dtype((np.void, a.dtype.itemsize))).take(rows).view(a.dtype)
+
+
 def _words(n: int) -> int:
     return max(1, (n + 63) // 64)
 
@@ -780,17 +788,18 @@ class CoreBase:
         if not small.any():   # the common case: moving vehicles are always sent
             return
         r = rows[small]
-        cur, sent = self.cur[r], self.sent[r]
+        cur, sent = records(self.cur, r), records(self.sent, r)
         dy = (cur["lat"] - sent["lat"]) * 111_320.0
         dx = (cur["lon"] - sent["lon"]) * 111_320.0 * np.cos(np.radians(cur["lat"]))
         hold = ((sent["version"] > 0) & (dx * dx + dy * dy < self.jitter_m ** 2)
                 & (now - self.sent_at[r] < self.jitter_s))
         if not hold.any():
             return
-        held_at = np.flatnonzero(small)[hold]   # positions in the batch
-        sent_at = np.setdiff1d(np.flatnonzero(accepted), held_at)
+        held = np.zeros(len(rows), bool)   # by position in the batch
+        held[np.flatnonzero(small)[hold]] = True
+        self.dirty[rows[held]] = 0
         # a row with another, real change in the same batch is sent
-        self.dirty[np.setdiff1d(rows[held_at], rows[sent_at])] = 0
+        self.dirty[rows[accepted & ~held]] = 1
 
     def silent_rows(self, since: float) -> np.ndarray:
         """Known vehicles that brought no news after `since`."""
@@ -809,7 +818,7 @@ class CoreBase:
         if len(rows) == 0:
             return rows
         prev = self.cur["status"][rows]
-        cur = self.cur[rows]
+        cur = records(self.cur, rows)
         n = len(rows)
         nan = np.full(n, np.nan)
         b = S.UpdateBatch([self.ids[r] for r in rows], cur["lat"], cur["lon"], nan, nan,
@@ -914,9 +923,36 @@ class CoreBase:
         rebuild=False (a client command's flush) keeps the spatial index as it
         is and checks the clients changed since it was built one by one, so a
         burst of subscriptions does not rebuild it once per command."""
+        rows = self.dirty_rows()
         if self.jitter_s > 0:
-            self.sent_at[np.flatnonzero(self.dirty[: self.n])] = now
-        return self._k_tick(rebuild)
+            self.sent_at[rows] = now
+        return self._k_tick(rebuild, rows)
+
+    # the numbers a follower worker copies from the owner's rows (mirror.py);
+    # the type code is mapped; the versions of rich fields and has_alerts are
+    # the follower's own (its _apply_rich keeps them). k_mirror copies the same.
+    MIRRORED = ("lat", "lon", "speed", "course", "ts", "status", "version")
+
+    def mirror_rows(self, xlate: np.ndarray, orows: np.ndarray, recs: np.ndarray, types: np.ndarray):
+        """A follower's copy of the owner's rows: owner row -> ours through
+        `xlate` (-1: not known here, skipped), numbers copied, type code
+        mapped through `types`, the row dirty. Returns (our rows, skipped)."""
+        local = np.full(len(orows), -1, np.int64)
+        inside = orows < len(xlate)
+        local[inside] = xlate[orows[inside]]
+        ok = local >= 0
+        local, recs = local[ok], recs[ok]
+        for name in self.MIRRORED:
+            self.cur[name][local] = recs[name]
+        self.cur["vtype"][local] = types[recs["vtype"]]
+        self.dirty[local] = 1
+        return local, int(len(ok) - len(local))
+
+    def dirty_rows(self) -> np.ndarray:
+        """The rows the next tick routes, ascending, as int32. Read as bool:
+        nonzero() over uint8 compares byte by byte, ~9x slower than its bool
+        path at a tick's usual 5% of rows."""
+        return np.flatnonzero(self.dirty[: self.n].view(bool)).astype(np.int32)
 
     # ------------------------------------------------------------------ frames
     @staticmethod

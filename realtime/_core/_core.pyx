@@ -188,6 +188,49 @@ def k_apply(core, int32_t[::1] rows, b):
             masks[i] = m
     return accepted_a, masks_a
 
+# ---------------------------------------------------------------- mirror
+@cython.boundscheck(False)
+def k_mirror(core, const int64_t[::1] xlate, const int32_t[::1] orows, const uint8_t[::1] recs,
+             const uint8_t[::1] types):
+    """A follower's copy of the owner's rows (mirror.py, CoreBase.mirror_rows):
+    each owner row through `xlate` to this core's row, its numbers copied, its
+    type code mapped through `types`, the row made dirty. Rows not mapped are
+    skipped. Returns (local rows in frame order, how many were skipped)."""
+    cdef Py_ssize_t n = orows.shape[0], i, k = 0, nx = xlate.shape[0], nt = types.shape[0]
+    cdef Py_ssize_t size = sizeof(VehicleRec)
+    if recs.shape[0] != n * size:
+        raise ValueError("rows and records differ in length")
+    cdef VehicleRec* cur = vrecs(core.cur)
+    cdef Py_ssize_t cap = core.cur.shape[0]
+    cdef uint8_t[::1] dirty = core.dirty
+    local_a = np.empty(n, np.int64)
+    cdef int64_t[::1] local = local_a
+    cdef VehicleRec src
+    cdef VehicleRec* d
+    cdef int64_t r
+    cdef int32_t o
+    with nogil:
+        for i in range(n):
+            o = orows[i]
+            r = xlate[o] if 0 <= o < nx else -1
+            if r < 0 or r >= cap:
+                continue
+            # the frame's bytes need not be aligned for a VehicleRec
+            memcpy(&src, &recs[i * size], size)
+            d = &cur[r]
+            d.lat = src.lat
+            d.lon = src.lon
+            d.speed = src.speed
+            d.course = src.course
+            d.ts = src.ts
+            d.version = src.version
+            d.status = src.status
+            d.vtype = types[src.vtype] if src.vtype < nt else 0
+            dirty[r] = 1
+            local[k] = r
+            k += 1
+    return local_a[:k], n - k
+
 # ---------------------------------------------------------------- visibility
 cdef inline bint visible(ClientRec* cl, VehicleRec* v, Py_ssize_t r,
                          uint64_t* sel_bits, Py_ssize_t vwords, int* reason) noexcept nogil:
@@ -828,8 +871,9 @@ cdef inline Py_ssize_t add_candidate(int32_t* stamp, int32_t* cand, Py_ssize_t n
     return n
 
 
-def k_tick(core, bint rebuild=True):
-    """Route every dirty vehicle and pending event; return [(body, rows)]."""
+def k_tick(core, bint rebuild, rows_a):
+    """Route every dirty vehicle (`rows_a`: core.dirty_rows()) and pending
+    event; return [(body, rows)]."""
     cdef Py_ssize_t n = core.n, nc = core.n_clients
     cdef Py_ssize_t vwords = core.sel_bits.shape[1], cwords = core.vis.shape[1]
     cdef VehicleRec* cur = vrecs(core.cur)
@@ -857,7 +901,6 @@ def k_tick(core, bint rebuild=True):
     cdef Py_ssize_t nkeys = gkeys.shape[0]
     cdef int64_t* kp = &gkeys[0] if nkeys else NULL
 
-    rows_a = np.flatnonzero(core.dirty[:n]).astype(np.int32)
     cdef int32_t[::1] rows = rows_a
     cdef Py_ssize_t nd = rows.shape[0], di, j, k, w, lv
     stamp_a = np.zeros(max(nc, 1), np.int32)

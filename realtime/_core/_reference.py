@@ -207,7 +207,7 @@ class ReferenceCore(CoreBase):
         return self._encode_raw(int(self.clients[c]["fmt"]), [m for _, _, m in out])
 
     # ------------------------------------------------------------------ tick
-    def _k_tick(self, rebuild=True):  # brute force: no index to rebuild
+    def _k_tick(self, rebuild, _rows):  # brute force, and its own dirty rows
         per_client: dict[int, list] = {}
         cs = np.arange(self.n_clients)
         # events go to whoever sees the vehicle after this tick's changes, so

@@ -50,6 +50,7 @@ import msgspec
 import numpy as np
 from redis.exceptions import NoPermissionError, ResponseError
 
+from .._core._base import records
 from ..ingest.decode import Rejected, decode_relay, relay_origin, validate, validate_relayed
 from .presence import Presence
 from .redis_conn import DOWN, Scanner, clustered, connect, mget, run_ids
@@ -698,7 +699,7 @@ class RedisStores:
         # the slice's columns at once: a numpy record's fields one by one
         # cost more than the command they go into
         at = np.asarray(rows, np.int64)
-        cur = core.cur[at]
+        cur = records(core.cur, at)
         expire_s = int(self.settings.stale_after_s)
         written = self._rich_written
         # what was sent is remembered once Redis took it: a slice that fails
