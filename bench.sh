@@ -37,6 +37,8 @@ if [ "$SMOKE" = 1 ]; then
   transports=$($PY benchmarks/bench_transports.py --smoke)
   say "[+] capacity, Redis side (2k vehicles, 2 instances, feed against scan)"
   capacity=$($PY benchmarks/bench_capacity.py --vehicles 2000 --instances 2 --settle 2 --seconds 2)
+  say "[+] a second worker's cost per tick (2k vehicles, in one process)"
+  mirror=$($PY benchmarks/bench_mirror.py --vehicles 2000 --ticks 60 --warmup 20)
   mem=null
   workers=null
 else
@@ -59,10 +61,12 @@ else
   capacity=$($PY benchmarks/bench_capacity.py --check-writers)
   say "[+] --workers 2 against one worker, and the raw server in two processes against one (3 rounds)"
   workers=$($PY benchmarks/bench_workers.py --rounds 3)
+  say "[+] a second worker's cost per tick (20k vehicles, in one process)"
+  mirror=$($PY benchmarks/bench_mirror.py)
 fi
 machine="$(uname -m), $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB, $(.venv/bin/python -V)"
-printf '{"timestamp":"%s","smoke":%s,"machine":"%s","core":%s,"memory":%s,"e2e":%s,"kafka":%s,"storm":%s,"transports":%s,"capacity":%s,"workers":%s}\n' \
-  "$stamp" "$SMOKE" "$machine" "$core" "$mem" "$e2e" "$kafka" "$storm" "$transports" "$capacity" "$workers" > "$out"
+printf '{"timestamp":"%s","smoke":%s,"machine":"%s","core":%s,"memory":%s,"e2e":%s,"kafka":%s,"storm":%s,"transports":%s,"capacity":%s,"workers":%s,"mirror":%s}\n' \
+  "$stamp" "$SMOKE" "$machine" "$core" "$mem" "$e2e" "$kafka" "$storm" "$transports" "$capacity" "$workers" "$mirror" > "$out"
 $PY benchmarks/report.py "$out" >&2
 say "wrote $out (.md, .png) in $(( $(date +%s) - t0 )) s"
 $PY - "$out" <<'PYEOF'
