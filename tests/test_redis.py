@@ -95,7 +95,9 @@ async def test_redis_only_update_is_picked_up_by_reconcile(rserver, r, uid):
     await r.hset(f"vehicle:current:{vid}", mapping={
         "lat": "55.61", "lon": "37.41", "speed": "33", "course": "90", "status": "idle",
         "vehicle_type": "truck", "timestamp": str(int(time.time() * 1000))})
-    got = await c.wait_messages(lambda m: m.get("v") == vid, timeout=8)
+    # a reconcile every 5 s: 8 s left a loaded 2-core CI run too little (it
+    # missed once, with 6.7 s alone); two periods and then some
+    got = await c.wait_messages(lambda m: m.get("v") == vid, timeout=15)
     assert got[-1]["t"] == "full" and got[-1]["p"] == [55.61, 37.41] and got[-1]["st"] == "idle"
     await c.close()
 
