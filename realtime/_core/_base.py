@@ -795,8 +795,8 @@ class CoreBase:
                 & (now - self.sent_at[r] < self.jitter_s))
         if not hold.any():
             return
-        held = np.zeros(len(rows), bool)   # by position in the batch
-        held[np.flatnonzero(small)[hold]] = True
+        held = np.zeros_like(small)   # by position in the batch
+        held[small] = hold
         self.dirty[rows[held]] = 0
         # a row with another, real change in the same batch is sent
         self.dirty[rows[accepted & ~held]] = 1
