@@ -9,8 +9,8 @@
 # p99 at the same load), tick_period_ms (the configured tick), tick_compute_ms (a tick's compute time),
 # socketio_ratio, rss_kb_per_conn, kafka_ratio, storm_s, storm_events_lost, storm_p99_ratio, sse_ratio,
 # poll_ratio, grpc_ratio; in full runs also workers_ratio (--workers 2 over one worker, deliveries per
-# CPU-second) and raw_procs_ratio (the raw server in two processes over one: what the machine allows);
-# that step uses the Redis on 127.0.0.1:6379 and flushes its database 12.
+# CPU-second), raw_procs_ratio (the raw server in two processes over one: what the machine allows) and
+# workers_over_raw (the first over the second); that step uses the Redis on 127.0.0.1:6379 and flushes its database 12.
 set -euo pipefail
 cd "$(dirname "$0")"
 SMOKE=0
@@ -59,8 +59,8 @@ else
   transports=$($PY benchmarks/bench_transports.py)
   say "[+] capacity, Redis side (20k and 200k vehicles, 1/4/16 instances; ~12 min)"
   capacity=$($PY benchmarks/bench_capacity.py --check-writers)
-  say "[+] --workers 2 against one worker, and the raw server in two processes against one (3 rounds)"
-  workers=$($PY benchmarks/bench_workers.py --rounds 3)
+  say "[+] --workers 2 against one worker, and the raw server in two processes against one (8 rounds, ~16 min)"
+  workers=$($PY benchmarks/bench_workers.py --rounds 8)
   say "[+] a second worker's cost per tick (20k vehicles, in one process)"
   mirror=$($PY benchmarks/bench_mirror.py)
 fi
@@ -91,5 +91,6 @@ print(json.dumps({
     "grpc_ratio": tr["grpc_ratio_vs_websocket"],
     "workers_ratio": (r.get("workers") or {}).get("realtime_workers_ratio"),
     "raw_procs_ratio": (r.get("workers") or {}).get("raw_procs_ratio"),
+    "workers_over_raw": (r.get("workers") or {}).get("realtime_over_raw"),
 }))
 PYEOF

@@ -45,20 +45,26 @@ def free_port():
         return s.getsockname()[1]
 
 
-def cpu_s(pid) -> float:
-    """CPU seconds of a process and of every process under it (a server with
-    --workers is a supervisor and its workers)."""
-    total = 0.0
+def cpu_by_process(pid) -> dict[int, float]:
+    """CPU seconds of a process and of every process under it, by pid (a
+    server with --workers is a supervisor, its workers in the order they
+    were started, and multiprocessing's resource tracker)."""
+    out = {}
     todo = [pid]
     while todo:
-        p = todo.pop()
+        p = todo.pop(0)
         try:
             f = open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()
-            total += (int(f[11]) + int(f[12])) / CLK
+            out[p] = (int(f[11]) + int(f[12])) / CLK
             todo += [int(c) for c in open(f"/proc/{p}/task/{p}/children").read().split()]
         except OSError:   # it exited meanwhile
             pass
-    return total
+    return out
+
+
+def cpu_s(pid) -> float:
+    """CPU seconds of a process and of every process under it."""
+    return sum(cpu_by_process(pid).values())
 
 
 def rss_kb(pid) -> int:
@@ -217,19 +223,21 @@ def measured(server: Proc, lgs: list, clients, seconds, merge=None, port=None):
     latency that is the server's, without the load generators' queues)."""
     window(lgs)
     h0 = histogram(port) if port else None
-    c0, t0 = cpu_s(server.p.pid), time.monotonic()
+    p0, t0 = cpu_by_process(server.p.pid), time.monotonic()
     l0 = sum(cpu_s(lg.pid) for lg in lgs)
     time.sleep(max(0.0, seconds - 0.5))   # the load generators' CPU, read before they exit
     l1 = sum(cpu_s(lg.pid) for lg in lgs)
     t_l = time.monotonic() - t0
     h1 = histogram(port) if port else None
     res = (merge or merged)(lgs)
-    c1, t1 = cpu_s(server.p.pid), time.monotonic()
+    p1, t1 = cpu_by_process(server.p.pid), time.monotonic()
     if port:
         res["server_p50_ms"] = quantile(h0, h1, 0.5)
         res["server_p99_ms"] = quantile(h0, h1, 0.99)
         res["server_latency_samples"] = int(h1[-1][1] - h0[-1][1]) if h0 and h1 else 0
-    res["server_cpu_s_per_s"] = round((c1 - c0) / (t1 - t0), 3)
+    res["server_cpu_s_per_s"] = round((sum(p1.values()) - sum(p0.values())) / (t1 - t0), 3)
+    # each process of the tree, in the order it was started (the supervisor first)
+    res["server_cpu_by_process"] = [round((p1[p] - p0[p]) / (t1 - t0), 3) for p in p0 if p in p1]
     res["loadgen_cpu_s_per_s"] = round((l1 - l0) / t_l, 3)   # all of them: 2 cores in all
     res["server_rss_mb"] = round(rss_kb(server.p.pid) / 1024, 1)
     res["deliveries_per_cpu_s"] = round(res["deliveries_per_s"] / max(res["server_cpu_s_per_s"], 1e-6))
@@ -243,15 +251,16 @@ WARMUP = 2.0
 PROCS = 2
 
 
-def scenario_a(vehicles, clients, seconds, procs=None, extra=(), settle=None):
-    """settle: seconds between the server's start and the clients' (SETTLE)."""
+def scenario_a(vehicles, clients, seconds, procs=None, extra=(), settle=None, warmup=None):
+    """settle: seconds between the server's start and the clients' (SETTLE);
+    warmup: seconds between the last subscription and the window (WARMUP)."""
     port = free_port()
     s = realtime(port, vehicles, extra)
     try:
         wait_port(port)
         time.sleep(SETTLE if settle is None else settle)
         m0 = metrics(port)
-        lgs = loadgen(port, clients, seconds, procs=procs)
+        lgs = loadgen(port, clients, seconds, procs=procs, warmup=warmup)
         res = measured(s, lgs, clients, seconds, port=port)
         m1 = metrics(port)
         ticks = m1.get("hub_ticks_total", 0) - m0.get("hub_ticks_total", 0)
