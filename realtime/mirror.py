@@ -69,7 +69,9 @@ FORWARD_MAX = 64                        # forwarded ingest requests in flight pe
 RECONNECT_MAX_S = 1.0
 HEARTBEAT_S = 1.0                       # the owner sends at least a frame this often
 SILENT_S = 5.0                          # a follower that heard nothing this long reconnects
-MAX_ROW = 1 << 28                       # no core has that many rows
+# no core has that many rows (16M vehicles; past ~85k an instance splits by
+# region), and a follower's owner-to-local table for the highest is 128 MB
+MAX_ROW = 1 << 24
 # what a follower checks in the first frame: the same frames and records
 VERSION = [2, str(VEHICLE_DTYPE.descr)]   # 2: the follower speaks first (hello)
 
@@ -531,6 +533,7 @@ class Follower:
         for e in rich:
             if not (isinstance(e, list) and len(e) == 5 and isinstance(e[0], int) and 0 <= e[0] < MAX_ROW
                     and (e[1] is None or (isinstance(e[1], list) and all(isinstance(a, str) for a in e[1])))
+                    and (e[2] is None or isinstance(e[2], dict)) and (e[3] is None or isinstance(e[3], dict))
                     and (e[4] is None or (isinstance(e[4], list) and all(isinstance(g, str) for g in e[4])))):
                 raise ValueError("rich fields")
         gone = f.get("g", [])

@@ -244,6 +244,9 @@ async def test_frames_that_do_not_fit_the_core_are_refused_before_anything_chang
         {"s": [0, "other"], "r": b""},                                     # another version
         {"r": b"", "x": [[0, ["a"], None, None, "north"]]},                 # groups that are not a list
         {"r": b"", "x": [[0, [1], None, None, None]]},                      # an alert that is not a string
+        {"r": b"", "x": [[0, None, "Ivan", None, None]]},                   # a driver that is not an object
+        {"r": b"", "x": [[0, None, None, ["job"], None]]},                  # an assignment that is not one
+        {"n": [np.array([2**24], np.int32).tobytes(), [uid]], "r": b""},   # a row past MAX_ROW
         {"r": b"", "g": [None]},                                           # a forgotten id that is not one
         {"r": b"", "t": ["x"] * 65},                                       # more types than codes
     ]
