@@ -59,7 +59,7 @@ else
   transports=$($PY benchmarks/bench_transports.py)
   say "[+] capacity, Redis side (20k and 200k vehicles, 1/4/16 instances; ~12 min)"
   capacity=$($PY benchmarks/bench_capacity.py --check-writers)
-  say "[+] --workers 2 against one worker, and the raw server in two processes against one (8 rounds, ~16 min)"
+  say "[+] --workers 2 against one worker, and the raw server in two processes against one (8 rounds, ~17 min)"
   workers=$($PY benchmarks/bench_workers.py --rounds 8)
   say "[+] a second worker's cost per tick (20k vehicles, in one process)"
   mirror=$($PY benchmarks/bench_mirror.py)

@@ -238,6 +238,8 @@ def measured(server: Proc, lgs: list, clients, seconds, merge=None, port=None):
     res["server_cpu_s_per_s"] = round((sum(p1.values()) - sum(p0.values())) / (t1 - t0), 3)
     # each process of the tree, in the order it was started (the supervisor first)
     res["server_cpu_by_process"] = [round((p1[p] - p0[p]) / (t1 - t0), 3) for p in p0 if p in p1]
+    if p0.keys() != p1.keys():   # a worker died or was started in the window: its CPU is not all here
+        res["server_processes_changed"] = True
     res["loadgen_cpu_s_per_s"] = round((l1 - l0) / t_l, 3)   # all of them: 2 cores in all
     res["server_rss_mb"] = round(rss_kb(server.p.pid) / 1024, 1)
     res["deliveries_per_cpu_s"] = round(res["deliveries_per_s"] / max(res["server_cpu_s_per_s"], 1e-6))
