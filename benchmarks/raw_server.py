@@ -5,6 +5,9 @@ Each round builds one JSON `batch` frame of `--messages` `pos` messages whose
 `ts` is now (so the load generator measures latency the same way), then
 writes it to every client. `--tick-ms 0` writes rounds back to back: the
 most deliveries per second the kernel and the load generator can move here.
+With a tick, a round starts every `--tick-ms` from the start of the last
+one, as realtime's tick loop does (one that is late starts at once, with no
+burst to catch up).
 """
 from __future__ import annotations
 
@@ -77,8 +80,13 @@ async def main(port, messages, tick_ms, expect, reuse_port=False):
     seq = 0
     template = [{"t": "pos", "v": f"veh_{i:05d}", "p": [55.751234, 37.612345], "s": 42.5, "c": 180,
                  "ts": 0} for i in range(messages)]
+    period = tick_ms / 1000.0
     async with server:
         while True:
+            # the period runs from a round's start: sleeping a whole tick after
+            # the writes, one process with 1,000 clients delivered 11-13% less
+            # than two with 500 each, so the two did not do the same job
+            started = loop.time()
             seq += 1
             now = int(time.time() * 1000)
             for m in template:
@@ -88,7 +96,7 @@ async def main(port, messages, tick_ms, expect, reuse_port=False):
             for t in list(Conn.clients):
                 if t.get_write_buffer_size() < 1 << 20:
                     t.write(data)
-            await asyncio.sleep(tick_ms / 1000.0)
+            await asyncio.sleep(max(0.0, started + period - loop.time()))
 
 
 if __name__ == "__main__":
