@@ -25,8 +25,8 @@ One worker's CPU for the same job moves by 10-20% from run to run here
 (steal time, the Redis writer's batching), more than what is measured:
 take `--rounds 8` or more before reading a ratio to two digits.
 
-    python benchmarks/bench_workers.py --vehicles 20000 --clients 1000 --seconds 10 --rounds 3 \\
-        --settle 20 --redis redis://127.0.0.1:6379/12
+    python benchmarks/bench_workers.py --vehicles 20000 --clients 1000 --seconds 10 --rounds 8 \\
+        --settle 20 --warmup 10 --redis redis://127.0.0.1:6379/12
 
 Prints one JSON object. The Redis database given is flushed before each run.
 """
