@@ -556,22 +556,23 @@ class Hub:
     def _sees(self, s: Session, row: int) -> bool:
         return bool((int(self.core.vis[row, s.row >> 6]) >> (s.row & 63)) & 1)
 
-    async def acl_changed(self, user_id: str) -> None:
-        """PUBLISH acl:updates {user}: apply the live rights to that user's connections."""
+    async def acl_changed(self, user_id: str, read=None) -> None:
+        """PUBLISH acl:updates {user}: apply the live rights to that user's
+        connections. `read`: how to read them (stores.acl by default)."""
         # counted before anything else: a connection that read its ACL before
         # this and attaches after it is not among the targets, and sees the
         # count moved (client.start, client._refresh)
         self.acl_generation += 1
-        await self.reapply_acl(user_id)
+        await self.reapply_acl(user_id, read)
 
-    async def reapply_acl(self, user_id: str) -> None:
+    async def reapply_acl(self, user_id: str, read=None) -> None:
         """The user's ACL read again and applied to their connections. It
         does not count as an update: a re-read must not make connects that
         overlap it read again in turn."""
         targets = list(self._by_user.get(user_id, ()))
         if not targets:
             return
-        acl = await self.stores.acl(user_id)
+        acl = await (read or self.stores.acl)(user_id)
         for s in targets:
             if not s.closed and s.row >= 0:
                 s.acl = acl

@@ -238,6 +238,84 @@ async def test_acl_update_applies_to_open_connections(rserver, r, uid):
     await c.close()
 
 
+async def test_an_acl_key_of_another_type_grants_nothing_and_the_listener_goes_on(rserver, r, uid):
+    """PROTOCOL §2: an ACL that cannot be read restricts. An acl:user:{id} that
+    is not a hash, announced on acl:updates, takes the user's vehicles away.
+    It used to count as an outage: the Pub/Sub listener ended on it, again at
+    each restart (no instant events or ACL updates for anyone), and the user's
+    new connections were refused."""
+    a, user, other = uid + "a", uid + "u", uid + "o"
+    assert ingest(rserver, [update(a)])[0] == 200
+    c = await Client.connect(rserver, token(sub=user))
+    await c.recv_type("welcome")
+    assert (await c.subscribe(subscriptions={"vehicles": [a]}))[0]["visible"] == 1
+    watcher = await Client.connect(rserver, token(sub=other))
+    await watcher.recv_type("welcome")
+    await watcher.subscribe(subscriptions={"vehicles": [a]})
+    try:
+        await r.set(f"acl:user:{user}", "not a hash")
+        await r.publish("acl:updates", user)
+        got = await c.wait_messages(lambda m: m["t"] == "leave", timeout=10)
+        assert [m for m in got if m["t"] == "leave"] == [{"t": "leave", "v": a, "r": "permission"}]
+        # the listener goes on: an instant event reaches the other user
+        await r.publish(f"vehicle:events:{a}", json.dumps({"type": "after_" + uid}))
+        got = await watcher.wait_messages(lambda m: m["t"] == "event", timeout=10)
+        assert [m["e"] for m in got if m["t"] == "event"] == ["after_" + uid]
+        # the user's new connection is admitted and sees nothing; the long form refuses
+        c2 = await Client.connect(rserver, token(sub=user))
+        await c2.recv_type("welcome")
+        await c2.send({"type": "subscribe", "subscriptions": {"vehicles": [a]}})
+        assert (await c2.recv_type("subscribed"))["visible"] == 0
+        await c2.close()
+        assert _get_status(rserver, f"/api/vehicles/{a}", token(sub=user)) == 403
+        rserver.log.flush()
+        assert "unreadable ACL: the key is not a hash" in open(rserver.log.name).read()
+    finally:
+        await r.delete(f"acl:user:{user}")
+        await c.close()
+        await watcher.close()
+
+
+async def test_an_acl_update_that_cannot_be_read_is_applied_when_redis_answers(throwaway_redis, uid):
+    """PROTOCOL §2: while an announced ACL cannot be read, the rights in force
+    stay, and instant events go on; once Redis answers, the update is applied
+    without another PUBLISH. (HGETALL refused with NOPERM stands for a Redis
+    that answers the listener but not the read, as in a failover.)"""
+    port, _, _ = throwaway_redis
+    url = f"redis://127.0.0.1:{port}/0"
+    s = Server("--simulate", "0", "--tick-ms", "20", "--redis", url)
+    r = aioredis.Redis.from_url(url, decode_responses=True)
+    try:
+        a, b, user = uid + "a", uid + "b", uid + "u"
+        assert ingest(s, [update(a), update(b)])[0] == 200
+        c = await Client.connect(s, token(sub=user))
+        await c.recv_type("welcome")
+        assert (await c.subscribe(subscriptions={"vehicles": [a, b]}))[0]["visible"] == 2
+        await r.hset(f"acl:user:{user}", mapping={"vehicles": json.dumps([a]), "permissions": json.dumps([])})
+        await r.execute_command("ACL", "SETUSER", "default", "-hgetall")
+        await r.publish("acl:updates", user)
+        await r.publish(f"vehicle:events:{a}", json.dumps({"type": "meanwhile"}))
+        got = await c.wait_messages(lambda m: m["t"] == "event", timeout=10)
+        assert [m["e"] for m in got if m["t"] == "event"] == ["meanwhile"]
+        got += await c.messages(1.0)   # a few retries while HGETALL is refused
+        assert not [m for m in got if m["t"] == "leave"]   # the rights in force stay
+        # the ACL last read is out of date: a new connection of the user, and
+        # the long form, wait for Redis rather than use it
+        other = await Client.connect(s, token(sub=user))
+        with pytest.raises(websockets.ConnectionClosed) as e:
+            while True:
+                await other.recv()
+        assert e.value.rcvd.code == 1013 and "try again" in e.value.rcvd.reason
+        assert _get_status(s, f"/api/vehicles/{a}", token(sub=user)) == 503
+        await r.execute_command("ACL", "SETUSER", "default", "+hgetall")
+        got = await c.wait_messages(lambda m: m["t"] == "leave", timeout=10)
+        assert [m for m in got if m["t"] == "leave"] == [{"t": "leave", "v": b, "r": "permission"}]
+        await c.close()
+    finally:
+        s.stop()
+        await r.aclose()
+
+
 async def _async_get(r, key, needle) -> bool:
     return needle in (await r.get(key) or "")
 
@@ -920,8 +998,8 @@ async def test_an_acl_update_during_a_connect_reaches_that_connection(redis_url,
             await release.wait()
         await real_resolve(names)
 
-    async def seen_changed(user_id):
-        await real_changed(user_id)
+    async def seen_changed(user_id, **kw):
+        await real_changed(user_id, **kw)
         handled.set()
 
     monkeypatch.setattr(hub.stores, "resolve_groups", held_resolve)

@@ -85,6 +85,7 @@ MAX_EVENT_BYTES = 16 * 1024   # an instant event's body, as published (PROTOCOL 
 LOCAL_KEYS_MAX = 10_000   # events delivered locally during one outage that are remembered
 LOCAL_KEYS_S = 600.0      # and for how long
 ACLS_KEPT = 100_000       # users whose last-read ACL is remembered (least recently read go first)
+ACL_RETRY_S = 0.5         # an acl:updates that could not be read is read again this often
 _DOWN = DOWN   # Redis unreachable or failing (redis_conn.py)
 
 # SET NX + XADD in one step: of the instances that saw the same event, one adds it.
@@ -345,6 +346,11 @@ class RedisStores:
         # Redis error never widens rights, so this stays in force while Redis
         # cannot answer; a user never read then cannot be admitted.
         self._acls: dict[str, dict | None] = {}
+        # users connected here whose acl:updates could not be read: their
+        # connections keep the rights in force, and they are read again when
+        # Redis answers (_acls_behind_read); at most one entry per user
+        self._acls_behind: set[str] = set()
+        self._acls_behind_wake = asyncio.Event()
         self._session_latest: dict[str, str] = {}   # session -> newest record, while one is being written
         self.snapshot_loaded = asyncio.Event()
         self.write_every_s = max(settings.tick_ms / 1000.0, 0.02)  # one pipeline per tick
@@ -360,7 +366,7 @@ class RedisStores:
         fleet = ((("redis-groups", self._groups),) if self.follower else
                  (("redis-writer", self._writer), ("redis-reconcile", self._reconcile)))
         for name, fn in (("redis-tail", self._tail), ("redis-pubsub", self._pubsub), *fleet,
-                         ("redis-presence", self._presence)):
+                         ("redis-presence", self._presence), ("redis-acls", self._acls_behind_read)):
             self._tasks.append(loop.create_task(self._forever(name, fn), name=name))
 
     @property
@@ -556,19 +562,71 @@ class RedisStores:
             connected = {s.claims.sub for s in self.hub.sessions.values()}
             self._acls = {u: a for u, a in self._acls.items() if u in connected}
             for user in connected:
-                await self.hub.acl_changed(user)
+                if self._acls_behind:   # Redis did not answer for one: the rest wait with it
+                    self.hub.acl_generation += 1   # as acl_changed counts it
+                    self._acls.pop(user, None)
+                    self._acl_behind(user)
+                else:
+                    await self._acl_update(user)
             async for m in ps.listen():
-                channel = _s(m.get("channel"))
-                data = m.get("data")
+                try:
+                    channel = _s(m.get("channel"))
+                    data = m.get("data")
+                    if channel == "acl:updates":
+                        data = _s(data)
+                except UnicodeDecodeError:   # PUBLISH vehicle:events:\xff ended the listener
+                    self.hub.stats.reject("invalid_event")
+                    continue
                 if channel == RELAY:
                     self._relayed(data)
                 elif channel == "acl:updates":
-                    self._acls.pop(_s(data), None)   # read again when next needed
-                    await self.hub.acl_changed(_s(data))
+                    await self._acl_update(data)
                 elif channel.startswith("vehicle:events:"):
                     await self._instant_event(channel[len("vehicle:events:"):], data)
         finally:
             await ps.aclose()
+
+    async def _acl_update(self, user: str) -> None:
+        """`acl:updates {user}`: the ACL in Redis, applied to the user's
+        connections here. When it cannot be read, their connections keep the
+        rights in force (PROTOCOL §2) and the user is read again once Redis
+        answers. The listener goes on either way: one unreadable ACL used to end
+        it, and with it instant events and ACL updates for everyone."""
+        self._acls.pop(user, None)   # what was read before is out of date
+        try:
+            # never the remembered ACL: a read that was in flight may have put
+            # the old one back since the pop
+            await self.hub.acl_changed(user, read=self._acl_fresh)
+        except StoresUnavailable:
+            self._acl_behind(user)
+            return
+        self._acls_behind.discard(user)   # an older retry must not apply what this replaced
+
+    def _acl_behind(self, user: str) -> None:
+        if user not in self._acls_behind:
+            log.warning("ACL update cannot be read now: the rights in force stay until Redis answers",
+                        extra={"fields": {"user": user}})
+        self._acls_behind.add(user)
+        self._acls_behind_wake.set()
+
+    async def _acls_behind_read(self) -> None:
+        """The users whose acl:updates could not be read, read again every
+        ACL_RETRY_S until Redis answers. A user no longer connected here is
+        dropped without a read (reapply_acl has no one to apply it to; a new
+        connection reads its own), so the set never outgrows the users connected."""
+        while True:
+            await self._acls_behind_wake.wait()
+            while self._acls_behind:
+                await asyncio.sleep(ACL_RETRY_S)
+                for user in list(self._acls_behind):   # every one each round: one shard down holds up only its own
+                    try:
+                        await self.hub.reapply_acl(user, read=self._acl_fresh)
+                    except StoresUnavailable:
+                        continue
+                    except Exception:   # a bug must not retry for ever, nor stop the others
+                        log.exception("ACL update could not be applied", extra={"fields": {"user": user}})
+                    self._acls_behind.discard(user)
+            self._acls_behind_wake.clear()
 
     async def _instant_event(self, vehicle_id: str, data) -> None:
         # what enters the log must be deliverable to every client: a JSON
@@ -1239,11 +1297,22 @@ class RedisStores:
         """The live rights of a user. While Redis cannot answer, the last ACL
         read for them; StoresUnavailable for a user never read."""
         try:
+            return await self._acl_fresh(user_id)
+        except StoresUnavailable:
+            if user_id in self._acls:
+                return self._acls[user_id]
+            raise
+
+    async def _acl_fresh(self, user_id) -> dict | None:
+        """The rights in Redis now; StoresUnavailable when it cannot answer."""
+        try:
             if self.healthy is False:
                 raise ConnectionError("Redis is unreachable")
             h = await self.r.hgetall(f"acl:user:{user_id}")
         except _DOWN as e:
-            return self._acl_when_down(user_id, e)
+            if not _wrong_type(e):
+                raise StoresUnavailable(f"rights of {user_id!r} cannot be read: {e!r}"[:200]) from None
+            h = e   # Redis answered: the key is wrong, and that restricts (_acl_read)
         self._ops += 1
         return self._acl_read(user_id, h)
 
@@ -1264,8 +1333,8 @@ class RedisStores:
                     pipe.xrange(STREAM, min=eid, max=eid, count=1)
                     pipe.xrange(STREAM, count=1)
             res = await pipe.execute(raise_on_error=False)
-            for r in res:
-                if isinstance(r, _DOWN):
+            for i, r in enumerate(res):
+                if isinstance(r, _DOWN) and not (i == 0 and _wrong_type(r)):
                     raise r
         except _DOWN as e:
             acl = self._acl_when_down(user_id, e)
@@ -1274,7 +1343,7 @@ class RedisStores:
                                         why="the session cannot be resumed now") from None
             return acl, None, None
         self._ops += len(res)
-        if isinstance(res[0], Exception):
+        if isinstance(res[0], Exception) and not _wrong_type(res[0]):
             raise StoresUnavailable(f"rights of {user_id!r} cannot be read: {res[0]!r}"[:200])
         acl = self._acl_read(user_id, res[0])
         if not session_id:
@@ -1291,12 +1360,25 @@ class RedisStores:
         raise StoresUnavailable(f"rights of {user_id!r} cannot be read: {e!r}"[:200]) from None
 
     def _acl_read(self, user_id, h) -> dict | None:
+        """HGETALL acl:user:{id} (a WRONGTYPE error for a key that is not a
+        hash) as the rights it grants, remembered for when Redis cannot answer."""
+        if _wrong_type(h):
+            # every field unreadable: nothing granted. Refusing the user
+            # instead would have them retry for ever, and treating it as an
+            # outage ended the Pub/Sub listener (_acl_update)
+            self.hub.stats.reject("invalid_acl")
+            log.warning("unreadable ACL: the key is not a hash, nothing granted by it",
+                        extra={"fields": {"user": user_id}})
+            return self._remember_acl(user_id, {k: [] for k in ACL_FIELDS})
         out = {}
         for k, v in (h or {}).items():
-            key = _s(k)
+            # a field name that is not UTF-8, or JSON nested past the
+            # recursion limit, is an unreadable field like any other: raising
+            # here would end the Pub/Sub listener on every restart
+            key = k.decode(errors="replace") if isinstance(k, bytes) else str(k)
             try:
                 val = json.loads(v)
-            except ValueError:
+            except (ValueError, RecursionError):
                 val = None
             if isinstance(val, list) and all(isinstance(x, str) for x in val):
                 out[key] = val
@@ -1307,12 +1389,20 @@ class RedisStores:
                 self.hub.stats.reject("invalid_acl")
                 log.warning("unreadable ACL field: nothing granted by it", extra={"fields": {
                     "user": user_id, "field": key}})
+        return self._remember_acl(user_id, out or None)
+
+    def _remember_acl(self, user_id, acl: dict | None) -> dict | None:
         acls = self._acls
         acls.pop(user_id, None)
         if len(acls) >= ACLS_KEPT:
             del acls[next(iter(acls))]
-        acls[user_id] = out or None
-        return out or None
+        acls[user_id] = acl
+        return acl
+
+
+def _wrong_type(e) -> bool:
+    """A WRONGTYPE error: Redis answered, and the key holds another type."""
+    return isinstance(e, ResponseError) and str(e).startswith("WRONGTYPE")
 
 
 def _where(eid: str, found, first) -> str:
