@@ -213,3 +213,61 @@ async def test_default_start_replays_recent_records_without_redis(kafka_bootstra
         await c.close()
     finally:
         s.stop()
+
+
+async def test_two_workers_consume_once_and_serve_the_clients_of_both(kafka_bootstrap, redis_url, uid):
+    """--workers 2 with Kafka: the owner worker alone consumes the topic, and
+    the follower's clients get its records through the owner's frames
+    (mirror.py). HTTP ingest on either worker goes through the topic. Every
+    client, on either worker, gets each position once and in order."""
+    from conftest import both_ready, both_workers, ingest, vehicle_status
+    topic = "workers." + uid
+    await create_topic(kafka_bootstrap, topic, 3)
+    s = Server("--workers", "2", "--simulate", "0", "--tick-ms", "20", "--redis", redis_url,
+               "--kafka", kafka_bootstrap, "--topic", topic, "--kafka-from", "earliest")
+    s.bootstrap, s.topic = kafka_bootstrap, topic
+    clients, instances = [], set()
+    try:
+        both_workers(s)
+        both_ready(s)
+        vid = uid + "k"
+        t0 = int(time.time() * 1000)
+        await produce(s, [(vid, js(update(vid, 55.0, 37.0, t0)), None)])
+        # requests land on either worker: until many in a row know the vehicle
+        deadline, known = time.time() + 30, 0
+        while known < 10 and time.time() < deadline:
+            known = known + 1 if vehicle_status(s, vid) == 200 else 0
+            await asyncio.sleep(0.02)
+        assert known == 10, s.logs()
+        # batch ids name the worker: connect until both serve clients
+        while len(clients) < 40 and (len(instances) < 2 or len(clients) < 4):
+            c = await Client.connect(s, token())
+            await c.recv_type("welcome")
+            clients.append(c)
+            await c.send({"type": "subscribe", "subscriptions": {"vehicles": [vid]}})
+            await c.recv_type("subscribed")
+            b = await c.recv_type("batch")
+            assert [m["p"] for m in b["messages"]] == [[55.0, 37.0]]
+            instances.add(b["batch_id"].rsplit("-", 1)[0])
+        assert len(instances) == 2
+
+        async def everyone_gets(lat):
+            for c in clients:
+                got = await c.wait_messages(lambda m: m.get("p", [None])[0] == lat, timeout=15)
+                lats = [m["p"][0] for m in got if "p" in m]
+                assert lats == [lat], lats   # once, and nothing in between
+        await produce(s, [(vid, js(update(vid, 55.1, 37.0, t0 + 1000)), None)])
+        await everyone_gets(55.1)
+        for i, lat in enumerate((55.2, 55.3, 55.4)):
+            status, body = ingest(s, [update(vid, lat, 37.0, t0 + 2000 + i * 1000)])
+            assert status == 200 and body["accepted"] == 1
+            await everyone_gets(lat)
+        late = await asyncio.gather(*(c.messages(0.5) for c in clients))   # no copy after the last
+        assert not [m for got in late for m in got if "p" in m]
+        # the HTTP updates went through the topic, once each, whichever worker took them
+        records = await read_topic(kafka_bootstrap, topic, 3, lambda got: False, timeout=3.0)
+        assert sum(r.key == vid.encode() for r in records) == 5
+    finally:
+        for c in clients:
+            await c.close()
+        s.stop()

@@ -10,30 +10,10 @@ import time
 
 import pytest
 
-from conftest import (ROOT, SECRET, Client, Server, ingest, metric_value, ready_status, token, update,
-                      vehicle_status)
+from conftest import (ROOT, SECRET, Client, Server, both_ready, both_workers, children, ingest, metric_value,
+                      token, update, vehicle_status)
 
 pytestmark = pytest.mark.integration
-
-
-def both_workers(s) -> list[int]:
-    """The supervisor's two worker pids, once both have started."""
-    deadline = time.time() + 30
-    while len(children(s.proc.pid)) < 2 and time.time() < deadline:
-        time.sleep(0.1)
-    workers = children(s.proc.pid)
-    assert len(workers) == 2, s.logs()
-    return workers
-
-
-def both_ready(s) -> None:
-    """Every worker answers ready: a follower only once it has the owner
-    worker's fleet (mirror.py); until then its HTTP ingest is refused."""
-    deadline, ok = time.time() + 30, 0
-    while ok < 10 and time.time() < deadline:
-        ok = ok + 1 if ready_status(s) == 200 else 0
-        time.sleep(0.02)
-    assert ok == 10, s.logs()
 
 
 def running(pid: int) -> bool:
@@ -41,21 +21,6 @@ def running(pid: int) -> bool:
         return open(f"/proc/{pid}/stat").read().split(")")[-1].split()[0] != "Z"
     except OSError:
         return False
-
-
-def children(pid: int) -> list[int]:
-    """Live worker processes of the supervisor (not multiprocessing's resource tracker)."""
-    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
-    workers = []
-    for x in out.split():
-        try:
-            cmd = open(f"/proc/{x}/cmdline", "rb").read()
-            state = open(f"/proc/{x}/stat").read().split(")")[-1].split()[0]
-        except OSError:
-            continue
-        if b"resource_tracker" not in cmd and state != "Z":
-            workers.append(int(x))
-    return sorted(workers)
 
 
 async def test_workers_share_the_port_restart_and_stop(redis_url, uid):
