@@ -179,11 +179,15 @@ def _wait_for(lg: subprocess.Popen, word: str) -> None:
     raise RuntimeError(f"load generator exited before `{word}`")
 
 
-def window(lgs: list) -> None:
+def window(lgs: list, sync=None) -> None:
     """Block until every load generator is subscribed, start them together,
-    and return when their measuring window opens (after the warm-up)."""
+    and return when their measuring window opens (after the warm-up).
+    `sync()`, when given, is called between the two: another run's load
+    generators start at the same moment (bench_workers --together)."""
     for lg in lgs:
         _wait_for(lg, "ready")
+    if sync is not None:
+        sync()
     for lg in lgs:
         lg.stdin.write("go\n")
         lg.stdin.flush()
@@ -215,13 +219,13 @@ def merged(lgs: list) -> dict:
     return res
 
 
-def measured(server: Proc, lgs: list, clients, seconds, merge=None, port=None):
+def measured(server: Proc, lgs: list, clients, seconds, merge=None, port=None, sync=None):
     """Server CPU over the load generators' measuring window. `merge` reads
     the load generators' results (merged(), or bench_transports' for httpgen).
     With the server's `port`, its own message_delivery_latency_ms over the
     same window too (arrival in the process to socket write: the part of the
     latency that is the server's, without the load generators' queues)."""
-    window(lgs)
+    window(lgs, sync)
     h0 = histogram(port) if port else None
     p0, t0 = cpu_by_process(server.p.pid), time.monotonic()
     l0 = sum(cpu_s(lg.pid) for lg in lgs)
@@ -253,9 +257,10 @@ WARMUP = 2.0
 PROCS = 2
 
 
-def scenario_a(vehicles, clients, seconds, procs=None, extra=(), settle=None, warmup=None):
+def scenario_a(vehicles, clients, seconds, procs=None, extra=(), settle=None, warmup=None, sync=None):
     """settle: seconds between the server's start and the clients' (SETTLE);
-    warmup: seconds between the last subscription and the window (WARMUP)."""
+    warmup: seconds between the last subscription and the window (WARMUP);
+    sync: see window()."""
     port = free_port()
     s = realtime(port, vehicles, extra)
     try:
@@ -263,7 +268,7 @@ def scenario_a(vehicles, clients, seconds, procs=None, extra=(), settle=None, wa
         time.sleep(SETTLE if settle is None else settle)
         m0 = metrics(port)
         lgs = loadgen(port, clients, seconds, procs=procs, warmup=warmup)
-        res = measured(s, lgs, clients, seconds, port=port)
+        res = measured(s, lgs, clients, seconds, port=port, sync=sync)
         m1 = metrics(port)
         ticks = m1.get("hub_ticks_total", 0) - m0.get("hub_ticks_total", 0)
         tick_s = m1.get("hub_tick_seconds_total", 0) - m0.get("hub_tick_seconds_total", 0)
@@ -275,7 +280,7 @@ def scenario_a(vehicles, clients, seconds, procs=None, extra=(), settle=None, wa
         s.stop()
 
 
-def under_load(start, clients, seconds, subscribe, settle=True, path_token=True):
+def under_load(start, clients, seconds, subscribe, settle=True, path_token=True, sync=None):
     """Start a server (start(port) -> Proc), put the load generator on it, measure."""
     port = free_port()
     s = start(port)
@@ -284,12 +289,12 @@ def under_load(start, clients, seconds, subscribe, settle=True, path_token=True)
         if settle:
             time.sleep(SETTLE)
         lgs = loadgen(port, clients, seconds, subscribe=subscribe, path_token=path_token)
-        return measured(s, lgs, clients, seconds)
+        return measured(s, lgs, clients, seconds, sync=sync)
     finally:
         s.stop()
 
 
-def raw_limit(clients, seconds, messages_per_frame, tick_ms=0, procs=1):
+def raw_limit(clients, seconds, messages_per_frame, tick_ms=0, procs=1, sync=None):
     """tick_ms=0: frames back to back, the most the kernel and the load
     generators move here; the tick: the same clients and frames at
     realtime's pace, whose client-observed p99 is what the load generators
@@ -297,7 +302,7 @@ def raw_limit(clients, seconds, messages_per_frame, tick_ms=0, procs=1):
     return under_load(lambda port: Proc([PY, str(HERE / "raw_server.py"), "--port", str(port),
                                          "--messages", str(messages_per_frame), "--tick-ms", str(tick_ms),
                                          "--expect", str(clients), "--procs", str(procs)]),
-                      clients, seconds, "none", settle=False, path_token=False)
+                      clients, seconds, "none", settle=False, path_token=False, sync=sync)
 
 
 def socketio_peer(vehicles, clients, seconds):

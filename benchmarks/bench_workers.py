@@ -28,15 +28,27 @@ take `--rounds 8` or more before reading a ratio to two digits.
     python benchmarks/bench_workers.py --vehicles 20000 --clients 1000 --seconds 10 --rounds 8 \\
         --settle 20 --warmup 10 --redis redis://127.0.0.1:6379/12
 
+`--together` runs a round's two sides at the same time instead, one worker
+and two (each with a Redis of its own), then the raw server's one process
+and two, their windows opening at once: the machine's drift then falls on
+both sides alike. Each side has half the machine, so give each half the
+load:
+
+    python benchmarks/bench_workers.py --together --vehicles 10000 --clients 500 --rounds 8
+
 Prints one JSON object. The Redis database given is flushed before each run.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
+import threading
+import time
 from urllib.parse import urlparse
 
 import bench_e2e as e2e
@@ -49,9 +61,55 @@ def flush(redis_url: str) -> None:
                     "flushdb"], check=True, stdout=subprocess.DEVNULL)
 
 
+def together(fns: list) -> list:
+    """fns[i](sync) in threads, their load generators started at the same
+    moment (sync is called once each is subscribed); the results in order."""
+    barrier = threading.Barrier(len(fns))
+    out, errors = [None] * len(fns), []
+
+    def run(i, fn):
+        try:
+            out[i] = fn(lambda: barrier.wait(timeout=600))
+        except BaseException as e:   # the other side must not wait for ever
+            errors.append(e)
+            barrier.abort()
+    threads = [threading.Thread(target=run, args=(i, fn)) for i, fn in enumerate(fns)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return out
+
+
+class Throwaway:
+    """A Redis of the benchmark's own (--together: two servers must not hear
+    each other's Pub/Sub, which no database number separates)."""
+
+    def __init__(self):
+        self.port = e2e.free_port()
+        self.dir = tempfile.mkdtemp(prefix="bench-redis-")
+        self.p = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                                   "--appendonly", "no", "--dir", self.dir],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        deadline = time.monotonic() + 10
+        while subprocess.run(["redis-cli", "-p", str(self.port), "ping"], capture_output=True).returncode != 0:
+            if time.monotonic() > deadline or self.p.poll() is not None:
+                raise RuntimeError("redis-server did not start")
+            time.sleep(0.05)
+
+    def stop(self):
+        self.p.terminate()
+        self.p.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
 def keep(r: dict) -> dict:
     return {k: r[k] for k in ("connected", "deliveries_per_s", "server_cpu_s_per_s", "deliveries_per_cpu_s",
-                              "server_cpu_by_process", "server_processes_changed", "p99_ms", "server_p99_ms")
+                              "server_cpu_by_process", "server_processes_changed", "loadgen_cpu_s_per_s", "p99_ms",
+                              "server_p99_ms")
             if k in r}
 
 
@@ -80,26 +138,51 @@ def main():
                    help="seconds from the last subscription to the window")
     p.add_argument("--redis", default="redis://127.0.0.1:6379/12",
                    help="a database the benchmark may flush (--workers > 1 needs Redis)")
+    # One after the other, a round's two runs are ~45 s apart, and this
+    # machine's CPU for the same job moves by 10-30% in that time: a round's
+    # ratio spread 0.77-1.10 over four rounds. Run together, both sides meet
+    # the same moment of the machine. Each then has half of it: take half the
+    # vehicles and clients (--vehicles 10000 --clients 500).
+    p.add_argument("--together", action="store_true",
+                   help="run one and two workers at the same time (each its own Redis), "
+                        "then the raw server's one and two processes, windows opening at once")
     a = p.parse_args()
     V, C, T = a.vehicles, a.clients, a.seconds
     runs: dict[str, list[dict]] = {"realtime_1": [], "realtime_2": [], "raw_1": [], "raw_2": []}
     per_frame = None
-    for rnd in range(a.rounds):
-        order = (1, 2) if rnd % 2 == 0 else (2, 1)
-        for n in order:
-            flush(a.redis)
-            extra = ("--redis", a.redis) + (("--workers", str(n)) if n > 1 else ())
-            e2e.log(f"(i) round {rnd + 1}: realtime, {n} worker(s), {V} vehicles, {C} clients")
-            r = e2e.scenario_a(V, C, T, extra=extra, settle=a.settle, warmup=a.warmup)
-            runs[f"realtime_{n}"].append(keep(r))
-            e2e.log(json.dumps(runs[f"realtime_{n}"][-1]))
-            if per_frame is None:
-                per_frame = max(1, round(r["deliveries_per_s"] / max(r["frames_per_s"], 1)))
-        for n in order:
-            e2e.log(f"(i) round {rnd + 1}: raw server, {n} process(es), {per_frame} messages per frame")
-            r = e2e.raw_limit(C, T, per_frame, tick_ms=e2e.TICK_S * 1000, procs=n)
-            runs[f"raw_{n}"].append(keep(r))
-            e2e.log(json.dumps(runs[f"raw_{n}"][-1]))
+    redises = [Throwaway(), Throwaway()] if a.together else []
+    redis_of = {1: redises[0].url, 2: redises[1].url} if a.together else {1: a.redis, 2: a.redis}
+
+    def realtime(rnd, n, sync=None):
+        flush(redis_of[n])
+        extra = ("--redis", redis_of[n]) + (("--workers", str(n)) if n > 1 else ())
+        e2e.log(f"(i) round {rnd + 1}: realtime, {n} worker(s), {V} vehicles, {C} clients")
+        r = e2e.scenario_a(V, C, T, extra=extra, settle=a.settle, warmup=a.warmup, sync=sync)
+        e2e.log(json.dumps(keep(r)))
+        return r
+
+    def raw(rnd, n, sync=None):
+        e2e.log(f"(i) round {rnd + 1}: raw server, {n} process(es), {per_frame} messages per frame")
+        r = e2e.raw_limit(C, T, per_frame, tick_ms=e2e.TICK_S * 1000, procs=n, sync=sync)
+        e2e.log(json.dumps(keep(r)))
+        return r
+
+    try:
+        for rnd in range(a.rounds):
+            order = (1, 2) if rnd % 2 == 0 else (2, 1)
+            for kind, run in (("realtime", realtime), ("raw", raw)):
+                if a.together:
+                    results = dict(zip(order, together([lambda sync, n=n: run(rnd, n, sync) for n in order])))
+                else:
+                    results = {n: run(rnd, n) for n in order}
+                for n in (1, 2):
+                    runs[f"{kind}_{n}"].append(keep(results[n]))
+                if per_frame is None:
+                    r = results[1]
+                    per_frame = max(1, round(r["deliveries_per_s"] / max(r["frames_per_s"], 1)))
+    finally:
+        for t in redises:
+            t.stop()
 
     def median(name, key="deliveries_per_cpu_s"):
         return statistics.median(r[key] for r in runs[name])
@@ -118,6 +201,7 @@ def main():
     raw_ratio = median("raw_2") / max(median("raw_1"), 1)
 
     out = {"benchmark": "workers", "vehicles": V, "clients": C, "seconds": T, "rounds": a.rounds,
+           "together": a.together,
            "settle_s": a.settle, "warmup_s": a.warmup,
            "messages_per_frame": per_frame, "runs": runs,
            "realtime_workers_ratio": round(realtime_ratio, 3),
