@@ -712,3 +712,63 @@ def test_mirror_rows_copies_numbers_maps_types_and_skips_unknown_rows():
             assert a["al_ver"] == 0 and a["has_alerts"] == 0   # the follower's own
         after.append(f.cur.tobytes())
     assert after[0] == after[1]
+
+
+def test_compiled_json_numbers_are_the_shortest_text():
+    """The compiled encoder writes numbers by hand (no printf): each is the
+    text _schema.fmt_num gives, digit for digit: signs, trailing zeros cut,
+    whole numbers without a point, 13- and 19-digit timestamps."""
+    import re
+    rng = np.random.default_rng(7)
+    n = 3000
+    lat = np.concatenate([rng.uniform(-90, 90, n - 8),
+                          [0.0, -0.0, -0.0000004, 0.0000005, -89.999999, 89.9999995, 1e-6, -1e-6]])
+    lon = rng.uniform(-180, 180, n)
+    lon[:200] = [round(x, int(d)) for x, d in zip(lon[:200], rng.integers(0, 7, 200))]
+    speed = np.concatenate([rng.uniform(0, 400, n - 4), [0.0, 0.005, 0.004, 1234.5]])
+    course = rng.uniform(0, 360, n)
+    course[:100] = np.round(course[:100])
+    ts = np.concatenate([rng.integers(0, 2 ** 62, n - 4), [0, 1, 9, 1_700_000_000_000]]).astype(np.int64)
+    core = Core(vehicle_capacity=n, client_capacity=1)
+    c = core.add_client(fmt=S.FMT_JSON, view_all=True, groups=(), contacts=False)
+    core.subscribe(c, bounds=(-90, -180, 90, 180), zoom=3)
+    core.tick()
+    core.apply(UpdateBatch([f"v{i}" for i in range(n)], lat, lon, speed, course, np.zeros(n, np.uint8),
+                           np.zeros(n, np.uint8), ts, None, None, None, None))
+    text = b"".join(body for body, _ in core.tick()).decode()
+    got = re.findall(r'"v":"(v\d+)","p":\[([^,]+),([^\]]+)\],"s":([^,]+),"c":([^,]+),'
+                     r'"st":[^,]+,"vt":[^,]+,"ts":(\d+)', text)
+    assert len(got) == n
+    for vid, *numbers in got:
+        rec = core.cur[core.id_to_row[vid]]
+        assert numbers == [S.fmt_num(rec["lat"], 6), S.fmt_num(rec["lon"], 6),
+                           S.fmt_num(rec["speed"], S.SPEED_DECIMALS),
+                           S.fmt_num(rec["course"], S.COURSE_DECIMALS), str(int(rec["ts"]))], vid
+
+
+def _scaled_text(k: int, dec: int) -> str:
+    """k / 10^dec in exact decimal, trailing zeros of the fraction cut."""
+    q, r = divmod(abs(k), 10 ** dec)
+    frac = str(r).rjust(dec, "0").rstrip("0") if dec else ""
+    return ("-" if k < 0 else "") + str(q) + ("." + frac if frac else "")
+
+
+def test_compiled_number_text_over_the_whole_int64_range():
+    """fmt_scaled, behind every number and timestamp the encoder writes: at
+    dec 0 it is "%d" (negatives and INT64_MIN included); at dec 1..6 the exact
+    decimal of k / 10^dec, and _schema.fmt_num's text for a value so rounded."""
+    rng = np.random.default_rng(11)
+    lo, hi = -(2 ** 63), 2 ** 63 - 1
+    ks = [0, 1, -1, 9, 10, -10, 100, 120, -120, 1000000, -1000000, 1234500, lo, lo + 1, hi, hi - 1]
+    ks += [int(x) for x in rng.integers(lo, hi, 2000, dtype=np.int64)]
+    ks += [int(x) for x in rng.integers(-10 ** 9, 10 ** 9, 2000)]
+    ks += [int(x) * 10 ** int(e) for x, e in zip(rng.integers(-999, 999, 500), rng.integers(0, 10, 500))]
+    for k in ks:
+        assert _kernel.fmt_scaled_text(k, 0).decode() == "%d" % k
+        for dec in range(1, 7):
+            text = _kernel.fmt_scaled_text(k, dec).decode()
+            assert text == _scaled_text(k, dec), (k, dec)
+            if abs(k) < 2 ** 52:   # a double holds k / 10^dec to the last digit
+                assert text == S.fmt_num(k / 10 ** dec, dec), (k, dec)
+    with pytest.raises(ValueError):
+        _kernel.fmt_scaled_text(1, 7)

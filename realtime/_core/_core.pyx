@@ -14,9 +14,9 @@ selection) and the clients that watch everything. Only candidates are tested.
 cimport cython
 cimport numpy as cnp
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.ref cimport PyObject
 from libc.math cimport floor, isnan, llround
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
-from libc.stdio cimport snprintf
 from libc.stdlib cimport free, realloc
 from libc.string cimport memcpy
 
@@ -122,12 +122,46 @@ DEF SLOT_DELTA = 8
 DEF SLOT_POS = 16
 DEF SLOT_LEAVE = 18
 DEF N_SLOTS = 28
+DEF PREFETCH_ROWS = 8   # k_tick: rows ahead whose memory is asked for early
 
 cdef extern from *:
     int __builtin_ctzll(unsigned long long) nogil
+    void __builtin_prefetch(const void*) nogil
+
+# borrowed, no reference counts: only to ask for memory early (_prefetch_ids)
+cdef extern from "Python.h":
+    PyObject* list_item "PyList_GET_ITEM" (PyObject* lst, Py_ssize_t i) nogil
+    PyObject* tuple_item "PyTuple_GET_ITEM" (PyObject* t, Py_ssize_t i) nogil
+    bint is_tuple "PyTuple_CheckExact" (PyObject* o) nogil
+    Py_ssize_t tuple_size "PyTuple_GET_SIZE" (PyObject* t) nogil
+
+# a 64-bit word that may alias a double: copy_rec reads and writes records'
+# doubles through it (gcc's strict aliasing would otherwise allow reordering)
+cdef extern from *:
+    """
+    typedef uint64_t __attribute__((__may_alias__)) rt_u64a;
+    """
+    ctypedef uint64_t rt_u64a
 
 cdef inline int _ctz(uint64_t x) noexcept nogil:
     return __builtin_ctzll(x)
+
+cdef inline void copy_rec(VehicleRec* d, VehicleRec* s) noexcept nogil:
+    # word by word: gcc made both `d[0] = s[0]` and memcpy of these 64 bytes
+    # a `rep movs`, whose start-up cost is most of a copy this small
+    cdef rt_u64a* a = <rt_u64a*>d
+    cdef rt_u64a* b = <rt_u64a*>s
+    a[0] = b[0]
+    a[1] = b[1]
+    a[2] = b[2]
+    a[3] = b[3]
+    a[4] = b[4]
+    a[5] = b[5]
+    a[6] = b[6]
+    a[7] = b[7]
+
+if sizeof(VehicleRec) != 64:   # copy_rec's eight words
+    raise ImportError("VehicleRec is not 64 bytes")
 
 cdef inline VehicleRec* vrecs(cnp.ndarray a):
     return <VehicleRec*>cnp.PyArray_DATA(a)
@@ -338,46 +372,56 @@ cdef int fmt_num(char* out, double x, int dec) noexcept nogil:
     Values are rounded to `dec` decimals on input (UpdateBatch), so the scaled
     integer is exact and this agrees digit for digit with printf("%.*f"),
     at a tenth of its cost."""
-    cdef int64_t k = llround(x * POW10[dec])
-    cdef int n = 0, i, nd
-    cdef char tmp[24]
-    cdef int64_t ip, fp
-    if k < 0:
-        out[n] = c'-'
-        n += 1
-        k = -k
-    ip = k // POW10[dec]
-    fp = k % POW10[dec]
-    nd = 0
+    return fmt_scaled(out, llround(x * POW10[dec]), dec)
+
+cdef int fmt_scaled(char* out, int64_t k, int dec) noexcept nogil:
+    """k / 10^dec as text, trailing zeros of the fraction cut (dec 0: k as
+    "%lld" writes it); NUL-terminated, at most 22 bytes with it. The digits
+    come right to left from k alone, by divisions by 10, which compile to
+    multiplications: a division by 10^dec, unknown at compile time, cost as
+    much as the rest of a number, four numbers a position, in every worker."""
+    cdef uint64_t u = <uint64_t>k
+    cdef char tmp[32]
+    cdef int p = 32, fd = dec
+    cdef bint neg = k < 0
+    if neg:
+        u = (~u) + 1                  # the magnitude, INT64_MIN included
+    while fd > 0 and u % 10 == 0:     # trailing zeros of the fraction: not written
+        u //= 10
+        fd -= 1
+    if fd > 0:
+        while fd > 0:
+            p -= 1
+            tmp[p] = <char>(c'0' + u % 10)
+            u //= 10
+            fd -= 1
+        p -= 1
+        tmp[p] = c'.'
     while True:
-        tmp[nd] = <char>(c'0' + ip % 10)
-        nd += 1
-        ip //= 10
-        if ip == 0:
+        p -= 1
+        tmp[p] = <char>(c'0' + u % 10)
+        u //= 10
+        if u == 0:
             break
-    for i in range(nd):
-        out[n + i] = tmp[nd - 1 - i]
-    n += nd
-    if fp:
-        while fp % 10 == 0:
-            fp //= 10
-            dec -= 1
-        out[n] = c'.'
-        n += 1
-        for i in range(dec - 1, -1, -1):
-            out[n + i] = <char>(c'0' + fp % 10)
-            fp //= 10
-        n += dec
-    if n == 2 and out[0] == c'-' and out[1] == c'0':
-        out[0] = c'0'
-        n = 1
-    out[n] = 0
-    return n
+    if neg:                           # k != 0, so never "-0"
+        p -= 1
+        tmp[p] = c'-'
+    memcpy(out, &tmp[p], 32 - p)
+    out[32 - p] = 0
+    return 32 - p
+
+def fmt_scaled_text(int64_t k, int dec) -> bytes:
+    """fmt_scaled from Python, for tests: k / 10^dec as the encoder writes it."""
+    if not 0 <= dec <= 6:
+        raise ValueError("dec")
+    cdef char out[32]
+    cdef int n = fmt_scaled(out, k, dec)
+    return out[:n]
 
 cdef int put_num_json(Buf* b, double x, int dec) except -1:
-    cdef char tmp[64]
-    cdef int n = fmt_num(tmp, x, dec)
-    return put(b, tmp, n)
+    buf_reserve(b, 34)
+    b.len += fmt_num(b.data + b.len, x, dec)
+    return 0
 
 cdef int put_be64(Buf* b, uint64_t u) except -1:
     cdef int i
@@ -397,9 +441,10 @@ cdef int put_num_mp(Buf* b, double x, int dec) except -1:
     return put_be64(b, u)
 
 cdef int put_int_json(Buf* b, int64_t x) except -1:
-    cdef char tmp[32]
-    cdef int n = snprintf(tmp, 32, "%lld", <long long>x)
-    return put(b, tmp, n)
+    # not snprintf("%lld"): that was a quarter of a position's encoding
+    buf_reserve(b, 34)
+    b.len += fmt_scaled(b.data + b.len, x, 0)
+    return 0
 
 cdef int put_int_mp(Buf* b, int64_t x) except -1:
     # msgpack-python's choice of the smallest encoding
@@ -466,7 +511,7 @@ cdef class Encoder:
         cdef int f = fmt
         cdef object dr
         cdef int nkeys
-        cdef bytes rid = self.enc_id[r][f]
+        cdef bytes rid = (<tuple>self.enc_id[r])[f]
         if kind >= K_LEAVE_VIEWPORT:
             reason = _LEAVE_REASON_BYTES[kind - K_LEAVE_VIEWPORT]
             if f == 0:
@@ -482,7 +527,6 @@ cdef class Encoder:
                 put_u8(b, <uint8_t>(0xa0 | len(reason)))
                 put_bytes(b, reason)
             return 0
-        dr = (self.enc_dr[r] if contacts else self.enc_drr[r])
         if kind == K_POS:
             if f == 0:
                 put_bytes(b, b'{"t":"pos","v":')
@@ -494,6 +538,7 @@ cdef class Encoder:
                 put_bytes(b, rid)
                 self._pos_mp(b, v)
             return 0
+        dr = (self.enc_dr[r] if contacts else self.enc_drr[r])
         if kind == K_FULL:
             if f == 0:
                 put_bytes(b, b'{"t":"full","v":')
@@ -932,6 +977,15 @@ def k_tick(core, bint rebuild, rows_a):
             r = rows[di]
             v = &cur[r]
             n_cand = 0
+            # a few rows ahead: their bitset words and last-sent records. The
+            # dirty rows are a sparse ascending sample of the fleet (~1 in 13
+            # at 1 Hz), too far apart for the hardware to guess, and these two
+            # loads were the routing's main cost, paid again in every worker
+            if di + PREFETCH_ROWS < nd:
+                __builtin_prefetch(&vis[rows[di + PREFETCH_ROWS] * cwords])
+                __builtin_prefetch(&sent[rows[di + PREFETCH_ROWS]])
+                # a 64-byte record is not aligned to a cache line: its end too
+                __builtin_prefetch(<char*>&sent[rows[di + PREFETCH_ROWS]] + sizeof(VehicleRec) - 1)
             mark = <int32_t>di + 1
             # a) clients that saw it
             for w in range(cwords):
@@ -989,7 +1043,7 @@ def k_tick(core, bint rebuild, rows_a):
         bodies = _assemble(core, &rs, &arena, rows, ev_rows, events, cls, nc)
         for di in range(nd):
             r = rows[di]
-            sent[r] = cur[r]
+            copy_rec(&sent[r], &cur[r])
             dirty[r] = 0
         core.events = []
         return bodies
@@ -1015,11 +1069,33 @@ cdef int _route_events(Recs* rs, int32_t[::1] ev_rows, uint8_t[::1] ev_alert, ui
                 recs_push(rs, c, <int32_t>e, K_EVENT, 0, LANE_EVENT, cls[c].fmt)
     return 0
 
+cdef void _prefetch_ids(list enc_id, int32_t[::1] rows) noexcept:
+    """Every piece starts with the vehicle's id, encoded ahead of time as a
+    Python tuple of bytes (CoreBase.enc_id): the list's slot, the tuple and
+    the bytes are three cache misses, one after the other, and waiting for
+    them was most of the encoder's own time (each worker pays it again).
+    Asked for here, a pass per step over the tick's rows, they are fetched
+    side by side instead. Rows are < core.n = len(enc_id), each a tuple."""
+    cdef Py_ssize_t nd = rows.shape[0], i, n = len(enc_id)
+    cdef PyObject* lst = <PyObject*>enc_id
+    cdef PyObject* t
+    for i in range(nd):
+        if rows[i] < n:
+            __builtin_prefetch(list_item(lst, rows[i]))
+    for i in range(nd):
+        if rows[i] < n:
+            t = list_item(lst, rows[i])
+            if is_tuple(t) and tuple_size(t) >= 2:
+                __builtin_prefetch(tuple_item(t, 0))
+                __builtin_prefetch(tuple_item(t, 1))
+
 cdef object _assemble(core, Recs* rs, Buf* arena, int32_t[::1] rows, int32_t[::1] ev_rows,
                       list events, ClientRec* cls, Py_ssize_t nc):
     cdef Py_ssize_t nrec = rs.len, i, j, nd = rows.shape[0], ne = ev_rows.shape[0]
     cdef Rec* rec
     cdef Encoder enc = Encoder(core)
+    if nrec:
+        _prefetch_ids(<list>core.enc_id, rows)
     # piece cache: [dirty index * N_SLOTS + slot] for vehicles, then 2 per event
     cache_a = np.full(nd * N_SLOTS + ne * 2 + 1, -1, np.int32)
     cdef int32_t[::1] cache = cache_a

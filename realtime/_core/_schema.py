@@ -120,8 +120,11 @@ def redact_driver(driver):
 def fmt_num(x: float, decimals: int) -> str:
     """Shortest fixed-point text with at most `decimals` decimals.
 
-    The compiled core does the same with snprintf("%.*f") and strips zeros; both
-    round correctly, so JSON and msgpack (which packs float(text)) agree.
+    The compiled core (_core.pyx fmt_num) writes the same text from the
+    integer llround(x * 10**decimals), digit by digit. The two agree for the
+    values the core holds, already rounded to `decimals` by UpdateBatch (on a
+    tie such as 0.125 at 2 decimals printf gives 0.12, llround 0.13), so JSON
+    and msgpack (which packs float(text)) agree.
     """
     s = "%.*f" % (decimals, x)
     if "." in s:
