@@ -10,7 +10,7 @@
 # socketio_ratio, rss_kb_per_conn, kafka_ratio, storm_s, storm_events_lost, storm_p99_ratio, sse_ratio,
 # poll_ratio, grpc_ratio; in full runs also workers_ratio (--workers 2 over one worker, deliveries per
 # CPU-second), raw_procs_ratio (the raw server in two processes over one: what the machine allows) and
-# workers_over_raw (the first over the second); that step uses the Redis on 127.0.0.1:6379 and flushes its database 12.
+# workers_over_raw (the first over the second); that step starts redis-servers of its own (--together).
 set -euo pipefail
 cd "$(dirname "$0")"
 SMOKE=0
@@ -39,6 +39,8 @@ if [ "$SMOKE" = 1 ]; then
   capacity=$($PY benchmarks/bench_capacity.py --vehicles 2000 --instances 2 --settle 2 --seconds 2)
   say "[+] a second worker's cost per tick (2k vehicles, in one process)"
   mirror=$($PY benchmarks/bench_mirror.py --vehicles 2000 --ticks 60 --warmup 20)
+  say "[+] one core's tick against two cores' over the same clients, split (2k vehicles)"
+  split=$($PY benchmarks/bench_split.py --vehicles 2000 --clients 100 --changed 150 --ticks 20)
   mem=null
   workers=null
 else
@@ -59,14 +61,16 @@ else
   transports=$($PY benchmarks/bench_transports.py)
   say "[+] capacity, Redis side (20k and 200k vehicles, 1/4/16 instances; ~12 min)"
   capacity=$($PY benchmarks/bench_capacity.py --check-writers)
-  say "[+] --workers 2 against one worker, and the raw server in two processes against one (8 rounds, ~17 min)"
-  workers=$($PY benchmarks/bench_workers.py --rounds 8)
+  say "[+] --workers 2 against one worker, and the raw server in two processes against one (6 rounds, both sides at once, ~7 min)"
+  workers=$($PY benchmarks/bench_workers.py --together --vehicles 10000 --clients 500 --rounds 6)
   say "[+] a second worker's cost per tick (20k vehicles, in one process)"
   mirror=$($PY benchmarks/bench_mirror.py)
+  say "[+] one core's tick against two cores' over the same clients, split (10k vehicles, 500 clients)"
+  split=$($PY benchmarks/bench_split.py)
 fi
 machine="$(uname -m), $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB, $(.venv/bin/python -V)"
-printf '{"timestamp":"%s","smoke":%s,"machine":"%s","core":%s,"memory":%s,"e2e":%s,"kafka":%s,"storm":%s,"transports":%s,"capacity":%s,"workers":%s,"mirror":%s}\n' \
-  "$stamp" "$SMOKE" "$machine" "$core" "$mem" "$e2e" "$kafka" "$storm" "$transports" "$capacity" "$workers" "$mirror" > "$out"
+printf '{"timestamp":"%s","smoke":%s,"machine":"%s","core":%s,"memory":%s,"e2e":%s,"kafka":%s,"storm":%s,"transports":%s,"capacity":%s,"workers":%s,"mirror":%s,"split":%s}\n' \
+  "$stamp" "$SMOKE" "$machine" "$core" "$mem" "$e2e" "$kafka" "$storm" "$transports" "$capacity" "$workers" "$mirror" "$split" > "$out"
 $PY benchmarks/report.py "$out" >&2
 say "wrote $out (.md, .png) in $(( $(date +%s) - t0 )) s"
 $PY - "$out" <<'PYEOF'
