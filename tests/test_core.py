@@ -772,3 +772,15 @@ def test_compiled_number_text_over_the_whole_int64_range():
                 assert text == S.fmt_num(k / 10 ** dec, dec), (k, dec)
     with pytest.raises(ValueError):
         _kernel.fmt_scaled_text(1, 7)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_a_client_format_other_than_json_or_msgpack_is_refused(impl):
+    """The compiled encoder picks a piece's encoding by the client's format,
+    unchecked: a third value never gets into the client table."""
+    core = impl(vehicle_capacity=8, client_capacity=8)
+    for fmt in (2, -1, 255):
+        with pytest.raises(ValueError):
+            core.add_client(fmt=fmt)
+    assert core.n_clients == 0
+    assert core.add_client(fmt=S.FMT_MSGPACK) == 0

@@ -528,6 +528,9 @@ class CoreBase:
 
     def add_client(self, fmt=S.FMT_JSON, view_all=True, vehicles=(), groups=(), contacts=False) -> int:
         """A new connection: no subscription yet, so it sees nothing."""
+        if fmt not in (S.FMT_JSON, S.FMT_MSGPACK):
+            # the compiled encoder indexes each piece's (json, msgpack) pair by it, unchecked
+            raise ValueError(f"format {fmt!r}")
         if self.client_free:
             c = self.client_free.pop()
         else:
