@@ -44,17 +44,22 @@ def fleet(core, n_vehicles: int, rng, statuses=(0, 0, 0, 1, 2)):
     return lat, lon
 
 
+def viewport(rng, share: float = 0.01):
+    """A random viewport (south, west, north, east) of `share` of the fleet's area."""
+    side = math.sqrt(share)
+    s = LAT0 + rng.uniform(0, DLAT * (1 - side))
+    w = LON0 + rng.uniform(0, DLON * (1 - side))
+    return (s, w, s + DLAT * side, w + DLON * side)
+
+
 def build(cls, n_vehicles: int, n_clients: int, seed: int = 1):
     rng = np.random.default_rng(seed)
     core = cls(vehicle_capacity=n_vehicles, client_capacity=n_clients)
     lat, lon = fleet(core, n_vehicles, rng)
-    side = math.sqrt(0.01)  # 1% of the area
     for i in range(n_clients):
         c = core.add_client(fmt=int(i % 4 == 0), view_all=i % 10 != 0,
                             groups=(f"g{i % 20}", f"g{(i + 7) % 20}"), contacts=i % 3 == 0)
-        s = LAT0 + rng.uniform(0, DLAT * (1 - side))
-        w = LON0 + rng.uniform(0, DLON * (1 - side))
-        core.subscribe(c, bounds=(s, w, s + DLAT * side, w + DLON * side), zoom=13)
+        core.subscribe(c, bounds=viewport(rng), zoom=13)
     return core, rng, lat, lon
 
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import sys
@@ -36,7 +35,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_core import DLAT, DLON, LAT0, LON0, deliveries, fleet, make_tick_batch  # noqa: E402
+from bench_core import deliveries, fleet, make_tick_batch, viewport  # noqa: E402
 
 from realtime._core import Core  # noqa: E402
 from realtime._core import _schema as S  # noqa: E402
@@ -45,12 +44,7 @@ from realtime._core import _schema as S  # noqa: E402
 def cores(n_vehicles: int, n_clients: int, seed: int = 1):
     """(one core with every client, [two cores with half each])."""
     rng = np.random.default_rng(seed)
-    side = math.sqrt(0.01)   # 1% of the area
-    views = []
-    for _ in range(n_clients):
-        s = LAT0 + rng.uniform(0, DLAT * (1 - side))
-        w = LON0 + rng.uniform(0, DLON * (1 - side))
-        views.append((s, w, s + DLAT * side, w + DLON * side))
+    views = [viewport(rng) for _ in range(n_clients)]
     made = []
     for part in (views, views[0::2], views[1::2]):
         core = Core(vehicle_capacity=n_vehicles, client_capacity=max(len(part), 1))
@@ -67,29 +61,18 @@ def run(n_vehicles=10000, n_clients=500, n_changed=770, ticks=300, seed=1):
     one, two = cores(n_vehicles, n_clients, seed)
     rng = np.random.default_rng(seed + 2)
     lat, lon = one.cur["lat"][:n_vehicles].copy(), one.cur["lon"][:n_vehicles].copy()
-    t_one, t_two, d_one, d_two = [], [], 0, 0
+    # per side: [its cores, tick seconds, deliveries]
+    sides = [[[one], [], 0], [two, [], 0]]
     for t in range(ticks):
         b = make_tick_batch(rng, lat, lon, n_changed, 1_700_000_000_000 + 1000 * (t + 1))
         for core in (one, *two):
             core.apply(b)
-
-        def tick_one():
+        for side in (sides if t % 2 == 0 else sides[::-1]):
             t0 = time.perf_counter()
-            out = one.tick()
-            t_one.append(time.perf_counter() - t0)
-            return deliveries(out)
-
-        def tick_two():
-            t0 = time.perf_counter()
-            outs = [core.tick() for core in two]
-            t_two.append(time.perf_counter() - t0)
-            return sum(deliveries(o) for o in outs)
-        if t % 2 == 0:
-            d_one += tick_one()
-            d_two += tick_two()
-        else:
-            d_two += tick_two()
-            d_one += tick_one()
+            outs = [core.tick() for core in side[0]]
+            side[1].append(time.perf_counter() - t0)
+            side[2] += sum(deliveries(o) for o in outs)
+    (_, t_one, d_one), (_, t_two, d_two) = sides
     assert d_one == d_two, (d_one, d_two)   # the same messages, only split
     one_us, two_us = float(np.median(t_one)) * 1e6, float(np.median(t_two)) * 1e6
     return {

@@ -956,7 +956,7 @@ def k_tick(core, bint rebuild, rows_a):
     cdef Buf arena
     arena.data = NULL
     arena.len = arena.cap = 0
-    cdef int32_t r, c, kind, m
+    cdef int32_t r, c, kind, m, ahead
     cdef int reason = 0
     cdef uint64_t word
     cdef int64_t key
@@ -982,10 +982,11 @@ def k_tick(core, bint rebuild, rows_a):
             # at 1 Hz), too far apart for the hardware to guess, and these two
             # loads were the routing's main cost, paid again in every worker
             if di + PREFETCH_ROWS < nd:
-                __builtin_prefetch(&vis[rows[di + PREFETCH_ROWS] * cwords])
-                __builtin_prefetch(&sent[rows[di + PREFETCH_ROWS]])
+                ahead = rows[di + PREFETCH_ROWS]
+                __builtin_prefetch(&vis[ahead * cwords])
+                __builtin_prefetch(&sent[ahead])
                 # a 64-byte record is not aligned to a cache line: its end too
-                __builtin_prefetch(<char*>&sent[rows[di + PREFETCH_ROWS]] + sizeof(VehicleRec) - 1)
+                __builtin_prefetch(<char*>&sent[ahead] + sizeof(VehicleRec) - 1)
             mark = <int32_t>di + 1
             # a) clients that saw it
             for w in range(cwords):
