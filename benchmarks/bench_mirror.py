@@ -113,6 +113,9 @@ async def run(vehicles: int, ticks: int, warmup: int) -> dict:
     return {
         "benchmark": "mirror", "vehicles": vehicles, "ticks": ticks,
         "frames": frames, "rows_per_frame": round(rows / max(frames, 1)),
+        # the follower's ticks in the window: one per frame, or fewer when
+        # frames come faster than its tick loop wakes
+        "follower_ticks": len(t["ftick"]),
         "one_worker_us": round(one),
         "publish_us": round(per_tick("publish")),
         "follower_apply_us": round(per_tick("apply")),

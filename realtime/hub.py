@@ -33,7 +33,7 @@ from .session import Session
 from .stores.base import Event
 from .stores.memory import MemoryStores
 from .stores.records import NoRecords
-from .tasks import cancel_and_wait
+from .tasks import Signal, cancel_and_wait
 
 log = logging.getLogger("realtime.hub")
 CLUSTER_REFRESH_S = 1.0  # clustered clients get at most one `clusters` a second
@@ -118,7 +118,7 @@ class Hub:
         self._arrivals: list[tuple[float, int]] = []   # (monotonic time, updates) since the last tick
         self.conflating: set[Session] = set()
         self.load = LoadMonitor()
-        self._work = asyncio.Event()   # set by ingest and events: the tick has something to do
+        self._work = Signal()   # set by ingest and events: the tick has something to do
         # --workers N (mirror.py): worker 0 owns the fleet and sends each tick's
         # changes to the others, which route them for their own clients
         self.owner = None      # mirror.Owner in worker 0
@@ -242,10 +242,7 @@ class Hub:
             if wait > 0:
                 await asyncio.sleep(wait)
             if not self._work.is_set():
-                try:
-                    await asyncio.wait_for(self._work.wait(), period)
-                except asyncio.TimeoutError:
-                    pass
+                await self._work.wait(period)
             self._work.clear()
             last = loop.time()
             try:
@@ -278,9 +275,9 @@ class Hub:
         already = list(self.conflating) if self.conflating else None
         events = list(self.core.events) if already else None
         self.flushed_eid = self.last_eid
-        if self.owner is not None:
-            self.owner.publish()   # what this tick sends, to the other workers too
-        out = self.core.tick(rebuild, time.monotonic())
+        # what this tick sends, to the other workers too
+        rows = self.owner.publish() if self.owner is not None else None
+        out = self.core.tick(rebuild, time.monotonic(), rows)
         if clusters:
             try:
                 out = self._with_clusters(out)
@@ -303,9 +300,8 @@ class Hub:
         if already:
             self._conflating_tick(already, events)
         if self._arrivals:
-            arrived = np.array(self._arrivals)
+            self.latency.observe_arrivals(self._arrivals, time.monotonic())
             self._arrivals.clear()
-            self.latency.observe((time.monotonic() - arrived[:, 0]) * 1000.0, arrived[:, 1])
 
     # ------------------------------------------------------------ slow clients
     def _conflate(self, s: Session) -> None:

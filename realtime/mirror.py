@@ -196,22 +196,24 @@ class Owner:
         rows = np.asarray(rows, np.int64)
         self.announced[rows[rows < len(self.announced)]] = False
 
-    def publish(self) -> None:
+    def publish(self):
         """Before the owner's tick: what that tick sends, to the followers.
-        Never raises into the tick: a frame that cannot be made cuts every
-        follower off, and each starts again from the whole fleet."""
+        Returns the tick's rows (core.dirty_rows()) when it took them, else
+        None. Never raises into the tick: a frame that cannot be made cuts
+        every follower off, and each starts again from the whole fleet."""
         core = self.hub.core
         rich = core.rich_log
         if not self.followers:
             rich.clear()
             self.gone.clear()
-            return
+            return None
+        rows = None
         try:
             # a row whose rich fields changed is dirty too (_apply_rich), until
             # this tick or until it is forgotten
             rows = core.dirty_rows()
             if not len(rows) and not self.gone:
-                return
+                return rows
             live_rich = sorted((r, m) for r, m in rich.items() if core.id_to_row.get(core.ids[r]) == r)
             frame = self._rows_frame(rows, [_rich_entry(core, r, m) for r, m in live_rich])
             if self.gone:
@@ -221,11 +223,12 @@ class Owner:
             log.exception("mirror frame failed; the other workers start again from the whole fleet")
             self.failed += 1
             self._drop_all()
-            return
+            return rows
         finally:
             rich.clear()
             self.gone = []
         self._send(data)
+        return rows
 
     def _rows_frame(self, rows: np.ndarray, rich: list) -> dict:
         core = self.hub.core
@@ -362,6 +365,9 @@ class Follower:
         self._ids = itertools.count(1)
         self._snapshot_rows: set[int] | None = None
         self._task: asyncio.Task | None = None
+        self._heard = 0.0                         # loop time of the link's last frame
+        self._watcher: asyncio.TimerHandle | None = None
+        self.silences = 0                         # links cut for SILENT_S without a frame
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="mirror-follower")
@@ -390,14 +396,15 @@ class Follower:
             self._writer = writer
             self.links += 1
             writer.write(_frame({"v": VERSION}))   # the owner copies the fleet only to its own kind
+            loop = asyncio.get_running_loop()
+            self._heard = loop.time()
+            self._watcher = loop.call_later(SILENT_S, self._watch, writer)
             try:
                 while True:
-                    # once the fleet is here the owner speaks every HEARTBEAT_S;
-                    # before, it may be loading the fleet from Redis
-                    msg = await (asyncio.wait_for(read_frame(reader), SILENT_S) if self.connected
-                                 else read_frame(reader))
+                    msg = await read_frame(reader)
                     if msg is None:
                         break
+                    self._heard = loop.time()
                     if not isinstance(msg, dict):
                         raise ValueError("not a frame")
                     if "a" in msg:
@@ -411,6 +418,7 @@ class Follower:
             except Exception as e:   # a frame we cannot read, or silence: start again from the whole fleet
                 log.warning("mirror link failed", extra={"fields": {"error": repr(e)[:200]}})
             finally:
+                self._watcher.cancel()
                 self._writer = None
                 self.connected = False
                 writer.transport.abort()
@@ -421,6 +429,24 @@ class Follower:
             log.info("mirror link to the owner worker closed; reconnecting")
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, RECONNECT_MAX_S)
+
+    def _watch(self, writer: asyncio.StreamWriter) -> None:
+        """Once the fleet is here the owner speaks every HEARTBEAT_S (before,
+        it may be loading the fleet from Redis): a link silent for SILENT_S is
+        cut, and the follower starts again from the whole fleet. A timer that
+        moves on with the frames, not a timeout around each read: wait_for
+        makes a task per frame, ~13 a second."""
+        if self._writer is not writer:
+            return
+        loop = asyncio.get_running_loop()
+        quiet = loop.time() - self._heard
+        if self.connected and quiet >= SILENT_S:
+            self.silences += 1
+            log.warning("mirror link silent; reconnecting", extra={"fields": {"silent_s": round(quiet, 1)}})
+            writer.transport.abort()   # the read in _run ends: the link starts again
+            return
+        self._watcher = loop.call_later(max(SILENT_S - quiet, 0.05) if self.connected else SILENT_S,
+                                        self._watch, writer)
 
     def _answered(self, msg: dict) -> None:
         fut = self._pending.pop(msg.get("a"), None)
@@ -510,13 +536,13 @@ class Follower:
         recs = np.frombuffer(f.get("c", b""), VEHICLE_DTYPE) if len(orows) else np.zeros(0, VEHICLE_DTYPE)
         if len(recs) != len(orows):
             raise ValueError("rows and records differ in length")
-        if len(recs) and (recs["status"] >= len(S.STATUSES)).any():
+        if len(recs) and recs["status"].max() >= len(S.STATUSES):
             raise ValueError("status")
         types = f.get("t")
         if types is not None:
             if not (isinstance(types, list) and len(types) <= S.MAX_TYPES and all(isinstance(t, str) for t in types)):
                 raise ValueError("types")
-        if len(recs) and (recs["vtype"] >= (len(types) if types is not None else S.MAX_TYPES)).any():
+        if len(recs) and recs["vtype"].max() >= (len(types) if types is not None else S.MAX_TYPES):
             raise ValueError("vtype")
         named = None
         if "n" in f:
@@ -582,7 +608,8 @@ def _rows(raw) -> np.ndarray:
     if not isinstance(raw, bytes) or len(raw) % 4:
         raise ValueError("rows")
     rows = np.frombuffer(raw, np.int32)
-    if len(rows) and (rows.min() < 0 or rows.max() >= MAX_ROW):
+    # one pass: a negative row read as unsigned is past MAX_ROW too
+    if len(rows) and rows.view(np.uint32).max() >= MAX_ROW:
         raise ValueError("rows out of range")
     return rows
 

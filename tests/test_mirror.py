@@ -15,7 +15,7 @@ import pytest
 
 from realtime import config, mirror
 from realtime._core import Core
-from realtime._core._schema import KEEP, STATUS_CODE, UpdateBatch
+from realtime._core._schema import KEEP, STATUS_CODE, VEHICLE_DTYPE, UpdateBatch
 from realtime.hub import Hub
 
 SECRET = "x" * 32
@@ -320,3 +320,42 @@ async def test_a_new_vehicle_s_alert_is_named_to_the_followers_before_it_is_logg
     # without an alert, the frame waits for the tick
     owner_hub.apply(batch(o, [uid + "quiet"]))
     assert owner_hub.owner.frames == frames + 1
+
+
+async def test_a_silent_owner_is_left_once_the_fleet_is_here_not_while_it_loads(tmp_path, uid, monkeypatch):
+    """The owner speaks every HEARTBEAT_S once the follower has the fleet:
+    a link silent for SILENT_S then is cut and made again. Before the whole
+    fleet has come, the owner may still be loading it from Redis: no cut."""
+    monkeypatch.setattr(mirror, "SILENT_S", 0.3)
+    path = str(tmp_path / "owner.sock")
+    links, cut, send_fleet = [], [], asyncio.Event()
+
+    async def owner(reader, writer):   # a fake owner: the hello, then the fleet when told, then nothing
+        links.append(writer)
+        assert (await mirror.read_frame(reader))["v"] == mirror.VERSION
+        await send_fleet.wait()
+        rec = np.zeros(1, VEHICLE_DTYPE)
+        one = np.array([0], np.int32).tobytes()
+        writer.write(mirror._frame({"s": mirror.VERSION, "e": 1, "t": ["unknown"], "n": [one, [uid]],
+                                    "r": one, "c": rec.tobytes(), "x": [[0, [], None, None, []]]}))
+        await reader.read()   # until the follower cuts the link
+        cut.append(writer)
+        writer.close()
+
+    server = await asyncio.start_unix_server(owner, path)
+    h = hub()
+    follower = mirror.Follower(h, path)
+    h.follower = follower
+    follower.start()
+    try:
+        await until(lambda: len(links) == 1)
+        await asyncio.sleep(1.0)   # > SILENT_S, the fleet not sent yet
+        assert follower.links == 1 and follower.silences == 0 and not follower.connected
+        send_fleet.set()
+        await until(lambda: follower.silences >= 1)
+        assert h.core.row_of(uid) >= 0   # the fleet came through before the silence
+        await until(lambda: follower.links >= 2 and len(links) >= 2)
+        await until(lambda: cut[:1] == links[:1])   # the first link was the one cut
+    finally:
+        await follower.stop()
+        server.close()

@@ -919,14 +919,17 @@ class CoreBase:
             return b"[" + b",".join(pieces) + b"]"
         return S.msgpack_array_head(len(pieces)) + b"".join(pieces)
 
-    def tick(self, rebuild: bool = True, now: float = 0.0):
+    def tick(self, rebuild: bool = True, now: float = 0.0, rows: np.ndarray | None = None):
         """Route every change since the last tick. Returns [(body, [client rows])]:
         clients that get identical messages share one body.
 
         rebuild=False (a client command's flush) keeps the spatial index as it
         is and checks the clients changed since it was built one by one, so a
-        burst of subscriptions does not rebuild it once per command."""
-        rows = self.dirty_rows()
+        burst of subscriptions does not rebuild it once per command.
+        `rows`: dirty_rows() when the caller has just taken them (the owner
+        worker's frame, mirror.py), so that they are not taken twice."""
+        if rows is None:
+            rows = self.dirty_rows()
         if self.jitter_s > 0:
             self.sent_at[rows] = now
         return self._k_tick(rebuild, rows)
