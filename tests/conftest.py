@@ -518,3 +518,22 @@ def redis_url():
                 r.flushdb()
             return
     pytest.fail("no empty Redis database (1-15) for the tests: free one, or set REALTIME_TEST_REDIS_DB")
+
+
+# ---------------------------------------------------------------- parallel runs
+def pytest_collection_modifyitems(config, items):
+    """`make test` runs the suite in two processes (pytest-xdist, `--dist
+    loadgroup`): most of its time is spent waiting on servers, not computing.
+    Tests that share a service's state stay in one process, one after another:
+    - the local Redis and PostgreSQL: a Redis database is the run's own, but
+      Pub/Sub is not per database (one process's relay and acl:updates would
+      reach the other's servers), and the records' tables are shared;
+    - the wheel and its virtualenv (test_install), built once, not twice.
+    Everything else (throwaway Redis servers, Redis Clusters, Tansu, nginx)
+    is per test or per process."""
+    for item in items:
+        module = getattr(item, "module", None)
+        if "redis_url" in getattr(item, "fixturenames", ()) or hasattr(module, "DSN"):
+            item.add_marker(pytest.mark.xdist_group("local-redis-and-postgresql"))
+        elif module is not None and module.__name__ == "test_install":
+            item.add_marker(pytest.mark.xdist_group("wheel"))
