@@ -36,7 +36,7 @@ services:
 	@scripts/services.sh
 
 test: build services
-	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=20 tests
+	$(PY) -m pytest -q -n 2 --durations=20 tests
 	./bench.sh --smoke
 
 bench: build

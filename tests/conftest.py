@@ -521,19 +521,41 @@ def redis_url():
 
 
 # ---------------------------------------------------------------- parallel runs
+# `make test` runs the suite in two processes (pytest-xdist, `-n 2`): most of
+# its time is spent waiting on servers, not computing. Each test file runs
+# whole in one process, in its order, with its module fixtures made once (a
+# Redis Cluster, nginx, a browser, the wheel), as `--dist loadfile` does. The
+# files below, whose tests share the local Redis or PostgreSQL, are one unit:
+# they run in one process, one after another. A Redis database is the run's
+# own, but Pub/Sub is not per database (one process's relay and acl:updates
+# would reach the other's servers), and the records' tables are shared.
+# Not xdist_group marks: `--dist loadgroup` ignores them silently on pytest
+# 9.2 (pytest-xdist issue 1386).
+SHARED_SERVICES = "local-redis-and-postgresql"
+SHARED_FILES = {"test_addresses.py", "test_kafka.py", "test_keys.py", "test_poll.py", "test_records.py",
+                "test_redis.py", "test_security_events.py", "test_web.py", "test_workers.py"}
+
+
+def _shares_services(item) -> bool:
+    """Reaches the local Redis (the run's database) or the suite's PostgreSQL database."""
+    return "redis_url" in getattr(item, "fixturenames", ()) or hasattr(getattr(item, "module", None), "DSN")
+
+
 def pytest_collection_modifyitems(config, items):
-    """`make test` runs the suite in two processes (pytest-xdist, `--dist
-    loadgroup`): most of its time is spent waiting on servers, not computing.
-    Tests that share a service's state stay in one process, one after another:
-    - the local Redis and PostgreSQL: a Redis database is the run's own, but
-      Pub/Sub is not per database (one process's relay and acl:updates would
-      reach the other's servers), and the records' tables are shared;
-    - the wheel and its virtualenv (test_install), built once, not twice.
-    Everything else (throwaway Redis servers, Redis Clusters, Tansu, nginx)
-    is per test or per process."""
-    for item in items:
-        module = getattr(item, "module", None)
-        if "redis_url" in getattr(item, "fixturenames", ()) or hasattr(module, "DSN"):
-            item.add_marker(pytest.mark.xdist_group("local-redis-and-postgresql"))
-        elif module is not None and module.__name__ == "test_install":
-            item.add_marker(pytest.mark.xdist_group("wheel"))
+    """A new test that shares the local services in a file not listed above
+    fails the run here, in one process or several, before anything runs."""
+    missing = sorted({item.path.name for item in items if _shares_services(item)} - SHARED_FILES)
+    if missing:
+        raise pytest.UsageError(f"tests/conftest.py SHARED_FILES lacks {missing}: their tests use the "
+                                "local Redis or PostgreSQL, and must not run beside the others that do")
+
+
+def pytest_xdist_make_scheduler(config, log):
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByFile(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return SHARED_SERVICES if os.path.basename(path) in SHARED_FILES else path
+
+    return ByFile(config, log)
