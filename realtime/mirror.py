@@ -415,7 +415,7 @@ class Follower:
                         backoff = 0.05   # a whole fleet came through: the link works
             except asyncio.CancelledError:
                 raise
-            except Exception as e:   # a frame we cannot read, or silence: start again from the whole fleet
+            except Exception as e:   # a frame we cannot read: start again from the whole fleet (silence: _watch)
                 log.warning("mirror link failed", extra={"fields": {"error": repr(e)[:200]}})
             finally:
                 self._watcher.cancel()
