@@ -3,6 +3,7 @@ import asyncio
 import json
 import time
 import uuid
+from pathlib import Path
 
 import msgpack
 import pytest
@@ -149,6 +150,10 @@ async def test_kafka_outage_is_survived(uid):
         except urllib.error.HTTPError as e:
             return e.code
 
+    def consuming():   # the consumer's starts, each logged once its offsets are set
+        s.log.flush()
+        return Path(s.log.name).read_text().count("kafka consuming")
+
     async def until(pred, timeout):
         deadline = time.time() + timeout
         while time.time() < deadline:
@@ -178,10 +183,16 @@ async def test_kafka_outage_is_survived(uid):
         assert status == 200
         got = await c.wait_messages(lambda m: m.get("v") == vid, timeout=10)
         assert got[-1]["p"] == [11.0, 10.0]
-        # the broker returns (empty): the consumer reconnects and reads again
+        # the broker returns (empty): the consumer reconnects and reads again.
+        # Produce once it has: ready (the broker answers) comes before the
+        # consumer's new start, and a record already in the empty log then
+        # leaves it at an offset it had read before, so the outage's position
+        # is kept and that record is skipped (a broker that lost its log looks
+        # like one that did not; real Kafka keeps its log)
+        started = consuming()
         broker.start()
         await create_topic(broker.bootstrap, topic, 1)
-        assert await until(lambda: ready() == 200, 30), s.logs()
+        assert await until(lambda: ready() == 200 and consuming() > started, 30), s.logs()
         await produce(s, [(vid, js(update(vid, 12.0, 10.0)), None)])
         got = await c.wait_messages(lambda m: m.get("v") == vid and m.get("p") == [12.0, 10.0], timeout=30)
         assert got[-1]["p"] == [12.0, 10.0]
