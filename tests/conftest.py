@@ -67,9 +67,11 @@ class Server:
         self.stop()
         raise RuntimeError("server did not answer /health/live: " + self.logs())
 
-    def logs(self) -> str:
+    def logs(self, tail: int | None = 3000) -> str:
+        """The server's output so far: its last `tail` characters (None: all)."""
         self.log.flush()
-        return Path(self.log.name).read_text()[-3000:]
+        text = Path(self.log.name).read_text()
+        return text if tail is None else text[-tail:]
 
     def stop(self):
         stop_process(self.proc)
