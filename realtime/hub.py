@@ -267,6 +267,7 @@ class Hub:
                     self._work.set()
             except Exception:  # a bug in one tick must not stop delivery for good
                 log.exception("tick failed")
+            self.load.poke()   # on this wake-up rather than one of its own (loadmon.py)
 
     def flush(self, rebuild: bool = False, clusters: bool = False) -> None:
         """Route and send now. Commands call it with rebuild=False (see Core.tick);

@@ -1,9 +1,17 @@
 """Event-loop lag, CPU and memory of this worker, for /health/ready, /metrics
 and the slow-operation log (issue 5, PROTOCOL §5 "load").
 
-One task wakes every `interval` seconds; how late it wakes is the loop's lag.
+A timer is due every `interval` seconds; how late it fires is the loop's lag.
 A lag over `slow_ms` means something held the loop (a slow callback, a big
 synchronous job) and is logged, at most once per `log_every_s`.
+
+A wake-up costs this machine's processes ~0.1 ms of CPU whatever they then do
+(benchmarks/bench_idle.py), and a worker fed every 100 ms otherwise made ten
+more a second for this timer alone. So the tick loop pokes the monitor: a
+sample due within half an interval is taken then, on a wake-up the process
+made anyway, and the next one is due an interval later. Samples are never
+more than an interval apart, so a block longer than that still always
+overlaps one (the guarantee the timer alone gave).
 """
 from __future__ import annotations
 
@@ -47,37 +55,52 @@ class LoadMonitor:
         self.cpu = 0.0             # share of one core over the last window
         self._suppressed = 0
         self._last_log = 0.0
-        self._task: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._handle: asyncio.TimerHandle | None = None
+        self._due = 0.0
+        self._win_t = self._win_cpu = self._win_lag = 0.0
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="load-monitor")
+        self._loop = asyncio.get_running_loop()
+        self._win_t, self._win_cpu, self._win_lag = time.monotonic(), time.process_time(), 0.0
+        self._arm(self._loop.time())
 
     async def stop(self) -> None:
-        from .tasks import cancel_and_wait
-        await cancel_and_wait(self._task)
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
 
     def take_max_lag(self) -> float:
         v, self.max_lag_ms = self.max_lag_ms, 0.0
         return v
 
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        win_t, win_cpu = time.monotonic(), time.process_time()
-        win_lag = 0.0
-        while True:
-            t0 = loop.time()
-            await asyncio.sleep(self.interval)
-            lag = max(0.0, (loop.time() - t0 - self.interval) * 1000.0)
+    def poke(self) -> None:
+        """The loop is awake anyway (a tick): take a sample that is nearly due."""
+        h = self._handle
+        if h is not None and self._due - self._loop.time() < self.interval / 2:
+            h.cancel()
+            self._sample()
+
+    def _arm(self, now: float) -> None:
+        self._due = now + self.interval
+        self._handle = self._loop.call_at(self._due, self._sample)
+
+    def _sample(self) -> None:
+        now = self._loop.time()
+        try:
+            lag = max(0.0, (now - self._due) * 1000.0)
             self.note_lag(lag)
-            win_lag = max(win_lag, lag)
-            now = time.monotonic()
-            if now - win_t >= self.cpu_window_s:
+            self._win_lag = max(self._win_lag, lag)
+            t = time.monotonic()
+            if t - self._win_t >= self.cpu_window_s:
                 cpu = time.process_time()
-                self.cpu = (cpu - win_cpu) / (now - win_t)
-                self.recent_lag_ms = win_lag
-                win_t, win_cpu, win_lag = now, cpu, 0.0
+                self.cpu = (cpu - self._win_cpu) / (t - self._win_t)
+                self.recent_lag_ms = self._win_lag
+                self._win_t, self._win_cpu, self._win_lag = t, cpu, 0.0
             else:
                 self.recent_lag_ms = max(self.recent_lag_ms, lag)
+        finally:   # the chain goes on whatever a sample met (a failed log write)
+            self._arm(now)
 
     def note_lag(self, lag_ms: float) -> None:
         self.lag_ms = lag_ms
