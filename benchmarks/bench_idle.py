@@ -7,8 +7,12 @@ the event log's tail, its event loop).
 
 The baseline is one worker's own CPU for the same fleet, measured in the
 same rounds (`one_worker`). Each configuration gets a Redis of its own.
+A second baseline, in the same rounds: a bare uvloop process that only wakes
+`--wake-hz` times a second (a follower wakes about once per owner tick, ~13),
+so that the follower's cost can be read against what waking alone costs
+here (`bare_wakes`, `us_per_bare_wake`).
 
-    python benchmarks/bench_idle.py [--vehicles 10000 --workers 2 --rounds 3 --seconds 20]
+    python benchmarks/bench_idle.py [--vehicles 10000 --workers 2 --rounds 3 --seconds 20 --wake-hz 13]
 
 Prints one JSON object: per round, the CPU-s/s of every process (supervisor
 first, then multiprocessing's resource tracker, then the workers in the
@@ -20,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 import sys
 import time
 
@@ -46,6 +51,25 @@ def run(vehicles: int, workers: int, settle: float, seconds: float) -> list[floa
         redis.stop()
 
 
+BARE = """
+import asyncio, sys, time, uvloop
+async def main(hz, seconds):
+    await asyncio.sleep(1.0)
+    c0, t0 = time.process_time(), time.monotonic()
+    while time.monotonic() - t0 < seconds:
+        await asyncio.sleep(1.0 / hz)
+    print((time.process_time() - c0) / (time.monotonic() - t0))
+uvloop.run(main(float(sys.argv[1]), float(sys.argv[2])))
+"""
+
+
+def bare_wakes(hz: float, seconds: float) -> float:
+    """CPU-s/s of a process that does nothing but wake `hz` times a second."""
+    out = subprocess.run([sys.executable, "-c", BARE, str(hz), str(seconds)], capture_output=True,
+                         text=True, check=True).stdout
+    return round(float(out), 5)
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--vehicles", type=int, default=10000)
@@ -53,9 +77,12 @@ def main():
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--settle", type=float, default=15.0)
     p.add_argument("--seconds", type=float, default=20.0)
+    p.add_argument("--wake-hz", type=float, default=13.0)
     a = p.parse_args()
-    one, many = [], []
+    one, many, bare = [], [], []
     for rnd in range(a.rounds):
+        bare.append(bare_wakes(a.wake_hz, a.seconds))
+        e2e.log(f"round {rnd + 1}, a bare process waking {a.wake_hz:g} times a second: {bare[-1]}")
         for n in ((1, a.workers) if rnd % 2 == 0 else (a.workers, 1)):
             r = run(a.vehicles, n, a.settle, a.seconds)
             e2e.log(f"round {rnd + 1}, {n} worker(s): {r}")
@@ -69,6 +96,8 @@ def main():
         "owner": mean([r[2] for r in many]),
         "follower": mean([r[-1] for r in many]),
         "all_workers": mean([sum(r) for r in many]),
+        "wake_hz": a.wake_hz, "bare_wakes": round(statistics.mean(bare), 5),
+        "us_per_bare_wake": round(statistics.mean(bare) / a.wake_hz * 1e6, 1),
     }))
 
 
