@@ -43,6 +43,8 @@ if [ "$SMOKE" = 1 ]; then
   split=$($PY benchmarks/bench_split.py --vehicles 2000 --clients 100 --changed 150 --ticks 20)
   say "[+] a second worker before anyone connects: each process's CPU, one worker against two (500 vehicles)"
   idle=$($PY benchmarks/bench_idle.py --vehicles 500 --rounds 1 --settle 2 --seconds 2)
+  say "[+] a worker's whole-fleet copy: the owner's longest hold, in slices against at once (5k vehicles)"
+  copy=$($PY benchmarks/bench_copy.py --vehicles 5000)
   mem=null
   workers=null
 else
@@ -71,10 +73,12 @@ else
   split=$($PY benchmarks/bench_split.py)
   say "[+] a second worker before anyone connects: each process's CPU, one worker against two (10k vehicles, 3 rounds, ~4 min)"
   idle=$($PY benchmarks/bench_idle.py)
+  say "[+] a worker's whole-fleet copy: the owner's longest hold, in slices against at once (200k vehicles)"
+  copy=$($PY benchmarks/bench_copy.py)
 fi
 machine="$(uname -m), $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB, $(.venv/bin/python -V)"
-printf '{"timestamp":"%s","smoke":%s,"machine":"%s","core":%s,"memory":%s,"e2e":%s,"kafka":%s,"storm":%s,"transports":%s,"capacity":%s,"workers":%s,"mirror":%s,"split":%s,"idle":%s}\n' \
-  "$stamp" "$SMOKE" "$machine" "$core" "$mem" "$e2e" "$kafka" "$storm" "$transports" "$capacity" "$workers" "$mirror" "$split" "$idle" > "$out"
+printf '{"timestamp":"%s","smoke":%s,"machine":"%s","core":%s,"memory":%s,"e2e":%s,"kafka":%s,"storm":%s,"transports":%s,"capacity":%s,"workers":%s,"mirror":%s,"split":%s,"idle":%s,"copy":%s}\n' \
+  "$stamp" "$SMOKE" "$machine" "$core" "$mem" "$e2e" "$kafka" "$storm" "$transports" "$capacity" "$workers" "$mirror" "$split" "$idle" "$copy" > "$out"
 $PY benchmarks/report.py "$out" >&2
 say "wrote $out (.md, .png) in $(( $(date +%s) - t0 )) s"
 $PY - "$out" <<'PYEOF'

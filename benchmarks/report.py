@@ -92,6 +92,10 @@ def table(r: dict) -> str:
     if mem:
         add("core RSS MB, 10k clients × 50k vehicles", mem["rss_growth_mb"], mem["core_arrays_mb"],
             mem["rss_vs_arrays"])
+    copy = r.get("copy")
+    if copy:
+        add(f"a worker's whole-fleet copy ({copy['vehicles']} vehicles): the owner's longest hold, ms, "
+            "in slices vs at once", copy["longest_hold_ms"], copy["at_once_longest_hold_ms"], copy["hold_ratio"])
     head = ("| figure | realtime | baseline | ratio | target |\n|---|---|---|---|---|\n")
     return head + "\n".join(rows) + "\n"
 

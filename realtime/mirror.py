@@ -23,9 +23,10 @@ routes and encodes them for its own clients: what a second worker adds is its
 clients' routing and writes, and the copy.
 
 A follower that connects (at start, after the owner restarted, after it was
-dropped for falling behind) first gets the whole fleet, in slices; a vehicle
-it held that the owner does not is forgotten at the end of it (`leave`,
-stale). The owner sends that only once its first reconcile has loaded the
+dropped for falling behind) first gets the whole fleet, in slices made one
+per turn of the owner's loop, the tick frames between them (Owner._copy); a
+vehicle it held that the owner does not is forgotten at the end of it
+(`leave`, stale). The owner sends that only once its first reconcile has loaded the
 fleet from Redis.
 
 HTTP ingest that reaches a follower is forwarded to the owner, which treats it
@@ -60,7 +61,7 @@ log = logging.getLogger("realtime.mirror")
 
 HEADER = struct.Struct("<I")
 MAX_FRAME = 1 << 30
-SNAPSHOT_SLICE = 10_000                 # vehicles per frame of a whole-fleet copy
+SNAPSHOT_SLICE = 2_000                  # vehicles per frame of a whole-fleet copy: ~20 ms of the owner's loop
 # a follower this far behind is cut off (it starts again from the whole fleet)
 FOLLOWER_BUFFER_MAX = 64 * 1024 * 1024
 # above the owner's own Kafka produce bound (app.py, 5 s): its answer comes first
@@ -73,7 +74,8 @@ SILENT_S = 5.0                          # a follower that heard nothing this lon
 # region), and a follower's owner-to-local table for the highest is 128 MB
 MAX_ROW = 1 << 24
 # what a follower checks in the first frame: the same frames and records
-VERSION = [2, str(VEHICLE_DTYPE.descr)]   # 2: the follower speaks first (hello)
+# 2: the follower speaks first (hello); 3: tick frames come between the copy's slices
+VERSION = [3, str(VEHICLE_DTYPE.descr)]
 
 
 def role(settings) -> str | None:
@@ -143,9 +145,6 @@ class Owner:
         self.failed = 0                      # frames that could not be made (every follower starts again)
         self._sent_at = 0.0
         self._handlers: set[asyncio.Task] = set()
-        # a follower's whole-fleet copy, in bytes: its cap is that much higher
-        # (the copy is written at once; the cap is for falling behind after it)
-        self._copy_size: dict = {}
         self._beat: asyncio.Task | None = None
         hub.core.rich_log = {}
 
@@ -253,10 +252,7 @@ class Owner:
             if w.is_closing():
                 self.followers.discard(w)
                 continue
-            size = w.transport.get_write_buffer_size()
-            if size <= FOLLOWER_BUFFER_MAX:
-                self._copy_size.pop(w, None)   # past its copy: the plain cap from now on
-            elif size > FOLLOWER_BUFFER_MAX + self._copy_size.get(w, 0):
+            if w.transport.get_write_buffer_size() > FOLLOWER_BUFFER_MAX:
                 # behind by more than we keep: it starts again from the whole fleet
                 self._drop(w)
                 self.dropped += 1
@@ -267,30 +263,56 @@ class Owner:
     def _drop(self, w: asyncio.StreamWriter) -> None:
         """The link ends here; abort, not close, frees what it did not read now."""
         self.followers.discard(w)
-        self._copy_size.pop(w, None)
         w.transport.abort()
 
     def _drop_all(self) -> None:
         for w in list(self.followers):
             self._drop(w)
 
-    def _snapshot(self, w: asyncio.StreamWriter) -> None:
-        """The whole fleet to one follower, in slices, every rich field of
-        every vehicle (what is empty now must be empty there too);
-        synchronous, so that no tick's frame falls between it and the
-        follower's first tick frame."""
+    async def _copy(self, w: asyncio.StreamWriter) -> None:
+        """The whole fleet to one follower, every rich field of every vehicle
+        (what is empty now must be empty there too), a slice per turn of the
+        loop. Made all at once, 200k vehicles held the owner's loop -- its
+        clients' ticks, Kafka, the Redis writer -- for ~2 s on this machine.
+
+        The follower takes the tick frames from the first slice on, so the
+        frames and the slices reach it in the order they were made and the
+        last one made of a row wins: a slice holds each row as it is when the
+        slice is made; a tick frame of a row whose slice has not come yet is
+        skipped there (the slice brings it later). A row's vehicle forgotten
+        and not yet told (self.gone) is left out: the next frame forgets the
+        old one and then names the row, and would forget a copy sent before."""
         core = self.hub.core
         live = np.array(sorted(core.id_to_row.values()), np.int32)
-        types = list(core.types)
-        parts = [live[i:i + SNAPSHOT_SLICE] for i in range(0, len(live), SNAPSHOT_SLICE)] or [live]
-        for i, part in enumerate(parts):
+        bounds = list(range(0, len(live), SNAPSHOT_SLICE)) or [0]
+        for i, at in enumerate(bounds):
+            if i:
+                if w.is_closing():
+                    return
+                await asyncio.sleep(0)   # a tick, a Kafka poll, a client, between slices
+                await w.drain()          # at the follower's pace: never the whole copy in a buffer
+            part = self._still_live(live[at:at + SNAPSHOT_SLICE])
             frame = _records_frame(core, part, [_rich_entry(core, r) for r in part.tolist()], part)
-            frame["t"] = types
+            frame["t"] = list(core.types)
+            frame["k"] = 1
             if i == 0:
                 frame["s"] = VERSION
-            if i == len(parts) - 1:
+            if i == len(bounds) - 1:
                 frame["e"] = 1
             w.write(_frame(frame))
+            if i == 0:   # the tick frames from here on go to it as well
+                self.followers.add(w)
+                log.info("mirror follower connected", extra={"fields": {"followers": len(self.followers)}})
+
+    def _still_live(self, rows: np.ndarray) -> np.ndarray:
+        """Those of `rows` that hold a vehicle now (one may have been forgotten
+        since the copy began), less those whose vehicle is to be forgotten in
+        the next frame."""
+        core = self.hub.core
+        ids, where, n = core.ids, core.id_to_row, core.n
+        gone = set(self.gone)
+        return np.array([r for r in rows.tolist() if r < n and where.get(ids[r]) == r and ids[r] not in gone],
+                        np.int32)
 
     async def _follower(self, reader, writer) -> None:
         self._handlers.add(asyncio.current_task())
@@ -311,10 +333,7 @@ class Owner:
             # and the next frame holds nothing from before it (a vehicle
             # forgotten and back again would be forgotten there)
             self.publish()
-            self._snapshot(writer)
-            self._copy_size[writer] = writer.transport.get_write_buffer_size()
-            self.followers.add(writer)
-            log.info("mirror follower connected", extra={"fields": {"followers": len(self.followers)}})
+            await self._copy(writer)
             while True:
                 msg = await read_frame(reader)
                 if msg is None:
@@ -493,7 +512,7 @@ class Follower:
             self._unmap(rows)
             hub.forget_rows(rows)
         if named is not None:
-            if self._snapshot_rows is not None:
+            if f.get("k") and self._snapshot_rows is not None:   # a slice: every field as it is
                 self._renew(named, rich)
             self._name(*named)
         if len(orows):
@@ -530,8 +549,8 @@ class Follower:
         """The frame's parts, each checked against what this core can take."""
         if "s" in f and f["s"] != VERSION:
             raise ValueError(f"the owner worker's frames are {f['s']!r}, this worker's {VERSION!r}")
-        if "e" in f and self._snapshot_rows is None and "s" not in f:
-            raise ValueError("end of a whole fleet that did not start")
+        if ("e" in f or "k" in f) and self._snapshot_rows is None and "s" not in f:
+            raise ValueError("a slice of a whole fleet that did not start")
         orows = _rows(f.get("r", b""))
         recs = np.frombuffer(f.get("c", b""), VEHICLE_DTYPE) if len(orows) else np.zeros(0, VEHICLE_DTYPE)
         if len(recs) != len(orows):

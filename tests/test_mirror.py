@@ -359,3 +359,90 @@ async def test_a_silent_owner_is_left_once_the_fleet_is_here_not_while_it_loads(
     finally:
         await follower.stop()
         server.close()
+
+
+async def test_a_copy_in_slices_with_ticks_between_them_ends_equal_to_the_owner(tmp_path, uid, monkeypatch):
+    """The whole-fleet copy goes a slice per turn of the owner's loop, and
+    its ticks carry on between the slices: moves, new drivers and alerts,
+    vehicles forgotten, forgotten and back, and new ones, of rows already
+    copied and rows still to come. At the end the follower holds what the
+    owner holds, row for row, and the owner's loop ran between the slices."""
+    monkeypatch.setattr(mirror, "SNAPSHOT_SLICE", 8)
+    path = str(tmp_path / "owner.sock")
+    owner_hub, follower_hub = hub(), hub()
+    o, f = owner_hub.core, follower_hub.core
+    ids = [uid + str(i) for i in range(48)]
+    ts = int(time.time() * 1000)
+    owner_hub.apply(batch(o, ids, status="moving", vtype="truck", driver={"name": "Ann"}, groups=["north"], ts=ts))
+    # the follower held some before (a restarted owner): one the owner forgot, one it has with a driver
+    follower_hub.apply(batch(f, [uid + "held", ids[44]], driver={"name": "Old"}, ts=ts - 10))
+    owner_hub.flush()
+    owner = mirror.Owner(owner_hub, path, None)
+    owner_hub.owner = owner
+    slices, started = [], asyncio.Event()
+    made = owner._still_live
+
+    def still_live(rows):
+        slices.append(owner.frames)   # the tick frames made before this slice
+        started.set()
+        return made(rows)
+    owner._still_live = still_live
+
+    def forget(vid):
+        o.heard[o.row_of(vid)] = -1e9
+        owner_hub.check_vehicles(time.monotonic())
+        assert o.row_of(vid) < 0
+
+    def tick(i):
+        t = ts + 10 * (i + 1)
+        if i == 0:   # rows copied and rows to come move
+            owner_hub.apply(batch(o, [ids[0], ids[40]], lat=60.0, ts=t))
+        elif i == 1:   # a driver here, alerts there
+            owner_hub.apply(batch(o, [ids[1]], driver={"name": "Bo"}, ts=t))
+            owner_hub.apply(batch(o, [ids[41]], alerts=["speeding"], ts=t))
+        elif i == 2:   # forgotten: one copied, one to come
+            forget(ids[2])
+            forget(ids[42])
+        elif i == 3:   # forgotten and back before the next frame, and one new
+            forget(ids[43])
+            owner_hub.apply(batch(o, [ids[43], uid + "new"], lat=61.0, vtype="bus", ts=t))
+            return   # its frame after the next slice
+        owner_hub.flush()
+
+    async def ticks():
+        await started.wait()
+        for i in range(5):
+            tick(i)
+            await asyncio.sleep(0)
+    await owner.start()
+    follower = mirror.Follower(follower_hub, path)
+    follower_hub.follower = follower
+    follower.start()
+    ticker = asyncio.get_running_loop().create_task(ticks())
+    try:
+        await until(lambda: follower.connected)
+        await ticker
+        owner_hub.flush()
+        await until(lambda: set(f.id_to_row) == set(o.id_to_row)
+                    and all(state(follower_hub, v) == state(owner_hub, v) for v in o.id_to_row))
+        assert len(slices) == 6
+        # tick frames went out between the first slice and the last
+        assert slices[-1] > slices[0]
+        assert state(follower_hub, ids[0])[0] == 60.0 and state(follower_hub, ids[40])[0] == 60.01
+        assert f.driver[f.row_of(ids[1])] == {"name": "Bo"}
+        assert state(follower_hub, ids[41])[4] == ("speeding",)
+        assert f.row_of(ids[2]) < 0 and f.row_of(ids[42]) < 0 and f.row_of(uid + "held") < 0
+        assert state(follower_hub, ids[43])[:2] == (61.0, "bus")
+        assert state(follower_hub, uid + "new")[:2] == (61.01, "bus")
+        assert f.driver[f.row_of(ids[44])] == {"name": "Ann"}
+        # and after it, a frame of any of them is known there
+        skipped = follower.unknown_rows   # tick frames of rows whose slice had not come
+        owner_hub.apply(batch(o, list(o.id_to_row), lat=62.0, ts=ts + 100))
+        owner_hub.flush()
+        await until(lambda: all(state(follower_hub, v) == state(owner_hub, v) for v in o.id_to_row))
+        assert state(follower_hub, ids[47])[0] == state(owner_hub, ids[47])[0] > 62.0
+        assert follower.unknown_rows == skipped
+    finally:
+        ticker.cancel()
+        await follower.stop()
+        await owner.stop()
