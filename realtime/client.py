@@ -215,16 +215,17 @@ async def _dispatch(hub, authn, s: Session, data: bytes, binary: bool, settings)
         s.send(M.error(e.code, e.message, m.id))
 
 
-async def subscribe(hub, s: Session, m: M.Subscribe) -> None:
+async def subscribe(hub, s: Session, m: M.Subscribe, full_all: bool = True) -> None:
     """A subscription (its size checked by the caller): the groups and
-    vehicles it names are read from the stores first, when they can be."""
+    vehicles it names are read from the stores first, when they can be.
+    full_all: see Hub.subscribe."""
     try:
         await hub.stores.resolve_groups(m.subscriptions.groups)
         await hub.stores.resolve_vehicles(m.subscriptions.vehicles)
     except Exception:  # stores down: subscribe with the membership we know
         pass
     if not s.closed:
-        hub.subscribe(s, m)
+        hub.subscribe(s, m, full_all=full_all)
 
 
 def renew(hub, s: Session, claims: Claims) -> None:

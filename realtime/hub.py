@@ -431,7 +431,9 @@ class Hub:
             s.row = -1
         self.unadmit(s)
 
-    def subscribe(self, s: Session, msg, reply: bool = True) -> None:
+    def subscribe(self, s: Session, msg, reply: bool = True, full_all: bool = True) -> None:
+        """full_all: `full` for every visible vehicle (§3 `subscribe`), else
+        for what came in only (§4 PUT on a session: `leave` for what went out)."""
         self.flush()
         self._catch_up(s)
         sub, f = msg.subscriptions, msg.filters
@@ -439,7 +441,7 @@ class Hub:
         bounds = geo.bounds.as_tuple() if geo and geo.bounds else None
         zoom = geo.zoom if geo else None
         visible, body = self.core.subscribe(s.row, sub.vehicles, sub.groups, bounds, zoom,
-                                            f.status, f.vehicle_types, f.show_alerts)
+                                            f.status, f.vehicle_types, f.show_alerts, full_all)
         s.view = (bounds, zoom)
         body = self._cluster_or(s, visible, body)
         if reply:

@@ -87,6 +87,14 @@ async def test_subscribe_by_vehicles_then_pos_delta_leave_and_silence(server, ui
     # b is not subscribed
     ingest(server, [update(b, 55.9, 37.9, t0 + 5)])
     assert await c.messages(0.3) == []
+    # a second subscribe: `full` for every visible vehicle, not only the one that came in
+    sub, msgs = await c.subscribe(id="s2", subscriptions={"vehicles": [a, b]})
+    assert sub == {"type": "subscribed", "id": "s2", "visible": 2}
+    assert sorted((m["t"], m["v"]) for m in msgs) == [("full", a), ("full", b)]
+    # and a narrower one: `full` for a, `leave` for b
+    sub, msgs = await c.subscribe(subscriptions={"vehicles": [a]})
+    assert sub["visible"] == 1
+    assert sorted((m["t"], m["v"], m.get("r", "")) for m in msgs) == [("full", a, ""), ("leave", b, "subscription")]
     # unsubscribe: leave for everything
     await c.send({"type": "unsubscribe", "id": 7})
     assert await c.recv_type("unsubscribed") == {"type": "unsubscribed", "id": 7}

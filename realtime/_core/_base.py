@@ -593,8 +593,11 @@ class CoreBase:
         return self._k_client_diff(c, contacts_changed)
 
     def subscribe(self, c: int, vehicles=(), groups=(), bounds=None, zoom=None,
-                  statuses=None, vehicle_types=None, show_alerts=True):
+                  statuses=None, vehicle_types=None, show_alerts=True, full_all=False):
         """Replace the client's subscription. Returns (visible, body or None).
+        The body has `full` for what came in and `leave` for what went out;
+        with full_all (WebSocket's `subscribe`, PROTOCOL §3) `full` for every
+        vehicle visible now.
 
         bounds is (south, west, north, east) or None; statuses and
         vehicle_types are iterables of names or None for no filter.
@@ -620,7 +623,7 @@ class CoreBase:
         old_alerts = bool(rec["show_alerts"])
         rec["show_alerts"] = 1 if show_alerts else 0
         self._grid_changed(c)
-        body = self._k_client_diff(c, old_alerts != bool(show_alerts))
+        body = self._k_client_diff(c, full_all or old_alerts != bool(show_alerts))
         return self.visible_count(c), body
 
     def set_viewport(self, c: int, bounds, zoom=None) -> bytes | None:

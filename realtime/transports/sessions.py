@@ -316,10 +316,10 @@ class HttpSessions:
             raise HttpError(429, "rate_limited", refused)
         return h
 
-    async def _subscribe(self, h: Held, sub: M.Subscribe) -> None:
-        """`sub` is one _subscribe_body() read and checked."""
+    async def _subscribe(self, h: Held, sub: M.Subscribe, full_all: bool = True) -> None:
+        """`sub` is one _subscribe_body() read and checked; full_all: see Hub.subscribe."""
         try:
-            await client.subscribe(self.hub, h.s, sub)
+            await client.subscribe(self.hub, h.s, sub, full_all)
         except M.ProtocolError as e:   # bounds the hub refuses (south above north, …)
             raise HttpError(400, e.code, e.message) from None
 
@@ -456,7 +456,7 @@ async def put(request: web.Request) -> web.Response:
     registry: HttpSessions = request.app["http_sessions"]
     h, _ = await registry.find(request, claims, request.match_info["session_id"])
     client.renew(registry.hub, h.s, claims)
-    await registry._subscribe(h, sub)
+    await registry._subscribe(h, sub, full_all=False)   # §4: `full` for what came in, `leave` for what went out
     await registry.hub.stores.session_written(h.s.session_id)   # a poll elsewhere sees it
     return web.json_response({"session": h.s.session_id})
 
