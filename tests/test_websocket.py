@@ -339,6 +339,12 @@ async def test_invalid_msgpack_is_bad_request(server):
 async def test_message_over_64k_closes_1009(server):
     c = await Client.connect(server, token())
     await c.recv_type("welcome")
+    # exactly 64 KiB is allowed
+    msg = json.dumps({"type": "ping", "id": "edge", "pad": ""})
+    msg = msg.replace('"pad": ""', '"pad": "' + "x" * (64 * 1024 - len(msg)) + '"')
+    assert len(msg.encode()) == 64 * 1024
+    await c.ws.send(msg)
+    assert (await c.recv_type("pong"))["id"] == "edge"
     await c.ws.send(json.dumps({"type": "ping", "pad": "x" * 70000}))
     assert await closed_with(c) == 1009
 

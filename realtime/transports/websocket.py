@@ -241,7 +241,8 @@ async def handle(request: web.Request) -> web.StreamResponse:
     authn = app["auth"]
     ws = DeflateResponse(
         protocols=SUBPROTOCOLS,
-        max_msg_size=settings.max_message_bytes,
+        # aiohttp refuses a frame of max_msg_size bytes; §3.3 allows "at most 64 KiB"
+        max_msg_size=settings.max_message_bytes + 1,
         heartbeat=None,   # the hub's once-a-second sweep pings (RawWriter.keepalive)
         compress=settings.ws_deflate == "on",
         autoping=False,   # pongs are seen here, as liveness
