@@ -887,12 +887,18 @@ async def test_an_unreadable_log_entry_or_event_never_stops_the_log(rserver, r, 
     before = metric_value(rserver, "ingest_rejected_total")
     await r.xadd("events:stream", {"v": vid, "e": "broken", "d": "{}", "ts": "not a number", "a": "0"})
     for body in ('{"type":"huge","n":100000000000000000000}', '{"type":"nan","x":NaN}',
+                 '{"type":"inf","x":1e400}', '{"type":"infts","ts":-1e400}',
                  json.dumps({"type": "big", "pad": "x" * 20000}), '[1, 2]'):
+        await r.publish(f"vehicle:events:{vid}", body)
+    # a `ts` that is no epoch ms a client can hold: the time it came, the event kept
+    for body in ('{"type":"oddts","ts":"yesterday"}', '{"type":"bigts","ts":1e300}'):
         await r.publish(f"vehicle:events:{vid}", body)
     await r.publish(f"vehicle:events:{vid}", json.dumps({"type": "after"}))
     seen = await c.wait_messages(lambda m: m.get("e") == "after", timeout=10)
-    assert [m["e"] for m in seen if m["t"] == "event"] == ["after"]
-    assert metric_value(rserver, "ingest_rejected_total") - before >= 5
+    events = [m for m in seen if m["t"] == "event"]
+    assert [m["e"] for m in events] == ["oddts", "bigts", "after"]
+    assert all(abs(m["ts"] / 1000 - time.time()) < 60 for m in events)
+    assert metric_value(rserver, "ingest_rejected_total") - before >= 7
     await c.close()
 
 

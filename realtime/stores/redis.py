@@ -636,7 +636,8 @@ class RedisStores:
             self.hub.stats.reject("event_too_large")
             return
         try:
-            obj = json.loads(data, parse_constant=_no_constant)
+            # 1e400 is a float to json.loads: infinite, as NaN and Infinity are
+            obj = json.loads(data, parse_constant=_no_constant, parse_float=_finite_float)
             if not isinstance(obj, dict):
                 raise ValueError
             msgpack.packb(obj)
@@ -645,7 +646,10 @@ class RedisStores:
             return
         etype = str(obj.pop("type", "event"))[:64]
         ts = obj.pop("ts", None)
-        ts = int(ts) if isinstance(ts, (int, float)) else int(time.time() * 1000)
+        # epoch ms that a client's number holds exactly; anything else (a
+        # string, a bool, 1e300) is the time it came, as a missing one is
+        usable = isinstance(ts, (int, float)) and not isinstance(ts, bool) and 0 <= ts < 2 ** 53
+        ts = int(ts) if usable else int(time.time() * 1000)
         # every instance gets this PUBLISH: the raw bytes are the dedupe key
         await self.publish_event(vehicle_id, etype, obj, ts, False,
                                  dedupe=b"ev|" + vehicle_id.encode() + b"|" + bytes(data))
@@ -1436,6 +1440,13 @@ def _session_record(session_id: str, raw) -> dict | None:
 
 def _no_constant(name):
     raise ValueError(f"{name} is not JSON")
+
+
+def _finite_float(text: str) -> float:
+    f = float(text)
+    if not math.isfinite(f):
+        raise ValueError(f"{text[:20]} is not a finite number")
+    return f
 
 
 def _num(v):
