@@ -1184,6 +1184,25 @@ async def test_a_hash_with_a_lone_surrogate_is_read_without_it(rserver, r, uid):
     await c.close()
 
 
+async def test_a_hash_with_bytes_that_are_not_utf8_is_skipped_and_counted(rserver, r, uid):
+    """A hash written by hand with a value that is not UTF-8 is skipped and
+    counted; it used to end every reconcile (and with it a new instance's
+    first load) for as long as it stayed."""
+    bad, other = uid + "bytes", uid + "fine"
+    c = await Client.connect(rserver, token())
+    await c.recv_type("welcome")
+    await c.subscribe(subscriptions={"vehicles": [bad, other]})
+    before = metric_value(rserver, "ingest_rejected_total")
+    ts = str(int(time.time() * 1000))
+    base = {"lat": "55.3", "lon": "37.5", "status": "idle", "timestamp": ts}
+    await r.hset(f"vehicle:current:{bad}", mapping={"vehicle_type": b"\xff\xfe", **base})
+    await r.hset(f"vehicle:current:{other}", mapping={"vehicle_type": "van", **base})
+    seen = await c.wait_messages(lambda m: m.get("v") == other and "p" in m, timeout=15)
+    assert [m["v"] for m in seen if m.get("v")] == [other]
+    assert metric_value(rserver, "ingest_rejected_total") > before
+    await c.close()
+
+
 @pytest.mark.parametrize("when", ["from_the_start", "later"])
 async def test_the_writer_works_where_client_reply_is_not_allowed(throwaway_redis, uid, when):
     """The writer sends hashes between CLIENT REPLY OFF and ON on one server.

@@ -1107,7 +1107,11 @@ class RedisStores:
         return applied
 
     def _from_hash(self, vid: str, h: dict) -> dict | None:
-        g = {_s(k): _s(v) for k, v in h.items()}
+        try:
+            g = {_s(k): _s(v) for k, v in h.items()}
+        except UnicodeDecodeError:   # written by hand: this vehicle skipped, never the whole reconcile
+            self.hub.stats.reject("invalid_vehicle_key")
+            return None
         ts = g.get("timestamp", "")
         obj = {"vehicle_id": vid, "timestamp": int(ts) if ts.isdigit() else ts,
                "position": {"lat": _num(g.get("lat")), "lon": _num(g.get("lon"))}}
