@@ -129,7 +129,8 @@ async def command(hub, authn, s: Session, data: bytes, binary: bool) -> None:
         hub.security.report("limit", s.kind, s.peer, "messages per second", s.claims.sub, s.client_id)
         if s.limiter.persistent:
             raise Refused(CLOSE_POLICY, "rate limit exceeded")
-        s.send(M.error("rate_limited", "more than %d messages/s" % settings.max_messages_per_s))
+        s.send(M.error("rate_limited", "more than %d messages/s" % settings.max_messages_per_s,
+                       M.request_id(data, binary)))
         return
     await _dispatch(hub, authn, s, data, binary, settings)
 

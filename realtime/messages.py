@@ -6,6 +6,7 @@ with the documented error code; handlers `match` on the struct type.
 """
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any, Union
 
 import msgspec
@@ -18,7 +19,9 @@ Lon = Annotated[float, Meta(ge=-180, le=180)]
 Zoom = Annotated[float, Meta(ge=0, le=30)]
 Name = Annotated[str, Meta(min_length=1, max_length=128)]
 StatusName = Annotated[str, Meta(pattern="^(" + "|".join(STATUSES[:4]) + ")$")]
-ReqId = Union[str, int, None]
+# any JSON string or number, echoed as it came (an integer that fits 64
+# bits: msgpack carries no larger one); see request_id()
+ReqId = Union[str, int, float, None]
 
 
 class ProtocolError(Exception):
@@ -109,9 +112,9 @@ def parse(data: bytes | str, binary: bool):
         raise ProtocolError("bad_request", "invalid " + ("msgpack" if binary else "JSON")) from None
     if not isinstance(obj, dict):
         raise ProtocolError("bad_request", "a message is an object with a `type`")
-    req_id = obj.get("id")
-    if not isinstance(req_id, (str, int)) or isinstance(req_id, bool):
-        req_id = None
+    req_id = _id(obj)
+    if req_id is None and obj.get("id") is not None:
+        raise ProtocolError("bad_request", "`id` must be a string or a number (an integer of at most 64 bits)")
     t = obj.get("type")
     if not isinstance(t, str):
         raise ProtocolError("bad_request", "missing `type`", req_id)
@@ -122,6 +125,27 @@ def parse(data: bytes | str, binary: bool):
         return msgspec.convert(obj, cls)
     except msgspec.ValidationError as e:
         raise ProtocolError("bad_request", str(e), req_id) from None
+
+
+def _id(obj: dict):
+    """The request's id when it can be echoed in both formats, else None."""
+    v = obj.get("id")
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, int):
+        return v if -2 ** 63 <= v < 2 ** 64 else None
+    if isinstance(v, float):   # msgpack carries inf and nan, JSON does not
+        return v if math.isfinite(v) else None
+    return v if isinstance(v, str) else None
+
+
+def request_id(data: bytes | str, binary: bool):
+    """The id of a message that is not handled (rate limited), for its error; None if none."""
+    try:
+        obj = _mp_decoder.decode(data) if binary else _json_decoder.decode(data)
+    except (msgspec.DecodeError, UnicodeDecodeError):
+        return None
+    return _id(obj) if isinstance(obj, dict) else None
 
 
 # ---------------------------------------------------------------- outbound

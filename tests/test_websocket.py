@@ -349,18 +349,40 @@ async def test_message_over_64k_closes_1009(server):
     assert await closed_with(c) == 1009
 
 
+async def test_any_string_or_number_id_is_echoed_and_another_is_refused_alone(server):
+    """§3: any request may carry `id`, echoed in its reply: a string, an
+    integer, a fraction. One that cannot be echoed in both formats (true, a
+    list, an integer past 64 bits) is `bad_request` without it, and the
+    connection goes on, in msgpack too."""
+    for query, binary in (("", False), ("format=msgpack", True)):
+        c = await Client.connect(server, token(), query)
+        await c.recv_type("welcome")
+        for rid in ("a", 7, 1.5, -3, 2 ** 63 - 1):
+            await c.send({"type": "ping", "id": rid}, binary)
+            assert (await c.recv_type("pong"))["id"] == rid
+        for bad in ('{"type":"ping","id":true}', '{"type":"ping","id":[1]}',
+                    '{"type":"ping","id":123456789012345678901234567890}'):
+            await c.ws.send(bad)   # a text frame is JSON whatever the output format
+            e = await c.recv_type("error")
+            assert e["code"] == "bad_request" and "id" not in e and "`id`" in e["message"]
+        await c.send({"type": "ping", "id": "still"}, binary)
+        assert (await c.recv_type("pong"))["id"] == "still"
+        await c.close()
+
+
 async def test_rate_limit_errors_then_closes_1008(server):
     c = await Client.connect(server, token())
     await c.recv_type("welcome")
-    for _ in range(150):
-        await c.send({"type": "ping"})
+    for i in range(150):
+        await c.send({"type": "ping", "id": i})
     got = []
     try:
         while True:
             got.append(await c.recv(2))
     except asyncio.TimeoutError:
         pass
-    assert any(m.get("code") == "rate_limited" for m in got)
+    limited = [m for m in got if m.get("code") == "rate_limited"]
+    assert limited and all(isinstance(m.get("id"), int) for m in limited)   # the refused request's id
     assert sum(1 for m in got if m["type"] == "pong") >= 100
     # keep flooding: the server gives up on the client
     try:
