@@ -183,6 +183,43 @@ async def test_a_client_that_stops_reading_is_conflated_keeps_its_events_then_ca
         s.stop()
 
 
+async def test_a_client_that_pings_and_never_reads_is_closed_not_buffered_for():
+    """Each ping gets its pong; a client that sends pings and reads nothing
+    would grow its write buffer without end: past --write-buffer-close-bytes
+    it is closed with 1013, as for any write, and once (one log line, not
+    one per ping after it)."""
+    s = Server("--simulate", "0", "--write-buffer-close-bytes", "65536", "--slow-client-buffer-bytes", "16384")
+    try:
+        c = await RawClient.connect(s, rcvbuf=4096)
+        await c.until("welcome")
+        mask = os.urandom(4)
+        payload = bytes(b ^ mask[i % 4] for i, b in enumerate(b"p" * 125))
+        chunk = (bytes((0x89, 0x80 | 125)) + mask + payload) * 1000
+        sent = 0
+        while sent < 200_000:   # until the server stops reading them (25 MB of pongs would be owed)
+            c.writer.write(chunk)
+            try:
+                await asyncio.wait_for(c.writer.drain(), 2)
+            except asyncio.TimeoutError:
+                break
+            sent += 1000
+        pongs = 0
+        with pytest.raises((asyncio.IncompleteReadError, ConnectionError, Closed)):
+            while True:
+                _, opcode, data = await c.frame(timeout=15)
+                if opcode == 0xA:
+                    pongs += 1
+                elif opcode == 0x8:
+                    raise Closed(int.from_bytes(data[:2], "big"), "")
+        assert pongs < sent
+        closes = [x for x in log_lines(s) if x.get("msg") == "connection closed by the server"]
+        assert [(x["code"], x["reason"]) for x in closes] == [(1013, "slow client: write buffer over limit")]
+        assert get(s, "/health/live")[0] == 200
+        c.writer.transport.abort()
+    finally:
+        s.stop()
+
+
 async def test_events_that_cannot_be_kept_close_1013_and_resume_loses_none(uid):
     s = Server("--simulate", "10000", "--tick-ms", "50", "--slow-client-buffer-bytes", "65536",
                "--slow-client-max-events", "3", "--max-visible", "100000")

@@ -67,7 +67,7 @@ class RawWriter(StreamOutlet):
     state (seq, counters, limits, flags) is the compiled Outlet's, which the
     tick's fan-out (_core/_fanout.pyx) uses without this Python side."""
 
-    __slots__ = ("opcode", "loop", "deflate_from", "last_seen", "last_ping")
+    __slots__ = ("opcode", "loop", "deflate_from", "last_seen", "last_ping", "close_started")
 
     def __init__(self, ws: web.WebSocketResponse, transport, fmt: int, limit: int,
                  deflate_from: int | None = None, hwm: int = 256 * 1024):
@@ -83,6 +83,7 @@ class RawWriter(StreamOutlet):
         # None: not negotiated; else the smallest message worth compressing
         self.deflate_from = deflate_from if ws.compress else None
         self.deflate = self.deflate_from is not None
+        self.close_started = False
 
     def _writable(self):
         t = self.transport
@@ -98,9 +99,11 @@ class RawWriter(StreamOutlet):
         return t
 
     def control(self, opcode: int, payload: bytes) -> None:
-        """A pong (0xA) answering a ping; control payloads are at most 125 bytes."""
-        t = self.transport
-        if t is not None and not t.is_closing():
+        """A pong (0xA) answering a ping; control payloads are at most 125 bytes.
+        Held to the write buffer's limit as any write: a client that sends
+        pings and never reads would otherwise grow it without end."""
+        t = self._writable()
+        if t is not None:
             t.write(bytes((0x80 | opcode, len(payload))) + payload)
 
     def keepalive(self, now: float, every_s: float, timeout_s: float) -> bool:
@@ -143,7 +146,10 @@ class RawWriter(StreamOutlet):
         return self.sent(t, data)
 
     def close(self, code: int, reason: str) -> None:
-        if not self.ws.closed:
+        # once: every write (a pong per ping) over the limit would close again
+        # until aiohttp's close has begun, each a task and a log line
+        if not self.ws.closed and not self.close_started:
+            self.close_started = True
             if code != 1000 and code != 1001:
                 log.warning("connection closed by the server", extra={"fields": {
                     "event": "send_error" if code == CLOSE_TRY_AGAIN else "close",
