@@ -16,10 +16,14 @@ come after `upto`, the newest event the hub had when the client attached.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
 from contextlib import aclosing
 
+import msgpack
+
+from ._core._schema import FMT_JSON, enc_json, enc_msgpack, msgpack_array_head
 from .recent import Recent
 
 log = logging.getLogger("realtime.replay")
@@ -91,6 +95,43 @@ def batches(pieces: list[bytes]):
         size += len(piece) + 1
     if part:
         yield part
+
+
+# no message is shorter (`{"t":"pos","v":"a","p":[1,2],"ts":1}` is 38 bytes): a
+# JSON body below MAX_MESSAGES of these cannot hold too many
+SMALLEST_MESSAGE = 30
+
+
+def split_body(fmt: int, body: bytes) -> list[bytes]:
+    """An encoded batch body (the `messages` array) as bodies of at most
+    MAX_MESSAGES messages and MAX_BYTES with the envelope (§3.4): a snapshot
+    of more than 1,000 vehicles -- a resume, a subscribe, a catch-up -- goes
+    as several batches, in order. The body itself when it fits, as nearly
+    always: this decodes and encodes again only a body that may not."""
+    room = MAX_BYTES - ENVELOPE_ROOM
+    if len(body) <= room:
+        if fmt == FMT_JSON:
+            if len(body) < MAX_MESSAGES * SMALLEST_MESSAGE:
+                return [body]
+        elif _msgpack_count(body) <= MAX_MESSAGES:
+            return [body]
+    if fmt == FMT_JSON:
+        pieces = [enc_json(m) for m in json.loads(body)]
+    else:
+        pieces = [enc_msgpack(m) for m in msgpack.unpackb(body, raw=False, strict_map_key=False)]
+    parts = list(batches(pieces))
+    if len(parts) <= 1:
+        return [body]
+    if fmt == FMT_JSON:
+        return [b"[" + b",".join(part) + b"]" for part in parts]
+    return [msgpack_array_head(len(part)) + b"".join(part) for part in parts]
+
+
+def _msgpack_count(body: bytes) -> int:
+    h = body[0]
+    if h & 0xF0 == 0x90:
+        return h & 0x0F
+    return int.from_bytes(body[1:3] if h == 0xDC else body[1:5], "big")
 
 
 async def _send_all(hub, s, after: str, upto: str) -> None:

@@ -12,6 +12,7 @@ import secrets
 import time
 
 from . import messages as M
+from .replay import split_body
 from .auth import Claims
 
 log = logging.getLogger("realtime.session")
@@ -120,10 +121,15 @@ class Session:
 
     def send_batch(self, envelope_of, batch_id: bytes, body: bytes, req_id=None) -> None:
         """envelope_of is CoreBase.envelope: this connection's seq (and request
-        id) around the body shared with other connections, written at once."""
+        id) around the body shared with other connections, written at once.
+        A body of more than 1,000 messages or 1 MiB goes as several batches
+        (§3.4), the request's id on the last: its reply is whole when it comes."""
         if not self._closed:
             try:
-                self.transport.write_batch(envelope_of, batch_id, body, req_id)
+                parts = split_body(self.fmt, body)
+                for i, part in enumerate(parts):
+                    self.transport.write_batch(envelope_of, batch_id, part,
+                                               req_id if i == len(parts) - 1 else None)
             except Exception as e:
                 self.write_failed(e)
 

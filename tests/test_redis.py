@@ -147,6 +147,46 @@ async def test_welcome_names_the_log_position_a_client_without_events_resumes_fr
     await c2.close()
 
 
+async def test_a_snapshot_of_more_than_1000_vehicles_goes_in_batches_of_at_most_1000(rserver, uid):
+    """§3.4: no single batch carries more than 1,000 messages or 1 MiB: the
+    `full`s of a subscribe over 1,500 vehicles, in JSON and msgpack, and of
+    a resume, come in several batches, each vehicle once, the request's id on
+    the last."""
+    g, n = uid + "g", 1500
+    status, res = ingest(rserver, [update(f"{uid}{i}", 55 + i / 10000, 37.0, groups=[g]) for i in range(n)])
+    assert status == 200 and res["accepted"] == n
+
+    async def snapshot(c, req_id=None):
+        sizes, seen, ids = [], [], []
+        while len(seen) < n:
+            b = await c.recv_type("batch")
+            sizes.append(len(b["messages"]))
+            seen += [m["v"] for m in b["messages"] if m["t"] == "full"]
+            ids.append(b.get("id"))
+        assert sorted(seen) == sorted(f"{uid}{i}" for i in range(n))
+        assert len(sizes) >= 2 and max(sizes) <= 1000
+        assert ids[-1] == req_id and set(ids[:-1]) == {None}
+
+    for query in ("format=msgpack", ""):
+        c = await Client.connect(rserver, token(sub=uid + "u"), query)
+        w = await c.recv_type("welcome")
+        await c.send({"type": "subscribe", "id": "big", "subscriptions": {"groups": [g]}})
+        assert (await c.recv_type("subscribed"))["visible"] == n
+        await snapshot(c)
+        # a viewport's reply too, its id on the last part: away from them all, then over them
+        await c.send({"type": "viewport", "id": "away", "bounds": {"south": 10, "west": 10, "north": 11, "east": 11}})
+        b = await c.recv_type("batch")
+        while b.get("id") != "away":
+            b = await c.recv_type("batch")
+        await c.send({"type": "viewport", "id": "vp", "bounds": {"south": 54, "west": 36, "north": 56, "east": 38}})
+        await snapshot(c, "vp")
+        await c.close()
+    c2 = await Client.connect(rserver, token(sub=uid + "u"), f"resume={w['session']}&last_event={w['last_event']}")
+    assert (await c2.recv_type("welcome"))["resumed"] is True
+    await snapshot(c2)
+    await c2.close()
+
+
 def _get_status(server, path, tok) -> int:
     import urllib.error
     import urllib.request
