@@ -206,11 +206,11 @@ async def vehicle(request):
     vid = request.match_info["vehicle_id"]
     if not hub.may_see(claims, vid):
         hub.security.of_request(request, "forbidden", "http", "vehicle outside the rights: " + vid, claims.sub)
-        raise web.HTTPForbidden(text=json.dumps({"error": "forbidden", "message": "not allowed to see this vehicle"}),
+        raise web.HTTPForbidden(text=json.dumps(ingest_http.error_fields("forbidden", "not allowed to see this vehicle")),
                                 content_type="application/json")
     d = hub.long_form(claims, vid)
     if d is None:
-        raise web.HTTPNotFound(text=json.dumps({"error": "not_found", "message": "unknown vehicle"}),
+        raise web.HTTPNotFound(text=json.dumps(ingest_http.error_fields("not_found", "unknown vehicle")),
                                content_type="application/json")
     return web.json_response(d, dumps=lambda o: json.dumps(o, ensure_ascii=False))
 

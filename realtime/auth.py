@@ -255,7 +255,9 @@ class Authenticator:
             payload["iss"] = self.issuer
         if self.audience:
             payload["aud"] = self.audience
-        return jwt.encode(payload, self.secret, algorithm="HS256")
+        # signed as the server verifies: the first HMAC algorithm configured
+        hmac = [a for a in self._configured if a in ("HS256", "HS384", "HS512")]
+        return jwt.encode(payload, self.secret, algorithm=hmac[0] if hmac else "HS256")
 
 
 def ephemeral_secret() -> str:

@@ -250,7 +250,9 @@ def cmd_token(ns) -> int:
     if not secret:
         print("realtime token: needs --jwt-secret or REALTIME_JWT_SECRET", file=sys.stderr)
         return 2
-    a = Authenticator(secret, issuer=os.environ.get("REALTIME_JWT_ISSUER"),
+    # the server's own settings: a token it verifies (REALTIME_JWT_ALGORITHMS HS512 signs HS512)
+    a = Authenticator(secret, algorithms=os.environ.get("REALTIME_JWT_ALGORITHMS") or "HS256",
+                      issuer=os.environ.get("REALTIME_JWT_ISSUER"),
                       audience=os.environ.get("REALTIME_JWT_AUDIENCE"))
     perms = [p for group in (ns.perm or []) for p in group.split(",") if p]
     print(a.mint(ns.sub, ns.role or "", perms, _split(ns.groups), _split(ns.vehicles), ns.ttl, ns.name))

@@ -285,3 +285,11 @@ async def test_a_shutdown_says_reconnect_then_unavailable(pb):
         assert s.proc.wait(10) == 0
     finally:
         s.stop()
+
+
+def test_the_grpc_address_brackets_an_ipv6_host():
+    from realtime.transports.grpc_stream import grpc_address
+    assert grpc_address("127.0.0.1", 50051) == "127.0.0.1:50051"
+    assert grpc_address("::1", 50051) == "[::1]:50051"
+    assert grpc_address("[::1]", 50051) == "[::1]:50051"
+    assert grpc_address("localhost", 1) == "localhost:1"

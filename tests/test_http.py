@@ -1,5 +1,6 @@
 """Integration: POST /api/ingest, GET /api/vehicles/{id}, health, the map page."""
 import json
+import os
 import subprocess
 import sys
 import time
@@ -50,9 +51,16 @@ def test_ingest_ndjson(server, uid):
 
 
 def test_ingest_needs_the_ingest_permission(server):
-    assert ingest(server, [], tok="garbage")[0] == 401
-    assert ingest(server, [], tok=token(permissions=["view_all_vehicles"]))[0] == 403
-    assert ingest(server, None, raw=b"[1,2")[0] == 400
+    """...and its errors, as every HTTP error here, are §3's error shape
+    (`type`, `code`, `message`; `error` repeats the code)."""
+    for (status, body), (want, code) in (
+            (ingest(server, [], tok="garbage"), (401, "unauthorized")),
+            (ingest(server, [], tok=token(permissions=["view_all_vehicles"])), (403, "forbidden")),
+            (ingest(server, None, raw=b"[1,2"), (400, "bad_request"))):
+        assert status == want
+        assert body["type"] == "error" and body["code"] == body["error"] == code and body["message"]
+    status, raw = get(server, "/api/vehicles/nobody-has-this-one", token())
+    assert status == 404 and json.loads(raw)["code"] == "not_found" and json.loads(raw)["type"] == "error"
 
 
 def test_vehicle_long_form_and_rights(server, uid):
@@ -115,6 +123,14 @@ def test_cli_token_is_accepted_by_the_server(server):
                          cwd=ROOT, capture_output=True, text=True, check=True)
     tok = out.stdout.strip()
     assert get(server, "/api/vehicles/none", tok)[0] == 404
+    # signed with the algorithm the server is configured for, which verifies it
+    import jwt
+    env = {**os.environ, "REALTIME_JWT_ALGORITHMS": "HS512"}
+    out = subprocess.run([sys.executable, "-m", "realtime", "token", "--sub", "cli-user", "--ttl", "60",
+                          "--jwt-secret", SECRET], cwd=ROOT, capture_output=True, text=True, check=True, env=env)
+    tok = out.stdout.strip()
+    assert jwt.get_unverified_header(tok)["alg"] == "HS512"
+    assert jwt.decode(tok, SECRET, algorithms=["HS512"])["sub"] == "cli-user"
 
 
 def test_workers_without_redis_refuse_to_start():

@@ -356,3 +356,12 @@ def test_iso_timestamps_and_deep_objects_are_held_as_every_input_holds_them():
     same([[Rec(json.dumps({"vehicle_id": f"deep-{i}", "timestamp": 1_700_000_000_000,
                            "position": {"lat": 1.0, "lon": 2.0}, **extra}).encode(), (), i)
            for i, (extra, _) in enumerate(cases)]])
+
+
+def test_the_msgpack_content_type_is_a_media_type_in_any_case_with_any_parameters():
+    for v in (b"application/msgpack", b"Application/MsgPack", b"application/x-msgpack",
+              b"application/msgpack; charset=binary", b" application/msgpack ;v=1"):
+        assert is_msgpack((("Content-Type", v),)), v
+    for v in (b"application/json", b"application/msgpackx", b"text/plain; application/msgpack", None, b""):
+        assert not is_msgpack((("content-type", v),)), v
+    assert not is_msgpack(None) and not is_msgpack((("x-type", b"application/msgpack"),))

@@ -64,9 +64,15 @@ async def authorize_live(request: web.Request, permission: str | None = None):
     return live
 
 
+def error_fields(code: str, message: str) -> dict:
+    """An HTTP error body: §3's error message (`type`, `code`, `message`), and
+    `error` (the code again) that bodies had before it."""
+    return {"type": "error", "code": code, "message": message, "error": code}
+
+
 def _err(code: str, message: str) -> str:
     import json
-    return json.dumps({"error": code, "message": message})
+    return json.dumps(error_fields(code, message))
 
 
 async def handle(request: web.Request) -> web.Response:
@@ -77,14 +83,15 @@ async def handle(request: web.Request) -> web.Response:
         body = await request.read()   # aiohttp raises the same past client_max_size (MAX_BODY)
     except web.HTTPRequestEntityTooLarge:
         request.app["security"].of_request(request, "limit", "http", "request body size", claims.sub)
-        raise
+        raise web.HTTPRequestEntityTooLarge(
+            max_size=MAX_BODY, actual_size=request.content_length or MAX_BODY + 1,
+            text=_err("too_large", f"a body is at most {MAX_BODY} bytes"), content_type="application/json") from None
     hub = request.app["hub"]
     try:
         items = split_http_body(body)
     except Rejected as r:
         hub.stats.reject(r.reason)
-        return web.json_response({"error": "bad_request", "reason": r.reason, "message": r.detail},
-                                 status=400)
+        return web.json_response({**error_fields("bad_request", r.detail), "reason": r.reason}, status=400)
     del body
     sink = request.app["http_sink"]
     accepted = 0
@@ -103,8 +110,8 @@ async def handle(request: web.Request) -> web.Response:
         except Exception as e:
             # the items before this slice went in; sending the whole body again
             # is safe (an update applies once per timestamp, alerts once)
-            return web.json_response({"error": "unavailable", "accepted": accepted,
-                                      "message": f"ingest path down: {e!r}"[:300]}, status=503)
+            return web.json_response({**error_fields("unavailable", f"ingest path down: {e!r}"[:300]),
+                                      "accepted": accepted}, status=503)
         accepted += len(ok)
     return web.json_response({
         "accepted": accepted,

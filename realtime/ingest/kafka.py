@@ -48,8 +48,11 @@ class RateLimitedLog:
 
 
 def is_msgpack(headers) -> bool:
+    """A `content-type` header of application/msgpack (or x-msgpack), in any
+    case and with any parameters (`; charset=...`), as HTTP media types go."""
     for k, v in headers or ():
-        if k.lower() == "content-type" and v in (b"application/msgpack", b"application/x-msgpack"):
+        if k.lower() == "content-type" and isinstance(v, (bytes, bytearray)) and \
+                bytes(v).split(b";", 1)[0].strip().lower() in (b"application/msgpack", b"application/x-msgpack"):
             return True
     return False
 

@@ -259,7 +259,7 @@ async def start(app) -> aio.Server:
         ("grpc.so_reuseport", 1),
     ])
     server.add_generic_rpc_handlers((handler,))
-    address = f"{settings.host}:{settings.grpc_port}"
+    address = grpc_address(settings.host, settings.grpc_port)
     if app.get("tls") is not None:   # SIGHUP reloads it (keys.Tls)
         server.add_secure_port(address, app["tls"].grpc_credentials())
     else:
@@ -267,3 +267,9 @@ async def start(app) -> aio.Server:
     await server.start()
     log.info("gRPC listening on %s%s", address, " (TLS)" if settings.tls_cert else "")
     return server
+
+
+def grpc_address(host: str, port: int) -> str:
+    """host:port as grpcio reads it: an IPv6 literal in brackets (`::1:50051`
+    is read as a host named that, on port 443)."""
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
