@@ -16,7 +16,7 @@ import time
 
 from . import messages as M
 from . import replay
-from .auth import AuthError, Claims
+from .auth import CLOSE_FORBIDDEN, AuthError, Claims
 from .session import Session
 from .stores.base import StoresUnavailable, eid_key
 
@@ -60,6 +60,14 @@ async def start(hub, s: Session, resume: str | None, last_event: str | None,
                          e) from None
     s.acl = acl
     s.claims = claims.with_acl(acl)
+    # §2: ACLs apply to every way in, so a token that names no vehicles is
+    # let in when its user's ACL grants some (4003 when neither does). One
+    # whose ACL takes everything away is let in and sees nothing, as an open
+    # connection does when that ACL update reaches it.
+    if not s.claims.may_view_anything() and not claims.may_view_anything():
+        hub.security.report("forbidden", s.kind, s.peer, "token grants no vehicles (nor its ACL)",
+                            claims.sub, s.client_id)
+        raise Refused(CLOSE_FORBIDDEN, "token grants no vehicles")
     if record is not None and record.get("user_id") != claims.sub:
         hub.security.report("forbidden", s.kind, s.peer, "resume of another user's session",
                             claims.sub, s.client_id)

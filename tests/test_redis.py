@@ -6,9 +6,11 @@ import time
 import urllib.error
 import urllib.request
 
+import aiohttp
 import pytest
 import redis.asyncio as aioredis
 import websockets
+from websockets.exceptions import ConnectionClosed
 
 from conftest import Client, Server, eventually, ingest, metric_value, ready_status, token, update, value, \
     vehicle_status
@@ -261,6 +263,36 @@ async def test_groups_from_the_registry(rserver, r, uid):
     sub, msgs = await c.subscribe(subscriptions={"groups": [uid + "fleet"]})
     assert sub["visible"] == 1 and msgs[0]["v"] == vid
     await c.close()
+
+
+async def test_an_acl_that_grants_lets_in_a_token_that_names_no_vehicles(rserver, r, uid):
+    """§2: live ACLs apply to every way in: a token without rights is let in
+    (WebSocket, a session, gRPC alike go through client.start) when its
+    user's ACL grants vehicles, and sees those; without the ACL, 4003/403."""
+    a, b, user = uid + "a", uid + "b", uid + "u"
+    assert ingest(rserver, [update(a), update(b)])[0] == 200
+    bare = token(sub=user, permissions=[])
+    c = await Client.connect(rserver, bare)
+    with pytest.raises(ConnectionClosed) as e:
+        await c.recv(5)
+    assert e.value.rcvd.code == 4003
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{rserver.url}/api/realtime/session", json={},
+                             headers={"Authorization": f"Bearer {bare}"}) as resp:
+            assert resp.status == 403 and (await resp.json())["code"] == "forbidden"
+    await r.hset(f"acl:user:{user}", mapping={"vehicles": json.dumps([a])})
+    try:
+        c = await Client.connect(rserver, bare)
+        await c.recv_type("welcome")
+        sub, msgs = await c.subscribe(subscriptions={})
+        assert sub["visible"] == 1 and [m["v"] for m in msgs] == [a]
+        await c.close()
+        async with aiohttp.ClientSession() as http:
+            async with http.post(f"{rserver.url}/api/realtime/session", json={},
+                                 headers={"Authorization": f"Bearer {bare}"}) as resp:
+                assert resp.status == 201
+    finally:
+        await r.delete(f"acl:user:{user}")
 
 
 async def test_acl_update_applies_to_open_connections(rserver, r, uid):

@@ -20,7 +20,6 @@ import time
 
 from aiohttp import web
 
-from .. import client
 from ..mailbox import POS, message_bytes
 from .sessions import HttpError, HttpSessions, _errors, authenticate
 
@@ -58,7 +57,7 @@ async def handle(request: web.Request) -> web.Response:
     box = h.box
     if reset or not cursor:
         cursor = box.first - 1
-    client.renew(registry.hub, h.s, claims)
+    registry.renew(request, h, claims, "long_poll")
     box.supersede()          # an older poll of this session answers now
     h.last_seen = time.monotonic()
     registry.acknowledged(h, cursor)

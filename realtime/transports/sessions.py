@@ -87,7 +87,7 @@ class HttpError(Exception):
 
 
 # what a Refused close code means to an HTTP client (PROTOCOL §4)
-_REFUSED = {4404: (404, "not_found"), 4410: (410, "gone"), 4403: (403, "forbidden"),
+_REFUSED = {4404: (404, "not_found"), 4410: (410, "gone"), 4403: (403, "forbidden"), 4003: (403, "forbidden"),
             1013: (503, "unavailable"), 1008: (429, "rate_limited")}
 
 
@@ -105,9 +105,7 @@ def authenticate(request: web.Request, transport: str) -> Claims:
     """The request's token (Bearer or ?token=), or HttpError 401/403."""
     app = request.app
     try:
-        claims = app["auth"].decode(bearer(request))
-        if not claims.may_view_anything():
-            raise AuthError("token grants no vehicles", forbidden=True, user=claims.sub)
+        claims = app["auth"].decode(bearer(request))   # its rights with the live ACL: client.start
     except AuthError as e:
         app["security"].of_request(request, e.kind, transport, str(e), e.user)
         if e.forbidden:
@@ -214,6 +212,16 @@ class HttpSessions:
             raise
         await hub.stores.session_written(h.s.session_id)   # a poll elsewhere finds it
         return h
+
+    def renew(self, request: web.Request, h: Held, claims: Claims, transport: str) -> None:
+        """This request's token for the session (client.renew). One that names
+        no vehicles, where the user's ACL grants none either, is refused
+        with 403 as at the session's start (client.start)."""
+        if not claims.may_view_anything() and not claims.with_acl(h.s.acl).may_view_anything():
+            request.app["security"].of_request(request, "forbidden", transport, "token grants no vehicles",
+                                               claims.sub)
+            raise HttpError(403, "forbidden", "token grants no vehicles")
+        client.renew(self.hub, h.s, claims)
 
     async def find(self, request: web.Request, claims: Claims, sid: str, last_event: str | None = None,
                    kind: str = "long_poll", serves=None, seq: int | None = None) -> tuple[Held, bool]:
@@ -455,7 +463,7 @@ async def put(request: web.Request) -> web.Response:
     sub = await _subscribe_body(request, claims)
     registry: HttpSessions = request.app["http_sessions"]
     h, _ = await registry.find(request, claims, request.match_info["session_id"])
-    client.renew(registry.hub, h.s, claims)
+    registry.renew(request, h, claims, "http")
     await registry._subscribe(h, sub, full_all=False)   # §4: `full` for what came in, `leave` for what went out
     await registry.hub.stores.session_written(h.s.session_id)   # a poll elsewhere sees it
     return web.json_response({"session": h.s.session_id})

@@ -37,6 +37,7 @@ from ..session import Session
 from . import cors
 from ..address import of_request as client_address
 from .base import StreamOutlet
+from ..stores.base import StoresUnavailable
 from .sessions import CLOSE_TAKEN, HttpError, HttpSessions, authenticate
 
 log = logging.getLogger("realtime.sse")
@@ -219,6 +220,16 @@ async def _own_stream(request: web.Request, claims) -> web.StreamResponse:
     app = request.app
     hub = app["hub"]
     settings = app["settings"]
+    if not claims.may_view_anything():
+        # refused with 403, not a stream that ends at once: client.start's
+        # check comes after the headers (an ACL may grant what the token does not)
+        try:
+            acl = await hub.stores.acl(claims.sub)
+        except StoresUnavailable:
+            raise HttpError(503, "unavailable", "rights cannot be checked now: try again", {"Retry-After": "1"}) from None
+        if not claims.with_acl(acl).may_view_anything():
+            app["security"].of_request(request, "forbidden", "sse", "token grants no vehicles", claims.sub)
+            raise HttpError(403, "forbidden", "token grants no vehicles")
     writer = SSEWriter(request.transport, settings.write_buffer_close_bytes, settings.slow_client_buffer_bytes)
     s = Session(writer, claims, FMT_JSON, settings.max_messages_per_s, "sse", client_address(request))
     refused = hub.admit(s)
@@ -293,7 +304,7 @@ async def _session_stream(request: web.Request, claims) -> web.StreamResponse:
             registry.acknowledged(h, None)
     else:
         start = box.read    # what no reader has had yet
-    client.renew(registry.hub, h.s, claims)
+    registry.renew(request, h, claims, "sse")
     resp = web.StreamResponse(headers={**HEADERS, **cors.headers_for(request)})
     await resp.prepare(request)
     t = request.transport
