@@ -14,6 +14,7 @@ from .auth import VIEW_ALL, Authenticator, ephemeral_secret
 from .hub import Hub
 from .ingest import http as ingest_http
 from .ingest import simulator
+from .stores.base import StoresUnavailable
 from .transports import poll, sessions, sse, websocket
 
 log = logging.getLogger("realtime.app")
@@ -204,7 +205,16 @@ async def vehicle(request):
     claims = await ingest_http.authorize_live(request)
     hub = request.app["hub"]
     vid = request.match_info["vehicle_id"]
-    if not hub.may_see(claims, vid):
+    seen = hub.may_see(claims, vid)
+    if not seen and claims.groups and not claims.view_all:
+        # a group the registry gives it and no update has carried (§1.3)
+        try:
+            seen = await hub.stores.in_registry_group(vid, claims.groups)
+        except StoresUnavailable:
+            raise web.HTTPServiceUnavailable(
+                text=json.dumps(ingest_http.error_fields("unavailable", "rights cannot be checked now: try again")),
+                content_type="application/json", headers={"Retry-After": "1"}) from None
+    if not seen:
         hub.security.of_request(request, "forbidden", "http", "vehicle outside the rights: " + vid, claims.sub)
         raise web.HTTPForbidden(text=json.dumps(ingest_http.error_fields("forbidden", "not allowed to see this vehicle")),
                                 content_type="application/json")

@@ -22,6 +22,7 @@ StatusName = Annotated[str, Meta(pattern="^(" + "|".join(STATUSES[:4]) + ")$")]
 # any JSON string or number, echoed as it came (an integer that fits 64
 # bits: msgpack carries no larger one); see request_id()
 ReqId = Union[str, int, float, None]
+MAX_ID_CHARS = 256
 
 
 class ProtocolError(Exception):
@@ -114,7 +115,8 @@ def parse(data: bytes | str, binary: bool):
         raise ProtocolError("bad_request", "a message is an object with a `type`")
     req_id = _id(obj)
     if req_id is None and obj.get("id") is not None:
-        raise ProtocolError("bad_request", "`id` must be a string or a number (an integer of at most 64 bits)")
+        raise ProtocolError("bad_request", "`id` must be a string of at most %d characters or a number "
+                            "(an integer of at most 64 bits)" % MAX_ID_CHARS)
     t = obj.get("type")
     if not isinstance(t, str):
         raise ProtocolError("bad_request", "missing `type`", req_id)
@@ -136,7 +138,8 @@ def _id(obj: dict):
         return v if -2 ** 63 <= v < 2 ** 64 else None
     if isinstance(v, float):   # msgpack carries inf and nan, JSON does not
         return v if math.isfinite(v) else None
-    return v if isinstance(v, str) else None
+    # echoed in every reply's envelope: kept short, so a batch stays within 1 MiB
+    return v if isinstance(v, str) and len(v) <= MAX_ID_CHARS else None
 
 
 def request_id(data: bytes | str, binary: bool):

@@ -158,7 +158,7 @@ class HubCollector:
                  int(follower.connected)),
                 (C, "mirror_frames", "Frames taken from the owner worker", follower.frames),
                 (C, "mirror_rows", "Vehicle rows taken from the owner worker", st.mirrored_rows),
-                (C, "mirror_unknown_rows", "Rows in the owner's frames that it never named (skipped)",
+                (C, "mirror_unknown_rows", "Rows in the owner's frames not named here yet (skipped; during a whole-fleet copy, expected)",
                  follower.unknown_rows),
             ]
         kafka = app.get("kafka")

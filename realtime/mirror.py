@@ -377,7 +377,9 @@ class Follower:
         self.types = np.zeros(256, np.uint8)      # the owner's type code -> ours
         self.connected = False                    # linked, and the whole fleet received
         self.frames = 0
-        self.unknown_rows = 0                     # rows the owner never named (a bug if not 0)
+        # rows the owner had not named here: a tick frame's row whose slice of
+        # a whole-fleet copy had not come yet (Owner._copy); after a copy, a bug
+        self.unknown_rows = 0
         self.links = 0                            # connections made to the owner
         self._writer: asyncio.StreamWriter | None = None
         self._pending: dict[int, asyncio.Future] = {}

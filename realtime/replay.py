@@ -97,9 +97,10 @@ def batches(pieces: list[bytes]):
         yield part
 
 
-# no message is shorter (`{"t":"pos","v":"a","p":[1,2],"ts":1}` is 38 bytes): a
-# JSON body below MAX_MESSAGES of these cannot hold too many
-SMALLEST_MESSAGE = 30
+# every message of a JSON body starts so; nested data may too, so counting it
+# is a bound from above on how many messages a body holds
+MESSAGE_START = b'{"t":"'
+_last_split: list = [None, 0, None]   # body, fmt, parts: a body sent to many is split once
 
 
 def split_body(fmt: int, body: bytes) -> list[bytes]:
@@ -111,10 +112,18 @@ def split_body(fmt: int, body: bytes) -> list[bytes]:
     room = MAX_BYTES - ENVELOPE_ROOM
     if len(body) <= room:
         if fmt == FMT_JSON:
-            if len(body) < MAX_MESSAGES * SMALLEST_MESSAGE:
+            if body.count(MESSAGE_START) <= MAX_MESSAGES:
                 return [body]
         elif _msgpack_count(body) <= MAX_MESSAGES:
             return [body]
+    if _last_split[0] is body and _last_split[1] == fmt:
+        return _last_split[2]
+    parts = _split(fmt, body)
+    _last_split[:] = body, fmt, parts
+    return parts
+
+
+def _split(fmt: int, body: bytes) -> list[bytes]:
     if fmt == FMT_JSON:
         pieces = [enc_json(m) for m in json.loads(body)]
     else:

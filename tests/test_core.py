@@ -784,3 +784,14 @@ def test_a_client_format_other_than_json_or_msgpack_is_refused(impl):
             core.add_client(fmt=fmt)
     assert core.n_clients == 0
     assert core.add_client(fmt=S.FMT_MSGPACK) == 0
+
+
+def test_a_vehicle_type_past_the_64_codes_is_unknown_not_another_type(core):
+    """Type codes fit a 64-bit filter mask: once they are taken, a new type
+    name is `unknown` (as an unrecognised value is), never the name of a
+    type that had a code."""
+    codes = [core.vtype_code(f"type{i}") for i in range(S.MAX_TYPES - 1)]
+    assert codes == list(range(1, S.MAX_TYPES)) and core.types[-1] == f"type{S.MAX_TYPES - 2}"
+    assert core.vtype_code("boat") == 0 and core.types[0] == "unknown"
+    assert core.vtype_code("type5") == 6   # the named ones keep theirs
+    assert core.types_overflowed == 1

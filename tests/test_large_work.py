@@ -141,8 +141,12 @@ async def test_a_16_mib_ingest_and_a_fleet_going_silent_are_sliced(throwaway_red
             await asyncio.sleep(0.1)
         else:
             pytest.fail("the snapshot was not loaded")
-        _, snapshot = await c.subscribe(subscriptions={})
-        assert len(snapshot) == N
+        _, first = await c.subscribe(subscriptions={})
+        # §3.4: the snapshot comes in batches of at most 1,000, one after the other
+        rest = await messages_until(c, lambda bs: len(first) + sum(map(len, bs)) >= N)
+        snapshot = first + [m for b in rest for m in b]
+        assert len(snapshot) == N and {m["t"] for m in snapshot} == {"full"}
+        assert max(map(len, [first] + rest)) <= 1000
 
         def offline(bs):
             return count(bs, lambda m: (m.get("st") or m.get("ch", {}).get("st")) == "offline")

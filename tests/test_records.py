@@ -203,3 +203,48 @@ async def test_a_row_the_database_refuses_is_dropped_alone(db, uid):
                           "AND vehicle_id LIKE $1", "%" + uid)
     assert sorted(r["vehicle_id"] for r in rows) == ["after_" + uid, "before_" + uid]
     assert (records.refused, records.written, records.pending) == (1, 2, 0)
+
+
+async def test_tables_made_from_protocol_section_6_alone_are_written(db, uid):
+    """Tables made by someone else from §6's columns alone: no UNIQUE on
+    client_id (the insert used ON CONFLICT on it, and every write failed,
+    the other tables' too). Each row is written once, batches retried after
+    a failure included, and a table we cannot write does not stop the others."""
+    from realtime.stores.records import Records
+    schema = "p6_" + uid.strip("_").lower()
+    await db.execute(f"CREATE SCHEMA {schema}")
+    try:
+        await db.execute(f"""
+            CREATE TABLE {schema}.client_connections (id bigserial PRIMARY KEY, user_id text, client_id text,
+                instance_id text, connected_at timestamptz, disconnected_at timestamptz, reason text,
+                messages_sent bigint, bytes_sent bigint);
+            CREATE TABLE {schema}.user_subscriptions (user_id text, vehicle_id text, created_at timestamptz,
+                UNIQUE (user_id, vehicle_id));
+            CREATE TABLE {schema}.realtime_events (id bigserial PRIMARY KEY, event_type text, client_id text,
+                vehicle_id text, details jsonb, created_at timestamptz);""")
+        records = Records(DSN + f"?search_path={schema}", "test-" + uid)
+        records.start()
+        records.connection_opened("u", "c1", 1.0e9, "websocket", "127.0.0.1")
+        records.connection_opened("u", "c1", 1.0e9, "websocket", "127.0.0.1")   # the same again: once
+        records.subscribed("u", ["v1", "v2"])
+        records.event("t6", "c1", "v1")
+        records.connection_closed("c1", "client closed", 3, 100)
+        await records.stop(10)
+        got = await db.fetch(f"SELECT client_id, reason, transport FROM {schema}.client_connections")
+        assert [tuple(r) for r in got] == [("c1", "client closed", "websocket")]
+        assert await db.fetchval(f"SELECT count(*) FROM {schema}.user_subscriptions") == 2
+        assert await db.fetchval(f"SELECT count(*) FROM {schema}.realtime_events WHERE event_type='t6'") == 1
+        # a table that cannot be written (its column gone): the others still are
+        await db.execute(f"ALTER TABLE {schema}.client_connections DROP COLUMN instance_id")
+        records = Records(DSN + f"?search_path={schema}", "test-" + uid)
+        records.start()
+        records.connection_opened("u", "c2", 1.0e9)
+        records.event("t6b", "c2", "v1")
+        deadline = asyncio.get_running_loop().time() + 10
+        while not await db.fetchval(f"SELECT count(*) FROM {schema}.realtime_events WHERE event_type='t6b'"):
+            assert asyncio.get_running_loop().time() < deadline, "the events table waited for the other"
+            await asyncio.sleep(0.1)
+        assert records.pending == 1   # the connection's row, kept for when the table is fixed
+        await records.stop(1)
+    finally:
+        await db.execute(f"DROP SCHEMA {schema} CASCADE")

@@ -248,8 +248,8 @@ def test_backoff_has_full_jitter_and_online_reconnects_at_once(page, uid):
         s.log.close()
         wait(page, "log.retries.some(r => r.delay >= 2500)", timeout=60, what="a long backoff")
         retries = page.evaluate("log.retries")
-        for r in retries:
-            assert 500 <= r["delay"] <= min(20000, 500 * 2 ** r["attempt"]), retries
+        for r in retries:   # full jitter from the first retry: 0.5-1 s, then 0.5-2 s, ...
+            assert 500 <= r["delay"] <= min(20000, 500 * 2 ** (r["attempt"] + 1)), retries
         assert [r["attempt"] for r in retries] == list(range(len(retries))), retries
         # while that long wait runs, the network comes back: an attempt at once
         n = len(page.evaluate("log.errorTimes"))

@@ -336,16 +336,20 @@ async def test_invalid_msgpack_is_bad_request(server):
     await c.close()
 
 
-async def test_message_over_64k_closes_1009(server):
-    c = await Client.connect(server, token())
+@pytest.mark.parametrize("compression", ["deflate", None])
+async def test_message_over_64k_closes_1009(server, compression):
+    """§3.3: at most 64 KiB: exactly that is taken, one byte more closes 1009,
+    in plain frames and in compressed ones (permessage-deflate)."""
+    def of_size(n, rid):
+        msg = json.dumps({"type": "ping", "id": rid, "pad": ""})
+        return msg.replace('"pad": ""', '"pad": "' + "x" * (n - len(msg)) + '"')
+    c = await Client.connect(server, token(), compression=compression)
     await c.recv_type("welcome")
-    # exactly 64 KiB is allowed
-    msg = json.dumps({"type": "ping", "id": "edge", "pad": ""})
-    msg = msg.replace('"pad": ""', '"pad": "' + "x" * (64 * 1024 - len(msg)) + '"')
+    msg = of_size(64 * 1024, "edge")
     assert len(msg.encode()) == 64 * 1024
     await c.ws.send(msg)
     assert (await c.recv_type("pong"))["id"] == "edge"
-    await c.ws.send(json.dumps({"type": "ping", "pad": "x" * 70000}))
+    await c.ws.send(of_size(64 * 1024 + 1, "over"))
     assert await closed_with(c) == 1009
 
 
@@ -360,7 +364,7 @@ async def test_any_string_or_number_id_is_echoed_and_another_is_refused_alone(se
         for rid in ("a", 7, 1.5, -3, 2 ** 63 - 1):
             await c.send({"type": "ping", "id": rid}, binary)
             assert (await c.recv_type("pong"))["id"] == rid
-        for bad in ('{"type":"ping","id":true}', '{"type":"ping","id":[1]}',
+        for bad in ('{"type":"ping","id":true}', '{"type":"ping","id":[1]}', json.dumps({"type": "ping", "id": "x" * 257}),
                     '{"type":"ping","id":123456789012345678901234567890}'):
             await c.ws.send(bad)   # a text frame is JSON whatever the output format
             e = await c.recv_type("error")

@@ -114,6 +114,7 @@ class CoreBase:
         self.enc_as: list = []
         # vehicle types
         self.types: list[str] = ["unknown"]
+        self.types_overflowed = 0   # lookups of a type name that found no code left (vtype_code)
         self.type_code: dict[str, int] = {"unknown": 0}
         self.enc_types = [S.enc_both("unknown")]
         self.enc_statuses = [S.enc_both(s) for s in S.STATUSES]
@@ -167,7 +168,10 @@ class CoreBase:
         code = self.type_code.get(name)
         if code is None:
             if len(self.types) >= S.MAX_TYPES:
-                return S.MAX_TYPES - 1  # the last code stands for every further type
+                # no code left (a filter is a 64-bit mask): `unknown`, as an
+                # unrecognised value is, never another type's name
+                self.types_overflowed += 1
+                return 0
             code = len(self.types)
             self.types.append(name)
             self.type_code[name] = code

@@ -136,6 +136,9 @@ class MemoryStores:
     async def resolve_groups(self, names) -> None:
         pass
 
+    async def in_registry_group(self, vehicle_id: str, names) -> bool:
+        return False   # no registry without Redis
+
     async def resolve_vehicles(self, ids) -> None:
         pass
 

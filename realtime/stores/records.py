@@ -63,8 +63,12 @@ CREATE INDEX IF NOT EXISTS realtime_events_created_at ON realtime_events (create
 # (queue, statement); written in this order, so a connection's insert goes
 # before its completion when both are queued in the same second
 STATEMENTS = (
+    # once per client_id (a batch may be written again after a failure) without
+    # ON CONFLICT, which needs client_id UNIQUE: tables made from PROTOCOL §6
+    # alone do not have it, and every insert then failed
     ("opened", "INSERT INTO client_connections (user_id, client_id, instance_id, connected_at, transport, "
-               "client_address) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (client_id) DO NOTHING"),
+               "client_address) SELECT $1::text, $2::text, $3::text, $4::timestamptz, $5::text, $6::text "
+               "WHERE NOT EXISTS (SELECT 1 FROM client_connections WHERE client_id = $2::text)"),
     ("closed", "UPDATE client_connections SET disconnected_at = $2, reason = $3, "
                "messages_sent = $4, bytes_sent = $5 WHERE client_id = $1"),
     ("subscriptions", "INSERT INTO user_subscriptions (user_id, vehicle_id, created_at) "
@@ -195,6 +199,7 @@ class Records:
     async def _write_all(self) -> None:
         import asyncpg
         pool = await self._connect()
+        unwritable = None
         for name, sql in STATEMENTS:
             q = self.queues[name]
             while q:
@@ -208,6 +213,12 @@ class Records:
                         # a row the database refuses: retried for ever it
                         # would stop every record behind it
                         refused = await self._write_each(c, name, sql, rows)
+                    except asyncpg.SyntaxOrAccessError as e:
+                        # this table is not as we write it (a column missing,
+                        # no right): its rows stay queued, the other tables
+                        # are written all the same, and this is tried again
+                        unwritable = unwritable or e
+                        break
                 # only now: a failure above leaves them queued for the next try.
                 # Rows dropped from this queue meanwhile (it was full) were its
                 # oldest, ours.
@@ -215,6 +226,8 @@ class Records:
                     q.popleft()
                 self.written += len(rows) - refused
                 self.refused += refused
+        if unwritable is not None:
+            raise unwritable
 
     async def _write_each(self, c, name: str, sql: str, rows: list) -> int:
         """The batch in one transaction, each row behind a savepoint: the

@@ -1166,6 +1166,23 @@ class RedisStores:
         """Group membership written by the vehicle registry, for groups in use."""
         await self.resolve_groups(list(self.hub.core.sel_by_group.keys()))
 
+    async def in_registry_group(self, vehicle_id: str, names) -> bool:
+        """Whether the registry (`group:{name}:vehicles`) puts the vehicle in
+        one of these groups: a read, nothing kept (GET /api/vehicles/{id}).
+        StoresUnavailable when Redis cannot answer."""
+        names = list(dict.fromkeys(names))
+        if not names:
+            return False
+        pipe = self.r.pipeline(transaction=False)
+        for g in names:
+            pipe.sismember(f"group:{g}:vehicles", vehicle_id)
+        try:
+            found = await pipe.execute(raise_on_error=False)
+        except _DOWN as e:
+            raise StoresUnavailable("the group registry cannot be read now") from e
+        self._ops += len(names)
+        return any(v is True or v == 1 for v in found)
+
     async def resolve_groups(self, names) -> None:
         """`group:{name}:vehicles` -> the core, before a subscription names them."""
         core = self.hub.core

@@ -199,7 +199,8 @@ class RealtimeService:
             opened = True
             if not resumed or n or sub.subscriptions.geographic or _has_filters(sub):
                 try:
-                    await client.subscribe(hub, s, sub)
+                    # after a resume's snapshot, what changes; else every visible vehicle
+                    await client.subscribe(hub, s, sub, full_all=not resumed)
                 except M.ProtocolError as e:   # bounds the hub refuses (south above north, …)
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, e.message)
             _log("connect", s, resumed=resumed)

@@ -295,6 +295,7 @@ async def _session_stream(request: web.Request, claims) -> web.StreamResponse:
             return box.read == box.origin
         return box.index_of_seq(seq) is not None   # kept here (an id of another copy never is)
     h, reset = await registry.find(request, claims, request.query["session"], last_event, "sse", serves, seq)
+    registry.renew(request, h, claims, "sse")   # a 403 before anything is acknowledged
     box = h.box
     if reset:
         start = box.first - 1
@@ -304,7 +305,6 @@ async def _session_stream(request: web.Request, claims) -> web.StreamResponse:
             registry.acknowledged(h, None)
     else:
         start = box.read    # what no reader has had yet
-    registry.renew(request, h, claims, "sse")
     resp = web.StreamResponse(headers={**HEADERS, **cors.headers_for(request)})
     await resp.prepare(request)
     t = request.transport

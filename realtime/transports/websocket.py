@@ -317,6 +317,13 @@ async def handle(request: web.Request) -> web.StreamResponse:
             if msg.type == WSMsgType.PONG:
                 continue
             if msg.type in (WSMsgType.TEXT, WSMsgType.BINARY):
+                if len(msg.data) > settings.max_message_bytes:
+                    # aiohttp lets one byte more through a compressed frame (its
+                    # limit is max_msg_size, one above ours, for uncompressed ones)
+                    close_reason = "message too big"
+                    hub.security.report("limit", "websocket", s.peer, "message size", claims.sub, s.client_id)
+                    await ws.close(code=WSCloseCode.MESSAGE_TOO_BIG, message=b"message too big")
+                    break
                 try:
                     await client.command(hub, authn, s, msg.data, msg.type == WSMsgType.BINARY)
                 except client.Refused as r:

@@ -922,7 +922,8 @@ export class RealtimeClient {
     if (this._afterMs !== null && Date.now() - this._afterAt < 60000) {
       delay = this._afterMs;
     } else {
-      const cap = Math.min(BACKOFF_MAX_MS, BACKOFF_MIN_MS * 2 ** Math.min(this._attempt, 16));
+      // from the first retry on a random delay: clients cut off together do not come back together
+      const cap = Math.min(BACKOFF_MAX_MS, BACKOFF_MIN_MS * 2 ** Math.min(this._attempt + 1, 16));
       delay = BACKOFF_MIN_MS + Math.random() * (cap - BACKOFF_MIN_MS);
     }
     this._afterMs = null;
