@@ -730,6 +730,7 @@ class Hub:
         if len(stale):
             forgotten_ids = [core.ids[r] for r in stale]
             self.forget_rows(stale)
+            self.stores.forgotten(forgotten_ids)
             for vid in forgotten_ids:
                 self.records.event("vehicle_stale", None, vid)
             if self.owner is not None:

@@ -265,6 +265,30 @@ async def test_groups_from_the_registry(rserver, r, uid):
     await c.close()
 
 
+async def test_a_vehicle_forgotten_as_stale_leaves_the_geo_index(throwaway_redis, uid):
+    """`vehicles:geoindex` grew with every vehicle id ever seen: a member
+    leaves it when its vehicle is forgotten (stale, §3.3), as its hash expires.
+    A Redis of its own: the writer removes it, and the shared one's writer is
+    another test's server, with the default --stale-after-s."""
+    port, _, _ = throwaway_redis
+    r = aioredis.Redis(port=port, decode_responses=True)
+    s = Server("--simulate", "0", "--tick-ms", "20", "--redis", f"redis://127.0.0.1:{port}/0",
+               "--offline-after-s", "0.5", "--stale-after-s", "2")
+    try:
+        gone, kept = uid + "gone", uid + "kept"
+        ingest(s, [update(gone, 55.5, 37.5), update(kept, 55.6, 37.6)])
+        assert await eventually(lambda: r.geopos("vehicles:geoindex", gone), timeout=10) != [None]
+        deadline = time.monotonic() + 20
+        while (await r.geopos("vehicles:geoindex", gone)) != [None]:
+            assert time.monotonic() < deadline, "the forgotten vehicle stayed in the geo index"
+            ingest(s, [update(kept, 55.6, 37.6)])   # this one keeps reporting
+            await asyncio.sleep(0.3)
+        assert (await r.geopos("vehicles:geoindex", kept)) != [None]
+    finally:
+        s.stop()
+        await r.aclose()
+
+
 async def test_the_long_form_sees_a_group_that_only_the_registry_gives(rserver, r, uid):
     """§1.3 `group:{name}:vehicles`: a vehicle the registry puts in a group
     (no update carried it) is that group's for GET /api/vehicles/{id} too,

@@ -82,4 +82,5 @@ class Stores(Protocol):
 
     # vehicles
     def changed(self, rows) -> None: ...
+    def forgotten(self, vehicle_ids: list) -> None: ...   # stale (§3.3): out of shared indexes
     async def relay_updates(self, batch) -> None: ...   # an UpdateBatch, applied here already

@@ -146,5 +146,8 @@ class MemoryStores:
     def changed(self, rows) -> None:
         pass
 
+    def forgotten(self, vehicle_ids: list) -> None:
+        pass
+
     async def relay_updates(self, batch) -> None:
         pass

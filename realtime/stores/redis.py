@@ -689,6 +689,19 @@ class RedisStores:
         if self.leader:
             self._changed.update(int(r) for r in rows)
 
+    def forgotten(self, vehicle_ids: list) -> None:
+        """Vehicles forgotten as stale (§3.3) leave `vehicles:geoindex` too:
+        their hashes expire on their own, but nothing else takes a member out
+        of the index, which grew with every id ever seen. The writer does it
+        (every instance forgets the same vehicles)."""
+        if self.leader and vehicle_ids:
+            self.hub.spawn(self._unindex(list(vehicle_ids)))
+
+    async def _unindex(self, ids: list) -> None:
+        for i in range(0, len(ids), 1000):
+            await self.r.zrem("vehicles:geoindex", *ids[i:i + 1000])
+            self._ops += 1
+
     async def _writer(self) -> None:
         """Takes or renews the writer lease every LEASE_RENEW_S by the clock,
         and writes only while the last renewal is recent enough: the rounds
