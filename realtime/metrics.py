@@ -91,6 +91,8 @@ class HubCollector:
             (C, "hub_ticks", "Ticks run", st.ticks),
             (C, "hub_tick_seconds", "Time in ticks (route, encode, write)", st.tick_seconds),
             (G, "vehicles_tracked", "Vehicles in memory", core.n - len(core.row_free)),
+            (C, "vehicle_types_overflowed", "Lookups of a vehicle_type name past the 63 this worker "
+             "tells apart (sent and stored as unknown)", core.types_overflowed),
             (C, "vehicles_went_offline", "Vehicles turned offline by silence", st.went_offline),
             (C, "vehicles_forgotten", "Vehicles dropped as stale", st.forgotten),
             (C, "slow_client_conflations", "Times a slow connection stopped getting position "

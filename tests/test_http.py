@@ -156,6 +156,7 @@ def test_metrics_names(server, uid):
     text = raw.decode()
     assert status == 200
     for name in ("websocket_connections_active", "messages_sent_total", "subscriptions_per_user_avg",
-                 "redis_operations_total", "ingest_updates_total", "ingest_rejected_total"):
+                 "redis_operations_total", "ingest_updates_total", "ingest_rejected_total",
+                 "vehicle_types_overflowed_total"):
         assert name in text, name
     assert 'ingest_rejected_total{reason="missing_field"}' in text
