@@ -12,6 +12,7 @@ from aiohttp import web
 from .address import Addresses, parse_networks
 from .auth import VIEW_ALL, Authenticator, ephemeral_secret
 from .hub import Hub
+from . import messages as M
 from .ingest import http as ingest_http
 from .ingest import simulator
 from .stores.base import StoresUnavailable
@@ -212,15 +213,15 @@ async def vehicle(request):
             seen = await hub.stores.in_registry_group(vid, claims.groups)
         except StoresUnavailable:
             raise web.HTTPServiceUnavailable(
-                text=json.dumps(ingest_http.error_fields("unavailable", "rights cannot be checked now: try again")),
+                text=json.dumps(M.http_error("unavailable", "rights cannot be checked now: try again")),
                 content_type="application/json", headers={"Retry-After": "1"}) from None
     if not seen:
         hub.security.of_request(request, "forbidden", "http", "vehicle outside the rights: " + vid, claims.sub)
-        raise web.HTTPForbidden(text=json.dumps(ingest_http.error_fields("forbidden", "not allowed to see this vehicle")),
+        raise web.HTTPForbidden(text=json.dumps(M.http_error("forbidden", "not allowed to see this vehicle")),
                                 content_type="application/json")
     d = hub.long_form(claims, vid)
     if d is None:
-        raise web.HTTPNotFound(text=json.dumps(ingest_http.error_fields("not_found", "unknown vehicle")),
+        raise web.HTTPNotFound(text=json.dumps(M.http_error("not_found", "unknown vehicle")),
                                content_type="application/json")
     return web.json_response(d, dumps=lambda o: json.dumps(o, ensure_ascii=False))
 

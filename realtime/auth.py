@@ -95,6 +95,13 @@ class Claims:
     def may_view_anything(self) -> bool:
         return self.view_all or bool(self.vehicles) or bool(self.groups)
 
+    def may_enter(self, acl: dict | None) -> bool:
+        """A connection or request is let in (else 4003/403): the token names
+        vehicles, or its user's live ACL grants some (§2: ACLs apply to every
+        way in). One whose ACL takes everything away is let in and sees
+        nothing, as an open connection does when that ACL reaches it."""
+        return self.may_view_anything() or self.with_acl(acl).may_view_anything()
+
     def with_acl(self, acl: dict | None) -> "Claims":
         """Live rights from Redis `acl:user:{id}` override the token's."""
         if not acl:

@@ -60,11 +60,7 @@ async def start(hub, s: Session, resume: str | None, last_event: str | None,
                          e) from None
     s.acl = acl
     s.claims = claims.with_acl(acl)
-    # §2: ACLs apply to every way in, so a token that names no vehicles is
-    # let in when its user's ACL grants some (4003 when neither does). One
-    # whose ACL takes everything away is let in and sees nothing, as an open
-    # connection does when that ACL update reaches it.
-    if not s.claims.may_view_anything() and not claims.may_view_anything():
+    if not claims.may_enter(acl):
         hub.security.report("forbidden", s.kind, s.peer, "token grants no vehicles (nor its ACL)",
                             claims.sub, s.client_id)
         raise Refused(CLOSE_FORBIDDEN, "token grants no vehicles")

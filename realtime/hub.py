@@ -20,7 +20,7 @@ import numpy as np
 
 from ._core import Core, UpdateBatch
 from ._core._fanout import fan_out
-from ._core._schema import FMT_JSON, msgpack_array_head
+from ._core._schema import FMT_JSON, msgpack_array_head, msgpack_items
 from .auth import Claims
 from .ingest.decode import to_batch
 from .latency import Histogram
@@ -858,21 +858,11 @@ def _release(counts: dict, key) -> None:
         counts.pop(key, None)
 
 
-def _msgpack_items(body: bytes) -> tuple[int, bytes]:
-    """An encoded msgpack array body as (its length, its items' bytes)."""
-    h = body[0]
-    if h & 0xF0 == 0x90:
-        return h & 0x0F, body[1:]
-    if h == 0xDC:
-        return int.from_bytes(body[1:3], "big"), body[3:]
-    return int.from_bytes(body[1:5], "big"), body[5:]   # 0xdd
-
-
 def prepend_piece(fmt: int, piece: bytes, body: bytes) -> bytes:
     """An encoded message put before the others of an encoded batch body."""
     if fmt == FMT_JSON:
         return b"[" + piece + (b"]" if body == b"[]" else b"," + body[1:])
-    n, rest = _msgpack_items(body)
+    n, rest = msgpack_items(body)
     return msgpack_array_head(n + 1) + piece + rest
 
 
@@ -883,8 +873,8 @@ def join_bodies(fmt: int, first: bytes, second: bytes) -> bytes:
         if first == b"[]":
             return second
         return first if second == b"[]" else first[:-1] + b"," + second[1:]
-    n1, rest1 = _msgpack_items(first)
-    n2, rest2 = _msgpack_items(second)
+    n1, rest1 = msgpack_items(first)
+    n2, rest2 = msgpack_items(second)
     return msgpack_array_head(n1 + n2) + rest1 + rest2
 
 

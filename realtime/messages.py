@@ -170,3 +170,9 @@ def reply(kind: str, req_id=None, **fields) -> dict:
 
 def error(code: str, message: str, req_id=None) -> dict:
     return reply("error", req_id, code=code, message=message)
+
+
+def http_error(code: str, message: str) -> dict:
+    """An HTTP error body: §3's error message, and `error` (the code again)
+    that the HTTP bodies held before they took §3's shape."""
+    return {**error(code, message), "error": code}

@@ -23,7 +23,7 @@ from contextlib import aclosing
 
 import msgpack
 
-from ._core._schema import FMT_JSON, enc_json, enc_msgpack, msgpack_array_head
+from ._core._schema import FMT_JSON, body_of, enc_json, enc_msgpack, msgpack_items
 from .recent import Recent
 
 log = logging.getLogger("realtime.replay")
@@ -114,7 +114,7 @@ def split_body(fmt: int, body: bytes) -> list[bytes]:
         if fmt == FMT_JSON:
             if body.count(MESSAGE_START) <= MAX_MESSAGES:
                 return [body]
-        elif _msgpack_count(body) <= MAX_MESSAGES:
+        elif msgpack_items(body)[0] <= MAX_MESSAGES:
             return [body]
     if _last_split[0] is body and _last_split[1] == fmt:
         return _last_split[2]
@@ -129,18 +129,8 @@ def _split(fmt: int, body: bytes) -> list[bytes]:
     else:
         pieces = [enc_msgpack(m) for m in msgpack.unpackb(body, raw=False, strict_map_key=False)]
     parts = list(batches(pieces))
-    if len(parts) <= 1:
-        return [body]
-    if fmt == FMT_JSON:
-        return [b"[" + b",".join(part) + b"]" for part in parts]
-    return [msgpack_array_head(len(part)) + b"".join(part) for part in parts]
+    return [body_of(fmt, part) for part in parts] if len(parts) > 1 else [body]
 
-
-def _msgpack_count(body: bytes) -> int:
-    h = body[0]
-    if h & 0xF0 == 0x90:
-        return h & 0x0F
-    return int.from_bytes(body[1:3] if h == 0xDC else body[1:5], "big")
 
 
 async def _send_all(hub, s, after: str, upto: str) -> None:

@@ -919,12 +919,7 @@ class CoreBase:
                     + b"\xa1d" + m[1] + b"\xa3eid" + m[2] + b"\xa2ts" + S.enc_msgpack(ts))
         return json_piece, mp_piece
 
-    @staticmethod
-    def body_of(fmt: int, pieces: list[bytes]) -> bytes:
-        """A batch body (the `messages` array) from encoded pieces."""
-        if fmt == S.FMT_JSON:
-            return b"[" + b",".join(pieces) + b"]"
-        return S.msgpack_array_head(len(pieces)) + b"".join(pieces)
+    body_of = staticmethod(S.body_of)   # a batch body from encoded pieces
 
     def tick(self, rebuild: bool = True, now: float = 0.0, rows: np.ndarray | None = None):
         """Route every change since the last tick. Returns [(body, [client rows])]:

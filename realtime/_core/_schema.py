@@ -87,6 +87,23 @@ def msgpack_array_head(n: int) -> bytes:
     return b"\xdc" + n.to_bytes(2, "big") if n < 65536 else b"\xdd" + n.to_bytes(4, "big")
 
 
+def msgpack_items(body: bytes) -> tuple[int, bytes]:
+    """An encoded msgpack array body as (its length, its items' bytes)."""
+    h = body[0]
+    if h & 0xF0 == 0x90:
+        return h & 0x0F, body[1:]
+    if h == 0xDC:
+        return int.from_bytes(body[1:3], "big"), body[3:]
+    return int.from_bytes(body[1:5], "big"), body[5:]   # 0xdd
+
+
+def body_of(fmt: int, pieces: list[bytes]) -> bytes:
+    """A batch body (the `messages` array) from encoded pieces."""
+    if fmt == FMT_JSON:
+        return b"[" + b",".join(pieces) + b"]"
+    return msgpack_array_head(len(pieces)) + b"".join(pieces)
+
+
 def enc_msgpack(obj) -> bytes:
     return msgpack.packb(obj, use_bin_type=True)
 

@@ -14,6 +14,7 @@ import asyncio
 
 from aiohttp import web
 
+from .. import messages as M
 from ..auth import INGEST, AuthError
 from .decode import Rejected, decode_items, split_http_body
 
@@ -64,15 +65,9 @@ async def authorize_live(request: web.Request, permission: str | None = None):
     return live
 
 
-def error_fields(code: str, message: str) -> dict:
-    """An HTTP error body: §3's error message (`type`, `code`, `message`), and
-    `error` (the code again) that bodies had before it."""
-    return {"type": "error", "code": code, "message": message, "error": code}
-
-
 def _err(code: str, message: str) -> str:
     import json
-    return json.dumps(error_fields(code, message))
+    return json.dumps(M.http_error(code, message))
 
 
 async def handle(request: web.Request) -> web.Response:
@@ -91,7 +86,7 @@ async def handle(request: web.Request) -> web.Response:
         items = split_http_body(body)
     except Rejected as r:
         hub.stats.reject(r.reason)
-        return web.json_response({**error_fields("bad_request", r.detail), "reason": r.reason}, status=400)
+        return web.json_response({**M.http_error("bad_request", r.detail), "reason": r.reason}, status=400)
     del body
     sink = request.app["http_sink"]
     accepted = 0
@@ -110,7 +105,7 @@ async def handle(request: web.Request) -> web.Response:
         except Exception as e:
             # the items before this slice went in; sending the whole body again
             # is safe (an update applies once per timestamp, alerts once)
-            return web.json_response({**error_fields("unavailable", f"ingest path down: {e!r}"[:300]),
+            return web.json_response({**M.http_error("unavailable", f"ingest path down: {e!r}"[:300]),
                                       "accepted": accepted}, status=503)
         accepted += len(ok)
     return web.json_response({

@@ -82,8 +82,7 @@ class HttpError(Exception):
     def response(self) -> web.Response:
         """PROTOCOL §4: the error body of §3 (`type`, `code`, `message`), with
         `error` as well, as the other HTTP endpoints answer."""
-        return web.json_response({"type": "error", "code": self.code, "error": self.code,
-                                  "message": self.message}, status=self.status, headers=self.headers)
+        return web.json_response(M.http_error(self.code, self.message), status=self.status, headers=self.headers)
 
 
 # what a Refused close code means to an HTTP client (PROTOCOL §4)
@@ -217,7 +216,7 @@ class HttpSessions:
         """This request's token for the session (client.renew). One that names
         no vehicles, where the user's ACL grants none either, is refused
         with 403 as at the session's start (client.start)."""
-        if not claims.may_view_anything() and not claims.with_acl(h.s.acl).may_view_anything():
+        if not claims.may_enter(h.s.acl):
             request.app["security"].of_request(request, "forbidden", transport, "token grants no vehicles",
                                                claims.sub)
             raise HttpError(403, "forbidden", "token grants no vehicles")

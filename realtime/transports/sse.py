@@ -227,7 +227,7 @@ async def _own_stream(request: web.Request, claims) -> web.StreamResponse:
             acl = await hub.stores.acl(claims.sub)
         except StoresUnavailable:
             raise HttpError(503, "unavailable", "rights cannot be checked now: try again", {"Retry-After": "1"}) from None
-        if not claims.with_acl(acl).may_view_anything():
+        if not claims.may_enter(acl):
             app["security"].of_request(request, "forbidden", "sse", "token grants no vehicles", claims.sub)
             raise HttpError(403, "forbidden", "token grants no vehicles")
     writer = SSEWriter(request.transport, settings.write_buffer_close_bytes, settings.slow_client_buffer_bytes)
