@@ -13,6 +13,7 @@ import time
 import urllib.parse
 
 import msgpack
+import msgspec
 import pytest
 import websockets
 from hypothesis import HealthCheck, given, settings
@@ -22,6 +23,7 @@ from conftest import Server, rss_kb, token
 from realtime import messages as M
 from realtime import replay
 from realtime._core import Core
+from realtime._core._schema import FMT_JSON, FMT_MSGPACK, body_of, enc_json, enc_msgpack
 from realtime.ingest.decode import (REASONS, Rejected, UpdateIn, batch_of_records, decode_http_body,
                                     decode_record, to_batch)
 
@@ -202,6 +204,45 @@ def check_last_event(text: str) -> None:
                  st.from_regex(r"\A[0-9\u0660-\u0669]{1,5}-[0-9]{1,3}\Z")))
 def test_any_last_event_is_placed_or_refused_as_unknown(text):
     check_last_event(text)
+
+
+# messages whose data nests what a message starts with, as an event's may
+nested_t = st.recursive(
+    st.one_of(st.none(), st.integers(-2**63, 2**63 - 1), st.text(max_size=20),
+              st.sampled_from(['{"t":"', '},{"t":"', "]"])),
+    lambda kids: st.one_of(st.lists(kids, max_size=3),
+                           st.dictionaries(st.sampled_from(["t", "data", "x"]), kids, max_size=3)),
+    max_leaves=8)
+
+
+@settings(max_examples=max(20, EXAMPLES // 10), deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.lists(st.fixed_dictionaries({"t": st.sampled_from(["full", "event", "leave"]), "data": nested_t}),
+                min_size=1, max_size=5),
+       st.integers(0, 2600), st.sampled_from([0, 600, 3000]), st.sampled_from([FMT_JSON, FMT_MSGPACK]))
+def test_a_body_too_big_for_one_batch_is_split_in_order_with_every_message_byte_for_byte(kinds, n, pad, fmt):
+    """§3.4: at most 1,000 messages and 1 MiB a batch. Splitting keeps each
+    message's bytes as the core encoded them, whatever its data holds, and
+    fills each batch before it starts the next."""
+    enc = enc_json if fmt == FMT_JSON else enc_msgpack
+    # the core's messages start with "t" (split_body counts those starts)
+    pieces = [enc({"t": kinds[i % len(kinds)]["t"], "data": kinds[i % len(kinds)]["data"], "n": i,
+                   "pad": "p" * pad}) for i in range(n)]
+    body = body_of(fmt, pieces)
+    parts = replay.split_body(fmt, body)
+    items = [[bytes(r) for r in _raw_items(fmt, part)] for part in parts]
+    assert [p for part in items for p in part] == pieces
+    room = replay.MAX_BYTES - replay.ENVELOPE_ROOM
+    assert all(len(part) <= replay.MAX_MESSAGES and len(body_of(fmt, part)) <= room for part in items)
+    for part, after in zip(items, items[1:]):   # the next message did not fit
+        slack = 0 if fmt == FMT_JSON else len(part) + 1   # msgpack has no commas; counted as if
+        assert len(part) == replay.MAX_MESSAGES or len(body_of(fmt, part + after[:1])) + slack > room
+    if n <= replay.MAX_MESSAGES and len(body) <= room:
+        assert parts == [body]
+
+
+def _raw_items(fmt, body):
+    dec = msgspec.json.decode if fmt == FMT_JSON else msgspec.msgpack.decode
+    return dec(body, type=list[msgspec.Raw])
 
 
 def test_the_atheris_target_runs(tmp_path):
