@@ -355,8 +355,8 @@ class Hub:
         s.send_batch(self.core.envelope, self.batch_id(), body)
         for part in replay.batches(held):   # at most 1,000 messages and 1 MiB each (§3.4)
             s.send_batch(self.core.envelope, self.batch_id(), self.core.body_of(s.fmt, part))
-        if s.transport.congested:
-            self._conflate(s)
+        # the next ticks tell whether it keeps up: the catch-up's own bytes do
+        # not count (send_batch), what piles up behind them does
 
     @property
     def tick_no(self) -> int:

@@ -157,7 +157,7 @@ class Mailbox(Outlet):
             if check and self.unread_bytes > self.limit:
                 self.close(1013, "slow reader: unread messages over the limit")
                 return 0
-            self.congested = self.unread_bytes > self.hwm
+            self.note_backlog(self.unread_bytes)
             for w in self._waiters:
                 if not w.done():
                     w.set_result(True)

@@ -16,6 +16,7 @@ cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.list cimport PyList_GET_ITEM
 from libc.stdint cimport int64_t, uint64_t
+from cpython.pyport cimport PY_SSIZE_T_MAX
 from libc.string cimport memcpy, memset
 cdef extern from "<sys/types.h>" nogil:
     ctypedef long ssize_t
@@ -225,7 +226,12 @@ cdef class Outlet:
     cdef public long long messages, nbytes
     cdef public Py_ssize_t limit   # write buffer: close 1013 above this
     cdef public Py_ssize_t hwm     # write buffer: conflate above this
-    cdef public bint congested     # above hwm at the last write
+    cdef public bint congested     # above hwm (and the allowance) at the last write
+    # Bytes of the backlog that are not the client's slowness: what a
+    # snapshot or a catch-up put in the buffer at once (tolerate()). It only
+    # shrinks, to the smallest backlog seen since: once the client has read
+    # them, backlog that builds up again counts in full.
+    cdef public Py_ssize_t allowance
     cdef public bint closed        # closed, or closing: write nothing more
     cdef public bint conflating    # the hub holds its position batches
     cdef public bint deflate       # permessage-deflate: frames built in Python
@@ -235,6 +241,23 @@ cdef class Outlet:
 
     def __cinit__(self):
         self.fd = -1
+
+    cpdef bint note_backlog(self, Py_ssize_t size):
+        """`congested` for a backlog of `size` bytes (unsent or unread):
+        above the high-water mark beyond what is allowed for."""
+        if size < self.allowance:
+            self.allowance = size
+        self.congested = size > self.hwm + self.allowance
+        return self.congested
+
+    cpdef void tolerate(self):
+        """A snapshot or catch-up was just written: however large, its bytes
+        do not make the client slow. The next note_backlog() allows for the
+        backlog it finds; only what piles up on top of that counts. Without
+        this, a catch-up larger than the high-water mark conflated the client
+        again at once, and it got catch-up after catch-up, never live ticks."""
+        self.allowance = PY_SSIZE_T_MAX
+        self.congested = False
 
 
 @cython.boundscheck(False)
@@ -292,8 +315,7 @@ def fan_out(list out, list outlets, bytes batch_id, envelope):
                 o.messages += 1
                 o.nbytes += fh.total
                 frames += 1
-                o.congested = size > o.hwm
-                if o.congested:
+                if o.note_backlog(size):
                     congested.append(row)
             except Exception as e:
                 failed.append((row, e))

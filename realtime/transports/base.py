@@ -2,7 +2,7 @@
 
 A transport carries one client's messages. It authenticates the client, makes
 an Outlet (the compiled write state in _core/_fanout.pyx: `seq`, counters,
-`limit`, `hwm`, `congested`, `closed`, `conflating`) and a Session around it,
+`limit`, `hwm`, `allowance`, `congested`, `closed`, `conflating`) and a Session around it,
 then hands every inbound message to client.command. Everything above the bytes
 (conflation, priorities, rights, filters, clusters, heartbeats, resume) is the
 client layer's and the hub's, the same for every transport.
@@ -77,6 +77,14 @@ class Transport(Protocol):
     def congested_now(self) -> bool:
         """Still over a quarter of the high-water mark: a conflating client
         is caught up only when this is False (hysteresis)."""
+
+    def note_backlog(self, size: int) -> bool:
+        """(Outlet's) sets `congested` for a backlog of `size` bytes: above
+        the high-water mark beyond what tolerate() allowed for."""
+
+    def tolerate(self) -> None:
+        """(Outlet's) what a snapshot or catch-up just put in the backlog
+        does not count as slowness; what piles up behind it does."""
 
     def keepalive(self, now: float, every_s: float, timeout_s: float) -> bool:
         """Heartbeat (PROTOCOL §3.3): send the transport's ping when due;

@@ -114,7 +114,7 @@ class GrpcOutlet(Outlet):
         if self.queued > self.limit:
             self.close(1013, "slow reader: queue over the limit; resume")
             return 0
-        self.congested = self.queued > self.hwm
+        self.note_backlog(self.queued)
         self.wake.set()
         return len(data)
 

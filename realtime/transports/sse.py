@@ -87,7 +87,7 @@ class SSEWriter(StreamOutlet):
         if size > self.limit:
             self.close(1013, "slow client: write buffer over limit")
             return None
-        self.congested = size > self.hwm
+        self.note_backlog(size)
         return t
 
     def write(self, payload: bytes) -> int:

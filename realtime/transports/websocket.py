@@ -95,7 +95,7 @@ class RawWriter(StreamOutlet):
             # replies and events can push it this far. Close so that it resumes.
             self.close(CLOSE_TRY_AGAIN, "slow client: write buffer over limit")
             return None
-        self.congested = size > self.hwm
+        self.note_backlog(size)
         return t
 
     def control(self, opcode: int, payload: bytes) -> None:
