@@ -277,7 +277,9 @@ async def test_a_vehicle_forgotten_as_stale_leaves_the_geo_index(throwaway_redis
     try:
         gone, kept = uid + "gone", uid + "kept"
         ingest(s, [update(gone, 55.5, 37.5), update(kept, 55.6, 37.6)])
-        assert await eventually(lambda: r.geopos("vehicles:geoindex", gone), timeout=10) != [None]
+        async def placed():   # geopos gives [None] for a missing member: true, so unwrapped
+            return (await r.geopos("vehicles:geoindex", gone))[0]
+        assert await eventually(placed, timeout=10) is not None
         deadline = time.monotonic() + 20
         while (await r.geopos("vehicles:geoindex", gone)) != [None]:
             assert time.monotonic() < deadline, "the forgotten vehicle stayed in the geo index"
