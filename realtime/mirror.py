@@ -524,16 +524,12 @@ class Follower:
                 self._snapshot_rows.update(local.tolist())
             hub.mirrored(len(local))
         xlate = self.xlate
-        registry_of = core.registry_of
         for orow, al, dr, asg, grp in rich:
             r = int(xlate[orow]) if orow < len(xlate) else -1
             if r < 0:
                 continue
-            if grp is not None:
-                # the registry's groups of this vehicle stay: this worker read
-                # them for its own subscriptions, the owner may not have
-                kept = registry_of.get(core.ids[r])
-                grp = tuple(grp) + (tuple(sorted(g for g in kept if g not in grp)) if kept else ())
+            # the groups this worker read from the registry for its own
+            # subscriptions stay (_apply_rich): the owner may not have read them
             core._apply_rich(r, None if al is None else tuple(al), dr, asg, grp)
         core.new_alerts = []   # the owner publishes alert events; they come from the log
         if f.get("e"):

@@ -596,6 +596,36 @@ def test_group_rows_are_released_and_reused(core):
     assert "g2" not in core.group_id and set(core.group_id) == {"g3"}
 
 
+def test_the_registry_s_groups_outlast_updates_and_go_when_it_drops_them(core):
+    """§1.3 `group:{name}:vehicles` (set_group_members) is all of that group:
+    an update's groups add to it, never take it away; a vehicle the registry
+    no longer names leaves the group, unless its updates carry the group."""
+    upd(core, "a", 1, 1, 1, groups=["north"])
+    upd(core, "b", 1, 1, 1, groups=["north"])
+    core.tick()
+    depot = core.add_client(view_all=False, groups=["depot"])
+    core.subscribe(depot)
+    core.set_group_members("depot", ["a", "b"])
+    got = tick_by_client(core)
+    assert sorted(m["v"] for m in got[depot] if m["t"] == "full") == ["a", "b"]
+    upd(core, "a", 2, 2, 2, groups=["south"])       # moves from north to south
+    got = tick_by_client(core)
+    assert core.groups_of[core.row_of("a")] == ("south", "depot")
+    assert [m["t"] for m in got[depot]] == ["pos"]   # still in depot: no leave
+    core.set_group_members("depot", ["a"])           # the registry drops b
+    got = tick_by_client(core)
+    assert got[depot] == [{"t": "leave", "v": "b", "r": "permission"}]
+    assert core.groups_of[core.row_of("b")] == ("north",) and "b" not in core.registry_of
+    core.set_group_members("depot", [])              # the registry's set is gone
+    got = tick_by_client(core)
+    assert got[depot] == [{"t": "leave", "v": "a", "r": "permission"}]
+    assert core.groups_of[core.row_of("a")] == ("south",) and core.registry_members == {}
+    assert core.registry_of == {}
+    upd(core, "a", 3, 3, 3, groups=["depot"])       # its own update carries depot: back
+    got = tick_by_client(core)
+    assert [(m["t"], m["v"]) for m in got[depot]] == [("full", "a")]
+
+
 def test_a_group_named_twice_by_an_update_is_counted_once(core):
     upd(core, "a", 1, 1, 1, groups=["g", "g"])
     upd(core, "b", 1, 1, 1, groups=["g"])

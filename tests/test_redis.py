@@ -265,6 +265,53 @@ async def test_groups_from_the_registry(rserver, r, uid):
     await c.close()
 
 
+async def test_registry_groups_survive_updates_and_a_vehicle_the_registry_drops_leaves(rserver, r, uid):
+    """§1.3 `group:{name}:vehicles` is the group's membership: a token whose
+    rights are that group sees a vehicle the registry names in it, updates
+    that carry other groups do not take it away (it used to leave with each
+    update and come back with the next reconcile), and once the registry no
+    longer names it, it leaves (it used to stay visible for good)."""
+    v, g = uid + "v", uid + "g"
+    assert ingest(rserver, [update(v, groups=[uid + "north"])])[0] == 200
+    await r.sadd(f"group:{g}:vehicles", v)
+    c = await Client.connect(rserver, token(sub=uid + "u", permissions=[], groups=[g]))
+    await c.recv_type("welcome")
+    sub, msgs = await c.subscribe(subscriptions={})
+    assert sub["visible"] == 1 and [m["v"] for m in msgs if m["t"] == "full"] == [v]
+    # updates carrying only their own group, over more than a reconcile (5 s)
+    seen = []
+    for i in range(14):
+        ingest(rserver, [update(v, lat=55.0 + i / 1000, groups=[uid + "north"])])
+        try:
+            seen += await c.wait_messages(lambda m: m.get("v") == v, timeout=1.0)
+        except AssertionError:
+            pass
+        await asyncio.sleep(0.5)
+    assert [m for m in seen if m["t"] == "leave"] == [] and any(m["t"] in ("pos", "delta") for m in seen)
+    await r.srem(f"group:{g}:vehicles", v)
+    left = await c.wait_messages(lambda m: m["t"] == "leave" and m["v"] == v, timeout=15)
+    assert [m for m in left if m["t"] == "leave"][0]["r"] == "permission"
+    await c.close()
+
+
+async def test_a_registry_key_that_is_not_a_set_or_a_member_that_is_not_utf8_is_skipped(rserver, r, uid):
+    """A `group:{name}:vehicles` written by hand as another type, or with a
+    member that is not UTF-8, is skipped and counted; the other groups of the
+    same read are resolved as usual (a WRONGTYPE failed the whole read, so
+    the group subscription of the same connect saw nothing)."""
+    v, g, bad = uid + "v", uid + "g", uid + "bad"
+    assert ingest(rserver, [update(v)])[0] == 200
+    await r.set(f"group:{bad}:vehicles", "not a set")
+    await r.sadd(f"group:{g}:vehicles", v, b"\xff\xfe")
+    c = await Client.connect(rserver, token())
+    await c.recv_type("welcome")
+    sub, msgs = await c.subscribe(subscriptions={"groups": [bad, g]})
+    assert sub["visible"] == 1 and [m["v"] for m in msgs] == [v]
+    text = urllib.request.urlopen(rserver.url + "/metrics", timeout=10).read().decode()
+    assert 'reason="invalid_group_key"' in text and 'reason="invalid_group_member"' in text
+    await c.close()
+
+
 async def test_a_vehicle_forgotten_as_stale_leaves_the_geo_index(throwaway_redis, uid):
     """`vehicles:geoindex` grew with every vehicle id ever seen: a member
     leaves it when its vehicle is forgotten (stale, §3.3), as its hash expires.

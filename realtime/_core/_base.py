@@ -97,11 +97,14 @@ class CoreBase:
         # row -> which rich fields changed (F_AL...), kept only where a worker
         # mirrors this core to others (mirror.Owner sets a dict; None: not kept)
         self.rich_log: dict | None = None
-        # vehicle -> the groups the registry named it in (set_group_members):
-        # a mirrored update's groups do not take those away (mirror.Follower).
-        # Kept after a vehicle is forgotten: it is what the registry holds,
-        # which bounds it, and a vehicle made again keeps its groups
+        # vehicle -> the groups the registry names it in (set_group_members),
+        # and group -> the vehicles it names: an update's groups do not take
+        # those away (_apply_rich), and the registry's next read does when it
+        # no longer names them. Kept after a vehicle is forgotten: it is what
+        # the registry holds for groups in use, which bounds it, and a vehicle
+        # made again keeps its groups
         self.registry_of: dict[str, set] = {}
+        self.registry_members: dict[str, set] = {}
         # rich values per row, and their encodings as (json, msgpack) pairs
         self.alerts: list[tuple] = []
         self.driver: list = []
@@ -359,9 +362,13 @@ class CoreBase:
             self.enc_as[row] = S.enc_both(asg)
             cur[row]["as_ver"] += 1
             m |= S.F_AS
-        if grp is not None and grp != self.groups_of[row]:
-            self._set_groups(row, grp)
-            m |= S.F_G
+        if grp is not None:
+            kept = self.registry_of.get(self.ids[row])
+            if kept:
+                grp = tuple(grp) + tuple(sorted(g for g in kept if g not in grp))
+            if grp != self.groups_of[row]:
+                self._set_groups(row, grp)
+                m |= S.F_G
         if m:
             self.dirty[row] = 1
             if self.rich_log is not None:
@@ -427,16 +434,38 @@ class CoreBase:
             self._recompute_selection(sid)
 
     def set_group_members(self, name: str, vehicle_ids):
-        """Group membership from the vehicle registry (Redis `group:{name}:vehicles`)."""
+        """Group membership from the vehicle registry (Redis
+        `group:{name}:vehicles`), all of it for this group: a vehicle it no
+        longer names leaves the group (a token's group rights no longer show
+        it). One whose own updates carry the group gets it back with the next."""
         members = set(vehicle_ids)
+        registry_of = self.registry_of
+        for vid in self.registry_members.get(name, set()) - members:
+            kept = registry_of.get(vid)
+            if kept is not None:
+                kept.discard(name)
+                if not kept:
+                    del registry_of[vid]
+            row = self.id_to_row.get(vid)
+            if row is not None and name in self.groups_of[row]:
+                self._registry_set_groups(row, tuple(g for g in self.groups_of[row] if g != name))
+        if members:
+            self.registry_members[name] = members
+        else:
+            self.registry_members.pop(name, None)
         for vid in members:
-            self.registry_of.setdefault(vid, set()).add(name)
+            registry_of.setdefault(vid, set()).add(name)
             row = self.id_to_row.get(vid)
             if row is None:
                 row = self._new_vehicle(vid)
             if name not in self.groups_of[row]:
-                self._set_groups(row, self.groups_of[row] + (name,))
-                self.dirty[row] = 1
+                self._registry_set_groups(row, self.groups_of[row] + (name,))
+
+    def _registry_set_groups(self, row: int, groups: tuple) -> None:
+        self._set_groups(row, groups)
+        self.dirty[row] = 1
+        if self.rich_log is not None:   # the other workers learn it from the owner's frames
+            self.rich_log[row] = self.rich_log.get(row, 0) | S.F_G
 
     def group_members(self, name: str) -> list[str]:
         gid = self.group_id.get(name)

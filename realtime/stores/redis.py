@@ -290,6 +290,15 @@ def _s(v) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
 
 
+def _utf8(b: bytes) -> bool:
+    """A registry member that can be a vehicle id (one that is not UTF-8 is skipped)."""
+    try:
+        b.decode()
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
 class RedisStores:
     def __init__(self, settings, instance_id: str = ""):
         self.settings = settings
@@ -1205,9 +1214,17 @@ class RedisStores:
         pipe = self.r.pipeline(transaction=False)
         for g in names:
             pipe.smembers(f"group:{g}:vehicles")
-        for g, members in zip(names, await pipe.execute()):
-            if members:
-                core.set_group_members(g, [_s(m) for m in members])
+        for g, members in zip(names, await pipe.execute(raise_on_error=False)):
+            if isinstance(members, ResponseError):   # not a set (written by hand): this group alone
+                self.hub.stats.reject("invalid_group_key")
+                continue
+            if isinstance(members, Exception):
+                raise members
+            ids = [m.decode() for m in members if _utf8(m)]
+            if len(ids) < len(members):
+                self.hub.stats.reject("invalid_group_member", len(members) - len(ids))
+            # all of the group, an empty one too: what the registry dropped leaves it
+            core.set_group_members(g, ids)
         self._ops += len(names)
 
     # ---------------------------------------------------------------- sessions
