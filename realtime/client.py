@@ -105,6 +105,10 @@ async def start(hub, s: Session, resume: str | None, last_event: str | None,
     welcome = {"type": "welcome", "client": s.client_id, "session": s.session_id,
                "resumed": record is not None, "recovered": recovered,
                "heartbeat_s": int(hub.settings.heartbeat_s)}
+    if record is not None:
+        # whether the session's subscription came back: when it did not (none
+        # stored, or one this version cannot read) the client subscribes again
+        welcome["restored"] = stored is not None
     if upto is not None:
         # every event after this one reaches this connection (live or by the
         # replay): a client that gets no event before it reconnects resumes

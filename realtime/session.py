@@ -123,15 +123,17 @@ class Session:
         """envelope_of is CoreBase.envelope: this connection's seq (and request
         id) around the body shared with other connections, written at once.
         A body of more than 1,000 messages or 1 MiB goes as several batches
-        (§3.4), the request's id on the last: its reply is whole when it comes.
+        (§3.4), the request's id on the last, `more` on the others: a client
+        knows when a snapshot or a reply is whole.
         These are snapshots, catch-ups and replies, not ticks: what they put in
         the buffer does not make the client slow (Outlet.tolerate)."""
         if not self._closed:
             try:
                 parts = split_body(self.fmt, body)
+                last = len(parts) - 1
                 for i, part in enumerate(parts):
                     self.transport.write_batch(envelope_of, batch_id, part,
-                                               req_id if i == len(parts) - 1 else None)
+                                               req_id if i == last else None, i < last)
                 self.transport.tolerate()
             except Exception as e:
                 self.write_failed(e)

@@ -174,7 +174,9 @@ def test_the_wire_encoding_matches_the_proto(pb):
     assert wire.batch_body(packed, {}) == wire.batch_body(packed)   # per-vehicle pieces: the same bytes
     data = wire.batch_head(b"inst-7", 42) + wire.batch_body(packed)
     b = realtime_pb2.Batch.FromString(data)
-    assert b.batch_id == "inst-7" and b.seq == 42 and len(b.messages) == 6
+    assert b.batch_id == "inst-7" and b.seq == 42 and len(b.messages) == 6 and b.more is False
+    # a part of a split snapshot that is not the last
+    assert realtime_pb2.Batch.FromString(wire.batch_head(b"inst-7", 43, True) + wire.batch_body(packed)).more is True
     full = b.messages[0].full
     assert (full.vehicle, full.position.lat, full.position.lon, full.speed, full.course) == ("v1", 55.5, -37.25, 12.5, 270.0)
     assert (full.status, full.vehicle_type, full.ts, list(full.alerts)) == ("moving", "van", 1764460000123, ["a", "b"])
@@ -194,8 +196,10 @@ def test_the_wire_encoding_matches_the_proto(pb):
     assert cl.zoom == 5 and [(c.lat, c.lon, c.count) for c in cl.cells] == [(10.5, 20.25, 300), (1, 2, 3)]
     assert [(c.moving, c.idle, c.stopped, c.offline) for c in cl.cells] == [(250, 0, 40, 10), (0, 0, 0, 0)]
     w = realtime_pb2.Batch.FromString(wire.notice({"type": "welcome", "client": "c_1", "session": "s_1",
-                                                   "resumed": True, "recovered": False, "heartbeat_s": 30}))
-    assert (w.seq, w.welcome.session, w.welcome.resumed, w.welcome.recovered, w.welcome.heartbeat_s) == (0, "s_1", True, False, 30)
+                                                   "resumed": True, "recovered": False, "heartbeat_s": 30,
+                                                   "restored": True}))
+    assert (w.seq, w.welcome.session, w.welcome.resumed, w.welcome.recovered, w.welcome.heartbeat_s,
+            w.welcome.restored) == (0, "s_1", True, False, 30, True)
     r = realtime_pb2.Batch.FromString(wire.notice({"type": "reconnect", "reason": "shutdown", "after_ms": 750}))
     assert (r.reconnect.reason, r.reconnect.after_ms) == ("shutdown", 750)
     assert wire.notice({"type": "pong"}) is None

@@ -153,21 +153,24 @@ async def test_a_snapshot_of_more_than_1000_vehicles_goes_in_batches_of_at_most_
     """§3.4: no single batch carries more than 1,000 messages or 1 MiB: the
     `full`s of a subscribe over 1,500 vehicles, in JSON and msgpack, of a
     viewport's reply (its id on the last part), and of a resume come in
-    several batches, each vehicle once."""
+    several batches, each vehicle once. Every part but the last says
+    `more: true`, so a client knows when the snapshot is whole."""
     g, n = uid + "g", 1500
     status, res = ingest(rserver, [update(f"{uid}{i}", 55 + i / 10000, 37.0, groups=[g]) for i in range(n)])
     assert status == 200 and res["accepted"] == n
 
     async def snapshot(c, req_id=None):
-        sizes, seen, ids = [], [], []
+        sizes, seen, ids, more = [], [], [], []
         while len(seen) < n:
             b = await c.recv_type("batch")
             sizes.append(len(b["messages"]))
             seen += [m["v"] for m in b["messages"] if m["t"] == "full"]
             ids.append(b.get("id"))
+            more.append(b.get("more"))
         assert sorted(seen) == sorted(f"{uid}{i}" for i in range(n))
         assert len(sizes) >= 2 and max(sizes) <= 1000
         assert ids[-1] == req_id and set(ids[:-1]) == {None}
+        assert more[-1] is None and set(more[:-1]) == {True}
 
     for query in ("format=msgpack", ""):
         c = await Client.connect(rserver, token(sub=uid + "u"), query)
@@ -184,7 +187,8 @@ async def test_a_snapshot_of_more_than_1000_vehicles_goes_in_batches_of_at_most_
         await snapshot(c, "vp")
         await c.close()
     c2 = await Client.connect(rserver, token(sub=uid + "u"), f"resume={w['session']}&last_event={w['last_event']}")
-    assert (await c2.recv_type("welcome"))["resumed"] is True
+    w2 = await c2.recv_type("welcome")
+    assert w2["resumed"] is True and w2["restored"] is True
     await snapshot(c2)
     await c2.close()
 
@@ -799,7 +803,8 @@ async def test_an_unreadable_stored_session_neither_breaks_nor_leaks_connections
         for _ in range(8):   # more than the per-user limit: each one must give its slot back
             c = await Client.connect(s, token(sub=user), f"resume={sid}")
             w = await c.recv_type("welcome")
-            assert w["resumed"] is True and w["recovered"] is False
+            # `restored: false`: the client knows to subscribe again
+            assert w["resumed"] is True and w["recovered"] is False and w["restored"] is False
             await c.send({"type": "ping", "id": "p"})
             assert (await c.recv_type("pong"))["id"] == "p"
             await c.close()

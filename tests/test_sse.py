@@ -115,6 +115,11 @@ async def test_a_slow_sse_reader_is_conflated_not_buffered_then_catches_up():
             data += await asyncio.wait_for(reader.read(1 << 20), 10)
         assert sum(map(len, catch_ups(data))) >= 5000, "no catch-up with every vehicle's latest state"
         assert max(map(len, catch_ups(data))) <= 1000   # §3.4: in batches of at most 1,000
+        # each part but the last says `more`; the next part (when read by now) is of the same batch
+        batches = [json.loads(d) for d in re.findall(rb"\ndata: (.*)\n", data) if d.startswith(b'{"type":"batch"')]
+        parted = [i for i, b in enumerate(batches) if b.get("more") is True]
+        assert len(parted) >= 4 and all(batches[i + 1]["batch_id"] == batches[i]["batch_id"]
+                                        for i in parted if i + 1 < len(batches))
         ids = [int(x) for x in re.findall(rb"\nid: (\d+)\n", data)]
         assert ids == list(range(1, len(ids) + 1)), "seq has a gap"
         writer.close()

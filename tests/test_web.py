@@ -351,6 +351,44 @@ def test_resume_over_a_server_restart_delivers_a_missed_event_once(page, redis_u
                 s.stop()
 
 
+def test_a_snapshot_in_parts_is_applied_whole_and_a_lost_subscription_is_sent_again(page, redis_url, uid):
+    """§3.4 sends a snapshot of more than 1,000 vehicles as several batches,
+    each but the last with `more`. subscribe() resolves with all of them in
+    c.vehicles, and a resume's snapshot in parts takes nothing away (the
+    library took its first part for all of it: `leave` "reset" for the rest,
+    then `full` again). A resume whose stored subscription cannot be read
+    says `restored: false`, and the library subscribes again."""
+    import redis
+    r = redis.Redis.from_url(redis_url)
+    s = Server("--simulate", "0", "--tick-ms", "20", "--redis", redis_url)
+    try:
+        g, n = uid + "g", 1500
+        assert ingest(s, [update(f"{uid}{i:04d}", 55 + i / 10000, 37.0, groups=[g]) for i in range(n)])[0] == 200
+        res = start(page, s.url, token(sub=uid + "u"), {"groups": [g]})
+        assert res.get("transport") == "websocket", res
+        assert page.evaluate("c.vehicles.size") == n   # as subscribe() resolved
+        time.sleep(1.2)   # the session's record reaches Redis
+        page.evaluate("c._t.ws.close(4000)")   # the link drops: the library resumes
+        wait(page, "log.welcomes.length === 2 && c.state === 'connected'", what="the resume")
+        time.sleep(1.0)
+        log = page.evaluate("log")
+        assert log["welcomes"][1]["resumed"] is True and log["welcomes"][1]["restored"] is True
+        assert log["leaves"] == [] and page.evaluate("c.vehicles.size") == n, log["leaves"][:5]
+        # another version wrote the record: the subscription cannot come back
+        key = f"session:{res['session']}"
+        record = json.loads(r.get(key))
+        r.set(key, json.dumps({**record, "subscription": {"groups": 5}}))
+        page.evaluate("c._t.ws.close(4000)")
+        wait(page, "log.welcomes.length === 3 && c.state === 'connected'", what="the second resume")
+        assert page.evaluate("log.welcomes[2].restored") is False
+        wait(page, f"c.vehicles.size === {n}", what="the subscription sent again")
+        stored = json.loads(r.get(key))
+        assert stored["subscription"]["groups"] == [g]
+        page.evaluate("c.close()")
+    finally:
+        s.stop()
+
+
 @pytest.mark.parametrize("transport", ["websocket", "sse", "poll"])
 def test_token_refresh_through_the_token_function(page, uid, transport):
     """token_expiring is answered with a token from the function; the

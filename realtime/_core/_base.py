@@ -993,17 +993,19 @@ class CoreBase:
 
     # ------------------------------------------------------------------ frames
     @staticmethod
-    def envelope(fmt: int, batch_id: bytes, seq: int, req_id=None) -> tuple[bytes, bytes]:
+    def envelope(fmt: int, batch_id: bytes, seq: int, req_id=None, more: bool = False) -> tuple[bytes, bytes]:
         """The per-connection `batch` envelope (PROTOCOL §3) around a shared
-        body, as (prefix, suffix)."""
+        body, as (prefix, suffix). more: a part of a body split in several
+        batches (§3.4) that is not the last (docs/protocol.md)."""
         if fmt == S.FMT_JSON:
             rid = b"" if req_id is None else b',"id":' + S.enc_json(req_id)
-            return b'{"type":"batch","batch_id":"%s","seq":%d%s,"messages":' % (
-                batch_id, seq, rid), b"}"
-        head = b"\x84" if req_id is None else b"\x85"
+            return b'{"type":"batch","batch_id":"%s","seq":%d%s%s,"messages":' % (
+                batch_id, seq, rid, b',"more":true' if more else b""), b"}"
         rid = b"" if req_id is None else b"\xa2id" + S.enc_msgpack(req_id)
-        return (head + b"\xa4type\xa5batch\xa8batch_id" + S.enc_msgpack(batch_id.decode())
-                + b"\xa3seq" + S.enc_msgpack(seq) + rid + b"\xa8messages"), b""
+        head = 0x84 + (req_id is not None) + bool(more)
+        return (bytes((head,)) + b"\xa4type\xa5batch\xa8batch_id" + S.enc_msgpack(batch_id.decode())
+                + b"\xa3seq" + S.enc_msgpack(seq) + rid + (b"\xa4more\xc3" if more else b"")
+                + b"\xa8messages"), b""
 
     @staticmethod
     def empty_body(fmt: int) -> bytes:

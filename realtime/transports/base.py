@@ -62,10 +62,10 @@ class Transport(Protocol):
         Returns the bytes queued; 0 when the client is gone. May raise: the
         Session closes that client alone (Session.write_failed)."""
 
-    def write_batch(self, envelope_of, batch_id: bytes, body: bytes, req_id=None) -> int:
-        """The next `batch`: seq += 1, envelope_of(fmt, batch_id, seq, req_id)
-        gives the bytes around `body`, which is shared with other clients and
-        must not be copied per client where the transport can avoid it."""
+    def write_batch(self, envelope_of, batch_id: bytes, body: bytes, req_id=None, more=False) -> int:
+        """The next `batch`: seq += 1, envelope_of(fmt, batch_id, seq, req_id,
+        more) gives the bytes around `body`, which is shared with other clients
+        and must not be copied per client where the transport can avoid it."""
 
     def close(self, code: int, reason: str) -> None:
         """Close with a WebSocket-style code (PROTOCOL §3.3: 1013 resume, 1008

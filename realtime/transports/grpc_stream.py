@@ -100,9 +100,9 @@ class GrpcOutlet(Outlet):
         data = wire.notice(msgpack.unpackb(payload))
         return 0 if data is None else self._put(data)
 
-    def write_batch(self, envelope_of, batch_id: bytes, body: bytes, req_id=None) -> int:
+    def write_batch(self, envelope_of, batch_id: bytes, body: bytes, req_id=None, more=False) -> int:
         self.seq += 1
-        return self._put(wire.batch_head(batch_id, self.seq) + self.cache.get(body))
+        return self._put(wire.batch_head(batch_id, self.seq, more) + self.cache.get(body))
 
     def _put(self, data: bytes) -> int:
         if self.ended is not None:

@@ -184,8 +184,9 @@ def batch_body(msgpack_body: bytes, pieces: dict | None = None) -> bytes:
     return b"".join(out)
 
 
-def batch_head(batch_id: bytes, seq: int) -> bytes:
-    return ld(1, batch_id) + i64(2, seq)
+def batch_head(batch_id: bytes, seq: int, more: bool = False) -> bytes:
+    """Batch's fields before its messages; `more` (7) only when true, as proto3 does."""
+    return ld(1, batch_id) + i64(2, seq) + (b(7, True) if more else b"")
 
 
 def notice(obj: dict) -> bytes | None:
@@ -195,7 +196,8 @@ def notice(obj: dict) -> bytes | None:
     kind = obj.get("type")
     if kind == "welcome":
         return ld(4, b"".join((s(1, obj.get("client")), s(2, obj.get("session")), b(3, obj.get("resumed")),
-                                b(4, obj.get("recovered")), i64(5, obj.get("heartbeat_s") or 0))))
+                                b(4, obj.get("recovered")), i64(5, obj.get("heartbeat_s") or 0),
+                                b(6, obj.get("restored")))))
     if kind == "token_expiring":
         return ld(5, i64(1, obj.get("in_s") or 0))
     if kind == "reconnect":

@@ -98,9 +98,9 @@ class SSEWriter(StreamOutlet):
             kind = "message"
         return self._put(_event(kind, 0, (payload,)))
 
-    def write_batch(self, envelope_of, batch_id: bytes, body: bytes, req_id=None) -> int:
+    def write_batch(self, envelope_of, batch_id: bytes, body: bytes, req_id=None, more=False) -> int:
         self.seq += 1
-        prefix, suffix = envelope_of(FMT_JSON, batch_id, self.seq, req_id)
+        prefix, suffix = envelope_of(FMT_JSON, batch_id, self.seq, req_id, more)
         return self._put(_event("batch", self.seq, (prefix, body, suffix)))
 
     def _put(self, data: bytes) -> int:

@@ -122,12 +122,12 @@ class RawWriter(StreamOutlet):
         """One message; returns the bytes put on the wire."""
         return self.write_parts(b"", payload, b"")
 
-    def write_batch(self, envelope_of, batch_id: bytes, body: bytes, req_id=None) -> int:
+    def write_batch(self, envelope_of, batch_id: bytes, body: bytes, req_id=None, more=False) -> int:
         """The next `batch`: envelope_of (CoreBase.envelope) puts this
         connection's seq (and request id) around the shared body. The hub's
         tick writes uncompressed batches in _core/_fanout.pyx, the same frames."""
         self.seq += 1
-        prefix, suffix = envelope_of(self.fmt, batch_id, self.seq, req_id)
+        prefix, suffix = envelope_of(self.fmt, batch_id, self.seq, req_id, more)
         return self.write_parts(prefix, body, suffix)
 
     def write_parts(self, prefix: bytes, body: bytes, suffix: bytes) -> int:

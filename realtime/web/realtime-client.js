@@ -866,7 +866,7 @@ export class RealtimeClient {
       const done = this._connected;
       this._connected = this._connectFailed = null;
       this._connecting = null;
-      done(this._welcome);
+      done(this._welcome || this._lastWelcome);   // a poll that carries on its session has none of its own
     }
     o.resolve(true);
   }
@@ -1182,6 +1182,13 @@ export class RealtimeClient {
       case "batch":
         if (m.id !== undefined) this._subscriptionApplied(m.id);   // a viewport's reply
         this._batch(Array.isArray(m.messages) ? m.messages : []);
+        // a snapshot of more than 1,000 vehicles comes as several batches, each
+        // but the last with `more`: it is whole, and what it did not name gone,
+        // only after the last
+        if (m.more === true) {
+          if (this._replied) this._armReplied();
+          break;
+        }
         if (this._snapshotDue) this._snapshotApplied();
         if (this._replied) {   // subscribe() settles once its batch is applied
           const { id, reply } = this._replied;
@@ -1200,10 +1207,7 @@ export class RealtimeClient {
         if (id === null) break;
         if (this._replied) this._subscriptionApplied(this._replied.id, this._replied.reply);
         this._replied = { id, reply: m };
-        clearTimeout(this._repliedTimer);
-        this._repliedTimer = setTimeout(() => {
-          if (this._replied) { const r = this._replied; this._replied = null; this._subscriptionApplied(r.id, r.reply); }
-        }, 1000);
+        this._armReplied();
         break;
       }
       case "pong":
@@ -1240,8 +1244,16 @@ export class RealtimeClient {
     }
   }
 
+  /** subscribe() settles when its batch is applied, or 1 s after the last sign of it. */
+  _armReplied() {
+    clearTimeout(this._repliedTimer);
+    this._repliedTimer = setTimeout(() => {
+      if (this._replied) { const r = this._replied; this._replied = null; this._subscriptionApplied(r.id, r.reply); }
+    }, 1000);
+  }
+
   _onWelcome(t, m) {
-    this._welcome = m;
+    this._welcome = this._lastWelcome = m;
     this.recovered = !!m.recovered;
     this.resumed = !!m.resumed;
     if (typeof m.heartbeat_s === "number" && m.heartbeat_s > 0) this._heartbeatMs = m.heartbeat_s * 1000;
@@ -1253,6 +1265,9 @@ export class RealtimeClient {
       this.lastEvent = m.last_event;
     }
     if (!m.resumed && !t.madeSession) { this._subAcked = 0; this._vpAcked = 0; }   // a new session has nothing
+    // a resumed session whose subscription did not come back (none was stored,
+    // or one this server cannot read): it is sent again (_syncSubscription)
+    if (m.resumed && m.restored === false) { this._subAcked = 0; this._vpAcked = 0; }
     // a subscription whose `subscribed` never came (the copy that took it is
     // gone) is asked again, except on the first copy of the session it made
     if (this._subWaiters.length && !m.continued && !(t.madeSession && !m.resumed)) {
