@@ -624,6 +624,11 @@ def test_the_registry_s_groups_outlast_updates_and_go_when_it_drops_them(core):
     upd(core, "a", 3, 3, 3, groups=["depot"])       # its own update carries depot: back
     got = tick_by_client(core)
     assert [(m["t"], m["v"]) for m in got[depot]] == [("full", "a")]
+    core.set_group_members("depot", ["a"])           # the registry names it too, then drops it:
+    core.set_group_members("depot", [])              # its updates still carry depot, so it stays
+    assert core.groups_of[core.row_of("a")] == ("depot",) and tick_by_client(core).get(depot, []) == []
+    core.set_group_members("depot", ["a", "", "x" * 129])   # ids no vehicle can have are not made
+    assert core.row_of("") < 0 and core.row_of("x" * 129) < 0
 
 
 def test_a_group_named_twice_by_an_update_is_counted_once(core):

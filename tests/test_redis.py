@@ -298,6 +298,32 @@ async def test_registry_groups_survive_updates_and_a_vehicle_the_registry_drops_
     await c.close()
 
 
+async def test_a_group_an_update_no_longer_carries_is_left_and_taken_out_of_the_registry_set(rserver, r, uid):
+    """§1.3 "groups named in updates are added too" to `group:{name}:vehicles`:
+    and taken out when the updates no longer carry them. The set used to keep
+    them, and the reconcile read them back as the registry's, so a vehicle
+    that moved from north to south stayed visible to a token limited to north
+    for good (rights widened)."""
+    v, north, south = uid + "v", uid + "north", uid + "south"
+    assert ingest(rserver, [update(v, groups=[north])])[0] == 200
+    c = await Client.connect(rserver, token(sub=uid + "u", permissions=[], groups=[north]))
+    await c.recv_type("welcome")
+    sub, msgs = await c.subscribe(subscriptions={})
+    assert [m["v"] for m in msgs if m["t"] == "full"] == [v]
+    assert await eventually(lambda: r.sismember(f"group:{north}:vehicles", v))
+    await asyncio.sleep(6)   # a reconcile reads the set meanwhile
+    assert ingest(rserver, [update(v, lat=55.8, groups=[south])])[0] == 200
+    left = await c.wait_messages(lambda m: m["t"] == "leave" and m["v"] == v, timeout=10)
+    assert [m["r"] for m in left if m["t"] == "leave"] == ["permission"]
+    assert await eventually(lambda: r.sismember(f"group:{south}:vehicles", v))
+    assert not await r.sismember(f"group:{north}:vehicles", v)
+    await asyncio.sleep(6)   # and it does not come back with the next reconcile
+    ingest(rserver, [update(v, lat=55.9, groups=[south])])
+    with pytest.raises(AssertionError):
+        await c.wait_messages(lambda m: m.get("v") == v, timeout=2)
+    await c.close()
+
+
 async def test_a_registry_key_that_is_not_a_set_or_a_member_that_is_not_utf8_is_skipped(rserver, r, uid):
     """A `group:{name}:vehicles` written by hand as another type, or with a
     member that is not UTF-8, is skipped and counted; the other groups of the

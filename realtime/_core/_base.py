@@ -109,7 +109,8 @@ class CoreBase:
         self.alerts: list[tuple] = []
         self.driver: list = []
         self.assignment: list = []
-        self.groups_of: list[tuple] = []
+        self.groups_of: list[tuple] = []   # carried + the registry's (what rights and subscriptions see)
+        self.carried: list[tuple] = []     # the groups the latest update carried, each once
         self.enc_id: list[tuple[bytes, bytes]] = []
         self.enc_al: list[tuple[bytes, bytes]] = []
         self.enc_dr: list = []
@@ -203,14 +204,14 @@ class CoreBase:
             b[:, : a.shape[1]] = a
             setattr(self, name, b)
 
-    _ROW_LISTS = ("ids", "alerts", "driver", "assignment", "groups_of", "enc_id", "enc_al",
+    _ROW_LISTS = ("ids", "alerts", "driver", "assignment", "groups_of", "carried", "enc_id", "enc_al",
                   "enc_dr", "enc_drr", "enc_as")
 
     _NO_ALERTS = S.enc_both([])
 
     def _row_values(self, vid: str) -> tuple:
         """A fresh row's entries in _ROW_LISTS, in that order."""
-        return (vid, (), None, None, (), S.enc_name(vid), self._NO_ALERTS, None, None, None)
+        return (vid, (), None, None, (), (), S.enc_name(vid), self._NO_ALERTS, None, None, None)
 
     _row_lists = None   # the _ROW_LISTS objects themselves (made once; never rebound)
 
@@ -322,7 +323,7 @@ class CoreBase:
         self.new_alerts = []
         # rich fields: most updates repeat what is stored (or carry none), so
         # compare here before paying for a call
-        A, D, AS, G = self.alerts, self.driver, self.assignment, self.groups_of
+        A, D, AS, G = self.alerts, self.driver, self.assignment, self.carried
         alerts, drivers, asgs, grps = batch.alerts, batch.driver, batch.assignment, batch.groups
         look = accepted if batch.rich is None else accepted & batch.rich
         for i in np.flatnonzero(look).tolist():
@@ -363,9 +364,9 @@ class CoreBase:
             cur[row]["as_ver"] += 1
             m |= S.F_AS
         if grp is not None:
-            kept = self.registry_of.get(self.ids[row])
-            if kept:
-                grp = tuple(grp) + tuple(sorted(g for g in kept if g not in grp))
+            self.carried[row] = grp if type(grp) is tuple and len(set(grp)) == len(grp) \
+                else tuple(dict.fromkeys(grp))
+            grp = self._effective_groups(row)
             if grp != self.groups_of[row]:
                 self._set_groups(row, grp)
                 m |= S.F_G
@@ -438,7 +439,7 @@ class CoreBase:
         `group:{name}:vehicles`), all of it for this group: a vehicle it no
         longer names leaves the group (a token's group rights no longer show
         it). One whose own updates carry the group gets it back with the next."""
-        members = set(vehicle_ids)
+        members = {v for v in vehicle_ids if 0 < len(v) <= S.MAX_ID_LEN}
         registry_of = self.registry_of
         for vid in self.registry_members.get(name, set()) - members:
             kept = registry_of.get(vid)
@@ -447,8 +448,8 @@ class CoreBase:
                 if not kept:
                     del registry_of[vid]
             row = self.id_to_row.get(vid)
-            if row is not None and name in self.groups_of[row]:
-                self._registry_set_groups(row, tuple(g for g in self.groups_of[row] if g != name))
+            if row is not None:
+                self._registry_changed(row)
         if members:
             self.registry_members[name] = members
         else:
@@ -459,9 +460,18 @@ class CoreBase:
             if row is None:
                 row = self._new_vehicle(vid)
             if name not in self.groups_of[row]:
-                self._registry_set_groups(row, self.groups_of[row] + (name,))
+                self._registry_changed(row)
 
-    def _registry_set_groups(self, row: int, groups: tuple) -> None:
+    def _effective_groups(self, row: int) -> tuple:
+        """What the latest update carried, then the registry's other groups."""
+        carried = self.carried[row]
+        kept = self.registry_of.get(self.ids[row])
+        return carried + tuple(sorted(g for g in kept if g not in carried)) if kept else carried
+
+    def _registry_changed(self, row: int) -> None:
+        groups = self._effective_groups(row)
+        if groups == self.groups_of[row]:
+            return
         self._set_groups(row, groups)
         self.dirty[row] = 1
         if self.rich_log is not None:   # the other workers learn it from the owner's frames

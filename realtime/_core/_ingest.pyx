@@ -811,7 +811,7 @@ cdef class RecordDecoder:
         cdef cnp.ndarray[cnp.uint8_t] has_rich = np.zeros(n, np.uint8)
         cdef list cols = [[None] * n, [None] * n, [None] * n, [None] * n]   # by R_*
         core = self.core
-        cdef list stored = [core.groups_of, core.alerts, core.driver, core.assignment]
+        cdef list stored = [core.carried, core.alerts, core.driver, core.assignment]   # as the updates had them
         rejected = []
         scanned = 0
         self.poll += 1

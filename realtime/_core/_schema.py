@@ -42,6 +42,7 @@ STATUS_CODE = {s: i for i, s in enumerate(STATUSES)}
 ST_MOVING, ST_IDLE, ST_STOPPED, ST_OFFLINE, ST_UNKNOWN = range(5)
 ALL_STATUS_MASK = (1 << len(STATUSES)) - 1
 KEEP = 255  # "field absent from this update, keep the stored value" for status/vtype
+MAX_ID_LEN = 128  # a vehicle id or group name, in characters (ingest's Name)
 
 MAX_TYPES = 64  # vehicle_type codes fit a uint64 filter mask
 ALL_TYPES_MASK = (1 << 64) - 1

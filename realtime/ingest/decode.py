@@ -22,7 +22,7 @@ from typing import Annotated, Any, Union
 import msgspec
 from msgspec import Meta, Struct
 
-from .._core._schema import KEEP, ST_UNKNOWN, STATUS_CODE, UpdateBatch
+from .._core._schema import KEEP, MAX_ID_LEN, ST_UNKNOWN, STATUS_CODE, UpdateBatch
 
 REASONS = ("invalid_json", "invalid_msgpack", "not_object", "missing_field", "invalid_vehicle_id",
            "invalid_timestamp", "invalid_position", "invalid_field")
@@ -35,7 +35,7 @@ class Rejected(Exception):
         self.detail = detail
 
 
-Name = Annotated[str, Meta(min_length=1, max_length=128)]
+Name = Annotated[str, Meta(min_length=1, max_length=MAX_ID_LEN)]
 Finite = Annotated[float, Meta(ge=-1e12, le=1e12)]
 
 

@@ -814,8 +814,11 @@ class RedisStores:
             # the rest of the hash only when it changed, or with the TTL's
             # refresh (a hash deleted by hand is whole again within a minute):
             # JSON for four fields per update was most of the writer's time
-            rich = (vid, vtype, core.groups_of[r], core.alerts[r], core.driver[r], core.assignment[r])
-            whole = refresh or written.get(r) != rich
+            # the groups the updates carry, not the registry's: the registry
+            # owns its sets, and a group written back here would outlive its SREM
+            rich = (vid, vtype, core.carried[r], core.alerts[r], core.driver[r], core.assignment[r])
+            before = written.get(r)
+            whole = refresh or before != rich
             try:
                 mine = []
                 if whole or replied:
@@ -832,7 +835,12 @@ class RedisStores:
                         # a vehicle silent this long is forgotten in memory too (§3.3);
                         # group membership is refreshed as rarely
                         mine.append(("EXPIRE", key, str(expire_s)))
-                        mine += [("SADD", f"group:{g}:vehicles", vid) for g in core.groups_of[r]]
+                    if refresh or (before is not None and before[2] != rich[2]):
+                        mine += [("SADD", f"group:{g}:vehicles", vid) for g in rich[2]]
+                    if before is not None and before[0] == vid:
+                        # groups its updates no longer carry (§1.3: "groups named in
+                        # updates are added too"; taken back when they are not)
+                        mine += [("SREM", f"group:{g}:vehicles", vid) for g in before[2] if g not in rich[2]]
                 # encoded here, every argument: a text that cannot be (a lone
                 # surrogate) is this vehicle's problem, not its slice's
                 kb, vb = key.encode(), vid.encode()
