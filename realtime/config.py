@@ -124,7 +124,7 @@ def _redis_url(v: str) -> str | None:
     if problem:
         return problem
     db = u.path.strip("/")
-    if db and not (db.isdigit() and int(db) < 100_000):
+    if db and not (db.isascii() and db.isdigit() and int(db) < 100_000):
         return "has a database that is not a number (redis://host:port/0)"
     return None
 

@@ -95,6 +95,8 @@ class HubCollector:
              "tells apart (sent and stored as unknown)", core.types_overflowed),
             (C, "vehicles_went_offline", "Vehicles turned offline by silence", st.went_offline),
             (C, "vehicles_forgotten", "Vehicles dropped as stale", st.forgotten),
+            (C, "events_unknown_vehicle", "Events for a vehicle this worker does not hold (no client "
+             "here can see it; kept in the log for replays)", st.events_unknown_vehicle),
             (C, "slow_client_conflations", "Times a slow connection stopped getting position "
              "batches (it gets the latest state once it drains)", st.conflations),
             (C, "slow_client_frames_conflated", "Batches not written to conflating connections",

@@ -275,6 +275,33 @@ def test_a_record_nested_too_deep_is_rejected_not_raised():
     assert dec.stats["scanned"] == 1
 
 
+def test_ids_that_come_and_go_do_not_pile_up_in_the_decoder():
+    """Trackers renamed over time: the core forgets each vehicle (stale) and
+    reuses its row; the decoder's id -> row map kept every id ever seen."""
+    core = Core(vehicle_capacity=64, client_capacity=8)
+    dec = record_decoder(core)
+    for day in range(30):
+        batch, rejected = dec.decode([Rec(json.dumps({"vehicle_id": f"d{day}-{i}", "timestamp": 1,
+                                                      "position": {"lat": 1, "lon": 2}}).encode(), (), i)
+                                      for i in range(500)])
+        assert rejected == [] and len(batch.rows) == 500
+        core.apply(batch)
+        core.tick()
+        core.forget(np.arange(core.n, dtype=np.int32)[core.cur["version"][:core.n] > 0])
+        core.tick()
+    assert dec.known_ids() <= 2 * len(core.ids) + 4096 < 30 * 500
+
+
+def test_an_http_body_nested_too_deep_is_a_400_not_a_500():
+    """POST /api/ingest splits a JSON array before it decodes its items: a
+    body deeper than msgspec goes is the whole request's `invalid_json`
+    (Rejected: a 400), as any body that is not an array; it answered 500."""
+    from realtime.ingest.decode import split_http_body
+    with pytest.raises(Rejected) as e:
+        split_http_body(b"[" + DEEP + b"]")
+    assert e.value.reason == "invalid_json" and "nested too deeply" in e.value.detail
+
+
 def test_a_poll_that_raises_leaves_no_placeholder_behind():
     """Should decoding fail part-way (a defect), the poll's new vehicles are
     forgotten: a later poll makes each once, however it came in meanwhile."""

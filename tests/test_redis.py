@@ -1083,13 +1083,60 @@ async def test_an_unreadable_log_entry_or_event_never_stops_the_log(rserver, r, 
     # a `ts` that is no epoch ms a client can hold: the time it came, the event kept
     for body in ('{"type":"oddts","ts":"yesterday"}', '{"type":"bigts","ts":1e300}'):
         await r.publish(f"vehicle:events:{vid}", body)
+    # ids no vehicle can have: not logged at all; one no vehicle has (yet): logged, counted here
+    for channel in ("vehicle:events:", "vehicle:events:" + "x" * 129, f"vehicle:events:{uid}nobody"):
+        await r.publish(channel, json.dumps({"type": "nobody"}))
+    unknown = metric_value(rserver, "events_unknown_vehicle_total")
     await r.publish(f"vehicle:events:{vid}", json.dumps({"type": "after"}))
     seen = await c.wait_messages(lambda m: m.get("e") == "after", timeout=10)
     events = [m for m in seen if m["t"] == "event"]
     assert [m["e"] for m in events] == ["oddts", "bigts", "after"]
     assert all(abs(m["ts"] / 1000 - time.time()) < 60 for m in events)
-    assert metric_value(rserver, "ingest_rejected_total") - before >= 7
+    assert metric_value(rserver, "ingest_rejected_total") - before >= 9
+    assert metric_value(rserver, "events_unknown_vehicle_total") >= max(unknown, 1)
+    assert not [e for _, e in await r.xrevrange("events:stream", count=50)
+                if e.get("e") == "nobody" and len(e.get("v", "")) != len(uid) + 6]
     await c.close()
+
+
+async def test_a_replay_from_the_log_reads_past_entries_nobody_can_deliver(rserver, redis_url, r, uid):
+    """A resume replayed from Redis (an instance that did not keep the events)
+    skips a log entry nobody can read, counted, and goes on: it failed every
+    time (1013), so the client resumed into the same failure until the entry
+    was trimmed. A body with NaN written by hand reaches clients as its text:
+    NaN in a JSON batch is what no JSON parser takes."""
+    vid = uid + "v"
+    ingest(rserver, [update(vid)])
+    c = await Client.connect(rserver, token(sub=uid + "u"))
+    w = await c.recv_type("welcome")
+    await c.subscribe(subscriptions={"vehicles": [vid]})
+    await r.publish(f"vehicle:events:{vid}", json.dumps({"type": "before"}))
+    got = await c.wait_messages(lambda m: m.get("e") == "before", timeout=10)
+    last = [m["eid"] for m in got if m.get("e") == "before"][0]   # what the client resumes after
+    await c.close()
+    await r.xadd("events:stream", {"v": vid, "e": "broken", "d": "{}", "ts": "not a number", "a": "0"})
+    await r.xadd("events:stream", {"v": vid, "e": "nan", "d": '{"x":NaN}', "ts": str(int(time.time() * 1000)),
+                                   "a": "0"})
+    await r.publish(f"vehicle:events:{vid}", json.dumps({"type": "after"}))
+    other = Server("--simulate", "0", "--tick-ms", "20", "--redis", redis_url)   # keeps none of them
+    try:
+        for _ in range(100):   # until its tail has read the log (a welcome names where it stands)
+            probe = await Client.connect(other, token())
+            read = "last_event" in await probe.recv_type("welcome")
+            await probe.close()
+            if read:
+                break
+            await asyncio.sleep(0.1)
+        c2 = await Client.connect(other, token(sub=uid + "u"), f"resume={w['session']}&last_event={last}")
+        w2 = await c2.recv_type("welcome")
+        assert w2["resumed"] is True and w2["recovered"] is True
+        seen = await c2.wait_messages(lambda m: m.get("e") == "after", timeout=10)
+        events = [m for m in seen if m["t"] == "event"]
+        assert [m["e"] for m in events] == ["nan", "after"] and events[0]["d"] == '{"x":NaN}'
+        assert 'reason="invalid_log_entry"' in urllib.request.urlopen(other.url + "/metrics").read().decode()
+        await c2.close()
+    finally:
+        other.stop()
 
 
 async def test_relayed_updates_are_columns_and_bad_ones_are_counted(rserver, uid):

@@ -694,6 +694,7 @@ cdef class RecordDecoder:
                     made[k] = row
         for k, row in zip(used, self.core._new_vehicles([self.pending_ids[k] for k in used])):
             made[k] = row
+        self.bound()   # new ids come in here: ids that rotate (trackers renamed daily) must not pile up
         for k in range(n):
             if made[k] >= 0:
                 self.rows[self.pending_keys[k]] = made[k]
@@ -708,9 +709,19 @@ cdef class RecordDecoder:
         self.pending_keys.clear()
 
     cdef void remember(self, string key, int row):
-        if self.rows.size() > 2 * len(self.core.ids) + 4096:   # ids of vehicles long gone
-            self.rows.clear()
+        self.bound()
         self.rows[key] = row
+
+    def known_ids(self) -> int:
+        """How many ids the id -> row map holds (tests: it stays bounded)."""
+        return self.rows.size()
+
+    cdef void bound(self):
+        """The id -> row map keeps ids of vehicles long gone (a lookup checks
+        the row's id, so a stale entry is never wrong, only kept): past twice
+        the fleet it starts again, and fills from the next polls."""
+        if self.rows.size() > 2 * len(self.core.ids) + 4096:
+            self.rows.clear()
 
     cdef int vtype_of(self, const char* s, Py_ssize_t n) except -1:
         cdef string key = string(s, n)

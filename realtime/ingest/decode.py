@@ -328,6 +328,8 @@ def split_http_body(body: bytes) -> list:
             return _json_items.decode(text)
         except msgspec.DecodeError as e:
             raise Rejected("invalid_json", f"body is not a JSON array: {e}") from None
+        except RecursionError:   # msgspec's bound on nesting (1,000 levels): an answer, not a 500
+            raise Rejected("invalid_json", "body is not a JSON array: nested too deeply") from None
     return [line for line in body.split(b"\n") if line.strip()]
 
 

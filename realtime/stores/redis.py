@@ -51,6 +51,7 @@ import numpy as np
 from redis.exceptions import NoPermissionError, ResponseError
 
 from .._core._base import records
+from .._core._schema import MAX_ID_LEN
 from ..ingest.decode import Rejected, decode_relay, relay_origin, validate, validate_relayed
 from .presence import Presence
 from .redis_conn import DOWN, Scanner, clustered, connect, mget, run_ids
@@ -472,13 +473,29 @@ class RedisStores:
 
     @staticmethod
     def _event(eid, f) -> Event:
+        """A log entry; raises on one nobody can deliver (written by hand)."""
         g = {_s(k): _s(v) for k, v in f.items()}
         try:
-            body = json.loads(g.get("d", "null"))
-        except ValueError:
+            # msgspec, not json: NaN or Infinity in `d` would reach JSON clients
+            # as bodies no JSON parser takes (the whole batch lost to them)
+            body = _json_decode(g.get("d", "null"))
+        except (msgspec.DecodeError, RecursionError):
             body = g.get("d")
         return Event(_s(eid), g.get("v", ""), g.get("e", "event"), body, int(g.get("ts", 0) or 0),
                      g.get("a") == "1")
+
+    def _events(self, entries) -> list[Event]:
+        """Log entries as events; one that cannot be read is skipped and
+        counted, as the tail does: a replay across it would fail every time."""
+        out = []
+        for eid, f in entries:
+            try:
+                out.append(self._event(eid, f))
+            except Exception as e:
+                self.hub.stats.reject("invalid_log_entry")
+                log.warning("event log entry skipped: unreadable", extra={"fields": {
+                    "eid": _s(eid), "error": repr(e)[:200]}})
+        return out
 
     async def _tail(self) -> None:
         """Delivers the event log in order, each event once (PROTOCOL §3.4).
@@ -548,9 +565,13 @@ class RedisStores:
         return _where(eid, found, first)
 
     async def events_page(self, after: str, upto: str, limit: int) -> list[Event]:
-        entries = await self.r.xrange(STREAM, min="(" + after, max=upto, count=limit)
-        self._ops += 1
-        return [self._event(i, f) for i, f in entries]
+        while True:
+            entries = await self.r.xrange(STREAM, min="(" + after, max=upto, count=limit)
+            self._ops += 1
+            events = self._events(entries)
+            if events or not entries:
+                return events
+            after = _s(entries[-1][0])   # a page of unreadable entries only: read on past it
 
     async def _pubsub(self) -> None:
         if self.cluster:
@@ -643,6 +664,9 @@ class RedisStores:
         # no integer msgpack cannot carry
         if len(data) > MAX_EVENT_BYTES:
             self.hub.stats.reject("event_too_large")
+            return
+        if not 0 < len(vehicle_id) <= MAX_ID_LEN:   # no vehicle has it: nothing in the log for it
+            self.hub.stats.reject("invalid_event")
             return
         try:
             # 1e400 is a float to json.loads: infinite, as NaN and Infinity are
@@ -1094,7 +1118,8 @@ class RedisStores:
                     try:
                         stamped[_s(k)[len("vehicle:current:"):]] = \
                             parse_timestamp(int(ts) if ts.isdigit() else _s(ts))
-                    except (Rejected, ValueError):
+                    except (Rejected, ValueError):   # written by another tool: counted, as _from_hash does
+                        self.hub.stats.reject("invalid_vehicle_key")
                         continue
             if self._scanner.done:
                 self.full_passes += 1
@@ -1143,7 +1168,7 @@ class RedisStores:
             self.hub.stats.reject("invalid_vehicle_key")
             return None
         ts = g.get("timestamp", "")
-        obj = {"vehicle_id": vid, "timestamp": int(ts) if ts.isdigit() else ts,
+        obj = {"vehicle_id": vid, "timestamp": int(ts) if ts.isascii() and ts.isdigit() else ts,
                "position": {"lat": _num(g.get("lat")), "lon": _num(g.get("lon"))}}
         for f in ("speed", "course"):
             if g.get(f) not in (None, ""):
