@@ -121,6 +121,38 @@ async def test_publish_reaches_the_client_as_an_event(rserver, r, uid):
     await c.close()
 
 
+async def test_identical_events_in_a_row_each_arrive_once_though_every_instance_hears_them(rserver, redis_url, r, uid):
+    """§1.2: each PUBLISH becomes an event. Every instance gets every PUBLISH
+    and logs it once for all; identical payloads within 5 s used to be one
+    (open, closed, open: the second open lost). An alert that came from an
+    update is remembered as long as a replay reaches back (an instance whose
+    Kafka lags does not log it again)."""
+    vid = uid + "door"
+    other = Server("--simulate", "0", "--tick-ms", "20", "--redis", redis_url)   # hears them too
+    try:
+        ingest(rserver, [update(vid)])
+        c = await Client.connect(rserver, token())
+        await c.recv_type("welcome")
+        await c.subscribe(subscriptions={"vehicles": [vid]})
+        for kind in ("door_open", "door_closed", "door_open", "door_open"):
+            await r.publish(f"vehicle:events:{vid}", json.dumps({"type": kind}))
+        await r.publish(f"vehicle:events:{vid}", json.dumps({"type": "last"}))
+        got = await c.wait_messages(lambda m: m.get("e") == "last", timeout=10)
+        await asyncio.sleep(0.5)
+        got += await c.messages(0.5)
+        assert [m["e"] for m in got if m["t"] == "event"] == ["door_open", "door_closed", "door_open", "door_open",
+                                                               "last"]
+        logged = [e["e"] for _, e in await r.xrevrange("events:stream", count=200) if e.get("v") == vid]
+        assert sorted(logged) == sorted(["door_open", "door_closed", "door_open", "door_open", "last"])
+        ingest(rserver, [update(vid, alerts=["panic"])])
+        await c.wait_messages(lambda m: m.get("e") == "alert", timeout=10)
+        ttls = [await r.pttl(k) async for k in r.scan_iter(match="evdedupe:*", count=1000)]
+        assert max(ttls) > 60_000   # the alert's key outlives the instant events' 5 s
+        await c.close()
+    finally:
+        other.stop()
+
+
 async def test_welcome_names_the_log_position_a_client_without_events_resumes_from(rserver, r, uid):
     """welcome.last_event (docs/protocol.md, Resume): the newest event in the
     log when the client joined. A client that had no event of its own resumes

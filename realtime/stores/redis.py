@@ -81,6 +81,10 @@ FULL_PASS_MAX_S = 600.0       # the safety scan covers every key at least this o
 WRITE_SLICE = 1000
 RECONCILE_SLICE = 500
 DEDUPE_MS = 5000
+# An alert's key holds its vehicle's timestamp, so it names one alert for good:
+# kept as long as a replay reaches back, so that an instance whose Kafka lags
+# (or that loads the vehicle with the reconcile) does not log it again
+ALERT_DEDUPE_MS = 10 * 60 * 1000
 SESSION_RETRIES = (0.5, 1.0, 2.0)   # a session write that fails is tried again after these pauses
 MAX_EVENT_BYTES = 16 * 1024   # an instant event's body, as published (PROTOCOL §1.2)
 LOCAL_KEYS_MAX = 10_000   # events delivered locally during one outage that are remembered
@@ -153,6 +157,32 @@ def dedupe_key(digest: str, cluster: bool) -> str:
     One server keeps the name it always had, so that a rolling upgrade does
     not log an event twice (old and new instances would not see each other's keys)."""
     return f"evdedupe:{{{STREAM}}}:{digest}" if cluster else f"evdedupe:{digest}"
+
+
+class Repeats:
+    """How many times each key came, counting only comings within `window_s`
+    of the one before: the n-th of identical instant events is an event of its
+    own. Every instance gets the same PUBLISHes in the same order, so each
+    numbers them alike, and the log takes each (payload, n) once: identical
+    payloads were merged into one (door open, closed, open again within 5 s:
+    the map showed it closed). At most `max_n` keys are kept."""
+
+    def __init__(self, max_n: int, window_s: float):
+        self.max_n, self.window_s = max_n, window_s
+        self._last: dict[bytes, tuple[int, float]] = {}   # key -> (n, when), oldest first
+
+    def count(self, key: bytes) -> int:
+        now = time.monotonic()
+        last = self._last
+        before = last.pop(key, None)
+        n = before[0] + 1 if before is not None and now - before[1] <= self.window_s else 1
+        while last and (len(last) >= self.max_n or now - next(iter(last.values()))[1] > self.window_s):
+            del last[next(iter(last))]
+        last[key] = (n, now)
+        return n
+
+    def __len__(self) -> int:
+        return len(self._last)
 
 
 class RecentKeys:
@@ -352,6 +382,7 @@ class RedisStores:
         # through the log already is not delivered locally again.
         self._local_keys = RecentKeys(LOCAL_KEYS_MAX, LOCAL_KEYS_S)
         self._logged_keys = RecentKeys(LOCAL_KEYS_MAX, DEDUPE_MS / 1000 * 2)
+        self._repeats = Repeats(LOCAL_KEYS_MAX, DEDUPE_MS / 1000)
         # user -> the ACL last read for them (None: none set). PROTOCOL §2: a
         # Redis error never widens rights, so this stays in force while Redis
         # cannot answer; a user never read then cannot be admitted.
@@ -458,7 +489,7 @@ class RedisStores:
         digest = hashlib.sha1(dedupe or "|".join(fields).encode()).hexdigest()
         try:
             await self._add_once(keys=[dedupe_key(digest, self.cluster), STREAM],
-                                 args=[DEDUPE_MS, EVENT_LOG_MAX, *fields, "k", digest])
+                                 args=[DEDUPE_MS if dedupe else ALERT_DEDUPE_MS, EVENT_LOG_MAX, *fields, "k", digest])
             self._ops += 1
         except _DOWN:
             # Redis is down: deliver here with a local id (not resumable)
@@ -683,9 +714,12 @@ class RedisStores:
         # string, a bool, 1e300) is the time it came, as a missing one is
         usable = isinstance(ts, (int, float)) and not isinstance(ts, bool) and 0 <= ts < 2 ** 53
         ts = int(ts) if usable else int(time.time() * 1000)
-        # every instance gets this PUBLISH: the raw bytes are the dedupe key
-        await self.publish_event(vehicle_id, etype, obj, ts, False,
-                                 dedupe=b"ev|" + vehicle_id.encode() + b"|" + bytes(data))
+        # every instance gets this PUBLISH: the raw bytes, and which repeat of
+        # them it is (Repeats), are the dedupe key; a first one's key is the
+        # one older versions make (a rolling upgrade logs it once)
+        key = b"ev|" + vehicle_id.encode() + b"|" + bytes(data)
+        n = self._repeats.count(key)
+        await self.publish_event(vehicle_id, etype, obj, ts, False, dedupe=key if n == 1 else key + b"|%d" % n)
 
     # ---------------------------------------------------------------- updates relay
     async def relay_updates(self, batch) -> None:
