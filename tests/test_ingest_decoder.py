@@ -292,6 +292,25 @@ def test_ids_that_come_and_go_do_not_pile_up_in_the_decoder():
     assert dec.known_ids() <= 2 * len(core.ids) + 4096 < 30 * 500
 
 
+def test_a_timestamp_far_ahead_of_the_clock_is_rejected_on_every_path():
+    """One update from 2099 was taken, and every true one after it was older:
+    the vehicle froze. More than an hour ahead is `invalid_timestamp`, in the
+    compiled scanner (it hands the record to decode_record) as in Python."""
+    import time as _time
+    now = int(_time.time() * 1000)
+    ahead = [now + 2 * 3600_000, "2099-01-01T00:00:00Z"]
+    for ts in ahead:
+        with pytest.raises(Rejected) as e:
+            decode_record(json.dumps({"vehicle_id": "v", "timestamp": ts, "position": {"lat": 1, "lon": 2}}).encode())
+        assert e.value.reason == "invalid_timestamp"
+    dec = record_decoder(Core(vehicle_capacity=64, client_capacity=8))
+    values = [json.dumps({"vehicle_id": f"v{i}", "timestamp": ts, "position": {"lat": 1, "lon": 2}}).encode()
+              for i, ts in enumerate(ahead + [now + 1800_000, now])]
+    batch, rejected = dec.decode([Rec(v, (), i) for i, v in enumerate(values)])
+    assert [e.reason for _, e in rejected] == ["invalid_timestamp"] * 2
+    assert len(batch.rows) == 2   # half an hour ahead (a skewed clock) and now are taken
+
+
 def test_an_http_body_nested_too_deep_is_a_400_not_a_500():
     """POST /api/ingest splits a JSON array before it decodes its items: a
     body deeper than msgspec goes is the whole request's `invalid_json`

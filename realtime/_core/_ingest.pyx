@@ -33,6 +33,7 @@ from cpython.unicode cimport PyUnicode_DecodeUTF8
 from cpython.ref cimport PyObject
 
 import math
+import time
 import numpy as np
 cimport numpy as cnp
 
@@ -606,6 +607,7 @@ cdef class RecordDecoder:
     # the same poll must not say "as stored", since apply() runs them in order
     cdef vector[unsigned int] touched
     cdef unsigned int poll
+    cdef long long max_ts       # this poll's bound: S.MAX_AHEAD_MS past the clock
     cdef public object stats    # counters: scanned, slow
     # a poll's new vehicles, made together once the poll is read (at start
     # that is the whole fleet): until then their records carry the row
@@ -826,6 +828,7 @@ cdef class RecordDecoder:
         rejected = []
         scanned = 0
         self.poll += 1
+        self.max_ts = <long long>(time.time() * 1000) + S.MAX_AHEAD_MS
         if self.poll == 0:   # wrapped: no row may look touched in this poll
             for j in range(<Py_ssize_t>self.touched.size()):
                 self.touched[j] = 0
@@ -837,7 +840,7 @@ cdef class RecordDecoder:
             fast = (type(value) is bytes and not (headers and self.is_msgpack(headers)))
             if fast:
                 p = PyBytes_AS_STRING(value)
-                fast = scan(p, p + PyBytes_GET_SIZE(value), &r)
+                fast = scan(p, p + PyBytes_GET_SIZE(value), &r) and r.ts <= self.max_ts   # else decode_record says why
             if fast:
                 row = self.row_of(r.vid, r.vid_len)
                 fast = row != -1

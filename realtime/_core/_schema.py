@@ -43,6 +43,10 @@ ST_MOVING, ST_IDLE, ST_STOPPED, ST_OFFLINE, ST_UNKNOWN = range(5)
 ALL_STATUS_MASK = (1 << len(STATUSES)) - 1
 KEEP = 255  # "field absent from this update, keep the stored value" for status/vtype
 MAX_ID_LEN = 128  # a vehicle id or group name, in characters (ingest's Name)
+# An update's timestamp may be at most this far ahead of the server's clock:
+# one from 2099 was taken, and every true update after it was older, so the
+# vehicle froze (offline while it reported, then forgotten)
+MAX_AHEAD_MS = 3_600_000
 
 MAX_TYPES = 64  # vehicle_type codes fit a uint64 filter mask
 ALL_TYPES_MASK = (1 << 64) - 1

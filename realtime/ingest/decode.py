@@ -16,13 +16,14 @@ ingest_rejected_total) and a human-readable detail.
 from __future__ import annotations
 
 import math
+import time
 from datetime import datetime, timezone
 from typing import Annotated, Any, Union
 
 import msgspec
 from msgspec import Meta, Struct
 
-from .._core._schema import KEEP, MAX_ID_LEN, ST_UNKNOWN, STATUS_CODE, UpdateBatch
+from .._core._schema import KEEP, MAX_AHEAD_MS, MAX_ID_LEN, ST_UNKNOWN, STATUS_CODE, UpdateBatch
 
 REASONS = ("invalid_json", "invalid_msgpack", "not_object", "missing_field", "invalid_vehicle_id",
            "invalid_timestamp", "invalid_position", "invalid_field")
@@ -151,6 +152,8 @@ def _finish(u: UpdateIn, json_numbers: bool = True) -> UpdateIn:
             u.course = 0.0
     ts = u.timestamp
     u.timestamp = ts if type(ts) is int and 0 <= ts <= 100_000_000_000_000 else parse_timestamp(ts)
+    if u.timestamp > time.time() * 1000 + MAX_AHEAD_MS:
+        raise Rejected("invalid_timestamp", "more than an hour ahead of the server's clock")
     for name, value in (("driver", u.driver), ("assignment", u.assignment)):
         # only JSON can hold integers beyond 64 bits: a msgpack record cannot,
         # and the Kafka path does not pay for an encode per record there
