@@ -523,10 +523,12 @@ class RedisStores:
             try:
                 out.append(self._event(eid, f))
             except Exception as e:
-                self.hub.stats.reject("invalid_log_entry")
-                log.warning("event log entry skipped: unreadable", extra={"fields": {
-                    "eid": _s(eid), "error": repr(e)[:200]}})
+                self._unreadable_entry(_s(eid), e)
         return out
+
+    def _unreadable_entry(self, eid: str, e: Exception) -> None:
+        self.hub.stats.reject("invalid_log_entry")
+        log.warning("event log entry skipped: unreadable", extra={"fields": {"eid": eid, "error": repr(e)[:200]}})
 
     async def _tail(self) -> None:
         """Delivers the event log in order, each event once (PROTOCOL §3.4).
@@ -579,9 +581,7 @@ class RedisStores:
                         # another version) must not stop the log for everyone:
                         # the tail restarts from the last entry it delivered
                         self.hub.last_eid = last_id
-                        self.hub.stats.reject("invalid_log_entry")
-                        log.warning("event log entry skipped: unreadable", extra={"fields": {
-                            "eid": last_id, "error": repr(e)[:200]}})
+                        self._unreadable_entry(last_id, e)
             if time.monotonic() >= trim_at:
                 trim_at = time.monotonic() + 60
                 cutoff = int((time.time() - EVENT_RETENTION_S * 1.5) * 1000)
@@ -1144,7 +1144,7 @@ class RedisStores:
                 pipe = self.r.pipeline(transaction=False)
                 for k in keys:
                     pipe.hget(k, "timestamp")
-                stamps = await self._vehicle_replies(pipe)
+                stamps = await self._key_replies(pipe)
                 self._ops += len(keys)
                 for k, ts in zip(keys, stamps):
                     if ts is None:
@@ -1161,15 +1161,15 @@ class RedisStores:
         self.scanned += seen
         return await self._apply_keys(self._newer(stamped))
 
-    async def _vehicle_replies(self, pipe) -> list:
-        """The replies of a pipeline of reads of `vehicle:current:*` keys; a
-        key that is not a hash (WRONGTYPE: something else wrote it) is None
-        and counted, never a failure of the whole reconcile (which marked
-        Redis down and refused connects)."""
+    async def _key_replies(self, pipe, reason: str = "invalid_vehicle_key") -> list:
+        """The replies of a pipeline of reads of `vehicle:current:*` (or
+        registry) keys; a key of another type (WRONGTYPE: something else wrote
+        it) is None and counted as `reason`, never a failure of the whole
+        reconcile (which marked Redis down and refused connects)."""
         out = await pipe.execute(raise_on_error=False)
         for i, v in enumerate(out):
             if isinstance(v, ResponseError):
-                self.hub.stats.reject("invalid_vehicle_key")
+                self.hub.stats.reject(reason)
                 out[i] = None
             elif isinstance(v, Exception):
                 raise v
@@ -1185,7 +1185,7 @@ class RedisStores:
             for k in chunk:
                 pipe.hgetall(k)
             updates = []
-            for k, h in zip(chunk, await self._vehicle_replies(pipe)):
+            for k, h in zip(chunk, await self._key_replies(pipe)):
                 u = self._from_hash(_s(k)[len("vehicle:current:"):], h) if h else None
                 if u is not None:
                     updates.append(u)
@@ -1242,7 +1242,7 @@ class RedisStores:
         for v in missing:
             pipe.hgetall(f"vehicle:current:{v}")
         updates = []
-        for v, h in zip(missing, await self._vehicle_replies(pipe)):
+        for v, h in zip(missing, await self._key_replies(pipe)):
             if h:
                 u = self._from_hash(v, h)
                 if u is not None:
@@ -1281,12 +1281,9 @@ class RedisStores:
         pipe = self.r.pipeline(transaction=False)
         for g in names:
             pipe.smembers(f"group:{g}:vehicles")
-        for g, members in zip(names, await pipe.execute(raise_on_error=False)):
-            if isinstance(members, ResponseError):   # not a set (written by hand): this group alone
-                self.hub.stats.reject("invalid_group_key")
+        for g, members in zip(names, await self._key_replies(pipe, "invalid_group_key")):
+            if members is None:   # not a set (written by hand): this group alone
                 continue
-            if isinstance(members, Exception):
-                raise members
             ids = [m.decode() for m in members if _utf8(m)]
             if len(ids) < len(members):
                 self.hub.stats.reject("invalid_group_member", len(members) - len(ids))
