@@ -122,8 +122,13 @@ async def _start(app):
         app["grpc"] = await grpc_stream.start(app)
     if settings.kafka and hub.follower is None:   # the owner worker consumes for the instance
         from .ingest.kafka import KafkaIngest
-        app["kafka"] = KafkaIngest(settings, app["ingest_sink"], hub.stats, hub.core)
-        app["kafka"].start()
+        app["kafka"] = kafka = KafkaIngest(settings, app["ingest_sink"], hub.stats, hub.core)
+        if hasattr(hub.stores, "kafka_positions"):
+            # the snapshot in Redis says how far into the topic it goes: a new
+            # consumer reads on from there, and the writer keeps it up to date
+            hub.stores.kafka_applied = kafka.applied
+            kafka.stored_positions = hub.stores.kafka_positions
+        kafka.start()
         from aiokafka import AIOKafkaProducer
         app["kafka_producer"] = AIOKafkaProducer(bootstrap_servers=settings.kafka, linger_ms=5)
         try:

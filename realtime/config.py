@@ -217,7 +217,8 @@ class Settings:
     topic: str = opt("vehicle.updates.enriched", "inputs", "Kafka topic of vehicle updates.", check=_topic, metavar="TOPIC")
     kafka_from: str | None = opt(None, "inputs", "Where a new consumer starts reading.",
                                  choices=("earliest", "latest", "time"),
-                                 default_text="latest with --redis, else the last stale-after-s of the topic")
+                                 default_text="with --redis, where the Redis snapshot's writer had read to "
+                                 "(latest if it never saved that), else the last stale-after-s of the topic")
     dead_letter_topic: str | None = opt(None, "inputs", "Kafka topic that receives a copy of every rejected record.",
                                         check=_topic, default_text="none", metavar="TOPIC")
     redis: str | None = opt(None, "inputs", "Redis URL for shared state, events and sessions; "

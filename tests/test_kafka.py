@@ -280,3 +280,65 @@ async def test_two_workers_consume_once_and_serve_the_clients_of_both(kafka_boot
         for c in clients:
             await c.close()
         s.stop()
+
+
+async def test_records_produced_while_every_instance_was_down_are_read(kafka_bootstrap, throwaway_redis, uid):
+    """With --redis and no --kafka-from, a new instance reads the topic on
+    from where the Redis snapshot's writer had applied it (kafka:positions:*),
+    not from its end: a vehicle's last update sent while the fleet's one
+    instance restarted is on the map after it, and what the snapshot already
+    holds is not read again."""
+    import redis.asyncio as aioredis
+    from conftest import metric_value
+    port, _, _ = throwaway_redis
+    topic = "positions." + uid
+    await create_topic(kafka_bootstrap, topic, 2)
+    srv = type("S", (), {"bootstrap": kafka_bootstrap, "topic": topic})
+    args = ("--simulate", "0", "--tick-ms", "20", "--redis", f"redis://127.0.0.1:{port}/0",
+            "--kafka", kafka_bootstrap, "--topic", topic)
+    t0 = int(time.time() * 1000)
+    parked, moving = uid + "parked", uid + "moving"
+    r = aioredis.Redis(port=port)
+
+    async def eventually(pred, timeout=20):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if await pred():
+                return True
+            await asyncio.sleep(0.1)
+        return False
+
+    s = Server(*args)
+    try:
+        async def consuming():
+            return "kafka consuming" in s.logs(None)
+        assert await eventually(consuming), s.logs()
+        await produce(srv, [(moving, js(update(moving, 1.0, 1.0, t0 + i)), None) for i in range(5)])
+        # the writer has the vehicle in Redis, and how far it read beside it
+        assert await eventually(lambda: r.exists(f"vehicle:current:{moving}")), s.logs()
+        assert await eventually(lambda: r.hgetall(f"kafka:positions:{topic}")), s.logs()
+    finally:
+        s.stop()
+    saved = {int(k): int(v) for k, v in (await r.hgetall(f"kafka:positions:{topic}")).items()}
+    assert sum(saved.values()) == 5, saved
+    # produced while nothing runs
+    await produce(srv, [(parked, js(update(parked, 2.0, 2.0, t0 + 10)), None),
+                        (moving, js(update(moving, 1.5, 1.5, t0 + 10)), None)])
+    s = Server(*args)
+    try:
+        c = await Client.connect(s, token())
+        await c.recv_type("welcome")
+        _, first = await c.subscribe(subscriptions={"vehicles": [parked, moving]})
+        want, where = {parked: [2.0, 2.0], moving: [1.5, 1.5]}, {}
+        deadline = time.time() + 20
+        while where != want and time.time() < deadline:
+            for m in first + await c.messages(0.5):
+                if "p" in m:
+                    where[m["v"]] = m["p"]
+            first = []
+        assert where == want, s.logs()
+        assert metric_value(s, "kafka_records_total") == 2   # the two, not the five again
+        await c.close()
+    finally:
+        s.stop()
+        await r.aclose()

@@ -3,9 +3,13 @@
 Every instance needs every vehicle, so each one assigns itself all partitions
 of the topic (no consumer group, no committed offsets): adding an instance
 adds a reader, not a rebalance, and a slow instance delays nobody else.
-Where to start: `--kafka-from latest` when a Redis snapshot covers the past
-(the default with --redis), `time` (the offsets of now - --stale-after-s)
-without Redis, or `earliest`.
+Where to start, unless --kafka-from says: with --redis, where the instance
+writing the Redis snapshot had applied the topic up to when it last wrote
+(`kafka:positions:{topic}`, saved by stores/redis.py after the rows it
+covers), so that records produced while every instance was down are read;
+`latest` when no position was ever saved. Without Redis, `time` (the offsets
+of now - --stale-after-s). Never from before now - --stale-after-s: older
+updates would only bring back vehicles that are stale anyway.
 
 Records are decoded and validated in batches: one `getmany` poll goes
 through one compiled call (_core/_ingest.pyx) into the core's columns, then
@@ -98,6 +102,13 @@ class KafkaIngest:
         self._task: asyncio.Task | None = None
         self._bad_log = RateLimitedLog(log)
         self.positions: dict[TopicPartition, int] = {}   # where to go on after a reconnect
+        # partition -> the offset after the last record applied to the core
+        # (decoded, applied or rejected): what the Redis writer saves once
+        # the rows they changed are written (stores/redis.py)
+        self.applied: dict[int, int] = {}
+        # async () -> {partition: offset} | None: the positions saved in Redis
+        # (set by app.py with --redis)
+        self.stored_positions = None
         self._reconnect = asyncio.Event()
 
     def start(self) -> None:
@@ -177,6 +188,11 @@ class KafkaIngest:
         resume = self.settings.kafka_since_ms   # a restarted owner worker: where its predecessor stopped
         if resume is not None:
             start = "time"
+        elif not self.settings.kafka_from and self.stored_positions is not None:
+            stored = await self.stored_positions()
+            if stored:
+                await self._seek_stored(stored)
+                return
         if start == "earliest":
             await c.seek_to_beginning(*self.partitions)
         elif start == "latest":
@@ -198,6 +214,35 @@ class KafkaIngest:
                     await c.seek_to_end(tp)
                 else:
                     c.seek(tp, o.offset)
+
+    async def _seek_stored(self, stored: dict[int, int]) -> None:
+        """Each partition from where the Redis snapshot's writer had applied
+        it, but not from before now - --stale-after-s; a partition it never
+        read (new, or never written to) from that bound. A stored offset past
+        the partition's end (the topic was made again) is out of range for
+        the broker, and auto_offset_reset takes the partition from its start."""
+        c = self.consumer
+        since = int((time.time() - self.settings.stale_after_s) * 1000)
+        try:
+            bound = await c.offsets_for_times({tp: since for tp in self.partitions})
+        except Exception as e:   # no timestamp lookups: the stored offsets alone
+            log.warning("offsets_for_times failed; reading from the stored positions",
+                        extra={"fields": {"error": repr(e)[:200]}})
+            bound = None
+        for tp in self.partitions:
+            pos = stored.get(tp.partition)
+            if bound is None:
+                lowest = 0
+            elif bound.get(tp) is None:   # nothing newer than the bound in it
+                lowest = None
+            else:
+                lowest = bound[tp].offset
+            if lowest is None:
+                await c.seek_to_end(tp)
+            else:
+                c.seek(tp, max(pos if pos is not None else lowest, lowest))
+        log.info("kafka reading from the positions saved in redis",
+                 extra={"fields": {"partitions": {tp.partition: stored.get(tp.partition) for tp in self.partitions}}})
 
     async def _probe(self) -> None:
         """aiokafka retries a lost broker quietly; ask for metadata every 2 s
@@ -244,19 +289,23 @@ class KafkaIngest:
             if batches and not self.first_record_at:
                 self.first_record_at = time.time()
             polled = []
+            reached = {}
             for tp, records in batches.items():
                 self.records += len(records)
                 self.newest_record_ms = max(self.newest_record_ms, records[-1].timestamp)
+                reached[tp.partition] = records[-1].offset + 1
                 polled += records
             if polled:
                 # decoded and applied with no await between: the rows the
                 # decoder looked up cannot be given to another vehicle meanwhile
-                batches, rejected = self._decode(polled)
-                for batch in batches:
+                decoded, rejected = self._decode(polled)
+                for batch in decoded:
                     self.sink(batch)
                 for r, e in rejected:
                     await self._reject(r, e)
-            if batches:
+                # after the rejects' dead-letter copies too: a restart from a
+                # saved position sends them again rather than not at all
+                self.applied.update(reached)
                 self.last_record_at = time.time()
             await self._update_lag()
 

@@ -394,6 +394,10 @@ class RedisStores:
         self._acls_behind_wake = asyncio.Event()
         self._session_latest: dict[str, str] = {}   # session -> newest record, while one is being written
         self.snapshot_loaded = asyncio.Event()
+        # {partition: offset} that the Kafka consumer has applied (KafkaIngest.applied,
+        # set by app.py), and what of it was last saved (kafka_positions)
+        self.kafka_applied: dict[int, int] | None = None
+        self._kafka_saved: dict[int, int] = {}
         self.write_every_s = max(settings.tick_ms / 1000.0, 0.02)  # one pipeline per tick
 
     # ---------------------------------------------------------------- lifecycle
@@ -817,18 +821,49 @@ class RedisStores:
         """Every changed row to `vehicle:current:*`, WRITE_SLICE rows per
         pipeline: a new writer rewrites the whole fleet, and the event loop
         must not be held while ~100k hashes are encoded."""
-        if not self._changed:
-            return
-        rows, self._changed = sorted(self._changed), set()
-        for i in range(0, len(rows), WRITE_SLICE):   # each with its change-feed entry
-            if not self._lease_fresh():   # a long rewrite goes on after the next renewal
-                self._changed.update(rows[i:])
-                return
-            try:
-                await self._write_rows(rows[i:i + WRITE_SLICE])
-            except BaseException:
-                self._changed.update(rows[i:])  # written next time
-                raise
+        # what the core had applied of Kafka when these rows were taken: every
+        # record up to there changed rows that are in _changed or were written
+        applied = dict(self.kafka_applied) if self.kafka_applied else None
+        if self._changed:
+            rows, self._changed = sorted(self._changed), set()
+            for i in range(0, len(rows), WRITE_SLICE):   # each with its change-feed entry
+                if not self._lease_fresh():   # a long rewrite goes on after the next renewal
+                    self._changed.update(rows[i:])
+                    return
+                try:
+                    await self._write_rows(rows[i:i + WRITE_SLICE])
+                except BaseException:
+                    self._changed.update(rows[i:])  # written next time
+                    raise
+        if applied and applied != self._kafka_saved and self._lease_fresh():
+            # after the rows: a new instance reads the topic on from here
+            # (KafkaIngest._seek_stored) and finds the rest in the snapshot
+            await self.r.hset(self._positions_key(), mapping={str(p): o for p, o in applied.items()})
+            self._kafka_saved = applied
+            self._ops += 1
+
+    def _positions_key(self) -> str:
+        return f"kafka:positions:{self.settings.topic}"
+
+    async def kafka_positions(self) -> dict[int, int] | None:
+        """The Kafka positions saved with the snapshot ({partition: offset}),
+        None when none were saved or Redis cannot say (then a new consumer
+        starts at the end, as before positions were saved)."""
+        try:
+            raw = await asyncio.wait_for(self.r.hgetall(self._positions_key()), 5.0)
+            self._ops += 1
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:   # down, or a key of the wrong type
+            log.warning("kafka positions not readable from redis; reading the topic from its end",
+                        extra={"fields": {"error": repr(e)[:200]}})
+            return None
+        out = {}
+        for k, v in raw.items():
+            k, v = (x.decode(errors="replace") if isinstance(x, bytes) else str(x) for x in (k, v))
+            if k.isascii() and k.isdigit() and v.isascii() and v.isdigit():
+                out[int(k)] = int(v)
+        return out or None
 
     async def _write_rows(self, rows) -> None:
         core = self.hub.core
