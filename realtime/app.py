@@ -36,10 +36,10 @@ def make_app(settings) -> web.Application:
     app["hub"] = hub = Hub(settings)
     app["security"] = hub.security
 
-    def sink(batch):
+    def sink(batch, aged_up_to=0.0):
         """Kafka input (the decoder's UpdateBatch): applied here; every
         instance reads every partition."""
-        hub.apply(batch)
+        hub.apply(batch, aged_up_to)
 
     app["ingest_sink"] = sink
     app["http_sink"] = _http_sink(app)

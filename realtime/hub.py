@@ -125,16 +125,17 @@ class Hub:
         self.follower = None   # mirror.Follower in the others
 
     # ------------------------------------------------------------ ingest
-    def apply_updates(self, updates: list[dict]) -> int:
+    def apply_updates(self, updates: list[dict], aged_up_to: float = 0.0) -> int:
         """Validated updates (ingest.decode.validate) -> core. Returns how many were applied."""
         if not updates:
             return 0
-        return self.apply(to_batch(updates, self.core.vtype_code))
+        return self.apply(to_batch(updates, self.core.vtype_code), aged_up_to)
 
-    def apply(self, batch: UpdateBatch) -> int:
+    def apply(self, batch: UpdateBatch, aged_up_to: float = 0.0) -> int:
+        """`aged_up_to` > 0: history, heard when its timestamps say (core.apply)."""
         before = self.core.ignored_stale
         now = time.monotonic()
-        rows, _ = self.core.apply(batch, now)
+        rows, _ = self.core.apply(batch, now, aged_up_to)
         self._arrivals.append((now, len(batch)))
         self.stats.ingest_updates += len(batch)
         self.stores.changed(rows)

@@ -192,6 +192,28 @@ def update(vid, lat=55.75, lon=37.62, ts=None, **kw):
     return u
 
 
+async def statuses_once_old_is_offline(server, old, fresh, timeout=15.0) -> dict:
+    """A client subscribed to vehicles `old` and `fresh` follows each one's
+    status (`st` of a full, or a delta's `ch`) until `old` is offline or
+    time runs out: the statuses it saw last."""
+    c = await Client.connect(server, token())
+    try:
+        await c.recv_type("welcome")
+        status = {}
+        deadline = time.monotonic() + timeout
+        _, got = await c.subscribe(subscriptions={"vehicles": [old, fresh]})
+        while True:
+            for m in got:
+                st = m.get("st") or m.get("ch", {}).get("st")
+                if st:
+                    status[m["v"]] = st
+            if status.get(old) == "offline" or time.monotonic() > deadline:
+                return status
+            got = await c.messages(0.5)
+    finally:
+        await c.close()
+
+
 class Client:
     """A websockets connection that decodes frames (JSON text or msgpack binary)."""
 

@@ -8,7 +8,7 @@ import msgpack
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from conftest import Client, Server, create_topic, token, update
+from conftest import Client, Server, create_topic, token, update, statuses_once_old_is_offline
 
 pytestmark = pytest.mark.integration
 
@@ -342,3 +342,27 @@ async def test_records_produced_while_every_instance_was_down_are_read(kafka_boo
     finally:
         s.stop()
         await r.aclose()
+
+
+async def test_a_record_read_again_after_a_restart_counts_as_heard_when_the_broker_took_it(kafka_bootstrap, uid):
+    """Without Redis a new instance reads the last --stale-after-s of the
+    topic: a vehicle whose last record the broker took an hour ago turns
+    offline at the first check (§3.3), not --offline-after-s later as if it
+    had just reported; one that reported now stays as it is."""
+    topic = "history." + uid
+    await create_topic(kafka_bootstrap, topic, 1)
+    now = int(time.time() * 1000)
+    old, fresh = uid + "old", uid + "fresh"
+    p = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap)
+    await p.start()
+    try:
+        await p.send_and_wait(topic, js(update(old, 1.0, 2.0, now - 3_600_000, status="moving")),
+                              key=old.encode(), timestamp_ms=now - 3_600_000)
+        await p.send_and_wait(topic, js(update(fresh, 1.0, 2.0, now, status="moving")), key=fresh.encode())
+    finally:
+        await p.stop()
+    s = Server("--simulate", "0", "--tick-ms", "20", "--kafka", kafka_bootstrap, "--topic", topic)
+    try:
+        assert await statuses_once_old_is_offline(s, old, fresh) == {old: "offline", fresh: "moving"}, s.logs()
+    finally:
+        s.stop()

@@ -13,7 +13,7 @@ import websockets
 from websockets.exceptions import ConnectionClosed
 
 from conftest import Client, Server, eventually, ingest, metric_value, ready_status, token, update, value, \
-    vehicle_status
+    vehicle_status, statuses_once_old_is_offline
 
 pytestmark = pytest.mark.integration
 
@@ -1515,3 +1515,22 @@ async def test_the_writer_works_where_client_reply_is_not_allowed(throwaway_redi
             s.stop()
     finally:
         await admin.aclose()
+
+
+async def test_a_vehicle_long_silent_in_the_snapshot_is_offline_at_once_not_after_offline_after_s(throwaway_redis, uid):
+    """A new instance loads the snapshot: a vehicle whose last update is an
+    hour old was heard an hour ago, so it turns offline at the first check
+    (§3.3), not --offline-after-s after the load; one heard now stays as it is."""
+    port, _, _ = throwaway_redis
+    r = aioredis.Redis(port=port)
+    now = int(time.time() * 1000)
+    old, fresh = uid + "old", uid + "fresh"
+    for vid, ts in ((old, now - 3_600_000), (fresh, now)):
+        await r.hset(f"vehicle:current:{vid}", mapping={"lat": "1.0", "lon": "2.0", "status": "moving",
+                                                      "timestamp": str(ts)})
+    await r.aclose()
+    s = Server("--simulate", "0", "--tick-ms", "20", "--redis", f"redis://127.0.0.1:{port}/0")
+    try:
+        assert await statuses_once_old_is_offline(s, old, fresh) == {old: "offline", fresh: "moving"}, s.logs()
+    finally:
+        s.stop()

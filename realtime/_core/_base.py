@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 import math
+import time
 
 import numpy as np
 
@@ -289,10 +290,16 @@ class CoreBase:
     def row_of(self, vid: str) -> int:
         return self.id_to_row.get(vid, -1)
 
-    def apply(self, batch: S.UpdateBatch, now: float = 0.0):
+    def apply(self, batch: S.UpdateBatch, now: float = 0.0, aged_up_to: float = 0.0):
         """Apply a columnar batch in order. Returns (rows, masks) of the updates
         that changed something; older-than-stored updates are counted in
-        `ignored_stale`. New alerts land in `new_alerts` as (row, alert)."""
+        `ignored_stale`. New alerts land in `new_alerts` as (row, alert).
+
+        A vehicle counts as heard `now`, or, for history (a topic read again
+        after a restart, a snapshot loaded), as long before `now` as its
+        update's timestamp is old by the wall clock, up to `aged_up_to`
+        seconds (one for all, or an array with one for each update): a vehicle silent for an hour must not look live for another
+        --offline-after-s because its last update was read again."""
         n = len(batch)
         if batch.rows is not None:   # looked up by the Kafka decoder
             rows = batch.rows
@@ -314,8 +321,13 @@ class CoreBase:
             batch.status[back] = silenced[back]
         accepted, masks = self._k_apply(rows, batch)
         # news: a newer timestamp (a reconcile re-reading the same state is not)
-        news = rows[accepted & (batch.ts > prev_ts)]
-        self.heard[news] = now
+        newer = accepted & (batch.ts > prev_ts)
+        news = rows[newer]
+        if np.ndim(aged_up_to) or aged_up_to > 0:   # a bound for each update, or one for all
+            age = time.time() - batch.ts[newer] / 1000.0
+            self.heard[news] = now - np.clip(age, 0.0, aged_up_to[newer] if np.ndim(aged_up_to) else aged_up_to)
+        else:
+            self.heard[news] = now
         self.silenced[news] = NOT_SILENCED
         if self.jitter_s > 0:
             self._hold_jitter(rows, accepted, masks, was_dirty, now)

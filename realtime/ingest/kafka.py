@@ -23,6 +23,7 @@ import logging
 import random
 import time
 
+import numpy as np
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from .._core._ingest import RecordDecoder
@@ -30,6 +31,7 @@ from ..tasks import cancel_and_wait
 from .decode import RICH_DECODERS, Rejected, decode_record, finish_object
 
 log = logging.getLogger("realtime.kafka")
+HISTORY_S = 2.0   # a poll whose records the broker took longer ago than this is read again
 
 
 class RateLimitedLog:
@@ -290,17 +292,20 @@ class KafkaIngest:
                 self.first_record_at = time.time()
             polled = []
             reached = {}
+            newest, oldest = 0, None
             for tp, records in batches.items():
                 self.records += len(records)
-                self.newest_record_ms = max(self.newest_record_ms, records[-1].timestamp)
+                newest = max(newest, records[-1].timestamp)
+                oldest = records[0].timestamp if oldest is None else min(oldest, records[0].timestamp)
                 reached[tp.partition] = records[-1].offset + 1
                 polled += records
+            self.newest_record_ms = max(self.newest_record_ms, newest)
             if polled:
                 # decoded and applied with no await between: the rows the
                 # decoder looked up cannot be given to another vehicle meanwhile
                 decoded, rejected = self._decode(polled)
-                for batch in decoded:
-                    self.sink(batch)
+                for batch, recs in decoded:
+                    self.sink(batch, self._history(recs, oldest))
                 for r, e in rejected:
                     await self._reject(r, e)
                 # after the rejects' dead-letter copies too: a restart from a
@@ -309,14 +314,35 @@ class KafkaIngest:
                 self.last_record_at = time.time()
             await self._update_lag()
 
+    @staticmethod
+    def _history(recs: list, oldest_ms: int):
+        """0 for a poll whose records the broker took within HISTORY_S (live:
+        heard now), else each record's age by the broker's clock, for
+        core.apply: read again after a restart, a vehicle counts as heard
+        when its update's timestamp says, but never before the broker took
+        it (a device clock behind must not make a vehicle look silent).
+        `oldest_ms`, the first record of each partition's part of the poll,
+        spares live polls a look at every record."""
+        wall = time.time()
+        if not recs or wall - oldest_ms / 1000.0 <= HISTORY_S:
+            return 0.0
+        taken = np.fromiter((r.timestamp for r in recs), np.float64, len(recs))
+        return np.maximum(wall - taken / 1000.0, 0.0)
+
     def _decode(self, polled: list) -> tuple[list, list]:
-        """A poll -> ([UpdateBatch], [(record, Rejected)]). Should the
-        decoder fail on the poll (a defect, not bad input: that is rejected),
-        the records go one at a time, so that one record cannot cost the poll's
-        others: what still fails is rejected and dead-lettered as unreadable."""
+        """A poll -> ([(UpdateBatch, its records)], [(record, Rejected)]).
+        Should the decoder fail on the poll (a defect, not bad input: that is
+        rejected), the records go one at a time, so that one record cannot cost
+        the poll's others: what still fails is rejected and dead-lettered as
+        unreadable."""
         try:
             batch, rejected = self.decoder.decode(polled)
-            return ([batch] if batch is not None else []), rejected
+            if batch is None:
+                return [], rejected
+            if rejected:
+                bad = {id(r) for r, _ in rejected}
+                return [(batch, [r for r in polled if id(r) not in bad])], rejected
+            return [(batch, polled)], rejected
         except Exception as e:
             log.error("kafka poll not decodable at once; one record at a time",
                       extra={"fields": {"error": repr(e)[:200], "records": len(polled)}})
@@ -329,7 +355,7 @@ class KafkaIngest:
                 batch, bad = None, [(r, Rejected("invalid_msgpack" if mp else "invalid_json",
                                                  f"unreadable: {e!r}"[:200]))]
             if batch is not None:
-                batches.append(batch)
+                batches.append((batch, [r]))
             rejected += bad
         return batches, rejected
 

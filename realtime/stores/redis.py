@@ -1194,7 +1194,9 @@ class RedisStores:
                 self.full_passes += 1
                 break
         self.scanned += seen
-        return await self._apply_keys(self._newer(stamped))
+        # a whole pass (a new instance's snapshot, a gap in the feed) is
+        # history: its vehicles were heard when their timestamps say
+        return await self._apply_keys(self._newer(stamped), math.inf if quota is None else 0.0)
 
     async def _key_replies(self, pipe, reason: str = "invalid_vehicle_key") -> list:
         """The replies of a pipeline of reads of `vehicle:current:*` (or
@@ -1210,7 +1212,7 @@ class RedisStores:
                 raise v
         return out
 
-    async def _apply_keys(self, keys: list) -> int:
+    async def _apply_keys(self, keys: list, aged_up_to: float = 0.0) -> int:
         """HGETALL and apply, a slice at a time: the first reconcile of a new
         instance loads the whole fleet, and ticks must go on meanwhile."""
         applied = 0
@@ -1226,7 +1228,7 @@ class RedisStores:
                     updates.append(u)
             self._ops += len(chunk)
             if updates:
-                self.hub.apply_updates(updates)
+                self.hub.apply_updates(updates, aged_up_to)
                 applied += len(updates)
         return applied
 
