@@ -366,3 +366,43 @@ async def test_a_record_read_again_after_a_restart_counts_as_heard_when_the_brok
         assert await statuses_once_old_is_offline(s, old, fresh) == {old: "offline", fresh: "moving"}, s.logs()
     finally:
         s.stop()
+
+
+async def test_partitions_added_to_the_topic_while_running_are_read(kafka_bootstrap, uid):
+    """assign() follows no topic: partitions added to it must be noticed and
+    read from their start, or the updates of the vehicles they carry are lost
+    until a restart. Tansu cannot add partitions (no CreatePartitions), so the
+    topic is made again with three: its metadata then shows two new ones, as
+    after kafka-topics --alter."""
+    from aiokafka.admin import AIOKafkaAdminClient
+    topic = "grown." + uid
+    await create_topic(kafka_bootstrap, topic, 1)
+    s = Server("--simulate", "0", "--tick-ms", "20", "--kafka", kafka_bootstrap, "--topic", topic,
+               "--kafka-from", "earliest")
+    try:
+        vids = [uid + str(p) for p in range(3)]
+        c = await Client.connect(s, token())
+        await c.recv_type("welcome")
+        await c.subscribe(subscriptions={"vehicles": vids})
+        admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+        await admin.start()
+        try:
+            await admin.delete_topics([topic])
+        finally:
+            await admin.close()
+        await create_topic(kafka_bootstrap, topic, 3)
+        p = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap)
+        await p.start()
+        try:
+            for part, vid in enumerate(vids):
+                await p.send_and_wait(topic, js(update(vid, 1.0 + part, 2.0)), key=vid.encode(), partition=part)
+        finally:
+            await p.stop()
+        seen = set()
+        deadline = time.monotonic() + 20
+        while seen != set(vids) and time.monotonic() < deadline:
+            seen |= {m["v"] for m in await c.messages(0.5) if m.get("t") == "full"}
+        assert seen == set(vids), s.logs()
+        await c.close()
+    finally:
+        s.stop()

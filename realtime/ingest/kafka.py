@@ -181,9 +181,9 @@ class KafkaIngest:
                 pos = self.positions.get(tp)
                 if pos is not None and pos <= ends.get(tp, 0):
                     c.seek(tp, pos)
-                else:
-                    log.warning("partition restarted; reading it from the beginning",
-                                extra={"fields": {"partition": tp.partition}})
+                else:   # all of a new partition is new
+                    log.warning("partition new or restarted; reading it from the beginning",
+                                extra={"fields": {"partition": tp.partition, "new": pos is None}})
                     await c.seek_to_beginning(tp)
             return
         start = self.settings.kafka_from or ("latest" if self.settings.redis else "time")
@@ -252,11 +252,23 @@ class KafkaIngest:
         while True:
             await asyncio.sleep(2.0)
             try:
-                await asyncio.wait_for(self.consumer.topics(), 3.0)  # a metadata request
+                # a metadata request (what consumer.topics() sends), kept whole:
+                # the consumer's own cluster view of an assigned topic does not
+                # learn of partitions added to it
+                cluster = await asyncio.wait_for(self.consumer._client.fetch_all_metadata(), 3.0)
                 if not self.connected:
                     log.info("kafka reachable again")
                     self._reconnect.set()  # reconnect whole: metadata and offsets may have moved
                 self.connected = True
+                parts = cluster.partitions_for_topic(self.settings.topic) or set()
+                added = parts - {tp.partition for tp in self.partitions}
+                if added:
+                    # assign() follows no topic: partitions added to it would
+                    # never be read (their vehicles' updates lost) until a
+                    # restart. Reconnecting reads them from their start.
+                    log.warning("kafka topic has new partitions; reading them",
+                                extra={"fields": {"topic": self.settings.topic, "added": sorted(added)}})
+                    self._reconnect.set()
             except asyncio.CancelledError:
                 raise
             except Exception:
