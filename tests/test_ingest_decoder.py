@@ -364,7 +364,8 @@ def test_the_consumer_goes_record_by_record_when_a_poll_cannot_be_decoded():
             Rec(b'{"vehicle_id":"boom"}', (), 1), Rec(b"{", (), 2),
             Rec(b'{"vehicle_id":"k2","timestamp":1,"position":{"lat":1,"lon":2}}', (), 3)]
     batches, rejected = ingest._decode(recs)
-    for b in batches:
+    for b, of in batches:
+        assert len(of) == len(b) == 1   # each with the record it came from (its broker time)
         core.apply(b)
     assert sorted(core.id_to_row) == ["k1", "k2"]
     assert [(r.offset, e.reason) for r, e in rejected] == [(1, "invalid_json"), (2, "invalid_json")]

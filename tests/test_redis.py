@@ -1534,3 +1534,45 @@ async def test_a_vehicle_long_silent_in_the_snapshot_is_offline_at_once_not_afte
         assert await statuses_once_old_is_offline(s, old, fresh) == {old: "offline", fresh: "moving"}, s.logs()
     finally:
         s.stop()
+
+
+async def test_an_alert_still_active_is_not_raised_again_by_an_instance_that_loads_the_snapshot(throwaway_redis, uid):
+    """The alert event is in the log once: a new instance (a restart, a
+    deploy) that loads the vehicle from the snapshot, or reads it at once for
+    a client naming it, does not raise its active alert again under the
+    hash's later timestamp."""
+    port, _, _ = throwaway_redis
+    url = f"redis://127.0.0.1:{port}/0"
+    vid = uid + "hot"
+    r = aioredis.Redis(port=port)
+    t0 = int(time.time() * 1000)
+
+    async def alerts_logged():
+        return sum(f[b"v"] == vid.encode() and f[b"e"] == b"alert" for _, f in await r.xrange("events:stream"))
+
+    async def written(ts):
+        return await r.hget(f"vehicle:current:{vid}", "timestamp") == str(ts).encode()
+    try:
+        a = Server("--simulate", "0", "--tick-ms", "20", "--redis", url)
+        try:
+            assert ingest(a, [update(vid, 1.0, 2.0, t0, alerts=["overspeed"])])[0] == 200
+            assert ingest(a, [update(vid, 1.1, 2.0, t0 + 1000, alerts=["overspeed"])])[0] == 200
+            assert await eventually(lambda: written(t0 + 1000)), a.logs()
+            assert await alerts_logged() == 1
+        finally:
+            a.stop()
+        for first in ("snapshot", "named"):
+            b = Server("--simulate", "0", "--tick-ms", "20", "--redis", url)
+            try:
+                if first == "named":   # before the first reconcile, as fast as a client can
+                    c = await Client.connect(b, token())
+                    await c.recv_type("welcome")
+                    await c.subscribe(subscriptions={"vehicles": [vid]})
+                    await c.close()
+                assert await eventually(lambda: value(vehicle_status(b, vid) == 200))
+                await asyncio.sleep(1.0)   # a raise would be logged by now
+                assert await alerts_logged() == 1, b.logs()
+            finally:
+                b.stop()
+    finally:
+        await r.aclose()

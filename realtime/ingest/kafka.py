@@ -31,6 +31,7 @@ from ..tasks import cancel_and_wait
 from .decode import RICH_DECODERS, Rejected, decode_record, finish_object
 
 log = logging.getLogger("realtime.kafka")
+SNAPSHOT_WAIT_S = 30.0   # the longest the first records wait for the Redis snapshot
 HISTORY_S = 2.0   # a poll whose records the broker took longer ago than this is read again
 
 
@@ -111,6 +112,10 @@ class KafkaIngest:
         # async () -> {partition: offset} | None: the positions saved in Redis
         # (set by app.py with --redis)
         self.stored_positions = None
+        # set once the Redis snapshot is loaded (app.py, with --redis): the
+        # first records wait for it, so that what they replay lands on the
+        # state it follows (an alert still active is not new to an empty core)
+        self.snapshot_loaded: asyncio.Event | None = None
         self._reconnect = asyncio.Event()
 
     def start(self) -> None:
@@ -137,6 +142,13 @@ class KafkaIngest:
             try:
                 await self._connect()
                 backoff = 0.5
+                if self.snapshot_loaded is not None and not self.snapshot_loaded.is_set():
+                    try:
+                        await asyncio.wait_for(self.snapshot_loaded.wait(), SNAPSHOT_WAIT_S)
+                    except asyncio.TimeoutError:   # Redis away: the records cannot wait for it
+                        log.warning("redis snapshot not loaded; consuming without it",
+                                    extra={"fields": {"waited_s": SNAPSHOT_WAIT_S}})
+                        self.snapshot_loaded = None
                 await self._consume()
             except asyncio.CancelledError:
                 raise

@@ -1228,7 +1228,7 @@ class RedisStores:
                     updates.append(u)
             self._ops += len(chunk)
             if updates:
-                self.hub.apply_updates(updates, aged_up_to)
+                self.hub.apply_updates(updates, aged_up_to, alerts=False)
                 applied += len(updates)
         return applied
 
@@ -1286,7 +1286,8 @@ class RedisStores:
                     updates.append(u)
         self._ops += len(missing)
         if updates:
-            self.hub.apply_updates(updates)
+            # the snapshot: history (hub.apply), heard when its timestamps say
+            self.hub.apply_updates(updates, math.inf, alerts=False)
 
     async def _refresh_groups(self) -> None:
         """Group membership written by the vehicle registry, for groups in use."""
