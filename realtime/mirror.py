@@ -120,12 +120,17 @@ def _records_frame(core, rows: np.ndarray, rich: list, named) -> dict:
 
 def _rich_entry(core, r: int, mask: int = -1) -> list:
     """[row, alerts, driver, assignment, groups], None for a field that did not
-    change (`mask`, F_AL...; -1: all of them, as a whole-fleet copy sends)."""
+    change (`mask`, F_AL...; -1: all of them, as a whole-fleet copy sends).
+    The groups are those the updates carry, never what this worker read from
+    the registry: each worker reads the registry for the groups its own
+    clients name, and one worker's reading, no longer refreshed once its
+    clients stopped naming the group, kept a vehicle in that group on the
+    others for good (a group rights widening found by a review)."""
     return [r,
             list(core.alerts[r]) if mask & S.F_AL else None,
             core.driver[r] if mask & (S.F_DR | S.F_DRR) else None,
             core.assignment[r] if mask & S.F_AS else None,
-            list(core.groups_of[r]) if mask & S.F_G else None]
+            list(core.carried[r]) if mask & S.F_G else None]
 
 
 class Owner:
@@ -528,8 +533,8 @@ class Follower:
             r = int(xlate[orow]) if orow < len(xlate) else -1
             if r < 0:
                 continue
-            # the groups this worker read from the registry for its own
-            # subscriptions stay (_apply_rich): the owner may not have read them
+            # the groups the updates carry; this worker adds the registry's
+            # for its own clients' groups (_apply_rich, _effective_groups)
             core._apply_rich(r, None if al is None else tuple(al), dr, asg, grp)
         core.new_alerts = []   # the owner publishes alert events; they come from the log
         if f.get("e"):

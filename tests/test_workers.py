@@ -252,3 +252,46 @@ def test_workers_go_when_their_supervisor_is_killed(redis_url):
         assert not any(running(w) for w in workers), "orphaned workers keep serving"
     finally:
         s.stop()
+
+
+async def test_a_group_the_registry_drops_leaves_on_every_worker(redis_url, uid):
+    """Each worker reads the registry (`group:{g}:vehicles`) for the groups
+    its own clients name; the owner worker's frames carry only the groups
+    the updates carry. A registry group the owner read for a client that has
+    since left used to reach the follower as if the updates carried it, and
+    stayed there: after the registry dropped the vehicle, a token limited to
+    that group on the follower still saw it, for good."""
+    import redis.asyncio as aioredis
+    s = Server("--workers", "2", "--simulate", "0", "--tick-ms", "20", "--redis", redis_url)
+    r = aioredis.Redis.from_url(redis_url)
+    vid, g = uid + "v", uid + "g"
+    tok = token(sub=uid + "u", permissions=[], groups=[g])
+
+    async def on_worker(index: str):
+        """A client of the group's token on that worker (connections land on either)."""
+        for _ in range(60):
+            c = await Client.connect(s, tok)
+            await c.recv_type("welcome")
+            await c.send({"type": "subscribe", "subscriptions": {}})
+            sub = await c.recv_type("subscribed")
+            b = await c.recv_type("batch")
+            if b["batch_id"].split("-")[1] == index:
+                assert sub["visible"] == 1 and [m["v"] for m in b["messages"]] == [vid]
+                return c
+            await c.close()
+        raise AssertionError("no connection reached worker " + index)
+    try:
+        both_workers(s)
+        both_ready(s)
+        assert ingest(s, [update(vid)])[0] == 200   # its updates carry no groups
+        await r.sadd(f"group:{g}:vehicles", vid)
+        owners = await on_worker("0")   # the owner reads the group for it
+        await owners.close()            # and no longer does
+        c = await on_worker("1")
+        await r.srem(f"group:{g}:vehicles", vid)
+        left = await c.wait_messages(lambda m: m.get("t") == "leave" and m.get("v") == vid, timeout=15)
+        assert [m["r"] for m in left if m.get("t") == "leave"] == ["permission"], s.logs()
+        await c.close()
+    finally:
+        await r.aclose()
+        s.stop()

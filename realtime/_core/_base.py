@@ -376,8 +376,14 @@ class CoreBase:
             cur[row]["as_ver"] += 1
             m |= S.F_AS
         if grp is not None:
-            self.carried[row] = grp if type(grp) is tuple and len(set(grp)) == len(grp) \
-                else tuple(dict.fromkeys(grp))
+            carried = grp if type(grp) is tuple and len(set(grp)) == len(grp) else tuple(dict.fromkeys(grp))
+            if carried != self.carried[row] and self.rich_log is not None:
+                # the other workers keep the carried groups apart from the
+                # registry's too (mirror.py), even when this worker's
+                # effective groups do not change (dirty: the next frame has it)
+                self.rich_log[row] = self.rich_log.get(row, 0) | S.F_G
+                self.dirty[row] = 1
+            self.carried[row] = carried
             grp = self._effective_groups(row)
             if grp != self.groups_of[row]:
                 self._set_groups(row, grp)
