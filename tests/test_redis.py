@@ -459,6 +459,29 @@ async def test_acl_update_applies_to_open_connections(rserver, r, uid):
     await c.close()
 
 
+async def test_no_update_can_put_a_vehicle_in_sight_of_a_user_whose_acl_grants_nothing(rserver, r, uid):
+    """An ACL that grants no vehicle and no group leaves the open connection
+    seeing nothing: its rights are a group no vehicle can be in. That group
+    was "\x00nothing", which an update could carry (or the registry hold):
+    every client granted nothing then saw that vehicle."""
+    mine, sneak, sneak2 = uid + "a", uid + "sneak", uid + "sneak2"
+    ingest(rserver, [update(mine)])
+    user = uid + "revoked"
+    c = await Client.connect(rserver, token(sub=user, permissions=[], vehicles=[mine, sneak, sneak2]))
+    await c.recv_type("welcome")
+    sub, _ = await c.subscribe(subscriptions={})
+    assert sub["visible"] == 1
+    await r.hset(f"acl:user:{user}", mapping={"vehicles": "[]", "groups": "[]", "permissions": "[]"})
+    await r.publish("acl:updates", user)
+    got = await c.wait_messages(lambda m: m["t"] == "leave", timeout=5)
+    assert got[-1] == {"t": "leave", "v": mine, "r": "permission"}
+    await r.sadd("group:\x00nothing:vehicles", sneak2)
+    status, body = ingest(rserver, [update(sneak, groups=["\x00nothing"]), update(sneak2)])
+    assert status == 200 and body["accepted"] == 2
+    assert await c.messages(6.0) == []   # past a reconcile, which reads the registry
+    await c.close()
+
+
 async def test_an_acl_key_of_another_type_grants_nothing_and_the_listener_goes_on(rserver, r, uid):
     """PROTOCOL §2: an ACL that cannot be read restricts. An acl:user:{id} that
     is not a hash, announced on acl:updates, takes the user's vehicles away.

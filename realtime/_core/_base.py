@@ -617,7 +617,7 @@ class CoreBase:
         return c
 
     def _empty_selection(self) -> int:
-        return self._selection((), ("\x00nothing",))
+        return self._selection((), (S.NOTHING_GROUP,))
 
     def remove_client(self, c: int):
         rec = self.clients[c]

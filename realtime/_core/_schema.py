@@ -43,6 +43,11 @@ ST_MOVING, ST_IDLE, ST_STOPPED, ST_OFFLINE, ST_UNKNOWN = range(5)
 ALL_STATUS_MASK = (1 << len(STATUSES)) - 1
 KEEP = 255  # "field absent from this update, keep the stored value" for status/vtype
 MAX_ID_LEN = 128  # a vehicle id or group name, in characters (ingest's Name)
+# The group of the selection that matches nothing (a restricted token that
+# names nothing): longer than any group name an update, a relay or a hash
+# may carry (MAX_ID_LEN), so no data can put a vehicle in it ("\x00nothing"
+# could be carried, and every client granted nothing then saw that vehicle).
+NOTHING_GROUP = "\x00nothing:" + "-" * MAX_ID_LEN
 # An update's timestamp may be at most this far ahead of the server's clock:
 # one from 2099 was taken, and every true update after it was older, so the
 # vehicle froze (offline while it reported, then forgotten)

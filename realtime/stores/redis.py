@@ -1290,8 +1290,9 @@ class RedisStores:
             self.hub.apply_updates(updates, math.inf, alerts=False)
 
     async def _refresh_groups(self) -> None:
-        """Group membership written by the vehicle registry, for groups in use."""
-        await self.resolve_groups(list(self.hub.core.sel_by_group.keys()))
+        """Group membership written by the vehicle registry, for groups in use
+        (not the one no vehicle may be in: no registry set can put one there)."""
+        await self.resolve_groups([g for g in self.hub.core.sel_by_group if len(g) <= MAX_ID_LEN])
 
     async def in_registry_group(self, vehicle_id: str, names) -> bool:
         """Whether the registry (`group:{name}:vehicles`) puts the vehicle in
