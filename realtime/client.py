@@ -11,6 +11,7 @@ every transport, as centrifuge's client.go sits apart from its transports.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 
@@ -245,10 +246,26 @@ def renew(hub, s: Session, claims: Claims) -> None:
     t = s.token_claims
     if claims.exp > t.exp or (claims.view_all, claims.vehicles, claims.groups, claims.contacts,
                               claims.permissions) != (t.view_all, t.vehicles, t.groups, t.contacts, t.permissions):
-        _take_token(hub, s, claims)   # other rights: this request's token is the one in force
+        # other rights: this request's token is the one in force
+        _take_token(hub, s, claims, hub.stores.acl_in_doubt(claims.sub))
 
 
-def _take_token(hub, s: Session, claims: Claims) -> None:
+def _narrower(new: Claims, old: Claims) -> bool:
+    """Whether `new` grants nothing `old` does not."""
+    if not new.permissions <= old.permissions:
+        return False
+    return old.view_all or (set(new.vehicles) <= set(old.vehicles) and set(new.groups) <= set(old.groups))
+
+
+def _take_token(hub, s: Session, claims: Claims, in_doubt: bool = False) -> None:
+    """A new token for the session. `in_doubt`: the user's ACL was never
+    read, or an update of it could not be: the ACL in force may be wider
+    than the one in Redis (a new connection of the user is refused with 1013
+    meanwhile), so a token that grants more takes only its new exp
+    (docs/protocol.md, "Rights never widen"); it used to take the new
+    token's rights on top of the stale ACL."""
+    if in_doubt and not _narrower(claims, s.token_claims):
+        claims = dataclasses.replace(s.token_claims, exp=claims.exp)
     effective = claims.with_acl(s.acl)
     s.token_claims = claims
     if s.closed:
@@ -290,11 +307,12 @@ async def _refresh(hub, authn, s: Session, m, settings) -> None:
         s.send(M.error("forbidden", "a refreshed token must be for the same user", m.id))
         return
     acl_generation = hub.acl_generation
+    in_doubt = hub.stores.acl_in_doubt(claims.sub)
     try:
         s.acl = await hub.stores.acl(claims.sub)
     except Exception:
-        pass   # rights cannot be read now: the ACL in force stays, on the new token
-    _take_token(hub, s, claims)
+        in_doubt = True   # rights cannot be read now: the ACL in force stays
+    _take_token(hub, s, claims, in_doubt or hub.stores.acl_in_doubt(claims.sub))
     if hub.acl_generation != acl_generation:   # as in start(): this read may predate it
         hub.spawn(_recheck_acl(hub, s))
     if s.closed:

@@ -560,6 +560,43 @@ async def test_an_acl_update_that_cannot_be_read_is_applied_when_redis_answers(t
         await r.aclose()
 
 
+async def test_a_new_token_does_not_widen_rights_while_an_acl_update_cannot_be_read(throwaway_redis, uid):
+    """While an announced ACL cannot be read, the ACL in force may be wider
+    than Redis's: a `refresh` (or an HTTP request's token) that grants more
+    takes only its new exp, as a new connection of the user is refused
+    meanwhile; it used to take the new token's rights on top. Once Redis
+    answers, the ACL applies."""
+    port, _, _ = throwaway_redis
+    url = f"redis://127.0.0.1:{port}/0"
+    s = Server("--simulate", "0", "--tick-ms", "20", "--redis", url)
+    r = aioredis.Redis.from_url(url, decode_responses=True)
+    try:
+        a, b, user = uid + "a", uid + "b", uid + "u"
+        assert ingest(s, [update(a), update(b)])[0] == 200
+        c = await Client.connect(s, token(sub=user, permissions=[], vehicles=[a]))
+        await c.recv_type("welcome")
+        assert (await c.subscribe(subscriptions={}))[0]["visible"] == 1
+        await r.hset(f"acl:user:{user}", mapping={"vehicles": json.dumps([a]), "permissions": json.dumps([])})
+        await r.execute_command("ACL", "SETUSER", "default", "-hgetall")
+        await r.publish("acl:updates", user)
+        await asyncio.sleep(0.5)   # the update is heard, its read refused
+        await c.send({"type": "refresh", "token": token(sub=user, permissions=[], vehicles=[a, b], ttl=7200),
+                      "id": "r"})
+        done = await c.recv_type("refreshed")
+        assert done["exp"] > time.time() + 3600   # the new exp is taken
+        await c.send({"type": "subscribe", "subscriptions": {}})
+        assert (await c.recv_type("subscribed"))["visible"] == 1, s.logs()   # not its rights
+        assert not [m for m in await c.messages(0.5) if m.get("v") == b]
+        await r.execute_command("ACL", "SETUSER", "default", "+hgetall")
+        await asyncio.sleep(1.5)   # read again and applied: the ACL's rights
+        await c.send({"type": "subscribe", "subscriptions": {}})
+        assert (await c.recv_type("subscribed"))["visible"] == 1
+        await c.close()
+    finally:
+        s.stop()
+        await r.aclose()
+
+
 async def _async_get(r, key, needle) -> bool:
     return needle in (await r.get(key) or "")
 

@@ -1451,6 +1451,11 @@ class RedisStores:
         await pipe.execute()
         self._ops += len(gone) + len(added) + bool(gone) + bool(added)
 
+    def acl_in_doubt(self, user_id: str) -> bool:
+        # while Redis is merely down the remembered ACL is in force, for a new
+        # connection as for a new token; one known to be out of date is not
+        return user_id in self._acls_behind
+
     async def acl(self, user_id) -> dict | None:
         """The live rights of a user. While Redis cannot answer, the last ACL
         read for them; StoresUnavailable for a user never read."""
