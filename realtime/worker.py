@@ -10,6 +10,7 @@ import errno
 import gc
 import logging
 import signal
+import socket
 import sys
 
 import uvloop
@@ -36,6 +37,7 @@ async def serve(settings, ready: asyncio.Event | None = None) -> None:
         # a worker that cannot listen must exit, or its supervisor waits for it
         await _stop_all(runner, settings.shutdown_grace)
         raise CannotListen(e) from None
+    _let_go_of_stalled_peers(site, settings.pong_timeout_s)
     log.info("listening on %s://%s:%d", "https" if ctx else "http", settings.host, settings.port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -91,6 +93,23 @@ def _log_tasks(msg: str) -> None:
         if t is not asyncio.current_task():
             frames = [f"{f.f_code.co_filename}:{f.f_lineno} {f.f_code.co_name}" for f in t.get_stack(limit=8)]
             log.error(msg, extra={"fields": {"task": t.get_name(), "stack": frames}})
+
+
+def _let_go_of_stalled_peers(site, timeout_s: float) -> None:
+    """TCP_USER_TIMEOUT on the listening sockets, which every accepted one
+    inherits (Linux): a peer that takes none of our bytes for `timeout_s`
+    (--pong-timeout-s), zero window included, is cut off by the kernel. A
+    client that stops reading but keeps its connection (a hung app) was
+    held for good: closing it waits in aiohttp's drain without a bound (a
+    WebSocket's close, an SSE stream's or a poll response's end), with its
+    session, its per-user slot, its socket and its buffered bytes."""
+    server = getattr(site, "_server", None)
+    for sock in getattr(server, "sockets", None) or ():
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, max(1, int(timeout_s * 1000)))
+        except (OSError, AttributeError) as e:   # not TCP, or not Linux
+            log.warning("TCP_USER_TIMEOUT not set: a client that stops reading may be held until it goes",
+                        extra={"fields": {"error": repr(e)[:200]}})
 
 
 class CannotListen(Exception):

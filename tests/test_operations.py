@@ -394,3 +394,53 @@ async def test_invented_group_names_do_not_grow_the_worker(uid):
         await c.close()
     finally:
         s.stop()
+
+
+def _open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+async def test_a_client_that_stops_reading_is_let_go_not_held_for_good():
+    """A client that stops reading but keeps its TCP connection (a hung app:
+    its kernel advertises a zero window) is closed for slowness or for no
+    pong; that close used to wait for ever in aiohttp's drain, so the
+    connection, its session, its core row and its per-user slot stayed for
+    the life of the process (after 50 of them the user was refused for
+    good), and an SSE stream's socket stayed after its handler returned.
+    A peer that takes none of the server's bytes for --pong-timeout-s is
+    gone (TCP_USER_TIMEOUT on the listening socket)."""
+    s = Server("--simulate", "3000", "--tick-ms", "50", "--max-visible", "100000", "--heartbeat-s", "1",
+               "--pong-timeout-s", "3", "--max-connections-per-user", "1",
+               "--write-buffer-close-bytes", "262144", "--slow-client-buffer-bytes", "65536")
+    try:
+        base = _open_fds(s.proc.pid)
+        stuck = await RawClient.connect(s, rcvbuf=4096)
+        await stuck.until("welcome")
+        stuck.send({"type": "subscribe", "subscriptions": {}})
+        # an SSE stream that is never read, beside it
+        import socket as socket_
+        sse = socket_.socket()
+        sse.setsockopt(socket_.SOL_SOCKET, socket_.SO_RCVBUF, 4096)
+        sse.connect(("127.0.0.1", s.port))
+        sse.sendall(f"GET /api/realtime/stream?token={token(sub='sse')} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        # the WebSocket client neither reads nor answers pings: its slot must
+        # come back, within the pong timeout and the zero window's
+        deadline, admitted = time.monotonic() + 30, False
+        while not admitted and time.monotonic() < deadline:
+            await asyncio.sleep(1.0)
+            c = await Client.connect(s, token())
+            try:
+                admitted = (await c.recv(3.0)).get("type") == "welcome"
+            except Exception:
+                admitted = False
+            await c.close()
+        assert admitted, s.logs()
+        # and so do the sockets of both
+        deadline = time.monotonic() + 15
+        while _open_fds(s.proc.pid) > base and time.monotonic() < deadline:
+            await asyncio.sleep(0.5)
+        assert _open_fds(s.proc.pid) <= base, (base, _open_fds(s.proc.pid))
+        stuck.writer.transport.abort()
+        sse.close()
+    finally:
+        s.stop()
