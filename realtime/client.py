@@ -48,6 +48,12 @@ async def start(hub, s: Session, resume: str | None, last_event: str | None,
 
     must_resume (the HTTP transports' `session=`): an unknown session is
     refused with 4404 and another user's with 4403, instead of a fresh one."""
+    if hub.follower is not None and not hub.follower.has_fleet:
+        # a worker that has not had the owner's fleet yet (it just started;
+        # the owner is slow or restarting) holds no vehicles: a client would
+        # get an empty snapshot, and a resume's replay would skip every event
+        # of a vehicle unknown here while `recovered` said true
+        raise Refused(CLOSE_TRY_AGAIN, "this worker is starting: try again")
     stores = hub.stores
     claims = s.claims
     acl_generation = hub.acl_generation

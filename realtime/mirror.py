@@ -381,6 +381,9 @@ class Follower:
         self.xlate = np.full(0, -1, np.int64)     # the owner's row -> ours
         self.types = np.zeros(256, np.uint8)      # the owner's type code -> ours
         self.connected = False                    # linked, and the whole fleet received
+        # a whole fleet received since this worker started: until then it
+        # holds no vehicles, and refuses clients (client.start)
+        self.has_fleet = False
         self.frames = 0
         # rows the owner had not named here: a tick frame's row whose slice of
         # a whole-fleet copy had not come yet (Owner._copy); after a copy, a bug
@@ -545,7 +548,7 @@ class Follower:
                 hub.forget_rows(sorted(extra))
             if not self.connected:
                 log.info("mirror: whole fleet received", extra={"fields": {"vehicles": len(core.id_to_row)}})
-            self.connected = True
+            self.connected = self.has_fleet = True
         hub.wake()
 
     def _checked(self, f: dict):

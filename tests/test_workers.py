@@ -295,3 +295,64 @@ async def test_a_group_the_registry_drops_leaves_on_every_worker(redis_url, uid)
     finally:
         await r.aclose()
         s.stop()
+
+
+async def test_a_worker_without_the_fleet_refuses_clients_rather_than_lose_their_events(redis_url, uid):
+    """A follower that has not had the owner's fleet (it was restarted while
+    the owner is stuck) holds no vehicles: a resume there replayed none of
+    their events and still said recovered: true. It refuses clients with
+    1013 until the fleet arrives, and serves them after."""
+    import asyncio
+    import websockets
+    s = Server("--workers", "2", "--simulate", "0", "--tick-ms", "20", "--redis", redis_url)
+    stopped = None
+    try:
+        first = both_workers(s)
+        both_ready(s)
+        assert ingest(s, [update(uid + "v")])[0] == 200
+        owner = None
+        for _ in range(40):
+            c = await Client.connect(s, token())
+            await c.recv_type("welcome")
+            await c.send({"type": "subscribe", "subscriptions": {}})
+            b = await c.recv_type("batch")
+            await c.close()
+            pid, index = b["batch_id"].split("-")[:2]
+            if index == "0":
+                owner = int(pid, 16)
+                break
+        assert owner in first
+        follower = [p for p in first if p != owner][0]
+        os.kill(owner, signal.SIGSTOP)
+        stopped = owner
+        os.kill(follower, signal.SIGKILL)
+        deadline = time.time() + 30
+        while time.time() < deadline and len([p for p in children(s.proc.pid) if p != owner]) < 1:
+            time.sleep(0.1)
+        await asyncio.sleep(1.0)   # the new follower listens; the stuck owner sends it nothing
+        answers = []
+        for _ in range(30):   # connections land on either: the stuck owner's never answer
+            try:
+                c = await Client.connect(s, token(), open_timeout=1.5)
+            except (asyncio.TimeoutError, TimeoutError, OSError):
+                continue
+            try:
+                answers.append((await c.recv(3.0)).get("type"))
+            except websockets.ConnectionClosed as e:
+                answers.append(e.rcvd.code if e.rcvd else None)
+            except asyncio.TimeoutError:
+                answers.append("silence")
+            await c.close()
+            if len(answers) >= 3:
+                break
+        assert answers and set(answers) == {1013}, answers
+        os.kill(owner, signal.SIGCONT)
+        stopped = None
+        both_ready(s)
+        c = await Client.connect(s, token())
+        await c.recv_type("welcome")
+        await c.close()
+    finally:
+        if stopped:
+            os.kill(stopped, signal.SIGCONT)
+        s.stop()
