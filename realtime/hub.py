@@ -736,15 +736,16 @@ class Hub:
         behind = len(stale) > VEHICLE_SLICE
         stale = stale[:VEHICLE_SLICE]
         if len(stale):
-            forgotten_ids = [core.ids[r] for r in stale]
-            self.forget_rows(stale)
-            self.stores.forgotten(forgotten_ids)
+            forgotten_ids = self._drop(stale)
             for vid in forgotten_ids:
                 self.records.event("vehicle_stale", None, vid)
-            if self.owner is not None:
-                self.owner.forgotten(forgotten_ids, stale)
             log.info("vehicles forgotten", extra={"fields": {"count": int(len(stale)),
                                                              "silent_s": st.stale_after_s}})
+        # rows the registry made for vehicles never heard of, which it no
+        # longer lists: nothing else frees them (they never turn stale)
+        unlisted = core.unlisted_rows()[:VEHICLE_SLICE]
+        if unlisted:
+            self._drop(np.asarray(unlisted, np.int32))
         off = core.mark_offline(core.silent_rows(now - st.offline_after_s), VEHICLE_SLICE)
         if len(off):
             self.stores.changed(off)
@@ -752,6 +753,19 @@ class Hub:
             for r in off:
                 self.records.event("vehicle_offline", None, core.ids[r])
         return behind or len(off) == VEHICLE_SLICE
+
+    def _drop(self, rows) -> list[str]:
+        """Forgets rows here, in the other workers and in Redis (the writer
+        takes them out of the geo index and of the groups their updates
+        carried). Returns their ids."""
+        core = self.core
+        ids = [core.ids[r] for r in rows]
+        carried = [core.carried[r] for r in rows]
+        self.forget_rows(rows)
+        self.stores.forgotten(ids, carried)
+        if self.owner is not None:
+            self.owner.forgotten(ids, rows)
+        return ids
 
     def forget_rows(self, rows) -> None:
         """`leave` (r: stale) to the clients that see these rows, then the

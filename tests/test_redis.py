@@ -374,18 +374,29 @@ async def test_a_registry_key_that_is_not_a_set_or_a_member_that_is_not_utf8_is_
     await c.close()
 
 
-async def test_a_vehicle_forgotten_as_stale_leaves_the_geo_index(throwaway_redis, uid):
-    """`vehicles:geoindex` grew with every vehicle id ever seen: a member
-    leaves it when its vehicle is forgotten (stale, §3.3), as its hash expires.
-    A Redis of its own: the writer removes it, and the shared one's writer is
-    another test's server, with the default --stale-after-s."""
+async def test_a_vehicle_forgotten_as_stale_leaves_the_geo_index_and_its_groups(throwaway_redis, uid):
+    """`vehicles:geoindex` and the `group:{name}:vehicles` sets of the groups
+    its updates carried grew with every vehicle id ever seen: a vehicle
+    forgotten (stale, §3.3) leaves them, as its hash expires (an id that came
+    back was in its old groups again, and every reconcile read them all).
+    A row the registry made for a vehicle never heard of is freed once no
+    registry group lists it. A Redis of its own: the writer removes them,
+    and the shared one's writer is another test's server, with the default
+    --stale-after-s."""
     port, _, _ = throwaway_redis
     r = aioredis.Redis(port=port, decode_responses=True)
     s = Server("--simulate", "0", "--tick-ms", "20", "--redis", f"redis://127.0.0.1:{port}/0",
                "--offline-after-s", "0.5", "--stale-after-s", "2")
     try:
-        gone, kept = uid + "gone", uid + "kept"
-        ingest(s, [update(gone, 55.5, 37.5), update(kept, 55.6, 37.6)])
+        gone, kept, g = uid + "gone", uid + "kept", uid + "g"
+        ingest(s, [update(gone, 55.5, 37.5, groups=[g]), update(kept, 55.6, 37.6, groups=[g])])
+        # the registry names a vehicle nobody has heard of, in a group a client names
+        await r.sadd(f"group:{uid}reg:vehicles", uid + "ghost")
+        c = await Client.connect(s, token())
+        await c.recv_type("welcome")
+        await c.subscribe(subscriptions={"groups": [uid + "reg"]})
+        assert await eventually(lambda: value(metric_value(s, "vehicles_tracked") == 3), timeout=10)
+        await r.srem(f"group:{uid}reg:vehicles", uid + "ghost")
         async def placed():   # geopos gives [None] for a missing member: true, so unwrapped
             return (await r.geopos("vehicles:geoindex", gone))[0]
         assert await eventually(placed, timeout=10) is not None
@@ -395,6 +406,15 @@ async def test_a_vehicle_forgotten_as_stale_leaves_the_geo_index(throwaway_redis
             ingest(s, [update(kept, 55.6, 37.6)])   # this one keeps reporting
             await asyncio.sleep(0.3)
         assert (await r.geopos("vehicles:geoindex", kept)) != [None]
+        assert await eventually(lambda: r.sismember(f"group:{g}:vehicles", kept))
+        assert not await r.sismember(f"group:{g}:vehicles", gone)   # in the same pipeline as the ZREM
+        # the ghost's row too, after a reconcile read the registry again
+        deadline = time.monotonic() + 15
+        while metric_value(s, "vehicles_tracked") != 1:
+            assert time.monotonic() < deadline, metric_value(s, "vehicles_tracked")
+            ingest(s, [update(kept, 55.6, 37.6)])
+            await asyncio.sleep(0.3)
+        await c.close()
     finally:
         s.stop()
         await r.aclose()

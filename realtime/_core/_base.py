@@ -868,6 +868,14 @@ class CoreBase:
         # a row with another, real change in the same batch is sent
         self.dirty[rows[accepted & ~held]] = 1
 
+    def unlisted_rows(self) -> list[int]:
+        """Rows the registry made (set_group_members) for vehicles that never
+        reported, which no registry group lists any more."""
+        n = self.n
+        ids, reg, where = self.ids, self.registry_of, self.id_to_row
+        return [r for r in np.flatnonzero(self.cur["version"][:n] == 0).tolist()
+                if ids[r] not in reg and where.get(ids[r]) == r]
+
     def silent_rows(self, since: float) -> np.ndarray:
         """Known vehicles that brought no news after `since`."""
         n = self.n

@@ -87,5 +87,5 @@ class Stores(Protocol):
 
     # vehicles
     def changed(self, rows) -> None: ...
-    def forgotten(self, vehicle_ids: list) -> None: ...   # stale (§3.3): out of shared indexes
+    def forgotten(self, vehicle_ids: list, carried: list) -> None: ...   # stale (§3.3): out of shared indexes and groups
     async def relay_updates(self, batch) -> None: ...   # an UpdateBatch, applied here already

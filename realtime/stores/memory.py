@@ -149,7 +149,7 @@ class MemoryStores:
     def changed(self, rows) -> None:
         pass
 
-    def forgotten(self, vehicle_ids: list) -> None:
+    def forgotten(self, vehicle_ids: list, carried: list) -> None:
         pass
 
     async def relay_updates(self, batch) -> None:

@@ -760,18 +760,25 @@ class RedisStores:
         if self.leader:
             self._changed.update(int(r) for r in rows)
 
-    def forgotten(self, vehicle_ids: list) -> None:
-        """Vehicles forgotten as stale (§3.3) leave `vehicles:geoindex` too:
-        their hashes expire on their own, but nothing else takes a member out
-        of the index, which grew with every id ever seen. The writer does it
-        (every instance forgets the same vehicles)."""
+    def forgotten(self, vehicle_ids: list, carried: list) -> None:
+        """Vehicles forgotten as stale (§3.3) leave `vehicles:geoindex` and
+        the `group:{name}:vehicles` sets of the groups their updates carried
+        (`carried`, one tuple each): their hashes expire on their own, but
+        nothing else takes them out of those, which grew with every id ever
+        seen, and an id that came back months later was in its old groups
+        again. The writer does it (every instance forgets the same vehicles)."""
         if self.leader and vehicle_ids:
-            self.hub.spawn(self._unindex(list(vehicle_ids)))
+            self.hub.spawn(self._unindex(list(vehicle_ids), list(carried)))
 
-    async def _unindex(self, ids: list) -> None:
+    async def _unindex(self, ids: list, carried: list) -> None:
         for i in range(0, len(ids), 1000):
-            await self.r.zrem("vehicles:geoindex", *ids[i:i + 1000])
-            self._ops += 1
+            pipe = self.r.pipeline(transaction=False)
+            pipe.zrem("vehicles:geoindex", *ids[i:i + 1000])
+            for vid, groups in zip(ids[i:i + 1000], carried[i:i + 1000]):
+                for g in groups:
+                    pipe.srem(f"group:{g}:vehicles", vid)
+            self._ops += len(pipe)
+            await pipe.execute()
 
     async def _writer(self) -> None:
         """Takes or renews the writer lease every LEASE_RENEW_S by the clock,
