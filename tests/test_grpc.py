@@ -297,3 +297,23 @@ def test_the_grpc_address_brackets_an_ipv6_host():
     assert grpc_address("::1", 50051) == "[::1]:50051"
     assert grpc_address("[::1]", 50051) == "[::1]:50051"
     assert grpc_address("localhost", 1) == "localhost:1"
+
+
+def test_the_body_cache_is_bounded_by_the_bytes_it_holds():
+    """The conversion cache of the gRPC transport is emptied past BYTES by
+    what it really holds: pieces were counted as 200 bytes each, so 16 KiB
+    events (or pieces with a driver and an assignment) could make the
+    "32 MB" cache hold gigabytes before it was emptied."""
+    import msgpack
+    from realtime.transports.grpc_stream import BodyCache
+    cache = BodyCache()
+    cache.BYTES = 4 << 20
+    held = 0
+    for i in range(2000):   # ~64 MB of pieces, each body of its own (kept whole: over BODY_MAX)
+        body = msgpack.packb([{"t": "event", "v": f"v{i}-{k}", "e": "note", "d": {"text": "x" * 16000},
+                               "eid": f"{i}-{k}", "ts": i} for k in range(5)])
+        assert cache.get(body)
+        real = sum(len(k) + len(v) for k, v in cache.pieces.items()) + \
+            sum(len(k) + len(v) for k, v in cache.bodies.items())
+        held = max(held, real)
+    assert held <= cache.BYTES + 200_000   # at most one body past the bound

@@ -62,23 +62,42 @@ class BodyCache:
 
     def __init__(self):
         self.bodies: dict[bytes, bytes] = {}
-        self.pieces: dict[bytes, bytes] = {}   # one vehicle's message, for every body that has it
-        self.size = 0
+        self.pieces = _Pieces()   # one vehicle's message, for every body that has it
+        self.size = 0             # the bodies' bytes; the pieces count their own
+
+    @property
+    def bytes(self) -> int:
+        return self.size + self.pieces.bytes
 
     def get(self, body: bytes) -> bytes:
         pb = self.bodies.get(body)
         if pb is None:
-            if self.size > self.BYTES:
+            if self.bytes > self.BYTES:
                 self.bodies.clear()
-                self.pieces.clear()
+                self.pieces = _Pieces()
                 self.size = 0
-            n = len(self.pieces)
             pb = wire.batch_body(body, self.pieces)
-            self.size += (len(self.pieces) - n) * 200   # a piece and its protobuf, roughly
             if len(body) <= self.BODY_MAX:
                 self.bodies[body] = pb
                 self.size += len(body) + len(pb)
         return pb
+
+
+class _Pieces(dict):
+    """Raw msgpack of one message -> its protobuf, counting the bytes of
+    both: a piece was counted as 200 bytes, but one with a driver and an
+    assignment, or a 16 KiB event, is up to ~32 KiB, so the "32 MB" cache
+    could hold gigabytes before it was emptied (found by a review)."""
+
+    __slots__ = ("bytes",)
+
+    def __init__(self):
+        super().__init__()
+        self.bytes = 0
+
+    def __setitem__(self, raw: bytes, pb: bytes) -> None:
+        super().__setitem__(raw, pb)
+        self.bytes += len(raw) + len(pb)
 
 
 class GrpcOutlet(Outlet):
