@@ -230,15 +230,16 @@ class HttpSessions:
         is new: its reader starts from its first entry, with `reset`)."""
         if not sid or len(sid) > 64:
             raise HttpError(400, "bad_request", "session is required")
-        lock = self._locks.get(sid)
-        if lock is None:
-            lock = self._locks[sid] = asyncio.Lock()
         held = self.held.get(sid)
         if held is not None and held.s.claims.sub == claims.sub and not held.s.limiter.allow():
             # before anything is made: a reset (a new copy) is the costly case
+            # (and before the lock, which only the finally below gives back)
             self.app["security"].of_request(request, "limit", kind, "requests per second", claims.sub)
             raise HttpError(429, "rate_limited", "more than %d requests/s for this session"
                             % self.app["settings"].max_messages_per_s)
+        lock = self._locks.get(sid)
+        if lock is None:
+            lock = self._locks[sid] = asyncio.Lock()
         try:
             async with lock:   # two readers at once must not both make a copy
                 h, new = await self._find(request, claims, sid, last_event, kind, seq)
