@@ -540,24 +540,36 @@ async def test_an_acl_key_of_another_type_grants_nothing_and_the_listener_goes_o
         await watcher.close()
 
 
+def _own_redis_with_two_vehicles(throwaway_redis, uid):
+    """A server on a Redis of its own that knows vehicles a and b: (server,
+    a client of that Redis, (a, b, a user id))."""
+    port, _, _ = throwaway_redis
+    url = f"redis://127.0.0.1:{port}/0"
+    s = Server("--simulate", "0", "--tick-ms", "20", "--redis", url)
+    a, b, user = uid + "a", uid + "b", uid + "u"
+    assert ingest(s, [update(a), update(b)])[0] == 200
+    return s, aioredis.Redis.from_url(url, decode_responses=True), (a, b, user)
+
+
+async def _acl_announced_unreadable(r, user, vehicles):
+    """An ACL for `user` announced while HGETALL is refused (NOPERM): the
+    server hears the update and cannot read it, as in a failover."""
+    await r.hset(f"acl:user:{user}", mapping={"vehicles": json.dumps(vehicles), "permissions": json.dumps([])})
+    await r.execute_command("ACL", "SETUSER", "default", "-hgetall")
+    await r.publish("acl:updates", user)
+
+
 async def test_an_acl_update_that_cannot_be_read_is_applied_when_redis_answers(throwaway_redis, uid):
     """PROTOCOL §2: while an announced ACL cannot be read, the rights in force
     stay, and instant events go on; once Redis answers, the update is applied
     without another PUBLISH. (HGETALL refused with NOPERM stands for a Redis
     that answers the listener but not the read, as in a failover.)"""
-    port, _, _ = throwaway_redis
-    url = f"redis://127.0.0.1:{port}/0"
-    s = Server("--simulate", "0", "--tick-ms", "20", "--redis", url)
-    r = aioredis.Redis.from_url(url, decode_responses=True)
+    s, r, (a, b, user) = _own_redis_with_two_vehicles(throwaway_redis, uid)
     try:
-        a, b, user = uid + "a", uid + "b", uid + "u"
-        assert ingest(s, [update(a), update(b)])[0] == 200
         c = await Client.connect(s, token(sub=user))
         await c.recv_type("welcome")
         assert (await c.subscribe(subscriptions={"vehicles": [a, b]}))[0]["visible"] == 2
-        await r.hset(f"acl:user:{user}", mapping={"vehicles": json.dumps([a]), "permissions": json.dumps([])})
-        await r.execute_command("ACL", "SETUSER", "default", "-hgetall")
-        await r.publish("acl:updates", user)
+        await _acl_announced_unreadable(r, user, [a])
         await r.publish(f"vehicle:events:{a}", json.dumps({"type": "meanwhile"}))
         got = await c.wait_messages(lambda m: m["t"] == "event", timeout=10)
         assert [m["e"] for m in got if m["t"] == "event"] == ["meanwhile"]
@@ -586,19 +598,12 @@ async def test_a_new_token_does_not_widen_rights_while_an_acl_update_cannot_be_r
     takes only its new exp, as a new connection of the user is refused
     meanwhile; it used to take the new token's rights on top. Once Redis
     answers, the ACL applies."""
-    port, _, _ = throwaway_redis
-    url = f"redis://127.0.0.1:{port}/0"
-    s = Server("--simulate", "0", "--tick-ms", "20", "--redis", url)
-    r = aioredis.Redis.from_url(url, decode_responses=True)
+    s, r, (a, b, user) = _own_redis_with_two_vehicles(throwaway_redis, uid)
     try:
-        a, b, user = uid + "a", uid + "b", uid + "u"
-        assert ingest(s, [update(a), update(b)])[0] == 200
         c = await Client.connect(s, token(sub=user, permissions=[], vehicles=[a]))
         await c.recv_type("welcome")
         assert (await c.subscribe(subscriptions={}))[0]["visible"] == 1
-        await r.hset(f"acl:user:{user}", mapping={"vehicles": json.dumps([a]), "permissions": json.dumps([])})
-        await r.execute_command("ACL", "SETUSER", "default", "-hgetall")
-        await r.publish("acl:updates", user)
+        await _acl_announced_unreadable(r, user, [a])
         await asyncio.sleep(0.5)   # the update is heard, its read refused
         await c.send({"type": "refresh", "token": token(sub=user, permissions=[], vehicles=[a, b], ttl=7200),
                       "id": "r"})
