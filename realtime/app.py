@@ -128,7 +128,7 @@ async def _start(app):
             # consumer reads on from there, and the writer keeps it up to date
             hub.stores.kafka_applied = kafka.applied
             kafka.stored_positions = hub.stores.kafka_positions
-            kafka.snapshot_loaded = hub.stores.snapshot_loaded
+            kafka.snapshot_loaded = lambda: mirror.loaded_unless_down(hub.stores, hub.stores.snapshot_loaded)
         kafka.start()
         from aiokafka import AIOKafkaProducer
         app["kafka_producer"] = AIOKafkaProducer(bootstrap_servers=settings.kafka, linger_ms=5)

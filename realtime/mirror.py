@@ -74,8 +74,9 @@ SILENT_S = 5.0                          # a follower that heard nothing this lon
 # region), and a follower's owner-to-local table for the highest is 128 MB
 MAX_ROW = 1 << 24
 # what a follower checks in the first frame: the same frames and records
-# 2: the follower speaks first (hello); 3: tick frames come between the copy's slices
-VERSION = [3, str(VEHICLE_DTYPE.descr)]
+# 2: the follower speaks first (hello); 3: tick frames come between the copy's slices;
+# 4: frames carry the groups the updates carry, and a copy may be partial ("p")
+VERSION = [4, str(VEHICLE_DTYPE.descr)]
 
 
 def role(settings) -> str | None:
@@ -108,6 +109,19 @@ async def read_frame(reader: asyncio.StreamReader):
     except asyncio.IncompleteReadError:
         return None
     return msgpack.unpackb(body, raw=False, strict_map_key=False)
+
+
+async def loaded_unless_down(stores, loaded: asyncio.Event) -> bool:
+    """Waits for the Redis snapshot to be loaded: True once it is, False as
+    soon as Redis is known to be down (its loops failed) while it is not."""
+    while not loaded.is_set():
+        if stores.healthy is False:
+            return False
+        try:
+            await asyncio.wait_for(loaded.wait(), 0.1)
+        except asyncio.TimeoutError:
+            pass
+    return True
 
 
 def _records_frame(core, rows: np.ndarray, rich: list, named) -> dict:
@@ -274,7 +288,7 @@ class Owner:
         for w in list(self.followers):
             self._drop(w)
 
-    async def _copy(self, w: asyncio.StreamWriter) -> None:
+    async def _copy(self, w: asyncio.StreamWriter, partial: bool = False) -> None:
         """The whole fleet to one follower, every rich field of every vehicle
         (what is empty now must be empty there too), a slice per turn of the
         loop. Made all at once, 200k vehicles held the owner's loop -- its
@@ -304,6 +318,8 @@ class Owner:
                 frame["s"] = VERSION
             if i == len(bounds) - 1:
                 frame["e"] = 1
+                if partial:   # not the whole fleet: the follower forgets nothing it holds
+                    frame["p"] = 1
             w.write(_frame(frame))
             if i == 0:   # the tick frames from here on go to it as well
                 self.followers.add(w)
@@ -332,13 +348,21 @@ class Owner:
                 # stays not ready until it runs the same code as this owner
                 raise ValueError(f"a follower with frames {repr(hello)[:100]}, here {VERSION!r}")
             loaded = getattr(self.hub.stores, "snapshot_loaded", None)
-            if loaded is not None:
-                await loaded.wait()   # the fleet as Redis has it, not an empty start
+            # the fleet as Redis has it, not an empty start; while Redis is
+            # down (this owner restarted during an outage) what this owner has,
+            # as a partial copy, rather than nothing for the outage: the
+            # followers' clients had frozen positions for all of it
+            partial = loaded is not None and not await loaded_unless_down(self.hub.stores, loaded)
             # what is pending goes to the others first: the copy is as of now,
             # and the next frame holds nothing from before it (a vehicle
             # forgotten and back again would be forgotten there)
             self.publish()
-            await self._copy(writer)
+            await self._copy(writer, partial)
+            if partial:
+                # the whole fleet once Redis has given it: a new link, a new copy
+                t = asyncio.get_running_loop().create_task(self._recopy_when(loaded, writer))
+                tasks.add(t)
+                t.add_done_callback(tasks.discard)
             while True:
                 msg = await read_frame(reader)
                 if msg is None:
@@ -358,6 +382,12 @@ class Owner:
             for t in tasks:
                 t.cancel()
             self._handlers.discard(asyncio.current_task())
+
+    async def _recopy_when(self, loaded: asyncio.Event, writer) -> None:
+        await loaded.wait()
+        if writer in self.followers:
+            log.info("mirror: the snapshot is loaded; the follower that had a partial copy starts again")
+            self._drop(writer)
 
     async def _forwarded(self, writer, msg, inflight) -> None:
         """HTTP ingest a follower received: as if it came here."""
@@ -540,7 +570,15 @@ class Follower:
             # for its own clients' groups (_apply_rich, _effective_groups)
             core._apply_rich(r, None if al is None else tuple(al), dr, asg, grp)
         core.new_alerts = []   # the owner publishes alert events; they come from the log
-        if f.get("e"):
+        if f.get("e") and f.get("p"):
+            # a partial copy (the owner has no snapshot: Redis is down): what
+            # it has goes on from here, and what only we hold stays until the
+            # whole copy that follows; a worker without the fleet still has none
+            self._snapshot_rows = None
+            if not self.connected:
+                log.info("mirror: partial fleet received", extra={"fields": {"vehicles": len(core.id_to_row)}})
+            self.connected = True
+        elif f.get("e"):
             extra = set(core.id_to_row.values()) - self._snapshot_rows
             self._snapshot_rows = None
             if extra:   # held here, unknown to the owner: gone while we were apart

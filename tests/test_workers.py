@@ -356,3 +356,69 @@ async def test_a_worker_without_the_fleet_refuses_clients_rather_than_lose_their
         if stopped:
             os.kill(stopped, signal.SIGCONT)
         s.stop()
+
+
+async def test_an_owner_restarted_while_redis_is_down_feeds_the_other_workers(kafka_bootstrap, throwaway_redis, uid):
+    """The owner worker copies the fleet to the others once Redis has given
+    it the snapshot. One restarted during a Redis outage waited for that for
+    the whole outage, and the followers' clients had frozen positions. It
+    now sends what it has (from Kafka) as a partial copy, which takes nothing
+    from the followers, and the whole fleet once Redis is back."""
+    import asyncio
+    from conftest import create_topic
+    from test_kafka import js, produce
+    port, proc, start = throwaway_redis
+    topic = "owner." + uid
+    await create_topic(kafka_bootstrap, topic, 1)
+    s = Server("--workers", "2", "--simulate", "0", "--tick-ms", "20", "--redis", f"redis://127.0.0.1:{port}/0",
+               "--kafka", kafka_bootstrap, "--topic", topic, "--kafka-from", "earliest")
+    s.bootstrap, s.topic = kafka_bootstrap, topic
+    vid = uid + "v"
+    clients = []
+    try:
+        both_workers(s)
+        both_ready(s)
+        t0 = int(time.time() * 1000)
+        await produce(s, [(vid, js(update(vid, 1.0, 2.0, t0)), None)])
+        owner = follower = None
+        for _ in range(60):
+            c = await Client.connect(s, token())
+            await c.recv_type("welcome")
+            clients.append(c)
+            await c.send({"type": "subscribe", "subscriptions": {"vehicles": [vid]}})
+            await c.recv_type("subscribed")
+            b = await c.recv_type("batch")
+            pid, index = b["batch_id"].split("-")[:2]
+            if index == "0":
+                owner = int(pid, 16)
+            elif b["messages"] and follower is None:
+                follower = c
+            if owner and follower:
+                break
+        assert owner and follower, "no connection reached each worker"
+        proc[0].terminate()
+        proc[0].wait()
+        await asyncio.sleep(1.0)
+        os.kill(owner, signal.SIGKILL)
+        deadline = time.time() + 30
+        while time.time() < deadline and (owner in children(s.proc.pid) or len(children(s.proc.pid)) < 2):
+            await asyncio.sleep(0.1)
+        got, lat = [], 1.0
+        deadline = time.monotonic() + 25
+        while lat != 3.0 and time.monotonic() < deadline:   # until the new owner reads Kafka and copies
+            await produce(s, [(vid, js(update(vid, 3.0, 2.0, int(time.time() * 1000))), None)])
+            got = await follower.messages(1.0)
+            lat = next((m["p"][0] for m in reversed(got) if "p" in m), lat)
+        assert lat == 3.0, s.logs()
+        proc[0] = start()   # Redis back: the whole fleet, and the follower goes on
+        deadline = time.monotonic() + 20
+        while "partial copy starts again" not in s.logs(None) and time.monotonic() < deadline:
+            await asyncio.sleep(0.3)
+        assert "partial copy starts again" in s.logs(None)
+        await produce(s, [(vid, js(update(vid, 4.0, 2.0, int(time.time() * 1000))), None)])
+        got = await follower.wait_messages(lambda m: m.get("p", [None])[0] == 4.0, timeout=15)
+        assert [m for m in got if m.get("t") == "leave"] == []
+    finally:
+        for c in clients:
+            await c.close()
+        s.stop()

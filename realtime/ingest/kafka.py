@@ -112,10 +112,12 @@ class KafkaIngest:
         # async () -> {partition: offset} | None: the positions saved in Redis
         # (set by app.py with --redis)
         self.stored_positions = None
-        # set once the Redis snapshot is loaded (app.py, with --redis): the
-        # first records wait for it, so that what they replay lands on the
-        # state it follows (an alert still active is not new to an empty core)
-        self.snapshot_loaded: asyncio.Event | None = None
+        # async () -> bool (app.py, with --redis): True once the Redis
+        # snapshot is loaded, False as soon as Redis is known down. The first
+        # records wait for it, so that what they replay lands on the state it
+        # follows (an alert still active is not new to an empty core), but
+        # not for an outage
+        self.snapshot_loaded = None
         self._reconnect = asyncio.Event()
 
     def start(self) -> None:
@@ -142,13 +144,14 @@ class KafkaIngest:
             try:
                 await self._connect()
                 backoff = 0.5
-                if self.snapshot_loaded is not None and not self.snapshot_loaded.is_set():
+                if self.snapshot_loaded is not None:
                     try:
-                        await asyncio.wait_for(self.snapshot_loaded.wait(), SNAPSHOT_WAIT_S)
-                    except asyncio.TimeoutError:   # Redis away: the records cannot wait for it
-                        log.warning("redis snapshot not loaded; consuming without it",
-                                    extra={"fields": {"waited_s": SNAPSHOT_WAIT_S}})
-                        self.snapshot_loaded = None
+                        loaded = await asyncio.wait_for(self.snapshot_loaded(), SNAPSHOT_WAIT_S)
+                    except asyncio.TimeoutError:
+                        loaded = False
+                    if not loaded:   # Redis away: the records cannot wait for it
+                        log.warning("redis snapshot not loaded; consuming without it")
+                    self.snapshot_loaded = None
                 await self._consume()
             except asyncio.CancelledError:
                 raise
