@@ -98,6 +98,24 @@ def both_ready(s) -> None:
     assert ok == 10, s.logs()
 
 
+async def on_worker(s, index: str, tok: str | None = None, subscriptions: dict | None = None, tries: int = 60):
+    """A client of `tok` subscribed to `subscriptions` that landed on worker
+    `index` (connections land on either: a batch id is pid-index-tick):
+    (client, the worker's pid, its `subscribed`, its first batch). The
+    clients that landed elsewhere are closed."""
+    for _ in range(tries):
+        c = await Client.connect(s, tok or token())
+        await c.recv_type("welcome")
+        await c.send({"type": "subscribe", "subscriptions": subscriptions or {}})
+        sub = await c.recv_type("subscribed")
+        b = await c.recv_type("batch")
+        pid, at = b["batch_id"].split("-")[:2]
+        if at == index:
+            return c, int(pid, 16), sub, b
+        await c.close()
+    raise AssertionError("no connection reached worker " + index)
+
+
 def children(pid: int) -> list[int]:
     """Live worker processes of the supervisor (not multiprocessing's resource tracker)."""
     out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout

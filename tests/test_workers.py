@@ -11,7 +11,7 @@ import time
 import pytest
 
 from conftest import (ROOT, SECRET, Client, Server, both_ready, both_workers, children, ingest, metric_value,
-                      token, update, vehicle_status)
+                      on_worker, token, update, vehicle_status)
 
 pytestmark = pytest.mark.integration
 
@@ -267,27 +267,19 @@ async def test_a_group_the_registry_drops_leaves_on_every_worker(redis_url, uid)
     vid, g = uid + "v", uid + "g"
     tok = token(sub=uid + "u", permissions=[], groups=[g])
 
-    async def on_worker(index: str):
-        """A client of the group's token on that worker (connections land on either)."""
-        for _ in range(60):
-            c = await Client.connect(s, tok)
-            await c.recv_type("welcome")
-            await c.send({"type": "subscribe", "subscriptions": {}})
-            sub = await c.recv_type("subscribed")
-            b = await c.recv_type("batch")
-            if b["batch_id"].split("-")[1] == index:
-                assert sub["visible"] == 1 and [m["v"] for m in b["messages"]] == [vid]
-                return c
-            await c.close()
-        raise AssertionError("no connection reached worker " + index)
+    async def seeing(index: str):
+        """A client of the group's token on that worker, seeing the vehicle."""
+        c, _, sub, b = await on_worker(s, index, tok)
+        assert sub["visible"] == 1 and [m["v"] for m in b["messages"]] == [vid]
+        return c
     try:
         both_workers(s)
         both_ready(s)
         assert ingest(s, [update(vid)])[0] == 200   # its updates carry no groups
         await r.sadd(f"group:{g}:vehicles", vid)
-        owners = await on_worker("0")   # the owner reads the group for it
-        await owners.close()            # and no longer does
-        c = await on_worker("1")
+        owners = await seeing("0")   # the owner reads the group for it
+        await owners.close()         # and no longer does
+        c = await seeing("1")
         await r.srem(f"group:{g}:vehicles", vid)
         left = await c.wait_messages(lambda m: m.get("t") == "leave" and m.get("v") == vid, timeout=15)
         assert [m["r"] for m in left if m.get("t") == "leave"] == ["permission"], s.logs()
@@ -310,17 +302,8 @@ async def test_a_worker_without_the_fleet_refuses_clients_rather_than_lose_their
         first = both_workers(s)
         both_ready(s)
         assert ingest(s, [update(uid + "v")])[0] == 200
-        owner = None
-        for _ in range(40):
-            c = await Client.connect(s, token())
-            await c.recv_type("welcome")
-            await c.send({"type": "subscribe", "subscriptions": {}})
-            b = await c.recv_type("batch")
-            await c.close()
-            pid, index = b["batch_id"].split("-")[:2]
-            if index == "0":
-                owner = int(pid, 16)
-                break
+        c, owner, _, _ = await on_worker(s, "0")
+        await c.close()
         assert owner in first
         follower = [p for p in first if p != owner][0]
         os.kill(owner, signal.SIGSTOP)
@@ -380,22 +363,11 @@ async def test_an_owner_restarted_while_redis_is_down_feeds_the_other_workers(ka
         both_ready(s)
         t0 = int(time.time() * 1000)
         await produce(s, [(vid, js(update(vid, 1.0, 2.0, t0)), None)])
-        owner = follower = None
-        for _ in range(60):
-            c = await Client.connect(s, token())
-            await c.recv_type("welcome")
-            clients.append(c)
-            await c.send({"type": "subscribe", "subscriptions": {"vehicles": [vid]}})
-            await c.recv_type("subscribed")
-            b = await c.recv_type("batch")
-            pid, index = b["batch_id"].split("-")[:2]
-            if index == "0":
-                owner = int(pid, 16)
-            elif b["messages"] and follower is None:
-                follower = c
-            if owner and follower:
-                break
-        assert owner and follower, "no connection reached each worker"
+        c, owner, _, _ = await on_worker(s, "0")
+        clients.append(c)
+        follower, _, _, b = await on_worker(s, "1", subscriptions={"vehicles": [vid]})
+        clients.append(follower)
+        assert [m["v"] for m in b["messages"]] == [vid]
         proc[0].terminate()
         proc[0].wait()
         await asyncio.sleep(1.0)
