@@ -200,7 +200,9 @@ async def ready(request):
         problems.append("kafka unreachable")
     st = app["settings"]
     follower = app["hub"].follower
-    if follower is not None and not follower.connected:
+    if follower is not None and not (follower.connected and follower.has_fleet):
+        # a partial copy (the owner has no snapshot) links it, but a worker
+        # that never had the whole fleet refuses clients (client.start)
         problems.append("owner worker unreachable")
     problems += app["hub"].load.problems(st.ready_max_loop_lag_ms, st.ready_max_cpu, st.ready_max_memory)
     body = {"status": "ok" if not problems else "unavailable", "problems": problems,
@@ -227,6 +229,10 @@ async def vehicle(request):
                                 content_type="application/json")
     d = hub.long_form(claims, vid)
     if d is None:
+        if hub.follower is not None and not hub.follower.has_fleet:   # not "unknown": not known yet
+            raise web.HTTPServiceUnavailable(
+                text=json.dumps(M.http_error("unavailable", "this worker is starting: try again")),
+                content_type="application/json", headers={"Retry-After": "1"})
         raise web.HTTPNotFound(text=json.dumps(M.http_error("not_found", "unknown vehicle")),
                                content_type="application/json")
     return web.json_response(d, dumps=lambda o: json.dumps(o, ensure_ascii=False))

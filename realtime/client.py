@@ -313,12 +313,12 @@ async def _refresh(hub, authn, s: Session, m, settings) -> None:
         s.send(M.error("forbidden", "a refreshed token must be for the same user", m.id))
         return
     acl_generation = hub.acl_generation
-    in_doubt = hub.stores.acl_in_doubt(claims.sub)
     try:
         s.acl = await hub.stores.acl(claims.sub)
+        in_doubt = False   # read now (or, Redis down, the one in force for new connections too)
     except Exception:
-        in_doubt = True   # rights cannot be read now: the ACL in force stays
-    _take_token(hub, s, claims, in_doubt or hub.stores.acl_in_doubt(claims.sub))
+        in_doubt = True    # rights cannot be read now: the ACL in force stays
+    _take_token(hub, s, claims, in_doubt)
     if hub.acl_generation != acl_generation:   # as in start(): this read may predate it
         hub.spawn(_recheck_acl(hub, s))
     if s.closed:

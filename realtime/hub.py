@@ -729,7 +729,10 @@ class Hub:
         so that a whole fleet going silent at once (a feed outage) never holds
         a tick: returns True when some are left for the next tick."""
         if self.follower is not None:
-            return False   # the owner decides, and its frames say so (mirror.py)
+            # the owner decides, and its frames say so (mirror.py); rows this
+            # worker's own registry reads made are its own to free
+            self.follower.free_unlisted()
+            return False
         st = self.settings
         core = self.core
         stale = core.silent_rows(now - st.stale_after_s)

@@ -311,15 +311,19 @@ class Owner:
                 await asyncio.sleep(0)   # a tick, a Kafka poll, a client, between slices
                 await w.drain()          # at the follower's pace: never the whole copy in a buffer
             part = self._still_live(live[at:at + SNAPSHOT_SLICE])
-            frame = _records_frame(core, part, [_rich_entry(core, r) for r in part.tolist()], part)
+            # a partial copy (no snapshot: Redis is down) sends no rich field:
+            # what this owner has not heard again since it started is not
+            # "none", and the follower keeps what it holds (drivers, groups)
+            rich = [] if partial else [_rich_entry(core, r) for r in part.tolist()]
+            frame = _records_frame(core, part, rich, part)
             frame["t"] = list(core.types)
             frame["k"] = 1
+            if partial:   # not the whole fleet: the follower forgets nothing it holds
+                frame["p"] = 1
             if i == 0:
                 frame["s"] = VERSION
             if i == len(bounds) - 1:
                 frame["e"] = 1
-                if partial:   # not the whole fleet: the follower forgets nothing it holds
-                    frame["p"] = 1
             w.write(_frame(frame))
             if i == 0:   # the tick frames from here on go to it as well
                 self.followers.add(w)
@@ -552,7 +556,7 @@ class Follower:
             self._unmap(rows)
             hub.forget_rows(rows)
         if named is not None:
-            if f.get("k") and self._snapshot_rows is not None:   # a slice: every field as it is
+            if f.get("k") and not f.get("p") and self._snapshot_rows is not None:   # a slice: every field as it is
                 self._renew(named, rich)
             self._name(*named)
         if len(orows):
@@ -629,6 +633,17 @@ class Follower:
         if not (isinstance(gone, list) and all(isinstance(v, str) for v in gone)):
             raise ValueError("gone")
         return orows, recs, named, rich, types, gone
+
+    def free_unlisted(self) -> None:
+        """Rows this worker's registry reads made for vehicles never heard of,
+        which no registry group lists any more (CoreBase.unlisted_rows): freed
+        here, unless the owner names them (then it decides)."""
+        rows = self.hub.core.unlisted_rows()
+        if rows:
+            mapped = set(np.intersect1d(self.xlate, np.asarray(rows, np.int64)).tolist())
+            mine = [r for r in rows if r not in mapped]
+            if mine:
+                self.hub.forget_rows(np.asarray(mine, np.int32))
 
     def _renew(self, named, rich) -> None:
         """In a whole-fleet copy: a vehicle held here whose driver or assignment

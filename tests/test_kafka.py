@@ -364,6 +364,18 @@ async def test_a_record_read_again_after_a_restart_counts_as_heard_when_the_brok
     s = Server("--simulate", "0", "--tick-ms", "20", "--kafka", kafka_bootstrap, "--topic", topic)
     try:
         assert await statuses_once_old_is_offline(s, old, fresh) == {old: "offline", fresh: "moving"}, s.logs()
+        # read live, a record is heard on arrival whatever its clocks say (a
+        # pipeline may stamp it with the device's time, an hour behind here)
+        skewed = uid + "skewed"
+        p = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap)
+        await p.start()
+        try:
+            await p.send_and_wait(topic, js(update(skewed, 1.0, 2.0, now - 3_600_000, status="moving")),
+                                  key=skewed.encode(), timestamp_ms=now - 3_600_000)
+        finally:
+            await p.stop()
+        assert await statuses_once_old_is_offline(s, skewed, fresh, timeout=3.0) == \
+            {skewed: "moving", fresh: "moving"}, s.logs()
     finally:
         s.stop()
 

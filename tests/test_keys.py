@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from websockets.exceptions import ConnectionClosed
 
-from conftest import Server, token
+from conftest import Server, both_ready, token
 
 pytestmark = pytest.mark.integration
 
@@ -218,6 +218,7 @@ async def test_sighup_rereads_the_public_key_in_every_worker(tmp_path, redis_url
                secret=None)
     try:
         wait_for(lambda: s.logs().count("listening on") == 2, 20, "both workers to listen")
+        both_ready(s)   # a worker without the owner's fleet yet refuses clients (1013)
         tok_a, tok_b = signed(a_private, alg="ES256"), signed(b_private, alg="ES256")
         assert http_status(s, tok_a) == 201
         msg, old = await welcome(s.ws_url + "?token=" + tok_a)

@@ -597,13 +597,13 @@ async def test_a_new_token_does_not_widen_rights_while_an_acl_update_cannot_be_r
     than Redis's: a `refresh` (or an HTTP request's token) that grants more
     takes only its new exp, as a new connection of the user is refused
     meanwhile; it used to take the new token's rights on top. Once Redis
-    answers, the ACL applies."""
+    answers, the ACL applies (here it grants both vehicles)."""
     s, r, (a, b, user) = _own_redis_with_two_vehicles(throwaway_redis, uid)
     try:
         c = await Client.connect(s, token(sub=user, permissions=[], vehicles=[a]))
         await c.recv_type("welcome")
         assert (await c.subscribe(subscriptions={}))[0]["visible"] == 1
-        await _acl_announced_unreadable(r, user, [a])
+        await _acl_announced_unreadable(r, user, [a, b])
         await asyncio.sleep(0.5)   # the update is heard, its read refused
         await c.send({"type": "refresh", "token": token(sub=user, permissions=[], vehicles=[a, b], ttl=7200),
                       "id": "r"})
@@ -615,7 +615,7 @@ async def test_a_new_token_does_not_widen_rights_while_an_acl_update_cannot_be_r
         await r.execute_command("ACL", "SETUSER", "default", "+hgetall")
         await asyncio.sleep(1.5)   # read again and applied: the ACL's rights
         await c.send({"type": "subscribe", "subscriptions": {}})
-        assert (await c.recv_type("subscribed"))["visible"] == 1
+        assert (await c.recv_type("subscribed"))["visible"] == 2
         await c.close()
     finally:
         s.stop()

@@ -346,7 +346,8 @@ async def test_an_owner_restarted_while_redis_is_down_feeds_the_other_workers(ka
     it the snapshot. One restarted during a Redis outage waited for that for
     the whole outage, and the followers' clients had frozen positions. It
     now sends what it has (from Kafka) as a partial copy, which takes nothing
-    from the followers, and the whole fleet once Redis is back."""
+    from the followers (alerts the new owner has not read again stay),
+    and the whole fleet once Redis is back."""
     import asyncio
     from conftest import create_topic
     from test_kafka import js, produce
@@ -357,40 +358,59 @@ async def test_an_owner_restarted_while_redis_is_down_feeds_the_other_workers(ka
                "--kafka", kafka_bootstrap, "--topic", topic, "--kafka-from", "earliest")
     s.bootstrap, s.topic = kafka_bootstrap, topic
     vid = uid + "v"
-    clients = []
+    clients, stopped = [], None
     try:
         both_workers(s)
         both_ready(s)
-        t0 = int(time.time() * 1000)
-        await produce(s, [(vid, js(update(vid, 1.0, 2.0, t0)), None)])
+        t0 = time.time()
+        await produce(s, [(vid, js(update(vid, 1.0, 2.0, int(t0 * 1000), alerts=["overspeed"])), None)])
         c, owner, _, _ = await on_worker(s, "0")
         clients.append(c)
-        follower, _, _, b = await on_worker(s, "1", subscriptions={"vehicles": [vid]})
+        follower, follower_pid, _, b = await on_worker(s, "1", subscriptions={"vehicles": [vid]})
         clients.append(follower)
-        assert [m["v"] for m in b["messages"]] == [vid]
+        assert [(m["v"], m["al"]) for m in b["messages"]] == [(vid, ["overspeed"])]
+        # past the new owner's rewind (10 s before its predecessor died), then
+        # an update without alerts: the new owner knows the vehicle, not its alerts
+        await asyncio.sleep(max(0.0, 11.0 - (time.time() - t0)))
+        await produce(s, [(vid, js(update(vid, 2.0, 2.0, int(time.time() * 1000))), None)])
+        assert await follower.wait_messages(lambda m: m.get("p", [None])[0] == 2.0, timeout=10)
         proc[0].terminate()
         proc[0].wait()
         await asyncio.sleep(1.0)
+        # the follower links to the new owner only once that one has read
+        # Kafka again: its copy then holds the vehicle, without the alerts
+        os.kill(follower_pid, signal.SIGSTOP)
+        stopped = follower_pid
+        consumed = s.logs(None).count("kafka consuming")
         os.kill(owner, signal.SIGKILL)
         deadline = time.time() + 30
-        while time.time() < deadline and (owner in children(s.proc.pid) or len(children(s.proc.pid)) < 2):
+        while time.time() < deadline and (owner in children(s.proc.pid) or len(children(s.proc.pid)) < 2
+                                          or s.logs(None).count("kafka consuming") == consumed):
             await asyncio.sleep(0.1)
+        await asyncio.sleep(2.0)   # its first poll: the record of 2.0, read again
+        os.kill(follower_pid, signal.SIGCONT)
+        stopped = None
         got, lat = [], 1.0
         deadline = time.monotonic() + 25
         while lat != 3.0 and time.monotonic() < deadline:   # until the new owner reads Kafka and copies
             await produce(s, [(vid, js(update(vid, 3.0, 2.0, int(time.time() * 1000))), None)])
             got = await follower.messages(1.0)
-            lat = next((m["p"][0] for m in reversed(got) if "p" in m), lat)
+            lat = next((at[0] for at in (m.get("p") or m.get("ch", {}).get("p") for m in reversed(got)) if at), lat)
         assert lat == 3.0, s.logs()
-        proc[0] = start()   # Redis back: the whole fleet, and the follower goes on
+        await follower.send({"type": "get", "vehicle": vid, "id": "g"})
+        assert (await follower.recv_type("vehicle_update"))["alerts"] == ["overspeed"]
+        # Redis back (empty: this one keeps nothing on disk): the whole fleet
+        # as the owner has it now (without the alerts), and the follower goes on
+        proc[0] = start()
         deadline = time.monotonic() + 20
         while "partial copy starts again" not in s.logs(None) and time.monotonic() < deadline:
             await asyncio.sleep(0.3)
         assert "partial copy starts again" in s.logs(None)
         await produce(s, [(vid, js(update(vid, 4.0, 2.0, int(time.time() * 1000))), None)])
-        got = await follower.wait_messages(lambda m: m.get("p", [None])[0] == 4.0, timeout=15)
-        assert [m for m in got if m.get("t") == "leave"] == []
+        assert await follower.wait_messages(lambda m: m.get("p", [None])[0] == 4.0, timeout=15)
     finally:
+        if stopped:
+            os.kill(stopped, signal.SIGCONT)
         for c in clients:
             await c.close()
         s.stop()

@@ -106,6 +106,7 @@ class CoreBase:
         # made again keeps its groups
         self.registry_of: dict[str, set] = {}
         self.registry_members: dict[str, set] = {}
+        self.registry_made: set[int] = set()   # rows set_group_members made (unlisted_rows)
         # rich values per row, and their encodings as (json, msgpack) pairs
         self.alerts: list[tuple] = []
         self.driver: list = []
@@ -477,6 +478,7 @@ class CoreBase:
             row = self.id_to_row.get(vid)
             if row is None:
                 row = self._new_vehicle(vid)
+                self.registry_made.add(row)   # until it reports, or no group lists it (unlisted_rows)
             if name not in self.groups_of[row]:
                 self._registry_changed(row)
 
@@ -558,6 +560,11 @@ class CoreBase:
                 if not s:
                     del self.sel_by_group[g]
                     self._release_group(g)
+                    if g in self.registry_members:
+                        # nobody names it here now, so nobody reads it again:
+                        # what the registry said of it would go stale, and its
+                        # rows for vehicles never heard of would stay for good
+                        self.set_group_members(g, ())
         self.sel_spec[sid] = None
         self.sel_bits[sid] = 0
         self.sel_free.append(sid)
@@ -870,11 +877,17 @@ class CoreBase:
 
     def unlisted_rows(self) -> list[int]:
         """Rows the registry made (set_group_members) for vehicles that never
-        reported, which no registry group lists any more."""
-        n = self.n
-        ids, reg, where = self.ids, self.registry_of, self.id_to_row
-        return [r for r in np.flatnonzero(self.cur["version"][:n] == 0).tolist()
-                if ids[r] not in reg and where.get(ids[r]) == r]
+        reported, which no registry group lists any more. A row that
+        reported since, or was freed, is no longer the registry's."""
+        ids, reg, where, version = self.ids, self.registry_of, self.id_to_row, self.cur["version"]
+        out = []
+        for r in list(self.registry_made):
+            if where.get(ids[r]) != r or version[r] != 0:
+                self.registry_made.discard(r)
+            elif ids[r] not in reg:
+                self.registry_made.discard(r)
+                out.append(r)
+        return out
 
     def silent_rows(self, since: float) -> np.ndarray:
         """Known vehicles that brought no news after `since`."""
@@ -1014,12 +1027,16 @@ class CoreBase:
         inside = orows < len(xlate)
         local[inside] = xlate[orows[inside]]
         ok = local >= 0
+        skipped = int(len(ok) - ok.sum())
         local, recs = local[ok], recs[ok]
+        # never back in time (the compiled k_mirror says why)
+        newer = (self.cur["version"][local] == 0) | (recs["ts"] >= self.cur["ts"][local])
+        local, recs = local[newer], recs[newer]
         for name in self.MIRRORED:
             self.cur[name][local] = recs[name]
         self.cur["vtype"][local] = types[recs["vtype"]]
         self.dirty[local] = 1
-        return local, int(len(ok) - len(local))
+        return local, skipped
 
     def dirty_rows(self) -> np.ndarray:
         """The rows the next tick routes, ascending, as int32. Read as bool:

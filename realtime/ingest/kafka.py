@@ -32,7 +32,6 @@ from .decode import RICH_DECODERS, Rejected, decode_record, finish_object
 
 log = logging.getLogger("realtime.kafka")
 SNAPSHOT_WAIT_S = 30.0   # the longest the first records wait for the Redis snapshot
-HISTORY_S = 2.0   # a poll whose records the broker took longer ago than this is read again
 
 
 class RateLimitedLog:
@@ -105,6 +104,9 @@ class KafkaIngest:
         self._task: asyncio.Task | None = None
         self._bad_log = RateLimitedLog(log)
         self.positions: dict[TopicPartition, int] = {}   # where to go on after a reconnect
+        # partition -> its end when the consumer took its place (after a
+        # start or an outage): what is below it is read again (_history)
+        self._history_end: dict[int, int] = {}
         # partition -> the offset after the last record applied to the core
         # (decoded, applied or rejected): what the Redis writer saves once
         # the rows they changed are written (stores/redis.py)
@@ -180,6 +182,11 @@ class KafkaIngest:
         self.partitions = [TopicPartition(s.topic, p) for p in sorted(parts)]
         self.consumer.assign(self.partitions)
         await self._seek_start()
+        try:
+            ends = await self.consumer.end_offsets(self.partitions)
+            self._history_end = {tp.partition: o for tp, o in ends.items()}
+        except Exception:   # then every record counts as live, heard on arrival
+            self._history_end = {}
         if s.dead_letter_topic:
             self.producer = AIOKafkaProducer(bootstrap_servers=s.kafka)
             await self.producer.start()
@@ -234,10 +241,9 @@ class KafkaIngest:
 
     async def _seek_stored(self, stored: dict[int, int]) -> None:
         """Each partition from where the Redis snapshot's writer had applied
-        it, but not from before now - --stale-after-s; a partition it never
-        read (new, or never written to) from that bound. A stored offset past
-        the partition's end (the topic was made again) is out of range for
-        the broker, and auto_offset_reset takes the partition from its start."""
+        it, but not from before now - --stale-after-s, nor past the
+        partition's end; a partition it never read (new, or never written to)
+        from that bound."""
         c = self.consumer
         since = int((time.time() - self.settings.stale_after_s) * 1000)
         try:
@@ -246,8 +252,16 @@ class KafkaIngest:
             log.warning("offsets_for_times failed; reading from the stored positions",
                         extra={"fields": {"error": repr(e)[:200]}})
             bound = None
+        try:
+            # a stored offset past a partition's end (the topic made again, or
+            # written by hand) would send the consumer to the partition's start
+            ends = await c.end_offsets(self.partitions)
+        except Exception:
+            ends = {}
         for tp in self.partitions:
             pos = stored.get(tp.partition)
+            if pos is not None and tp in ends:
+                pos = min(pos, ends[tp])
             if bound is None:
                 lowest = 0
             elif bound.get(tp) is None:   # nothing newer than the bound in it
@@ -319,11 +333,12 @@ class KafkaIngest:
                 self.first_record_at = time.time()
             polled = []
             reached = {}
-            newest, oldest = 0, None
+            newest = 0
+            history = False
             for tp, records in batches.items():
                 self.records += len(records)
                 newest = max(newest, records[-1].timestamp)
-                oldest = records[0].timestamp if oldest is None else min(oldest, records[0].timestamp)
+                history = history or records[0].offset < self._history_end.get(tp.partition, 0)
                 reached[tp.partition] = records[-1].offset + 1
                 polled += records
             self.newest_record_ms = max(self.newest_record_ms, newest)
@@ -332,7 +347,7 @@ class KafkaIngest:
                 # decoder looked up cannot be given to another vehicle meanwhile
                 decoded, rejected = self._decode(polled)
                 for batch, recs in decoded:
-                    self.sink(batch, self._history(recs, oldest))
+                    self.sink(batch, self._history(recs) if history else 0.0)
                 for r, e in rejected:
                     await self._reject(r, e)
                 # after the rejects' dead-letter copies too: a restart from a
@@ -341,20 +356,21 @@ class KafkaIngest:
                 self.last_record_at = time.time()
             await self._update_lag()
 
-    @staticmethod
-    def _history(recs: list, oldest_ms: int):
-        """0 for a poll whose records the broker took within HISTORY_S (live:
-        heard now), else each record's age by the broker's clock, for
-        core.apply: read again after a restart, a vehicle counts as heard
-        when its update's timestamp says, but never before the broker took
-        it (a device clock behind must not make a vehicle look silent).
-        `oldest_ms`, the first record of each partition's part of the poll,
-        spares live polls a look at every record."""
+    def _history(self, recs: list):
+        """For the records read again after a restart (below the end each
+        partition had when this consumer took its place, `_history_end`),
+        their age by the record's timestamp: core.apply counts their vehicle
+        as heard when its update's timestamp says, but never before that
+        (a device clock behind, in the update, is capped by it). Every later
+        record is live, heard now whatever the clocks say: a record's
+        timestamp is the producer's (CreateTime), which a pipeline may set to
+        the event's time, so timestamps alone cannot tell history from a
+        device or pipeline running behind."""
+        ends = self._history_end
         wall = time.time()
-        if not recs or wall - oldest_ms / 1000.0 <= HISTORY_S:
-            return 0.0
-        taken = np.fromiter((r.timestamp for r in recs), np.float64, len(recs))
-        return np.maximum(wall - taken / 1000.0, 0.0)
+        ages = np.fromiter((wall - r.timestamp / 1000.0 if r.offset < ends.get(r.partition, 0) else 0.0
+                            for r in recs), np.float64, len(recs))
+        return np.maximum(ages, 0.0)
 
     def _decode(self, polled: list) -> tuple[list, list]:
         """A poll -> ([(UpdateBatch, its records)], [(record, Rejected)]).

@@ -51,7 +51,7 @@ import numpy as np
 from redis.exceptions import NoPermissionError, ResponseError
 
 from .._core._base import records
-from .._core._schema import MAX_ID_LEN
+from .._core._schema import MAX_ID_LEN, NOTHING_GROUP
 from ..ingest.decode import Rejected, decode_relay, relay_origin, validate, validate_relayed
 from .presence import Presence
 from .redis_conn import DOWN, Scanner, clustered, connect, mget, run_ids
@@ -778,7 +778,9 @@ class RedisStores:
                 for g in groups:
                     pipe.srem(f"group:{g}:vehicles", vid)
             self._ops += len(pipe)
-            await pipe.execute()
+            # a set of another type (written by hand) is its own problem: the
+            # rest of the ids still leave the index and their groups
+            await pipe.execute(raise_on_error=False)
 
     async def _writer(self) -> None:
         """Takes or renews the writer lease every LEASE_RENEW_S by the clock,
@@ -831,6 +833,7 @@ class RedisStores:
         # what the core had applied of Kafka when these rows were taken: every
         # record up to there changed rows that are in _changed or were written
         applied = dict(self.kafka_applied) if self.kafka_applied else None
+        whole = True
         if self._changed:
             rows, self._changed = sorted(self._changed), set()
             for i in range(0, len(rows), WRITE_SLICE):   # each with its change-feed entry
@@ -838,11 +841,11 @@ class RedisStores:
                     self._changed.update(rows[i:])
                     return
                 try:
-                    await self._write_rows(rows[i:i + WRITE_SLICE])
+                    whole = await self._write_rows(rows[i:i + WRITE_SLICE]) and whole
                 except BaseException:
                     self._changed.update(rows[i:])  # written next time
                     raise
-        if applied and applied != self._kafka_saved and self._lease_fresh():
+        if whole and applied and applied != self._kafka_saved and self._lease_fresh():
             # after the rows: a new instance reads the topic on from here
             # (KafkaIngest._seek_stored) and finds the rest in the snapshot
             await self.r.hset(self._positions_key(), mapping={str(p): o for p, o in applied.items()})
@@ -868,11 +871,12 @@ class RedisStores:
         out = {}
         for k, v in raw.items():
             k, v = (x.decode(errors="replace") if isinstance(x, bytes) else str(x) for x in (k, v))
-            if k.isascii() and k.isdigit() and v.isascii() and v.isdigit():
-                out[int(k)] = int(v)
+            if k.isascii() and k.isdigit() and v.isascii() and v.isdigit() and len(k) < 10 and len(v) < 19:
+                out[int(k)] = int(v)   # (a Kafka offset is a signed 64-bit number)
         return out or None
 
-    async def _write_rows(self, rows) -> None:
+    async def _write_rows(self, rows) -> bool:
+        """False when the slice was put back to be written next time."""
         core = self.hub.core
         pipe = self.r.pipeline(transaction=False)
         geo = []
@@ -981,7 +985,7 @@ class RedisStores:
                 # the server stopped taking the quiet write (its ACL changed):
                 # the slice was packed for it alone, so it goes again, with replies
                 self._changed.update(rows)
-                return
+                return False
             for args in cmds:
                 pipe.execute_command(*args)
             if geo:
@@ -1006,6 +1010,7 @@ class RedisStores:
         for r in expired:
             self._expired_at[r] = now
         self._ops += n
+        return True
 
     async def _write_quietly(self, blob: bytes) -> bool:
         """The commands in `blob` (RESP) in one write between CLIENT REPLY OFF
@@ -1299,7 +1304,7 @@ class RedisStores:
     async def _refresh_groups(self) -> None:
         """Group membership written by the vehicle registry, for groups in use
         (not the one no vehicle may be in: no registry set can put one there)."""
-        await self.resolve_groups([g for g in self.hub.core.sel_by_group if len(g) <= MAX_ID_LEN])
+        await self.resolve_groups([g for g in self.hub.core.sel_by_group if g != NOTHING_GROUP])
 
     async def in_registry_group(self, vehicle_id: str, names) -> bool:
         """Whether the registry (`group:{name}:vehicles`) puts the vehicle in
