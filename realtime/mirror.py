@@ -67,6 +67,7 @@ FOLLOWER_BUFFER_MAX = 64 * 1024 * 1024
 # above the owner's own Kafka produce bound (app.py, 5 s): its answer comes first
 FORWARD_TIMEOUT_S = 10.0
 FORWARD_MAX = 64                        # forwarded ingest requests in flight per follower
+FORWARD_BUFFER_MAX = 16 * 1024 * 1024   # a follower's unsent forwards, at most (then 503)
 RECONNECT_MAX_S = 1.0
 HEARTBEAT_S = 1.0                       # the owner sends at least a frame this often
 SILENT_S = 5.0                          # a follower that heard nothing this long reconnects
@@ -524,6 +525,13 @@ class Follower:
         w = self._writer
         if w is None or not self.connected:
             raise ConnectionError("the owner worker is not reachable")
+        if len(self._pending) >= FORWARD_MAX or w.transport.get_write_buffer_size() > FORWARD_BUFFER_MAX:
+            # the owner takes FORWARD_MAX at once; past that, and past what
+            # a slow owner has not read, a request is refused now rather
+            # than queued here: the buffer grew with the ingest rate for as
+            # long as the owner was slow, and each timed-out request's frame
+            # stayed in it (found by a review)
+            raise ConnectionError("the owner worker is busy")
         req = next(self._ids)
         fut = asyncio.get_running_loop().create_future()
         self._pending[req] = fut

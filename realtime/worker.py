@@ -24,7 +24,11 @@ log = logging.getLogger("realtime.worker")
 
 async def serve(settings, ready: asyncio.Event | None = None) -> None:
     app = make_app(settings)
-    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    # an idle keep-alive connection (between requests) is let go after
+    # --pong-timeout-s, as a silent WebSocket is: aiohttp's default kept each
+    # for an hour, a socket apiece, with no per-address bound (found by a review)
+    runner = web.AppRunner(app, handle_signals=False, access_log=None,
+                           keepalive_timeout=settings.pong_timeout_s)
     await runner.setup()
     tls = app.get("tls")
     ctx = tls.front if tls is not None else None

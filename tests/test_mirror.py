@@ -446,3 +446,38 @@ async def test_a_copy_in_slices_with_ticks_between_them_ends_equal_to_the_owner(
         ticker.cancel()
         await follower.stop()
         await owner.stop()
+
+
+async def test_forwarded_ingest_is_refused_not_queued_while_the_owner_is_slow(tmp_path, uid):
+    """The owner takes FORWARD_MAX forwarded requests at once; a follower
+    refuses more (503 to the sender) instead of queueing them in its link's
+    buffer, which grew with the ingest rate for as long as the owner was
+    slow (each timed-out request's frame stayed there)."""
+    path = str(tmp_path / "owner.sock")
+    owner_hub, follower_hub = hub(), hub()
+    never = asyncio.Event()
+
+    async def stuck_sink(updates):   # a Kafka produce that does not come back
+        await never.wait()
+    owner = mirror.Owner(owner_hub, path, stuck_sink)
+    owner_hub.owner = owner
+    follower = mirror.Follower(follower_hub, path)
+    follower_hub.follower = follower
+    await owner.start()
+    follower.start()
+    try:
+        await until(lambda: follower.connected)
+        big = [{"vehicle_id": f"{uid}{i}", "timestamp": 1, "position": {"lat": 1.0, "lon": 2.0},
+                "driver": {"note": "x" * 2000}} for i in range(50)]   # ~100 KB a request
+        calls = [asyncio.ensure_future(follower.forward(big)) for _ in range(400)]
+        await asyncio.sleep(1.0)
+        refused = [c for c in calls if c.done() and isinstance(c.exception(), ConnectionError)]
+        assert len(refused) >= 400 - mirror.FORWARD_MAX
+        assert follower._writer.transport.get_write_buffer_size() <= mirror.FORWARD_BUFFER_MAX + 200_000
+        for c in calls:
+            c.cancel()
+        await asyncio.gather(*calls, return_exceptions=True)
+    finally:
+        never.set()
+        await follower.stop()
+        await owner.stop()

@@ -444,3 +444,33 @@ async def test_a_client_that_stops_reading_is_let_go_not_held_for_good():
         sse.close()
     finally:
         s.stop()
+
+
+async def test_an_idle_keep_alive_connection_is_let_go_after_the_pong_timeout():
+    """A connection that made a request and then stays idle is closed after
+    --pong-timeout-s (aiohttp's default held each for an hour: a socket
+    apiece, with no bound per address)."""
+    import socket as socket_
+    s = Server("--simulate", "0", "--heartbeat-s", "1", "--pong-timeout-s", "2")
+    try:
+        sock = socket_.create_connection(("127.0.0.1", s.port))
+        sock.sendall(b"GET /health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+        sock.settimeout(10)
+        got = b""
+        while b"\r\n\r\n" not in got:
+            got += sock.recv(4096)
+        assert got.startswith(b"HTTP/1.1 200")
+        t0 = time.monotonic()
+        rest = b""
+        try:
+            while True:   # whatever is left of the body, then the close
+                chunk = sock.recv(4096)
+                if not chunk:
+                    break
+                rest += chunk
+        except socket_.timeout:
+            pytest.fail("the idle connection was still open after 10 s")
+        assert 1.0 < time.monotonic() - t0 < 8   # let go, and not before it was idle that long
+        sock.close()
+    finally:
+        s.stop()
