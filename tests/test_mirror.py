@@ -7,6 +7,7 @@ replaces the follower's; a follower that stops reading is dropped, not
 buffered for without end; a link that sends garbage is closed alone.
 """
 import asyncio
+import contextlib
 import time
 
 import msgpack
@@ -65,6 +66,13 @@ async def pair(tmp_path):
         taken.append(updates)
         owner_hub.apply(to_batch(updates, owner_hub.core.vtype_code))
 
+    async with linked(owner_hub, follower_hub, path, sink):
+        yield owner_hub, follower_hub, taken, path
+
+
+@contextlib.asynccontextmanager
+async def linked(owner_hub, follower_hub, path, sink):
+    """An owner (whose HTTP-ingest sink is `sink`) and a follower on `path`."""
     owner = mirror.Owner(owner_hub, path, sink)
     owner_hub.owner = owner
     follower = mirror.Follower(follower_hub, path)
@@ -72,10 +80,10 @@ async def pair(tmp_path):
     await owner.start()
     follower.start()
     try:
-        yield owner_hub, follower_hub, taken, path
+        yield owner, follower
     finally:
         await follower.stop()
-        await owner_hub.owner.stop()
+        await owner.stop()
 
 
 async def test_the_follower_gets_the_fleet_its_changes_and_what_is_forgotten(pair, uid):
@@ -459,13 +467,7 @@ async def test_forwarded_ingest_is_refused_not_queued_while_the_owner_is_slow(tm
 
     async def stuck_sink(updates):   # a Kafka produce that does not come back
         await never.wait()
-    owner = mirror.Owner(owner_hub, path, stuck_sink)
-    owner_hub.owner = owner
-    follower = mirror.Follower(follower_hub, path)
-    follower_hub.follower = follower
-    await owner.start()
-    follower.start()
-    try:
+    async with linked(owner_hub, follower_hub, path, stuck_sink) as (_, follower):
         await until(lambda: follower.connected)
         big = [{"vehicle_id": f"{uid}{i}", "timestamp": 1, "position": {"lat": 1.0, "lon": 2.0},
                 "driver": {"note": "x" * 2000}} for i in range(50)]   # ~100 KB a request
@@ -477,7 +479,4 @@ async def test_forwarded_ingest_is_refused_not_queued_while_the_owner_is_slow(tm
         for c in calls:
             c.cancel()
         await asyncio.gather(*calls, return_exceptions=True)
-    finally:
         never.set()
-        await follower.stop()
-        await owner.stop()
