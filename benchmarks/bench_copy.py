@@ -74,14 +74,14 @@ async def one_copy(h, at_once: bool) -> dict:
     if at_once:
         copy = owner._copy
 
-        async def whole(w):
+        async def whole(w, partial=False):
             real_sleep = mirror.asyncio.sleep
 
             async def no_yield(_):
                 return None
             mirror.asyncio.sleep = no_yield
             try:
-                await copy(_AtOnce(w))
+                await copy(_AtOnce(w), partial)
             finally:
                 mirror.asyncio.sleep = real_sleep
         owner._copy = whole

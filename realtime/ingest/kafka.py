@@ -89,7 +89,7 @@ async def produce_updates(producer, topic: str, updates: list[dict]) -> None:
 class KafkaIngest:
     def __init__(self, settings, sink, stats, core):
         self.settings = settings
-        self.sink = sink            # callable(UpdateBatch) -> None: applies it
+        self.sink = sink            # callable(UpdateBatch, aged_up_to) -> None: applies it (hub.apply)
         self.decoder = record_decoder(core)
         self.stats = stats
         self.consumer: AIOKafkaConsumer | None = None
