@@ -125,14 +125,15 @@ class Hub:
         self.follower = None   # mirror.Follower in the others
 
     # ------------------------------------------------------------ ingest
-    def apply_updates(self, updates: list[dict], aged_up_to: float = 0.0, alerts: bool = True) -> int:
+    def apply_updates(self, updates: list[dict], aged_up_to=0.0, alerts: bool = True) -> int:
         """Validated updates (ingest.decode.validate) -> core. Returns how many were applied."""
         if not updates:
             return 0
         return self.apply(to_batch(updates, self.core.vtype_code), aged_up_to, alerts)
 
-    def apply(self, batch: UpdateBatch, aged_up_to: float = 0.0, alerts: bool = True) -> int:
-        """`aged_up_to` > 0: history, heard when its timestamps say (core.apply).
+    def apply(self, batch: UpdateBatch, aged_up_to=0.0, alerts: bool = True) -> int:
+        """`aged_up_to` > 0 (seconds, or an array of them, one per update):
+        history, heard when its timestamps say (core.apply).
         `alerts` False: state read back from the Redis snapshot, whose alerts
         were raised as events by whoever applied the update that carried
         them (an alert new to this core is not new: raised again, its

@@ -118,7 +118,8 @@ class Mailbox(Outlet):
             kind = "message"
         return self._append(0, kind, (payload,), len(payload), 1)
 
-    def write_batch(self, envelope_of, batch_id: bytes, body: bytes, req_id=None, more=False) -> int:
+    def write_batch(self, envelope_of, batch_id: bytes, body: bytes, req_id=None, more=False,
+                    later=False) -> int:
         self.seq += 1
         prefix, suffix = envelope_of(FMT_JSON, batch_id, self.seq, req_id, more)
         return self._append(self.seq, "batch", (prefix, body, suffix), len(prefix) + len(body) + len(suffix),

@@ -131,9 +131,9 @@ class Session:
             try:
                 parts = split_body(self.fmt, body)
                 last = len(parts) - 1
-                for i, part in enumerate(parts):
+                for i, part in enumerate(parts):   # later: see RawWriter.write_batch
                     self.transport.write_batch(envelope_of, batch_id, part,
-                                               req_id if i == last else None, i < last)
+                                               req_id if i == last else None, i < last, last > 0)
                 self.transport.tolerate()
             except Exception as e:
                 self.write_failed(e)

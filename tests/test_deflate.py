@@ -93,3 +93,30 @@ async def test_the_clients_server_max_window_bits_is_honoured_or_the_offer_decli
         data = zlib.decompressobj(-bits).decompress(payload + b"\x00\x00\xff\xff")
         assert len(json.loads(data)["messages"]) == 200
     c.close()
+
+
+async def test_a_snapshot_in_parts_is_compressed_part_by_part_and_what_follows_waits_behind_it(server, uid):
+    """A snapshot of several batches (§3.4) is compressed one part per turn of
+    the event loop, so that a big one does not hold every other client's tick
+    (test_large_work). What the client is sent meanwhile waits behind it: two
+    subscribes in one read get their replies and snapshots in order, each
+    snapshot whole and in parts (`more` on all but its last), seqs consecutive."""
+    n = 1800   # two parts; under --max-visible's 2000, which would cluster the view
+    assert ingest(server, fleet(uid, n)) == (200, {"accepted": n, "rejected": []})
+    c = await RawClient.connect(server, "permessage-deflate; client_max_window_bits")
+    await c.until("welcome")
+    for rid in ("a", "b"):   # one write: the server reads both in one turn
+        c.send({"type": "subscribe", "id": rid, "subscriptions": {"groups": [uid]}})
+    got = []
+    while sum(len(m.get("messages", ())) for _, m in got) < 2 * n:
+        got.append(await c.message())
+    kinds = [(m["type"], m.get("id"), m.get("more", False)) for _, m in got]
+    assert kinds == [("subscribed", "a", False), ("batch", None, True), ("batch", None, False),
+                     ("subscribed", "b", False), ("batch", None, True), ("batch", None, False)]
+    batches = [m for _, m in got if m["type"] == "batch"]
+    assert all(rsv1 for rsv1, m in got if m["type"] == "batch")
+    assert [b["seq"] for b in batches] == list(range(batches[0]["seq"], batches[0]["seq"] + 4))
+    want = sorted(f"{uid}-{i:03d}" for i in range(n))
+    for snap in (batches[:2], batches[2:]):
+        assert sorted(m["v"] for b in snap for m in b["messages"] if m["t"] == "full") == want
+    c.close()

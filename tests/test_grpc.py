@@ -6,6 +6,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import grpc
@@ -100,6 +101,30 @@ async def test_a_stream_carries_typed_batches(gserver, pb, uid):
             break
         await asyncio.sleep(0.1)
     assert metric_value(gserver, 'websocket_connections_active{transport="grpc"}') == 0
+
+
+async def test_a_snapshot_in_parts_is_converted_as_the_stream_takes_it_and_stays_in_order(gserver, pb, uid):
+    """A snapshot of several batches (§3.4) is converted to protobuf part by
+    part as the stream writes it (GrpcOutlet.take), not all at once; what
+    comes after it (a tick moving its vehicles) still comes after it."""
+    realtime_pb2, realtime_pb2_grpc = pb
+    n = 1800   # two parts, under --max-visible's 2000
+    t0 = int(time.time() * 1000)
+    fleet = [update(f"{uid}-{i:04d}", 55.0 + i / 1e4, 37.0, t0, groups=[uid]) for i in range(n)]
+    assert ingest(gserver, fleet) == (200, {"accepted": n, "rejected": []})
+    async with aio.insecure_channel(gserver.grpc) as ch:
+        stub = realtime_pb2_grpc.RealtimeStub(ch)
+        req = realtime_pb2.StreamRequest(subscriptions=realtime_pb2.Subscriptions(groups=[uid]))
+        call = stub.Stream(req, metadata=meta())
+        snap = await take(call, until=lambda bs: sum(k == "full" for k, _ in kinds(bs)) >= n)
+        assert snap[0].welcome.session and [b.seq for b in snap] == [0, 1, 2]
+        assert [b.more for b in snap[1:]] == [True, False]
+        assert sorted(m.vehicle for k, m in kinds(snap) if k == "full") == [u["vehicle_id"] for u in fleet]
+        ingest(gserver, [dict(u, timestamp=t0 + 1000, position={"lat": 56.0, "lon": 38.0}) for u in fleet])
+        moved = await take(call, until=lambda bs: sum(k == "pos" for k, _ in kinds(bs)) >= n)
+        assert {m.vehicle for k, m in kinds(moved) if k == "pos"} == {u["vehicle_id"] for u in fleet}
+        assert [b.seq for b in moved] == list(range(3, 3 + len(moved)))
+        call.cancel()
 
 
 async def test_grpc_status_codes(gserver, pb):

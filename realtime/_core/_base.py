@@ -291,7 +291,7 @@ class CoreBase:
     def row_of(self, vid: str) -> int:
         return self.id_to_row.get(vid, -1)
 
-    def apply(self, batch: S.UpdateBatch, now: float = 0.0, aged_up_to: float = 0.0):
+    def apply(self, batch: S.UpdateBatch, now: float = 0.0, aged_up_to=0.0):
         """Apply a columnar batch in order. Returns (rows, masks) of the updates
         that changed something; older-than-stored updates are counted in
         `ignored_stale`. New alerts land in `new_alerts` as (row, alert).
@@ -299,8 +299,9 @@ class CoreBase:
         A vehicle counts as heard `now`, or, for history (a topic read again
         after a restart, a snapshot loaded), as long before `now` as its
         update's timestamp is old by the wall clock, up to `aged_up_to`
-        seconds (one for all, or an array with one for each update): a vehicle silent for an hour must not look live for another
-        --offline-after-s because its last update was read again."""
+        (seconds, or an array of them, one per update): a vehicle silent
+        for an hour must not look live for another --offline-after-s
+        because its last update was read again."""
         n = len(batch)
         if batch.rows is not None:   # looked up by the Kafka decoder
             rows = batch.rows

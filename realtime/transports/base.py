@@ -62,10 +62,14 @@ class Transport(Protocol):
         Returns the bytes queued; 0 when the client is gone. May raise: the
         Session closes that client alone (Session.write_failed)."""
 
-    def write_batch(self, envelope_of, batch_id: bytes, body: bytes, req_id=None, more=False) -> int:
+    def write_batch(self, envelope_of, batch_id: bytes, body: bytes, req_id=None, more=False,
+                    later=False) -> int:
         """The next `batch`: seq += 1, envelope_of(fmt, batch_id, seq, req_id,
         more) gives the bytes around `body`, which is shared with other clients
-        and must not be copied per client where the transport can avoid it."""
+        and must not be copied per client where the transport can avoid it.
+        later: one of several parts of a snapshot or catch-up; a transport
+        whose frames cost real work to build (compression) may build it in a
+        later turn of the loop, as long as everything stays in order."""
 
     def close(self, code: int, reason: str) -> None:
         """Close with a WebSocket-style code (PROTOCOL §3.3: 1013 resume, 1008

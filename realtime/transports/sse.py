@@ -98,7 +98,8 @@ class SSEWriter(StreamOutlet):
             kind = "message"
         return self._put(_event(kind, 0, (payload,)))
 
-    def write_batch(self, envelope_of, batch_id: bytes, body: bytes, req_id=None, more=False) -> int:
+    def write_batch(self, envelope_of, batch_id: bytes, body: bytes, req_id=None, more=False,
+                    later=False) -> int:
         self.seq += 1
         prefix, suffix = envelope_of(FMT_JSON, batch_id, self.seq, req_id, more)
         return self._put(_event("batch", self.seq, (prefix, body, suffix)))
