@@ -351,12 +351,16 @@ class RawClient:
             payload = zlib.decompressobj(-15).decompress(payload + b"\x00\x00\xff\xff")
         return rsv1, json.loads(payload)
 
-    def send(self, obj):
-        data = json.dumps(obj).encode()
-        mask = os.urandom(4)
-        n = len(data)
-        head = bytes((0x81, 0x80 | n)) if n < 126 else bytes((0x81, 0xFE)) + n.to_bytes(2, "big")
-        self.writer.write(head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(data)))
+    def send(self, *objs):
+        """One frame per object, all in one write (the server reads them at once)."""
+        frames = []
+        for obj in objs:
+            data = json.dumps(obj).encode()
+            mask = os.urandom(4)
+            n = len(data)
+            head = bytes((0x81, 0x80 | n)) if n < 126 else bytes((0x81, 0xFE)) + n.to_bytes(2, "big")
+            frames.append(head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(data)))
+        self.writer.write(b"".join(frames))
 
     async def until(self, kind):
         while True:

@@ -32,7 +32,7 @@ from .. import messages as M
 from .._core._fanout import Outlet
 from .._core._schema import FMT_MSGPACK
 from ..auth import AuthError
-from ..session import Session
+from ..session import CLOSE_WRITE_FAILED, Session
 
 log = logging.getLogger("realtime.grpc")
 
@@ -148,17 +148,26 @@ class GrpcOutlet(Outlet):
         self.wake.set()
         return n
 
-    def take(self) -> bytes:
-        """The next message to write, in the order written."""
+    def take(self) -> bytes | None:
+        """The next message to write, in the order written; None when its
+        conversion failed and the stream closes (1011: the client resumes),
+        as a failed write_batch closed it before conversion was put off."""
         item = self.queue.popleft()
-        if type(item) is tuple:
-            head, body = item
-            self.queued -= len(head) + len(body)
+        if type(item) is not tuple:
+            self.queued -= len(item)
+            return item
+        head, body = item
+        self.queued -= len(head) + len(body)
+        try:
             data = head + self.cache.get(body)
-            self.nbytes += len(data) - len(head) - len(body)
-            return data
-        self.queued -= len(item)
-        return item
+        except Exception as e:
+            Session.write_errors += 1
+            log.warning("write failed; closing the stream", extra={"fields": {
+                "event": "write_error", "transport": "grpc", "error": repr(e)[:200]}})
+            self.close(CLOSE_WRITE_FAILED, "write failed: resume")
+            return None
+        self.nbytes += len(data) - len(head) - len(body)
+        return data
 
     def pending(self) -> int:
         return self.queued
@@ -245,7 +254,9 @@ class RealtimeService:
             _log("connect", s, resumed=resumed)
             while True:
                 while out.queue:
-                    await context.write(out.take())
+                    data = out.take()
+                    if data is not None:
+                        await context.write(data)
                 if out.ended is not None:
                     break
                 out.wake.clear()

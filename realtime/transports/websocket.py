@@ -33,6 +33,9 @@ CLOSE_TRY_AGAIN = 1013  # events could not be kept for a slow client: resume
 
 
 RSV1 = 0x40  # "this message is compressed" under permessage-deflate
+# What may wait to be compressed (RawWriter.write_batch), in write buffer
+# limits: room for the largest snapshot, and what comes behind it
+LATER_LIMITS = 2
 
 
 def frame_header(first: int, n: int) -> bytes:
@@ -155,6 +158,11 @@ class RawWriter(StreamOutlet):
             return 0
         n = len(prefix) + len(body) + len(suffix)
         if self._later or (later and self.deflate_from is not None and n >= self.deflate_from):
+            if self._later_bytes + n > LATER_LIMITS * self.limit:
+                # snapshots asked for faster than they can be compressed
+                # (a subscribe loop): memory, not the socket, is what fills
+                self._stop_later(CLOSE_TRY_AGAIN, "slow client: too much waiting to be compressed")
+                return 0
             self._later.append((prefix, body, suffix))
             self._later_bytes += n
             if not self._compressing:
@@ -174,30 +182,43 @@ class RawWriter(StreamOutlet):
         next turn of the loop. A connection that is closing (by either side)
         drops what waits: nothing may follow its close frame."""
         self._compressing = False
-        t = self.transport
-        if (t is None or t.is_closing() or self.ws.closed or self.close_started
-                or t.get_write_buffer_size() > self.limit):
-            if self._later and not self.close_started and t is not None and not t.is_closing():
-                self.close(CLOSE_TRY_AGAIN, "slow client: write buffer over limit")
-            self._later.clear()
-            self._later_bytes = 0
+        if not self._later:
             return
+        t = self.transport
+        if t is None or t.is_closing() or self.ws.closed or self.close_started:
+            self._drop_later()
+            return
+        if t.get_write_buffer_size() > self.limit:
+            self._stop_later(CLOSE_TRY_AGAIN, "slow client: write buffer over limit")
+            return
+        if self._write_later_one(t) and self._later:
+            self._compressing = True
+            self.loop.call_soon(self._write_one_later)
+
+    def _write_later_one(self, t) -> bool:
         prefix, body, suffix = self._later.popleft()
         n = len(prefix) + len(body) + len(suffix)
         self._later_bytes -= n
         try:
             self.sent(t, self._frame(prefix, body, suffix, n))
+            return True
         except Exception as e:   # this connection's fault alone: it resumes
             Session.write_errors += 1
             log.warning("write failed; closing the connection", extra={"fields": {
                 "event": "write_error", "transport": "websocket", "error": repr(e)[:200]}})
-            self._later.clear()
-            self._later_bytes = 0
-            self.close(CLOSE_WRITE_FAILED, "write failed: resume")
-            return
-        if self._later:
-            self._compressing = True
-            self.loop.call_soon(self._write_one_later)
+            self._stop_later(CLOSE_WRITE_FAILED, "write failed: resume")
+            return False
+
+    def _drop_later(self) -> None:
+        self._later.clear()
+        self._later_bytes = 0
+
+    def _stop_later(self, code: int, reason: str) -> None:
+        """Close (the client resumes and gets what it missed); the tick's
+        fan-out stops writing to it at once, as after any failed write."""
+        self._drop_later()
+        self.closed = True
+        self.close(code, reason)
 
     def pending(self) -> int:
         return super().pending() + self._later_bytes
@@ -209,6 +230,14 @@ class RawWriter(StreamOutlet):
         # once: every write (a pong per ping) over the limit would close again
         # until aiohttp's close has begun, each a task and a log line
         if not self.ws.closed and not self.close_started:
+            if self._later and (code == 1000 or code == 1001):
+                # a shutdown's `reconnect` (§5) and what came before it go
+                # out ahead of the close frame, whatever waited
+                t = self.transport
+                while self._later and t is not None and not t.is_closing():
+                    if not self._write_later_one(t):
+                        return
+            self._drop_later()
             self.close_started = True
             if code != 1000 and code != 1001:
                 log.warning("connection closed by the server", extra={"fields": {
