@@ -137,6 +137,44 @@ async def test_a_snapshot_in_parts_is_converted_as_the_stream_takes_it_and_stays
         call.cancel()
 
 
+async def test_a_stream_whose_reader_takes_nothing_is_let_go(pb):
+    """A client that keeps its connection but stops taking messages (HTTP/2
+    flow control: the server's write never completes) is closed after
+    --pong-timeout-s, as a WebSocket client that answers no ping: its session,
+    core row and per-user slot come back. It used to hold them for as long as
+    it kept the connection (grpc's write cannot be cancelled, and the call's
+    status waits behind it)."""
+    realtime_pb2, realtime_pb2_grpc = pb
+    gport = free_port()
+    s = Server("--simulate", "3000", "--grpc-port", str(gport), "--heartbeat-s", "1", "--pong-timeout-s", "3",
+               "--max-visible", "100000", "--max-connections-per-user", "1")
+    grpc_active = 'websocket_connections_active{transport="grpc"}'
+    try:
+        # no BDP probing: the window stays small, and the stream fills it at once
+        async with aio.insecure_channel(f"127.0.0.1:{gport}", options=[("grpc.http2.bdp_probe", 0)]) as ch:
+            stub = realtime_pb2_grpc.RealtimeStub(ch)
+            stuck = stub.Stream(realtime_pb2.StreamRequest(subscriptions=realtime_pb2.Subscriptions()),
+                                metadata=meta())
+            assert (await take(stuck, 1))[0].welcome.session   # then it reads nothing more
+            assert metric_value(s, grpc_active) == 1
+            for _ in range(150):
+                if metric_value(s, grpc_active) == 0:
+                    break
+                await asyncio.sleep(0.1)
+            assert metric_value(s, grpc_active) == 0, "the stalled stream is still held"
+            assert '"reason": "no pong for 3 s"' in s.logs(None)
+            # the user's one slot is free again: a new stream is served
+            async with aio.insecure_channel(f"127.0.0.1:{gport}") as ch2:
+                fresh = realtime_pb2_grpc.RealtimeStub(ch2).Stream(
+                    realtime_pb2.StreamRequest(subscriptions=realtime_pb2.Subscriptions(vehicles=["sim-00001"])),
+                    metadata=meta())
+                assert (await take(fresh, 1))[0].welcome.session
+                fresh.cancel()
+            stuck.cancel()
+    finally:
+        s.stop()
+
+
 async def test_grpc_status_codes(gserver, pb):
     realtime_pb2, realtime_pb2_grpc = pb
     async with aio.insecure_channel(gserver.grpc) as ch:

@@ -447,7 +447,8 @@ async def test_a_client_that_stops_reading_is_let_go_not_held_for_good():
 
 
 async def test_an_idle_keep_alive_connection_is_let_go_after_the_pong_timeout():
-    """A connection that made a request and then stays idle is closed after
+    """A connection that made a request and then stays idle, or never sends
+    a whole request, is closed after
     --pong-timeout-s (aiohttp's default held each for an hour: a socket
     apiece, with no bound per address)."""
     import socket as socket_
@@ -472,5 +473,28 @@ async def test_an_idle_keep_alive_connection_is_let_go_after_the_pong_timeout():
             pytest.fail("the idle connection was still open after 10 s")
         assert 1.0 < time.monotonic() - t0 < 8   # let go, and not before it was idle that long
         sock.close()
+        # nor are one that never sends a request and one that sends it a byte
+        # at a time (aiohttp's timer runs from the connection, not from a request)
+        silent = socket_.create_connection(("127.0.0.1", s.port))
+        trickle = socket_.create_connection(("127.0.0.1", s.port))
+        trickle.sendall(b"GET /health/live HTTP/1.1\r\n")
+        t0 = time.monotonic()
+        silent.settimeout(10)
+        assert silent.recv(10) == b""
+        trickle.settimeout(0.3)
+        while time.monotonic() - t0 < 10:
+            try:
+                trickle.sendall(b"X")
+                assert trickle.recv(10) == b""
+                break
+            except socket_.timeout:
+                continue
+            except OSError:   # reset: closed as well
+                break
+        else:
+            pytest.fail("a request sent a byte at a time held its connection for 10 s")
+        assert 1.0 < time.monotonic() - t0 < 8
+        silent.close()
+        trickle.close()
     finally:
         s.stop()

@@ -101,7 +101,7 @@ class _Pieces(dict):
 
 
 class GrpcOutlet(Outlet):
-    __slots__ = ("queue", "queued", "wake", "ended", "cache")
+    __slots__ = ("queue", "queued", "wake", "ended", "cache", "writing_since", "pump", "cut")
 
     def __init__(self, cache: BodyCache, limit: int, hwm: int):
         self.transport = None
@@ -114,6 +114,11 @@ class GrpcOutlet(Outlet):
         self.queued = 0
         self.wake = asyncio.Event()
         self.ended = None            # (close code, reason) once closed
+        # when the write in flight began (None: none is): a reader that takes
+        # nothing (HTTP/2 flow control) leaves it there for good (keepalive)
+        self.writing_since: float | None = None
+        self.pump: asyncio.Future | None = None   # the stream's writes (_pump)
+        self.cut: asyncio.Future | None = None    # set: closed with such a write in flight
 
     def write(self, payload: bytes) -> int:
         data = wire.notice(msgpack.unpackb(payload))
@@ -176,7 +181,13 @@ class GrpcOutlet(Outlet):
         return self.queued > self.hwm // 4
 
     def keepalive(self, now: float, every_s: float, timeout_s: float) -> bool:
-        return True   # HTTP/2 keepalive pings (server options) find dead peers
+        """HTTP/2 keepalive pings (server options) find dead peers. A live
+        one that stops reading is found here: a write that has not gone out
+        for timeout_s (the hub then closes the stream, as for no pong; the
+        client resumes). TCP_USER_TIMEOUT does not see it: the connection's
+        other streams and pings still flow."""
+        since = self.writing_since
+        return since is None or now - since <= timeout_s
 
     def close(self, code: int, reason: str) -> None:
         if self.ended is None:
@@ -187,6 +198,9 @@ class GrpcOutlet(Outlet):
                 # client resumes and gets it from the event log
                 self.queue.clear()
                 self.queued = 0
+            if code != 1001 and self.writing_since is not None and self.cut is not None:
+                if not self.cut.done():   # the stream ends without that write
+                    self.cut.set_result(None)
             self.wake.set()
 
 
@@ -239,6 +253,20 @@ class RealtimeService:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, refused)
         opened = False
         reason = "client closed"
+        released = False
+
+        def release() -> None:
+            """The session, its core row and its per-user slot: once."""
+            nonlocal released
+            if released:
+                return
+            released = True
+            if opened or s.row >= 0:
+                why = s.close_reason or reason
+                client.close(hub, s, why)
+                _log("disconnect", s, reason=why, duration_s=round(time.time() - s.connected_at, 3),
+                     messages=s.messages_sent, bytes=s.bytes_sent)
+            hub.unadmit(s)
         try:
             try:
                 resumed = await client.start(hub, s, session_id or None, last_event or None)
@@ -252,25 +280,49 @@ class RealtimeService:
                 except M.ProtocolError as e:   # bounds the hub refuses (south above north, …)
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, e.message)
             _log("connect", s, resumed=resumed)
-            while True:
-                while out.queue:
-                    data = out.take()
-                    if data is not None:
-                        await context.write(data)
-                if out.ended is not None:
-                    break
-                out.wake.clear()
-                if not out.queue and out.ended is None:
-                    await out.wake.wait()
+            out.pump = asyncio.ensure_future(_pump(out, context))
+            out.pump.add_done_callback(_retrieved)
+            out.cut = asyncio.get_running_loop().create_future()
+            await asyncio.wait((out.pump, out.cut), return_when=asyncio.FIRST_COMPLETED)
+            if out.pump.done():
+                out.pump.result()   # a write that raised ends the call as before
+            else:
+                # closed (no pong: out.keepalive) with a write in flight that
+                # the reader does not take. grpc's write ends only with the
+                # call, and the call's status waits behind that write, so what
+                # the stream holds of this server is let go now: the session,
+                # its row and the user's slot. grpc keeps the call (and the one
+                # message in flight) until the client or its connection goes.
+                release()
             code, reason = out.ended
             await context.abort(_STATUS.get(code, grpc.StatusCode.UNAVAILABLE), reason)
         finally:
-            if opened or s.row >= 0:
-                reason = s.close_reason or reason
-                client.close(hub, s, reason)
-                _log("disconnect", s, reason=reason, duration_s=round(time.time() - s.connected_at, 3),
-                     messages=s.messages_sent, bytes=s.bytes_sent)
-            hub.unadmit(s)
+            if out.pump is not None and not out.pump.done():
+                out.pump.cancel()   # the call ended (or was cancelled) with a write in flight
+            release()
+
+
+def _retrieved(task: asyncio.Future) -> None:
+    """A pump the call did not wait for fails with the call: nothing to log."""
+    if not task.cancelled():
+        task.exception()
+
+
+async def _pump(out: GrpcOutlet, context) -> None:
+    """The stream's writes, in order, until it is closed. A task of its own,
+    so that closing the stream can end a write the reader never takes."""
+    while True:
+        while out.queue:
+            data = out.take()
+            if data is not None:
+                out.writing_since = time.monotonic()
+                await context.write(data)
+                out.writing_since = None
+        if out.ended is not None:
+            return
+        out.wake.clear()
+        if not out.queue and out.ended is None:
+            await out.wake.wait()
 
 
 def _has_filters(sub) -> bool:
