@@ -92,7 +92,11 @@ def count(batches, pred) -> int:
 async def test_a_16_mib_ingest_and_a_fleet_going_silent_are_sliced(throwaway_redis, uid):
     port, _, _ = throwaway_redis
     url = f"redis://127.0.0.1:{port}/0"
-    flags = ("--simulate", "0", "--redis", url, "--offline-after-s", "8", "--stale-after-s", "25",
+    # offline after 20 s: the fleet's timestamps are from before the ingest,
+    # and b must be serving the client before the fleet turns offline (a
+    # loaded snapshot is heard when its timestamps say); 8 s was too short
+    # on a busy CI machine, where all 20k were offline in the snapshot
+    flags = ("--simulate", "0", "--redis", url, "--offline-after-s", "20", "--stale-after-s", "32",
              "--max-visible", str(2 * N))
     a = Server(*flags)
     b = None
@@ -132,7 +136,7 @@ async def test_a_16_mib_ingest_and_a_fleet_going_silent_are_sliced(throwaway_red
 
         # a new instance: its first reconcile loads the whole fleet, it becomes
         # the writer and rewrites everything, then the fleet goes offline (no
-        # news for 8 s) and is forgotten (25 s): 20k vehicles at once, each time
+        # news for 20 s) and is forgotten (32 s): 20k vehicles at once, each time
         b = Server(*flags)
         c = await Client.connect(b, token())
         for _ in range(200):
