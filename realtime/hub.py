@@ -63,6 +63,9 @@ class Stats:
         self.frames_conflated = 0    # batches not written to a conflating connection
         self.slow_closed = 0         # closed 1013: its events could not be kept
         self.pong_timeouts = 0
+        # gRPC calls closed with a write the reader never took, which grpc
+        # keeps until the client reads or goes (transports/grpc_stream.py)
+        self.grpc_lingering = 0
         self.commands: dict[str, int] = {}   # client messages handled, by type
         self.background_errors: dict[str, int] = {}   # failed background work, by kind
         # by transport (websocket, sse, long_poll, grpc): connections opened,

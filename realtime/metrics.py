@@ -107,6 +107,9 @@ class HubCollector:
             (C, "write_errors", "Connections closed 1011 because a write to them raised",
              Session.write_errors),
             (C, "heartbeat_timeouts", "Connections closed for no pong", st.pong_timeouts),
+            (G, "grpc_calls_lingering", "gRPC calls closed with a message the client never took: "
+             "grpc keeps each (and that message) until the client reads or goes; they count "
+             "against --max-connections-per-ip", st.grpc_lingering),
             (C, "cluster_refreshes", "Once-a-second refreshes of clustered clients' cells", st.cluster_refreshes),
             (C, "cluster_views", "Distinct views (and formats) computed and encoded by those refreshes; "
              "each is sent to every client that has it", st.cluster_views),

@@ -163,6 +163,8 @@ async def test_a_stream_whose_reader_takes_nothing_is_let_go(pb):
                 await asyncio.sleep(0.1)
             assert metric_value(s, grpc_active) == 0, "the stalled stream is still held"
             assert '"reason": "no pong for 3 s"' in s.logs(None)
+            # grpc keeps the call until the client reads (it counts against the address)
+            assert metric_value(s, "grpc_calls_lingering") == 1
             # the user's one slot is free again: a new stream is served
             async with aio.insecure_channel(f"127.0.0.1:{gport}") as ch2:
                 fresh = realtime_pb2_grpc.RealtimeStub(ch2).Stream(
@@ -170,7 +172,17 @@ async def test_a_stream_whose_reader_takes_nothing_is_let_go(pb):
                     metadata=meta())
                 assert (await take(fresh, 1))[0].welcome.session
                 fresh.cancel()
-            stuck.cancel()
+            # reading again, the stalled client gets what was in flight, then the status
+            with pytest.raises(aio.AioRpcError) as ended:
+                await take(stuck, until=lambda bs: False, timeout=20)
+            assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert ended.value.details() == "no pong for 3 s"
+            for _ in range(50):
+                if metric_value(s, "grpc_calls_lingering") == 0:
+                    break
+                await asyncio.sleep(0.1)
+            assert metric_value(s, "grpc_calls_lingering") == 0
+        assert "Traceback" not in s.logs(None)
     finally:
         s.stop()
 

@@ -36,6 +36,10 @@ from ..session import CLOSE_WRITE_FAILED, Session
 
 log = logging.getLogger("realtime.grpc")
 
+# what grpc's abort raises when the call ended before its status could go
+# (the client of a lingering call went): not an error of ours
+_BATCH_FAILED = getattr(getattr(grpc, "_cython", None) and grpc._cython.cygrpc, "ExecuteBatchError", ())
+
 SERVICE = "realtime.v1.Realtime"
 
 # WebSocket close codes (§3.3) -> how a call ends
@@ -253,7 +257,7 @@ class RealtimeService:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, refused)
         opened = False
         reason = "client closed"
-        released = False
+        released = lingering = False
 
         def release() -> None:
             """The session, its core row and its per-user slot: once."""
@@ -286,20 +290,33 @@ class RealtimeService:
             await asyncio.wait((out.pump, out.cut), return_when=asyncio.FIRST_COMPLETED)
             if out.pump.done():
                 out.pump.result()   # a write that raised ends the call as before
-            else:
+            code, reason = out.ended
+            if not out.pump.done():
                 # closed (no pong: out.keepalive) with a write in flight that
                 # the reader does not take. grpc's write ends only with the
                 # call, and the call's status waits behind that write, so what
                 # the stream holds of this server is let go now: the session,
-                # its row and the user's slot. grpc keeps the call (and the one
-                # message in flight) until the client or its connection goes.
+                # its row, what it held for a catch-up, the user's slot. grpc
+                # keeps the call (and the one message in flight) until the
+                # client reads or goes; it still counts against its address,
+                # so that a client cannot pile such calls up without bound.
                 release()
-            code, reason = out.ended
+                lingering = hub.take_address(s.peer) is None
+                if lingering:
+                    hub.stats.grpc_lingering += 1
+                s.known, s.held, s.cells, s.subscription = None, [], None, None
+                try:
+                    await context.abort(_STATUS.get(code, grpc.StatusCode.UNAVAILABLE), reason)
+                except _BATCH_FAILED:
+                    return   # the client went before it read: no status to send
             await context.abort(_STATUS.get(code, grpc.StatusCode.UNAVAILABLE), reason)
         finally:
             if out.pump is not None and not out.pump.done():
                 out.pump.cancel()   # the call ended (or was cancelled) with a write in flight
             release()
+            if lingering:
+                hub.stats.grpc_lingering -= 1
+                hub.release_address(s.peer)
 
 
 def _retrieved(task: asyncio.Future) -> None:
