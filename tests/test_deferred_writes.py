@@ -159,19 +159,34 @@ async def test_a_client_whose_socket_backlog_passes_the_limit_meanwhile_is_close
 
 
 async def test_snapshots_asked_for_faster_than_they_are_compressed_close_the_client():
-    """What waits is bounded (LATER_LIMITS write buffer limits), not only the socket's backlog."""
+    """What waits is bounded (LATER_LIMITS write buffer limits, checked as a
+    snapshot begins: one snapshot is never cut, however large), not only the
+    socket's backlog. Once closed, nothing more is written: a later message
+    after the dropped ones would leave the client a gap it resumes past."""
     limit = 100_000
     w, t, ws = writer(limit=limit)
-    part = body(0, 200)
-    fits = LATER_LIMITS * limit // len(part)
-    for _ in range(fits):
-        w.write_batch(envelope, b"b", part, None, True, True)
-    assert not w.closed and w.pending() > (LATER_LIMITS - 1) * limit
-    assert w.write_batch(envelope, b"b", part, None, True, True) == 0
+    part = body(0, 700)
+    parts = LATER_LIMITS * limit // len(part) + 2
+    for i in range(parts):   # one snapshot bigger than the bound: whole
+        w.write_batch(envelope, b"b", part, None, i < parts - 1, True)
+    assert not w.closed and w.pending() > LATER_LIMITS * limit
+    assert w.write_batch(envelope, b"b", part, None, True, True) == 0   # the next one begins
     assert w.closed and w.pending() == 0
-    await turn()
-    await turn()
+    assert w.write(json.dumps({"type": "pong"}).encode()) == 0          # the same turn: nothing
+    w.write_batch(envelope, b"b", body(0, 10))
+    for _ in range(3):
+        await turn()
     assert seqs(t) == ["close 1013"]
+
+
+async def test_a_snapshot_behind_a_small_backlog_is_taken():
+    w, t, _ = writer(limit=100_000)
+    for rnd in range(2):
+        w.write_batch(envelope, b"b", body(0, 50), None, True, True)
+        w.write_batch(envelope, b"b", body(50, 50), None, False, True)
+    for _ in range(5):
+        await turn()
+    assert seqs(t) == [1, 2, 3, 4] and not w.closed
 
 
 async def test_grpc_parts_are_converted_when_taken_in_order_and_counted():
@@ -190,11 +205,17 @@ async def test_grpc_parts_are_converted_when_taken_in_order_and_counted():
     assert out.queued == 0 and out.nbytes == sum(map(len, taken)) and out.messages == 3
 
 
-async def test_a_grpc_part_that_fails_to_convert_closes_that_stream_for_a_resume():
+@pytest.mark.parametrize("shutdown", [False, True])
+async def test_a_grpc_part_that_fails_to_convert_closes_that_stream_for_a_resume(shutdown):
+    """Nothing after it is sent, even when a shutdown's close (1001, which
+    keeps the queue for `reconnect`) came first: the client would see a gap."""
     out = GrpcOutlet(BodyCache(), 1 << 20, 256 << 10)
     out.write_batch(envelope, b"b", b"\xc1 not msgpack", None, True, True)
     out.write_batch(envelope, b"b", b"\x90", None, False, True)
+    if shutdown:
+        out.close(1001, "server shutting down")
     errors = Session.write_errors
     assert out.take() is None
-    assert out.ended == (1011, "write failed: resume") and not out.queue and out.queued == 0
+    assert out.ended == ((1001, "server shutting down") if shutdown else (1011, "write failed: resume"))
+    assert not out.queue and out.queued == 0
     assert Session.write_errors == errors + 1

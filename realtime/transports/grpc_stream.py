@@ -174,6 +174,10 @@ class GrpcOutlet(Outlet):
             log.warning("write failed; closing the stream", extra={"fields": {
                 "event": "write_error", "transport": "grpc", "error": repr(e)[:200]}})
             self.close(CLOSE_WRITE_FAILED, "write failed: resume")
+            # closed already (a shutdown's 1001 keeps the queue): nothing
+            # after a part that cannot go, or the client would see a gap
+            self.queue.clear()
+            self.queued = 0
             return None
         self.nbytes += len(data) - len(head) - len(body)
         return data

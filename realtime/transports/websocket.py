@@ -33,8 +33,8 @@ CLOSE_TRY_AGAIN = 1013  # events could not be kept for a slow client: resume
 
 
 RSV1 = 0x40  # "this message is compressed" under permessage-deflate
-# What may wait to be compressed (RawWriter.write_batch), in write buffer
-# limits: room for the largest snapshot, and what comes behind it
+# What may wait to be compressed when another snapshot begins
+# (RawWriter.write_batch), in write buffer limits
 LATER_LIMITS = 2
 
 
@@ -72,7 +72,7 @@ class RawWriter(StreamOutlet):
     tick's fan-out (_core/_fanout.pyx) uses without this Python side."""
 
     __slots__ = ("opcode", "loop", "deflate_from", "last_seen", "last_ping", "close_started",
-                 "_later", "_later_bytes", "_compressing")
+                 "_later", "_later_bytes", "_compressing", "_in_parts")
 
     def __init__(self, ws: web.WebSocketResponse, transport, fmt: int, limit: int,
                  deflate_from: int | None = None, hwm: int = 256 * 1024):
@@ -93,10 +93,13 @@ class RawWriter(StreamOutlet):
         self._later: deque[tuple[bytes, bytes, bytes]] = deque()
         self._later_bytes = 0
         self._compressing = False
+        self._in_parts = False   # the parts of one snapshot are being written
 
     def _writable(self):
         t = self.transport
-        if t is None or t.is_closing() or self.ws.closed:
+        if t is None or t.is_closing() or self.ws.closed or self.close_started:
+            # closing: aiohttp's close task may not have run yet, and what
+            # comes after a message the close dropped would leave a gap
             return None
         size = t.get_write_buffer_size()
         if size > self.limit:
@@ -145,6 +148,14 @@ class RawWriter(StreamOutlet):
         one go held the loop ~300 ms, and every other client's tick with it."""
         self.seq += 1
         prefix, suffix = envelope_of(self.fmt, batch_id, self.seq, req_id, more)
+        if later and self.deflate_from is not None:
+            first, self._in_parts = not self._in_parts, more
+            if first and self._later_bytes > LATER_LIMITS * self.limit:
+                # another snapshot while this much of earlier ones still
+                # waits (a subscribe loop): memory, not the socket, fills.
+                # Checked as a snapshot begins, so none is ever cut.
+                self._stop_later(CLOSE_TRY_AGAIN, "slow client: too much waiting to be compressed")
+                return 0
         return self.write_parts(prefix, body, suffix, later)
 
     def write_parts(self, prefix: bytes, body: bytes, suffix: bytes, later: bool = False) -> int:
@@ -158,11 +169,6 @@ class RawWriter(StreamOutlet):
             return 0
         n = len(prefix) + len(body) + len(suffix)
         if self._later or (later and self.deflate_from is not None and n >= self.deflate_from):
-            if self._later_bytes + n > LATER_LIMITS * self.limit:
-                # snapshots asked for faster than they can be compressed
-                # (a subscribe loop): memory, not the socket, is what fills
-                self._stop_later(CLOSE_TRY_AGAIN, "slow client: too much waiting to be compressed")
-                return 0
             self._later.append((prefix, body, suffix))
             self._later_bytes += n
             if not self._compressing:
