@@ -37,8 +37,12 @@ from ..session import CLOSE_WRITE_FAILED, Session
 log = logging.getLogger("realtime.grpc")
 
 # what grpc's abort raises when the call ended before its status could go
-# (the client of a lingering call went): not an error of ours
-_BATCH_FAILED = getattr(getattr(grpc, "_cython", None) and grpc._cython.cygrpc, "ExecuteBatchError", ())
+# (the client of a lingering call went): not an error of ours. grpc's own
+# module, not its API: without it such an end is logged as an error again.
+try:
+    from grpc._cython.cygrpc import ExecuteBatchError as _BATCH_FAILED
+except ImportError:
+    _BATCH_FAILED = ()
 
 SERVICE = "realtime.v1.Realtime"
 
@@ -295,7 +299,8 @@ class RealtimeService:
             if out.pump.done():
                 out.pump.result()   # a write that raised ends the call as before
             code, reason = out.ended
-            if not out.pump.done():
+            stuck = not out.pump.done()
+            if stuck:
                 # closed (no pong: out.keepalive) with a write in flight that
                 # the reader does not take. grpc's write ends only with the
                 # call, and the call's status waits behind that write, so what
@@ -309,11 +314,12 @@ class RealtimeService:
                 if lingering:
                     hub.stats.grpc_lingering += 1
                 s.known, s.held, s.cells, s.subscription = None, [], None, None
-                try:
-                    await context.abort(_STATUS.get(code, grpc.StatusCode.UNAVAILABLE), reason)
-                except _BATCH_FAILED:
-                    return   # the client went before it read: no status to send
-            await context.abort(_STATUS.get(code, grpc.StatusCode.UNAVAILABLE), reason)
+            try:
+                await context.abort(_STATUS.get(code, grpc.StatusCode.UNAVAILABLE), reason)
+            except _BATCH_FAILED:
+                if not stuck:
+                    raise
+                # the stuck call's client went before it read: no status to send
         finally:
             if out.pump is not None and not out.pump.done():
                 out.pump.cancel()   # the call ended (or was cancelled) with a write in flight

@@ -95,11 +95,15 @@ class RawWriter(StreamOutlet):
         self._compressing = False
         self._in_parts = False   # the parts of one snapshot are being written
 
+    def _closing(self, t) -> bool:
+        """Either side has begun to close: write nothing more. close_started
+        too, as aiohttp's close task may not have run yet, and a message
+        after those the close dropped would leave the client a gap."""
+        return t is None or t.is_closing() or self.ws.closed or self.close_started
+
     def _writable(self):
         t = self.transport
-        if t is None or t.is_closing() or self.ws.closed or self.close_started:
-            # closing: aiohttp's close task may not have run yet, and what
-            # comes after a message the close dropped would leave a gap
+        if self._closing(t):
             return None
         size = t.get_write_buffer_size()
         if size > self.limit:
@@ -191,7 +195,7 @@ class RawWriter(StreamOutlet):
         if not self._later:
             return
         t = self.transport
-        if t is None or t.is_closing() or self.ws.closed or self.close_started:
+        if self._closing(t):
             self._drop_later()
             return
         if t.get_write_buffer_size() > self.limit:
