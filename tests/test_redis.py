@@ -1035,15 +1035,23 @@ async def test_a_burst_of_connects_uses_a_bounded_pool(redis_url, r, uid):
             except websockets.ConnectionClosed as e:
                 return e.rcvd.code if e.rcvd else None
 
-        async def watch():
+        async def sample():
             nonlocal peak
+            peak = max(peak, sum(c.get("name") == name for c in await r.client_list()))
+
+        async def watch():
             while True:
-                peak = max(peak, sum(c.get("name") == name for c in await r.client_list()))
+                try:
+                    await sample()
+                except aioredis.RedisError:   # a slow shared Redis: the next sample
+                    pass                      # (one failure ended the watch, peak 0)
                 await asyncio.sleep(0.01)
 
         watcher = asyncio.create_task(watch())
         results = await asyncio.gather(*(one(i) for i in range(1, 61)))
+        assert not watcher.done(), watcher.exception()
         watcher.cancel()
+        await sample()   # the pool's connections outlive the burst
         assert set(results) <= {"welcome", 1013}, results
         assert results.count("welcome") >= 1
         assert 1 <= peak <= 4, peak
