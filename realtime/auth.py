@@ -95,6 +95,15 @@ class Claims:
     def may_view_anything(self) -> bool:
         return self.view_all or bool(self.vehicles) or bool(self.groups)
 
+    def takes_away(self, new: "Claims") -> bool:
+        """Whether `new` hides something these rights show: a vehicle, a
+        group, every vehicle, or the driver contacts."""
+        if self.contacts and not new.contacts:
+            return True
+        if new.view_all:
+            return False
+        return self.view_all or not (set(self.vehicles) <= set(new.vehicles) and set(self.groups) <= set(new.groups))
+
     def may_enter(self, acl: dict | None) -> bool:
         """A connection or request is let in (else 4003/403): the token names
         vehicles, or its user's live ACL grants some (§2: ACLs apply to every

@@ -341,7 +341,7 @@ class Hub:
                 continue
             for row, jp, mp, is_alert in events or ():
                 if self._sees(s, row) and (s.show_alerts or not is_alert):
-                    s.held.append(mp if s.fmt else jp)
+                    s.held.append((self.core.ids[row], mp if s.fmt else jp))
             if len(s.held) > limit:
                 # the one thing that is never dropped cannot be kept: the
                 # client resumes with last_event and gets them from the log
@@ -365,7 +365,7 @@ class Hub:
         if s.cells is not None:
             s.cells = [None]  # resend the clusters at the next refresh
         s.send_batch(self.core.envelope, self.batch_id(), body)
-        for part in replay.batches(held):   # at most 1,000 messages and 1 MiB each (§3.4)
+        for part in replay.batches([piece for _, piece in held]):   # at most 1,000 messages and 1 MiB each (§3.4)
             s.send_batch(self.core.envelope, self.batch_id(), self.core.body_of(s.fmt, part))
         # the next ticks tell whether it keeps up: the catch-up's own bytes do
         # not count (send_batch), what piles up behind them does
@@ -829,11 +829,19 @@ class Hub:
         """New rights (token refresh, ACL update): diff what the client sees."""
         self.flush()
         self._catch_up(s)
+        narrowed = s.claims.takes_away(claims)
         s.claims = claims
         body = self.core.set_rights(s.row, claims.view_all, claims.vehicles, claims.groups,
                                     claims.contacts)
         if body not in (b"[]", b"\x90"):
             s.send_batch(self.core.envelope, self.batch_id(), body)
+        if narrowed:
+            if s.held:
+                # events held during a replay (_catch_up waits for its end)
+                # were kept under the rights before: the catch-up would send
+                # them after the `leave` above
+                s.held = [(vid, piece) for vid, piece in s.held if self.may_see(claims, vid)]
+            s.transport.rights_narrowed()
 
     # ------------------------------------------------------------ shutdown
     async def say_goodbye(self, grace_s: float) -> None:

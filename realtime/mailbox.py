@@ -16,7 +16,9 @@ as it writes. 5 minutes of a viewport's batches is megabytes per session
 (2,000 SSE sessions held 440 KB each after 20 s, benchmarks/bench_transports.py),
 so without the budget a worker's memory would grow with sessions x minutes.
 A cursor older than what is kept is not a loss: it gets `reset`, the full
-state and every event since the acknowledged one. Batch bodies are the hub's
+state and every event since the acknowledged one. Rights that take something
+away drop what the reader had at once (rights_narrowed): a re-read of it is
+a reset under the rights in force. Batch bodies are the hub's
 shared bytes (one object for every client with the same view); the budget
 counts a body once per mailbox that holds it.
 
@@ -326,6 +328,18 @@ class Mailbox(Outlet):
 
     def waiting(self) -> bool:
         return bool(self._waiters)
+
+    def rights_narrowed(self) -> None:
+        """What a reader had goes at once: a poll or stream that asks for it
+        again (a lost response, an SSE reconnect) would otherwise be handed
+        vehicles, or driver contacts, that the rights in force no longer
+        show. Such a reader gets `reset` instead, a new copy under the rights
+        in force, with the events since its acknowledged one (nothing lost).
+        What no reader has had yet stays: it was written before the change,
+        as a socket would have sent it."""
+        entries = self.entries
+        while entries and entries[0][POS] <= self.read:
+            self._drop()
 
     def _trim(self) -> None:
         entries = self.entries

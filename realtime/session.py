@@ -88,7 +88,7 @@ class Session:
         # conflation (slow client): the vehicle rows it had when position
         # updates stopped, and the events held for it since; None when flowing
         self._known = None
-        self.held: list[bytes] = []
+        self.held: list[tuple[str, bytes]] = []   # (vehicle, encoded event)
         # resume's replay is running (replay.py): traffic is held as above,
         # and the catch-up waits until the replay is done
         self.replaying = False

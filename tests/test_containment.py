@@ -132,6 +132,40 @@ async def test_a_resume_past_what_this_instance_read_is_refused_not_repeated(inp
     assert e.value.rcvd.code == 1013 and "behind the event log" in e.value.rcvd.reason
 
 
+async def test_events_held_during_a_replay_keep_to_rights_narrowed_meanwhile(inproc, uid):
+    """While a resume's replay runs, the hub holds the client's live events.
+    A refresh that takes vehicle a away meanwhile sends a's `leave` at once;
+    the catch-up after the replay sends b's held event and not a's (it used
+    to send a's after the `leave`, outside the rights in force)."""
+    hub = inproc.hub
+    a, b = uid + "a", uid + "b"
+    c = await Client.connect(inproc, token(sub=uid, permissions=(), vehicles=[a, b]))
+    w = await c.recv_type("welcome")
+    await inproc.ingest([update(a), update(b, 59.93, 30.31)])
+    _, first = await c.subscribe(subscriptions={"vehicles": [a, b]})
+    if {m["v"] for m in first if m["t"] == "full"} != {a, b}:
+        await c.wait_messages(lambda m: m.get("t") == "full")
+    s = _session(hub, w["client"])
+    hub.hold_for_replay(s)            # as a resume's replay does (replay.run)
+    for vid in (a, b):
+        await hub.stores.publish_event(vid, "e", {"of": vid}, 0, False)
+    for _ in range(200):
+        if len(s.held) == 2:
+            break
+        await asyncio.sleep(0.02)
+    assert len(s.held) == 2           # one event of each, held
+
+    await c.send({"type": "refresh", "token": token(sub=uid, permissions=(), vehicles=[b]), "id": "r"})
+    seen = await c.wait_messages(lambda m: m.get("t") == "leave")
+    assert {m["v"] for m in seen if m["t"] == "leave"} == {a}
+
+    hub.replay_done(s)
+    got = await c.wait_messages(lambda m: m.get("t") == "event")
+    got += await c.messages(0.5)
+    assert [m["d"]["of"] for m in got if m.get("t") == "event"] == [b]
+    await c.close()
+
+
 async def test_sessions_by_user_follow_connections_and_are_released(inproc):
     """The hub's index of sessions by user (what an ACL update reaches)
     holds exactly the attached sessions, and nothing once they are gone."""

@@ -312,6 +312,41 @@ async def test_an_old_copy_never_undoes_a_takeover(pair, uid):
         assert resets == 0
 
 
+async def test_what_was_read_is_not_handed_out_again_once_the_rights_narrow(pserver, uid):
+    """A poll's token narrows the session's rights (it no longer names
+    vehicle a): what the reader had before is not handed out again to a
+    re-read (a lost answer's cursor), which gets `reset`, a new copy under
+    the narrower rights. It used to hand a's `full` out again. The reader
+    that goes on from its cursor is not reset: it gets a's `leave`."""
+    a, b = uid + "a", uid + "b"
+    both = token(sub=uid, permissions=(), vehicles=[a, b])
+    only_b = token(sub=uid, permissions=(), vehicles=[b])
+    ingest(pserver, [update(a, 55.75, 37.62), update(b, 59.93, 30.31)])
+    async with aiohttp.ClientSession() as http:
+        status, made = await post_session(http, pserver, {"subscriptions": {"vehicles": [a, b]}}, tok=both)
+        assert status == 201
+        sid = made["session"]
+        cursor, got, _ = await poll_until(http, pserver, sid, 0,
+                                          lambda g: any(m.get("t") == "full" for m in batch_msgs(g)), tok=both)
+        assert {m["v"] for m in batch_msgs(got) if m["t"] == "full"} == {a, b}
+
+        # the same token re-reads what it had, as after a lost answer
+        status, again = await poll(http, pserver, sid, 0, 0, tok=both)
+        assert status == 200 and "reset" not in again and a in json.dumps(batch_msgs(again["messages"]))
+
+        # the next poll carries the narrower token: a leaves, no reset
+        cursor, got, resets = await poll_until(
+            http, pserver, sid, cursor, lambda g: any(m.get("t") == "leave" for m in batch_msgs(g)), tok=only_b)
+        assert resets == 0
+        assert {m["v"] for m in batch_msgs(got) if m["t"] == "leave"} == {a}
+
+        # a re-read from the start: a new copy that never shows a
+        status, reread = await poll(http, pserver, sid, 0, 0, tok=only_b)
+        assert status == 200 and reread.get("reset") is True, reread
+        assert a not in json.dumps(batch_msgs(reread["messages"]))
+        assert {m["v"] for m in batch_msgs(reread["messages"]) if m["t"] == "full"} == {b}
+
+
 async def test_bad_bounds_and_racing_polls_leave_no_session_behind(pserver, uid):
     active = 'websocket_connections_active{transport="long_poll"}'
     async with aiohttp.ClientSession() as http:

@@ -259,6 +259,12 @@ cdef class Outlet:
         self.allowance = PY_SSIZE_T_MAX
         self.congested = False
 
+    def rights_narrowed(self):
+        """The client's rights just took something away. A socket keeps
+        nothing it has sent, so nothing changes; an Outlet that keeps what
+        its reader had, to hand it out again (the HTTP sessions' Mailbox),
+        lets it go: it was read under the rights before."""
+
 
 @cython.boundscheck(False)
 def fan_out(list out, list outlets, bytes batch_id, envelope):

@@ -57,7 +57,6 @@ async def handle(request: web.Request) -> web.Response:
     box = h.box
     if reset or not cursor:
         cursor = box.first - 1
-    registry.renew(request, h, claims, "long_poll")
     box.supersede()          # an older poll of this session answers now
     h.last_seen = time.monotonic()
     registry.acknowledged(h, cursor)

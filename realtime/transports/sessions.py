@@ -223,11 +223,16 @@ class HttpSessions:
         client.renew(self.hub, h.s, claims)
 
     async def find(self, request: web.Request, claims: Claims, sid: str, last_event: str | None = None,
-                   kind: str = "long_poll", serves=None, seq: int | None = None) -> tuple[Held, bool]:
+                   kind: str = "long_poll", serves=None, seq: int | None = None,
+                   transport: str | None = None) -> tuple[Held, bool]:
         """The copy that serves `sid` for this user: the one held here when
         the record names it and serves(box) (it holds what the reader asks
         for), else a new copy taken over from the record. (copy, whether it
-        is new: its reader starts from its first entry, with `reset`)."""
+        is new: its reader starts from its first entry, with `reset`).
+        The request's token is taken (renew; a 403 names `transport`, by
+        default `kind`) before serves() is asked: a token that narrows the
+        rights lets go of what the reader had (Mailbox.rights_narrowed), so
+        a re-read of it becomes a new copy."""
         if not sid or len(sid) > 64:
             raise HttpError(400, "bad_request", "session is required")
         held = self.held.get(sid)
@@ -243,6 +248,7 @@ class HttpSessions:
         try:
             async with lock:   # two readers at once must not both make a copy
                 h, new = await self._find(request, claims, sid, last_event, kind, seq)
+                self.renew(request, h, claims, transport or kind)
                 if not new and serves is not None and not serves(h.box):
                     self._forget(sid, h, CLOSE_TAKEN, "the session is served by a new copy")
                     after = latest(last_event, h.box.ack, h.box.mark_of_seq(seq))
@@ -462,8 +468,7 @@ async def put(request: web.Request) -> web.Response:
     claims = authenticate(request, "http")
     sub = await _subscribe_body(request, claims)
     registry: HttpSessions = request.app["http_sessions"]
-    h, _ = await registry.find(request, claims, request.match_info["session_id"])
-    registry.renew(request, h, claims, "http")
+    h, _ = await registry.find(request, claims, request.match_info["session_id"], transport="http")
     await registry._subscribe(h, sub, full_all=False)   # §4: `full` for what came in, `leave` for what went out
     await registry.hub.stores.session_written(h.s.session_id)   # a poll elsewhere sees it
     return web.json_response({"session": h.s.session_id})

@@ -295,8 +295,8 @@ async def _session_stream(request: web.Request, claims) -> web.StreamResponse:
             # had anything from it (what was written to a dead link may be lost)
             return box.read == box.origin
         return box.index_of_seq(seq) is not None   # kept here (an id of another copy never is)
+    # (find takes the token: a 403 comes before anything is acknowledged)
     h, reset = await registry.find(request, claims, request.query["session"], last_event, "sse", serves, seq)
-    registry.renew(request, h, claims, "sse")   # a 403 before anything is acknowledged
     box = h.box
     if reset:
         start = box.first - 1
