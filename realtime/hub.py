@@ -555,13 +555,13 @@ class Hub:
         self.conflating.add(s)
 
     def event_pieces_for(self, s: Session, items: list[Recent]):
-        """The encoded `event` messages of the log entries this client may see;
-        each encoded once, for every client that replays it (recent.py)."""
+        """(vehicle id, encoded `event` message) of the log entries this client
+        may see; each encoded once, for every client that replays it (recent.py)."""
         for ev, pieces in items:
             row = self.core.row_of(ev.vehicle_id)
             if row < 0 or not self._sees(s, row) or (ev.is_alert and not s.show_alerts):
                 continue
-            yield (pieces or self.core.event_pieces(row, ev.etype, ev.body, ev.eid, ev.ts))[s.fmt]
+            yield ev.vehicle_id, (pieces or self.core.event_pieces(row, ev.etype, ev.body, ev.eid, ev.ts))[s.fmt]
 
     def send_events(self, s: Session, pieces: list[bytes]) -> None:
         s.send_batch(self.core.envelope, self.batch_id(), self.core.body_of(s.fmt, pieces))
@@ -840,7 +840,7 @@ class Hub:
                 # events held during a replay (_catch_up waits for its end)
                 # were kept under the rights before: the catch-up would send
                 # them after the `leave` above
-                s.held = [(vid, piece) for vid, piece in s.held if self.may_see(claims, vid)]
+                s.held = self.allowed(claims, s.held)
             s.transport.rights_narrowed()
 
     # ------------------------------------------------------------ shutdown
@@ -869,6 +869,24 @@ class Hub:
         await asyncio.sleep(0.05)
 
     # ------------------------------------------------------------ reads
+    def allowed(self, claims: Claims, pairs: list) -> list:
+        """The (vehicle id, encoded event) pairs of vehicles that `claims`
+        may see: its rights alone, not its view (a vehicle that left the
+        viewport keeps its events). A set per call, not may_see's scans: an
+        ACL may name thousands of vehicles, and a replay holds up to
+        --slow-client-max-events."""
+        if claims.view_all:
+            return pairs
+        vehicles, groups = set(claims.vehicles), set(claims.groups)
+        row_of, groups_of = self.core.row_of, self.core.groups_of
+
+        def ok(vid: str) -> bool:
+            if vid in vehicles:
+                return True
+            row = row_of(vid) if groups else -1
+            return row >= 0 and not groups.isdisjoint(groups_of[row])
+        return [pair for pair in pairs if ok(pair[0])]
+
     def may_see(self, claims: Claims, vehicle_id: str) -> bool:
         if claims.view_all or vehicle_id in claims.vehicles:
             return True

@@ -80,7 +80,7 @@ def newer(a: str | None, b: str | None) -> bool:
 class Mailbox(Outlet):
     __slots__ = ("hub", "entries", "pos", "origin", "first", "read", "unread_bytes", "kept_bytes", "_waiters",
                  "reader", "ack", "on_close", "close_info", "session", "starting", "budget",
-                 "kept_messages", "seq_marks", "__weakref__")
+                 "kept_messages", "seq_marks", "narrowed_upto", "edge", "__weakref__")
 
     def __init__(self, hub, limit: int, hwm: int, on_close=None, budget: Budget | None = None):
         self.hub = hub
@@ -98,6 +98,12 @@ class Mailbox(Outlet):
         self.seq_marks: deque = deque()   # (seq, mark): the last batch of a tick, and its mark
         self.first = self.pos + 1    # the oldest position still kept
         self.read = self.pos         # everything up to here was handed to a reader
+        # rights_narrowed: entries up to here were written under wider rights
+        # (0: none); each is dropped once a reader has had it
+        self.narrowed_upto = 0
+        # (seq, position) of the last entry dropped, when it was a batch: an
+        # SSE reader whose Last-Event-ID names it goes on from there
+        self.edge = None
         self.unread_bytes = 0
         self.kept_bytes = 0
         self._waiters: list[asyncio.Future] = []
@@ -240,6 +246,9 @@ class Mailbox(Outlet):
             lo += 1
         if lo < len(entries) and entries[lo][SEQ] == seq:
             return entries[lo][POS]
+        edge = self.edge
+        if edge is not None and edge[0] == seq and edge[1] == self.first - 1:
+            return edge[1]   # the newest batch dropped, and nothing after it was
         return None
 
     def _seq_at_or_after(self, i: int):
@@ -262,6 +271,8 @@ class Mailbox(Outlet):
         self.read = pos
         if not self.unread_bytes:
             self.congested = False
+        if self.narrowed_upto:
+            self._drop_narrowed()
 
     def acknowledge(self, cursor: int) -> bool:
         """The reader says it has everything up to `cursor`: the acknowledged
@@ -330,16 +341,28 @@ class Mailbox(Outlet):
         return bool(self._waiters)
 
     def rights_narrowed(self) -> None:
-        """What a reader had goes at once: a poll or stream that asks for it
-        again (a lost response, an SSE reconnect) would otherwise be handed
-        vehicles, or driver contacts, that the rights in force no longer
-        show. Such a reader gets `reset` instead, a new copy under the rights
-        in force, with the events since its acknowledged one (nothing lost).
-        What no reader has had yet stays: it was written before the change,
-        as a socket would have sent it."""
+        """What a reader had goes at once, and what it has not had yet goes
+        as soon as it has: a poll or stream that asks for it again (a lost
+        answer, an SSE reconnect) would otherwise be handed vehicles, or
+        driver contacts, that the rights in force no longer show. Such a
+        reader gets `reset` instead, a new copy under the rights in force,
+        with the events since its acknowledged one (nothing lost). A reader
+        that goes on from its latest cursor (or SSE id) is not reset. What no
+        reader has had yet is still handed out once, in order before the
+        `leave`: it was written before the change, as a socket would have
+        sent it."""
+        self.narrowed_upto = self.pos
+        self._drop_narrowed()
+
+    def _drop_narrowed(self) -> None:
+        """What was written under the wider rights goes as soon as a reader
+        has had it (a lost answer's cursor then gets `reset`)."""
+        upto = min(self.read, self.narrowed_upto)
         entries = self.entries
-        while entries and entries[0][POS] <= self.read:
+        while entries and entries[0][POS] <= upto:
             self._drop()
+        if self.read >= self.narrowed_upto:
+            self.narrowed_upto = 0
 
     def _trim(self) -> None:
         entries = self.entries
@@ -352,6 +375,7 @@ class Mailbox(Outlet):
 
     def _drop(self) -> None:
         e = self.entries.popleft()
+        self.edge = (e[SEQ], e[POS]) if e[SEQ] else None
         self.kept_bytes -= e[SIZE]
         self.kept_messages -= e[COUNT]
         self.budget.kept -= e[SIZE]

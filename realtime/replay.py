@@ -136,18 +136,25 @@ def _split(fmt: int, body: bytes) -> list[bytes]:
 
 
 async def _send_all(hub, s, after: str, upto: str) -> None:
-    pieces: list[bytes] = []
+    pieces: list[tuple[str, bytes]] = []   # (vehicle id, encoded event)
     size = 0
+    claims = s.claims   # the rights the pieces were chosen under
     async with aclosing(_pages(hub, s, after, upto)) as pages:   # a store slot is released at once
         async for page in pages:
-            for piece in hub.event_pieces_for(s, page):
+            # rights that narrowed while the page was read sent their `leave`:
+            # what was chosen before must not follow it
+            if s.claims is not claims:
+                pieces, claims = hub.allowed(s.claims, pieces), s.claims
+                size = sum(len(p) + 1 for _, p in pieces)
+            for pair in hub.event_pieces_for(s, page):
+                piece = pair[1]
                 if pieces and (len(pieces) >= MAX_MESSAGES or size + len(piece) > MAX_BYTES - ENVELOPE_ROOM):
                     await _send(hub, s, pieces)
-                    pieces, size = [], 0
-                pieces.append(piece)
+                    pieces, size, claims = [], 0, s.claims
+                pieces.append(pair)
                 size += len(piece) + 1
     if pieces and not s.closed:
-        await _send(hub, s, pieces)
+        await _send(hub, s, hub.allowed(s.claims, pieces) if s.claims is not claims else pieces)
 
 
 async def _pages(hub, s, after: str, upto: str):
@@ -185,8 +192,9 @@ async def _read(stores, cursor: str, upto: str):
             await asyncio.sleep(pause)
 
 
-async def _send(hub, s, pieces: list[bytes]) -> None:
-    hub.send_events(s, pieces)
+async def _send(hub, s, pairs: list[tuple[str, bytes]]) -> None:
+    if pairs:
+        hub.send_events(s, [piece for _, piece in pairs])
     # let the loop run (ticks, this client's ping), and do not outrun the client
     await asyncio.sleep(0)
     while not s.closed and s.transport.congested_now():

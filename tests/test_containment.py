@@ -166,6 +166,56 @@ async def test_events_held_during_a_replay_keep_to_rights_narrowed_meanwhile(inp
     await c.close()
 
 
+async def test_a_replay_does_not_send_what_it_chose_before_the_rights_narrowed(inproc, uid, monkeypatch):
+    """A replay read from the stores keeps the events it chose from a page
+    until its batch is full; rights that narrow while it waits for the next
+    page send their `leave`, and what it had chosen for the vehicle taken
+    away must not follow (it did). The next page's read is held until the
+    refresh has been applied."""
+    from realtime import replay
+    hub = inproc.hub
+    a, b = uid + "a", uid + "b"
+    c = await Client.connect(inproc, token(sub=uid, permissions=(), vehicles=[a, b]))
+    w = await c.recv_type("welcome")
+    await inproc.ingest([update(a), update(b, 59.93, 30.31)])
+    await c.subscribe(subscriptions={"vehicles": [a, b]})
+    s = _session(hub, w["client"])
+    start = hub.last_eid or "0-0"
+    for vid in (a, b, b):
+        await hub.stores.publish_event(vid, "e", {"of": vid}, 0, False)
+    for _ in range(200):
+        if len(hub.stores.log) >= 3 and hub.last_eid == hub.stores.log[-1].eid:
+            break
+        await asyncio.sleep(0.02)
+    log = hub.stores.log[-3:]
+    await c.messages(0.3)                         # the live copies of the three
+
+    gate = asyncio.Event()
+    reads = []
+
+    async def events_page(after, upto, limit):
+        reads.append(after)
+        if len(reads) == 1:
+            return log[:2]                        # a's and the first b's
+        await gate.wait()                         # the refresh lands meanwhile
+        return log[2:]
+    monkeypatch.setattr(hub.stores, "events_page", events_page)
+    monkeypatch.setattr(hub.recent, "between", lambda after, upto: None)   # read from the stores
+    hub.hold_for_replay(s)
+    task = asyncio.ensure_future(replay.run(hub, s, start, log[-1].eid))
+    while len(reads) < 2:
+        await asyncio.sleep(0.01)
+    await c.send({"type": "refresh", "token": token(sub=uid, permissions=(), vehicles=[b]), "id": "r"})
+    seen = await c.wait_messages(lambda m: m.get("t") == "leave")
+    assert {m["v"] for m in seen if m["t"] == "leave"} == {a}
+    gate.set()
+    await task
+    got = await c.messages(1.0)
+    replayed = [m["d"]["of"] for m in got if m.get("t") == "event"]
+    assert replayed == [b, b], replayed
+    await c.close()
+
+
 async def test_sessions_by_user_follow_connections_and_are_released(inproc):
     """The hub's index of sessions by user (what an ACL update reaches)
     holds exactly the attached sessions, and nothing once they are gone."""

@@ -62,7 +62,10 @@ async def handle(request: web.Request) -> web.Response:
     registry.acknowledged(h, cursor)
     if not box.after(cursor, 1):
         await box.wait(cursor, timeout)
-    entries = box.after(cursor)
+    # what the cursor follows may have gone while the poll waited (another
+    # poll of the session had it, and rights narrowed or the buffer was
+    # trimmed): an empty answer, and the next poll with this cursor resets
+    entries = box.after(cursor) if box.holds(cursor) else []
     if entries:
         box.handed(entries[-1][POS])
         cursor = entries[-1][POS]
