@@ -117,6 +117,8 @@ class HubCollector:
             (G, "event_loop_lag_ms", "How late the event loop woke a 100 ms timer, latest", load.lag_ms),
             (G, "event_loop_lag_max_ms", "The worst event-loop lag since the last scrape",
              load.take_max_lag()),
+            (G, "event_loop_lag_cpu_max_ms", "The same, counting only the event loop's own CPU time: "
+             "a lag while the machine ran other processes does not count", load.take_max_cpu_lag()),
             (C, "slow_operations", "Event-loop blocks over 100 ms", load.slow_ops),
             (G, "process_cpu_share", "CPU used, as a share of one core, over 10 s", load.cpu),
             (G, "postgres_records_pending", "Records queued for PostgreSQL", hub.records.pending),

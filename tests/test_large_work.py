@@ -4,11 +4,14 @@ Real server processes and a Redis of their own. Each big job is checked two ways
 - it is visibly sliced: clients get batches while it runs (the first
   vehicles of a 16 MiB ingest arrive before its response; a mass offline
   and a mass forget reach the client over several ticks);
-- the event loop is never held for long: the worst lag the server saw
-  (`event_loop_lag_max_ms`) stays far below what the job took in one piece.
-  Before slicing these jobs held the loop 0.5 to 7 s; a slice is ~15 ms. The
-  bound is loose on purpose (a shared 2-core machine); the figures are in
-  the benchmarks, not here.
+- the event loop is never held for long: the worst lag the server saw,
+  counting only the loop's own CPU time (`event_loop_lag_cpu_max_ms`),
+  stays far below what the job took in one piece. Before slicing these jobs
+  held the loop 0.5 to 7 s; a slice is ~15 ms. The bound is loose on purpose
+  (a shared 2-core machine); the figures are in the benchmarks, not here.
+  The wall-clock lag (`event_loop_lag_max_ms`) is printed: on a CI machine
+  busy with the other half of the suite it passed 500 ms while the worker
+  itself was not run (loadmon.py).
 """
 import asyncio
 import json
@@ -45,19 +48,21 @@ def _update(uid, i, now, pad):
 
 
 def metric(server, name: str) -> float:
-    """A metric; and since each scrape resets event_loop_lag_max_ms, the worst
-    lag of every scrape is kept in server.worst_lag."""
+    """A metric; and since each scrape resets the lag maxima, the worst lags
+    of every scrape are kept in server.worst_lag: (CPU, wall clock)."""
     text = urllib.request.urlopen(server.url + "/metrics", timeout=10).read().decode()
-    lag = float(re.search(r"^event_loop_lag_max_ms (\S+)$", text, re.M).group(1))
-    server.worst_lag = max(getattr(server, "worst_lag", 0.0), lag)
+    cpu, wall = (float(re.search(rf"^{k} (\S+)$", text, re.M).group(1))
+                 for k in ("event_loop_lag_cpu_max_ms", "event_loop_lag_max_ms"))
+    was = getattr(server, "worst_lag", (0.0, 0.0))
+    server.worst_lag = (max(was[0], cpu), max(was[1], wall))
     m = re.search(rf"^{name} (\S+)$", text, re.M)
     return float(m.group(1)) if m else 0.0
 
 
-def worst_lag(server) -> float:
-    """The worst event-loop lag since the previous call."""
+def worst_lag(server) -> tuple[float, float]:
+    """The worst event-loop lags since the previous call: (CPU, wall clock)."""
     metric(server, "event_loop_lag_max_ms")
-    lag, server.worst_lag = server.worst_lag, 0.0
+    lag, server.worst_lag = server.worst_lag, (0.0, 0.0)
     return lag
 
 
@@ -130,7 +135,7 @@ async def test_a_16_mib_ingest_and_a_fleet_going_silent_are_sliced(throwaway_red
         finally:
             await r.aclose()
         lag_a = worst_lag(a)
-        assert lag_a < HELD_MS
+        assert lag_a[0] < HELD_MS, lag_a
         await c.close()
         a.stop()
 
@@ -173,9 +178,9 @@ async def test_a_16_mib_ingest_and_a_fleet_going_silent_are_sliced(throwaway_red
         finally:
             await r.aclose()
         lag = worst_lag(b)
-        print(f"worst event-loop lag: ingest and write {lag_a:.0f} ms; "
-              f"load, rewrite, offline and forget {lag:.0f} ms")
-        assert lag < HELD_MS
+        print("worst event-loop lag, its own CPU (wall clock): ingest and write %.0f ms (%.0f); "
+              "load, rewrite, offline and forget %.0f ms (%.0f)" % (*lag_a, *lag))
+        assert lag[0] < HELD_MS, lag
         await c.close()
     finally:
         a.stop()

@@ -65,3 +65,26 @@ async def test_stopped_means_no_more_samples():
     m.poke()
     await asyncio.sleep(0.12)
     assert len(m.samples) == n
+
+
+async def test_a_lag_while_the_worker_is_not_run_is_not_counted_as_its_own_cpu():
+    """A blocking wait that uses no CPU (standing in for a process the machine
+    did not run) moves the wall-clock lag, not the CPU lag; work on the loop
+    moves both."""
+    m = LoadMonitor(interval=0.05, slow_ms=10_000.0)
+    m.start()
+    try:
+        await asyncio.sleep(0.07)
+        m.take_max_lag(), m.take_max_cpu_lag()
+        time.sleep(0.3)                     # the loop held, its thread not running
+        await asyncio.sleep(0.07)
+        wall, cpu = m.take_max_lag(), m.take_max_cpu_lag()
+        assert wall >= 200 and cpu < 100, (wall, cpu)
+        t0 = time.thread_time()
+        while time.thread_time() - t0 < 0.3:   # the loop held by its own work
+            pass
+        await asyncio.sleep(0.07)
+        wall, cpu = m.take_max_lag(), m.take_max_cpu_lag()
+        assert wall >= 200 and cpu >= 200, (wall, cpu)
+    finally:
+        await m.stop()
