@@ -33,16 +33,16 @@ if [ "$SMOKE" = 1 ]; then
   kafka=$($PY benchmarks/bench_kafka.py --records 20000)
   say "[4/5] reconnect storm (300 clients move to a second instance)"
   storm=$($PY benchmarks/bench_storm.py --smoke)
-  say "[5/5] SSE, long polling and gRPC vs WebSocket (100 clients; 300 idle pollers)"
+  say "[5/5] SSE, long polling and gRPC vs WebSocket (100 clients; 100 idle pollers)"
   transports=$($PY benchmarks/bench_transports.py --smoke)
   say "[+] capacity, Redis side (2k vehicles, 2 instances, feed against scan)"
-  capacity=$($PY benchmarks/bench_capacity.py --vehicles 2000 --instances 2 --settle 2 --seconds 2)
+  capacity=$($PY benchmarks/bench_capacity.py --vehicles 2000 --instances 2 --settle 1 --seconds 1)
   say "[+] a second worker's cost per tick (2k vehicles, in one process)"
   mirror=$($PY benchmarks/bench_mirror.py --vehicles 2000 --ticks 60 --warmup 20)
   say "[+] one core's tick against two cores' over the same clients, split (2k vehicles)"
   split=$($PY benchmarks/bench_split.py --vehicles 2000 --clients 100 --changed 150 --ticks 20)
   say "[+] a second worker before anyone connects: each process's CPU, one worker against two (500 vehicles)"
-  idle=$($PY benchmarks/bench_idle.py --vehicles 500 --rounds 1 --settle 2 --seconds 2)
+  idle=$($PY benchmarks/bench_idle.py --vehicles 500 --rounds 1 --settle 1 --seconds 1)
   say "[+] a worker's whole-fleet copy: the owner's longest hold, in slices against at once (5k vehicles)"
   copy=$($PY benchmarks/bench_copy.py --vehicles 5000)
   mem=null

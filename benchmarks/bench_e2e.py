@@ -467,7 +467,7 @@ def main():
         out["h_clusters"] = rh = scenario_h(HV, HC, HC, T)
         log(json.dumps(rh))
     if "c" not in skip:
-        N = 1000 if smoke else 10000
+        N = 300 if smoke else 10000
         log(f"(c) connection scale: {N} idle connections")
         out["c_realtime"] = rc = scenario_c(N)
         log(json.dumps(rc))

@@ -354,7 +354,8 @@ def main():
     procs = []
     try:
         wait_port(rport)
-        extra = ("--redis", url, "--tick-ms", "50", "--shutdown-grace", "10")
+        # the smoke run's shorter grace spreads its few reconnects over ~1 s, not 3
+        extra = ("--redis", url, "--tick-ms", "50", "--shutdown-grace", "3" if a.smoke else "10")
         a_srv, b_srv = realtime(pa, 0, extra), realtime(pb, 0, extra)
         procs += [a_srv, b_srv]
         wait_port(pa)

@@ -118,7 +118,7 @@ def main():
         e2e.SETTLE, e2e.WARMUP = 1.0, 0.5
     V = a.vehicles or (2000 if a.smoke else 20000)
     C = a.clients or (100 if a.smoke else 1000)
-    P = a.pollers or (300 if a.smoke else 5000)
+    P = a.pollers or (100 if a.smoke else 5000)
     T = a.seconds or (1 if a.smoke else 10)
     out = {"benchmark": "transports", "smoke": a.smoke, "vehicles": V, "clients": C, "seconds": T}
     if a.only:

@@ -520,21 +520,37 @@ def _left_by_a_dead_run(owner: bytes | None) -> bool:
         return False
 
 
-@pytest.fixture
-def throwaway_redis(tmp_path):
-    """A Redis of its own, for tests that stop it or fill it: (port, [process], start)."""
+def _redis_of_its_own(directory):
+    """(port, [process], start) of a redis-server started on a free port."""
     port = free_port()
 
     def start():
         return subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                                 "--appendonly", "no", "--dir", str(tmp_path)],
+                                 "--appendonly", "no", "--dir", str(directory)],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     proc = [start()]
     deadline = time.time() + 10
     while not redis_up(port):
         assert time.time() < deadline
         time.sleep(0.05)
+    return port, proc, start
+
+
+@pytest.fixture
+def throwaway_redis(tmp_path):
+    """A Redis of its own, for tests that stop it or fill it: (port, [process], start)."""
+    port, proc, start = _redis_of_its_own(tmp_path)
     yield port, proc, start
+    proc[0].terminate()
+    proc[0].wait()
+
+
+@pytest.fixture(scope="module")
+def module_redis_url(tmp_path_factory):
+    """A Redis of the test file's own (its URL): the file's tests may then run
+    beside those that share the local Redis (SHARED_FILES, below)."""
+    port, proc, _ = _redis_of_its_own(tmp_path_factory.mktemp("redis"))
+    yield f"redis://127.0.0.1:{port}/0"
     proc[0].terminate()
     proc[0].wait()
 
@@ -579,7 +595,7 @@ def redis_url():
 # 9.2 (pytest-xdist issue 1386).
 SHARED_SERVICES = "local-redis-and-postgresql"
 SHARED_FILES = {"test_addresses.py", "test_kafka.py", "test_keys.py", "test_poll.py", "test_records.py",
-                "test_redis.py", "test_security_events.py", "test_web.py", "test_workers.py"}
+                "test_redis.py", "test_security_events.py", "test_workers.py"}
 
 
 def _shares_services(item) -> bool:

@@ -291,13 +291,13 @@ def _in_event_log(r, needle, timeout=20.0):
 
 @pytest.mark.parametrize("transport,before", [("websocket", True), ("sse", True), ("poll", True),
                                               ("websocket", False)])
-def test_resume_over_a_server_restart_delivers_a_missed_event_once(page, redis_url, uid, transport, before):
+def test_resume_over_a_server_restart_delivers_a_missed_event_once(page, module_redis_url, uid, transport, before):
     """The server the client is on restarts while an event is published (another
     instance logs it). The client reconnects by itself, resumes with its session
     and last event, gets the missed event once, and says `recovered`."""
     import redis
-    r = redis.Redis.from_url(redis_url)
-    args = ("--simulate", "0", "--tick-ms", "20", "--redis", redis_url)
+    r = redis.Redis.from_url(module_redis_url)
+    args = ("--simulate", "0", "--tick-ms", "20", "--redis", module_redis_url)
     a, b = Server(*args), Server(*args)
     a2 = None
     try:
@@ -351,7 +351,7 @@ def test_resume_over_a_server_restart_delivers_a_missed_event_once(page, redis_u
                 s.stop()
 
 
-def test_a_snapshot_in_parts_is_applied_whole_and_a_lost_subscription_is_sent_again(page, redis_url, uid):
+def test_a_snapshot_in_parts_is_applied_whole_and_a_lost_subscription_is_sent_again(page, module_redis_url, uid):
     """§3.4 sends a snapshot of more than 1,000 vehicles as several batches,
     each but the last with `more`. subscribe() resolves with all of them in
     c.vehicles, and a resume's snapshot in parts takes nothing away (the
@@ -359,8 +359,8 @@ def test_a_snapshot_in_parts_is_applied_whole_and_a_lost_subscription_is_sent_ag
     then `full` again). A resume whose stored subscription cannot be read
     says `restored: false`, and the library subscribes again."""
     import redis
-    r = redis.Redis.from_url(redis_url)
-    s = Server("--simulate", "0", "--tick-ms", "20", "--redis", redis_url)
+    r = redis.Redis.from_url(module_redis_url)
+    s = Server("--simulate", "0", "--tick-ms", "20", "--redis", module_redis_url)
     try:
         g, n = uid + "g", 1500
         assert ingest(s, [update(f"{uid}{i:04d}", 55 + i / 10000, 37.0, groups=[g]) for i in range(n)])[0] == 200
