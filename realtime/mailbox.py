@@ -161,6 +161,8 @@ class Mailbox(Outlet):
         if r is not None and r.caught_up(self):
             r.send(entry)             # straight to the stream's socket: nothing unread
             self.read = self.pos
+            if self.narrowed_upto:
+                self._drop_narrowed()
         else:
             self.unread_bytes += size
             if check and self.unread_bytes > self.limit:

@@ -30,6 +30,9 @@ pytestmark = pytest.mark.integration
 N = 20_000          # vehicles: the "20k vehicles going offline at once"
 BODY = 16 << 20     # the largest ingest body (MAX_BODY)
 HELD_MS = 500       # a loop held this long means a job ran in one piece
+# the wall clock's bound, loose: a block off the CPU (a synchronous call
+# waiting on a socket) does not count as the loop's CPU, and must show here
+HELD_WALL_MS = 3000
 
 
 def body_of(uid: str) -> bytes:
@@ -135,7 +138,7 @@ async def test_a_16_mib_ingest_and_a_fleet_going_silent_are_sliced(throwaway_red
         finally:
             await r.aclose()
         lag_a = worst_lag(a)
-        assert lag_a[0] < HELD_MS, lag_a
+        assert lag_a[0] < HELD_MS and lag_a[1] < HELD_WALL_MS, lag_a
         await c.close()
         a.stop()
 
@@ -180,7 +183,7 @@ async def test_a_16_mib_ingest_and_a_fleet_going_silent_are_sliced(throwaway_red
         lag = worst_lag(b)
         print("worst event-loop lag, its own CPU (wall clock): ingest and write %.0f ms (%.0f); "
               "load, rewrite, offline and forget %.0f ms (%.0f)" % (*lag_a, *lag))
-        assert lag[0] < HELD_MS, lag
+        assert lag[0] < HELD_MS and lag[1] < HELD_WALL_MS, lag
         await c.close()
     finally:
         a.stop()

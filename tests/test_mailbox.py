@@ -60,3 +60,29 @@ def test_an_sse_reader_named_by_the_newest_dropped_batch_goes_on():
     box.handed(box.pos)
     box.rights_narrowed()
     assert box.index_of_seq(last[SEQ]) is None    # the reply after it may not have reached it
+
+
+class _Stream:
+    """An attached SSE stream that has had everything (SessionStream's side)."""
+    def __init__(self):
+        self.sent = []
+
+    def caught_up(self, box) -> bool:
+        return True
+
+    def send(self, entry) -> None:
+        self.sent.append(entry)
+
+
+def test_entries_sent_straight_to_a_stream_drop_what_the_wider_rights_wrote():
+    """A stream that starts past what a reader had (an SSE id it made up)
+    has the entries after it sent straight to its socket: `read` moves there
+    without handed(), and what the wider rights wrote must go then too."""
+    hub, box = _box()
+    old = [_batch(hub, box, "a%d" % i) for i in range(2)]   # nobody read these
+    box.rights_narrowed()
+    assert box.holds(old[0][POS] - 1)             # not read yet: still to be handed out once
+    box.reader = _Stream()
+    new = _batch(hub, box, "b")
+    assert box.reader.sent == [new] and box.read == new[POS]
+    assert not box.holds(old[0][POS] - 1) and box.first == new[POS]   # the new one is kept

@@ -294,7 +294,10 @@ async def _session_stream(request: web.Request, claims) -> web.StreamResponse:
             # a stream that names no batch: this copy only while no reader has
             # had anything from it (what was written to a dead link may be lost)
             return box.read == box.origin
-        return box.index_of_seq(seq) is not None   # kept here (an id of another copy never is)
+        # kept here (an id of another copy never is), and handed out: an id
+        # past what any reader had is made up, and would skip what follows it
+        at = box.index_of_seq(seq)
+        return at is not None and at <= box.read
     # (find takes the token: a 403 comes before anything is acknowledged)
     h, reset = await registry.find(request, claims, request.query["session"], last_event, "sse", serves, seq)
     box = h.box
