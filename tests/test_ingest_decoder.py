@@ -412,3 +412,36 @@ def test_the_msgpack_content_type_is_a_media_type_in_any_case_with_any_parameter
     for v in (b"application/json", b"application/msgpackx", b"text/plain; application/msgpack", None, b""):
         assert not is_msgpack((("content-type", v),)), v
     assert not is_msgpack(None) and not is_msgpack((("x-type", b"application/msgpack"),))
+
+
+def test_a_driver_or_assignment_over_16_kib_is_refused_on_every_path():
+    """A driver or assignment goes out in every snapshot of its vehicle, to
+    every client that sees it: over MAX_OBJECT_BYTES as compact JSON it is
+    `invalid_field`, from JSON and msgpack records, on the compiled path, and
+    from a Redis hash (validate); at the bound it is taken."""
+    MAX_OBJECT_BYTES = 16 << 10   # realtime.ingest.decode's, as docs/protocol.md gives it
+
+    def sized(n):   # {"n":"xxx…"} of exactly n bytes as compact JSON
+        return {"n": "x" * (n - len('{"n":""}'))}
+    base = {"timestamp": 1_700_000_000_000, "position": {"lat": 1.0, "lon": 2.0}}
+    cases = [({"driver": sized(MAX_OBJECT_BYTES)}, None),
+             ({"driver": sized(MAX_OBJECT_BYTES + 1)}, "invalid_field"),
+             ({"assignment": sized(MAX_OBJECT_BYTES + 1)}, "invalid_field"),
+             ({"assignment": {"route": [sized(4000)] * 5}}, "invalid_field")]
+    for extra, reason in cases:
+        update = {"vehicle_id": "big-1", **base, **extra}
+        for value, mp in ((json.dumps(update).encode(), False), (msgpack.packb(update), True)):
+            if reason is None:
+                decode_record(value, mp)
+            else:
+                with pytest.raises(Rejected) as e:
+                    decode_record(value, mp)
+                assert e.value.reason == reason and "bytes as JSON" in e.value.detail, extra
+        if reason is None:
+            validate(update)
+        else:
+            with pytest.raises(Rejected):
+                validate(update)
+    # the compiled decoder agrees, record by record
+    same([[Rec(json.dumps({"vehicle_id": f"big-{i}", **base, **extra}).encode(), (), i)
+           for i, (extra, _) in enumerate(cases)]])

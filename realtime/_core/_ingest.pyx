@@ -758,7 +758,7 @@ cdef class RecordDecoder:
         try:
             obj = self.rich_decoders[f](PyBytes_FromStringAndSize(s, n))
             if f >= R_DRIVER:
-                obj = self.finish_object(obj)
+                obj = self.finish_object(obj, n)
         except Exception:
             return None
         return obj

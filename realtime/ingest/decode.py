@@ -109,6 +109,19 @@ _JSON_TYPES = (str, int, float, bool, type(None))
 # objects or arrays nested below a driver or assignment object: every input
 # (and the relay between workers) holds them to this
 MAX_DEPTH = 32
+# a driver or assignment object as compact JSON: each goes out in every
+# snapshot and `full` of its vehicle, to every client that sees it, so one
+# vehicle's megabyte (a Kafka record may be that large) cost every one of
+# them that megabyte, and the Redis hash, the relay and the core held it
+MAX_OBJECT_BYTES = 16 << 10
+_json_encode = msgspec.json.Encoder().encode
+
+
+def _too_large(value, raw_size: int | None) -> bool:
+    """Whether a driver or assignment is over MAX_OBJECT_BYTES as compact
+    JSON. `raw_size`: the bytes of what it was read from (None: unknown);
+    from no more than the bound it cannot be over it, and costs no encode."""
+    return (raw_size is None or raw_size > MAX_OBJECT_BYTES) and len(_json_encode(value)) > MAX_OBJECT_BYTES
 
 
 def _plain(value, depth: int = 0) -> bool:
@@ -141,7 +154,7 @@ def _json_object_fault(value) -> str | None:
     return None
 
 
-def _finish(u: UpdateIn, json_numbers: bool = True) -> UpdateIn:
+def _finish(u: UpdateIn, json_numbers: bool = True, raw_size: int | None = None) -> UpdateIn:
     """What msgspec's types cannot say. Afterwards `timestamp` is epoch
     milliseconds and `course` (or `heading`) is in [0, 360). (NaN and
     infinities fail the types' bounds already: NaN >= x is false.)"""
@@ -167,6 +180,8 @@ def _finish(u: UpdateIn, json_numbers: bool = True) -> UpdateIn:
             # carry it, and the writer would fail on it
             raise Rejected("invalid_field", f"{name}: holds a value JSON cannot carry "
                                             "(bytes, a key that is not a string, NaN)")
+        if value and _too_large(value, raw_size):
+            raise Rejected("invalid_field", f"{name}: over {MAX_OBJECT_BYTES} bytes as JSON")
     return u
 
 
@@ -284,7 +299,8 @@ def decode_record(value: bytes, msgpack_value: bool = False) -> UpdateIn:
     if value is None:   # a Kafka tombstone: a record without a value
         raise Rejected("invalid_msgpack" if msgpack_value else "invalid_json", "record has no value")
     try:
-        return _finish((_mp_update if msgpack_value else _json_update).decode(value), not msgpack_value)
+        return _finish((_mp_update if msgpack_value else _json_update).decode(value), not msgpack_value,
+                       len(value))
     except msgspec.ValidationError as e:   # a DecodeError too: test it first
         text = str(e)
         if text.startswith("Expected `object`") and "- at `$" not in text:
@@ -310,9 +326,10 @@ RICH_DECODERS = (
 )
 
 
-def finish_object(value):
-    """_finish's check of a JSON driver or assignment, for the compiled decoder."""
-    if value and _json_object_fault(value):
+def finish_object(value, raw_size: int | None = None):
+    """_finish's check of a JSON driver or assignment, for the compiled
+    decoder (`raw_size`: the bytes of its text in the record)."""
+    if value and (_json_object_fault(value) or _too_large(value, raw_size)):
         raise ValueError("not kept")   # decode_record then rejects it, with the reason
     return value
 
