@@ -16,7 +16,8 @@ $(VENV)/.deps: requirements.txt requirements-dev.txt pyproject.toml
 	@command -v gcc >/dev/null && command -v g++ >/dev/null || (apt-get update -qq && apt-get install -y -qq build-essential python3-dev)
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -r requirements-dev.txt
+	@# --no-compile: what is imported is compiled when it first is (~15 s less here)
+	$(PIP) install -q --no-compile -r requirements-dev.txt
 	@# the distribution was called `realtime` before it became realtime-fleet
 	@$(PIP) uninstall -y -q realtime >/dev/null 2>&1 || true
 	$(PIP) install -q --no-build-isolation --no-deps -e .

@@ -62,7 +62,7 @@ def venv(built, tmp_path_factory):
     """A fresh virtualenv outside the checkout with the wheel installed."""
     d = tmp_path_factory.mktemp("venv")
     _sh(sys.executable, "-m", "venv", str(d))
-    _sh(str(d / "bin" / "pip"), "install", "-q", "--disable-pip-version-check", str(built[1]))
+    _sh(str(d / "bin" / "pip"), "install", "-q", "--disable-pip-version-check", "--no-compile", str(built[1]))
     return d
 
 
