@@ -37,7 +37,8 @@ services:
 	@scripts/services.sh
 
 test: build services
-	$(PY) -m pytest -q -n 2 --durations=20 tests
+	@# three processes on two cores: the tests mostly wait on servers (tests/conftest.py)
+	$(PY) -m pytest -q -n 3 --durations=20 tests
 	./bench.sh --smoke
 
 bench: build

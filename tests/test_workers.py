@@ -23,8 +23,8 @@ def running(pid: int) -> bool:
         return False
 
 
-async def test_workers_share_the_port_restart_and_stop(redis_url, uid):
-    s = Server("--workers", "2", "--simulate", "0", "--tick-ms", "20", "--redis", redis_url)
+async def test_workers_share_the_port_restart_and_stop(module_redis_url, uid):
+    s = Server("--workers", "2", "--simulate", "0", "--tick-ms", "20", "--redis", module_redis_url)
     try:
         workers = both_workers(s)
         both_ready(s)
@@ -78,12 +78,12 @@ async def test_workers_share_the_port_restart_and_stop(redis_url, uid):
         s.stop()
 
 
-async def test_the_owner_worker_restarts_and_the_others_carry_on(redis_url, uid):
+async def test_the_owner_worker_restarts_and_the_others_carry_on(module_redis_url, uid):
     """Worker 0 owns the fleet (mirror.py). Killed, it is restarted; a client
     of another worker stays connected, loses no vehicle (the new owner reads
     the fleet back from Redis first) and gets updates again, and ingest sent
     to that worker meanwhile is refused (503) or applied, never lost."""
-    s = Server("--workers", "2", "--simulate", "0", "--tick-ms", "20", "--redis", redis_url)
+    s = Server("--workers", "2", "--simulate", "0", "--tick-ms", "20", "--redis", module_redis_url)
     clients = []
     try:
         both_workers(s)
@@ -109,7 +109,7 @@ async def test_the_owner_worker_restarts_and_the_others_carry_on(redis_url, uid)
         # the owner's writer has the vehicle in Redis (the new owner reads it
         # back); the lease may still be a killed owner's of an earlier test
         import redis as redis_sync
-        r = redis_sync.Redis.from_url(redis_url)
+        r = redis_sync.Redis.from_url(module_redis_url)
         want = str(55.0 + len(clients) / 1000)
         deadline = time.time() + 20
         while r.hget(f"vehicle:current:{vid}", "lat") != want.encode() and time.time() < deadline:
@@ -149,12 +149,12 @@ def serve(*args, env=None, timeout=60):
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-def test_a_taken_port_is_one_clear_line_and_a_non_zero_exit(workers, redis_url):
+def test_a_taken_port_is_one_clear_line_and_a_non_zero_exit(workers, module_redis_url):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        p = serve("--port", str(port), "--workers", str(workers), "--redis", redis_url, "--simulate", "0")
+        p = serve("--port", str(port), "--workers", str(workers), "--redis", module_redis_url, "--simulate", "0")
     assert p.returncode == 1
     lines = [x for x in p.stderr.splitlines() if x.strip()]
     assert lines == [f"realtime serve: cannot listen on 127.0.0.1:{port}: the address is already in use "
@@ -182,8 +182,8 @@ def test_a_worker_that_cannot_bind_says_so_once(supervised, status):
                                             "stop it or pass another --port"])
 
 
-def test_a_worker_that_keeps_dying_is_restarted_with_backoff_then_given_up(redis_url):
-    s = Server("--workers", "2", "--simulate", "0", "--redis", redis_url)
+def test_a_worker_that_keeps_dying_is_restarted_with_backoff_then_given_up(module_redis_url):
+    s = Server("--workers", "2", "--simulate", "0", "--redis", module_redis_url)
     try:
         first = both_workers(s)
         victim, survivor = first
@@ -217,7 +217,7 @@ def test_a_worker_that_keeps_dying_is_restarted_with_backoff_then_given_up(redis
         s.stop()
 
 
-def test_the_supervisor_gives_up_at_once_when_its_workers_cannot_bind(redis_url):
+def test_the_supervisor_gives_up_at_once_when_its_workers_cannot_bind(module_redis_url):
     """The port is taken after the check before start (here: the check is
     skipped): each worker exits with status 3, and the supervisor prints one
     line and stops instead of restarting them."""
@@ -229,7 +229,7 @@ def test_the_supervisor_gives_up_at_once_when_its_workers_cannot_bind(redis_url)
         port = taken.getsockname()[1]
         with tempfile.TemporaryFile("w+") as err:   # a file: no pipe for a straggler to hold open
             p = subprocess.run([sys.executable, "-c", code, "serve", "--port", str(port), "--workers", "2",
-                                "--redis", redis_url, "--simulate", "0", "--jwt-secret", SECRET],
+                                "--redis", module_redis_url, "--simulate", "0", "--jwt-secret", SECRET],
                                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err, text=True, timeout=90)
             err.seek(0)
             p.stderr = err.read()
@@ -240,8 +240,8 @@ def test_the_supervisor_gives_up_at_once_when_its_workers_cannot_bind(redis_url)
     assert '"worker exited; restarting"' not in p.stderr
 
 
-def test_workers_go_when_their_supervisor_is_killed(redis_url):
-    s = Server("--workers", "2", "--simulate", "0", "--redis", redis_url)
+def test_workers_go_when_their_supervisor_is_killed(module_redis_url):
+    s = Server("--workers", "2", "--simulate", "0", "--redis", module_redis_url)
     try:
         workers = both_workers(s)
         s.proc.kill()
@@ -254,7 +254,7 @@ def test_workers_go_when_their_supervisor_is_killed(redis_url):
         s.stop()
 
 
-async def test_a_group_the_registry_drops_leaves_on_every_worker(redis_url, uid):
+async def test_a_group_the_registry_drops_leaves_on_every_worker(module_redis_url, uid):
     """Each worker reads the registry (`group:{g}:vehicles`) for the groups
     its own clients name; the owner worker's frames carry only the groups
     the updates carry. A registry group the owner read for a client that has
@@ -262,8 +262,8 @@ async def test_a_group_the_registry_drops_leaves_on_every_worker(redis_url, uid)
     stayed there: after the registry dropped the vehicle, a token limited to
     that group on the follower still saw it, for good."""
     import redis.asyncio as aioredis
-    s = Server("--workers", "2", "--simulate", "0", "--tick-ms", "20", "--redis", redis_url)
-    r = aioredis.Redis.from_url(redis_url)
+    s = Server("--workers", "2", "--simulate", "0", "--tick-ms", "20", "--redis", module_redis_url)
+    r = aioredis.Redis.from_url(module_redis_url)
     vid, g = uid + "v", uid + "g"
     tok = token(sub=uid + "u", permissions=[], groups=[g])
 
@@ -289,14 +289,14 @@ async def test_a_group_the_registry_drops_leaves_on_every_worker(redis_url, uid)
         s.stop()
 
 
-async def test_a_worker_without_the_fleet_refuses_clients_rather_than_lose_their_events(redis_url, uid):
+async def test_a_worker_without_the_fleet_refuses_clients_rather_than_lose_their_events(module_redis_url, uid):
     """A follower that has not had the owner's fleet (it was restarted while
     the owner is stuck) holds no vehicles: a resume there replayed none of
     their events and still said recovered: true. It refuses clients with
     1013 until the fleet arrives, and serves them after."""
     import asyncio
     import websockets
-    s = Server("--workers", "2", "--simulate", "0", "--tick-ms", "20", "--redis", redis_url)
+    s = Server("--workers", "2", "--simulate", "0", "--tick-ms", "20", "--redis", module_redis_url)
     stopped = None
     try:
         first = both_workers(s)
