@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import itertools
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -35,8 +37,28 @@ def stop_process(p: subprocess.Popen, timeout: float = 10) -> None:
             p.wait()
 
 
+_PORT_BLOCK = 2500
+_next_port = itertools.count(random.randrange(_PORT_BLOCK))
+
+
 def free_port() -> int:
-    with socket.socket() as s:
+    """A loopback port for a server a test starts. Not the kernel's pick
+    (bind to 0): that comes from the ephemeral range (32768-60999 here),
+    where the kernel also picks the local ports of outgoing connections
+    (the tests open thousands), and another test process may be handed the
+    same port before the server binds it. Each xdist process takes ports
+    from a block of its own below that range, each checked free."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:]
+    base = 10000 + (int(worker) % 8 if worker.isdigit() else 0) * _PORT_BLOCK
+    for _ in range(_PORT_BLOCK):
+        port = base + next(_next_port) % _PORT_BLOCK
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue   # in use (another service, a socket in TIME_WAIT)
+            return port
+    with socket.socket() as s:   # the whole block in use: the kernel's pick
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
