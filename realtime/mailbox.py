@@ -17,8 +17,9 @@ as it writes. 5 minutes of a viewport's batches is megabytes per session
 so without the budget a worker's memory would grow with sessions x minutes.
 A cursor older than what is kept is not a loss: it gets `reset`, the full
 state and every event since the acknowledged one. Rights that take something
-away drop what the reader had at once (rights_narrowed): a re-read of it is
-a reset under the rights in force. Batch bodies are the hub's
+away drop what a reader had at once, and the rest of what was written under
+them once a reader has had it (rights_narrowed): a re-read of any of it is a
+reset under the rights in force. Batch bodies are the hub's
 shared bytes (one object for every client with the same view); the budget
 counts a body once per mailbox that holds it.
 

@@ -9,9 +9,10 @@ Real server processes and a Redis of their own. Each big job is checked two ways
   stays far below what the job took in one piece. Before slicing these jobs
   held the loop 0.5 to 7 s; a slice is ~15 ms. The bound is loose on purpose
   (a shared 2-core machine); the figures are in the benchmarks, not here.
-  The wall-clock lag (`event_loop_lag_max_ms`) is printed: on a CI machine
-  busy with the other half of the suite it passed 500 ms while the worker
-  itself was not run (loadmon.py).
+  The wall-clock lag (`event_loop_lag_max_ms`) is bounded loosely (3 s) and
+  printed: in a full run of the suite, with the other half of it on the
+  machine, it passed 500 ms (557), where the job's own CPU held the loop
+  90 to 150 ms alone beside a busy core (loadmon.py).
 """
 import asyncio
 import json
