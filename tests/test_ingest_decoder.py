@@ -445,3 +445,26 @@ def test_a_driver_or_assignment_over_16_kib_is_refused_on_every_path():
     # the compiled decoder agrees, record by record
     same([[Rec(json.dumps({"vehicle_id": f"big-{i}", **base, **extra}).encode(), (), i)
            for i, (extra, _) in enumerate(cases)]])
+
+
+def test_values_that_grow_as_json_are_measured_as_json():
+    """What a record is read from can be far shorter than its JSON: msgpack's
+    1-byte nil is `null,`, JSON's `1e15` is written back as
+    `1000000000000000.0`. Such a driver over the bound is refused however
+    short the record (a review found both taken: 15 KB records holding
+    60-90 KB of JSON), on the compiled path as in decode_record."""
+    base = {"timestamp": 1_700_000_000_000, "position": {"lat": 1.0, "lon": 2.0}}
+    nils = {"vehicle_id": "grow-0", **base, "driver": {"a": [None] * 15000}}
+    with pytest.raises(Rejected) as e:
+        decode_record(msgpack.packb(nils), True)
+    assert e.value.reason == "invalid_field"
+    def record(i, n):   # the text a producer wrote: `1e15`, not what json.dumps makes of it
+        head = json.dumps({"vehicle_id": f"grow-{i}", **base})[:-1]
+        return (head + ', "assignment": {"a": [' + ",".join(["1e15"] * n) + "]}}").encode()
+    exps = [Rec(record(i, n), (), i) for i, n in enumerate((3200, 500))]
+    assert len(exps[0].value) < 17_000
+    with pytest.raises(Rejected) as e:
+        decode_record(exps[0].value)
+    assert e.value.reason == "invalid_field"
+    decode_record(exps[1].value)   # 500 of them: 9.5 KB as JSON, taken
+    same([exps])

@@ -1300,6 +1300,7 @@ async def test_relayed_updates_are_columns_and_bad_ones_are_counted(rserver, uid
                        {**bad, "driver": [{"name": b"bytes"}, None]},
                        {**bad, "driver": [{"car": {1: "a key that is not a string"}}, None]},
                        {**bad, "assignment": [None, deep]},
+                       {**bad, "driver": [{"n": "x" * (16 << 10)}, None]},   # over 16 KiB as JSON
                        {**bad, "alerts": ["speeding", None]},
                        {**bad, "ids": [a, "x" * 200]}):
             await r.publish("realtime:updates", msgpack.packb(broken, use_bin_type=True))
@@ -1328,7 +1329,7 @@ async def test_relayed_updates_are_columns_and_bad_ones_are_counted(rserver, uid
         assert seen[b]["p"] == [55.2, 37.2] and seen[old]["st"] == "idle"
         assert own not in seen
         assert alerts == [(a, "alert", {"alert": "speeding"})]   # the relayed alert, as an event
-        assert metric_value(rserver, "ingest_rejected_total") - before == 15
+        assert metric_value(rserver, "ingest_rejected_total") - before == 16
         await c.close()
     finally:
         await r.aclose()
@@ -1562,6 +1563,30 @@ async def test_a_hash_with_bytes_that_are_not_utf8_is_skipped_and_counted(rserve
     seen = await c.wait_messages(lambda m: m.get("v") == other and "p" in m, timeout=15)
     assert [m["v"] for m in seen if m.get("v")] == [other]
     assert metric_value(rserver, "ingest_rejected_total") > before
+    await c.close()
+
+
+async def test_a_hash_with_a_driver_over_the_bound_keeps_the_vehicle_without_it(rserver, r, uid):
+    """A driver over 16 KiB as JSON in a hash (written before the bound, or by
+    hand) is left out and counted; the vehicle is loaded all the same. It is
+    not refused whole, position and all, as validate() would."""
+    big, other = uid + "big", uid + "fine"
+    c = await Client.connect(rserver, token(permissions=("view_all_vehicles", "view_driver_contacts")))
+    await c.recv_type("welcome")
+    await c.subscribe(subscriptions={"vehicles": [big, other]})
+    before = metric_value(rserver, 'ingest_rejected_total{reason="invalid_field"}')
+    ts = str(int(time.time() * 1000))
+    base = {"lat": "55.3", "lon": "37.5", "status": "idle", "timestamp": ts}
+    # 3,000 values of 1e15, 15 KB as written: 54 KB as compact JSON
+    await r.hset(f"vehicle:current:{big}", mapping={"driver": json.dumps({"n": [1e15] * 3000}), **base})
+    await r.hset(f"vehicle:current:{other}", mapping={"driver": json.dumps({"name": "A"}), **base})
+    full = {}
+    deadline = time.monotonic() + 15
+    while len(full) < 2 and time.monotonic() < deadline:
+        full.update({m["v"]: m for m in await c.messages(0.3) if m.get("t") == "full"})
+    assert set(full) == {big, other}, full.keys()
+    assert full[big].get("dr") in (None, {}) and full[other]["dr"] == {"name": "A"}
+    assert metric_value(rserver, 'ingest_rejected_total{reason="invalid_field"}') > before
     await c.close()
 
 

@@ -114,14 +114,20 @@ MAX_DEPTH = 32
 # vehicle's megabyte (a Kafka record may be that large) cost every one of
 # them that megabyte, and the Redis hash, the relay and the core held it
 MAX_OBJECT_BYTES = 16 << 10
+# how much longer a value can get as compact JSON than the bytes it was read
+# from: msgpack's 1-byte false is `false,`, a NUL in a string is `\u0000`;
+# JSON's `1e15` is written back as `1000000000000000.0` (4.5x)
+MAX_GROWTH = 6
 _json_encode = msgspec.json.Encoder().encode
 
 
-def _too_large(value, raw_size: int | None) -> bool:
+def too_large(value, raw_size: int | None) -> bool:
     """Whether a driver or assignment is over MAX_OBJECT_BYTES as compact
     JSON. `raw_size`: the bytes of what it was read from (None: unknown);
-    from no more than the bound it cannot be over it, and costs no encode."""
-    return (raw_size is None or raw_size > MAX_OBJECT_BYTES) and len(_json_encode(value)) > MAX_OBJECT_BYTES
+    what MAX_GROWTH times that cannot reach the bound is not encoded (a
+    record of a few hundred bytes, nearly always)."""
+    return (raw_size is None or raw_size * MAX_GROWTH > MAX_OBJECT_BYTES) and \
+        len(_json_encode(value)) > MAX_OBJECT_BYTES
 
 
 def _plain(value, depth: int = 0) -> bool:
@@ -180,7 +186,7 @@ def _finish(u: UpdateIn, json_numbers: bool = True, raw_size: int | None = None)
             # carry it, and the writer would fail on it
             raise Rejected("invalid_field", f"{name}: holds a value JSON cannot carry "
                                             "(bytes, a key that is not a string, NaN)")
-        if value and _too_large(value, raw_size):
+        if value and too_large(value, raw_size):
             raise Rejected("invalid_field", f"{name}: over {MAX_OBJECT_BYTES} bytes as JSON")
     return u
 
@@ -244,6 +250,8 @@ def decode_relay(blob: bytes) -> RelayMessage:
         for v in col:
             if v is not None and not _plain(v):
                 raise ValueError("driver or assignment holds what JSON cannot")
+            if v and too_large(v, None):   # only changed objects are relayed: rare
+                raise ValueError(f"driver or assignment over {MAX_OBJECT_BYTES} bytes as JSON")
     return m
 
 
@@ -329,7 +337,7 @@ RICH_DECODERS = (
 def finish_object(value, raw_size: int | None = None):
     """_finish's check of a JSON driver or assignment, for the compiled
     decoder (`raw_size`: the bytes of its text in the record)."""
-    if value and (_json_object_fault(value) or _too_large(value, raw_size)):
+    if value and (_json_object_fault(value) or too_large(value, raw_size)):
         raise ValueError("not kept")   # decode_record then rejects it, with the reason
     return value
 

@@ -52,7 +52,7 @@ from redis.exceptions import NoPermissionError, ResponseError
 
 from .._core._base import records
 from .._core._schema import MAX_ID_LEN, NOTHING_GROUP
-from ..ingest.decode import Rejected, decode_relay, relay_origin, validate, validate_relayed
+from ..ingest.decode import Rejected, decode_relay, relay_origin, too_large, validate, validate_relayed
 from .presence import Presence
 from .redis_conn import DOWN, Scanner, clustered, connect, mget, run_ids
 from .base import EVENT_LOG_MAX, EVENT_RETENTION_S, SESSION_TTL_S, Event, StoresUnavailable, eid_key
@@ -1266,6 +1266,11 @@ class RedisStores:
                     # ("\ud800"), which no encoder can write out again (the
                     # core would fail on the whole reconcile slice)
                     v = _json_decode(g[f])
+                    if v is not None and f in ("driver", "assignment") and too_large(v, len(g[f])):
+                        # written before the bound, or by hand: the vehicle
+                        # is kept without it (validate would refuse it whole)
+                        self.hub.stats.reject("invalid_field")
+                        continue
                     if v is not None:
                         obj[f] = v
                 except (ValueError, msgspec.DecodeError):
