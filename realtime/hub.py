@@ -878,22 +878,17 @@ class Hub:
         if claims.view_all:
             return pairs
         vehicles, groups = set(claims.vehicles), set(claims.groups)
-        row_of, groups_of = self.core.row_of, self.core.groups_of
-
-        def ok(vid: str) -> bool:
-            if vid in vehicles:
-                return True
-            row = row_of(vid) if groups else -1
-            return row >= 0 and not groups.isdisjoint(groups_of[row])
-        return [pair for pair in pairs if ok(pair[0])]
+        return [pair for pair in pairs if pair[0] in vehicles or (groups and self._in_groups(pair[0], groups))]
 
     def may_see(self, claims: Claims, vehicle_id: str) -> bool:
         if claims.view_all or vehicle_id in claims.vehicles:
             return True
+        return bool(claims.groups) and self._in_groups(vehicle_id, claims.groups)
+
+    def _in_groups(self, vehicle_id: str, groups) -> bool:
+        """Whether the vehicle is a member of one of `groups` (a set or a tuple)."""
         row = self.core.row_of(vehicle_id)
-        if row < 0 or not claims.groups:
-            return False
-        return any(g in claims.groups for g in self.core.groups_of[row])
+        return row >= 0 and any(g in groups for g in self.core.groups_of[row])
 
     def long_form(self, claims: Claims, vehicle_id: str) -> dict | None:
         from .ingest.decode import iso_ms
